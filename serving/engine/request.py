@@ -1,0 +1,144 @@
+"""What a caller asks of the engine and what the engine answers, as plain host-side records.
+
+`GenerationConfig` is the user-facing set of sampling options (named like LMDeploy's), validated once
+at the boundary so the engine never sees a nonsensical value. `EngineRequest` is one sequence to run;
+`EngineOutput` is what the engine thread reports after each step it advanced that sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+
+# Fixed width of the per-row "stop token" table handed to the jitted sampler (min_new_tokens bans
+# these ids until enough tokens exist). More distinct stop ids than this are refused up front.
+MAX_STOP_TOKEN_IDS = 16
+MAX_SEED = 2**63 - 1
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; `param` names the offending option."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling and stopping options for one request (LMDeploy's names).
+
+    `do_sample=False` (the default, as in LMDeploy's pipeline) means greedy decoding whatever the
+    temperature; `temperature=0` is greedy as well. `top_k=0` and `top_p=1` switch those filters off.
+    """
+
+    n: int = 1
+    max_new_tokens: int | None = 512
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    random_seed: int | None = None
+    ignore_eos: bool = False
+    stop_words: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise `InvalidRequestError` naming the first option that is out of range."""
+
+        def check(ok: bool, param: str, why: str) -> None:
+            if not ok:
+                raise InvalidRequestError(f"{param} {why}, got {getattr(self, param)!r}", param=param)
+
+        def number(param: str) -> None:
+            value = getattr(self, param)
+            check(isinstance(value, int | float) and not isinstance(value, bool), param, "must be a number")
+            check(value == value and abs(value) != float("inf"), param, "must be finite")
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            number(name)
+        for name in ("n", "min_new_tokens", "top_k"):
+            check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
+                  name, "must be an integer")
+        check(self.n >= 1, "n", "must be at least 1")
+        if self.max_new_tokens is not None:
+            check(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool),
+                  "max_new_tokens", "must be an integer")
+            check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
+        check(self.min_new_tokens >= 0, "min_new_tokens", "must be >= 0")
+        check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
+        check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check(self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)")
+        check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        check(0.0 < self.repetition_penalty <= 100.0, "repetition_penalty", "must be in (0, 100]")
+        if self.random_seed is not None:
+            check(isinstance(self.random_seed, int) and not isinstance(self.random_seed, bool),
+                  "random_seed", "must be an integer")
+            check(0 <= self.random_seed <= MAX_SEED, "random_seed", f"must be in [0, {MAX_SEED}]")
+        if self.stop_words is not None:
+            check(isinstance(self.stop_words, list) and all(isinstance(s, str) and s for s in self.stop_words),
+                  "stop_words", "must be a list of non-empty strings")
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            check(isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids),
+                  "stop_token_ids", "must be a list of integers")
+            check(len(set(ids)) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+                  f"may hold at most {MAX_STOP_TOKEN_IDS} ids")
+            if vocab_size is not None:
+                check(all(0 <= i < vocab_size for i in ids), "stop_token_ids",
+                      f"must be token ids in [0, {vocab_size})")
+
+
+def generation_config_from_kwargs(**options: object) -> GenerationConfig:
+    """Build a GenerationConfig, naming any option it does not know instead of ignoring it."""
+    known = {f.name for f in dataclasses.fields(GenerationConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidRequestError(f"unknown generation option(s): {', '.join(unknown)}", param=unknown[0])
+    return GenerationConfig(**options)  # type: ignore[arg-type]
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # an EOS / stop token id, or a stop string (matched by the text layer)
+    LENGTH = "length"  # max_new_tokens or the session length
+    ABORT = "abort"  # cancelled by the caller (client disconnect, stop string, shutdown)
+    ERROR = "error"  # the engine failed this request
+
+
+@dataclass
+class EngineRequest:
+    """One sequence for the engine. `n>1` fan-out happens above the engine (one request per choice)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    config: GenerationConfig
+    # Token ids that end the sequence (the model's EOS set plus the request's stop_token_ids).
+    stop_token_ids: frozenset[int] = frozenset()
+    # Seed actually used (chosen at random when the user gave none), so a rerun can reproduce it.
+    seed: int = 0
+
+
+@dataclass
+class EngineOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
