@@ -1,0 +1,218 @@
+"""The Llama-family decoder in Flax, reading and writing a paged KV cache.
+
+One forward serves prefill chunks and decode steps alike: a batch is `[B, T]` tokens where row b holds
+T consecutive tokens of one sequence starting at `positions[b, 0]`; decode is T=1. Each layer writes the
+new keys/values into its pages first and then attends over the pages, so chunked prefill and cached
+prefixes need no special case. Layers are separate modules with their own parameters (unrolled, not
+`lax.scan`): on the H100 that ran 2.4x faster per decode step, because each layer's weights and cache
+are separate buffers XLA can stream and update in place.
+
+Shapes use: B batch rows, T tokens per row, E embed, Hq query heads, Hkv KV heads, G = Hq/Hkv,
+D head_dim, F ffn, V vocab, P pages, PS page size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import get_paged_attention, write_kv_pages
+from model.config import ModelConfig
+from model.rope import attention_scaling, inv_frequencies
+
+# Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D]. The whole cache is a list over layers.
+LayerCache = tuple[jax.Array, jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Where each token of the step sits in its sequence and in the cache."""
+
+    positions: jax.Array  # i32[B, T] absolute position of each token
+    valid: jax.Array  # bool[B, T] False for padding tokens (never written, never attended from)
+    kv_lens: jax.Array  # i32[B] tokens in the cache after this step (start + valid tokens)
+    block_tables: jax.Array  # i32[B, pages_per_seq] page ids of each row
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as transformers computes it: normalise in f32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * normed.astype(x.dtype)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding in the rotate-half layout (first half real, second half imaginary)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    x32 = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return x32.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos/sin f32[B, T, 1, D/2] for the positions, with yarn's attention scaling folded in."""
+    inv_freq = jnp.asarray(inv_frequencies(config.rope, config.head_dim), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    scaling = attention_scaling(config.rope)
+    return (jnp.cos(angles) * scaling)[:, :, None, :], (jnp.sin(angles) * scaling)[:, :, None, :]
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        return rms_norm(x, scale, self.eps)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+    attention_backend: str
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache, batch: AttentionBatch
+    ) -> tuple[jax.Array, LayerCache]:
+        cfg = self.config
+        group, head_dim = cfg.q_per_kv, cfg.head_dim
+        init = nn.initializers.normal(0.02)
+        wqkv = self.param("wqkv", init, (cfg.hidden_size, cfg.num_kv_heads, group + 2, head_dim), self.dtype)
+        wo = self.param("wo", init, (cfg.num_heads, head_dim, cfg.hidden_size), self.dtype)
+
+        qkv = jnp.einsum("bte,ekgd->btkgd", x, wqkv)  # [B, T, Hkv, G+2, D]
+        if cfg.attention_bias:
+            qkv = qkv + self.param("bqkv", nn.initializers.zeros, wqkv.shape[1:], self.dtype)
+        batch_size, num_tokens = x.shape[:2]
+        q = qkv[:, :, :, :group].reshape(batch_size, num_tokens, cfg.num_heads, head_dim)
+        k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]  # [B, T, Hkv, D]
+        cos, sin = rope
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+
+        k_pages, v_pages = write_kv_pages(*cache, k, v, batch.block_tables, batch.positions, batch.valid)
+        attend = get_paged_attention(self.attention_backend)
+        out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
+                     scale=head_dim**-0.5)
+        out = jnp.einsum("bthd,hde->bte", out, wo)
+        if self.has_variable("params", "bo"):  # Llama biases o_proj too; Qwen2 biases only q/k/v
+            out = out + self.param("bo", nn.initializers.zeros, (cfg.hidden_size,), self.dtype)
+        return out, (k_pages, v_pages)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        w_gate_up = self.param("w_gate_up", init, (cfg.hidden_size, 2, cfg.intermediate_size), self.dtype)
+        w_down = self.param("w_down", init, (cfg.intermediate_size, cfg.hidden_size), self.dtype)
+        gate_up = jnp.einsum("bte,ecf->btcf", x, w_gate_up)  # one GEMM streams both weights
+        if cfg.mlp_bias:
+            gate_up = gate_up + self.param("b_gate_up", nn.initializers.zeros, w_gate_up.shape[1:], self.dtype)
+        hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+        out = hidden @ w_down
+        if cfg.mlp_bias:
+            out = out + self.param("b_down", nn.initializers.zeros, (cfg.hidden_size,), self.dtype)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+    attention_backend: str
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache, batch: AttentionBatch
+    ) -> tuple[jax.Array, LayerCache]:
+        eps = self.config.rms_norm_eps
+        attn_out, cache = Attention(self.config, self.dtype, self.attention_backend, name="attn")(
+            RMSNorm(eps, self.dtype, name="attn_norm")(x), rope, cache, batch
+        )
+        x = x + attn_out
+        x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(x))
+        return x, cache
+
+
+class CausalLM(nn.Module):
+    """Llama-family causal LM over a paged cache. Returns logits and the updated cache."""
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.bfloat16
+    attention_backend: str = "xla"
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,  # i32[B, T]
+        batch: AttentionBatch,
+        cache: list[LayerCache],
+        logits_index: jax.Array | None = None,  # i32[B]: one position per row, or None for every position
+    ) -> tuple[jax.Array, list[LayerCache]]:  # f32[B, V] (or f32[B, T, V]), new cache
+        cfg = self.config
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed")
+        x = embed(tokens)
+        rope = rope_tables(batch.positions, cfg)
+        new_cache = []
+        for i in range(cfg.num_layers):
+            x, layer_cache = DecoderLayer(cfg, self.dtype, self.attention_backend, name=f"layers_{i}")(
+                x, rope, cache[i], batch
+            )
+            new_cache.append(layer_cache)
+        if logits_index is not None:  # only the rows' sampled positions reach the LM head
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = LMHead(cfg.hidden_size, cfg.vocab_size, self.dtype, name="lm_head")(x)
+        return logits.astype(jnp.float32), new_cache
+
+
+class Embed(nn.Module):
+    vocab_size: int
+    hidden_size: int
+    dtype: jnp.dtype
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", nn.initializers.normal(0.02), (self.vocab_size, self.hidden_size), self.dtype
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...e,ve->...v", x, self.embedding, preferred_element_type=jnp.float32)
+
+
+class LMHead(nn.Module):
+    hidden_size: int
+    vocab_size: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (self.hidden_size, self.vocab_size), self.dtype)
+        return jnp.einsum("...e,ev->...v", x, kernel, preferred_element_type=jnp.float32)
+
+
+def empty_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> list[LayerCache]:
+    """The preallocated paged cache: one (k, v) pair of zeroed [Hkv, P, PS, D] arrays per layer."""
+    shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: jnp.dtype) -> int:
+    """Cache bytes one token occupies across all layers (K and V)."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * np.dtype(dtype).itemsize

@@ -1,0 +1,123 @@
+"""Engine options (LMDeploy's names) and the shape buckets every jitted step is compiled for.
+
+Every step runs at one of a small fixed set of shapes, all compiled at start-up, so nothing compiles
+while serving: decode steps are `[B, 1]` with B from `decode_batch_buckets`; prefill steps are `[R, T]`
+with R rows from `prefill_row_buckets`, T tokens per row from `prefill_token_buckets`, and R*T within
+`max_prefill_token_num`. Presets for GPU, CPU and tests live in `configs/presets.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from serving.engine.request import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class BucketSet:
+    decode_batch: tuple[int, ...]
+    prefill_rows: tuple[int, ...]
+    prefill_tokens: tuple[int, ...]
+    max_prefill_tokens: int
+
+    def __post_init__(self) -> None:
+        for name in ("decode_batch", "prefill_rows", "prefill_tokens"):
+            values = getattr(self, name)
+            if not values or list(values) != sorted(set(values)) or values[0] < 1:
+                raise ValueError(f"{name} buckets must be increasing positive integers, got {values}")
+        if self.prefill_rows[0] * self.prefill_tokens[0] > self.max_prefill_tokens:
+            raise ValueError("the smallest prefill bucket exceeds max_prefill_token_num")
+
+    @property
+    def max_decode_batch(self) -> int:
+        return self.decode_batch[-1]
+
+    @property
+    def max_chunk(self) -> int:
+        """The most prompt tokens one row may prefill in one step."""
+        return max(t for t in self.prefill_tokens if self.prefill_rows[0] * t <= self.max_prefill_tokens)
+
+    def decode_bucket(self, batch: int) -> int:
+        return next(b for b in self.decode_batch if b >= batch)
+
+    def prefill_bucket(self, rows: int, longest: int) -> tuple[int, int] | None:
+        """The smallest compiled [R, T] holding `rows` chunks of up to `longest` tokens, or None."""
+        tokens = next((t for t in self.prefill_tokens if t >= longest), None)
+        row_bucket = next((r for r in self.prefill_rows if r >= rows), None)
+        if tokens is None or row_bucket is None or row_bucket * tokens > self.max_prefill_tokens:
+            return None
+        return row_bucket, tokens
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every [rows, tokens] shape to compile: decode buckets first, then the prefill pairs."""
+        decode = [(b, 1) for b in self.decode_batch]
+        prefill = [(r, t) for r in self.prefill_rows for t in self.prefill_tokens if r * t <= self.max_prefill_tokens]
+        return decode + prefill
+
+
+@dataclass
+class EngineConfig:
+    """Options of the engine; the CLI flags and `pipeline(**options)` map onto these names."""
+
+    # KV cache
+    page_size: int = 64  # LMDeploy's --cache-block-seq-len
+    num_pages: int | None = None  # explicit page count; overrides cache_max_entry_count
+    cache_max_entry_count: float = 0.8  # fraction of free accelerator memory after weights
+    session_len: int | None = None  # max tokens of one sequence; default: the model's max positions
+    enable_prefix_caching: bool = False
+    # batching
+    max_batch_size: int | None = None  # running sequences; default: the preset's largest decode bucket
+    max_prefill_token_num: int | None = None  # tokens one prefill step may process
+    preset: str = "auto"  # bucket preset in configs/presets.py: auto (gpu or cpu), gpu, cpu, test
+    decode_batch_buckets: tuple[int, ...] | None = None
+    prefill_row_buckets: tuple[int, ...] | None = None
+    prefill_token_buckets: tuple[int, ...] | None = None
+    # model
+    dtype: str = "auto"  # auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32
+    attention_backend: str = "xla"
+    tp: int = 1
+    seed: int = 0  # base for the seeds of requests that bring none
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise InvalidRequestError(f"engine option {name} {why}, got {getattr(self, name)!r}", param=name)
+
+        check(isinstance(self.page_size, int) and self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0,
+              "page_size", "must be a power of two")
+        check(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 2),
+              "num_pages", "must be at least 2")
+        check(isinstance(self.cache_max_entry_count, int | float) and 0 < self.cache_max_entry_count <= 1,
+              "cache_max_entry_count", "must be in (0, 1]")
+        check(self.session_len is None or (isinstance(self.session_len, int) and self.session_len >= 2),
+              "session_len", "must be at least 2")
+        check(self.max_batch_size is None or (isinstance(self.max_batch_size, int) and self.max_batch_size >= 1),
+              "max_batch_size", "must be at least 1")
+        check(self.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype",
+              "must be auto, bfloat16, float16 or float32")
+        check(isinstance(self.tp, int) and self.tp >= 1, "tp", "must be at least 1")
+
+    @classmethod
+    def from_options(cls, **options: object) -> EngineConfig:
+        """Build from keyword options, naming any unknown option rather than ignoring it."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidRequestError(f"unknown engine option(s): {', '.join(unknown)}", param=unknown[0])
+        return cls(**options)  # type: ignore[arg-type]
+
+    def buckets(self, platform: str) -> BucketSet:
+        """The bucket set for this platform, with explicit options overriding the preset."""
+        from configs.presets import preset_buckets
+
+        preset = preset_buckets(self.preset, platform)
+        max_tokens = self.max_prefill_token_num or preset.max_prefill_tokens
+        decode = self.decode_batch_buckets or preset.decode_batch
+        if self.max_batch_size is not None:
+            decode = tuple(b for b in decode if b < self.max_batch_size) + (self.max_batch_size,)
+        tokens = self.prefill_token_buckets or tuple(t for t in preset.prefill_tokens if t <= max_tokens)
+        rows = self.prefill_row_buckets or preset.prefill_rows
+        return BucketSet(decode_batch=tuple(decode), prefill_rows=tuple(r for r in rows if r <= decode[-1]) or (1,),
+                         prefill_tokens=tuple(tokens), max_prefill_tokens=max_tokens)

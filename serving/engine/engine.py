@@ -1,0 +1,319 @@
+"""The engine: loads a model, owns the scheduler and the runner, and runs them on its own thread.
+
+Callers on any thread `submit` requests with a sink and may `abort` them; the engine thread alone
+touches the scheduler and the device. Each loop turn it takes what arrived, asks the scheduler for a
+plan, dispatches the decode batch and the prefill batch back to back, then reads both results and
+reports each sequence's new token through its sink. The sink runs on the engine thread and must not
+block (the HTTP layer hands outputs to its event loop with `call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+from model.llama import kv_bytes_per_token
+from model.loader import load_params
+from serving.engine.config import EngineConfig
+from serving.engine.pages import PageAllocator
+from serving.engine.request import (
+    MAX_SEED,
+    MAX_STOP_TOKEN_IDS,
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    GenerationConfig,
+    InvalidRequestError,
+)
+from serving.engine.runner import ModelRunner
+from serving.engine.scheduler import Chunk, Scheduler, Sequence
+from serving.text.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# KV budget on a CPU backend, where "free accelerator memory" means nothing: this many bytes times
+# cache_max_entry_count, and never more pages than max_batch_size full-length sequences can use.
+CPU_KV_CACHE_BYTES = 1 << 30
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+class CompilationCounter:
+    """Counts XLA compilations process-wide, so the engine can prove none happen after warm-up."""
+
+    _count = 0
+    _installed = False
+    _lock = threading.Lock()
+
+    @classmethod
+    def install(cls) -> None:
+        with cls._lock:
+            if not cls._installed:
+                jax.monitoring.register_event_duration_secs_listener(cls._on_event)
+                cls._installed = True
+
+    @classmethod
+    def _on_event(cls, event: str, duration: float, **_: object) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            cls._count += 1
+
+    @classmethod
+    def count(cls) -> int:
+        return cls._count
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None):
+        if model_path is None:
+            from configs.demo import ensure_demo_checkpoint
+
+            model_path = ensure_demo_checkpoint()
+        if not os.path.isdir(model_path):
+            raise FileNotFoundError(
+                f"model path {model_path!r} is not a local directory; xlserve loads Hugging Face checkpoints "
+                "from disk and cannot download them"
+            )
+        self.model_path = model_path
+        self.engine_config = config or EngineConfig()
+        self.model_config = ModelConfig.from_pretrained(model_path)
+        self.tokenizer = Tokenizer.from_pretrained(model_path)
+        self.platform = jax.devices()[0].platform
+        self.dtype = self._resolve_dtype()
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.ready = False
+        self.compile_seconds = 0.0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._arrivals = 0
+        self._compilations_at_warmup = 0
+        self._error: BaseException | None = None
+
+        params = load_params(model_path, self.model_config, self.dtype)
+        self.buckets = self.engine_config.buckets(self.platform)
+        self.max_batch_size = self.buckets.max_decode_batch
+        page_size = self.engine_config.page_size
+        session_len = self.engine_config.session_len or self.model_config.max_position_embeddings
+        pages_per_seq = -(-session_len // page_size)
+        self.num_pages = self._num_pages(pages_per_seq)
+        # A lone sequence must always fit, or preemption could never make progress.
+        self.max_session_len = min(session_len, (self.num_pages - 1) * page_size)
+        self.page_size = page_size
+        self.allocator = PageAllocator(self.num_pages)
+        self.scheduler = Scheduler(self.allocator, self.buckets, page_size, self.max_batch_size)
+        self.runner = ModelRunner(
+            self.model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
+            num_slots=self.max_batch_size, attention_backend=self.engine_config.attention_backend,
+        )
+
+    # ----- set-up -----------------------------------------------------------------------------------
+    def _resolve_dtype(self) -> jnp.dtype:
+        name = self.engine_config.dtype
+        if name == "auto":  # CPUs run bf16 matmuls slowly and less exactly: f32 there
+            name = "float32" if self.platform == "cpu" else self.model_config.torch_dtype
+            name = name if name in _DTYPES else "bfloat16"
+        return _DTYPES[name]
+
+    def _num_pages(self, pages_per_seq: int) -> int:
+        cfg = self.engine_config
+        if cfg.num_pages is not None:
+            return cfg.num_pages
+        page_bytes = kv_bytes_per_token(self.model_config, self.dtype) * cfg.page_size
+        if self.platform == "cpu":
+            budget = CPU_KV_CACHE_BYTES * cfg.cache_max_entry_count
+        else:
+            stats = jax.devices()[0].memory_stats() or {}
+            free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+            budget = free * cfg.cache_max_entry_count
+        useful = self.max_batch_size * pages_per_seq + 1  # more could never be used at once
+        pages = min(int(budget // page_bytes), useful)
+        if pages < 2:
+            raise MemoryError(f"KV cache budget of {budget / 2**20:.0f} MiB holds fewer than 2 pages")
+        return pages
+
+    def start(self) -> None:
+        """Compile every bucket, then start the engine thread. Returns when the engine is ready."""
+        CompilationCounter.install()
+        self.compile_seconds = self.runner.compile_all()
+        logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
+        self._compilations_at_warmup = CompilationCounter.count()
+        self._thread = threading.Thread(target=self._loop, name="xlserve-engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+
+    def shutdown(self) -> None:
+        self.ready = False
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ----- the caller's side (any thread) -------------------------------------------------------------
+    def make_request(self, prompt_token_ids: list[int], config: GenerationConfig, request_id: str) -> EngineRequest:
+        """Validate a request and fill in its stop ids and seed; raises InvalidRequestError."""
+        config.validate(self.model_config.vocab_size)
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if len(prompt_token_ids) >= self.max_session_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens, but the session length is {self.max_session_len} "
+                "and at least one token must be generated",
+                param="prompt", code="context_length_exceeded",
+            )
+        stops = set(config.stop_token_ids or [])
+        if not config.ignore_eos:
+            stops |= self.eos_token_ids
+        seed = config.random_seed if config.random_seed is not None else secrets.randbelow(MAX_SEED + 1)
+        return EngineRequest(request_id, list(prompt_token_ids), config, frozenset(stops), seed)
+
+    def submit(self, request: EngineRequest, sink: Callable[[EngineOutput], None]) -> None:
+        if self._error is not None or not self.alive:
+            raise RuntimeError("the engine is not running")
+        self._inbox.put(("add", request, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_pages_total": self.allocator.num_usable,
+            "num_pages_used": self.allocator.num_used,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "compilations_after_warmup": CompilationCounter.count() - self._compilations_at_warmup,
+        }
+
+    # ----- the engine thread ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._take_inbox(block=not self.scheduler.has_work)
+                if self._stopping.is_set():
+                    break
+                plan = self.scheduler.schedule()
+                if not plan.empty:
+                    self._run_step(plan.decode, plan.prefill)
+        except BaseException as exc:  # the engine must never hang silently: fail every request
+            logger.exception("engine thread crashed")
+            self._error = exc
+            self.ready = False
+            for seq in (*self.scheduler.running, *self.scheduler.waiting):
+                self._finish(seq, FinishReason.ERROR, error=f"engine failure: {exc}")
+        finally:
+            for seq in (*self.scheduler.running, *self.scheduler.waiting):
+                self._finish(seq, FinishReason.ABORT)
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            kind, payload, sink = item
+            if kind == "add":
+                self._add(payload, sink)
+            else:
+                seq = self.scheduler.find(payload)
+                if seq is not None:
+                    self._finish(seq, FinishReason.ABORT)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, request: EngineRequest, sink: Callable[[EngineOutput], None]) -> None:
+        prompt_len = len(request.prompt_token_ids)
+        room = self.max_session_len - prompt_len
+        max_new = request.config.max_new_tokens
+        seq = Sequence(
+            request=request, sink=sink, arrival=self._arrivals, token_ids=list(request.prompt_token_ids),
+            num_prompt_tokens=prompt_len, max_new_tokens=room if max_new is None else min(max_new, room),
+        )
+        self._arrivals += 1
+        if seq.max_new_tokens <= 0:
+            self._emit(seq, [], FinishReason.LENGTH)
+            return
+        self.scheduler.add(seq)
+
+    def _run_step(self, decode: list[Chunk], prefill: list[Chunk]) -> None:
+        dispatched = []
+        if decode:
+            rows = self.buckets.decode_bucket(len(decode))
+            dispatched.append((decode, self.runner.run(decode, self._sampling_rows(decode), rows, 1)))
+        if prefill:
+            shape = self.buckets.prefill_bucket(len(prefill), max(c.length for c in prefill))
+            assert shape is not None, "the scheduler only plans chunks that fit a bucket"
+            dispatched.append((prefill, self.runner.run(prefill, self._sampling_rows(prefill), *shape)))
+        for chunks, tokens in dispatched:
+            host_tokens = np.asarray(tokens)
+            for row, chunk in enumerate(chunks):
+                chunk.seq.num_computed = chunk.start + chunk.length
+                if chunk.samples:
+                    self._append(chunk.seq, int(host_tokens[row]))
+
+    def _sampling_rows(self, chunks: list[Chunk]) -> list[dict]:
+        rows = []
+        for chunk in chunks:
+            seq, cfg = chunk.seq, chunk.seq.request.config
+            # min_new_tokens: every stop id is banned until enough tokens exist (the first 16 suffice
+            # for every real EOS set; make_request caps user stop ids at MAX_STOP_TOKEN_IDS).
+            banned = sorted(seq.request.stop_token_ids)[:MAX_STOP_TOKEN_IDS] if seq.num_generated < cfg.min_new_tokens else []
+            rows.append({
+                "temperature": 0.0 if cfg.greedy else cfg.temperature,
+                "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": cfg.min_p,
+                "repetition_penalty": cfg.repetition_penalty,
+                "seed": seq.request.seed, "step": seq.num_generated, "banned": banned,
+            })
+        return rows
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        if token in seq.request.stop_token_ids:
+            self._finish(seq, FinishReason.STOP, [token])
+        elif seq.num_generated >= seq.max_new_tokens:
+            self._finish(seq, FinishReason.LENGTH, [token])
+        else:
+            self._emit(seq, [token])
+
+    def _finish(self, seq: Sequence, reason: FinishReason, new_tokens: list[int] | None = None,
+                error: str | None = None) -> None:
+        self.scheduler.finish(seq)
+        self._emit(seq, new_tokens or [], reason, error)
+
+    def _emit(self, seq: Sequence, new_tokens: list[int], reason: FinishReason | None = None,
+              error: str | None = None) -> None:
+        output = EngineOutput(
+            request_id=seq.request_id, new_token_ids=new_tokens, finished=reason is not None,
+            finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens, error=error,
+        )
+        try:
+            seq.sink(output)
+        except Exception:  # a broken consumer must not take the engine down with it
+            logger.exception("sink of request %s failed", seq.request_id)
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until no request is running or waiting (tests use it to check nothing leaked)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.scheduler.has_work and self._inbox.empty():
+                return True
+            time.sleep(0.01)
+        return False

@@ -1,0 +1,158 @@
+"""The device side of the engine: model weights, the paged KV cache, and one jitted step per bucket.
+
+A step takes a padded `[B, T]` batch of token chunks (see `scheduler.Chunk`), writes their keys and
+values into the cache, and samples one token per row from the logits at each row's last token. The
+same function serves decode (`T == 1`) and prefill; it is compiled ahead of time for every bucket shape
+at start-up and called through the compiled executables, so serving can never trigger a compilation.
+Only the cache and the per-slot "seen tokens" table are donated, and both are rebound after every
+call: they are updated in place, never copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
+from serving.engine.config import BucketSet
+from serving.engine.pages import NULL_PAGE
+from serving.engine.request import MAX_STOP_TOKEN_IDS
+from serving.engine.sampling import SamplingBatch, sample
+from serving.engine.scheduler import Chunk
+
+logger = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepInputs:
+    tokens: jax.Array  # i32[B, T]
+    attn: AttentionBatch
+    last_index: jax.Array  # i32[B] index in T of each row's last real token (its logits are sampled)
+    slots: jax.Array  # i32[B] row of the seen-tokens table; padding rows point past its end
+    reset: jax.Array  # bool[B] a sequence starting over: clear its seen-tokens row first
+
+
+def step(
+    model: CausalLM,
+    params: dict,
+    cache: list[LayerCache],
+    seen: jax.Array,  # bool[num_slots, V] tokens each running sequence has had (repetition penalty)
+    inputs: StepInputs,
+    sampling: SamplingBatch,
+) -> tuple[list[LayerCache], jax.Array, jax.Array]:  # new cache, new seen, i32[B] sampled tokens
+    logits, cache = model.apply({"params": params}, inputs.tokens, inputs.attn, cache, inputs.last_index)
+    num_slots = seen.shape[0]
+    seen = seen.at[jnp.where(inputs.reset, inputs.slots, num_slots)].set(False, mode="drop")
+    token_slots = jnp.where(inputs.attn.valid, inputs.slots[:, None], num_slots)
+    seen = seen.at[token_slots, inputs.tokens].set(True, mode="drop")
+    tokens = sample(logits, sampling, seen[jnp.minimum(inputs.slots, num_slots - 1)])
+    return cache, seen, tokens
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: dict,
+        dtype: jnp.dtype,
+        num_pages: int,
+        page_size: int,
+        pages_per_seq: int,
+        buckets: BucketSet,
+        num_slots: int,
+        attention_backend: str = "xla",
+    ):
+        self.config = config
+        self.params = params
+        self.page_size = page_size
+        self.pages_per_seq = pages_per_seq
+        self.buckets = buckets
+        self.num_slots = num_slots
+        self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend)
+        self.cache = empty_cache(config, num_pages, page_size, dtype)
+        self.seen = jnp.zeros((num_slots, config.vocab_size), jnp.bool_)
+        self._jitted = jax.jit(
+            lambda params, cache, seen, inputs, sampling: step(self.model, params, cache, seen, inputs, sampling),
+            donate_argnums=(1, 2),
+        )
+        self._compiled: dict[tuple[int, int], jax.stages.Compiled] = {}
+
+    # ----- start-up ---------------------------------------------------------------------------------
+    def compile_all(self, progress: bool = True) -> float:
+        """Compile the step for every bucket shape; returns the seconds it took."""
+        shapes = self.buckets.shapes()
+        start = time.perf_counter()
+        for i, (rows, tokens) in enumerate(shapes, 1):
+            inputs, sampling = self._placeholder(rows, tokens)
+            self._compiled[(rows, tokens)] = self._jitted.lower(
+                self.params, self.cache, self.seen, inputs, sampling
+            ).compile()
+            if progress:
+                logger.info("compiled step %d/%d [%d x %d] (%.1fs)", i, len(shapes), rows, tokens,
+                            time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    def _placeholder(self, rows: int, tokens: int) -> tuple[StepInputs, SamplingBatch]:
+        return self._inputs([], rows, tokens), self._sampling([], rows)
+
+    # ----- one step ---------------------------------------------------------------------------------
+    def run(self, chunks: list[Chunk], sampling_rows: list[dict], rows: int, tokens: int) -> jax.Array:
+        """Dispatch one step for `chunks` padded to the `[rows, tokens]` bucket; returns i32[rows] on device.
+
+        The result is not waited for: the caller reads it when it needs the tokens, so the next
+        dispatch can go out first.
+        """
+        inputs = self._inputs(chunks, rows, tokens)
+        sampling = self._sampling(sampling_rows, rows)
+        self.cache, self.seen, next_tokens = self._compiled[(rows, tokens)](
+            self.params, self.cache, self.seen, inputs, sampling
+        )
+        return next_tokens
+
+    def _inputs(self, chunks: list[Chunk], rows: int, tokens: int) -> StepInputs:
+        token_ids = np.zeros((rows, tokens), np.int32)
+        positions = np.zeros((rows, tokens), np.int32)
+        valid = np.zeros((rows, tokens), bool)
+        kv_lens = np.zeros(rows, np.int32)
+        tables = np.full((rows, self.pages_per_seq), NULL_PAGE, np.int32)
+        last = np.zeros(rows, np.int32)
+        slots = np.full(rows, self.num_slots, np.int32)
+        reset = np.zeros(rows, bool)
+        for r, chunk in enumerate(chunks):
+            seq, n = chunk.seq, chunk.length
+            token_ids[r, :n] = seq.token_ids[chunk.start : chunk.start + n]
+            positions[r, :n] = np.arange(chunk.start, chunk.start + n)
+            valid[r, :n] = True
+            kv_lens[r] = chunk.start + n
+            tables[r, : len(seq.pages)] = seq.pages
+            last[r] = n - 1
+            slots[r] = seq.slot
+            reset[r] = chunk.start == 0
+        attn = AttentionBatch(positions=positions, valid=valid, kv_lens=kv_lens, block_tables=tables)
+        return StepInputs(tokens=token_ids, attn=attn, last_index=last, slots=slots, reset=reset)
+
+    def _sampling(self, rows_params: list[dict], rows: int) -> SamplingBatch:
+        """Per-row sampling arrays; padding rows are greedy with every option off."""
+        temperature = np.zeros(rows, np.float32)
+        top_p = np.ones(rows, np.float32)
+        top_k = np.zeros(rows, np.int32)
+        min_p = np.zeros(rows, np.float32)
+        penalty = np.ones(rows, np.float32)
+        seed = np.zeros((rows, 2), np.uint32)
+        step_index = np.zeros(rows, np.int32)
+        banned = np.full((rows, MAX_STOP_TOKEN_IDS), -1, np.int32)
+        for r, p in enumerate(rows_params):
+            temperature[r], top_p[r], top_k[r] = p["temperature"], p["top_p"], p["top_k"]
+            min_p[r], penalty[r] = p["min_p"], p["repetition_penalty"]
+            seed[r] = (p["seed"] >> 32) & 0xFFFFFFFF, p["seed"] & 0xFFFFFFFF
+            step_index[r] = p["step"]
+            banned[r, : len(p["banned"])] = p["banned"]
+        return SamplingBatch(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                             repetition_penalty=penalty, seed=seed, step=step_index, banned=banned)

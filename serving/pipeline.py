@@ -1,0 +1,153 @@
+"""The offline Python API, shaped like LMDeploy's `pipeline`: the same engine the server runs, in-process.
+
+    from serving import pipeline, GenerationConfig
+    pipe = pipeline("/path/to/hf-checkpoint", session_len=4096)
+    pipe(["Hi,", "The capital of France is"], gen_config=GenerationConfig(max_new_tokens=32))
+
+A prompt is a string (encoded as is, with the tokenizer's BOS), a list of token ids, or a chat (a list
+of `{"role", "content"}` messages, rendered with the checkpoint's chat template). A list of prompts
+gives a list of responses, in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from serving.engine.config import EngineConfig
+from serving.engine.engine import Engine
+from serving.engine.request import EngineOutput, GenerationConfig, InvalidRequestError
+from serving.text.output import OutputProcessor
+
+Prompt = str | list[int] | list[dict]
+
+
+@dataclass
+class Response:
+    """One prompt's result (or, from `stream_infer`, one increment of it)."""
+
+    text: str
+    generate_token_len: int
+    input_token_len: int
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    index: int = 0
+
+
+class Pipeline:
+    def __init__(self, model_path: str | None = None, **engine_options: object):
+        self.engine = Engine(model_path, EngineConfig.from_options(**engine_options))
+        self.engine.start()
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    # ----- capacity the engine allocated -----
+    @property
+    def num_pages(self) -> int:
+        return self.engine.allocator.num_usable
+
+    @property
+    def page_size(self) -> int:
+        return self.engine.page_size
+
+    @property
+    def max_cached_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    # ----- generation -----
+    def __call__(
+        self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | list[GenerationConfig] | None = None
+    ) -> Response | list[Response]:
+        single = _is_single(prompts)
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise InvalidRequestError("no prompts given", param="prompts")
+        results = [Response("", 0, 0, index=i) for i in range(len(batch))]
+        for delta in self.stream_infer(batch, gen_config):
+            result = results[delta.index]
+            result.text += delta.text
+            result.token_ids += delta.token_ids
+            result.generate_token_len = delta.generate_token_len
+            result.input_token_len = delta.input_token_len
+            result.finish_reason = delta.finish_reason
+        return results[0] if single else results
+
+    def stream_infer(
+        self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | list[GenerationConfig] | None = None
+    ) -> Iterator[Response]:
+        """Yield increments (`text`/`token_ids` hold only what is new) as the engine produces them."""
+        batch = [prompts] if _is_single(prompts) else list(prompts)
+        if not batch:
+            raise InvalidRequestError("no prompts given", param="prompts")
+        configs = gen_config if isinstance(gen_config, list) else [gen_config or GenerationConfig()] * len(batch)
+        if len(configs) != len(batch):
+            raise InvalidRequestError(f"got {len(configs)} gen_configs for {len(batch)} prompts", param="gen_config")
+        # Validate everything before submitting anything, so a bad prompt leaves nothing running.
+        requests = []
+        for index, (prompt, config) in enumerate(zip(batch, configs, strict=True)):
+            if config.n != 1:
+                raise InvalidRequestError("pipeline generates one response per prompt; n must be 1", param="n")
+            prompt_ids = self._encode(prompt)
+            request = self.engine.make_request(prompt_ids, config, f"pipe-{next(self._ids)}")
+            requests.append((index, request, OutputProcessor(self.tokenizer, prompt_ids, config)))
+        outputs: queue.SimpleQueue[tuple[int, EngineOutput]] = queue.SimpleQueue()
+        pending = {}
+        try:
+            for index, request, processor in requests:
+                self.engine.submit(request, lambda out, i=index: outputs.put((i, out)))
+                pending[index] = (request, processor)
+            while pending:
+                index, out = outputs.get()
+                if index not in pending:
+                    continue  # late tokens of a request already stopped by a stop string
+                request, processor = pending[index]
+                if out.error is not None:
+                    raise RuntimeError(f"request {request.request_id} failed: {out.error}")
+                delta = processor.process(out)
+                if delta.finished:
+                    del pending[index]
+                    if not out.finished:
+                        self.engine.abort(request.request_id)  # a stop string ended it
+                yield Response(delta.text, delta.num_completion_tokens, len(request.prompt_token_ids),
+                               delta.finish_reason, delta.token_ids, index)
+        finally:
+            for request, _ in pending.values():  # the caller stopped iterating early
+                self.engine.abort(request.request_id)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty", param="prompts")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt), add_special_tokens=False)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise InvalidRequestError(
+            "a prompt must be a string, a list of token ids or a list of chat messages", param="prompts"
+        )
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_single(prompts: object) -> bool:
+    """A string, a token-id list and a chat are one prompt; a list of those is a batch."""
+    if isinstance(prompts, str):
+        return True
+    if isinstance(prompts, list) and prompts:
+        return all(isinstance(p, int) for p in prompts) or all(isinstance(p, dict) for p in prompts)
+    return False
+
+
+def pipeline(model_path: str | None = None, **engine_options: object) -> Pipeline:
+    """Load a local Hugging Face checkpoint (or, with no path, the built-in demo model) and compile it."""
+    return Pipeline(model_path, **engine_options)
