@@ -38,7 +38,7 @@ class Response:
 
 class Pipeline:
     def __init__(self, model_path: str | None = None, **engine_options: object):
-        self.engine = Engine(model_path, EngineConfig.from_options(**engine_options))
+        self.engine = Engine.from_pretrained(model_path, EngineConfig.from_options(**engine_options))
         self.engine.start()
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -48,6 +48,15 @@ CPU_KV_CACHE_BYTES = 1 << 30
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 
+def resolve_dtype(name: str, model_config: ModelConfig, platform: str) -> jnp.dtype:
+    """`auto` is the checkpoint's dtype on accelerators and float32 on CPU, where bf16 matmuls are
+    slow and less exact."""
+    if name == "auto":
+        name = "float32" if platform == "cpu" else model_config.torch_dtype
+        name = name if name in _DTYPES else "bfloat16"
+    return _DTYPES[name]
+
+
 class CompilationCounter:
     """Counts XLA compilations process-wide, so the engine can prove none happen after warm-up."""
 
@@ -73,23 +82,23 @@ class CompilationCounter:
 
 
 class Engine:
-    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None):
-        if model_path is None:
-            from configs.demo import ensure_demo_checkpoint
-
-            model_path = ensure_demo_checkpoint()
-        if not os.path.isdir(model_path):
-            raise FileNotFoundError(
-                f"model path {model_path!r} is not a local directory; xlserve loads Hugging Face checkpoints "
-                "from disk and cannot download them"
-            )
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params: dict,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig | None = None,
+        model_path: str | None = None,
+    ):
+        """An engine over already-loaded parameters; `from_pretrained` is the usual way in."""
         self.model_path = model_path
         self.engine_config = config or EngineConfig()
-        self.model_config = ModelConfig.from_pretrained(model_path)
-        self.tokenizer = Tokenizer.from_pretrained(model_path)
+        self.model_config = model_config
+        self.tokenizer = tokenizer
         self.platform = jax.devices()[0].platform
-        self.dtype = self._resolve_dtype()
-        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.dtype = resolve_dtype(self.engine_config.dtype, model_config, self.platform)
+        tokenizer_eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
+        self.eos_token_ids = frozenset(model_config.eos_token_ids) | tokenizer_eos
         self.ready = False
         self.compile_seconds = 0.0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -99,11 +108,10 @@ class Engine:
         self._compilations_at_warmup = 0
         self._error: BaseException | None = None
 
-        params = load_params(model_path, self.model_config, self.dtype)
         self.buckets = self.engine_config.buckets(self.platform)
         self.max_batch_size = self.buckets.max_decode_batch
         page_size = self.engine_config.page_size
-        session_len = self.engine_config.session_len or self.model_config.max_position_embeddings
+        session_len = self.engine_config.session_len or model_config.max_position_embeddings
         pages_per_seq = -(-session_len // page_size)
         self.num_pages = self._num_pages(pages_per_seq)
         # A lone sequence must always fit, or preemption could never make progress.
@@ -112,18 +120,30 @@ class Engine:
         self.allocator = PageAllocator(self.num_pages)
         self.scheduler = Scheduler(self.allocator, self.buckets, page_size, self.max_batch_size)
         self.runner = ModelRunner(
-            self.model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
+            model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
             num_slots=self.max_batch_size, attention_backend=self.engine_config.attention_backend,
         )
 
-    # ----- set-up -----------------------------------------------------------------------------------
-    def _resolve_dtype(self) -> jnp.dtype:
-        name = self.engine_config.dtype
-        if name == "auto":  # CPUs run bf16 matmuls slowly and less exactly: f32 there
-            name = "float32" if self.platform == "cpu" else self.model_config.torch_dtype
-            name = name if name in _DTYPES else "bfloat16"
-        return _DTYPES[name]
+    @classmethod
+    def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None) -> Engine:
+        """Load a local Hugging Face checkpoint directory (None: the built-in demo model)."""
+        if model_path is None:
+            from configs.demo import ensure_demo_checkpoint
 
+            model_path = ensure_demo_checkpoint()
+        if not os.path.isdir(model_path):
+            raise FileNotFoundError(
+                f"model path {model_path!r} is not a local directory; xlserve loads Hugging Face checkpoints "
+                "from disk and cannot download them"
+            )
+        config = config or EngineConfig()
+        model_config = ModelConfig.from_pretrained(model_path)
+        tokenizer = Tokenizer.from_pretrained(model_path)
+        dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
+        params = load_params(model_path, model_config, dtype)
+        return cls(model_config, params, tokenizer, config, model_path=model_path)
+
+    # ----- set-up -----------------------------------------------------------------------------------
     def _num_pages(self, pages_per_seq: int) -> int:
         cfg = self.engine_config
         if cfg.num_pages is not None:

@@ -1,0 +1,223 @@
+"""The engine end to end on a tiny random Llama: parity with transformers' generate, continuous
+batching, preemption, page accounting, donation, compile discipline and input validation."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from serving import GenerationConfig
+from serving.engine.request import EngineRequest, InvalidRequestError
+
+GREEDY = dict(max_new_tokens=12, ignore_eos=True)
+
+
+def random_prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 32000, size=n).tolist() for n in lengths]
+
+
+def hf_greedy(hf, prompt, max_new_tokens):
+    """transformers' greedy continuation with EOS ignored (the reference)."""
+    saved = hf.generation_config.eos_token_id
+    hf.generation_config.eos_token_id = None
+    try:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    finally:
+        hf.generation_config.eos_token_id = saved
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(tiny_pipe):
+    yield
+    engine = tiny_pipe.engine
+    assert engine.wait_idle(), "requests still running after the test"
+    assert engine.allocator.num_used == 0, "KV pages leaked"
+    assert len(engine.scheduler._free_slots) == engine.max_batch_size, "slots leaked"
+
+
+def test_concurrent_greedy_generations_equal_transformers(tiny_pipe, hf_tiny):
+    prompts = random_prompts([5, 17, 33, 70])  # 70 tokens: prefilled in two chunks (test preset: 64 max)
+    outputs = tiny_pipe(prompts, GenerationConfig(**GREEDY))
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.token_ids == hf_greedy(hf_tiny, prompt, GREEDY["max_new_tokens"])
+        assert out.finish_reason == "length"
+        assert out.generate_token_len == GREEDY["max_new_tokens"]
+        assert out.input_token_len == len(prompt)
+
+
+def run_with_engine(engine, jobs):
+    """Submit (prompt, config, start_after) jobs; a job with start_after=(i, k) joins once job i has
+    produced k tokens, from inside the engine thread, so the join point is exact. Returns token lists."""
+    results = [[] for _ in jobs]
+    done = [threading.Event() for _ in jobs]
+    requests = [engine.make_request(p, c, f"job-{i}-{id(jobs)}") for i, (p, c, _) in enumerate(jobs)]
+    followers = {i: after for i, (_, _, after) in enumerate(jobs) if after is not None}
+
+    def sink_for(i):
+        def sink(out):
+            results[i].extend(out.new_token_ids)
+            for j, (leader, count) in list(followers.items()):
+                if leader == i and len(results[i]) == count:
+                    del followers[j]
+                    engine.submit(requests[j], sink_for(j))
+            if out.finished:
+                done[i].set()
+        return sink
+
+    for i, (_, _, after) in enumerate(jobs):
+        if after is None:
+            engine.submit(requests[i], sink_for(i))
+    for event in done:
+        assert event.wait(60)
+    return results
+
+
+def test_request_joining_mid_flight_does_not_change_others(tiny_pipe):
+    engine = tiny_pipe.engine
+    a, b = random_prompts([20, 9], seed=3)
+    cfg = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+    sampled = GenerationConfig(max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=0.9,
+                               top_p=0.9, random_seed=7)
+    alone = [run_with_engine(engine, [(a, cfg, None)])[0], run_with_engine(engine, [(b, sampled, None)])[0]]
+    joined = run_with_engine(engine, [(a, cfg, None), (b, sampled, (0, 5))])
+    assert joined == alone
+
+
+def test_preemption_under_a_tiny_page_budget_keeps_outputs_identical(tiny_pipe):
+    engine = tiny_pipe.engine
+    prompts = random_prompts([40] * 8, seed=5)  # 8 x (40 + 40) tokens = 40 pages > the 24 there are
+    configs = [GenerationConfig(max_new_tokens=40, ignore_eos=True, do_sample=i % 2 == 1, temperature=0.8,
+                                random_seed=100 + i) for i in range(8)]
+    solo = [tiny_pipe(p, c).token_ids for p, c in zip(prompts, configs, strict=True)]
+    before = engine.scheduler.num_preemptions
+    together = tiny_pipe(prompts, configs)
+    assert engine.scheduler.num_preemptions > before, "the test must actually preempt"
+    assert [r.token_ids for r in together] == solo
+
+
+def test_donated_cache_is_updated_in_place(tiny_pipe):
+    engine = tiny_pipe.engine
+    old_k, old_seen = engine.runner.cache[0][0], engine.runner.seen
+    tiny_pipe(random_prompts([6])[0], GenerationConfig(max_new_tokens=2))
+    assert old_k.is_deleted() and old_seen.is_deleted(), "the step must donate, not copy, the cache"
+
+
+def test_no_compilation_while_serving_50_mixed_requests(tiny_pipe):
+    engine = tiny_pipe.engine
+    rng = np.random.default_rng(11)
+    prompts = random_prompts(rng.integers(1, 100, size=50).tolist(), seed=11)
+    configs = [
+        GenerationConfig(max_new_tokens=int(rng.integers(1, 20)), do_sample=bool(i % 2), temperature=0.7,
+                         top_k=int(rng.integers(0, 50)), top_p=float(rng.uniform(0.5, 1.0)),
+                         min_p=0.05 * (i % 3), repetition_penalty=1.0 + 0.1 * (i % 4), random_seed=i,
+                         stop_words=["ab"] if i % 5 == 0 else None)
+        for i in range(50)
+    ]
+    before = engine.stats()["compilations_after_warmup"]
+    results = tiny_pipe(prompts, configs)
+    assert len(results) == 50
+    assert engine.stats()["compilations_after_warmup"] == before
+
+
+def test_same_seed_same_tokens_and_different_seeds_differ(tiny_pipe):
+    prompt = random_prompts([8], seed=2)[0]
+    cfg = dict(max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=1.5)
+    first = tiny_pipe(prompt, GenerationConfig(random_seed=1234, **cfg)).token_ids
+    again = tiny_pipe(prompt, GenerationConfig(random_seed=1234, **cfg)).token_ids
+    other = tiny_pipe(prompt, GenerationConfig(random_seed=4321, **cfg)).token_ids
+    assert first == again
+    assert first != other
+
+
+def test_stop_token_ids_min_new_tokens_and_lengths(tiny_pipe):
+    prompt = random_prompts([10], seed=4)[0]
+    greedy = tiny_pipe(prompt, GenerationConfig(max_new_tokens=10, ignore_eos=True)).token_ids
+    stop_at = greedy[3]
+    stopped = tiny_pipe(prompt, GenerationConfig(max_new_tokens=10, stop_token_ids=[stop_at]))
+    first = greedy.index(stop_at)
+    assert stopped.token_ids == greedy[: first + 1] and stopped.finish_reason == "stop"
+    held = tiny_pipe(prompt, GenerationConfig(max_new_tokens=10, stop_token_ids=[stop_at],
+                                              min_new_tokens=first + 2))
+    assert stop_at not in held.token_ids[: first + 2]
+    zero = tiny_pipe(prompt, GenerationConfig(max_new_tokens=0))
+    assert zero.token_ids == [] and zero.finish_reason == "length"
+
+
+def test_stop_strings_end_text_before_the_stop_string(tiny_pipe):
+    prompt = random_prompts([12], seed=6)[0]
+    full = tiny_pipe(prompt, GenerationConfig(max_new_tokens=24, ignore_eos=True))
+    text = full.text
+    cut = next(i for i in range(len(text) // 2, len(text) - 3) if text[i:i + 3].strip())
+    stop = text[cut:cut + 3]
+    first = text.index(stop)
+    out = tiny_pipe(prompt, GenerationConfig(max_new_tokens=24, ignore_eos=True, stop_words=[stop]))
+    assert out.text == text[:first]
+    assert out.finish_reason == "stop"
+    assert out.generate_token_len <= full.generate_token_len
+
+
+@pytest.mark.parametrize(
+    "prompt,options,param",
+    [
+        ("", {}, "prompts"),
+        ([], {}, "prompts"),
+        (list(range(3, 200)), {}, "prompt"),  # longer than the session (128)
+        ([5, 6], {"temperature": -1.0}, "temperature"),
+        ([5, 6], {"top_p": 1.5}, "top_p"),
+        ([5, 6], {"top_k": -3}, "top_k"),
+        ([5, 6], {"max_new_tokens": -1}, "max_new_tokens"),
+        ([5, 6], {"repetition_penalty": 0.0}, "repetition_penalty"),
+        ([5, 6], {"random_seed": -5}, "random_seed"),
+        ([5, 6], {"temperature": float("nan")}, "temperature"),
+        ([5, 6], {"stop_token_ids": [10**9]}, "stop_token_ids"),
+        ([5, 10**9], {}, "prompt"),
+    ],
+)
+def test_bad_input_raises_a_clear_error_and_the_engine_keeps_serving(tiny_pipe, prompt, options, param):
+    with pytest.raises(InvalidRequestError) as err:
+        tiny_pipe(prompt, GenerationConfig(**options))
+    assert err.value.param == param
+    assert tiny_pipe([5, 6, 7], GenerationConfig(max_new_tokens=2)).generate_token_len == 2
+
+
+def test_unknown_options_are_named():
+    from serving.engine.config import EngineConfig
+    from serving.engine.request import generation_config_from_kwargs
+
+    with pytest.raises(InvalidRequestError, match="max_tokenz"):
+        generation_config_from_kwargs(max_tokenz=3)
+    with pytest.raises(InvalidRequestError, match="page_sise"):
+        EngineConfig.from_options(page_sise=16)
+
+
+def test_capacity_is_reported(tiny_pipe):
+    assert tiny_pipe.page_size == 16
+    assert tiny_pipe.num_pages == 24
+    assert tiny_pipe.max_cached_tokens == 24 * 16
+
+
+def test_abort_frees_pages_at_once(tiny_pipe):
+    engine = tiny_pipe.engine
+    request: EngineRequest = engine.make_request(random_prompts([30])[0], GenerationConfig(max_new_tokens=100,
+                                                 ignore_eos=True), "to-abort")
+    finished = threading.Event()
+    reasons = []
+
+    def sink(out):
+        if out.new_token_ids and len(reasons) == 0:
+            reasons.append("started")
+            engine.abort("to-abort")
+        if out.finished:
+            reasons.append(out.finish_reason.value)
+            finished.set()
+
+    engine.submit(request, sink)
+    assert finished.wait(30)
+    assert reasons[-1] == "abort"
