@@ -1,0 +1,79 @@
+"""Engine outputs to client-facing text for one request: detokenize, then match stop strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.engine.request import EngineOutput, FinishReason, GenerationConfig
+from serving.text.detokenizer import IncrementalDetokenizer
+from serving.text.stop import StopStringMatcher
+from serving.text.tokenizer import Tokenizer
+
+
+@dataclass
+class TextDelta:
+    """What one engine output adds to a request's result.
+
+    `text` and `token_ids` are new since the previous delta; `num_completion_tokens` is the running
+    total (the usage count). `finish_reason` is "stop", "length", "abort" or "error" once finished.
+    """
+
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_completion_tokens: int
+
+
+class OutputProcessor:
+    """Turns one request's stream of `EngineOutput`s into `TextDelta`s.
+
+    A stop string ends the request on the text side: the delta comes back `finished=True,
+    finish_reason="stop"` while the engine may still be running it, so the caller must
+    `engine.abort(request_id)`. Tokens after the one that completed the stop string are neither
+    counted nor returned. Once finished, any later output (the engine's answer to that abort) yields
+    an empty delta with the same finish reason.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], config: GenerationConfig):
+        self._detokenizer = IncrementalDetokenizer(
+            tokenizer,
+            prompt_ids,
+            skip_special_tokens=config.skip_special_tokens,
+            spaces_between_special_tokens=config.spaces_between_special_tokens,
+        )
+        self._stop = StopStringMatcher(config.stop_words or [], config.include_stop_str_in_output)
+        self._include_stop = config.include_stop_str_in_output
+        self._num_tokens = 0
+        self._finish_reason: str | None = None
+
+    def process(self, out: EngineOutput) -> TextDelta:
+        if self._finish_reason is not None:
+            return TextDelta("", [], True, self._finish_reason, self._num_tokens)
+        ids = list(out.new_token_ids)
+        # The engine stopped on an EOS or stop token id, which is the last new token. Like vLLM, its
+        # text is left out unless the request asked for stop text; it is still counted and returned.
+        drop_last = out.finished and out.finish_reason == FinishReason.STOP and not self._include_stop
+        text_ids = ids[:-1] if drop_last and ids else ids
+        pieces: list[str] = []
+        stopped = False
+        # One token at a time, so a stop string is pinned to the token that completed it.
+        for n, token_id in enumerate(text_ids, 1):
+            piece, stopped = self._stop.push(self._detokenizer.push([token_id]))
+            pieces.append(piece)
+            if stopped:
+                ids = ids[:n]
+                break
+        if not stopped and out.finished:
+            # The end of the stream: release text held for an unfinished character or a possible
+            # stop string (a stop string can still complete in that last text).
+            piece, stopped = self._stop.push(self._detokenizer.flush())
+            pieces.append(piece if stopped else piece + self._stop.flush())
+        self._num_tokens += len(ids)
+        if stopped:
+            self._finish_reason = FinishReason.STOP.value
+        elif out.finished:
+            self._finish_reason = FinishReason(out.finish_reason).value
+        return TextDelta(
+            "".join(pieces), ids, self._finish_reason is not None, self._finish_reason, self._num_tokens
+        )
