@@ -1,0 +1,125 @@
+"""The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags.
+
+It builds the same app as `serving.app` (from flags instead of the environment) and runs Hypercorn
+in-process. The server stops on SIGINT/SIGTERM, and also (exit status 1) when the model fails to
+compile, rather than staying up without ever becoming ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from quart import Quart
+
+from serving.http.options import Launch, OptionError, add_arguments, from_arguments
+from serving.http.state import ServerState
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xlserve", description="LLM serving on JAX/XLA with an OpenAI API.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="Run a server.")
+    servers = serve.add_subparsers(dest="server", metavar="SERVER")
+    api_server = servers.add_parser(
+        "api_server",
+        help="Serve a model over the OpenAI-compatible HTTP API.",
+        description="Serve a model over the OpenAI-compatible HTTP API (/v1/chat/completions, "
+        "/v1/completions, /v1/models), with Swagger UI at / and probes at /health and /v1/ready. "
+        "Every flag can also be given to `hypercorn serving.app:app` as an XLSERVE_* environment variable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(api_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve" or args.server != "api_server":
+        parser.print_help()
+        return 2
+    try:
+        launch = from_arguments(args)
+    except OptionError as error:
+        parser.error(str(error))
+    logging.basicConfig(level=launch.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imported after the flags are checked: `-h` and flag errors answer without loading JAX.
+    from serving.engine.engine import Engine
+    from serving.http.factory import create_app
+
+    print(
+        f"xlserve: loading {launch.model_path or 'the built-in demo model'} ...", file=sys.stderr, flush=True
+    )
+    try:
+        engine = Engine.from_pretrained(launch.model_path, launch.engine_config)
+    except (OSError, ValueError) as error:
+        print(f"xlserve: error: cannot load the model: {error}", file=sys.stderr)
+        return 1
+    app = create_app(engine, launch.settings)
+    return asyncio.run(serve(app, launch))
+
+
+async def serve(
+    app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None
+) -> int:
+    """Run Hypercorn until a signal (or `shutdown_trigger`, for callers off the main thread) or a
+    failed start; 1 if the engine failed to start, else 0."""
+    state: ServerState = app.extensions["xlserve"]
+    stop = asyncio.Event()
+    if shutdown_trigger is None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+    else:
+        asyncio.get_running_loop().create_task(_set_after(shutdown_trigger, stop))
+    config = HypercornConfig()
+    host = f"[{launch.host}]" if ":" in launch.host else launch.host
+    config.bind = [f"{host}:{launch.port}"]
+    config.loglevel = launch.log_level
+    if launch.log_level in ("INFO", "DEBUG"):
+        config.accesslog = "-"
+    watcher = asyncio.get_running_loop().create_task(_announce(state, f"http://{host}:{launch.port}", stop))
+    try:
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
+    finally:
+        watcher.cancel()
+    return 1 if state.load_error is not None else 0
+
+
+async def _set_after(trigger: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+    await trigger()
+    stop.set()
+
+
+async def _announce(state: ServerState, url: str, stop: asyncio.Event) -> None:
+    """Say when the server is ready (or why it is not, then stop it)."""
+    began = time.monotonic()
+    with contextlib.suppress(asyncio.CancelledError):
+        # Polled rather than waited on a thread: a pending wait would hold up the exit on Ctrl-C.
+        while not state.settled.is_set():
+            await asyncio.sleep(0.2)
+        if state.load_error is not None:
+            print(
+                f"xlserve: error: the engine failed to start: {state.load_error}", file=sys.stderr, flush=True
+            )
+            stop.set()
+            return
+        print(
+            f"xlserve: {state.settings.model_name} ready after {time.monotonic() - began:.1f}s: "
+            f"OpenAI API at {url}/v1, Swagger UI at {url}/",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""API keys: one before-request hook in front of every route, deny by default.
+
+Only the probes stay open (an orchestrator's probe should not carry a secret, and they reveal
+nothing). Keys are compared as SHA-256 digests in constant time, so neither a key's length nor
+its prefix leaks through timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+
+from quart import Quart, request
+
+from serving.http.errors import APIError
+
+OPEN_PATHS = frozenset({"/health", "/v1/ready"})
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def install_api_keys(app: Quart, api_keys: Iterable[str]) -> None:
+    digests = [_digest(key) for key in api_keys]
+    if not digests:
+        return
+
+    @app.before_request
+    async def require_api_key() -> None:
+        # CORS preflights carry no credentials by design.
+        if request.method == "OPTIONS" or request.path in OPEN_PATHS:
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        presented = _digest(token.strip())
+        # Compare against every key, not stopping at a match, so timing says nothing about which.
+        matched = False
+        for digest in digests:
+            matched |= hmac.compare_digest(presented, digest)
+        if scheme.lower() != "bearer" or not matched:
+            raise APIError(
+                401,
+                "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                code="invalid_api_key",
+            )

@@ -1,0 +1,111 @@
+"""POST /v1/completions: raw prompts (no chat template), `n` choices for each."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+from quart import Blueprint, Response
+from quart_schema import document_request, document_response
+
+from serving.engine.engine import Engine
+from serving.engine.request import EngineRequest
+from serving.http.async_engine import collect, fan_out, generate
+from serving.http.body import read_body
+from serving.http.errors import APIError
+from serving.http.params import check_context_length, generation_config
+from serving.http.prompts import completion_prompt_ids
+from serving.http.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Usage,
+)
+from serving.http.sse import sse_response
+from serving.http.state import server_state
+
+blueprint = Blueprint("completions", __name__)
+
+
+@blueprint.post("/v1/completions")
+@document_request(CompletionRequest)
+@document_response(CompletionResponse, 200)
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 503)
+async def completions() -> Response | dict[str, Any]:
+    """Create a completion.
+
+    Each prompt (a string, or token ids) gets `n` choices; prompt p's choice i has index p*n+i. With
+    `stream: true` the answer is `text/event-stream`: `data: {CompletionResponse}` chunks, an optional
+    usage chunk (`stream_options.include_usage`), then `data: [DONE]`.
+    """
+    body = await read_body(CompletionRequest)
+    state = server_state()
+    state.require_model(body.model)
+    _refuse_unsupported(body)
+    state.require_ready()
+    engine = state.engine
+    prompts = await asyncio.to_thread(completion_prompt_ids, engine.tokenizer, body.prompt)
+    config = generation_config(body, state.generation_defaults)
+    check_context_length(prompts, config.max_new_tokens, engine.max_session_len, "prompt")
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    requests = fan_out(engine, prompts, config, body.n or 1, completion_id, state.settings.max_log_len)
+    header = {"id": completion_id, "created": int(time.time()), "model": body.model}
+    prompt_tokens = sum(len(p) for p in prompts)
+    if body.stream:
+        return sse_response(_chunks(engine, requests, header, prompt_tokens, body.include_usage))
+    results = await collect(engine, requests)
+    completion_tokens = sum(r.num_completion_tokens for r in results)
+    return CompletionResponse(
+        **header,
+        choices=[
+            CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
+            for i, r in enumerate(results)
+        ],
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    ).model_dump()
+
+
+def _refuse_unsupported(body: CompletionRequest) -> None:
+    """Fields a client relies on the answer reflecting: refuse rather than silently ignore them."""
+    if body.echo:
+        raise APIError(400, "echo is not supported by this server", param="echo")
+    if body.suffix:
+        raise APIError(400, "suffix is not supported by this server", param="suffix")
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise APIError(400, "best_of is not supported; leave it out or set it equal to n", param="best_of")
+
+
+async def _chunks(
+    engine: Engine,
+    requests: Sequence[EngineRequest],
+    header: dict[str, Any],
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncGenerator[dict[str, Any], None]:
+    exclude = None if include_usage else {"usage"}
+    completion_tokens = [0] * len(requests)
+    async with aclosing(generate(engine, requests)) as deltas:
+        async for index, delta in deltas:
+            completion_tokens[index] = delta.num_completion_tokens
+            if delta.text or delta.finished:
+                choice = CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)
+                yield CompletionResponse(**header, choices=[choice]).model_dump(exclude=exclude)
+    if include_usage:
+        total = sum(completion_tokens)
+        usage = Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total
+        )
+        yield CompletionResponse(**header, choices=[], usage=usage).model_dump()

@@ -1,0 +1,94 @@
+"""Every error the server sends, in OpenAI's envelope: `{"error": {message, type, param, code}}`.
+
+Clients (the openai SDK, LangChain, Open WebUI) parse this body to show the reason, so no route may
+answer a bare HTML page or a `{"detail": ...}`. Routes raise `APIError`; everything else that escapes a
+handler (werkzeug's HTTP errors such as 405/413, the engine's `InvalidRequestError`, bugs) is turned
+into the same envelope by the handlers `install_error_handlers` registers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Quart, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from serving.engine.request import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+# The engine names options like LMDeploy; a client only knows the OpenAI field it sent.
+_OPENAI_PARAM_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "random_seed": "seed",
+    "stop_words": "stop",
+    "prompt_token_ids": "prompt",
+}
+
+
+class APIError(Exception):
+    """An error answer: HTTP status plus OpenAI's error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or error_type(status)
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> Response:
+        response = jsonify(self.body())
+        response.status_code = self.status
+        if self.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+
+def error_type(status: int) -> str:
+    """OpenAI's `type` for a status (a bad API key too is an `invalid_request_error` there)."""
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def from_invalid_request(error: InvalidRequestError) -> APIError:
+    """The engine refused a request's options: a 400 naming the OpenAI field."""
+    param = _OPENAI_PARAM_NAMES.get(error.param or "", error.param)
+    return APIError(400, error.message, param=param, code=error.code)
+
+
+def install_error_handlers(app: Quart) -> None:
+    @app.errorhandler(APIError)
+    async def api_error(error: APIError) -> Response:
+        return error.response()
+
+    @app.errorhandler(InvalidRequestError)
+    async def invalid_request(error: InvalidRequestError) -> Response:
+        return from_invalid_request(error).response()
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        response = APIError(status, error.description or error.name, code=code).response()
+        # 405 must say which methods are allowed; werkzeug put them on its own response.
+        allowed = getattr(error, "valid_methods", None)
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        logger.exception("unhandled error while serving a request")
+        return APIError(500, f"internal server error: {type(error).__name__}: {error}").response()

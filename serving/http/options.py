@@ -1,0 +1,356 @@
+"""The server's options, declared once and read from either command-line flags or the environment.
+
+`xlserve serve api_server` reads flags (LMDeploy's names); `hypercorn serving.app:app` reads
+`XLSERVE_*` variables named after the same flags (`--session-len` is `XLSERVE_SESSION_LEN`, the model
+is `XLSERVE_MODEL`). Both end in one `Launch`, so the two ways to start a server cannot drift apart.
+Engine options left unset keep `EngineConfig`'s defaults (which depend on the platform's bucket preset),
+so the engine stays the single owner of those defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from configs.demo import DEMO_MODEL_NAME
+from serving.engine.config import EngineConfig
+from serving.http.settings import DEFAULT_MAX_REQUEST_BYTES, ServerSettings
+
+MODEL_ENV = "XLSERVE_MODEL"
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+Target = Literal["engine", "server", "cli", "refused"]
+
+
+class OptionError(ValueError):
+    """A flag or variable the server cannot start with; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    target: Target  # engine: an EngineConfig field; server: a ServerSettings field; cli: the CLI's own
+    field: str  # the field (or CLI attribute) the value goes to
+    help: str
+    type: Callable[[str], Any] = str
+    default: Any = None  # for cli options; engine and server defaults live in their dataclasses
+    choices: tuple[str, ...] | None = None
+    kind: Literal["value", "switch", "list"] = "value"
+
+    @property
+    def env(self) -> str:
+        return "XLSERVE_" + self.flag.removeprefix("--").upper().replace("-", "_")
+
+
+def _engine_default(field: str) -> Any:
+    return next(f.default for f in dataclasses.fields(EngineConfig) if f.name == field)
+
+
+OPTIONS: tuple[Option, ...] = (
+    # ---- server ----
+    Option("--server-name", "cli", "server_name", "Host to listen on.", default="0.0.0.0"),
+    Option("--server-port", "cli", "server_port", "Port to listen on.", type=int, default=23333),
+    Option(
+        "--model-name",
+        "server",
+        "model_name",
+        f"Name clients use as `model` (default: the model path as given; {DEMO_MODEL_NAME} for the demo).",
+    ),
+    Option(
+        "--api-keys",
+        "server",
+        "api_keys",
+        "Accepted API keys: clients send `Authorization: Bearer KEY`. None given: no authentication. "
+        "The environment form (XLSERVE_API_KEYS, comma-separated) keeps keys out of the process list.",
+        kind="list",
+    ),
+    Option(
+        "--allow-origins",
+        "server",
+        "allow_origins",
+        "Origins allowed by CORS (e.g. http://localhost:3000, or *). None given: CORS is off.",
+        kind="list",
+    ),
+    Option(
+        "--allow-credentials",
+        "server",
+        "allow_credentials",
+        "Allow credentials in CORS requests.",
+        kind="switch",
+    ),
+    Option(
+        "--allow-methods", "server", "allow_methods", "Methods allowed by CORS (default: *).", kind="list"
+    ),
+    Option(
+        "--allow-headers", "server", "allow_headers", "Headers allowed by CORS (default: *).", kind="list"
+    ),
+    Option(
+        "--chat-template",
+        "server",
+        "chat_template",
+        "A Jinja chat template file replacing the tokenizer's own (e.g. for a checkpoint that has none).",
+    ),
+    Option("--log-level", "cli", "log_level", "Log level.", default="WARNING", choices=LOG_LEVELS),
+    Option(
+        "--max-log-len",
+        "server",
+        "max_log_len",
+        "Most prompt characters written to the INFO log per request (default: all).",
+        type=int,
+    ),
+    Option(
+        "--max-request-bytes",
+        "server",
+        "max_request_bytes",
+        f"Largest request body accepted; larger ones get 413 (default: {DEFAULT_MAX_REQUEST_BYTES}).",
+        type=int,
+    ),
+    Option(
+        "--backend", "cli", "backend", "Inference backend; xlserve has one.", default="jax", choices=("jax",)
+    ),
+    Option(
+        "--trust-remote-code",
+        "cli",
+        "trust_remote_code",
+        "Accepted for LMDeploy compatibility; xlserve never runs code shipped with a checkpoint.",
+        kind="switch",
+    ),
+    # ---- engine ----
+    Option("--tp", "engine", "tp", f"Tensor-parallel degree (default: {_engine_default('tp')}).", type=int),
+    Option(
+        "--dtype",
+        "engine",
+        "dtype",
+        "Weight and activation dtype; auto is the checkpoint's on GPU and float32 on CPU.",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    ),
+    Option(
+        "--session-len",
+        "engine",
+        "session_len",
+        "Most tokens of one sequence, prompt plus completion (default: the model's max positions).",
+        type=int,
+    ),
+    Option(
+        "--max-batch-size",
+        "engine",
+        "max_batch_size",
+        "Most sequences decoded together (default: the bucket preset's largest decode batch).",
+        type=int,
+    ),
+    Option(
+        "--cache-max-entry-count",
+        "engine",
+        "cache_max_entry_count",
+        f"Fraction of free accelerator memory for the KV cache "
+        f"(default: {_engine_default('cache_max_entry_count')}).",
+        type=float,
+    ),
+    Option(
+        "--cache-block-seq-len",
+        "engine",
+        "page_size",
+        f"Tokens per KV-cache page, a power of two (default: {_engine_default('page_size')}).",
+        type=int,
+    ),
+    Option(
+        "--num-pages",
+        "engine",
+        "num_pages",
+        "Explicit KV-cache page count; overrides --cache-max-entry-count.",
+        type=int,
+    ),
+    Option(
+        "--max-prefill-token-num",
+        "engine",
+        "max_prefill_token_num",
+        "Most prompt tokens one prefill step processes (default: the bucket preset's, 8192 on GPU).",
+        type=int,
+    ),
+    Option(
+        "--enable-prefix-caching",
+        "engine",
+        "enable_prefix_caching",
+        "Reuse the KV cache of shared prompt prefixes.",
+        kind="switch",
+    ),
+    Option(
+        "--bucket-preset",
+        "engine",
+        "preset",
+        "Shape buckets compiled at start-up: auto picks gpu or cpu by platform.",
+        choices=("auto", "gpu", "cpu", "test"),
+    ),
+    Option(
+        "--decode-batch-buckets",
+        "engine",
+        "decode_batch_buckets",
+        "Decode batch sizes to compile (overrides the preset).",
+        type=int,
+        kind="list",
+    ),
+    Option(
+        "--prefill-row-buckets",
+        "engine",
+        "prefill_row_buckets",
+        "Prefill row counts to compile (overrides the preset).",
+        type=int,
+        kind="list",
+    ),
+    Option(
+        "--prefill-token-buckets",
+        "engine",
+        "prefill_token_buckets",
+        "Prefill chunk lengths to compile (overrides the preset).",
+        type=int,
+        kind="list",
+    ),
+    Option(
+        "--attention-backend",
+        "engine",
+        "attention_backend",
+        f"Attention kernels (default: {_engine_default('attention_backend')}).",
+        choices=("xla", "pallas"),
+    ),
+    Option(
+        "--engine-seed",
+        "engine",
+        "seed",
+        f"Base seed for requests that bring none (default: {_engine_default('seed')}).",
+        type=int,
+    ),
+    # ---- refused: each would need the network or a part not built yet ----
+    Option(
+        "--revision",
+        "refused",
+        "revision",
+        "Refused: xlserve cannot download from a model hub; download the revision yourself and pass its "
+        "directory.",
+    ),
+    Option(
+        "--download-dir",
+        "refused",
+        "download_dir",
+        "Refused: xlserve cannot download from a model hub; pass a local checkpoint directory.",
+    ),
+    Option("--proxy-url", "refused", "proxy_url", "Refused for now: the proxy is not part of this release."),
+)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything needed to start a server: the model, the engine's options, the app's and the socket's."""
+
+    model_path: str | None
+    engine_config: EngineConfig
+    settings: ServerSettings
+    host: str = "0.0.0.0"
+    port: int = 23333
+    log_level: str = "WARNING"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model_path",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="A local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer). "
+        "Omitted: the built-in demo model.",
+    )
+    for option in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": option.field, "help": option.help, "default": option.default}
+        if option.kind == "switch":
+            kwargs["action"] = "store_true"
+            kwargs["default"] = None if option.target != "cli" else False
+        else:
+            kwargs["type"] = option.type
+            if option.choices:
+                kwargs["choices"] = option.choices
+            if option.kind == "list":
+                kwargs["nargs"] = "*" if option.field == "api_keys" else "+"
+            kwargs["metavar"] = option.field.upper()
+        parser.add_argument(option.flag, **kwargs)
+
+
+def from_arguments(namespace: argparse.Namespace) -> Launch:
+    values = {o.field: getattr(namespace, o.field) for o in OPTIONS}
+    return _resolve(namespace.model_path, values, source=lambda o: o.flag)
+
+
+def from_environment(environ: Mapping[str, str] = os.environ) -> Launch:
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = environ.get(option.env)
+        values[option.field] = option.default if raw is None else _parse_env(option, raw)
+    return _resolve(environ.get(MODEL_ENV) or None, values, source=lambda o: o.env)
+
+
+def _parse_env(option: Option, raw: str) -> Any:
+    try:
+        if option.kind == "switch":
+            word = raw.strip().lower()
+            if word not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                raise ValueError(f"expected true or false, got {raw!r}")
+            return word in ("1", "true", "yes", "on")
+        if option.kind == "list":
+            return [option.type(item) for item in raw.replace(",", " ").split()]
+        value = option.type(raw)
+    except ValueError as error:
+        raise OptionError(f"{option.env}: {error}") from error
+    if option.choices and value not in option.choices:
+        raise OptionError(f"{option.env} must be one of {', '.join(option.choices)}, got {value!r}")
+    return value
+
+
+def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[Option], str]) -> Launch:
+    for option in OPTIONS:
+        if option.target == "refused" and values[option.field] is not None:
+            raise OptionError(f"{source(option)}: {option.help}")
+    if model_path is not None and not os.path.isdir(model_path):
+        raise OptionError(
+            f"model path {model_path!r} is not a local directory. xlserve cannot download from a model hub: "
+            "download the checkpoint (config.json, *.safetensors, tokenizer files) and pass its directory, "
+            "or pass no model to serve the built-in demo model."
+        )
+    given = {o.field: values[o.field] for o in OPTIONS if values[o.field] is not None}
+    engine_options = {o.field: given[o.field] for o in OPTIONS if o.target == "engine" and o.field in given}
+    for name in ("decode_batch_buckets", "prefill_row_buckets", "prefill_token_buckets"):
+        if name in engine_options:
+            engine_options[name] = tuple(engine_options[name])
+    try:
+        engine_config = EngineConfig.from_options(**engine_options)
+    except ValueError as error:  # InvalidRequestError names the EngineConfig field; show the flag
+        flag = next((source(o) for o in OPTIONS if o.field == getattr(error, "param", None)), None)
+        raise OptionError(f"{flag}: {error}" if flag else str(error)) from error
+    server_options = {o.field: given[o.field] for o in OPTIONS if o.target == "server" and o.field in given}
+    for name in ("api_keys", "allow_origins", "allow_methods", "allow_headers"):
+        if name in server_options:
+            server_options[name] = tuple(server_options[name])
+    if "chat_template" in server_options:
+        server_options["chat_template"] = _read_template(server_options["chat_template"], source)
+    server_options.setdefault("model_name", model_path if model_path is not None else DEMO_MODEL_NAME)
+    settings = ServerSettings(model_path=model_path, **server_options)
+    return Launch(
+        model_path,
+        engine_config,
+        settings,
+        host=values["server_name"],
+        port=values["server_port"],
+        log_level=values["log_level"],
+    )
+
+
+def _read_template(path: str, source: Callable[[Option], str]) -> str:
+    option = next(o for o in OPTIONS if o.field == "chat_template")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as error:
+        raise OptionError(
+            f"{source(option)}: cannot read the chat template file {path!r}: {error}"
+        ) from error

@@ -1,0 +1,73 @@
+"""OpenAI sampling fields → the engine's `GenerationConfig`, and the context-length check.
+
+Defaults follow OpenAI where the client left a field out, except that a checkpoint's
+generation_config.json (temperature, top_p, top_k, repetition_penalty) takes precedence, as the
+model's authors tuned those values for it (LMDeploy's `--generation-config auto`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from serving.engine.request import GenerationConfig
+from serving.http.errors import APIError
+from serving.http.protocol import SamplingFields
+
+OPENAI_DEFAULTS: dict[str, float | int] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "repetition_penalty": 1.0,
+}
+
+
+def generation_config(body: SamplingFields, model_defaults: Mapping[str, float | int]) -> GenerationConfig:
+    def pick(name: str) -> float | int:
+        value = getattr(body, name)
+        if value is not None:
+            return value
+        return model_defaults.get(name, OPENAI_DEFAULTS[name])
+
+    top_k = int(pick("top_k"))
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return GenerationConfig(
+        n=1,  # the HTTP layer fans n out into one engine request per choice
+        max_new_tokens=max_new_tokens(body),
+        min_new_tokens=body.min_new_tokens or 0,
+        do_sample=True,  # temperature 0 is what asks for greedy decoding here
+        temperature=float(pick("temperature")),
+        top_p=float(pick("top_p")),
+        top_k=0 if top_k == -1 else top_k,  # -1 is vLLM's spelling of "off"
+        min_p=body.min_p or 0.0,
+        repetition_penalty=float(pick("repetition_penalty")),
+        random_seed=body.seed,
+        ignore_eos=bool(body.ignore_eos),
+        stop_words=stop or None,
+        stop_token_ids=body.stop_token_ids or None,
+        skip_special_tokens=body.skip_special_tokens is not False,
+        spaces_between_special_tokens=body.spaces_between_special_tokens is not False,
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
+    )
+
+
+def max_new_tokens(body: SamplingFields) -> int | None:
+    """`max_completion_tokens` (the newer name) over `max_tokens`; None runs up to the session length."""
+    return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+
+
+def check_context_length(
+    prompts: Sequence[list[int]], requested: int | None, session_len: int, param: str
+) -> None:
+    """Refuse, as OpenAI does, a prompt that leaves no room or a completion that could not fit."""
+    for prompt_ids in prompts:
+        completion = requested if requested is not None else 1
+        if len(prompt_ids) + completion > session_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {session_len} tokens. However, you requested "
+                f"{len(prompt_ids) + completion} tokens ({len(prompt_ids)} in the {param}, "
+                f"{completion if requested is not None else 'at least 1'} in the completion). "
+                f"Please reduce the length of the {param} or of the completion.",
+                param=param if len(prompt_ids) >= session_len else "max_tokens",
+                code="context_length_exceeded",
+            )

@@ -1,0 +1,65 @@
+"""Requests → prompt token ids: chat messages through the chat template, completion prompts as given.
+
+Runs on a worker thread (templates and tokenizers are CPU-bound and a long prompt would stall every
+stream on the event loop). A template that refuses the conversation (e.g. "roles must alternate")
+is the client's 400, not a server error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+from serving.http.errors import APIError
+from serving.http.protocol import ChatMessage
+from serving.text.tokenizer import Tokenizer
+
+# apply_chat_template's own arguments; chat_template_kwargs may not override them.
+_RESERVED_TEMPLATE_ARGS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"}
+)
+
+
+def chat_prompt_ids(
+    tokenizer: Tokenizer,
+    messages: list[ChatMessage],
+    template_kwargs: dict[str, Any] | None,
+    chat_template: str | None,
+) -> list[int]:
+    kwargs = dict(template_kwargs or {})
+    clashing = sorted(_RESERVED_TEMPLATE_ARGS & kwargs.keys())
+    if clashing:
+        raise APIError(
+            400, f"chat_template_kwargs may not set {', '.join(clashing)}", param="chat_template_kwargs"
+        )
+    if chat_template is not None:
+        kwargs["chat_template"] = chat_template
+    try:
+        text = tokenizer.apply_chat_template([_template_message(m) for m in messages], **kwargs)
+    except (jinja2.TemplateError, ValueError) as error:
+        raise APIError(400, f"the chat template refused these messages: {error}", param="messages") from error
+    # The template writes the BOS and other special tokens itself.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    # Chat templates know system/user/assistant/tool; OpenAI's newer "developer" role is a system prompt.
+    result: dict[str, Any] = {
+        "role": "system" if message.role == "developer" else message.role,
+        "content": message.text() or "",
+    }
+    for name in ("name", "tool_call_id", "tool_calls"):
+        value = getattr(message, name)
+        if value is not None:
+            result[name] = value
+    return result
+
+
+def completion_prompt_ids(
+    tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[list[int]]:
+    """One token-id list per prompt: strings are encoded with the tokenizer's BOS, ids used as given."""
+    # A string or a flat id list is one prompt; a list of strings or of id lists is several.
+    prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]

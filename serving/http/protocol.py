@@ -1,0 +1,273 @@
+"""The OpenAI wire format: request and response bodies as pydantic models.
+
+Requests are validated strictly (a string where a number belongs is a 400, as OpenAI answers) but
+unknown fields are ignored, because clients such as LangChain and the openai SDK send fields this
+server has no use for (`user`, `parallel_tool_calls`, ...). Optional fields also accept `null`, which
+several clients send instead of leaving a field out. The same models are the OpenAPI schemas.
+
+Fields that are a union of JSON shapes (`prompt`, `stop`, message `content`) pick their branch by the
+value's JSON type, so an error names only the shape the client meant; `UNION_TAGS` lists the branch
+names pydantic puts in an error's location, which the error formatter leaves out.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Tag,
+    field_validator,
+    model_serializer,
+)
+
+from serving.engine.request import MAX_SEED
+
+MAX_N = 128  # OpenAI's own bound on `n`; each choice is one engine request
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; stop-string matching costs per emitted character, so bound it
+MAX_STOP_LENGTH = 256
+
+UNION_TAGS = frozenset({"string", "strings", "tokens", "token_lists", "parts"})
+
+
+def _json_shape(value: Any) -> str:
+    """The branch of a str / list[str] / list[int] / list[list[int]] union a JSON value belongs to."""
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list) and value:
+        if isinstance(value[0], int) and not isinstance(value[0], bool):
+            return "tokens"
+        if isinstance(value[0], list):
+            return "token_lists"
+    return "strings"
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = Field(None, description="Send a last chunk with `usage` and no choices.")
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+Stop = Annotated[
+    Annotated[StopString, Tag("string")]
+    | Annotated[list[StopString], Tag("strings"), Field(max_length=MAX_STOP_STRINGS)],
+    Discriminator(lambda v: "string" if isinstance(v, str) else "strings"),
+]
+
+
+class SamplingFields(_Request):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str = Field(description="The served model name, as listed by GET /v1/models.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens to generate; null means up to the session length."
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, description="Same as `max_tokens` (newer name).")
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="0 is greedy; null takes the model's generation_config default, else 1."
+    )
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1 switch top-k off.")
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    n: int | None = Field(None, ge=1, le=MAX_N, description="Choices to generate for each prompt.")
+    stop: Stop | None = Field(None, description="Strings that end the generation (not included in the text).")
+    stop_token_ids: list[int] | None = Field(None, description="Token ids that end the generation.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Choice i samples with seed + i.")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = False
+    min_new_tokens: int | None = Field(None, ge=0, description="Tokens to generate before EOS may end.")
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
+    user: str | None = Field(None, description="Accepted and ignored.")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(_Request):
+    type: str = Field(description="Only `text` is supported.")
+    text: str = ""
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(
+                f"content parts of type {value!r} are not supported; this server reads text only"
+            )
+        return value
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: (
+        Annotated[
+            Annotated[str, Tag("string")] | Annotated[list[TextPart], Tag("parts")],
+            Discriminator(lambda v: "string" if isinstance(v, str) else "parts"),
+        ]
+        | None
+    ) = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def text(self) -> str | None:
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra variables for the chat template, e.g. `enable_thinking`."
+    )
+    logprobs: bool | None = Field(None, description="Not supported: only false or null.")
+    top_logprobs: int | None = Field(None, description="Not supported: only 0 or null.")
+
+
+PromptField = Annotated[
+    Annotated[str, Tag("string")]
+    | Annotated[list[str], Tag("strings"), Field(min_length=1)]
+    | Annotated[list[Annotated[int, Field(ge=0)]], Tag("tokens")]
+    | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Tag("token_lists")],
+    Discriminator(_json_shape),
+]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptField = Field(
+        description="A string, a list of strings, a list of token ids, or a list of token-id lists; "
+        "each prompt gets `n` choices."
+    )
+    echo: bool | None = Field(None, description="Not supported: only false or null.")
+    suffix: str | None = Field(None, description="Not supported: only null or empty.")
+    logprobs: int | None = Field(None, description="Not supported: only 0 or null.")
+    best_of: int | None = Field(None, description="Only null or equal to `n`.")
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    """A streamed piece of a message; fields that did not change are left out, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    # No return annotation: pydantic would document it as the schema instead of ChatDelta's fields.
+    @model_serializer(mode="wrap")
+    def _leave_out_unchanged(self, handler: SerializerFunctionWrapHandler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, description="Present (null until the last chunk) with include_usage.")
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = Field(description="null in stream chunks until the choice ends.")
+
+
+class CompletionResponse(BaseModel):
+    """Both the whole answer and each stream chunk (OpenAI uses one shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "xlserve"
+    root: str | None = Field(None, description="The checkpoint directory (null for the demo model).")
+    max_model_len: int | None = Field(None, description="The session length: prompt plus completion.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model: str

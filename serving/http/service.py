@@ -1,0 +1,51 @@
+"""Probes and discovery: GET /health (liveness), GET /v1/ready (readiness), GET /v1/models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint
+from quart_schema import document_response
+
+from serving.http.errors import APIError
+from serving.http.protocol import ErrorResponse, Health, ModelCard, ModelList, Readiness
+from serving.http.state import server_state
+
+blueprint = Blueprint("service", __name__)
+
+
+@blueprint.get("/health")
+@document_response(Health, 200)
+@document_response(ErrorResponse, 503)
+async def health() -> dict[str, Any]:
+    """Liveness: 200 while the process can serve or is still loading; 503 once the engine has failed."""
+    state = server_state()
+    if not state.healthy:
+        raise APIError(
+            503, f"the engine is down: {state.load_error or 'its thread has stopped'}", code="engine_stopped"
+        )
+    return Health().model_dump()
+
+
+@blueprint.get("/v1/ready")
+@document_response(Readiness, 200)
+@document_response(ErrorResponse, 503)
+async def ready() -> dict[str, Any]:
+    """Readiness: 200 once the model is loaded and every bucket compiled; 503 before (and after a failure)."""
+    state = server_state()
+    state.require_ready()
+    return Readiness(ready=True, model=state.settings.model_name).model_dump()
+
+
+@blueprint.get("/v1/models")
+@document_response(ModelList, 200)
+async def models() -> dict[str, Any]:
+    """The served model (OpenAI's list shape), with its session length."""
+    state = server_state()
+    card = ModelCard(
+        id=state.settings.model_name,
+        created=state.created,
+        root=state.settings.model_path,
+        max_model_len=state.engine.max_session_len,
+    )
+    return ModelList(data=[card]).model_dump()
