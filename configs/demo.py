@@ -2,9 +2,9 @@
 
 `xlserve serve` with no model path serves this, so the server, the API and the benchmarks can be tried
 with no download. It is a real Hugging Face checkpoint directory (config.json, model.safetensors,
-tokenizer.json with a ChatML chat template), produced bit for bit the same way every time from numpy
-with a fixed seed and the `tokenizers` library, without torch. Its weights are random: the text it
-generates is gibberish.
+tokenizer.json with a ChatML chat template), built from numpy with a fixed seed and the `tokenizers`
+library, without torch, to the same bytes every time (for given numpy and tokenizers versions). Its
+weights are random: the text it generates is gibberish.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,8 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Words given merge rules, so common English takes fewer tokens than one per byte. Any text still
-# encodes (every byte has a token); this only makes the demo's token counts look like a real model's.
+# Words the BPE merges are learned on, so common English takes fewer tokens than one per byte. Any
+# text still encodes (every byte has a token); this only makes the demo's token counts look real.
 MERGE_WORDS = (
     "the be to of and a in that have it for not on with he as you do at this but his by from they we "
     "say her she or an will my one all would there their what so up out if about who get which go me "
@@ -157,26 +158,47 @@ def write_demo_checkpoint(directory: str | Path) -> None:
 
 
 def build_tokenizer() -> RustTokenizer:
-    """A byte-level BPE tokenizer: one token per byte, merges for `MERGE_WORDS`, then the specials."""
+    """A byte-level BPE tokenizer: one token per byte, merges learned on `MERGE_WORDS`, the specials."""
     byte_chars = _bytes_to_unicode()
     vocab = {byte_chars[b]: b for b in range(256)}
-    merges: list[tuple[str, str]] = []
-    for word in MERGE_WORDS:
-        for spelled in (word, " " + word):
-            chars = "".join(byte_chars[b] for b in spelled.encode("utf-8"))
-            # Build each word left to right; each merge's result names exactly one pair.
-            merged = chars[0]
-            for char in chars[1:]:
-                if merged + char not in vocab:
-                    vocab[merged + char] = len(vocab)
-                    merges.append((merged, char))
-                merged += char
+    spellings = [spelled for word in MERGE_WORDS for spelled in (word, " " + word)]
+    merges = _learn_merges(["".join(byte_chars[b] for b in spelled.encode("utf-8")) for spelled in spellings])
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
     tokenizer = RustTokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tokenizer
+
+
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Plain BPE training, run until every word is one symbol, so each word encodes to a single token.
+
+    Ties between equally frequent pairs go to the smallest pair, which keeps the result deterministic.
+    """
+    corpus = [list(word) for word in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(pair for symbols in corpus for pair in zip(symbols, symbols[1:], strict=False))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        corpus = [_merge_pair(symbols, best) for symbols in corpus]
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
 
 
 def random_weights(vocab_size: int) -> dict[str, np.ndarray]:

@@ -32,7 +32,10 @@ class IncrementalDetokenizer:
 
     `push(ids)` returns only text that is final; `flush()` returns whatever is left at the end
     (including a U+FFFD for bytes that never formed a character, as a one-shot decode would).
-    The pieces joined equal `tokenizer.decode(prompt + generated)` minus the prompt's own text.
+    For valid UTF-8 the pieces joined equal `tokenizer.decode(prompt + generated)` minus the prompt's
+    own text. (Invalid bytes mid-stream come out as U+FFFDs, but not always as many as a one-shot
+    decode shows: a byte-fallback decoder replaces a whole run of bytes when any of it is invalid,
+    which only a decoder that waits for the end of the run could reproduce.)
 
     `spaces_between_special_tokens` is accepted for LMDeploy/vLLM compatibility; it only ever changed
     the output of slow (pure Python) tokenizers, and `Tokenizer` always wraps a fast one, whose
@@ -50,9 +53,15 @@ class IncrementalDetokenizer:
         # Skipped special tokens produce no text, and the decoder drops them before it runs, so
         # dropping them here gives the same text while keeping long runs of them out of the window.
         self._skip_ids = tokenizer.all_special_ids if skip_special_tokens else frozenset()
-        self._ids = [i for i in prompt_ids if i not in self._skip_ids]
-        self._read = len(self._ids)
-        self._prefix = max(self._read - PROMPT_CONTEXT_TOKENS, 0)
+        # Only the prompt's last few tokens matter, as context for the first generated ones.
+        context: list[int] = []
+        for token_id in reversed(prompt_ids):
+            if len(context) == PROMPT_CONTEXT_TOKENS:
+                break
+            if token_id not in self._skip_ids:
+                context.append(token_id)
+        self._ids = context[::-1]
+        self._prefix, self._read = 0, len(self._ids)
         self._prefix_text = self._decode(self._prefix, self._read)
         # The context must not begin inside a character: a byte-fallback decoder turns a whole run of
         # byte tokens into U+FFFDs when any of it is invalid, which would spoil the generated text too.

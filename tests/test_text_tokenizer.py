@@ -1,0 +1,80 @@
+"""Tokenizer wrapper: local loading, special ids, and chat templates rendered exactly as transformers does."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from serving.text.tokenizer import Tokenizer
+
+LLAMA2_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "llama2-tokenizer"
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "Another, 用中文 🦜"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def llama_dir() -> Path:
+    if not LLAMA2_TOKENIZER.is_dir():
+        pytest.skip(f"the Llama 2 tokenizer is expected at {LLAMA2_TOKENIZER} (shared/ beside the repo)")
+    return LLAMA2_TOKENIZER
+
+
+def test_loads_offline_with_llama_special_ids(llama_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = Tokenizer.from_pretrained(str(llama_dir))
+    assert tok.vocab_size == 32000
+    assert tok.bos_token_id == 1
+    assert tok.eos_token_ids == frozenset({2})
+    assert tok.all_special_ids == frozenset({0, 1, 2})
+    assert tok.chat_template is not None
+
+
+def test_encode_adds_bos_and_decode_skips_it(llama_dir):
+    tok = Tokenizer.from_pretrained(str(llama_dir))
+    ids = tok.encode("Hello world")
+    assert ids[0] == 1
+    assert tok.encode("Hello world", add_special_tokens=False) == ids[1:]
+    assert tok.decode(ids) == "Hello world"
+    assert tok.decode(ids, skip_special_tokens=False) == "<s> Hello world"
+
+
+def test_only_local_directories_load(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        Tokenizer.from_pretrained("meta-llama/Llama-2-7b-hf")
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_chat_template_matches_transformers(llama_dir):
+    reference = AutoTokenizer.from_pretrained(str(llama_dir), local_files_only=True)
+    tok = Tokenizer.from_pretrained(str(llama_dir))
+    for messages in CONVERSATIONS:
+        for add_generation_prompt in (True, False):
+            expected = reference.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+            assert expected.startswith("<s>[INST] ")
+            assert tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
+
+
+def test_missing_chat_template_is_a_clear_error(llama_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # everything but chat_template.jinja
+        shutil.copy(llama_dir / name, tmp_path / name)
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    assert tok.chat_template is None
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template(CONVERSATIONS[0])
+    # A template passed in explicitly is used instead.
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    assert tok.apply_chat_template(CONVERSATIONS[0], chat_template=template) == "[user] Hello!\n"
