@@ -1,6 +1,25 @@
-"""xlserve's serving side: the offline pipeline, the engine, the text layer and the HTTP server."""
+"""xlserve's serving side: the offline pipeline, the engine, the text layer and the HTTP server.
 
-from serving.engine.request import GenerationConfig
-from serving.pipeline import Pipeline, Response, pipeline
+`pipeline`, `Pipeline`, `Response` and `GenerationConfig` are loaded on first use, so importing a
+light module such as `serving.text.stop` does not pull in JAX and the engine.
+"""
 
-__all__ = ["GenerationConfig", "Pipeline", "Response", "pipeline"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GenerationConfig": "serving.engine.request",
+    "Pipeline": "serving.offline",
+    "Response": "serving.offline",
+    "pipeline": "serving.offline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'serving' has no attribute {name!r}")

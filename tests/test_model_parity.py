@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,6 +43,11 @@ def variant(request, tmp_path_factory):
     return config, params, hf, getattr(jnp, dtype), atol
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def forward(model, params, tokens, batch, cache):
+    return model.apply({"params": params}, tokens, batch, cache)
+
+
 def run_chunk(model, params, cache, tokens, start, table):
     """Run one row of `tokens` starting at position `start`; returns (logits [T, V], cache)."""
     n = len(tokens)
@@ -49,7 +57,7 @@ def run_chunk(model, params, cache, tokens, start, table):
         kv_lens=jnp.asarray([start + n], jnp.int32),
         block_tables=jnp.asarray([table], jnp.int32),
     )
-    logits, cache = model.apply({"params": params}, jnp.asarray([tokens], jnp.int32), batch, cache)
+    logits, cache = forward(model, params, jnp.asarray([tokens], jnp.int32), batch, cache)
     return np.asarray(logits[0]), cache
 
 
