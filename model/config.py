@@ -1,0 +1,322 @@
+"""A checkpoint's `config.json` (and `generation_config.json`) as one frozen, hashable record.
+
+`ModelConfig` is a static argument of every jitted model function, so it holds only immutable values.
+Parsing is strict: a field the model would silently misread (an unknown architecture, activation or
+RoPE type, sliding-window attention) is refused here with the field named, before any weight is read.
+Custom modelling code (`auto_map`, `trust_remote_code`) is never imported or run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.rope import RopeConfig, yarn_mscale
+
+# Architectures whose checkpoints the Llama decoder runs unchanged (Mistral is Llama-shaped).
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+# Old configs without `architectures` still carry `model_type`.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+FAMILIES = frozenset(ARCHITECTURES.values())
+DTYPES = frozenset({"bfloat16", "float16", "float32"})
+ACTIVATIONS = frozenset({"silu"})
+
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+# transformers' LlamaConfig defaults for fields a config.json may leave out
+DEFAULT_RMS_NORM_EPS = 1e-6
+DEFAULT_ROPE_THETA = 10000.0
+# transformers loads a checkpoint without a dtype entry in float32
+DEFAULT_DTYPE = "float32"
+# generation_config.json keys the server takes as its sampling defaults, with their types
+GENERATION_DEFAULT_KEYS: tuple[tuple[str, type], ...] = (
+    ("temperature", float),
+    ("top_p", float),
+    ("top_k", int),
+    ("repetition_penalty", float),
+)
+
+Json = Mapping[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The shapes and options the decoder needs, plus the token ids and defaults the server needs."""
+
+    family: str = "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = DEFAULT_RMS_NORM_EPS
+    max_position_embeddings: int
+    rope: RopeConfig = RopeConfig(DEFAULT_ROPE_THETA, "default")
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    torch_dtype: str = DEFAULT_DTYPE
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"
+    generation_defaults: tuple[tuple[str, float | int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; known: {', '.join(sorted(FAMILIES))}")
+        for name in SIZE_FIELDS:
+            _check_positive_int(getattr(self, name), name)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.torch_dtype not in DTYPES:
+            raise ValueError(f"dtype {self.torch_dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+        if self.hidden_act not in ACTIVATIONS:
+            supported = ", ".join(sorted(ACTIVATIONS))
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {supported})")
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads sharing one KV head (GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> ModelConfig:
+        """Read `config.json` and, when present, `generation_config.json` from a local checkpoint folder."""
+        directory = Path(path)
+        config_file = directory / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in {directory}; is it a Hugging Face checkpoint folder?")
+        generation_file = directory / "generation_config.json"
+        generation = _read_json(generation_file) if generation_file.is_file() else None
+        return cls.from_hf_dict(_read_json(config_file), generation)
+
+    @classmethod
+    def from_hf_dict(cls, config_dict: Json, generation_config_dict: Json | None = None) -> ModelConfig:
+        """Build from the parsed `config.json` (any transformers version) and `generation_config.json`."""
+        family = _family(config_dict)
+        missing = [key for key in REQUIRED_FIELDS if config_dict.get(key) is None]
+        if missing:
+            raise ValueError(f"config.json is missing required fields: {', '.join(missing)}")
+        _refuse_sliding_window(config_dict)
+        generation = generation_config_dict or {}
+        num_heads = config_dict["num_attention_heads"]
+        return cls(
+            family=family,
+            vocab_size=config_dict["vocab_size"],
+            hidden_size=config_dict["hidden_size"],
+            intermediate_size=config_dict["intermediate_size"],
+            num_layers=config_dict["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=config_dict.get("num_key_value_heads") or num_heads,
+            head_dim=_head_dim(config_dict),
+            rms_norm_eps=_number(config_dict, "rms_norm_eps", DEFAULT_RMS_NORM_EPS),
+            max_position_embeddings=config_dict["max_position_embeddings"],
+            rope=rope_from_hf(config_dict),
+            tie_word_embeddings=_flag(config_dict, "tie_word_embeddings"),
+            attention_bias=_flag(config_dict, "attention_bias"),
+            mlp_bias=_flag(config_dict, "mlp_bias"),
+            torch_dtype=_dtype_name(config_dict),
+            bos_token_id=_optional_token_id(config_dict.get("bos_token_id"), "bos_token_id"),
+            eos_token_ids=merge_eos_token_ids(config_dict, generation),
+            hidden_act=config_dict.get("hidden_act") or "silu",
+            generation_defaults=generation_defaults(generation),
+        )
+
+
+def rope_from_hf(config: Json) -> RopeConfig:
+    """RoPE settings from `rope_parameters` (transformers 5) or top-level `rope_theta` + `rope_scaling`
+    (with `rope_type`, or the older `type`), resolving what transformers derives from the rest."""
+    # transformers lets rope_scaling win when a config carries both
+    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"rope_scaling / rope_parameters must be an object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = _number(params, "rope_theta", _number(config, "rope_theta", DEFAULT_ROPE_THETA))
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial is not None and partial != 1:
+        raise ValueError(f"partial_rotary_factor={partial} is not supported: Llama rotates whole heads")
+    if rope_type in ("default", "linear", "dynamic"):
+        factor = 1.0 if rope_type == "default" else _required_number(params, "factor", rope_type)
+        return RopeConfig(theta, rope_type, factor=factor)
+    original = _original_max_positions(config, params)
+    if rope_type == "llama3":
+        return RopeConfig(
+            theta,
+            rope_type,
+            factor=_required_number(params, "factor", rope_type),
+            low_freq_factor=_required_number(params, "low_freq_factor", rope_type),
+            high_freq_factor=_required_number(params, "high_freq_factor", rope_type),
+            original_max_position_embeddings=original,
+        )
+    if rope_type == "yarn":
+        factor = _number(params, "factor", None)
+        if factor is None:  # transformers then infers the stretch from the two context lengths
+            factor = config["max_position_embeddings"] / original
+        return RopeConfig(
+            theta,
+            rope_type,
+            factor=factor,
+            original_max_position_embeddings=original,
+            beta_fast=_number(params, "beta_fast", None),
+            beta_slow=_number(params, "beta_slow", None),
+            attention_factor=_yarn_attention_factor(params, factor),
+            truncate=bool(params.get("truncate", True)),
+        )
+    return RopeConfig(theta, rope_type)  # refuses the unknown type by name
+
+
+def merge_eos_token_ids(config: Json, generation_config: Json) -> tuple[int, ...]:
+    """config.json's EOS ids, then generation_config.json's extra ones (Llama 3 ends turns with those)."""
+    ids = _token_ids(config.get("eos_token_id"), "config.json eos_token_id")
+    ids += _token_ids(generation_config.get("eos_token_id"), "generation_config.json eos_token_id")
+    return tuple(dict.fromkeys(ids))
+
+
+def generation_defaults(generation_config: Json) -> tuple[tuple[str, float | int], ...]:
+    """The sampling defaults the checkpoint's authors set (only those present), as (name, value) pairs."""
+    defaults: list[tuple[str, float | int]] = []
+    for key, kind in GENERATION_DEFAULT_KEYS:
+        value = generation_config.get(key)
+        if value is None:
+            continue
+        wrong_type = isinstance(value, bool) or not isinstance(value, int | float)
+        if wrong_type or (kind is int and value != int(value)):
+            raise ValueError(f"generation_config.json {key} must be a {kind.__name__}, got {value!r}")
+        defaults.append((key, kind(value)))
+    return tuple(defaults)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    return data
+
+
+def _family(config: Json) -> str:
+    architectures = config.get("architectures") or [MODEL_TYPES.get(config.get("model_type", ""), "")]
+    architecture = architectures[0]
+    if architecture not in ARCHITECTURES:
+        shown = architecture or f"model_type={config.get('model_type')!r}"
+        raise ValueError(
+            f"unsupported architecture {shown}: xlserve runs {', '.join(ARCHITECTURES)} for now "
+            "(custom modelling code is never executed)"
+        )
+    return ARCHITECTURES[architecture]
+
+
+def _refuse_sliding_window(config: Json) -> None:
+    # Mistral 7B v0.1 attends to the last 4096 tokens only; the decoder attends to all, which is
+    # only the same model while sequences stay within the window.
+    window = config.get("sliding_window")
+    if window is not None and window < config["max_position_embeddings"]:
+        raise ValueError(
+            f"sliding-window attention (sliding_window={window} < max_position_embeddings="
+            f"{config['max_position_embeddings']}) is not supported yet"
+        )
+
+
+def _head_dim(config: Json) -> int:
+    if config.get("head_dim"):
+        return config["head_dim"]
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if hidden % heads:
+        raise ValueError(f"hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})")
+    return hidden // heads
+
+
+def _dtype_name(config: Json) -> str:
+    name = config.get("dtype") or config.get("torch_dtype") or DEFAULT_DTYPE  # transformers 5 writes `dtype`
+    if not isinstance(name, str):
+        raise ValueError(f"config.json dtype must be a string, got {name!r}")
+    return name.removeprefix("torch.")
+
+
+def _original_max_positions(config: Json, params: Json) -> int:
+    # As transformers: a top-level value (Phi-3 style) wins, else the RoPE dict's, else the model's length.
+    value = (
+        config.get("original_max_position_embeddings")
+        or params.get("original_max_position_embeddings")
+        or config["max_position_embeddings"]
+    )
+    _check_positive_int(value, "original_max_position_embeddings")
+    return value
+
+
+def _yarn_attention_factor(params: Json, factor: float) -> float | None:
+    attention_factor = _number(params, "attention_factor", None)
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention_factor is None and mscale and mscale_all_dim:  # DeepSeek's form, as transformers reads it
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return attention_factor
+
+
+def _number(source: Json, key: str, default: float | None) -> float | None:
+    value = source.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _required_number(params: Json, key: str, rope_type: str) -> float:
+    value = _number(params, key, None)
+    if value is None:
+        raise ValueError(f"{rope_type} RoPE scaling needs {key!r} in rope_scaling / rope_parameters")
+    return value
+
+
+def _flag(config: Json, key: str) -> bool:
+    value = config.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _check_positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _optional_token_id(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a token id, got {value!r}")
+    return value
+
+
+def _token_ids(value: object, name: str) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else [value]
+    return tuple(token for token in (_optional_token_id(v, name) for v in values) if token is not None)

@@ -1,0 +1,375 @@
+"""Hugging Face safetensors checkpoints -> the fused parameter pytree of docs/interfaces.md, on device.
+
+Each parameter is declared once as a `ParamSpec`: the HF tensors it is built from, a free host-side
+reshape of each, and a small `fuse` function (transpose / concatenate) that runs on the device. Loading
+streams one parameter at a time: the checkpoint is memory-mapped (host memory stays about one tensor,
+however large the model), every device receives only its own slice of each raw tensor, and the
+transposes and the cast to the serving dtype run on the device, where they are cheap (on the host
+they ran at ~0.3 GB/s). The same specs give the shapes for `init_random_params`, so the two can never
+disagree about the layout.
+
+safetensors' own numpy reader cannot return bfloat16, so the (simple, documented) file format is read
+directly: an 8-byte little-endian header length, a JSON header of name -> dtype/shape/byte range, then
+the raw little-endian bytes, which numpy maps in place (bfloat16 through `ml_dtypes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from model.config import ModelConfig
+from model.rope import require_supported
+from model.sharding import Axes, make_mesh, param_shardings, sharding_for
+
+Params = dict[str, Any]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+# Buffers some older checkpoints saved although transformers recomputes them.
+IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# How many names an error message lists before it only counts the rest.
+MAX_LISTED = 20
+# Scale of random weights, as transformers' default initializer_range.
+RANDOM_INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    dtype: str  # safetensors' code: BF16, F16, F32, ...
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+
+
+@dataclass(frozen=True)
+class Source:
+    """One HF tensor feeding a parameter."""
+
+    name: str
+    shape: tuple[int, ...]  # as stored in the checkpoint
+    view: tuple[int, ...]  # a reshape of it that costs nothing on the host
+    axes: Axes  # logical axes of `view`, so each device is sent only its slice
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of the pytree: its path, its HF sources and how they combine on the device."""
+
+    path: str
+    sources: tuple[Source, ...]
+    fuse: Callable[..., jax.Array]
+
+
+# ----- fusing, on the device ---------------------------------------------------------------------------
+
+
+def _same(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _transpose(x: jax.Array) -> jax.Array:  # HF Linear [out, in] -> [in, out]
+    return x.T
+
+
+def _fuse_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """[Hkv, G, D, E], [Hkv, 1, D, E] x2 -> [E, Hkv, G + 2, D]: each KV head's queries, key, value."""
+    return jnp.concatenate([q, k, v], axis=1).transpose(3, 0, 1, 2)
+
+
+def _fuse_qkv_bias(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """[Hkv, G, D], [Hkv, 1, D] x2 -> [Hkv, G + 2, D]."""
+    return jnp.concatenate([q, k, v], axis=1)
+
+
+def _heads_first(o: jax.Array) -> jax.Array:
+    """o_proj [E, Hq, D] -> [Hq, D, E]."""
+    return o.transpose(1, 2, 0)
+
+
+def _stack_gate_up(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """[F, E] x2 -> [E, 2, F] (index 0 = gate)."""
+    return jnp.stack([gate, up]).transpose(2, 0, 1)
+
+
+def _stack(gate: jax.Array, up: jax.Array) -> jax.Array:
+    return jnp.stack([gate, up])
+
+
+@functools.cache
+def _assembler(
+    fuse: Callable[..., jax.Array], dtype: np.dtype, sharding: NamedSharding
+) -> Callable[[Sequence[jax.Array]], jax.Array]:
+    """fuse + cast as one jitted function whose output lands exactly in `sharding`.
+
+    Cached so each distinct (fuse, dtype, sharding) is built once; jit then compiles once per shape, so
+    all layers share a handful of compilations.
+    """
+    return jax.jit(lambda raw: fuse(*raw).astype(dtype), out_shardings=sharding)
+
+
+# ----- the layout --------------------------------------------------------------------------------------
+
+
+def param_specs(config: ModelConfig) -> list[ParamSpec]:
+    """Every parameter of the Llama-family layout, in checkpoint order (embedding, layers, head)."""
+    E, F, V, D = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    Hq, Hkv, G = config.num_heads, config.num_kv_heads, config.q_per_kv
+
+    def single(
+        path: str,
+        name: str,
+        shape: tuple[int, ...],
+        axes: Axes,
+        fuse: Callable[..., jax.Array] = _same,
+        view: tuple[int, ...] | None = None,
+    ) -> ParamSpec:
+        return ParamSpec(path, (Source(name, shape, view or shape, axes),), fuse)
+
+    def qkv(path: str, prefix: str, suffix: str, fuse: Callable[..., jax.Array]) -> ParamSpec:
+        # HF orders query rows by head, and query head h belongs to KV head h // G: viewing the rows as
+        # [Hkv, G, D] puts each GQA group together, and a split over KV heads is a split over rows.
+        tail, tail_axes = ((E,), ("embed",)) if suffix == "weight" else ((), ())
+        axes = ("kv_heads", None, "head_dim", *tail_axes)
+        return ParamSpec(
+            path,
+            (
+                Source(f"{prefix}.q_proj.{suffix}", (Hq * D, *tail), (Hkv, G, D, *tail), axes),
+                Source(f"{prefix}.k_proj.{suffix}", (Hkv * D, *tail), (Hkv, 1, D, *tail), axes),
+                Source(f"{prefix}.v_proj.{suffix}", (Hkv * D, *tail), (Hkv, 1, D, *tail), axes),
+            ),
+            fuse,
+        )
+
+    def gate_up(path: str, prefix: str, suffix: str, fuse: Callable[..., jax.Array]) -> ParamSpec:
+        shape, axes = ((F, E), ("ffn", "embed")) if suffix == "weight" else ((F,), ("ffn",))
+        return ParamSpec(
+            path,
+            (
+                Source(f"{prefix}.gate_proj.{suffix}", shape, shape, axes),
+                Source(f"{prefix}.up_proj.{suffix}", shape, shape, axes),
+            ),
+            fuse,
+        )
+
+    def layer(i: int) -> list[ParamSpec]:
+        hf, ours = f"model.layers.{i}", f"layers_{i}"
+        attn, mlp = f"{hf}.self_attn", f"{hf}.mlp"
+        o_axes = ("embed", "q_heads", "head_dim")
+        specs = [
+            single(f"{ours}/attn_norm/scale", f"{hf}.input_layernorm.weight", (E,), ("norm",)),
+            qkv(f"{ours}/attn/wqkv", attn, "weight", _fuse_qkv),
+            single(f"{ours}/attn/wo", f"{attn}.o_proj.weight", (E, Hq * D), o_axes, _heads_first, (E, Hq, D)),
+            single(f"{ours}/mlp_norm/scale", f"{hf}.post_attention_layernorm.weight", (E,), ("norm",)),
+            gate_up(f"{ours}/mlp/w_gate_up", mlp, "weight", _stack_gate_up),
+            single(f"{ours}/mlp/w_down", f"{mlp}.down_proj.weight", (E, F), ("embed", "ffn"), _transpose),
+        ]
+        if config.attention_bias:  # Llama biases all four projections
+            specs.append(qkv(f"{ours}/attn/bqkv", attn, "bias", _fuse_qkv_bias))
+            specs.append(single(f"{ours}/attn/bo", f"{attn}.o_proj.bias", (E,), ("embed",)))
+        if config.mlp_bias:
+            specs.append(gate_up(f"{ours}/mlp/b_gate_up", mlp, "bias", _stack))
+            specs.append(single(f"{ours}/mlp/b_down", f"{mlp}.down_proj.bias", (E,), ("embed",)))
+        return specs
+
+    specs = [single("embed/embedding", "model.embed_tokens.weight", (V, E), ("vocab_in", "embed"))]
+    for i in range(config.num_layers):
+        specs += layer(i)
+    specs.append(single("final_norm/scale", "model.norm.weight", (E,), ("norm",)))
+    if not config.tie_word_embeddings:
+        specs.append(single("lm_head/kernel", "lm_head.weight", (V, E), ("vocab", "embed"), _transpose))
+    return specs
+
+
+def param_shapes(config: ModelConfig, dtype: jax.typing.DTypeLike = jnp.float32) -> Params:
+    """The parameter pytree as `jax.ShapeDtypeStruct`s (no memory), e.g. for `param_shardings`."""
+    dtype = _float_dtype(dtype)
+
+    def shape(spec: ParamSpec) -> jax.ShapeDtypeStruct:
+        raw = [jax.ShapeDtypeStruct(source.view, dtype) for source in spec.sources]
+        return jax.eval_shape(spec.fuse, *raw)
+
+    return _nest((spec.path, shape(spec)) for spec in param_specs(config))
+
+
+# ----- loading -----------------------------------------------------------------------------------------
+
+
+def load_params(
+    path: str | os.PathLike[str], config: ModelConfig, dtype: jax.typing.DTypeLike, mesh: Mesh | None = None
+) -> Params:
+    """Read a local safetensors checkpoint into the fused layout, cast to `dtype`, placed on `mesh`
+    (one device when None). Everything is checked against `config` before the first byte is read."""
+    require_supported(config.rope)
+    dtype = _float_dtype(dtype)
+    mesh = mesh or make_mesh(1)
+    specs = param_specs(config)
+    tensors = checkpoint_tensors(path)
+    _check_tensors(tensors, specs, config)
+    shardings = _flatten(param_shardings(param_shapes(config, dtype), mesh))
+    flat = {}
+    for spec in specs:
+        raw = [
+            jax.device_put(_read(tensors[s.name]).reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
+            for s in spec.sources
+        ]
+        flat[spec.path] = _assembler(spec.fuse, dtype, shardings[spec.path])(raw)
+        # Transfers are asynchronous: without this wait every raw tensor could be in flight at once,
+        # doubling device memory; with it the extra is one parameter's raw copy.
+        flat[spec.path].block_until_ready()
+    return _nest(flat.items())
+
+
+def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint folder: `model.safetensors`, or the shards its index names."""
+    directory = Path(path)
+    if (directory / SINGLE_FILE).is_file():
+        return _read_header(directory / SINGLE_FILE)
+    index_file = directory / INDEX_FILE
+    if not index_file.is_file():
+        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+    weight_map = json.loads(index_file.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file} has no weight_map")
+    tensors: dict[str, TensorInfo] = {}
+    for file_name in sorted(set(weight_map.values())):
+        for name, info in _read_header(directory / file_name).items():
+            if name in tensors:
+                raise ValueError(
+                    f"tensor {name} is stored twice, in {tensors[name].file.name} and {file_name}"
+                )
+            tensors[name] = info
+    misplaced = [
+        name for name, file in weight_map.items() if name not in tensors or tensors[name].file.name != file
+    ]
+    if misplaced:
+        raise ValueError(
+            f"{index_file} places tensors where its files do not hold them: {_listing(misplaced)}"
+        )
+    return tensors
+
+
+def _read_header(file: Path) -> dict[str, TensorInfo]:
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file {file} is missing")
+    with open(file, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    data_start = 8 + header_size
+    return {
+        name: TensorInfo(file, entry["dtype"], tuple(entry["shape"]), data_start + entry["data_offsets"][0])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+def _read(info: TensorInfo) -> np.ndarray:
+    """The tensor as a read-only view of the mapped file: no copy until a device asks for its bytes."""
+    dtype = SAFETENSORS_DTYPES[info.dtype]
+    return np.memmap(info.file, dtype, mode="r", offset=info.offset, shape=info.shape)
+
+
+def _check_tensors(tensors: dict[str, TensorInfo], specs: list[ParamSpec], config: ModelConfig) -> None:
+    """Refuse a checkpoint that does not match `config`, listing every problem at once."""
+    expected = {source.name: source for spec in specs for source in spec.sources}
+    # A tied checkpoint may still carry lm_head.weight; transformers ignores it then, and so do we.
+    ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    present = {name for name in tensors if not IGNORED_TENSORS.search(name) and name not in ignored}
+    problems = []
+    if missing := sorted(expected.keys() - present):
+        problems.append(f"missing tensors: {_listing(missing)}")
+    if unexpected := sorted(present - expected.keys()):
+        problems.append(f"unexpected tensors: {_listing(unexpected)}")
+    for name in sorted(expected.keys() & present):
+        info, shape = tensors[name], expected[name].shape
+        if info.shape != shape:
+            problems.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
+        if info.dtype not in SAFETENSORS_DTYPES:
+            problems.append(f"{name} is {info.dtype}; only {', '.join(SAFETENSORS_DTYPES)} checkpoints load")
+    if problems:
+        raise ValueError("checkpoint does not match its config:\n  " + "\n  ".join(problems))
+
+
+# ----- random weights ------------------------------------------------------------------------------------
+
+
+def init_random_params(
+    config: ModelConfig, dtype: jax.typing.DTypeLike, seed: int, mesh: Mesh | None = None
+) -> Params:
+    """Random parameters in the loaded layout, generated on the devices already sharded (benchmarks at
+    real shapes without a download). Norm scales are 1, everything else N(0, 0.02)."""
+    require_supported(config.rope)
+    mesh = mesh or make_mesh(1)
+    shapes = param_shapes(config, dtype)
+    shardings = _flatten(param_shardings(shapes, mesh))
+    # XLA's RngBitGenerator compiles in a fraction of threefry's time; these weights need no quality.
+    keys = jax.random.split(jax.random.key(seed, impl="rbg"), len(shardings))
+    flat = {}
+    for key, (path, leaf) in zip(keys, _flatten(shapes).items(), strict=True):
+        if path.endswith("/scale"):
+            flat[path] = _ones(leaf.shape, leaf.dtype, shardings[path])()
+        else:
+            flat[path] = _normal(leaf.shape, leaf.dtype, shardings[path])(key)
+    return _nest(flat.items())
+
+
+# One compiled generator per distinct (shape, dtype, sharding): a handful, however many layers.
+@functools.cache
+def _normal(
+    shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding
+) -> Callable[[jax.Array], jax.Array]:
+    return jax.jit(lambda key: RANDOM_INIT_STD * jax.random.normal(key, shape, dtype), out_shardings=sharding)
+
+
+@functools.cache
+def _ones(shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding) -> Callable[[], jax.Array]:
+    return jax.jit(lambda: jnp.ones(shape, dtype), out_shardings=sharding)
+
+
+# ----- small helpers -------------------------------------------------------------------------------------
+
+
+def _float_dtype(dtype: jax.typing.DTypeLike) -> np.dtype:
+    resolved = jnp.dtype(dtype)
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"parameters need a floating dtype, got {resolved}")
+    return resolved
+
+
+def _nest(items: Iterable[tuple[str, Any]]) -> Params:
+    """{"a/b": x} -> {"a": {"b": x}}."""
+    tree: Params = {}
+    for path, value in items:
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Params) -> dict[str, Any]:
+    """{"a": {"b": x}} -> {"a/b": x}."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(str(entry.key) for entry in path): leaf for path, leaf in flat}
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")

@@ -1,0 +1,108 @@
+"""Where every parameter lives on the device mesh, declared once for the whole model.
+
+Each parameter path has logical axis names (what a dimension *is*); `LOGICAL_RULES` maps those to mesh
+axes (where it is split). Tensor parallelism splits attention by KV head (each device keeps whole GQA
+groups, so attention needs no communication), the MLP by its hidden dimension, and the LM head by
+vocabulary; everything else is replicated. Layer code never mentions sharding: parameters arrive placed,
+and XLA's partitioner inserts the two all-reduces per layer (after `wo` and after `w_down`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+TP_AXIS = "tp"
+
+Axes = tuple[str | None, ...]
+
+# The parameter layout of docs/interfaces.md ("Model"), keyed by its paths; `layers_{i}` is any layer.
+LOGICAL_AXES: dict[str, Axes] = {
+    "embed/embedding": ("vocab_in", "embed"),
+    "layers_{i}/attn_norm/scale": ("norm",),
+    "layers_{i}/attn/wqkv": ("embed", "kv_heads", None, "head_dim"),
+    "layers_{i}/attn/bqkv": ("kv_heads", None, "head_dim"),
+    "layers_{i}/attn/wo": ("q_heads", "head_dim", "embed"),
+    "layers_{i}/attn/bo": ("embed",),
+    "layers_{i}/mlp_norm/scale": ("norm",),
+    "layers_{i}/mlp/w_gate_up": ("embed", None, "ffn"),
+    "layers_{i}/mlp/b_gate_up": (None, "ffn"),
+    "layers_{i}/mlp/w_down": ("ffn", "embed"),
+    "layers_{i}/mlp/b_down": ("embed",),
+    "final_norm/scale": ("norm",),
+    "lm_head/kernel": ("embed", "vocab"),
+}
+
+# Logical axis -> mesh axis (None = replicated), in flax's `logical_axis_rules` format. The embedding
+# table stays whole ("vocab_in") so a token lookup is a local gather, not a collective.
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("kv_heads", TP_AXIS),
+    ("q_heads", TP_AXIS),
+    ("ffn", TP_AXIS),
+    ("vocab", TP_AXIS),
+    ("vocab_in", None),
+    ("embed", None),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+_LAYER = re.compile(r"^layers_\d+/")
+
+
+def make_mesh(tp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over the first `tp` devices, axis "tp".
+
+    Axes are `Auto` (jax now defaults to `Explicit`) so jitted layer code stays sharding-agnostic.
+    """
+    available = list(devices) if devices is not None else jax.devices()
+    if tp < 1 or tp > len(available):
+        raise ValueError(f"tp={tp} needs between 1 and {len(available)} devices (found {len(available)})")
+    return jax.make_mesh((tp,), (TP_AXIS,), (AxisType.Auto,), devices=available[:tp])
+
+
+def logical_axes(path: str) -> Axes:
+    """The logical axis names of the parameter at `path`, e.g. "layers_3/attn/wqkv"."""
+    key = _LAYER.sub("layers_{i}/", path)
+    if key not in LOGICAL_AXES:
+        raise ValueError(f"no logical axes declared for parameter {path!r} (model/sharding.py LOGICAL_AXES)")
+    return LOGICAL_AXES[key]
+
+
+def logical_to_spec(axes: Axes) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec through `LOGICAL_RULES`."""
+    rules = dict(LOGICAL_RULES)
+    unknown = [axis for axis in axes if axis is not None and axis not in rules]
+    if unknown:
+        raise ValueError(f"logical axes {unknown} have no rule in LOGICAL_RULES")
+    return PartitionSpec(*(rules[axis] if axis is not None else None for axis in axes))
+
+
+def sharding_for(path: str, shape: Sequence[int], mesh: Mesh, axes: Axes | None = None) -> NamedSharding:
+    """The NamedSharding of one array; `axes` defaults to the parameter's declared logical axes.
+
+    Refuses a split that does not divide evenly, naming what to change.
+    """
+    axes = logical_axes(path) if axes is None else axes
+    if len(axes) != len(shape):
+        raise ValueError(f"{path}: shape {tuple(shape)} does not match logical axes {axes}")
+    spec = logical_to_spec(axes)
+    for size, logical, mesh_axis in zip(shape, axes, spec, strict=True):
+        if mesh_axis is not None and size % mesh.shape[mesh_axis]:
+            what = "num_key_value_heads" if logical == "kv_heads" else f"its {logical!r} dimension"
+            parts = mesh.shape[mesh_axis]
+            raise ValueError(f"cannot shard {path}: {what} ({size}) is not divisible by {mesh_axis}={parts}")
+    return NamedSharding(mesh, spec)
+
+
+def param_shardings(params_shape_tree: Mapping[str, Any], mesh: Mesh) -> Any:
+    """A pytree of NamedSharding matching `params_shape_tree` (arrays or ShapeDtypeStructs)."""
+
+    def leaf_sharding(key_path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        path = "/".join(str(entry.key) for entry in key_path)
+        return sharding_for(path, leaf.shape, mesh)
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, params_shape_tree)

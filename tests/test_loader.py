@@ -1,0 +1,340 @@
+"""safetensors -> fused parameter pytree: every block against transformers' own tensors, and placement."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.loader import init_random_params, load_params, param_shapes
+from model.sharding import LOGICAL_AXES, logical_axes, make_mesh, param_shardings
+from tests.checkpoints import llama_checkpoint_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+
+# GQA with 2 query heads per KV head, all biases on: every fused block and its bias is exercised.
+biased = llama_checkpoint_fixture(attention_bias=True, mlp_bias=True)
+biased_sharded = llama_checkpoint_fixture(attention_bias=True, mlp_bias=True, shard_size="20KB")
+tied_bf16 = llama_checkpoint_fixture(tie_word_embeddings=True, torch_dtype="bfloat16", num_kv_heads=1)
+
+
+def hf_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint as transformers' safetensors reader sees it, in float32."""
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update({name: value.float().numpy() for name, value in load_file(file).items()})
+    return tensors
+
+
+def flat_paths(tree) -> dict[str, jax.Array]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(entry.key for entry in path): leaf for path, leaf in leaves}
+
+
+def assert_matches_hf(params, hf: dict[str, np.ndarray], config: ModelConfig) -> None:
+    """Check each fused block slice by slice against the HF tensor it came from."""
+    G, D = config.q_per_kv, config.head_dim
+    value = {path: np.asarray(leaf, np.float32) for path, leaf in flat_paths(params).items()}
+    np.testing.assert_array_equal(value["embed/embedding"], hf["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(value["final_norm/scale"], hf["model.norm.weight"])
+    if config.tie_word_embeddings:
+        assert "lm_head/kernel" not in value
+    else:
+        np.testing.assert_array_equal(value["lm_head/kernel"], hf["lm_head.weight"].T)
+    for i in range(config.num_layers):
+        ours, theirs = f"layers_{i}", f"model.layers.{i}"
+        attn, mlp = f"{theirs}.self_attn", f"{theirs}.mlp"
+        np.testing.assert_array_equal(
+            value[f"{ours}/attn_norm/scale"], hf[f"{theirs}.input_layernorm.weight"]
+        )
+        np.testing.assert_array_equal(
+            value[f"{ours}/mlp_norm/scale"], hf[f"{theirs}.post_attention_layernorm.weight"]
+        )
+        wqkv, wo = value[f"{ours}/attn/wqkv"], value[f"{ours}/attn/wo"]
+        for k in range(config.num_kv_heads):
+            rows = slice(k * D, (k + 1) * D)
+            for g in range(G):
+                h = k * G + g  # HF's GQA order: query head h uses KV head h // G
+                np.testing.assert_array_equal(
+                    wqkv[:, k, g], hf[f"{attn}.q_proj.weight"][h * D : (h + 1) * D].T
+                )
+            np.testing.assert_array_equal(wqkv[:, k, G], hf[f"{attn}.k_proj.weight"][rows].T)
+            np.testing.assert_array_equal(wqkv[:, k, G + 1], hf[f"{attn}.v_proj.weight"][rows].T)
+            if config.attention_bias:
+                bqkv = value[f"{ours}/attn/bqkv"]
+                np.testing.assert_array_equal(
+                    bqkv[k, :G].ravel(), hf[f"{attn}.q_proj.bias"][k * G * D : (k + 1) * G * D]
+                )
+                np.testing.assert_array_equal(bqkv[k, G], hf[f"{attn}.k_proj.bias"][rows])
+                np.testing.assert_array_equal(bqkv[k, G + 1], hf[f"{attn}.v_proj.bias"][rows])
+        for h in range(config.num_heads):
+            np.testing.assert_array_equal(wo[h], hf[f"{attn}.o_proj.weight"][:, h * D : (h + 1) * D].T)
+        w_gate_up = value[f"{ours}/mlp/w_gate_up"]
+        np.testing.assert_array_equal(w_gate_up[:, 0], hf[f"{mlp}.gate_proj.weight"].T)
+        np.testing.assert_array_equal(w_gate_up[:, 1], hf[f"{mlp}.up_proj.weight"].T)
+        np.testing.assert_array_equal(value[f"{ours}/mlp/w_down"], hf[f"{mlp}.down_proj.weight"].T)
+        if config.attention_bias:
+            np.testing.assert_array_equal(value[f"{ours}/attn/bo"], hf[f"{attn}.o_proj.bias"])
+        if config.mlp_bias:
+            np.testing.assert_array_equal(value[f"{ours}/mlp/b_gate_up"][0], hf[f"{mlp}.gate_proj.bias"])
+            np.testing.assert_array_equal(value[f"{ours}/mlp/b_gate_up"][1], hf[f"{mlp}.up_proj.bias"])
+            np.testing.assert_array_equal(value[f"{ours}/mlp/b_down"], hf[f"{mlp}.down_proj.bias"])
+
+
+def test_fused_blocks_match_the_hf_tensors(biased):
+    config = ModelConfig.from_pretrained(biased)
+    params = load_params(biased, config, jnp.float32)
+    E, F, V, D, Hq, Hkv = 64, 96, 128, 16, 4, 2
+    shapes = {path: leaf.shape for path, leaf in flat_paths(params).items()}
+    assert shapes == {
+        "embed/embedding": (V, E),
+        "final_norm/scale": (E,),
+        "lm_head/kernel": (E, V),
+        **{
+            f"layers_{i}/{name}": shape
+            for i in range(2)
+            for name, shape in {
+                "attn_norm/scale": (E,),
+                "attn/wqkv": (E, Hkv, Hq // Hkv + 2, D),
+                "attn/bqkv": (Hkv, Hq // Hkv + 2, D),
+                "attn/wo": (Hq, D, E),
+                "attn/bo": (E,),
+                "mlp_norm/scale": (E,),
+                "mlp/w_gate_up": (E, 2, F),
+                "mlp/b_gate_up": (2, F),
+                "mlp/w_down": (F, E),
+                "mlp/b_down": (E,),
+            }.items()
+        },
+    }
+    assert_matches_hf(params, hf_tensors(biased), config)
+    assert {leaf.dtype for leaf in flat_paths(params).values()} == {jnp.dtype(jnp.float32)}
+    assert jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), param_shapes(config)) == jax.tree.map(
+        lambda leaf: (leaf.shape, leaf.dtype), params
+    )
+
+
+def test_fused_projections_compute_what_hf_computes(biased):
+    """x @ wqkv + bqkv gives HF's q/k/v projections: the fused layout is the same linear map."""
+    config = ModelConfig.from_pretrained(biased)
+    attn = load_params(biased, config, jnp.float32)["layers_1"]["attn"]
+    hf = hf_tensors(biased)
+    x = np.random.default_rng(0).standard_normal((3, config.hidden_size)).astype(np.float32)
+    qkv = np.einsum("te,ekgd->tkgd", x, attn["wqkv"]) + np.asarray(attn["bqkv"])
+    G, prefix = config.q_per_kv, "model.layers.1.self_attn"
+    for part, heads in (("q", qkv[:, :, :G]), ("k", qkv[:, :, G]), ("v", qkv[:, :, G + 1])):
+        expected = x @ hf[f"{prefix}.{part}_proj.weight"].T + hf[f"{prefix}.{part}_proj.bias"]
+        np.testing.assert_allclose(heads.reshape(3, -1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_checkpoint_loads_the_same_as_one_file(biased, biased_sharded):
+    assert (biased_sharded / "model.safetensors.index.json").is_file()
+    assert len(list(biased_sharded.glob("model-*-of-*.safetensors"))) > 2
+    config = ModelConfig.from_pretrained(biased_sharded)
+    single = flat_paths(load_params(biased, config, jnp.float32))
+    sharded = flat_paths(load_params(biased_sharded, config, jnp.float32))
+    assert single.keys() == sharded.keys()
+    for path in single:
+        np.testing.assert_array_equal(single[path], sharded[path], err_msg=path)
+
+
+def test_tied_bf16_checkpoint(tied_bf16):
+    config = ModelConfig.from_pretrained(tied_bf16)
+    assert config.tie_word_embeddings and config.torch_dtype == "bfloat16" and config.num_kv_heads == 1
+    hf = hf_tensors(tied_bf16)
+    assert "lm_head.weight" not in hf
+    params = load_params(tied_bf16, config, "bfloat16")
+    assert "lm_head" not in params
+    assert {leaf.dtype for leaf in flat_paths(params).values()} == {jnp.dtype(jnp.bfloat16)}
+    assert_matches_hf(params, hf, config)  # bit-exact: bf16 in, bf16 out
+    widened = load_params(tied_bf16, config, jnp.float32)  # cast on the device, exactly
+    assert_matches_hf(widened, hf, config)
+
+
+def test_float16_target_dtype(biased):
+    config = ModelConfig.from_pretrained(biased)
+    params = load_params(biased, config, jnp.float16)
+    expected = hf_tensors(biased)["model.layers.0.mlp.down_proj.weight"].T.astype(np.float16)
+    np.testing.assert_array_equal(params["layers_0"]["mlp"]["w_down"], expected)
+
+
+def copy_with_tensors(source: Path, destination: Path, change) -> Path:
+    """A copy of a one-file checkpoint whose tensors went through `change(dict) -> dict`."""
+    shutil.copytree(source, destination)
+    file = destination / "model.safetensors"
+    save_file(change(load_file(file)), file, metadata={"format": "pt"})
+    return destination
+
+
+def test_missing_and_unexpected_tensors_are_listed(biased, tmp_path):
+    config = ModelConfig.from_pretrained(biased)
+
+    def drop_and_add(tensors):
+        del tensors["model.layers.1.mlp.up_proj.weight"], tensors["model.norm.weight"]
+        tensors["model.layers.0.self_attn.q_norm.weight"] = tensors[
+            "model.layers.0.input_layernorm.weight"
+        ].clone()
+        return tensors
+
+    broken = copy_with_tensors(biased, tmp_path / "broken", drop_and_add)
+    with pytest.raises(ValueError) as error:
+        load_params(broken, config, jnp.float32)
+    message = str(error.value)
+    assert "missing tensors: model.layers.1.mlp.up_proj.weight, model.norm.weight" in message
+    assert "unexpected tensors: model.layers.0.self_attn.q_norm.weight" in message
+
+
+def test_stale_rotary_buffers_are_ignored(biased, tmp_path):
+    config = ModelConfig.from_pretrained(biased)
+
+    def add_inv_freq(tensors):
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = tensors["model.norm.weight"][:8].clone()
+        return tensors
+
+    old_style = copy_with_tensors(biased, tmp_path / "old", add_inv_freq)
+    assert_matches_hf(load_params(old_style, config, jnp.float32), hf_tensors(biased), config)
+
+
+def test_checkpoint_that_disagrees_with_its_config_is_refused(biased):
+    config = ModelConfig.from_pretrained(biased)
+    wider = dataclasses.replace(config, intermediate_size=128)
+    with pytest.raises(
+        ValueError, match=r"gate_proj.weight has shape \[96, 64\], config.json implies \[128, 64\]"
+    ):
+        load_params(biased, wider, jnp.float32)
+    no_bias = dataclasses.replace(config, mlp_bias=False)
+    with pytest.raises(ValueError, match="unexpected tensors: .*mlp.down_proj.bias"):
+        load_params(biased, no_bias, jnp.float32)
+
+
+def test_no_weights_and_unsupported_rope_fail_before_reading(tmp_path, biased):
+    config = ModelConfig.from_pretrained(biased)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+        load_params(tmp_path, config, jnp.float32)
+    dynamic = ModelConfig.from_hf_dict(
+        {**config_json(biased), "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}
+    )
+    with pytest.raises(ValueError, match="'dynamic' is not supported yet"):
+        load_params(tmp_path, dynamic, jnp.float32)
+    with pytest.raises(ValueError, match="floating dtype"):
+        load_params(biased, config, jnp.int8)
+
+
+def config_json(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def test_random_params_have_the_loaded_layout(biased):
+    config = ModelConfig.from_pretrained(biased)
+    loaded = load_params(biased, config, jnp.bfloat16)
+    random = init_random_params(config, jnp.bfloat16, seed=0)
+    layout = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype, leaf.sharding), tree)  # noqa: E731
+    assert layout(random) == layout(loaded)
+    assert np.all(np.asarray(random["layers_0"]["attn_norm"]["scale"], np.float32) == 1)
+    again = init_random_params(config, jnp.bfloat16, seed=0)
+    np.testing.assert_array_equal(random["layers_1"]["attn"]["wqkv"], again["layers_1"]["attn"]["wqkv"])
+    other = init_random_params(config, jnp.bfloat16, seed=1)
+    assert not np.array_equal(random["layers_1"]["attn"]["wqkv"], other["layers_1"]["attn"]["wqkv"])
+
+
+# ----- sharding ------------------------------------------------------------------------------------------
+
+EXPECTED_SPECS = {
+    "embed/embedding": P(None, None),
+    "attn_norm/scale": P(None),
+    "attn/wqkv": P(None, "tp", None, None),
+    "attn/bqkv": P("tp", None, None),
+    "attn/wo": P("tp", None, None),
+    "attn/bo": P(None),
+    "mlp_norm/scale": P(None),
+    "mlp/w_gate_up": P(None, None, "tp"),
+    "mlp/b_gate_up": P(None, "tp"),
+    "mlp/w_down": P("tp", None),
+    "mlp/b_down": P(None),
+    "final_norm/scale": P(None),
+    "lm_head/kernel": P(None, "tp"),
+}
+
+
+def test_logical_axes_cover_the_interface_table():
+    assert logical_axes("layers_17/attn/wqkv") == ("embed", "kv_heads", None, "head_dim")
+    assert logical_axes("lm_head/kernel") == ("embed", "vocab")
+    assert len(LOGICAL_AXES) == len(EXPECTED_SPECS)
+    with pytest.raises(ValueError, match="no logical axes declared for parameter 'layers_0/attn/q_norm'"):
+        logical_axes("layers_0/attn/q_norm")
+
+
+def test_param_shardings_on_one_device(biased):
+    config = ModelConfig.from_pretrained(biased)
+    shardings = flat_paths(param_shardings(param_shapes(config), make_mesh(1)))
+    for path, sharding in shardings.items():
+        assert sharding.spec == EXPECTED_SPECS[path.split("/", 1)[1] if path.startswith("layers_") else path]
+    with pytest.raises(ValueError, match="tp=2 needs between 1 and 1 devices"):
+        make_mesh(2)
+
+
+# Runs in a fresh interpreter (the CPU device count is fixed when jax starts) and reports what it sees.
+TWO_DEVICE_SCRIPT = """
+import dataclasses, json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, numpy as np
+from model.config import ModelConfig
+from model.loader import init_random_params, load_params
+from model.sharding import make_mesh
+
+def flat(tree):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(entry.key for entry in path): leaf for path, leaf in leaves}
+
+path = sys.argv[1]
+config = ModelConfig.from_pretrained(path)
+mesh = make_mesh(2)
+single = flat(load_params(path, config, "float32"))
+sharded = flat(load_params(path, config, "float32", mesh))
+randoms = flat(init_random_params(config, "float32", 0, mesh))
+report = {"devices": jax.device_count(), "params": {}}
+for name, leaf in sharded.items():
+    report["params"][name] = {
+        "shape": leaf.shape,
+        "spec": list(leaf.sharding.spec),
+        "random_spec": list(randoms[name].sharding.spec),
+        "shards": sorted((shard.device.id, shard.data.shape) for shard in leaf.addressable_shards),
+        "equal": bool(np.array_equal(np.asarray(leaf), np.asarray(single[name]))),
+    }
+try:
+    init_random_params(dataclasses.replace(config, num_kv_heads=1), "float32", 0, mesh)
+except ValueError as error:
+    report["mqa_error"] = str(error)
+print(json.dumps(report))
+"""
+
+
+def test_tensor_parallel_placement_on_two_cpu_devices(biased):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_DEVICE_SCRIPT, str(biased)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 2
+    assert len(report["params"]) == 3 + 10 * 2
+    for name, seen in report["params"].items():
+        spec = EXPECTED_SPECS[name.split("/", 1)[1] if name.startswith("layers_") else name]
+        assert seen["spec"] == list(spec) and seen["random_spec"] == list(spec), name
+        split = [n // 2 if axis == "tp" else n for n, axis in zip(seen["shape"], spec, strict=True)]
+        assert seen["shards"] == [[0, split], [1, split]], name  # each device holds exactly its half
+        assert seen["equal"], name
+    assert "num_key_value_heads (1) is not divisible by tp=2" in report["mqa_error"]
