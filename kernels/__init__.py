@@ -1,23 +1,69 @@
 """Attention kernels over the paged KV cache, behind one backend switch.
 
-`backend="xla"` is the portable reference (CPU, tests, any GPU); GPU kernels plug in beside it with
-the same signatures. Nothing here imports `model` or `serving`: a kernel is usable on its own.
+Backends (all with the signature of `paged_attention_reference`):
+    "xla"     the portable reference (CPU, tests, any GPU).
+    "pallas"  our Pallas GPU kernels (Triton lowering): T == 1 runs the split-K decode kernel, T > 1 the
+              paged prefill kernel. T is static under jit, so the choice costs nothing at run time.
+    "auto"    "pallas" when JAX's default backend is a GPU, else "xla".
+Nothing here imports `model` or `serving`: a kernel is usable on its own.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+
+import jax
 
 from kernels.paged_attention import paged_attention_reference, write_kv_pages
 
-BACKENDS = ("xla",)
+BACKENDS = ("xla", "pallas", "auto")
 
 
-def get_paged_attention(backend: str = "xla") -> Callable:
-    """The paged attention function for `backend` (see `paged_attention_reference` for the contract)."""
-    if backend == "xla":
+def paged_attention_pallas(
+    q: jax.Array,  # [B, T, Hq, D]
+    k_pages: jax.Array,  # [Hkv, P, PS, D]
+    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    block_tables: jax.Array,  # i32[B, pages_per_seq]
+    q_positions: jax.Array,  # i32[B, T]
+    kv_lens: jax.Array,  # i32[B]
+    *,
+    scale: float,
+    interpret: bool = False,
+) -> jax.Array:  # [B, T, Hq, D] in q.dtype
+    """Our Pallas kernels with the reference's contract; `interpret=True` runs them on CPU."""
+    # Imported here so `import kernels` stays light and never touches the Triton lowering on CPU hosts.
+    from kernels.pallas_decode import paged_decode_attention
+    from kernels.pallas_prefill import paged_prefill_attention
+
+    attend = paged_decode_attention if q.shape[1] == 1 else paged_prefill_attention
+    return attend(q, k_pages, v_pages, block_tables, q_positions, kv_lens, scale=scale, interpret=interpret)
+
+
+def resolve_backend(backend: str) -> str:
+    """The concrete backend ("xla" or "pallas") that `backend` stands for on this host."""
+    if backend == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def get_paged_attention(backend: str = "xla", *, interpret: bool = False) -> Callable:
+    """The paged attention function for `backend` (see `paged_attention_reference` for the contract).
+
+    interpret: run the Pallas kernels in interpret mode (CPU tests); ignored by "xla".
+    """
+    if resolve_backend(backend) == "xla":
         return paged_attention_reference
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return functools.partial(paged_attention_pallas, interpret=interpret)
 
 
-__all__ = ["BACKENDS", "get_paged_attention", "paged_attention_reference", "write_kv_pages"]
+__all__ = [
+    "BACKENDS",
+    "get_paged_attention",
+    "paged_attention_pallas",
+    "paged_attention_reference",
+    "resolve_backend",
+    "write_kv_pages",
+]

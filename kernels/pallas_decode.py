@@ -1,0 +1,238 @@
+"""Paged decode attention (one query token per row) as a Pallas kernel for GPUs (Triton lowering).
+
+Same contract as `kernels.paged_attention.paged_attention_reference` with T == 1.
+
+Work split (flash-decoding):
+    grid = (batch, num_kv_heads, k_splits). One program takes one row, one KV head and the G query
+    heads that share it (GQA: the K/V pages are read once for all G heads), and one contiguous slice of
+    that row's pages. The slice length is computed at run time from the row's own length, so every
+    row's live pages are spread over all `k_splits` programs whatever its length, and pages past the
+    length are never read (the page loop's trip count comes from the length).
+    Each program keeps an online softmax over blocks of `pages_per_block` pages and writes its partial
+    output normalised by its own denominator, plus that denominator l and its running max m (log2
+    domain). A log-sum-exp merge over the splits in plain JAX gives the result. With one split the
+    kernel writes the final output directly and no merge runs.
+
+Why the padding of query rows: Triton's `dot` needs at least 16 rows, and G is 1..8 for most models,
+so each program gathers its G query rows into `rows = max(16, next_pow2(G))` rows (the spare rows
+repeat the last head; they cost tensor-core work, not memory traffic) and stores only the first G.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# A finite "minus infinity": exp2 of (NEG_INF - NEG_INF) is 1, not NaN, so empty rows stay finite.
+NEG_INF = -1e30
+LOG2_E = math.log2(math.e)
+H100_NUM_SMS = 132
+MIN_DOT_ROWS = 16  # Triton's tl.dot needs M >= 16
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+
+def default_pages_per_block(page_size: int) -> int:
+    """Pages per compute block: about 128 tokens per step, enough loads in flight to hide latency."""
+    return max(1, 128 // page_size)
+
+
+def default_k_splits(batch: int, num_kv_heads: int, num_blocks: int, num_sms: int = H100_NUM_SMS) -> int:
+    """Splits so that batch * heads * splits is at least two programs per SM (small batches fill the
+    GPU, and the second wave evens out rows of different lengths), a power of two, and never more than
+    the compute blocks a full-length row has (an extra split could only ever be empty)."""
+    want = next_pow2(pl.cdiv(2 * num_sms, batch * num_kv_heads))
+    return max(1, min(want, 1 << (max(num_blocks, 1).bit_length() - 1)))
+
+
+def _decode_kernel(
+    q_ref,  # [G, D] the query heads of one KV head of one row
+    k_ref,  # [P, PS, D] this KV head's whole page pool
+    v_ref,  # [P, PS, D]
+    table_ref,  # i32[pps_padded] this row's block table
+    pos_ref,  # i32[1] the query's position
+    len_ref,  # i32[1] kv_lens of the row
+    o_ref,  # [G, D] this split's output (normalised by its own l)
+    *stats_refs,  # (l f32[G], m f32[G]) when k_splits > 1, else empty
+    group: int,
+    rows: int,
+    pages_per_seq: int,
+    pages_per_block: int,
+    k_splits: int,
+    scale_log2: float,
+):
+    page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
+    block_k = pages_per_block * page_size
+    split = pl.program_id(2)
+
+    # Keys this query may see: causal (0..pos) and inside the cache (< kv_len).
+    visible = jnp.minimum(len_ref[0], pos_ref[0] + 1)
+    num_pages = jnp.minimum(pl.cdiv(jnp.maximum(visible, 0), page_size), pages_per_seq)
+    # This split's page range: an equal share of the row's live pages, rounded up to whole compute
+    # blocks so a block never straddles two splits.
+    share = pl.cdiv(pl.cdiv(num_pages, k_splits), pages_per_block) * pages_per_block
+    first_page = split * share
+    end_page = jnp.minimum(first_page + share, num_pages)
+    num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
+
+    row_ids = jnp.minimum(jnp.arange(rows, dtype=jnp.int32), group - 1)  # spare rows repeat head G-1
+    q = q_ref[row_ids]  # [rows, D]
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry  # f32[rows, D], f32[rows], f32[rows]
+        page0 = first_page + i * pages_per_block
+        slot = page0 + jnp.arange(pages_per_block, dtype=jnp.int32)
+        # Slots past the live pages load page 0 (always a valid page; its keys are masked below), so a
+        # stale or out-of-range table entry is never dereferenced.
+        pages = plgpu.load(table_ref.at[pl.ds(page0, pages_per_block)], mask=slot < end_page, other=0)
+        k = k_ref[pages].reshape(block_k, head_dim)  # [block_k, D] gathered page by page
+        v = v_ref[pages].reshape(block_k, head_dim)
+        s = plgpu.dot(q, k, trans_b=True) * scale_log2  # f32[rows, block_k], log2 domain
+        key_pos = page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
+        s = jnp.where((key_pos < visible)[None, :], s, NEG_INF)
+        # Every block holds at least one visible key (it starts below end_page), so m_next is a real
+        # score and masked keys get exp2(NEG_INF - m_next) == 0.
+        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        correction = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        l_next = l_prev * correction + p.sum(axis=1)
+        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    init = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), NEG_INF, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init)
+    # An empty split (or a padding row with kv_len 0) has l == 0: write zeros, never 0/0.
+    out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+    stats = (l, m) if stats_refs else ()
+
+    if rows == group:
+        o_ref[...] = out.astype(o_ref.dtype)
+        for ref, val in zip(stats_refs, stats, strict=True):
+            ref[...] = val
+    else:
+        # Store only the G real heads. Row indices past G point outside the block, but their lanes are
+        # masked off, so nothing is written there (in interpret mode the scatter drops them).
+        store_rows = jnp.arange(rows, dtype=jnp.int32)
+        real = store_rows < group
+        cols = jnp.arange(head_dim, dtype=jnp.int32)
+        o_view = o_ref.at[store_rows[:, None], cols[None, :]]  # both axes integer-indexed: a scatter
+        plgpu.store(o_view, out.astype(o_ref.dtype), mask=real[:, None])
+        for ref, val in zip(stats_refs, stats, strict=True):
+            plgpu.store(ref.at[store_rows], val, mask=real)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "pages_per_block", "k_splits", "num_warps", "num_stages", "interpret"),
+)
+def paged_decode_attention(
+    q: jax.Array,  # [B, 1, Hq, D]
+    k_pages: jax.Array,  # [Hkv, P, PS, D]
+    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    block_tables: jax.Array,  # i32[B, pages_per_seq]
+    q_positions: jax.Array,  # i32[B, 1]
+    kv_lens: jax.Array,  # i32[B]
+    *,
+    scale: float,
+    pages_per_block: int | None = None,
+    k_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> jax.Array:  # [B, 1, Hq, D] in q.dtype
+    """Paged decode attention; `None` tunables pick the H100 defaults (see module docstring)."""
+    batch, num_q, num_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    pages_per_seq = block_tables.shape[1]
+    if num_q != 1:
+        raise ValueError(f"decode kernel takes one query token per row, got T={num_q}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}")
+    group = num_heads // num_kv_heads
+    rows = max(MIN_DOT_ROWS, next_pow2(group))
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(page_size)
+    # Loads need power-of-two sizes, and a compute block may run past the table's end: pad the table
+    # (pad slots are never dereferenced, see the kernel's masked table load).
+    if not all(is_pow2(n) for n in (pages_per_block, page_size, head_dim)):
+        raise ValueError(f"{pages_per_block=}, {page_size=} and {head_dim=} must be powers of two")
+    padded_pps = pl.cdiv(pages_per_seq, pages_per_block) * pages_per_block
+    if padded_pps != pages_per_seq:
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, padded_pps - pages_per_seq)))
+    if k_splits is None:
+        k_splits = default_k_splits(batch, num_kv_heads, padded_pps // pages_per_block)
+
+    q_grouped = q.reshape(batch, num_kv_heads, group, head_dim)  # head h*G + g -> [h, g]
+    kernel = functools.partial(
+        _decode_kernel,
+        group=group,
+        rows=rows,
+        pages_per_seq=pages_per_seq,
+        pages_per_block=pages_per_block,
+        k_splits=k_splits,
+        scale_log2=scale * LOG2_E,
+    )
+    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
+    in_specs = [
+        pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        pool_spec,
+        pool_spec,
+        pl.BlockSpec((None, padded_pps), lambda b, h, s: (b, 0)),
+        pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
+        pl.BlockSpec((1,), lambda b, h, s: (b,)),
+    ]
+    # One split: the kernel's output is final, in q.dtype. Several: f32 partials plus (l, m).
+    out_dtype = q.dtype if k_splits == 1 else jnp.float32
+    out_shape = [jax.ShapeDtypeStruct((batch, num_kv_heads, k_splits, group, head_dim), out_dtype)]
+    out_specs = [pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0))]
+    if k_splits > 1:
+        stat_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, k_splits, group), jnp.float32)
+        stat_spec = pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0))
+        out_shape += [stat_shape, stat_shape]
+        out_specs += [stat_spec, stat_spec]
+
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(batch, num_kv_heads, k_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"xlserve_paged_decode_ppb{pages_per_block}_ks{k_splits}",
+    )(q_grouped, k_pages, v_pages, block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
+      kv_lens.astype(jnp.int32))
+
+    if k_splits == 1:
+        out = outs[0][:, :, 0]  # [B, Hkv, G, D]
+    else:
+        out = merge_splits(*outs)
+    return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
+
+
+def merge_splits(
+    o: jax.Array,  # f32[B, Hkv, S, G, D] per-split outputs, each normalised by its own l
+    l: jax.Array,  # f32[B, Hkv, S, G] per-split softmax denominators
+    m: jax.Array,  # f32[B, Hkv, S, G] per-split running max (log2 domain)
+) -> jax.Array:  # f32[B, Hkv, G, D]
+    """Log-sum-exp merge of the splits: weight each split by its share l * 2^(m - max m)."""
+    weight = l * jnp.exp2(m - m.max(axis=2, keepdims=True))  # empty splits have l == 0 -> weight 0
+    total = weight.sum(axis=2)
+    out = (o * weight[..., None]).sum(axis=2)
+    return out / jnp.where(total > 0, total, 1.0)[..., None]

@@ -1,0 +1,174 @@
+"""Paged prefill attention (T > 1 query tokens per row) as a Pallas kernel for GPUs (Triton lowering).
+
+Same contract as `kernels.paged_attention.paged_attention_reference`; used for chunked prefill and
+prefix-cache hits, where a row's new tokens attend to its cached pages and to themselves (they are
+written to the pages before attention runs).
+
+Work split (flash attention over pages):
+    grid = (batch, num_kv_heads, T / block_q). One program takes `block_q` query tokens of one row and
+    the G query heads that share one KV head, i.e. `block_q * G` rows of the score matrix, so every
+    K/V block loaded serves all G heads. It walks the row's pages in blocks of `pages_per_block` pages
+    up to the block's causal limit (the largest query position + 1, capped by kv_len) with an online
+    softmax. Blocks that every query row sees in full take a loop without masks; only the last few
+    blocks near the diagonal (and the kv_len edge) pay for masking.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.pallas_decode import LOG2_E, MIN_DOT_ROWS, NEG_INF, is_pow2, next_pow2
+
+
+def _prefill_kernel(
+    q_ref,  # [block_q, G, D] block_q query tokens x the G heads of one KV head
+    k_ref,  # [P, PS, D] this KV head's whole page pool
+    v_ref,  # [P, PS, D]
+    table_ref,  # i32[pps_padded] this row's block table
+    pos_ref,  # i32[block_q] the query tokens' positions (-1 for padding tokens: they see nothing)
+    len_ref,  # i32[1] kv_lens of the row
+    o_ref,  # [block_q, G, D]
+    *,
+    pages_per_seq: int,
+    pages_per_block: int,
+    scale_log2: float,
+):
+    block_q, group, head_dim = q_ref.shape
+    page_size = k_ref.shape[1]
+    block_k = pages_per_block * page_size
+    rows = block_q * group
+
+    q = q_ref[...].reshape(rows, head_dim)  # row r = token r // G, head r % G
+    pos = pos_ref[...]
+    row_pos = jnp.broadcast_to(pos[:, None], (block_q, group)).reshape(rows)
+    kv_len = len_ref[0]
+    # Keys some row of this block sees, and keys every row sees; both capped by the cache length.
+    hi = jnp.maximum(jnp.minimum(kv_len, pos.max() + 1), 0)
+    lo = jnp.maximum(jnp.minimum(kv_len, pos.min() + 1), 0)
+    num_pages = jnp.minimum(pl.cdiv(hi, page_size), pages_per_seq)
+    num_blocks = pl.cdiv(num_pages, pages_per_block)
+    num_full_blocks = jnp.minimum(lo // block_k, num_blocks)
+
+    def load_block(i):  # -> k, v [block_k, D] and the keys' positions i32[block_k]
+        page0 = i * pages_per_block
+        slot = page0 + jnp.arange(pages_per_block, dtype=jnp.int32)
+        # Slots past the live pages read page 0 (always valid; masked below), never a stale entry.
+        pages = plgpu.load(table_ref.at[pl.ds(page0, pages_per_block)], mask=slot < num_pages, other=0)
+        k = k_ref[pages].reshape(block_k, head_dim)
+        v = v_ref[pages].reshape(block_k, head_dim)
+        return k, v, page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
+
+    def step(carry, s, v, visible):
+        acc, m_prev, l_prev = carry  # f32[rows, D], f32[rows], f32[rows]
+        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        correction = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        if visible is not None:  # a row with nothing visible yet has m == NEG_INF: p would be 1
+            p = jnp.where(visible, p, 0.0)
+        l_next = l_prev * correction + p.sum(axis=1)
+        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    def full_body(i, carry):
+        k, v, _ = load_block(i)
+        return step(carry, plgpu.dot(q, k, trans_b=True) * scale_log2, v, None)
+
+    def masked_body(i, carry):
+        k, v, key_pos = load_block(i)
+        visible = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < kv_len)
+        s = jnp.where(visible, plgpu.dot(q, k, trans_b=True) * scale_log2, NEG_INF)
+        return step(carry, s, v, visible)
+
+    carry = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), NEG_INF, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(0, num_full_blocks, full_body, carry)
+    acc, _, l = jax.lax.fori_loop(num_full_blocks, num_blocks, masked_body, carry)
+    out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # padding tokens (l == 0) get zeros, not NaN
+    o_ref[...] = out.reshape(block_q, group, head_dim).astype(o_ref.dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "block_rows", "pages_per_block", "num_warps", "num_stages", "interpret"),
+)
+def paged_prefill_attention(
+    q: jax.Array,  # [B, T, Hq, D]
+    k_pages: jax.Array,  # [Hkv, P, PS, D]
+    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    block_tables: jax.Array,  # i32[B, pages_per_seq]
+    q_positions: jax.Array,  # i32[B, T]
+    kv_lens: jax.Array,  # i32[B]
+    *,
+    scale: float,
+    block_rows: int = 128,
+    pages_per_block: int | None = None,
+    num_warps: int = 8,
+    num_stages: int = 3,
+    interpret: bool = False,
+) -> jax.Array:  # [B, T, Hq, D] in q.dtype
+    """Paged causal attention for T query tokens per row.
+
+    block_rows: score-matrix rows per program (query tokens x G heads); pages_per_block: pages per
+    K/V step (default: 64 tokens). Both powers of two.
+    """
+    batch, num_q, num_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    pages_per_seq = block_tables.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}")
+    group = num_heads // num_kv_heads
+    if pages_per_block is None:
+        pages_per_block = max(1, 64 // page_size)
+    if not all(is_pow2(n) for n in (block_rows, pages_per_block, page_size, head_dim)):
+        raise ValueError(f"{block_rows=}, {pages_per_block=}, {page_size=}, {head_dim=} must be powers of 2")
+
+    q = q.reshape(batch, num_q, num_kv_heads, group, head_dim)  # head h*G + g -> [h, g]
+    # Loads need power-of-two sizes: a group like 7 (28 q / 4 kv heads) is padded to 8 with zero heads.
+    group_p = next_pow2(group)
+    # Query tokens per program: block_rows rows in all, at least 16 rows for tl.dot, and no more
+    # tokens than the (power-of-two rounded) chunk so short chunks don't compute mostly padding.
+    block_q = max(block_rows // group_p, pl.cdiv(MIN_DOT_ROWS, group_p))
+    block_q = min(block_q, max(next_pow2(num_q), pl.cdiv(MIN_DOT_ROWS, group_p)))
+    padded_q = pl.cdiv(num_q, block_q) * block_q
+    if group_p != group or padded_q != num_q:
+        q = jnp.pad(q, ((0, 0), (0, padded_q - num_q), (0, 0), (0, group_p - group), (0, 0)))
+        q_positions = jnp.pad(q_positions, ((0, 0), (0, padded_q - num_q)), constant_values=-1)
+    padded_pps = pl.cdiv(pages_per_seq, pages_per_block) * pages_per_block
+    if padded_pps != pages_per_seq:
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, padded_pps - pages_per_seq)))
+
+    kernel = functools.partial(
+        _prefill_kernel,
+        pages_per_seq=pages_per_seq,
+        pages_per_block=pages_per_block,
+        scale_log2=scale * LOG2_E,
+    )
+    q_spec = pl.BlockSpec((None, block_q, None, group_p, head_dim), lambda b, h, i: (b, i, h, 0, 0))
+    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, i: (h, 0, 0, 0))
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(batch, num_kv_heads, padded_q // block_q),
+        in_specs=[
+            q_spec,
+            pool_spec,
+            pool_spec,
+            pl.BlockSpec((None, padded_pps), lambda b, h, i: (b, 0)),
+            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+            pl.BlockSpec((1,), lambda b, h, i: (b,)),
+        ],
+        out_specs=q_spec,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"xlserve_paged_prefill_bq{block_q}_ppb{pages_per_block}",
+    )(q, k_pages, v_pages, block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
+      kv_lens.astype(jnp.int32))
+    return out[:, :num_q, :, :group].reshape(batch, num_q, num_heads, head_dim)

@@ -1,0 +1,185 @@
+"""Our Pallas attention kernels (interpret mode on CPU) against the XLA paged-attention reference.
+
+Shapes are small because interpret mode compiles each case (about 1-2 s apiece). Every case uses
+scattered, shuffled pages from a pool filled with random data everywhere, so a kernel that reads a
+page or a slot it should not (past kv_len, past the causal limit, a stale table entry) gets a wrong
+answer rather than a lucky zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import get_paged_attention, paged_attention_reference, resolve_backend
+from kernels.pallas_decode import merge_splits, paged_decode_attention
+from kernels.pallas_prefill import paged_prefill_attention
+
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def make_problem(
+    seed: int,
+    *,
+    starts: list[int],  # cached tokens before this step, per row; -1 marks a padding row
+    num_q: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    pages_per_seq: int,
+    dtype: jnp.dtype,
+) -> tuple[tuple[jax.Array, ...], np.ndarray]:
+    """Random (q, k_pages, v_pages, block_tables, q_positions, kv_lens) and a bool[B] of real rows."""
+    rng = np.random.default_rng(seed)
+    batch = len(starts)
+    num_pages = batch * pages_per_seq + 3
+    q = rng.standard_normal((batch, num_q, num_heads, head_dim))
+    k_pages = rng.standard_normal((num_kv_heads, num_pages, page_size, head_dim))
+    v_pages = rng.standard_normal((num_kv_heads, num_pages, page_size, head_dim))
+    # Every row owns distinct, shuffled pages; page 0 stays the padding rows' null page.
+    tables = rng.permutation(np.arange(1, num_pages))[: batch * pages_per_seq].reshape(batch, pages_per_seq)
+    real = np.asarray(starts) >= 0
+    tables[~real] = 0
+    positions = np.maximum(np.asarray(starts), 0)[:, None] + np.arange(num_q)[None, :]
+    kv_lens = np.where(real, positions[:, -1] + 1, 0)
+    assert (kv_lens <= pages_per_seq * page_size).all()
+    arrays = (
+        jnp.asarray(q, dtype),
+        jnp.asarray(k_pages, dtype),
+        jnp.asarray(v_pages, dtype),
+        jnp.asarray(tables, jnp.int32),
+        jnp.asarray(positions, jnp.int32),
+        jnp.asarray(kv_lens, jnp.int32),
+    )
+    return arrays, real
+
+
+def reference_f32(args: tuple[jax.Array, ...], scale: float) -> np.ndarray:
+    """The reference on f32 copies: a sharper oracle than bf16, and XLA:CPU lacks bf16 x bf16 -> f32
+    batched dots (the reference itself fails on CPU for bf16 with G > 1)."""
+    q, k_pages, v_pages, tables, positions, kv_lens = args
+    f32 = jnp.float32
+    out = paged_attention_reference(
+        q.astype(f32), k_pages.astype(f32), v_pages.astype(f32), tables, positions, kv_lens, scale=scale
+    )
+    return np.asarray(out)
+
+
+def check(out: jax.Array, args: tuple[jax.Array, ...], real: np.ndarray, dtype: jnp.dtype) -> None:
+    head_dim = args[0].shape[-1]
+    assert out.shape == args[0].shape and out.dtype == args[0].dtype
+    got = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(got).all(), "padding rows and empty splits must not produce NaN/inf"
+    want = reference_f32(args, head_dim**-0.5)
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(got[real], want[real], atol=tol, rtol=tol)
+
+
+# (starts, num_heads, num_kv_heads, head_dim, page_size, pages_per_seq, dtype, tunables)
+# starts are the cached tokens before the new one, so kv_len = start + 1: 1 token, exactly one and two
+# full pages (page boundaries), mid-page lengths, a full table, and padding rows (-1).
+DECODE_CASES = [
+    ([0, 7, 22, -1], 4, 4, 64, 8, 4, jnp.float32, {}),  # GQA 1; lens 1, 8 (= page), 23
+    ([15, 0, 44, -1], 8, 4, 128, 16, 4, jnp.bfloat16, {"k_splits": 1}),  # GQA 2; 16 = page; no merge
+    ([31, 2, 9], 16, 4, 64, 8, 8, jnp.float32, {"k_splits": 4, "pages_per_block": 2}),  # GQA 4
+    ([63, 16, -1], 16, 2, 128, 16, 4, jnp.bfloat16, {"k_splits": 8}),  # GQA 8; full table; many empty splits
+    ([5, 40], 7, 1, 64, 8, 6, jnp.float32, {"pages_per_block": 4}),  # GQA 7: not a power of two
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"G{c[1] // c[2]}-D{c[3]}-{c[6].__name__}")
+def test_decode_kernel_matches_reference(case):
+    starts, num_heads, num_kv_heads, head_dim, page_size, pps, dtype, tunables = case
+    args, real = make_problem(
+        0,
+        starts=starts,
+        num_q=1,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+        pages_per_seq=pps,
+        dtype=dtype,
+    )
+    out = paged_decode_attention(*args, scale=head_dim**-0.5, interpret=True, **tunables)
+    check(out, args, real, dtype)
+
+
+def test_decode_kernel_honours_query_position():
+    """A query at position p sees keys 0..p even when kv_len runs further (the contract's causal part)."""
+    args, real = make_problem(
+        1,
+        starts=[20, 9],
+        num_q=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        page_size=8,
+        pages_per_seq=4,
+        dtype=jnp.float32,
+    )
+    q, k_pages, v_pages, tables, positions, kv_lens = args
+    args = (q, k_pages, v_pages, tables, positions - jnp.asarray([[5], [0]], jnp.int32), kv_lens)
+    check(paged_decode_attention(*args, scale=64**-0.5, interpret=True, k_splits=2), args, real, jnp.float32)
+
+
+def test_merge_splits_ignores_empty_splits():
+    o = jnp.asarray(np.random.default_rng(2).standard_normal((1, 1, 3, 2, 4)), jnp.float32)
+    l = jnp.asarray([[[[2.0, 0.0], [0.0, 0.0], [6.0, 0.0]]]])  # split 1 empty; head 1 all empty
+    m = jnp.asarray([[[[1.0, -1e30], [-1e30, -1e30], [0.0, -1e30]]]])
+    out = np.asarray(merge_splits(o, l, m))
+    w0, w2 = 2.0 * 2.0**1.0, 6.0
+    np.testing.assert_allclose(out[0, 0, 0], (w0 * o[0, 0, 0, 0] + w2 * o[0, 0, 2, 0]) / (w0 + w2), rtol=1e-6)
+    np.testing.assert_array_equal(out[0, 0, 1], 0.0)
+
+
+# (starts, num_q, num_heads, num_kv_heads, head_dim, page_size, pages_per_seq, dtype, tunables)
+PREFILL_CASES = [
+    ([0, 8, 13, -1], 8, 4, 4, 64, 8, 4, jnp.float32, {}),  # GQA 1; chunk at 0, at a page boundary, mid-page
+    ([0, 33], 16, 8, 4, 128, 16, 4, jnp.bfloat16, {"block_rows": 16}),  # GQA 2; several q blocks a row
+    ([3, 16, -1], 5, 16, 4, 64, 8, 4, jnp.float32, {"pages_per_block": 2}),  # GQA 4; T=5 padded to 8
+    ([0, 32], 32, 16, 2, 128, 16, 4, jnp.bfloat16, {}),  # GQA 8; full table, unmasked + masked loops
+    ([2, 9], 4, 7, 1, 64, 8, 4, jnp.float32, {}),  # GQA 7: group padded to 8
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"G{c[2] // c[3]}-T{c[1]}-{c[7].__name__}")
+def test_prefill_kernel_matches_reference(case):
+    starts, num_q, num_heads, num_kv_heads, head_dim, page_size, pps, dtype, tunables = case
+    args, real = make_problem(
+        3,
+        starts=starts,
+        num_q=num_q,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+        pages_per_seq=pps,
+        dtype=dtype,
+    )
+    out = paged_prefill_attention(*args, scale=head_dim**-0.5, interpret=True, **tunables)
+    check(out, args, real, dtype)
+
+
+def test_backend_switch_dispatches_on_num_tokens():
+    attend = get_paged_attention("pallas", interpret=True)
+    for num_q, seed in ((1, 4), (3, 5)):  # T == 1 -> decode kernel, T > 1 -> prefill kernel
+        args, real = make_problem(
+            seed,
+            starts=[4, 11],
+            num_q=num_q,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            page_size=8,
+            pages_per_seq=2,
+            dtype=jnp.float32,
+        )
+        check(attend(*args, scale=64**-0.5), args, real, jnp.float32)
+    assert resolve_backend("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert get_paged_attention("xla") is paged_attention_reference
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        get_paged_attention("triton-magic")

@@ -1,0 +1,435 @@
+"""Check and time our Pallas paged-attention kernels on the GPU at Llama-3.1-8B attention shapes.
+
+    PYTHONUNBUFFERED=1 python tools/bench_kernels.py [--quick] [--out DIR]
+
+Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, page size 64 (kernels.paged_attention layout).
+(a) correctness: each kernel (and JAX's library decode kernel, our baseline) against the XLA reference
+    computed in f32 on the same device: ragged rows, a length-1 row, page boundaries, padding rows.
+(b) timing: decode at batch 1/8/32/128 x context 512/2048/8192 (plus ragged batches), prefill chunks of
+    512/2048 tokens over 0 and 2048 cached tokens; ours vs the XLA reference, JAX's library Pallas
+    paged decode kernel, and cuDNN dense attention (prefill). Prints bytes moved and TB/s against the
+    2.87 TB/s copy bandwidth measured on the lent H100, then a compact table last.
+
+Method (see /work/.library/device/METHOD.md): each timed executable chains `calls` kernel calls, the
+output of one being the next one's queries (same shape, so nothing extra runs between them and no call
+can be hoisted or skipped); consecutive calls read different page sets until the distinct K/V bytes
+exceed ~3x the 50 MB L2, so small problems are timed from HBM, not from cache. Executables are dispatched
+back to back without host syncs, and the median over trials is reported per call. The per-call figure
+therefore includes XLA's kernel-launch gap, as in the model; `launch floor` prints that gap alone.
+--quick runs tiny shapes in interpret mode on CPU to test this script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.paged_attention import paged_attention_reference  # noqa: E402
+from kernels.pallas_decode import default_k_splits, default_pages_per_block, paged_decode_attention  # noqa: E402
+from kernels.pallas_prefill import paged_prefill_attention  # noqa: E402
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)  # the Triton lowering warns from jax 0.11
+
+COPY_TBPS = 2.87  # device copy bandwidth measured on the lent H100 (design brief), read + write
+MATMUL_TFLOPS = 784.0  # bf16 8192^3 matmul measured there
+L2_BYTES = 50 * 2**20
+TIME_BUDGET_S = 500.0  # stop starting new timings past this, so the run ends inside the device limit
+
+AttnFn = Callable[..., jax.Array]
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    page_size: int = 64
+    dtype: jnp.dtype = jnp.bfloat16
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def kv_bytes(self, tokens: int) -> int:  # K and V of `tokens` cached tokens, all KV heads
+        return 2 * tokens * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+
+@dataclass
+class Problem:
+    """Paged inputs with `sets` distinct page sets of the same shape (to rotate through in timing)."""
+
+    q: jax.Array  # [B, T, Hq, D]
+    k_pages: jax.Array  # [Hkv, P, PS, D]
+    v_pages: jax.Array
+    tables: list[jax.Array]  # sets x i32[B, pps]
+    positions: jax.Array  # i32[B, T]
+    kv_lens: jax.Array  # i32[B]
+    starts: np.ndarray  # cached tokens before the chunk, per row (-1: padding row)
+
+    def args(self, which: int = 0) -> tuple[jax.Array, ...]:
+        return (self.q, self.k_pages, self.v_pages, self.tables[which], self.positions, self.kv_lens)
+
+
+def make_problem(
+    shape: Shape, starts: np.ndarray, num_q: int, pages_per_seq: int, sets: int, seed: int
+) -> Problem:
+    """Rows start at `starts` (cached tokens, -1 = padding row) and add num_q tokens; pages are a random
+    permutation of the pool, so each row's pages are scattered; page 0 is the padding rows' null page."""
+    batch = len(starts)
+    num_pages = sets * batch * pages_per_seq + 1
+    key_q, key_k, key_v = jax.random.split(jax.random.key(seed), 3)
+    pool = (shape.num_kv_heads, num_pages, shape.page_size, shape.head_dim)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(np.arange(1, num_pages)).reshape(sets, batch, pages_per_seq)
+    real = starts >= 0
+    perm[:, ~real] = 0
+    positions = np.maximum(starts, 0)[:, None] + np.arange(num_q)[None, :]
+    lens = np.where(real, positions[:, -1] + 1, 0)
+    return Problem(
+        q=jax.random.normal(key_q, (batch, num_q, shape.num_heads, shape.head_dim), shape.dtype),
+        k_pages=jax.random.normal(key_k, pool, shape.dtype),
+        v_pages=jax.random.normal(key_v, pool, shape.dtype),
+        tables=[jnp.asarray(t, jnp.int32) for t in perm],
+        positions=jnp.asarray(positions, jnp.int32),
+        kv_lens=jnp.asarray(lens, jnp.int32),
+        starts=starts,
+    )
+
+
+def chained(fn: AttnFn, calls: int, sets: int) -> Callable[..., jax.Array]:
+    """One executable running `calls` dependent calls (queries <- previous output), rotating page sets."""
+
+    def run(q, k_pages, v_pages, tables, positions, kv_lens):
+        for i in range(calls):
+            q = fn(q, k_pages, v_pages, tables[i % sets], positions, kv_lens)
+        return q
+
+    return jax.jit(run)
+
+
+def time_per_call(fn: AttnFn, problem: Problem, calls: int, reps: int, trials: int) -> float:
+    """Median seconds per kernel call (see module docstring)."""
+    sets = len(problem.tables)
+    run = chained(fn, calls, sets)
+    args = (problem.q, problem.k_pages, problem.v_pages, tuple(problem.tables), problem.positions,
+            problem.kv_lens)
+    run(*args).block_until_ready()  # compile and warm up
+    run(*args).block_until_ready()
+    samples = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = run(*args)
+        out.block_until_ready()
+        samples.append((time.perf_counter() - start) / (reps * calls))
+    return statistics.median(samples)
+
+
+def rel_error(out: jax.Array, want: jax.Array, rows: np.ndarray) -> tuple[float, float, bool]:
+    """(||out - ref|| / ||ref||, max |out - ref|, all finite) over the real rows."""
+    got = np.asarray(out.astype(jnp.float32))
+    ref = np.asarray(want.astype(jnp.float32))
+    finite = bool(np.isfinite(got).all())
+    got, ref = got[rows], ref[rows]
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)), float(np.abs(got - ref).max()), finite
+
+
+def reference_f32(problem: Problem, shape: Shape) -> jax.Array:
+    f32 = jnp.float32
+    q, k, v, tables, positions, kv_lens = problem.args()
+    return jax.jit(paged_attention_reference, static_argnames="scale")(
+        q.astype(f32), k.astype(f32), v.astype(f32), tables, positions, kv_lens, scale=shape.scale)
+
+
+class Bench:
+    def __init__(self, shape: Shape, out_dir: str | None, interpret: bool, quick: bool):
+        self.shape, self.interpret, self.quick = shape, interpret, quick
+        self.rows: list[dict] = []
+        self.started = time.perf_counter()
+        self.log = open(os.path.join(out_dir, "results.jsonl"), "w") if out_dir else None  # noqa: SIM115
+        self.reps, self.trials = (1, 1) if quick else (10, 5)
+
+    def over_budget(self) -> bool:
+        return time.perf_counter() - self.started > TIME_BUDGET_S
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        fields = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print("  " + "  ".join(fields))
+        if self.log:
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
+
+    # ----- implementations -----
+    def ours(self, **tunables) -> AttnFn:
+        def attend(q, k, v, tables, positions, kv_lens):
+            kernel = paged_decode_attention if q.shape[1] == 1 else paged_prefill_attention
+            return kernel(q, k, v, tables, positions, kv_lens, scale=self.shape.scale,
+                          interpret=self.interpret, **tunables)
+
+        return attend
+
+    def xla(self) -> AttnFn:
+        def attend(q, k, v, tables, positions, kv_lens):
+            return paged_attention_reference(q, k, v, tables, positions, kv_lens, scale=self.shape.scale)
+
+        return attend
+
+    def library_decode(self, pages_per_seq: int) -> AttnFn:
+        from jax.experimental.pallas.ops.gpu import paged_attention as lib
+
+        # Its split count must divide the table width; 16 splits and 8 pages per block are its defaults.
+        k_splits = math.gcd(16, pages_per_seq)
+        ppcb = min(8, pages_per_seq // k_splits)
+
+        def attend(q, k, v, tables, positions, kv_lens):
+            # It has no softmax scale argument: fold the scale into q (one tiny extra op per call).
+            q = (q * self.shape.scale).astype(q.dtype)
+            out = lib.paged_attention(q[:, 0], k, v, tables, kv_lens, k_splits=k_splits,
+                                      pages_per_compute_block=ppcb, interpret=self.interpret)
+            return out[:, None]
+
+        return attend
+
+    def cudnn_dense(self, cached: int, num_q: int) -> list[tuple[str, AttnFn]]:
+        """cuDNN flash attention over dense, contiguous K/V of the same length (the library baseline has
+        no pages); only the chained queries change between calls. With a cached prefix the causal mask
+        is bottom-right, which cuDNN's is_causal (top-left) is not: try an explicit mask first, and
+        fall back to no mask (an upper bound on the work: T*(cached+T) pairs instead of ~T*cached+T^2/2)."""
+        shape = self.shape
+        total = cached + num_q
+        key_k, key_v = jax.random.split(jax.random.key(7))
+        dense = (1, total, shape.num_kv_heads, shape.head_dim)  # [B, S, Hkv, D]
+        k, v = jax.random.normal(key_k, dense, shape.dtype), jax.random.normal(key_v, dense, shape.dtype)
+        q_pos = cached + jnp.arange(num_q)
+        mask = (jnp.arange(total)[None, :] <= q_pos[:, None])[None, None]  # bool[1, 1, T, S]
+
+        def attend(q, *_, mask=None, causal=False):
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=shape.scale,
+                                                implementation="cudnn")
+
+        if not cached:
+            return [("cudnn-causal", lambda q, *_: attend(q, causal=True))]
+        return [("cudnn-mask", lambda q, *_: attend(q, mask=mask)), ("cudnn-nomask", attend)]
+
+    # ----- checks -----
+    def check(self, name: str, fn: AttnFn, problem: Problem, want: jax.Array) -> None:
+        try:
+            out = jax.jit(fn)(*problem.args())
+            rel, max_abs, finite = rel_error(out, want, problem.starts >= 0)
+            ok = finite and rel < 1e-2
+            self.record({"check": name, "rel_err": rel, "max_abs": max_abs, "finite": finite,
+                         "result": "PASS" if ok else "FAIL"})
+        except Exception as exc:  # a failing implementation must not stop the others
+            self.record({"check": name, "result": f"ERROR {type(exc).__name__}: {str(exc)[:300]}"})
+
+    def correctness(self) -> None:
+        shape = self.shape
+        print("\n== (a) correctness vs the XLA reference in f32 (rel = ||out-ref||/||ref||, bf16 inputs)")
+        ctx = 512 if self.quick else 8192
+        pps = ctx // shape.page_size
+        # Lengths: 1, exactly one page, one page + 1, mid-page, a full table; one padding row.
+        ps = shape.page_size
+        starts = np.array([0, ps - 1, ps, ctx // 3, ctx - 1, ctx // 2 + 5, -1, 2 * ps + 7])
+        problem = make_problem(shape, starts, 1, pps, 1, seed=1)
+        want = reference_f32(problem, shape)
+        self.check("decode ours (default splits)", self.ours(), problem, want)
+        self.check("decode ours (k_splits=1)", self.ours(k_splits=1), problem, want)
+        self.check("decode library", self.library_decode(pps), problem, want)
+        chunk = 64 if self.quick else 512
+        starts = np.array([0, 1000 if not self.quick else 100, -1])  # prefix hit mid-page; padding row
+        problem = make_problem(shape, starts, chunk, pl_cdiv(int(starts.max()) + chunk, shape.page_size),
+                               1, seed=2)
+        want = reference_f32(problem, shape)
+        self.check("prefill ours", self.ours(), problem, want)
+
+    # ----- timing -----
+    def timed(self, kind: str, config: str, impl: str, fn: AttnFn, problem: Problem, calls: int,
+              bytes_moved: int, flops: float, extra: dict | None = None) -> bool:
+        """Time one implementation and record the row; False if it could not run."""
+        if self.over_budget():
+            self.record({"kind": kind, "config": config, "impl": impl, "result": "SKIPPED (time budget)"})
+            return False
+        try:
+            seconds = time_per_call(fn, problem, calls, self.reps, self.trials)
+        except Exception as exc:
+            self.record({"kind": kind, "config": config, "impl": impl,
+                         "result": f"ERROR {type(exc).__name__}: {str(exc)[:300]}"})
+            return False
+        tbps = bytes_moved / seconds / 1e12
+        row = {"kind": kind, "config": config, "impl": impl, "us": seconds * 1e6, "MB": bytes_moved / 1e6,
+               "TBps": tbps, "pct_copy_bw": 100 * tbps / COPY_TBPS}
+        if flops:
+            row["TFLOPs"] = flops / seconds / 1e12
+        row.update(extra or {})
+        self.record(row)
+        return True
+
+    def decode_config(
+        self, batch: int, ctx: int, ragged: bool, variants: dict[str, dict] | None = None
+    ) -> None:
+        shape = self.shape
+        pps = ctx // shape.page_size
+        rng = np.random.default_rng(batch * 7 + ctx)
+        if ragged:  # uniform lengths in [1, ctx], with a length-1 row and a full row
+            lens = rng.integers(1, ctx + 1, size=batch)
+            lens[0], lens[-1] = 1, ctx
+        else:
+            lens = np.full(batch, ctx)
+        moved = shape.kv_bytes(int(lens.sum()))
+        sets = max(1, min(16, math.ceil(3 * L2_BYTES / max(moved, 1))))
+        calls = max(4, sets)
+        # Tiny problems fit in L2 even across 16 page sets; they are launch-bound anyway: flag them.
+        extra = {"l2_resident": sets * moved < 2 * L2_BYTES}
+        problem = make_problem(shape, lens - 1, 1, pps, sets, seed=batch + ctx)
+        config = f"B={batch} ctx={'<=' if ragged else ''}{ctx}"
+        print(f"\n-- decode {config}: {moved / 1e6:.1f} MB of K/V per call, {sets} page sets, {calls} calls")
+        for name, tunables in (variants or {"ours": {}}).items():
+            ppb = tunables.get("pages_per_block", default_pages_per_block(shape.page_size))
+            splits = tunables.get("k_splits", default_k_splits(batch, shape.num_kv_heads, pl_cdiv(pps, ppb)))
+            self.timed("decode", config, name, self.ours(**tunables), problem, calls, moved, 0.0,
+                       {**extra, "k_splits": splits})
+        if variants:
+            return
+        self.timed("decode", config, "library", self.library_decode(pps), problem, calls, moved, 0.0, extra)
+        self.timed("decode", config, "xla", self.xla(), problem, calls, moved, 0.0, extra)
+
+    def prefill_config(self, chunk: int, cached: int, variants: dict[str, dict] | None = None) -> None:
+        shape = self.shape
+        total = cached + chunk
+        pps = pl_cdiv(total, shape.page_size)
+        problem = make_problem(shape, np.array([cached]), chunk, pps, 1, seed=chunk)
+        # Minimum traffic: K/V once, q read and out written once; FLOPs of the visible (causal) pairs only.
+        moved = shape.kv_bytes(total) + 2 * chunk * shape.num_heads * shape.head_dim * 2
+        pairs = chunk * cached + chunk * (chunk + 1) // 2
+        flops = 4.0 * shape.num_heads * shape.head_dim * pairs
+        config = f"T={chunk} cached={cached}"
+        print(f"\n-- prefill {config}: {flops / 1e9:.1f} GFLOP, {moved / 1e6:.1f} MB per call")
+        for name, tunables in (variants or {"ours": {}}).items():
+            self.timed("prefill", config, name, self.ours(**tunables), problem, 4, moved, flops)
+        if variants or self.quick:
+            return
+        for label, cudnn in self.cudnn_dense(cached, chunk):
+            if self.timed("prefill", config, label, cudnn, problem, 4, moved, flops):
+                break
+        self.timed("prefill", config, "xla", self.xla(), problem, 4, moved, flops)
+
+    def launch_floor(self) -> None:
+        """Per-call time of a trivial kernel in the same chained harness: the launch gap alone."""
+        problem = make_problem(self.shape, np.array([0]), 1, 1, 1, seed=0)
+        self.timed("floor", "B=1", "q*1.0001", lambda q, *_: q * jnp.asarray(1.0001, q.dtype), problem, 8,
+                   0, 0.0)
+
+    def copy_bandwidth(self) -> None:
+        x = jnp.ones((2**29,), jnp.bfloat16)  # 1 GiB
+        scale = jax.jit(lambda a: a * jnp.asarray(1.0001, a.dtype))
+        scale(x).block_until_ready()
+        samples = []
+        for _ in range(10):
+            start = time.perf_counter()
+            scale(x).block_until_ready()
+            samples.append(time.perf_counter() - start)
+        self.record({"kind": "copy", "config": "1 GiB", "impl": "x*c",
+                     "TBps": 2 * x.nbytes / statistics.median(samples) / 1e12})
+
+
+def pl_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Compact table; 'vs xla' and 'vs lib' are speedups of the row over the XLA reference and over the
+    library baseline (JAX's Pallas paged decode kernel; cuDNN for prefill) on the same config."""
+    print("\n== summary (per call; TB/s = minimum bytes / time; % of the 2.87 TB/s copy bandwidth)")
+    print(f"{'kind':8} {'config':22} {'impl':14} {'us':>9} {'TB/s':>6} {'%bw':>5} {'TFLOP/s':>8} "
+          f"{'vs xla':>7} {'vs lib':>7}")
+    timed = [r for r in rows if "us" in r]
+    xla_us = {(r["kind"], r["config"]): r["us"] for r in timed if r["impl"] == "xla"}
+    lib_us = {(r["kind"], r["config"]): r["us"] for r in timed if r["impl"] == "library"
+              or r["impl"].startswith("cudnn")}
+    for r in rows:
+        if "check" in r:
+            print(f"check    {r['check']:37} {r['result']} rel={r.get('rel_err', float('nan')):.2e}")
+            continue
+        if "us" not in r:
+            print(f"{r['kind']:8} {r['config']:22} {r['impl']:14} {r.get('result', '')}")
+            continue
+        def ratio(base: float | None, us: float = r["us"]) -> str:
+            return f"{base / us:.2f}x" if base else ""
+
+        key = (r["kind"], r["config"])
+        tflops = f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else ""
+        print(f"{r['kind']:8} {r['config']:22} {r['impl']:14} {r['us']:9.1f} {r['TBps']:6.2f} "
+              f"{r['pct_copy_bw']:5.0f} {tflops:>8} {ratio(xla_us.get(key)):>7} {ratio(lib_us.get(key)):>7}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU self-test)")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.jsonl")
+    args = parser.parse_args()
+    quick = args.quick
+    interpret = quick or jax.default_backend() != "gpu"
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__}, {device.device_kind} ({jax.default_backend()}), {interpret=}")
+    shape = Shape(num_heads=8, num_kv_heads=2, page_size=16) if quick else Shape()
+    bench = Bench(shape, args.out, interpret, quick)
+
+    bench.correctness()
+    if quick:
+        bench.decode_config(2, 64, ragged=True)
+        bench.prefill_config(32, 32)
+        bench.decode_config(2, 64, ragged=False, variants={"ppb1": {"pages_per_block": 1}})
+        print_table(bench.rows)
+        return
+
+    print("\n== (b) timing")
+    bench.copy_bandwidth()
+    bench.launch_floor()
+    for batch in (1, 8, 32, 128):
+        for ctx in (512, 2048, 8192):
+            bench.decode_config(batch, ctx, ragged=False)
+    for batch in (8, 32, 128):
+        bench.decode_config(batch, 8192, ragged=True)
+    for chunk in (512, 2048):
+        for cached in (0, 2048):
+            bench.prefill_config(chunk, cached)
+
+    print("\n== tuning variants (decode: pages per block / warps / stages / splits; prefill: block shapes)")
+    decode_variants = {
+        "ppb1-w4-s3": {"pages_per_block": 1, "num_warps": 4, "num_stages": 3},
+        "ppb2-w8-s2": {"pages_per_block": 2, "num_warps": 8, "num_stages": 2},
+        "ppb2-w4-s3": {"pages_per_block": 2, "num_warps": 4, "num_stages": 3},
+    }
+    for batch, ctx in ((1, 8192), (32, 2048), (128, 2048)):
+        blocks = pl_cdiv(ctx // shape.page_size, default_pages_per_block(shape.page_size))
+        splits = default_k_splits(batch, shape.num_kv_heads, blocks)
+        variants = {"default": {}, **decode_variants, f"ks{splits * 2}": {"k_splits": splits * 2}}
+        if splits > 1:
+            variants[f"ks{splits // 2}"] = {"k_splits": splits // 2}
+        bench.decode_config(batch, ctx, ragged=False, variants=variants)
+    bench.prefill_config(2048, 2048, variants={
+        "default": {},
+        "r128-ppb2-w8-s2": {"block_rows": 128, "pages_per_block": 2, "num_warps": 8, "num_stages": 2},
+        "r64-ppb1-w4-s3": {"block_rows": 64, "pages_per_block": 1, "num_warps": 4, "num_stages": 3},
+    })
+    print_table(bench.rows)
+    print(f"\ntotal {time.perf_counter() - bench.started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
