@@ -295,7 +295,8 @@ class Engine:
             seq, cfg = chunk.seq, chunk.seq.request.config
             # min_new_tokens: every stop id is banned until enough tokens exist (the first 16 suffice
             # for every real EOS set; make_request caps user stop ids at MAX_STOP_TOKEN_IDS).
-            banned = sorted(seq.request.stop_token_ids)[:MAX_STOP_TOKEN_IDS] if seq.num_generated < cfg.min_new_tokens else []
+            held = seq.num_generated < cfg.min_new_tokens
+            banned = sorted(seq.request.stop_token_ids)[:MAX_STOP_TOKEN_IDS] if held else []
             rows.append({
                 "temperature": 0.0 if cfg.greedy else cfg.temperature,
                 "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": cfg.min_p,

@@ -111,7 +111,7 @@ def generation_config_from_kwargs(**options: object) -> GenerationConfig:
     return GenerationConfig(**options)  # type: ignore[arg-type]
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # an EOS / stop token id, or a stop string (matched by the text layer)
     LENGTH = "length"  # max_new_tokens or the session length
     ABORT = "abort"  # cancelled by the caller (client disconnect, stop string, shutdown)

@@ -1,0 +1,161 @@
+"""Offline engine benchmarks: single-stream decode and fixed-length throughput, against the roofline.
+
+    python -m tools.bench_engine --shape llama3-8b single --input-len 128 --output-len 1024
+    python -m tools.bench_engine --shape llama3-8b throughput --num-prompts 1000 --input-len 256 --output-len 256
+    python -m tools.bench_engine --model /models/Llama-3.1-8B throughput ...
+
+`--shape` runs random weights at a named model shape (configs/shapes.py), where checkpoints cannot be
+downloaded. The roofline is the time to stream the weights once per decode step (the input embedding
+is gathered, not streamed) at the measured copy bandwidth; `--bandwidth` overrides the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serving.engine.config import EngineConfig
+from serving.engine.engine import Engine, resolve_dtype
+from serving.engine.request import EngineOutput, GenerationConfig
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    options = dict(page_size=args.page_size, session_len=args.session_len, dtype=args.dtype,
+                   attention_backend=args.attention_backend, preset=args.preset)
+    if args.max_batch_size:
+        options["max_batch_size"] = args.max_batch_size
+    config = EngineConfig.from_options(**options)
+    if args.model:
+        return Engine.from_pretrained(args.model, config)
+    from configs.shapes import SHAPES
+    from model.loader import init_random_params
+
+    model_config = SHAPES[args.shape]
+    dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
+    params = init_random_params(model_config, dtype, seed=0)
+    return Engine(model_config, params, tokenizer=None, config=config)
+
+
+def measure_copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write), as the roofline's bandwidth."""
+    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+    copy = jax.jit(lambda a: a + 1)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def streamed_weight_bytes(params: dict) -> int:
+    """Bytes one decode step must read: every weight except the gathered input embedding (unless tied)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(leaf.nbytes for path, leaf in leaves)
+    embed = params["embed"]["embedding"]
+    return total - (0 if "lm_head" not in params else embed.nbytes)
+
+
+def run_requests(engine: Engine, prompts: list[list[int]], config: GenerationConfig) -> list[dict]:
+    """Submit all prompts at once; record per-request token arrival times."""
+    records = [{"times": [], "count": 0} for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def sink_for(i: int):
+        def sink(out: EngineOutput) -> None:
+            now = time.perf_counter()
+            records[i]["times"].extend([now] * len(out.new_token_ids))
+            if out.finished:
+                records[i]["reason"] = out.finish_reason.value if out.finish_reason else None
+                done.release()
+        return sink
+
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.submit(engine.make_request(prompt, config, f"bench-{i}-{start}"), sink_for(i))
+    for _ in prompts:
+        done.acquire()
+    for record in records:
+        record["start"] = start
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="local Hugging Face checkpoint directory")
+    source.add_argument("--shape", help="random weights at a named shape (configs/shapes.py), e.g. llama3-8b")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--session-len", type=int, default=4096)
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--preset", default="auto")
+    parser.add_argument("--attention-backend", default="xla")
+    parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the roofline (default: measure)")
+    parser.add_argument("--json", help="also write the results to this file")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    single = sub.add_parser("single", help="one stream: decode tokens per second")
+    single.add_argument("--input-len", type=int, default=128)
+    single.add_argument("--output-len", type=int, default=1024)
+    single.add_argument("--repeats", type=int, default=2)
+    through = sub.add_parser("throughput", help="many fixed-length requests at once: output tokens per second")
+    through.add_argument("--num-prompts", type=int, default=1000)
+    through.add_argument("--input-len", type=int, default=256)
+    through.add_argument("--output-len", type=int, default=256)
+    args = parser.parse_args()
+
+    engine = build_engine(args)
+    t0 = time.perf_counter()
+    engine.start()
+    weight_bytes = streamed_weight_bytes(engine.runner.params)
+    bandwidth = args.bandwidth or measure_copy_bandwidth()
+    floor_ms = weight_bytes / bandwidth * 1e3
+    print(f"device {jax.devices()[0].device_kind}; started in {time.perf_counter() - t0:.1f}s "
+          f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "
+          f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token", flush=True)
+    rng = np.random.default_rng(0)
+    vocab = engine.model_config.vocab_size
+    config = GenerationConfig(max_new_tokens=args.output_len, ignore_eos=True)
+    compiles_before = engine.stats()["compilations_after_warmup"]
+    result: dict = {"mode": args.mode, "device": jax.devices()[0].device_kind, "weights_gb": weight_bytes / 1e9,
+                    "bandwidth_tbs": bandwidth / 1e12}
+    if args.mode == "single":
+        rates = []
+        for _ in range(args.repeats):
+            prompt = rng.integers(0, vocab, size=args.input_len).tolist()
+            (record,) = run_requests(engine, [prompt], config)
+            times = record["times"]
+            ms_per_token = (times[-1] - times[0]) / (len(times) - 1) * 1e3
+            rates.append(ms_per_token)
+            print(f"  TTFT {(times[0] - record['start']) * 1e3:.1f} ms, decode {ms_per_token:.2f} ms/token "
+                  f"= {1e3 / ms_per_token:.1f} tok/s", flush=True)
+        best = min(rates)
+        result.update(ms_per_token=best, tok_s=1e3 / best, roofline_ratio=floor_ms / best)
+        print(f"single stream: {1e3 / best:.1f} tok/s ({best:.2f} ms/token), {floor_ms / best:.0%} of the "
+              f"HBM roofline ({floor_ms:.2f} ms)")
+    else:
+        prompts = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in range(args.num_prompts)]
+        start = time.perf_counter()
+        records = run_requests(engine, prompts, config)
+        elapsed = time.perf_counter() - start
+        out_tokens = sum(len(r["times"]) for r in records)
+        result.update(output_tok_s=out_tokens / elapsed, req_s=len(prompts) / elapsed, seconds=elapsed)
+        print(f"throughput: {len(prompts)} x {args.input_len}/{args.output_len}: {out_tokens / elapsed:.0f} "
+              f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s")
+    result["compilations_after_warmup"] = engine.stats()["compilations_after_warmup"] - compiles_before
+    print(f"compilations after warm-up: {result['compilations_after_warmup']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
