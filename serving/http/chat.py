@@ -17,6 +17,7 @@ from serving.engine.request import EngineRequest
 from serving.http.async_engine import collect, fan_out, generate
 from serving.http.body import read_body
 from serving.http.errors import APIError
+from serving.http.openapi import streams
 from serving.http.params import check_context_length, generation_config
 from serving.http.prompts import chat_prompt_ids
 from serving.http.protocol import (
@@ -42,6 +43,7 @@ blueprint = Blueprint("chat", __name__)
 @document_response(ErrorResponse, 400)
 @document_response(ErrorResponse, 404)
 @document_response(ErrorResponse, 503)
+@streams(ChatCompletionChunk)
 async def chat_completions() -> Response | dict[str, Any]:
     """Create a chat completion.
 

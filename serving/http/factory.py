@@ -11,6 +11,7 @@ from serving.engine.engine import Engine
 from serving.http import chat, completions, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
+from serving.http.openapi import NamedSchemaProvider
 from serving.http.settings import ServerSettings
 from serving.http.state import ServerState
 
@@ -39,6 +40,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Quart:
         ),
         security_schemes=bearer,
         security=[{"bearer": []}] if bearer else None,
+        openapi_provider_class=NamedSchemaProvider,
     )
     for module in (service, chat, completions):
         app.register_blueprint(module.blueprint)

@@ -1,0 +1,70 @@
+"""The OpenAPI document, made friendlier to client generators than quart-schema's default.
+
+quart-schema inlines each route's own request and response model, so openapi-generator would emit
+anonymous types (`InlineObject1`); here every model lands in `components/schemas` under its class
+name and routes refer to it. Routes that can stream also document their `text/event-stream` answer
+(`streams(ChunkModel)`), which quart-schema has no decorator for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from quart_schema import OpenAPIProvider
+from quart_schema.validation import DataSource
+from werkzeug.routing import Rule
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_STREAM_ATTRIBUTE = "_xlserve_stream_model"
+
+
+def streams(chunk_model: type[BaseModel]) -> Callable[[F], F]:
+    """Document that with `stream: true` the 200 answer is SSE events of `chunk_model`."""
+
+    def decorate(func: F) -> F:
+        setattr(func, _STREAM_ATTRIBUTE, chunk_model)
+        return func
+
+    return decorate
+
+
+def _named(schema: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any]:
+    """Move a top-level schema into the components under its title; return a reference to it."""
+    definitions[schema["title"]] = schema
+    return {"$ref": f"#/components/schemas/{schema['title']}"}
+
+
+class NamedSchemaProvider(OpenAPIProvider):
+    def build_request_body(self, model: type[BaseModel], source: DataSource) -> tuple[dict, dict]:
+        body, definitions = super().build_request_body(model, source)
+        for media in body["content"].values():
+            media["schema"] = _named(media["schema"], definitions)
+        return body, definitions
+
+    def build_response_object(
+        self, model: type[BaseModel], headers_model: type[BaseModel] | None
+    ) -> tuple[dict, dict]:
+        response, definitions = super().build_response_object(model, headers_model)
+        media = response["content"]["application/json"]
+        media["schema"] = _named(media["schema"], definitions)
+        return response, definitions
+
+    def build_paths(self, rule: Rule) -> tuple[dict, dict]:
+        paths, components = super().build_paths(rule)
+        chunk_model = getattr(self._app.view_functions[rule.endpoint], _STREAM_ATTRIBUTE, None)
+        if chunk_model is not None:
+            chunk, chunk_components = super().build_response_object(chunk_model, None)
+            components.update(chunk_components)
+            schema = _named(chunk["content"]["application/json"]["schema"], components)
+            for operation in paths[next(iter(paths))].values():
+                operation["responses"][200]["content"]["text/event-stream"] = {
+                    "schema": {
+                        "type": "string",
+                        "description": f"Events `data: <{chunk_model.__name__}>`, then `data: [DONE]`.",
+                    },
+                    "x-sse-event-schema": schema,
+                }
+        return paths, components

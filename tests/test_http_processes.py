@@ -1,0 +1,154 @@
+"""The two ways to start a server, each as its own process on the built-in demo model:
+`hypercorn serving.app:app` configured only by XLSERVE_* variables, and `xlserve serve api_server`.
+Plus the CLI's refusals and help, which need no server."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import httpx
+import openai
+import pytest
+
+from serving.cli import main
+from serving.http.options import OPTIONS
+from tests.http_fixtures import SMALL_BUCKET_FLAGS, ServerProcess, console_script, free_port
+
+
+def flags_as_environment(flags: list[str]) -> dict[str, str]:
+    """`--session-len 128 --decode-batch-buckets 1 4` → XLSERVE_SESSION_LEN=128,
+    XLSERVE_DECODE_BATCH_BUCKETS=1,4."""
+    env: dict[str, str] = {}
+    name = ""
+    for item in flags:
+        if item.startswith("--"):
+            name = "XLSERVE_" + item[2:].upper().replace("-", "_")
+            env[name] = ""
+        else:
+            env[name] = f"{env[name]},{item}" if env[name] else item
+    return env
+
+
+def test_hypercorn_app_configured_by_environment_only() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **flags_as_environment(SMALL_BUCKET_FLAGS),
+        "XLSERVE_MODEL": "",  # unset: the built-in demo model
+        "XLSERVE_MODEL_NAME": "demo",
+        "XLSERVE_API_KEYS": "key-one,key-two",
+    }
+    server = ServerProcess(
+        [sys.executable, "-m", "hypercorn", "serving.app:app", "--bind", f"127.0.0.1:{port}"], env
+    )
+    try:
+        server.wait_ready(base)
+        # Probes are open; everything else needs a key.
+        assert httpx.get(f"{base}/health").status_code == 200
+        unauthorised = httpx.get(f"{base}/v1/models")
+        assert unauthorised.status_code == 401 and unauthorised.headers["www-authenticate"] == "Bearer"
+        assert unauthorised.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{base}/openapi.json", headers={"Authorization": "Bearer nope"}).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="key-two", max_retries=0)
+        [model] = client.models.list().data
+        assert (model.id, model.model_extra["max_model_len"]) == ("demo", 128)
+        chat = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hello"}], max_tokens=5, seed=2
+        )
+        streamed = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hello"}], max_tokens=5, seed=2, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+    finally:
+        status = server.stop(signal.SIGTERM)
+    assert status == 0, server.output()
+
+
+def test_xlserve_command_serves_the_demo_model() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [
+        console_script("xlserve"),
+        "serve",
+        "api_server",
+        "--server-name",
+        "127.0.0.1",
+        "--server-port",
+        str(port),
+        "--allow-origins",
+        "http://ui.example",
+        *SMALL_BUCKET_FLAGS,
+    ]
+    server = ServerProcess(command)
+    try:
+        server.wait_ready(base)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["xlserve-demo"]
+        completion = client.completions.create(
+            model="xlserve-demo", prompt="hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert completion.usage.completion_tokens == 4
+        # CORS: the allowed origin is answered, on preflights and on the answer itself.
+        preflight = httpx.options(
+            f"{base}/v1/completions",
+            headers={
+                "Origin": "http://ui.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert preflight.headers["access-control-allow-origin"] == "http://ui.example"
+        answer = httpx.get(f"{base}/v1/models", headers={"Origin": "http://elsewhere.example"})
+        assert "access-control-allow-origin" not in answer.headers
+    finally:
+        status = server.stop(signal.SIGINT)
+    assert status == 0, server.output()
+    assert "ready after" in server.output()
+
+
+def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "api_server", "-h"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for option in OPTIONS:
+        assert option.flag in text, f"{option.flag} is missing from -h"
+    assert "23333" in text and "0.0.0.0" in text
+
+
+def test_every_engine_option_has_a_flag() -> None:
+    import dataclasses
+
+    from serving.engine.config import EngineConfig
+
+    fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"extra"}
+    assert fields == {o.field for o in OPTIONS if o.target == "engine"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--revision", "main"], "cannot download"),
+        (["--download-dir", "/tmp/x"], "cannot download"),
+        (["--proxy-url", "http://proxy:8000"], "proxy"),
+        (["/no/such/checkpoint"], "not a local directory"),
+        (["internlm/internlm2_5-7b-chat"], "cannot download from a model hub"),
+        (["--backend", "pytorch"], "invalid choice"),
+        (["--cache-block-seq-len", "48"], "--cache-block-seq-len"),
+        (["--server-port", "http"], "invalid int value"),
+    ],
+)
+def test_cli_refuses_clearly(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "api_server", *argv])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bare_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().out
