@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.engine.engine import Engine
     from serving.http.factory import create_app
 
-    print(
-        f"xlserve: loading {launch.model_path or 'the built-in demo model'} ...", file=sys.stderr, flush=True
-    )
+    print(f"xlserve: loading {launch.model_path or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     try:
         engine = Engine.from_pretrained(launch.model_path, launch.engine_config)
     except (OSError, ValueError) as error:
@@ -68,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(serve(app, launch))
 
 
-async def serve(
-    app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None
-) -> int:
+async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None) -> int:
     """Run Hypercorn until a signal (or `shutdown_trigger`, for callers off the main thread) or a
     failed start; 1 if the engine failed to start, else 0."""
     state: ServerState = app.extensions["xlserve"]
@@ -108,9 +104,7 @@ async def _announce(state: ServerState, url: str, stop: asyncio.Event) -> None:
         while not state.settled.is_set():
             await asyncio.sleep(0.2)
         if state.load_error is not None:
-            print(
-                f"xlserve: error: the engine failed to start: {state.load_error}", file=sys.stderr, flush=True
-            )
+            print(f"xlserve: error: the engine failed to start: {state.load_error}", file=sys.stderr, flush=True)
             stop.set()
             return
         print(

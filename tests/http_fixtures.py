@@ -68,9 +68,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(
-    base_url: str, timeout: float = STARTUP_TIMEOUT_S, alive: Callable[[], bool] = lambda: True
-) -> None:
+def wait_ready(base_url: str, timeout: float = STARTUP_TIMEOUT_S, alive: Callable[[], bool] = lambda: True) -> None:
     """Poll GET /v1/ready until 200 (the engine compiled), failing fast if the server died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -152,9 +150,7 @@ class ServerProcess:
     """A server in a child process (`hypercorn ...` or `xlserve ...`), with its output kept for asserts."""
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None):
-        self.log_path = (
-            Path(os.environ.get("TMPDIR", "/tmp")) / f"xlserve-test-{os.getpid()}-{free_port()}.log"
-        )
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"xlserve-test-{os.getpid()}-{free_port()}.log"
         self._log = open(self.log_path, "w+b")
         self._final_output = ""
         self.process = subprocess.Popen(
@@ -164,6 +160,18 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parents[1],
         )
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Poll `condition` (connection errors count as False) while the process lives."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if condition():
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"condition not met while the server ran; its output:\n{self.output()}")
 
     def wait_ready(self, base_url: str) -> None:
         try:

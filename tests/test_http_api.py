@@ -80,9 +80,7 @@ def test_chat_stream_equals_non_stream_for_the_same_seed(http_server: LiveServer
     client = http_server.client()
     options = dict(model=http_server.model_name, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=1234)
     whole = client.chat.completions.create(**options)
-    chunks = list(
-        client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True})
-    )
+    chunks = list(client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -96,9 +94,7 @@ def test_chat_stream_wire_format(http_server: LiveServer) -> None:
     """Byte-level shape: role first, only changed delta fields, usage null until the usage chunk, [DONE]."""
     body = dict(model=http_server.model_name, messages=MESSAGES, max_tokens=5, temperature=0, ignore_eos=True)
     url = f"{http_server.base_url}/v1/chat/completions"
-    with httpx.stream(
-        "POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}
-    ) as r:
+    with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -145,9 +141,7 @@ def test_stop_strings_cut_the_text(http_server: LiveServer) -> None:
     for value in (stop, [stop, "never-appears"]):
         cut = client.completions.create(**options, stop=value).choices[0]
         assert (cut.text, cut.finish_reason) == (expected, "stop")
-        streamed = "".join(
-            c.choices[0].text for c in client.completions.create(**options, stop=value, stream=True)
-        )
+        streamed = "".join(c.choices[0].text for c in client.completions.create(**options, stop=value, stream=True))
         assert streamed == expected
 
 
@@ -268,9 +262,7 @@ def test_special_token_options_are_accepted(http_server: LiveServer) -> None:
 def test_generation_defaults_come_from_the_checkpoint(http_server: LiveServer) -> None:
     defaults = http_server.engine.model_config.generation_defaults
     assert dict(defaults)["temperature"] == 0.6  # tests/checkpoints.py writes this generation_config
-    body = ChatCompletionRequest.model_validate_json(
-        '{"model": "m", "messages": [{"role": "user", "content": "x"}]}'
-    )
+    body = ChatCompletionRequest.model_validate_json('{"model": "m", "messages": [{"role": "user", "content": "x"}]}')
     config = generation_config(body, dict(defaults))
     assert (config.temperature, config.top_p, config.do_sample) == (0.6, 0.9, True)
     explicit = ChatCompletionRequest.model_validate_json(
@@ -297,9 +289,7 @@ async def test_async_client_streams_and_batches_exactly(http_server: LiveServer)
         options = dict(model=http_server.model_name, prompt=prompt, max_tokens=20, temperature=1.0, seed=i)
         if not stream:
             return (await client.completions.create(**options)).choices[0].text
-        return "".join(
-            [c.choices[0].text async for c in await client.completions.create(**options, stream=True)]
-        )
+        return "".join([c.choices[0].text async for c in await client.completions.create(**options, stream=True)])
 
     alone = [await complete(i, p, stream=False) for i, p in enumerate(prompts)]
     together = await asyncio.gather(*(complete(i, p, stream=i % 2 == 0) for i, p in enumerate(prompts)))
@@ -311,9 +301,7 @@ async def test_async_client_streams_and_batches_exactly(http_server: LiveServer)
     stream = await client.chat.completions.create(
         model=http_server.model_name, messages=MESSAGES, max_tokens=8, seed=4, temperature=1.0, stream=True
     )
-    assert (
-        "".join([c.choices[0].delta.content or "" async for c in stream]) == chat.choices[0].message.content
-    )
+    assert "".join([c.choices[0].delta.content or "" async for c in stream]) == chat.choices[0].message.content
     await client.close()
 
 
@@ -337,9 +325,7 @@ async def test_client_disconnect_frees_the_engine(http_server: LiveServer) -> No
     stats = engine.stats()
     assert (stats["num_running"], stats["num_waiting"], stats["num_pages_used"]) == (0, 0, 0)
     # and the server still answers
-    again = await http_server.async_client().completions.create(
-        model=http_server.model_name, prompt="x", max_tokens=2
-    )
+    again = await http_server.async_client().completions.create(model=http_server.model_name, prompt="x", max_tokens=2)
     assert again.choices[0].finish_reason in ("stop", "length")
 
 
@@ -350,9 +336,7 @@ async def test_no_compilation_while_serving(http_server: LiveServer) -> None:
     client = http_server.async_client()
     await asyncio.gather(
         *(
-            client.completions.create(
-                model=http_server.model_name, prompt="word " * length, max_tokens=3, n=n
-            )
+            client.completions.create(model=http_server.model_name, prompt="word " * length, max_tokens=3, n=n)
             for length, n in ((1, 1), (10, 2), (70, 1), (30, 3), (5, 4))
         )
     )
@@ -388,9 +372,7 @@ def test_openapi_document_is_valid_and_complete(http_server: LiveServer) -> None
     ):
         assert name in schemas, f"{name} is missing from the OpenAPI components"
     chat = spec["paths"]["/v1/chat/completions"]["post"]
-    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "ChatCompletionRequest"
-    )
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
     assert {"200", "400", "404"} <= set(chat["responses"])
     streamed = chat["responses"]["200"]["content"]["text/event-stream"]
     assert streamed["x-sse-event-schema"]["$ref"].endswith("ChatCompletionChunk")

@@ -67,9 +67,7 @@ MALFORMED: list[tuple[str, str, str, bytes | None, dict[str, str], int, str | No
         "image content part",
         "POST",
         CHAT,
-        chat(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]
-        ),
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]),
         JSON,
         400,
         "messages[0].content[0].type",
@@ -164,6 +162,7 @@ MALFORMED: list[tuple[str, str, str, bytes | None, dict[str, str], int, str | No
         400,
         "chat_template_kwargs",
     ),
+    ("too many choices", "POST", COMPLETIONS, completion(prompt=["a"] * 20, n=8), JSON, 400, "n"),
     ("unknown model", "POST", CHAT, chat(model="gpt-4o"), JSON, 404, "model"),
     ("10 MB body", "POST", COMPLETIONS, completion(prompt="x" * 10_000_000), JSON, 413, None),
     ("GET on a POST route", "GET", CHAT, None, {}, 405, None),

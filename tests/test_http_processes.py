@@ -39,10 +39,18 @@ def test_hypercorn_app_configured_by_environment_only() -> None:
         "XLSERVE_MODEL_NAME": "demo",
         "XLSERVE_API_KEYS": "key-one,key-two",
     }
-    server = ServerProcess(
-        [sys.executable, "-m", "hypercorn", "serving.app:app", "--bind", f"127.0.0.1:{port}"], env
-    )
+    server = ServerProcess([sys.executable, "-m", "hypercorn", "serving.app:app", "--bind", f"127.0.0.1:{port}"], env)
     try:
+        # While the buckets compile the process is live but not ready, and refuses generation.
+        server.wait_until(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200)
+        not_ready = httpx.get(f"{base}/v1/ready")
+        assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "model_not_ready"
+        early = httpx.post(
+            f"{base}/v1/completions",
+            json={"model": "demo", "prompt": "x"},
+            headers={"Authorization": "Bearer key-one"},
+        )
+        assert early.status_code == 503
         server.wait_ready(base)
         # Probes are open; everything else needs a key.
         assert httpx.get(f"{base}/health").status_code == 200
@@ -104,10 +112,15 @@ def test_xlserve_command_serves_the_demo_model() -> None:
         assert preflight.headers["access-control-allow-origin"] == "http://ui.example"
         answer = httpx.get(f"{base}/v1/models", headers={"Origin": "http://elsewhere.example"})
         assert "access-control-allow-origin" not in answer.headers
+        server.wait_until(lambda: "ready after" in server.output())  # the CLI says when it is ready
     finally:
         status = server.stop(signal.SIGINT)
     assert status == 0, server.output()
-    assert "ready after" in server.output()
+
+
+def test_a_model_that_fails_to_load_exits_1(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "api_server", str(tmp_path)]) == 1  # a directory, but no checkpoint in it
+    assert "cannot load the model" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,9 +43,7 @@ def fan_out(
             index = p * n + i
             choice_config = config
             if config.random_seed is not None:
-                choice_config = dataclasses.replace(
-                    config, random_seed=(config.random_seed + index) % (MAX_SEED + 1)
-                )
+                choice_config = dataclasses.replace(config, random_seed=(config.random_seed + index) % (MAX_SEED + 1))
             requests.append(engine.make_request(prompt_ids, choice_config, f"{request_id}-{index}"))
     if logger.isEnabledFor(logging.INFO):
         for p, prompt_ids in enumerate(prompts):
@@ -71,9 +69,7 @@ class ChoiceResult:
     num_completion_tokens: int = 0
 
 
-async def generate(
-    engine: Engine, requests: Sequence[EngineRequest]
-) -> AsyncGenerator[tuple[int, TextDelta], None]:
+async def generate(engine: Engine, requests: Sequence[EngineRequest]) -> AsyncGenerator[tuple[int, TextDelta], None]:
     """Yield `(choice index, TextDelta)` for every increment of every request, interleaved as produced.
 
     Raises APIError 503 if the engine is not running or ends a request on its own (shutdown), and

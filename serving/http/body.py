@@ -48,8 +48,7 @@ def validation_error(error: ValidationError) -> APIError:
     if first["type"] == "model_type" and not first["loc"]:
         return APIError(400, "the request body must be a JSON object", code="invalid_json")
     parts = [
-        f"{_path(p['loc']) or 'body'}: {p['msg'].removeprefix('Value error, ')}"
-        for p in problems[:MAX_REPORTED_ERRORS]
+        f"{_path(p['loc']) or 'body'}: {p['msg'].removeprefix('Value error, ')}" for p in problems[:MAX_REPORTED_ERRORS]
     ]
     if len(problems) > MAX_REPORTED_ERRORS:
         parts.append(f"and {len(problems) - MAX_REPORTED_ERRORS} more")

@@ -21,6 +21,7 @@ from serving.http.openapi import streams
 from serving.http.params import check_context_length, generation_config
 from serving.http.prompts import completion_prompt_ids
 from serving.http.protocol import (
+    MAX_N,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -54,6 +55,8 @@ async def completions() -> Response | dict[str, Any]:
     state.require_ready()
     engine = state.engine
     prompts = await asyncio.to_thread(completion_prompt_ids, engine.tokenizer, body.prompt)
+    if len(prompts) * (body.n or 1) > MAX_N:
+        raise APIError(400, f"at most {MAX_N} choices per request (prompts × n)", param="n")
     config = generation_config(body, state.generation_defaults)
     check_context_length(prompts, config.max_new_tokens, engine.max_session_len, "prompt")
     completion_id = f"cmpl-{uuid.uuid4().hex}"
@@ -66,10 +69,7 @@ async def completions() -> Response | dict[str, Any]:
     completion_tokens = sum(r.num_completion_tokens for r in results)
     return CompletionResponse(
         **header,
-        choices=[
-            CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
-            for i, r in enumerate(results)
-        ],
+        choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)],
         usage=Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -107,7 +107,5 @@ async def _chunks(
                 yield CompletionResponse(**header, choices=[choice]).model_dump(exclude=exclude)
     if include_usage:
         total = sum(completion_tokens)
-        usage = Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total
-        )
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total)
         yield CompletionResponse(**header, choices=[], usage=usage).model_dump()

@@ -44,9 +44,7 @@ class NamedSchemaProvider(OpenAPIProvider):
             media["schema"] = _named(media["schema"], definitions)
         return body, definitions
 
-    def build_response_object(
-        self, model: type[BaseModel], headers_model: type[BaseModel] | None
-    ) -> tuple[dict, dict]:
+    def build_response_object(self, model: type[BaseModel], headers_model: type[BaseModel] | None) -> tuple[dict, dict]:
         response, definitions = super().build_response_object(model, headers_model)
         media = response["content"]["application/json"]
         media["schema"] = _named(media["schema"], definitions)

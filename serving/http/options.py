@@ -82,12 +82,8 @@ OPTIONS: tuple[Option, ...] = (
         "Allow credentials in CORS requests.",
         kind="switch",
     ),
-    Option(
-        "--allow-methods", "server", "allow_methods", "Methods allowed by CORS (default: *).", kind="list"
-    ),
-    Option(
-        "--allow-headers", "server", "allow_headers", "Headers allowed by CORS (default: *).", kind="list"
-    ),
+    Option("--allow-methods", "server", "allow_methods", "Methods allowed by CORS (default: *).", kind="list"),
+    Option("--allow-headers", "server", "allow_headers", "Headers allowed by CORS (default: *).", kind="list"),
     Option(
         "--chat-template",
         "server",
@@ -109,9 +105,7 @@ OPTIONS: tuple[Option, ...] = (
         f"Largest request body accepted; larger ones get 413 (default: {DEFAULT_MAX_REQUEST_BYTES}).",
         type=int,
     ),
-    Option(
-        "--backend", "cli", "backend", "Inference backend; xlserve has one.", default="jax", choices=("jax",)
-    ),
+    Option("--backend", "cli", "backend", "Inference backend; xlserve has one.", default="jax", choices=("jax",)),
     Option(
         "--trust-remote-code",
         "cli",
@@ -146,8 +140,7 @@ OPTIONS: tuple[Option, ...] = (
         "--cache-max-entry-count",
         "engine",
         "cache_max_entry_count",
-        f"Fraction of free accelerator memory for the KV cache "
-        f"(default: {_engine_default('cache_max_entry_count')}).",
+        f"Fraction of free accelerator memory for the KV cache (default: {_engine_default('cache_max_entry_count')}).",
         type=float,
     ),
     Option(
@@ -228,8 +221,7 @@ OPTIONS: tuple[Option, ...] = (
         "--revision",
         "refused",
         "revision",
-        "Refused: xlserve cannot download from a model hub; download the revision yourself and pass its "
-        "directory.",
+        "Refused: xlserve cannot download from a model hub; download the revision yourself and pass its directory.",
     ),
     Option(
         "--download-dir",
@@ -351,6 +343,4 @@ def _read_template(path: str, source: Callable[[Option], str]) -> str:
         with open(path, encoding="utf-8") as file:
             return file.read()
     except OSError as error:
-        raise OptionError(
-            f"{source(option)}: cannot read the chat template file {path!r}: {error}"
-        ) from error
+        raise OptionError(f"{source(option)}: cannot read the chat template file {path!r}: {error}") from error

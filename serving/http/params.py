@@ -55,9 +55,7 @@ def max_new_tokens(body: SamplingFields) -> int | None:
     return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
 
-def check_context_length(
-    prompts: Sequence[list[int]], requested: int | None, session_len: int, param: str
-) -> None:
+def check_context_length(prompts: Sequence[list[int]], requested: int | None, session_len: int, param: str) -> None:
     """Refuse, as OpenAI does, a prompt that leaves no room or a completion that could not fit."""
     for prompt_ids in prompts:
         completion = requested if requested is not None else 1

@@ -16,9 +16,7 @@ from serving.http.protocol import ChatMessage
 from serving.text.tokenizer import Tokenizer
 
 # apply_chat_template's own arguments; chat_template_kwargs may not override them.
-_RESERVED_TEMPLATE_ARGS = frozenset(
-    {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"}
-)
+_RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"})
 
 
 def chat_prompt_ids(
@@ -30,9 +28,7 @@ def chat_prompt_ids(
     kwargs = dict(template_kwargs or {})
     clashing = sorted(_RESERVED_TEMPLATE_ARGS & kwargs.keys())
     if clashing:
-        raise APIError(
-            400, f"chat_template_kwargs may not set {', '.join(clashing)}", param="chat_template_kwargs"
-        )
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(clashing)}", param="chat_template_kwargs")
     if chat_template is not None:
         kwargs["chat_template"] = chat_template
     try:

@@ -103,9 +103,7 @@ class TextPart(_Request):
     @classmethod
     def _text_only(cls, value: str) -> str:
         if value != "text":
-            raise ValueError(
-                f"content parts of type {value!r} are not supported; this server reads text only"
-            )
+            raise ValueError(f"content parts of type {value!r} are not supported; this server reads text only")
         return value
 
 

@@ -47,9 +47,7 @@ class ServerState:
             self.load_error = error
         else:
             self.started = True
-            logger.info(
-                "%s is ready (start-up took %.1fs)", self.settings.model_name, time.monotonic() - began
-            )
+            logger.info("%s is ready (start-up took %.1fs)", self.settings.model_name, time.monotonic() - began)
         finally:
             self.settled.set()
 
