@@ -200,6 +200,11 @@ class Engine:
         stops = set(config.stop_token_ids or [])
         if not config.ignore_eos:
             stops |= self.eos_token_ids
+        if config.min_new_tokens and len(stops) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(
+                f"min_new_tokens holds back at most {MAX_STOP_TOKEN_IDS} stop token ids; this request has {len(stops)}",
+                param="stop_token_ids",
+            )
         seed = config.random_seed if config.random_seed is not None else secrets.randbelow(MAX_SEED + 1)
         return EngineRequest(request_id, list(prompt_token_ids), config, frozenset(stops), seed)
 
@@ -277,33 +282,17 @@ class Engine:
         dispatched = []
         if decode:
             rows = self.buckets.decode_bucket(len(decode))
-            dispatched.append((decode, self.runner.run(decode, self._sampling_rows(decode), rows, 1)))
+            dispatched.append((decode, self.runner.run(decode, rows, 1)))
         if prefill:
             shape = self.buckets.prefill_bucket(len(prefill), max(c.length for c in prefill))
             assert shape is not None, "the scheduler only plans chunks that fit a bucket"
-            dispatched.append((prefill, self.runner.run(prefill, self._sampling_rows(prefill), *shape)))
+            dispatched.append((prefill, self.runner.run(prefill, *shape)))
         for chunks, tokens in dispatched:
             host_tokens = np.asarray(tokens)
             for row, chunk in enumerate(chunks):
                 chunk.seq.num_computed = chunk.start + chunk.length
                 if chunk.samples:
                     self._append(chunk.seq, int(host_tokens[row]))
-
-    def _sampling_rows(self, chunks: list[Chunk]) -> list[dict]:
-        rows = []
-        for chunk in chunks:
-            seq, cfg = chunk.seq, chunk.seq.request.config
-            # min_new_tokens: every stop id is banned until enough tokens exist (the first 16 suffice
-            # for every real EOS set; make_request caps user stop ids at MAX_STOP_TOKEN_IDS).
-            held = seq.num_generated < cfg.min_new_tokens
-            banned = sorted(seq.request.stop_token_ids)[:MAX_STOP_TOKEN_IDS] if held else []
-            rows.append({
-                "temperature": 0.0 if cfg.greedy else cfg.temperature,
-                "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": cfg.min_p,
-                "repetition_penalty": cfg.repetition_penalty,
-                "seed": seq.request.seed, "step": seq.num_generated, "banned": banned,
-            })
-        return rows
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)

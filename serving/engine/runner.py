@@ -10,6 +10,7 @@ call: they are updated in place, never copied.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -22,8 +23,7 @@ from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.config import BucketSet
 from serving.engine.pages import NULL_PAGE
-from serving.engine.request import MAX_STOP_TOKEN_IDS
-from serving.engine.sampling import SamplingBatch, sample
+from serving.engine.sampling import RowParams, SamplingBatch, sample
 from serving.engine.scheduler import Chunk
 
 logger = logging.getLogger(__name__)
@@ -45,15 +45,18 @@ def step(
     cache: list[LayerCache],
     seen: jax.Array,  # bool[num_slots, V] tokens each running sequence has had (repetition penalty)
     inputs: StepInputs,
-    sampling: SamplingBatch,
-) -> tuple[list[LayerCache], jax.Array, jax.Array]:  # new cache, new seen, i32[B] sampled tokens
+) -> tuple[list[LayerCache], jax.Array, jax.Array, jax.Array]:
+    """Run the model over the batch and record its tokens as seen.
+
+    Returns the new cache, the new seen table, f32[B, V] logits at each row's last token and each
+    row's bool[B, V] seen tokens (the sampler's repetition-penalty input).
+    """
     logits, cache = model.apply({"params": params}, inputs.tokens, inputs.attn, cache, inputs.last_index)
     num_slots = seen.shape[0]
     seen = seen.at[jnp.where(inputs.reset, inputs.slots, num_slots)].set(False, mode="drop")
     token_slots = jnp.where(inputs.attn.valid, inputs.slots[:, None], num_slots)
     seen = seen.at[token_slots, inputs.tokens].set(True, mode="drop")
-    tokens = sample(logits, sampling, seen[jnp.minimum(inputs.slots, num_slots - 1)])
-    return cache, seen, tokens
+    return cache, seen, logits, seen[jnp.minimum(inputs.slots, num_slots - 1)]
 
 
 class ModelRunner:
@@ -78,43 +81,48 @@ class ModelRunner:
         self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend)
         self.cache = empty_cache(config, num_pages, page_size, dtype)
         self.seen = jnp.zeros((num_slots, config.vocab_size), jnp.bool_)
-        self._jitted = jax.jit(
-            lambda params, cache, seen, inputs, sampling: step(self.model, params, cache, seen, inputs, sampling),
-            donate_argnums=(1, 2),
-        )
-        self._compiled: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self._step = jax.jit(functools.partial(step, self.model), donate_argnums=(1, 2))
+        self._compiled_steps: dict[tuple[int, int], jax.stages.Compiled] = {}
+        # The sampler is compiled per row count, not per [rows, tokens] shape: it is the costlier
+        # program to compile, and prefill and decode buckets share their row counts.
+        self._compiled_samplers: dict[int, jax.stages.Compiled] = {}
 
     # ----- start-up ---------------------------------------------------------------------------------
     def compile_all(self, progress: bool = True) -> float:
-        """Compile the step for every bucket shape; returns the seconds it took."""
+        """Compile the step for every bucket shape and the sampler for every row count; returns seconds."""
         shapes = self.buckets.shapes()
         start = time.perf_counter()
         for i, (rows, tokens) in enumerate(shapes, 1):
-            inputs, sampling = self._placeholder(rows, tokens)
-            self._compiled[(rows, tokens)] = self._jitted.lower(
-                self.params, self.cache, self.seen, inputs, sampling
+            inputs = self._inputs([], rows, tokens)
+            self._compiled_steps[(rows, tokens)] = self._step.lower(
+                self.params, self.cache, self.seen, inputs
             ).compile()
+            if rows not in self._compiled_samplers:
+                logits = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32)
+                seen_rows = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.bool_)
+                self._compiled_samplers[rows] = jax.jit(sample).lower(
+                    logits, SamplingBatch.from_rows([], rows), seen_rows
+                ).compile()
             if progress:
                 logger.info("compiled step %d/%d [%d x %d] (%.1fs)", i, len(shapes), rows, tokens,
                             time.perf_counter() - start)
         return time.perf_counter() - start
 
-    def _placeholder(self, rows: int, tokens: int) -> tuple[StepInputs, SamplingBatch]:
-        return self._inputs([], rows, tokens), self._sampling([], rows)
-
     # ----- one step ---------------------------------------------------------------------------------
-    def run(self, chunks: list[Chunk], sampling_rows: list[dict], rows: int, tokens: int) -> jax.Array:
+    def run(self, chunks: list[Chunk], rows: int, tokens: int) -> jax.Array:
         """Dispatch one step for `chunks` padded to the `[rows, tokens]` bucket; returns i32[rows] on device.
 
         The result is not waited for: the caller reads it when it needs the tokens, so the next
         dispatch can go out first.
         """
         inputs = self._inputs(chunks, rows, tokens)
-        sampling = self._sampling(sampling_rows, rows)
-        self.cache, self.seen, next_tokens = self._compiled[(rows, tokens)](
-            self.params, self.cache, self.seen, inputs, sampling
+        sampling = SamplingBatch.from_rows(
+            [RowParams.for_request(c.seq.request, c.seq.num_generated) for c in chunks], rows
         )
-        return next_tokens
+        self.cache, self.seen, logits, seen_rows = self._compiled_steps[(rows, tokens)](
+            self.params, self.cache, self.seen, inputs
+        )
+        return self._compiled_samplers[rows](logits, sampling, seen_rows)
 
     def _inputs(self, chunks: list[Chunk], rows: int, tokens: int) -> StepInputs:
         token_ids = np.zeros((rows, tokens), np.int32)
@@ -137,22 +145,3 @@ class ModelRunner:
             reset[r] = chunk.start == 0
         attn = AttentionBatch(positions=positions, valid=valid, kv_lens=kv_lens, block_tables=tables)
         return StepInputs(tokens=token_ids, attn=attn, last_index=last, slots=slots, reset=reset)
-
-    def _sampling(self, rows_params: list[dict], rows: int) -> SamplingBatch:
-        """Per-row sampling arrays; padding rows are greedy with every option off."""
-        temperature = np.zeros(rows, np.float32)
-        top_p = np.ones(rows, np.float32)
-        top_k = np.zeros(rows, np.int32)
-        min_p = np.zeros(rows, np.float32)
-        penalty = np.ones(rows, np.float32)
-        seed = np.zeros((rows, 2), np.uint32)
-        step_index = np.zeros(rows, np.int32)
-        banned = np.full((rows, MAX_STOP_TOKEN_IDS), -1, np.int32)
-        for r, p in enumerate(rows_params):
-            temperature[r], top_p[r], top_k[r] = p["temperature"], p["top_p"], p["top_k"]
-            min_p[r], penalty[r] = p["min_p"], p["repetition_penalty"]
-            seed[r] = (p["seed"] >> 32) & 0xFFFFFFFF, p["seed"] & 0xFFFFFFFF
-            step_index[r] = p["step"]
-            banned[r, : len(p["banned"])] = p["banned"]
-        return SamplingBatch(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                             repetition_penalty=penalty, seed=seed, step=step_index, banned=banned)
