@@ -32,11 +32,10 @@ class ServerState:
     started: bool = False  # engine.start() returned: from now on its thread must stay alive
     # Set once the engine is ready or failed, so the CLI can stop a server whose model failed to load.
     settled: threading.Event = field(default_factory=threading.Event)
-    _starter: threading.Thread | None = None
 
     def start_in_background(self) -> None:
-        self._starter = threading.Thread(target=self._start, name="xlserve-engine-start", daemon=True)
-        self._starter.start()
+        # A daemon: a compile still running when the server is told to stop must not hold up the exit.
+        threading.Thread(target=self._start, name="xlserve-engine-start", daemon=True).start()
 
     def _start(self) -> None:
         began = time.monotonic()
