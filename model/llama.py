@@ -19,10 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from kernels import get_paged_attention, write_kv_pages
 from model.config import ModelConfig
 from model.rope import attention_scaling, inv_frequencies
+from model.sharding import KV_CACHE_AXES, make_mesh, sharding_for
 
 # Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D]. The whole cache is a list over layers.
 LayerCache = tuple[jax.Array, jax.Array]
@@ -207,10 +209,15 @@ class LMHead(nn.Module):
         return jnp.einsum("...e,ev->...v", x, kernel, preferred_element_type=jnp.float32)
 
 
-def empty_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> list[LayerCache]:
-    """The preallocated paged cache: one (k, v) pair of zeroed [Hkv, P, PS, D] arrays per layer."""
+def empty_cache(
+    config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype, mesh: Mesh | None = None
+) -> list[LayerCache]:
+    """The preallocated paged cache: one (k, v) pair of zeroed [Hkv, P, PS, D] arrays per layer,
+    created on the devices already split by KV head (never materialised on the host)."""
     shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+    sharding = sharding_for("kv_cache", shape, mesh or make_mesh(1), KV_CACHE_AXES)
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return [(zeros(), zeros()) for _ in range(config.num_layers)]
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: jnp.dtype) -> int:

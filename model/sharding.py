@@ -37,6 +37,10 @@ LOGICAL_AXES: dict[str, Axes] = {
     "lm_head/kernel": ("embed", "vocab"),
 }
 
+# The paged KV cache, [Hkv, P, PS, D] per layer: split by KV head like the attention weights, so each
+# device attends over its own heads' pages.
+KV_CACHE_AXES: Axes = ("kv_heads", None, None, "head_dim")
+
 # Logical axis -> mesh axis (None = replicated), in flax's `logical_axis_rules` format. The embedding
 # table stays whole ("vocab_in") so a token lookup is a local gather, not a collective.
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (

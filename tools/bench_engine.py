@@ -27,7 +27,7 @@ from serving.engine.request import EngineOutput, GenerationConfig
 
 def build_engine(args: argparse.Namespace) -> Engine:
     options = dict(page_size=args.page_size, session_len=args.session_len, dtype=args.dtype,
-                   attention_backend=args.attention_backend, preset=args.preset)
+                   attention_backend=args.attention_backend, preset=args.preset, tp=args.tp)
     if args.max_batch_size:
         options["max_batch_size"] = args.max_batch_size
     config = EngineConfig.from_options(**options)
@@ -35,11 +35,13 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return Engine.from_pretrained(args.model, config)
     from configs.shapes import SHAPES
     from model.loader import init_random_params
+    from model.sharding import make_mesh
 
     model_config = SHAPES[args.shape]
     dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
-    params = init_random_params(model_config, dtype, seed=0)
-    return Engine(model_config, params, tokenizer=None, config=config)
+    mesh = make_mesh(config.tp)
+    params = init_random_params(model_config, dtype, seed=0, mesh=mesh)
+    return Engine(model_config, params, tokenizer=None, config=config, mesh=mesh)
 
 
 def measure_copy_bandwidth() -> float:
@@ -93,6 +95,7 @@ def main() -> None:
     source.add_argument("--model", help="local Hugging Face checkpoint directory")
     source.add_argument("--shape", help="random weights at a named shape (configs/shapes.py), e.g. llama3-8b")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--session-len", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=None)

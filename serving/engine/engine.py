@@ -20,10 +20,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.llama import kv_bytes_per_token
 from model.loader import load_params
+from model.sharding import make_mesh
 from serving.engine.config import EngineConfig
 from serving.engine.pages import PageAllocator
 from serving.engine.request import (
@@ -89,10 +91,13 @@ class Engine:
         tokenizer: Tokenizer | None,
         config: EngineConfig | None = None,
         model_path: str | None = None,
+        mesh: Mesh | None = None,
     ):
-        """An engine over already-loaded parameters; `from_pretrained` is the usual way in."""
+        """An engine over parameters already placed on `mesh` (default: the first `tp` devices);
+        `from_pretrained` is the usual way in."""
         self.model_path = model_path
         self.engine_config = config or EngineConfig()
+        self.mesh = mesh or make_mesh(self.engine_config.tp)
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.platform = jax.devices()[0].platform
@@ -121,7 +126,7 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, self.buckets, page_size, self.max_batch_size)
         self.runner = ModelRunner(
             model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
-            num_slots=self.max_batch_size, attention_backend=self.engine_config.attention_backend,
+            num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
         )
 
     @classmethod
@@ -140,15 +145,17 @@ class Engine:
         model_config = ModelConfig.from_pretrained(model_path)
         tokenizer = Tokenizer.from_pretrained(model_path)
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
-        params = load_params(model_path, model_config, dtype)
-        return cls(model_config, params, tokenizer, config, model_path=model_path)
+        mesh = make_mesh(config.tp)
+        params = load_params(model_path, model_config, dtype, mesh)
+        return cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
 
     # ----- set-up -----------------------------------------------------------------------------------
     def _num_pages(self, pages_per_seq: int) -> int:
         cfg = self.engine_config
         if cfg.num_pages is not None:
             return cfg.num_pages
-        page_bytes = kv_bytes_per_token(self.model_config, self.dtype) * cfg.page_size
+        # Per device: tensor parallelism splits every page by KV head.
+        page_bytes = kv_bytes_per_token(self.model_config, self.dtype) * cfg.page_size // cfg.tp
         if self.platform == "cpu":
             budget = CPU_KV_CACHE_BYTES * cfg.cache_max_entry_count
         else:

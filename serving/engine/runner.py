@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
@@ -70,6 +71,7 @@ class ModelRunner:
         pages_per_seq: int,
         buckets: BucketSet,
         num_slots: int,
+        mesh: Mesh,
         attention_backend: str = "xla",
     ):
         self.config = config
@@ -79,9 +81,17 @@ class ModelRunner:
         self.buckets = buckets
         self.num_slots = num_slots
         self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend)
-        self.cache = empty_cache(config, num_pages, page_size, dtype)
-        self.seen = jnp.zeros((num_slots, config.vocab_size), jnp.bool_)
-        self._step = jax.jit(functools.partial(step, self.model), donate_argnums=(1, 2))
+        self.cache = empty_cache(config, num_pages, page_size, dtype, mesh)
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self.seen = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.bool_),
+                            out_shardings=self._replicated)()
+        # Logits leave the step whole (gathered across a vocab-split LM head) for the sampler.
+        cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
+        self._step = jax.jit(
+            functools.partial(step, self.model), donate_argnums=(1, 2),
+            out_shardings=(cache_shardings, self._replicated, self._replicated, self._replicated),
+        )
+        self._sample = jax.jit(sample, in_shardings=self._replicated, out_shardings=self._replicated)
         self._compiled_steps: dict[tuple[int, int], jax.stages.Compiled] = {}
         # The sampler is compiled per row count, not per [rows, tokens] shape: it is the costlier
         # program to compile, and prefill and decode buckets share their row counts.
@@ -98,9 +108,11 @@ class ModelRunner:
                 self.params, self.cache, self.seen, inputs
             ).compile()
             if rows not in self._compiled_samplers:
-                logits = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32)
-                seen_rows = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.bool_)
-                self._compiled_samplers[rows] = jax.jit(sample).lower(
+                logits = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32,
+                                              sharding=self._replicated)
+                seen_rows = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.bool_,
+                                                 sharding=self._replicated)
+                self._compiled_samplers[rows] = self._sample.lower(
                     logits, SamplingBatch.from_rows([], rows), seen_rows
                 ).compile()
             if progress:

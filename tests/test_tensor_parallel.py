@@ -1,0 +1,45 @@
+"""Tensor parallelism is a mesh change: tp=2 on two emulated CPU devices gives tp=1's tokens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import REPO, TINY_ENGINE_OPTIONS
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    from serving import GenerationConfig, pipeline
+
+    assert len(jax.devices()) == 2
+    prompts = [[5, 17, 300, 41, 9], list(range(100, 140)), [7] * 70]
+    config = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    outputs = {}
+    for tp in (1, 2):
+        with pipeline(sys.argv[1], tp=tp, **json.loads(sys.argv[2])) as pipe:
+            cache_k = pipe.engine.runner.cache[0][0]
+            assert len(cache_k.sharding.device_set) == tp
+            outputs[tp] = [r.token_ids for r in pipe(prompts, config)]
+    print(json.dumps(outputs))
+    """
+)
+
+
+def test_tp2_matches_tp1_token_for_token(tiny_llama):
+    import json
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    options = dict(TINY_ENGINE_OPTIONS, preset="test", decode_batch_buckets=(4,), prefill_row_buckets=(1, 2),
+                   prefill_token_buckets=(64,))
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tiny_llama), json.dumps(options)],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outputs["1"] == outputs["2"]
+    assert all(len(tokens) == 10 for tokens in outputs["2"])
