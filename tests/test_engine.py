@@ -221,3 +221,24 @@ def test_abort_frees_pages_at_once(tiny_pipe):
     engine.submit(request, sink)
     assert finished.wait(30)
     assert reasons[-1] == "abort"
+
+
+def test_stream_infer_yields_increments_that_add_up(tiny_pipe):
+    prompts = random_prompts([9, 25], seed=8)
+    config = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    whole = tiny_pipe(prompts, config)
+    texts, tokens, parts = ["", ""], [[], []], [0, 0]
+    for part in tiny_pipe.stream_infer(prompts, config):
+        texts[part.index] += part.text
+        tokens[part.index] += part.token_ids
+        parts[part.index] += 1
+    assert texts == [r.text for r in whole] and tokens == [r.token_ids for r in whole]
+    assert min(parts) > 1, "stream_infer must stream, not return everything at the end"
+
+
+def test_chat_messages_use_the_checkpoint_template(tiny_pipe):
+    messages = [{"role": "user", "content": "Hello there"}]
+    want = tiny_pipe.tokenizer.encode(tiny_pipe.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    out = tiny_pipe(messages, GenerationConfig(max_new_tokens=3, ignore_eos=True))
+    assert out.input_token_len == len(want)
+    assert out.token_ids == tiny_pipe(want, GenerationConfig(max_new_tokens=3, ignore_eos=True)).token_ids
