@@ -33,6 +33,8 @@ NEG_INF = -1e30
 LOG2_E = math.log2(math.e)
 H100_NUM_SMS = 132
 MIN_DOT_ROWS = 16  # Triton's tl.dot needs M >= 16
+MAX_SPLIT_TOKENS = 1024  # longest split of a full-length row; see default_k_splits
+MAX_LENGTH_SPLITS = 8  # at most this many splits come from the table length; see default_k_splits
 
 
 def next_pow2(n: int) -> int:
@@ -43,18 +45,34 @@ def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-
 def default_pages_per_block(page_size: int) -> int:
-    """Pages per compute block: about 128 tokens per step, enough loads in flight to hide latency."""
-    return max(1, 128 // page_size)
+    """Pages per compute block: 64 tokens per step. On the H100 (docs/perf-notes.md) 64-token blocks
+    with 3 pipeline stages beat 128-token blocks with 2: 96 KB of shared memory instead of 128 KB
+    lets two programs share an SM, and the extra stage keeps as many bytes in flight."""
+    return max(1, 64 // page_size)
 
 
-def default_k_splits(batch: int, num_kv_heads: int, num_blocks: int, num_sms: int = H100_NUM_SMS) -> int:
-    """Splits so that batch * heads * splits is at least two programs per SM (small batches fill the
-    GPU, and the second wave evens out rows of different lengths), a power of two, and never more than
-    the compute blocks a full-length row has (an extra split could only ever be empty)."""
-    want = next_pow2(pl.cdiv(2 * num_sms, batch * num_kv_heads))
-    return max(1, min(want, 1 << (max(num_blocks, 1).bit_length() - 1)))
+def default_k_splits(
+    batch: int,
+    num_kv_heads: int,
+    num_blocks: int,
+    block_tokens: int,
+    *,
+    num_sms: int = H100_NUM_SMS,
+    max_split_tokens: int = MAX_SPLIT_TOKENS,
+) -> int:
+    """Splits per row: the larger of
+      - enough for batch * heads * splits >= two programs per SM (small batches fill the GPU), and
+      - enough that a full-length row's split is at most `max_split_tokens` long, but no more than
+        MAX_LENGTH_SPLITS: in a ragged batch the longest rows would otherwise own the longest programs
+        and finish alone (the tail). The table length stands in for the longest row, which is only
+        known at run time; rows much shorter than their table pay for the extra (then tiny or empty)
+        splits, hence the cap (docs/perf-notes.md has the numbers both ways).
+    A power of two, and never more than the compute blocks of a full-length row (num_blocks blocks of
+    block_tokens tokens): an extra split could only ever be empty."""
+    fill = next_pow2(pl.cdiv(2 * num_sms, batch * num_kv_heads))
+    bounded = min(next_pow2(pl.cdiv(num_blocks * block_tokens, max_split_tokens)), MAX_LENGTH_SPLITS)
+    return max(1, min(max(fill, bounded), 1 << (max(num_blocks, 1).bit_length() - 1)))
 
 
 def _decode_kernel(
@@ -117,24 +135,19 @@ def _decode_kernel(
         jnp.zeros((rows,), jnp.float32),
     )
     acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init)
-    # An empty split (or a padding row with kv_len 0) has l == 0: write zeros, never 0/0.
+    # A padding row (kv_len 0) has l == 0: write zeros, never 0/0.
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-    stats = (l, m) if stats_refs else ()
-
-    if rows == group:
-        o_ref[...] = out.astype(o_ref.dtype)
-        for ref, val in zip(stats_refs, stats, strict=True):
-            ref[...] = val
-    else:
-        # Store only the G real heads. Row indices past G point outside the block, but their lanes are
-        # masked off, so nothing is written there (in interpret mode the scatter drops them).
-        store_rows = jnp.arange(rows, dtype=jnp.int32)
-        real = store_rows < group
-        cols = jnp.arange(head_dim, dtype=jnp.int32)
-        o_view = o_ref.at[store_rows[:, None], cols[None, :]]  # both axes integer-indexed: a scatter
-        plgpu.store(o_view, out.astype(o_ref.dtype), mask=real[:, None])
-        for ref, val in zip(stats_refs, stats, strict=True):
-            plgpu.store(ref.at[store_rows], val, mask=real)
+    # Store only the G real heads: row indices past G point outside the block, but their lanes are
+    # masked off, so nothing is written there (in interpret mode the scatter drops them). An empty
+    # split skips its output when there is a merge (which gives it weight 0 through l == 0).
+    store_rows = jnp.arange(rows, dtype=jnp.int32)
+    real = store_rows < group
+    live = (num_blocks > 0) if stats_refs else True
+    cols = jnp.arange(head_dim, dtype=jnp.int32)
+    o_view = o_ref.at[store_rows[:, None], cols[None, :]]  # both axes integer-indexed: a scatter
+    plgpu.store(o_view, out.astype(o_ref.dtype), mask=real[:, None] & live)
+    for ref, val in zip(stats_refs, (l, m), strict=False):
+        plgpu.store(ref.at[store_rows], val, mask=real)
 
 
 @functools.partial(
@@ -153,10 +166,15 @@ def paged_decode_attention(
     pages_per_block: int | None = None,
     k_splits: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
     interpret: bool = False,
 ) -> jax.Array:  # [B, 1, Hq, D] in q.dtype
-    """Paged decode attention; `None` tunables pick the H100 defaults (see module docstring)."""
+    """Paged decode attention (see the module docstring for the work split).
+
+    Tunables (defaults measured on the H100, docs/perf-notes.md): pages_per_block, pages per K/V step
+    (None: 64 tokens); k_splits, programs per row and KV head (None: `default_k_splits`); num_warps
+    and num_stages, Triton's warps per program and software-pipelining depth.
+    """
     batch, num_q, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     pages_per_seq = block_tables.shape[1]
@@ -176,7 +194,8 @@ def paged_decode_attention(
     if padded_pps != pages_per_seq:
         block_tables = jnp.pad(block_tables, ((0, 0), (0, padded_pps - pages_per_seq)))
     if k_splits is None:
-        k_splits = default_k_splits(batch, num_kv_heads, padded_pps // pages_per_block)
+        k_splits = default_k_splits(batch, num_kv_heads, padded_pps // pages_per_block,
+                                    pages_per_block * page_size)
 
     q_grouped = q.reshape(batch, num_kv_heads, group, head_dim)  # head h*G + g -> [h, g]
     kernel = functools.partial(
@@ -234,5 +253,6 @@ def merge_splits(
     """Log-sum-exp merge of the splits: weight each split by its share l * 2^(m - max m)."""
     weight = l * jnp.exp2(m - m.max(axis=2, keepdims=True))  # empty splits have l == 0 -> weight 0
     total = weight.sum(axis=2)
-    out = (o * weight[..., None]).sum(axis=2)
+    # An empty split never wrote its o (uninitialised memory): select, never multiply, it away.
+    out = jnp.where(weight[..., None] > 0, o * weight[..., None], 0.0).sum(axis=2)
     return out / jnp.where(total > 0, total, 1.0)[..., None]

@@ -10,7 +10,8 @@ Work split (flash attention over pages):
     K/V block loaded serves all G heads. It walks the row's pages in blocks of `pages_per_block` pages
     up to the block's causal limit (the largest query position + 1, capped by kv_len) with an online
     softmax. Blocks that every query row sees in full take a loop without masks; only the last few
-    blocks near the diagonal (and the kv_len edge) pay for masking.
+    blocks near the diagonal (and the kv_len edge) pay for masking. Query blocks are launched
+    heaviest (latest) first, so the causal triangle's long programs don't finish alone at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.pallas_decode import LOG2_E, MIN_DOT_ROWS, NEG_INF, is_pow2, next_pow2
+from kernels.pallas_decode import H100_NUM_SMS, LOG2_E, MIN_DOT_ROWS, NEG_INF, is_pow2, next_pow2
 
 
 def _prefill_kernel(
@@ -110,14 +111,16 @@ def paged_prefill_attention(
     scale: float,
     block_rows: int = 128,
     pages_per_block: int | None = None,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     num_stages: int = 3,
     interpret: bool = False,
 ) -> jax.Array:  # [B, T, Hq, D] in q.dtype
     """Paged causal attention for T query tokens per row.
 
     block_rows: score-matrix rows per program (query tokens x G heads); pages_per_block: pages per
-    K/V step (default: 64 tokens). Both powers of two.
+    K/V step (default: 64 tokens). Both powers of two. num_warps: default 4, or 8 when there are
+    fewer than two programs per SM (measured on the H100, docs/perf-notes.md: with a full grid, 4
+    warps run 11% faster; with under one wave of programs, 8 warps per program run 25% faster).
     """
     batch, num_q, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
@@ -145,24 +148,32 @@ def paged_prefill_attention(
     if padded_pps != pages_per_seq:
         block_tables = jnp.pad(block_tables, ((0, 0), (0, padded_pps - pages_per_seq)))
 
+    num_q_blocks = padded_q // block_q
+    if num_warps is None:
+        num_warps = 8 if batch * num_kv_heads * num_q_blocks < 2 * H100_NUM_SMS else 4
+
     kernel = functools.partial(
         _prefill_kernel,
         pages_per_seq=pages_per_seq,
         pages_per_block=pages_per_block,
         scale_log2=scale * LOG2_E,
     )
-    q_spec = pl.BlockSpec((None, block_q, None, group_p, head_dim), lambda b, h, i: (b, i, h, 0, 0))
+    # Query blocks run heaviest first: the grid's last axis is launched last, and a block's work grows
+    # with its position (causal), so block i of the grid takes query block num_blocks-1-i. The long
+    # programs start early and the short ones fill the tail.
+    q_spec = pl.BlockSpec((None, block_q, None, group_p, head_dim),
+                          lambda b, h, i: (b, num_q_blocks - 1 - i, h, 0, 0))
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, i: (h, 0, 0, 0))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(batch, num_kv_heads, padded_q // block_q),
+        grid=(batch, num_kv_heads, num_q_blocks),
         in_specs=[
             q_spec,
             pool_spec,
             pool_spec,
             pl.BlockSpec((None, padded_pps), lambda b, h, i: (b, 0)),
-            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+            pl.BlockSpec((None, block_q), lambda b, h, i: (b, num_q_blocks - 1 - i)),
             pl.BlockSpec((1,), lambda b, h, i: (b,)),
         ],
         out_specs=q_spec,

@@ -80,13 +80,15 @@ def check(out: jax.Array, args: tuple[jax.Array, ...], real: np.ndarray, dtype: 
 
 # (starts, num_heads, num_kv_heads, head_dim, page_size, pages_per_seq, dtype, tunables)
 # starts are the cached tokens before the new one, so kv_len = start + 1: 1 token, exactly one and two
-# full pages (page boundaries), mid-page lengths, a full table, and padding rows (-1).
+# full pages (page boundaries), mid-page lengths, a full table, and padding rows (-1). GQA 1, 2, 4, 8
+# and 7 (not a power of two). Several splits, some empty, exercise the merge; in the last case a
+# 6-page row over 2 splits of 2-page blocks checks the share's rounding to whole blocks.
 DECODE_CASES = [
     ([0, 7, 22, -1], 4, 4, 64, 8, 4, jnp.float32, {}),  # GQA 1; lens 1, 8 (= page), 23
     ([15, 0, 44, -1], 8, 4, 128, 16, 4, jnp.bfloat16, {"k_splits": 1}),  # GQA 2; 16 = page; no merge
-    ([31, 2, 9], 16, 4, 64, 8, 8, jnp.float32, {"k_splits": 4, "pages_per_block": 2}),  # GQA 4
-    ([63, 16, -1], 16, 2, 128, 16, 4, jnp.bfloat16, {"k_splits": 8}),  # GQA 8; full table; many empty splits
-    ([5, 40], 7, 1, 64, 8, 6, jnp.float32, {"pages_per_block": 4}),  # GQA 7: not a power of two
+    ([31, 2, 9], 16, 4, 64, 8, 8, jnp.float32, {"k_splits": 4, "pages_per_block": 2}),
+    ([63, 16, -1], 16, 2, 128, 16, 4, jnp.bfloat16, {"k_splits": 8}),  # GQA 8
+    ([5, 40], 7, 1, 64, 8, 6, jnp.float32, {"pages_per_block": 2, "k_splits": 2}),
 ]
 
 
@@ -123,11 +125,15 @@ def test_decode_kernel_honours_query_position():
     )
     q, k_pages, v_pages, tables, positions, kv_lens = args
     args = (q, k_pages, v_pages, tables, positions - jnp.asarray([[5], [0]], jnp.int32), kv_lens)
-    check(paged_decode_attention(*args, scale=64**-0.5, interpret=True, k_splits=2), args, real, jnp.float32)
+    out = paged_decode_attention(*args, scale=64**-0.5, interpret=True, k_splits=2)
+    check(out, args, real, jnp.float32)
 
 
 def test_merge_splits_ignores_empty_splits():
-    o = jnp.asarray(np.random.default_rng(2).standard_normal((1, 1, 3, 2, 4)), jnp.float32)
+    o = np.random.default_rng(2).standard_normal((1, 1, 3, 2, 4)).astype(np.float32)
+    o[0, 0, 1] = np.nan  # an empty split never writes its output: whatever is there must not leak
+    o[0, 0, :, 1] = np.nan
+    o = jnp.asarray(o)
     l = jnp.asarray([[[[2.0, 0.0], [0.0, 0.0], [6.0, 0.0]]]])  # split 1 empty; head 1 all empty
     m = jnp.asarray([[[[1.0, -1e30], [-1e30, -1e30], [0.0, -1e30]]]])
     out = np.asarray(merge_splits(o, l, m))

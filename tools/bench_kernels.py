@@ -39,7 +39,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.paged_attention import paged_attention_reference  # noqa: E402
-from kernels.pallas_decode import default_k_splits, default_pages_per_block, paged_decode_attention  # noqa: E402
+from kernels.pallas_decode import (  # noqa: E402
+    default_k_splits,
+    default_pages_per_block,
+    paged_decode_attention,
+)
 from kernels.pallas_prefill import paged_prefill_attention  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # the Triton lowering warns from jax 0.11
@@ -192,9 +196,11 @@ class Bench:
     def library_decode(self, pages_per_seq: int) -> AttnFn:
         from jax.experimental.pallas.ops.gpu import paged_attention as lib
 
-        # Its split count must divide the table width; 16 splits and 8 pages per block are its defaults.
+        # Its split count must divide the table width (16 splits is its default). Its default of 8 pages
+        # per block is 512 tokens at page size 64, which needs 276 KB of shared memory on the H100
+        # (RESOURCE_EXHAUSTED): use 128-token blocks, as its defaults give at page size 16.
         k_splits = math.gcd(16, pages_per_seq)
-        ppcb = min(8, pages_per_seq // k_splits)
+        ppcb = min(max(1, 128 // self.shape.page_size), pages_per_seq // k_splits)
 
         def attend(q, k, v, tables, positions, kv_lens):
             # It has no softmax scale argument: fold the scale into q (one tiny extra op per call).
@@ -280,10 +286,14 @@ class Bench:
         return True
 
     def decode_config(
-        self, batch: int, ctx: int, ragged: bool, variants: dict[str, dict] | None = None
+        self, batch: int, ctx: int, ragged: bool, variants: dict[str, dict] | None = None,
+        table_ctx: int | None = None,
     ) -> None:
+        """Decode over rows of length ctx (ragged: uniform in [1, ctx]). The block tables hold
+        table_ctx tokens (default ctx): the engine sizes them by the session length, so rows are
+        often much shorter than their tables, which matters to the split heuristic."""
         shape = self.shape
-        pps = ctx // shape.page_size
+        pps = (table_ctx or ctx) // shape.page_size
         rng = np.random.default_rng(batch * 7 + ctx)
         if ragged:  # uniform lengths in [1, ctx], with a length-1 row and a full row
             lens = rng.integers(1, ctx + 1, size=batch)
@@ -296,11 +306,13 @@ class Bench:
         # Tiny problems fit in L2 even across 16 page sets; they are launch-bound anyway: flag them.
         extra = {"l2_resident": sets * moved < 2 * L2_BYTES}
         problem = make_problem(shape, lens - 1, 1, pps, sets, seed=batch + ctx)
-        config = f"B={batch} ctx={'<=' if ragged else ''}{ctx}"
+        config = f"B={batch} ctx={'<=' if ragged else ''}{ctx}" + (f" tbl={table_ctx}" if table_ctx else "")
         print(f"\n-- decode {config}: {moved / 1e6:.1f} MB of K/V per call, {sets} page sets, {calls} calls")
         for name, tunables in (variants or {"ours": {}}).items():
             ppb = tunables.get("pages_per_block", default_pages_per_block(shape.page_size))
-            splits = tunables.get("k_splits", default_k_splits(batch, shape.num_kv_heads, pl_cdiv(pps, ppb)))
+            blocks = pl_cdiv(pps, ppb)
+            splits = tunables.get("k_splits", default_k_splits(batch, shape.num_kv_heads, blocks,
+                                                               ppb * shape.page_size))
             self.timed("decode", config, name, self.ours(**tunables), problem, calls, moved, 0.0,
                        {**extra, "k_splits": splits})
         if variants:
@@ -343,8 +355,10 @@ class Bench:
             start = time.perf_counter()
             scale(x).block_until_ready()
             samples.append(time.perf_counter() - start)
-        self.record({"kind": "copy", "config": "1 GiB", "impl": "x*c",
-                     "TBps": 2 * x.nbytes / statistics.median(samples) / 1e12})
+        seconds = statistics.median(samples)
+        tbps = 2 * x.nbytes / seconds / 1e12
+        self.record({"kind": "copy", "config": "1 GiB read+write", "impl": "x*c", "us": seconds * 1e6,
+                     "MB": 2 * x.nbytes / 1e6, "TBps": tbps, "pct_copy_bw": 100 * tbps / COPY_TBPS})
 
 
 def pl_cdiv(a: int, b: int) -> int:
@@ -393,7 +407,8 @@ def main() -> None:
     if quick:
         bench.decode_config(2, 64, ragged=True)
         bench.prefill_config(32, 32)
-        bench.decode_config(2, 64, ragged=False, variants={"ppb1": {"pages_per_block": 1}})
+        bench.decode_config(2, 32, ragged=False, table_ctx=64,
+                            variants={"default": {}, "ks1": {"k_splits": 1}})
         print_table(bench.rows)
         return
 
@@ -409,24 +424,21 @@ def main() -> None:
         for cached in (0, 2048):
             bench.prefill_config(chunk, cached)
 
-    print("\n== tuning variants (decode: pages per block / warps / stages / splits; prefill: block shapes)")
-    decode_variants = {
-        "ppb1-w4-s3": {"pages_per_block": 1, "num_warps": 4, "num_stages": 3},
-        "ppb2-w8-s2": {"pages_per_block": 2, "num_warps": 8, "num_stages": 2},
-        "ppb2-w4-s3": {"pages_per_block": 2, "num_warps": 4, "num_stages": 3},
-    }
-    for batch, ctx in ((1, 8192), (32, 2048), (128, 2048)):
-        blocks = pl_cdiv(ctx // shape.page_size, default_pages_per_block(shape.page_size))
-        splits = default_k_splits(batch, shape.num_kv_heads, blocks)
-        variants = {"default": {}, **decode_variants, f"ks{splits * 2}": {"k_splits": splits * 2}}
-        if splits > 1:
-            variants[f"ks{splits // 2}"] = {"k_splits": splits // 2}
-        bench.decode_config(batch, ctx, ragged=False, variants=variants)
-    bench.prefill_config(2048, 2048, variants={
-        "default": {},
-        "r128-ppb2-w8-s2": {"block_rows": 128, "pages_per_block": 2, "num_warps": 8, "num_stages": 2},
-        "r64-ppb1-w4-s3": {"block_rows": 64, "pages_per_block": 1, "num_warps": 4, "num_stages": 3},
-    })
+    # The engine's tables are sized by the session length: short rows in 8192-token tables.
+    for batch, ctx, ragged in ((8, 512, False), (128, 512, False), (32, 2048, False), (128, 2048, False),
+                               (128, 2048, True)):
+        bench.decode_config(batch, ctx, ragged=ragged, table_ctx=8192)
+
+    print("\n== tuning variants: decode split count (ksN) around the default; each 'default' row")
+    print("   repeats the main table's (a noise check)")
+    for batch, ctx, ragged, table_ctx, splits in (
+        (128, 512, False, 8192, (1, 2)),
+        (128, 2048, True, 8192, (1, 2)),
+        (32, 2048, False, 8192, (2,)),
+        (8, 8192, True, None, (16, 32)),
+    ):
+        variants = {"default": {}, **{f"ks{n}": {"k_splits": n} for n in splits}}
+        bench.decode_config(batch, ctx, ragged=ragged, table_ctx=table_ctx, variants=variants)
     print_table(bench.rows)
     print(f"\ntotal {time.perf_counter() - bench.started:.0f} s")
 
