@@ -2,13 +2,19 @@
 
 `ModelConfig` is a static argument of every jitted model function, so it holds only immutable values.
 Parsing is strict: a field the model would silently misread (an unknown architecture, activation or
-RoPE type, sliding-window attention) is refused here with the field named, before any weight is read.
-Custom modelling code (`auto_map`, `trust_remote_code`) is never imported or run.
+RoPE type) is refused here with the field named, before any weight is read. Custom modelling code
+(`auto_map`, `trust_remote_code`) is never imported or run: InternLM2 ships its modelling code with
+the checkpoint, and is read here from its config.json fields alone.
+
+Families differ only in options of the one decoder: which projections carry biases (Llama: all four
+when `attention_bias`; Qwen2: q/k/v always, o never; InternLM2: all four when `bias`), per-head q/k
+RMSNorm (Qwen3), and weight names (the loader's business).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,10 +23,21 @@ from typing import Any
 
 from model.rope import RopeConfig, yarn_mscale
 
-# Architectures whose checkpoints the Llama decoder runs unchanged (Mistral is Llama-shaped).
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",  # Llama-shaped; some versions attend through a sliding window
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "InternLM2ForCausalLM": "internlm2",
+}
 # Old configs without `architectures` still carry `model_type`.
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "internlm2": "InternLM2ForCausalLM",
+}
 FAMILIES = frozenset(ARCHITECTURES.values())
 DTYPES = frozenset({"bfloat16", "float16", "float32"})
 ACTIVATIONS = frozenset({"silu"})
@@ -58,6 +75,8 @@ GENERATION_DEFAULT_KEYS: tuple[tuple[str, type], ...] = (
 
 Json = Mapping[str, Any]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -75,13 +94,18 @@ class ModelConfig:
     max_position_embeddings: int
     rope: RopeConfig = RopeConfig(DEFAULT_ROPE_THETA, "default")
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projections carry biases
+    attention_out_bias: bool = False  # the output projection carries a bias
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     mlp_bias: bool = False
     torch_dtype: str = DEFAULT_DTYPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"
     generation_defaults: tuple[tuple[str, float | int], ...] = ()
+    # The checkpoint's sliding attention window when some layer uses one; `max_position_embeddings`
+    # is then capped to it, where full attention (what the decoder runs) is the same model.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -124,9 +148,17 @@ class ModelConfig:
         missing = [key for key in REQUIRED_FIELDS if config_dict.get(key) is None]
         if missing:
             raise ValueError(f"config.json is missing required fields: {', '.join(missing)}")
-        _refuse_sliding_window(config_dict)
         generation = generation_config_dict or {}
         num_heads = config_dict["num_attention_heads"]
+        window = _sliding_window(config_dict, family)
+        max_positions = config_dict["max_position_embeddings"]
+        if window is not None and isinstance(max_positions, int):
+            logger.warning(
+                "%s attends through a sliding window of %d tokens; sequences are capped at that length "
+                "(max_position_embeddings %d), where full attention is the same model",
+                family, window, max_positions,
+            )
+            max_positions = min(max_positions, window)
         return cls(
             family=family,
             vocab_size=config_dict["vocab_size"],
@@ -137,16 +169,17 @@ class ModelConfig:
             num_kv_heads=config_dict.get("num_key_value_heads") or num_heads,
             head_dim=_head_dim(config_dict),
             rms_norm_eps=_number(config_dict, "rms_norm_eps", DEFAULT_RMS_NORM_EPS),
-            max_position_embeddings=config_dict["max_position_embeddings"],
+            max_position_embeddings=max_positions,
             rope=rope_from_hf(config_dict),
             tie_word_embeddings=_flag(config_dict, "tie_word_embeddings"),
-            attention_bias=_flag(config_dict, "attention_bias"),
+            **_attention_options(config_dict, family),
             mlp_bias=_flag(config_dict, "mlp_bias"),
             torch_dtype=_dtype_name(config_dict),
             bos_token_id=_optional_token_id(config_dict.get("bos_token_id"), "bos_token_id"),
             eos_token_ids=merge_eos_token_ids(config_dict, generation),
             hidden_act=config_dict.get("hidden_act") or "silu",
             generation_defaults=generation_defaults(generation),
+            sliding_window=window,
         )
 
 
@@ -162,9 +195,16 @@ def rope_from_hf(config: Json) -> RopeConfig:
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor"))
     if partial is not None and partial != 1:
         raise ValueError(f"partial_rotary_factor={partial} is not supported: Llama rotates whole heads")
-    if rope_type in ("default", "linear", "dynamic"):
+    if rope_type in ("default", "linear"):
         factor = 1.0 if rope_type == "default" else _required_number(params, "factor", rope_type)
         return RopeConfig(theta, rope_type, factor=factor)
+    if rope_type == "dynamic":
+        # transformers (and InternLM2's own code) stretch from max_position_embeddings, never from an
+        # `original_max_position_embeddings` the dict may carry
+        factor = _required_number(params, "factor", rope_type)
+        original = config["max_position_embeddings"]
+        _check_positive_int(original, "max_position_embeddings")
+        return RopeConfig(theta, rope_type, factor=factor, original_max_position_embeddings=original)
     original = _original_max_positions(config, params)
     if rope_type == "llama3":
         return RopeConfig(
@@ -235,15 +275,38 @@ def _family(config: Json) -> str:
     return ARCHITECTURES[architecture]
 
 
-def _refuse_sliding_window(config: Json) -> None:
-    # Mistral 7B v0.1 attends to the last 4096 tokens only; the decoder attends to all, which is
-    # only the same model while sequences stay within the window.
+def _attention_options(config: Json, family: str) -> dict[str, bool]:
+    """Which attention projections carry biases, and whether heads are RMS-normed, per family."""
+    if family == "qwen2":  # Qwen2's config has no bias field: q/k/v always have one, o never
+        return {"attention_bias": True, "attention_out_bias": False, "qk_norm": False}
+    bias = _flag(config, "bias" if family == "internlm2" else "attention_bias")
+    return {"attention_bias": bias, "attention_out_bias": bias, "qk_norm": family == "qwen3"}
+
+
+def _sliding_window(config: Json, family: str) -> int | None:
+    """The attention window of the layers that use one, or None when every layer attends fully.
+
+    Mistral 7B v0.1 attends to the last 4096 tokens; Qwen2/Qwen3 carry `sliding_window` but apply it
+    only with `use_sliding_window`, and then only to layers from `max_window_layers` on (transformers
+    5 spells the outcome as `layer_types`). A window no shorter than the model's context changes nothing.
+    """
     window = config.get("sliding_window")
-    if window is not None and window < config["max_position_embeddings"]:
-        raise ValueError(
-            f"sliding-window attention (sliding_window={window} < max_position_embeddings="
-            f"{config['max_position_embeddings']}) is not supported yet"
-        )
+    if window is None:
+        return None
+    _check_positive_int(window, "sliding_window")
+    if family in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
+        return None
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        if "sliding_attention" not in layer_types:
+            return None
+    elif family in ("qwen2", "qwen3"):
+        if config.get("max_window_layers", config["num_hidden_layers"]) >= config["num_hidden_layers"]:
+            return None
+    max_positions = config["max_position_embeddings"]
+    if isinstance(max_positions, int) and window >= max_positions:
+        return None
+    return window
 
 
 def _head_dim(config: Json) -> int:

@@ -1,5 +1,9 @@
 """The Llama-family decoder in Flax, reading and writing a paged KV cache.
 
+Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 and InternLM2/2.5 are this one decoder with options from
+`ModelConfig`: q/k/v and output biases, per-head q/k RMSNorm before RoPE (Qwen3), tied embeddings,
+and every RoPE recipe (dynamic NTK's frequencies are computed per row from its sequence length).
+
 One forward serves prefill chunks and decode steps alike: a batch is `[B, T]` tokens where row b holds
 T consecutive tokens of one sequence starting at `positions[b, 0]`; decode is T=1. Each layer writes the
 new keys/values into its pages first and then attends over the pages, so chunked prefill and cached
@@ -23,7 +27,7 @@ from jax.sharding import Mesh
 
 from kernels import get_paged_attention, write_kv_pages
 from model.config import ModelConfig
-from model.rope import attention_scaling, inv_frequencies
+from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, make_mesh, sharding_for
 
 # Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D]. The whole cache is a list over layers.
@@ -56,10 +60,13 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x32.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos/sin f32[B, T, 1, D/2] for the positions, with yarn's attention scaling folded in."""
-    inv_freq = jnp.asarray(inv_frequencies(config.rope, config.head_dim), jnp.float32)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+def rope_tables(batch: AttentionBatch, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos/sin f32[B, T, 1, D/2] for the batch's positions, with yarn's attention scaling folded in."""
+    if config.rope.rope_type == "dynamic":  # [B, 1, D/2]: each row's frequencies follow its length
+        inv_freq = dynamic_inv_frequencies(config.rope, config.head_dim, batch.kv_lens)[:, None, :]
+    else:
+        inv_freq = jnp.asarray(inv_frequencies(config.rope, config.head_dim), jnp.float32)
+    angles = batch.positions.astype(jnp.float32)[..., None] * inv_freq
     scaling = attention_scaling(config.rope)
     return (jnp.cos(angles) * scaling)[:, :, None, :], (jnp.sin(angles) * scaling)[:, :, None, :]
 
@@ -95,6 +102,9 @@ class Attention(nn.Module):
         batch_size, num_tokens = x.shape[:2]
         q = qkv[:, :, :, :group].reshape(batch_size, num_tokens, cfg.num_heads, head_dim)
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]  # [B, T, Hkv, D]
+        if cfg.qk_norm:  # Qwen3 normalises each head over head_dim, before the rotation
+            q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
@@ -103,7 +113,7 @@ class Attention(nn.Module):
         out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
                      scale=head_dim**-0.5)
         out = jnp.einsum("bthd,hde->bte", out, wo)
-        if self.has_variable("params", "bo"):  # Llama biases o_proj too; Qwen2 biases only q/k/v
+        if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
             out = out + self.param("bo", nn.initializers.zeros, (cfg.hidden_size,), self.dtype)
         return out, (k_pages, v_pages)
 
@@ -164,7 +174,7 @@ class CausalLM(nn.Module):
         cfg = self.config
         embed = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed")
         x = embed(tokens)
-        rope = rope_tables(batch.positions, cfg)
+        rope = rope_tables(batch, cfg)
         new_cache = []
         for i in range(cfg.num_layers):
             x, layer_cache = DecoderLayer(cfg, self.dtype, self.attention_backend, name=f"layers_{i}")(

@@ -32,7 +32,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from model.config import ModelConfig
-from model.rope import require_supported
 from model.sharding import Axes, make_mesh, param_shardings, sharding_for
 
 Params = dict[str, Any]
@@ -98,6 +97,11 @@ def _fuse_qkv_bias(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.concatenate([q, k, v], axis=1)
 
 
+def _packed_qkv(qkv: jax.Array) -> jax.Array:
+    """InternLM2's wqkv viewed [Hkv, G + 2, D, E] -> [E, Hkv, G + 2, D]."""
+    return qkv.transpose(3, 0, 1, 2)
+
+
 def _heads_first(o: jax.Array) -> jax.Array:
     """o_proj [E, Hq, D] -> [Hq, D, E]."""
     return o.transpose(1, 2, 0)
@@ -127,10 +131,70 @@ def _assembler(
 # ----- the layout --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class HFNames:
+    """Where one family keeps each weight in its checkpoint; `{i}` is the layer, `{p}` weight/bias."""
+
+    embed: str
+    final_norm: str
+    lm_head: str
+    attn_norm: str
+    mlp_norm: str
+    o: str
+    gate: str
+    up: str
+    down: str
+    q: str = ""  # separate q/k/v projections (Llama layout) ...
+    k: str = ""
+    v: str = ""
+    qkv: str = ""  # ... or one packed [Hkv * (G + 2) * D, E] projection (InternLM2)
+    q_norm: str = ""
+    k_norm: str = ""
+
+
+_LLAMA_NAMES = HFNames(
+    embed="model.embed_tokens.weight",
+    final_norm="model.norm.weight",
+    lm_head="lm_head.weight",
+    attn_norm="model.layers.{i}.input_layernorm.weight",
+    mlp_norm="model.layers.{i}.post_attention_layernorm.weight",
+    q="model.layers.{i}.self_attn.q_proj.{p}",
+    k="model.layers.{i}.self_attn.k_proj.{p}",
+    v="model.layers.{i}.self_attn.v_proj.{p}",
+    o="model.layers.{i}.self_attn.o_proj.{p}",
+    q_norm="model.layers.{i}.self_attn.q_norm.weight",
+    k_norm="model.layers.{i}.self_attn.k_norm.weight",
+    gate="model.layers.{i}.mlp.gate_proj.{p}",
+    up="model.layers.{i}.mlp.up_proj.{p}",
+    down="model.layers.{i}.mlp.down_proj.{p}",
+)
+# InternLM2's remote modelling code names (read here, never run): w1 = gate, w3 = up, w2 = down.
+_INTERNLM2_NAMES = HFNames(
+    embed="model.tok_embeddings.weight",
+    final_norm="model.norm.weight",
+    lm_head="output.weight",
+    attn_norm="model.layers.{i}.attention_norm.weight",
+    mlp_norm="model.layers.{i}.ffn_norm.weight",
+    qkv="model.layers.{i}.attention.wqkv.{p}",
+    o="model.layers.{i}.attention.wo.{p}",
+    gate="model.layers.{i}.feed_forward.w1.{p}",
+    up="model.layers.{i}.feed_forward.w3.{p}",
+    down="model.layers.{i}.feed_forward.w2.{p}",
+)
+FAMILY_NAMES = {
+    "llama": _LLAMA_NAMES,
+    "mistral": _LLAMA_NAMES,
+    "qwen2": _LLAMA_NAMES,
+    "qwen3": _LLAMA_NAMES,
+    "internlm2": _INTERNLM2_NAMES,
+}
+
+
 def param_specs(config: ModelConfig) -> list[ParamSpec]:
-    """Every parameter of the Llama-family layout, in checkpoint order (embedding, layers, head)."""
+    """Every parameter of the decoder's layout, in checkpoint order (embedding, layers, head)."""
     E, F, V, D = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
     Hq, Hkv, G = config.num_heads, config.num_kv_heads, config.q_per_kv
+    names = FAMILY_NAMES[config.family]
 
     def single(
         path: str,
@@ -142,58 +206,66 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
     ) -> ParamSpec:
         return ParamSpec(path, (Source(name, shape, view or shape, axes),), fuse)
 
-    def qkv(path: str, prefix: str, suffix: str, fuse: Callable[..., jax.Array]) -> ParamSpec:
+    def qkv(path: str, i: int, suffix: str) -> ParamSpec:
         # HF orders query rows by head, and query head h belongs to KV head h // G: viewing the rows as
         # [Hkv, G, D] puts each GQA group together, and a split over KV heads is a split over rows.
-        tail, tail_axes = ((E,), ("embed",)) if suffix == "weight" else ((), ())
+        # InternLM2's packed rows are already [Hkv, G + 2, D]: each group's queries, key, value.
+        weight = suffix == "weight"
+        tail, tail_axes = ((E,), ("embed",)) if weight else ((), ())
         axes = ("kv_heads", None, "head_dim", *tail_axes)
-        return ParamSpec(
-            path,
-            (
-                Source(f"{prefix}.q_proj.{suffix}", (Hq * D, *tail), (Hkv, G, D, *tail), axes),
-                Source(f"{prefix}.k_proj.{suffix}", (Hkv * D, *tail), (Hkv, 1, D, *tail), axes),
-                Source(f"{prefix}.v_proj.{suffix}", (Hkv * D, *tail), (Hkv, 1, D, *tail), axes),
-            ),
-            fuse,
-        )
+        if names.qkv:
+            name = names.qkv.format(i=i, p=suffix)
+            return single(path, name, ((Hq + 2 * Hkv) * D, *tail), axes, _packed_qkv if weight else _same,
+                          (Hkv, G + 2, D, *tail))
+        fuse = _fuse_qkv if weight else _fuse_qkv_bias
+        sources = [
+            Source(template.format(i=i, p=suffix), (heads * D, *tail), (Hkv, heads // Hkv, D, *tail), axes)
+            for template, heads in ((names.q, Hq), (names.k, Hkv), (names.v, Hkv))
+        ]
+        return ParamSpec(path, tuple(sources), fuse)
 
-    def gate_up(path: str, prefix: str, suffix: str, fuse: Callable[..., jax.Array]) -> ParamSpec:
+    def gate_up(path: str, i: int, suffix: str, fuse: Callable[..., jax.Array]) -> ParamSpec:
         shape, axes = ((F, E), ("ffn", "embed")) if suffix == "weight" else ((F,), ("ffn",))
         return ParamSpec(
             path,
             (
-                Source(f"{prefix}.gate_proj.{suffix}", shape, shape, axes),
-                Source(f"{prefix}.up_proj.{suffix}", shape, shape, axes),
+                Source(names.gate.format(i=i, p=suffix), shape, shape, axes),
+                Source(names.up.format(i=i, p=suffix), shape, shape, axes),
             ),
             fuse,
         )
 
     def layer(i: int) -> list[ParamSpec]:
-        hf, ours = f"model.layers.{i}", f"layers_{i}"
-        attn, mlp = f"{hf}.self_attn", f"{hf}.mlp"
+        ours = f"layers_{i}"
         o_axes = ("embed", "q_heads", "head_dim")
+        weight = functools.partial(str.format, i=i, p="weight")
+        bias = functools.partial(str.format, i=i, p="bias")
         specs = [
-            single(f"{ours}/attn_norm/scale", f"{hf}.input_layernorm.weight", (E,), ("norm",)),
-            qkv(f"{ours}/attn/wqkv", attn, "weight", _fuse_qkv),
-            single(f"{ours}/attn/wo", f"{attn}.o_proj.weight", (E, Hq * D), o_axes, _heads_first, (E, Hq, D)),
-            single(f"{ours}/mlp_norm/scale", f"{hf}.post_attention_layernorm.weight", (E,), ("norm",)),
-            gate_up(f"{ours}/mlp/w_gate_up", mlp, "weight", _stack_gate_up),
-            single(f"{ours}/mlp/w_down", f"{mlp}.down_proj.weight", (E, F), ("embed", "ffn"), _transpose),
+            single(f"{ours}/attn_norm/scale", weight(names.attn_norm), (E,), ("norm",)),
+            qkv(f"{ours}/attn/wqkv", i, "weight"),
+            single(f"{ours}/attn/wo", weight(names.o), (E, Hq * D), o_axes, _heads_first, (E, Hq, D)),
+            single(f"{ours}/mlp_norm/scale", weight(names.mlp_norm), (E,), ("norm",)),
+            gate_up(f"{ours}/mlp/w_gate_up", i, "weight", _stack_gate_up),
+            single(f"{ours}/mlp/w_down", weight(names.down), (E, F), ("embed", "ffn"), _transpose),
         ]
-        if config.attention_bias:  # Llama biases all four projections
-            specs.append(qkv(f"{ours}/attn/bqkv", attn, "bias", _fuse_qkv_bias))
-            specs.append(single(f"{ours}/attn/bo", f"{attn}.o_proj.bias", (E,), ("embed",)))
+        if config.qk_norm:
+            specs.append(single(f"{ours}/attn/q_norm/scale", weight(names.q_norm), (D,), ("head_dim",)))
+            specs.append(single(f"{ours}/attn/k_norm/scale", weight(names.k_norm), (D,), ("head_dim",)))
+        if config.attention_bias:
+            specs.append(qkv(f"{ours}/attn/bqkv", i, "bias"))
+        if config.attention_out_bias:
+            specs.append(single(f"{ours}/attn/bo", bias(names.o), (E,), ("embed",)))
         if config.mlp_bias:
-            specs.append(gate_up(f"{ours}/mlp/b_gate_up", mlp, "bias", _stack))
-            specs.append(single(f"{ours}/mlp/b_down", f"{mlp}.down_proj.bias", (E,), ("embed",)))
+            specs.append(gate_up(f"{ours}/mlp/b_gate_up", i, "bias", _stack))
+            specs.append(single(f"{ours}/mlp/b_down", bias(names.down), (E,), ("embed",)))
         return specs
 
-    specs = [single("embed/embedding", "model.embed_tokens.weight", (V, E), ("vocab_in", "embed"))]
+    specs = [single("embed/embedding", names.embed, (V, E), ("vocab_in", "embed"))]
     for i in range(config.num_layers):
         specs += layer(i)
-    specs.append(single("final_norm/scale", "model.norm.weight", (E,), ("norm",)))
+    specs.append(single("final_norm/scale", names.final_norm, (E,), ("norm",)))
     if not config.tie_word_embeddings:
-        specs.append(single("lm_head/kernel", "lm_head.weight", (V, E), ("vocab", "embed"), _transpose))
+        specs.append(single("lm_head/kernel", names.lm_head, (V, E), ("vocab", "embed"), _transpose))
     return specs
 
 
@@ -216,7 +288,6 @@ def load_params(
 ) -> Params:
     """Read a local safetensors checkpoint into the fused layout, cast to `dtype`, placed on `mesh`
     (one device when None). Everything is checked against `config` before the first byte is read."""
-    require_supported(config.rope)
     dtype = _float_dtype(dtype)
     mesh = mesh or make_mesh(1)
     specs = param_specs(config)
@@ -288,8 +359,8 @@ def _read(info: TensorInfo) -> np.ndarray:
 def _check_tensors(tensors: dict[str, TensorInfo], specs: list[ParamSpec], config: ModelConfig) -> None:
     """Refuse a checkpoint that does not match `config`, listing every problem at once."""
     expected = {source.name: source for spec in specs for source in spec.sources}
-    # A tied checkpoint may still carry lm_head.weight; transformers ignores it then, and so do we.
-    ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    # A tied checkpoint may still carry its LM head; transformers ignores it then, and so do we.
+    ignored = {FAMILY_NAMES[config.family].lm_head} if config.tie_word_embeddings else set()
     present = {name for name in tensors if not IGNORED_TENSORS.search(name) and name not in ignored}
     problems = []
     if missing := sorted(expected.keys() - present):
@@ -314,7 +385,6 @@ def init_random_params(
 ) -> Params:
     """Random parameters in the loaded layout, generated on the devices already sharded (benchmarks at
     real shapes without a download). Norm scales are 1, everything else N(0, 0.02)."""
-    require_supported(config.rope)
     mesh = mesh or make_mesh(1)
     shapes = param_shapes(config, dtype)
     shardings = _flatten(param_shardings(shapes, mesh))

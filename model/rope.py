@@ -4,6 +4,13 @@
 form the `config.json` uses. A field left `None` means "transformers' default for this type", so the
 defaults live here next to the formulas that use them. Frequencies are computed in float64 and
 rounded once to float32: transformers computes them in float32 and lands within a couple of ulps.
+
+Dynamic NTK (InternLM2, some Llama 2 fine-tunes) is the one recipe whose frequencies depend on the
+sequence: past the trained length L the base grows with the sequence's length. transformers recomputes
+the frequencies at every forward from that call's longest position; keys already in the cache keep the
+rotation they were written with. `dynamic_inv_frequencies` is the same rule per row inside the jitted
+step, from each row's sequence length after the step, so a decode step or a prefill chunk rotates its
+tokens exactly as a transformers forward over the same tokens with the same cache would.
 """
 
 from __future__ import annotations
@@ -11,12 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROPE_TYPES = frozenset({"default", "linear", "dynamic", "llama3", "yarn"})
-# dynamic NTK rescales the frequencies as a sequence grows past the trained length; a jitted step with a
-# fixed frequency table cannot follow it yet, so such checkpoints parse but are refused before loading.
-SUPPORTED_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 
 # transformers' yarn defaults for a missing beta_fast / beta_slow
 YARN_BETA_FAST = 32.0
@@ -32,7 +38,7 @@ class RopeConfig:
     factor: float = 1.0
     low_freq_factor: float | None = None  # llama3
     high_freq_factor: float | None = None  # llama3
-    original_max_position_embeddings: int | None = None  # llama3, yarn
+    original_max_position_embeddings: int | None = None  # llama3, yarn, dynamic
     beta_fast: float | None = None  # yarn
     beta_slow: float | None = None  # yarn
     attention_factor: float | None = None  # yarn: None = derived from factor
@@ -50,21 +56,13 @@ class RopeConfig:
         needed = {
             "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
             "yarn": ("original_max_position_embeddings",),
+            "dynamic": ("original_max_position_embeddings",),
         }.get(self.rope_type, ())
         missing = [name for name in needed if getattr(self, name) is None]
         if missing:
             raise ValueError(f"{self.rope_type} RoPE needs {', '.join(missing)}")
         if self.rope_type == "llama3" and self.low_freq_factor == self.high_freq_factor:
             raise ValueError("llama3 RoPE needs low_freq_factor != high_freq_factor")
-
-
-def require_supported(rope: RopeConfig) -> None:
-    """Refuse a RoPE type the model cannot run yet, before anything is loaded."""
-    if rope.rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"RoPE type {rope.rope_type!r} is not supported yet (supported: "
-            f"{', '.join(sorted(SUPPORTED_ROPE_TYPES))})"
-        )
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -113,8 +111,11 @@ def _yarn_frequencies(rope: RopeConfig, inv_freq: np.ndarray, head_dim: int, ori
 
 
 def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
-    """f32[head_dim // 2]: the angle per position of each rotated pair (HF's rotate-half layout)."""
-    require_supported(rope)
+    """f32[head_dim // 2]: the angle per position of each rotated pair (HF's rotate-half layout).
+
+    For dynamic NTK these are the frequencies of sequences within the trained length; longer ones
+    take `dynamic_inv_frequencies`.
+    """
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"RoPE needs a positive even head_dim, got {head_dim}")
     inv_freq = _base_frequencies(rope.theta, head_dim)
@@ -131,6 +132,22 @@ def inv_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     elif rope.rope_type == "yarn":
         inv_freq = _yarn_frequencies(rope, inv_freq, head_dim, rope.original_max_position_embeddings)
     return inv_freq.astype(np.float32)
+
+
+def dynamic_inv_frequencies(rope: RopeConfig, head_dim: int, seq_lens: jax.Array) -> jax.Array:
+    """Dynamic NTK: f32[B, head_dim // 2] for sequences of `seq_lens` i32[B] tokens, traceable.
+
+    transformers' rule: a sequence of s > L tokens rotates with base theta * (factor * s / L -
+    (factor - 1)) ** (d / (d - 2)); shorter ones with theta itself. Computed in float32, as transformers
+    does (its sequence length is a tensor there).
+    """
+    if rope.rope_type != "dynamic":
+        raise ValueError(f"dynamic_inv_frequencies needs dynamic RoPE, got {rope.rope_type!r}")
+    original = rope.original_max_position_embeddings
+    length = jnp.maximum(seq_lens, original).astype(jnp.float32)
+    base = rope.theta * (rope.factor * length / original - (rope.factor - 1)) ** (head_dim / (head_dim - 2))
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / base[:, None] ** exponents
 
 
 def attention_scaling(rope: RopeConfig) -> float:

@@ -28,6 +28,8 @@ LOGICAL_AXES: dict[str, Axes] = {
     "layers_{i}/attn/bqkv": ("kv_heads", None, "head_dim"),
     "layers_{i}/attn/wo": ("q_heads", "head_dim", "embed"),
     "layers_{i}/attn/bo": ("embed",),
+    "layers_{i}/attn/q_norm/scale": ("head_dim",),
+    "layers_{i}/attn/k_norm/scale": ("head_dim",),
     "layers_{i}/mlp_norm/scale": ("norm",),
     "layers_{i}/mlp/w_gate_up": ("embed", None, "ffn"),
     "layers_{i}/mlp/b_gate_up": (None, "ffn"),

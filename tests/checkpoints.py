@@ -1,14 +1,18 @@
 """Tiny random Hugging Face checkpoints, written by transformers itself, for tests to load and compare.
 
-`make_llama_checkpoint` saves a `LlamaForCausalLM` with a fixed seed; `llama_checkpoint_fixture` wraps
-it as a session-scoped pytest fixture (`tiny_llama = llama_checkpoint_fixture(num_layers=1)` in a test
-module). `rewrite_rope_format` turns a saved config.json into each RoPE style found in the wild.
+`make_checkpoint` saves a random model of one family (Llama, Mistral, Qwen2, Qwen3) with a fixed seed
+through transformers' own class for it. InternLM2 has no class in transformers (its modelling code
+ships with the checkpoint and is never run here), so its checkpoint is a transformers Llama converted
+into InternLM2's layout and config (`llama_to_internlm2`): the Llama it came from is its oracle.
+`make_llama_checkpoint` is the Llama case; `llama_checkpoint_fixture` wraps it as a session-scoped
+pytest fixture. `rewrite_rope_format` turns a saved config.json into each RoPE style found in the wild.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -34,8 +38,12 @@ GENERATION_CONFIG = {
 }
 
 
-def make_llama_checkpoint(
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "internlm2")
+
+
+def make_checkpoint(
     directory: str | Path,
+    family: str = "llama",
     *,
     vocab_size: int = 128,
     hidden_size: int = 64,
@@ -54,33 +62,61 @@ def make_llama_checkpoint(
     seed: int = 0,
     shard_size: int | str | None = None,
     generation_config: Mapping[str, Any] | None = GENERATION_CONFIG,
+    **family_options: Any,
 ) -> Path:
-    """Save a random `LlamaForCausalLM` (and its generation_config.json) into `directory`; returns it.
+    """Save a random model of `family` (and its generation_config.json) into `directory`; returns it.
 
     `rope_scaling` is a transformers RoPE dict without rope_theta, e.g. {"rope_type": "llama3", ...}.
     `shard_size` (bytes or "20KB") splits the weights into `model-0000x-of-0000y.safetensors` + index.
+    `family_options` go to that family's config class (e.g. `sliding_window` for Mistral and Qwen2).
+    For internlm2, `attention_bias` becomes InternLM2's `bias` (all four projections, as Llama's).
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
-    config = LlamaConfig(
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if family == "internlm2":
+        directory = Path(directory)
+        llama = make_checkpoint(
+            directory / "llama-oracle", "llama", vocab_size=vocab_size, hidden_size=hidden_size,
+            num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            intermediate_size=intermediate_size, tie_word_embeddings=tie_word_embeddings,
+            rope_theta=rope_theta, rope_scaling=rope_scaling, attention_bias=attention_bias,
+            torch_dtype=torch_dtype, max_position_embeddings=max_position_embeddings, seed=seed,
+            generation_config=generation_config,
+        )
+        return llama_to_internlm2(llama, directory)
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[family]
+    # Qwen2 has no bias switches: q/k/v always carry one, o_proj never; Mistral none at all.
+    biases = {"llama": dict(attention_bias=attention_bias, mlp_bias=mlp_bias),
+              "qwen3": dict(attention_bias=attention_bias)}.get(family, {})
+    if family == "mistral":
+        family_options.setdefault("sliding_window", None)
+    config = config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
+        head_dim=head_dim or hidden_size // num_heads,
         max_position_embeddings=max_position_embeddings,
         rope_parameters={**(rope_scaling or {"rope_type": "default"}), "rope_theta": rope_theta},
         tie_word_embeddings=tie_word_embeddings,
-        attention_bias=attention_bias,
-        mlp_bias=mlp_bias,
         bos_token_id=BOS_TOKEN_ID,
         eos_token_id=EOS_TOKEN_ID,
+        **biases,
+        **family_options,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     _randomize(model)
     model.to(getattr(torch, torch_dtype))
     model.config.dtype = torch_dtype
@@ -88,6 +124,84 @@ def make_llama_checkpoint(
     model.save_pretrained(directory, max_shard_size=shard_size or "10GB")
     if generation_config is not None:
         GenerationConfig(**generation_config).save_pretrained(directory)
+    return directory
+
+
+def make_llama_checkpoint(directory: str | Path, **options: Any) -> Path:
+    """`make_checkpoint` for a `LlamaForCausalLM`."""
+    return make_checkpoint(directory, "llama", **options)
+
+
+def llama_to_internlm2(llama: str | Path, directory: str | Path) -> Path:
+    """Rewrite a saved Llama checkpoint as InternLM2 would ship it; returns `directory`.
+
+    Weights get InternLM2's names, with q/k/v packed into `wqkv` as InternLM2 groups them: for each KV
+    head, its G query heads, then its key head, then its value head. config.json gets InternLM2's
+    architecture, `auto_map` (which names remote code that xlserve must never need), `bias`, and RoPE
+    as published InternLM2 checkpoints write it (top-level `rope_theta`, `rope_scaling.type`).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    llama, directory = Path(llama), Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads((llama / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    group = heads // kv_heads
+    renames = {
+        "model.embed_tokens.weight": "model.tok_embeddings.weight",
+        "lm_head.weight": "output.weight",
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.up_proj": "feed_forward.w3",
+        "mlp.down_proj": "feed_forward.w2",
+    }
+    tensors = load_file(llama / "model.safetensors")
+    converted: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        if ".self_attn.q_proj." in name:
+            q, k, v = (tensors[name.replace("q_proj", part)] for part in ("q_proj", "k_proj", "v_proj"))
+            tail = q.shape[1:]
+            packed = torch.cat(
+                [q.reshape(kv_heads, group, head_dim, *tail), k.reshape(kv_heads, 1, head_dim, *tail),
+                 v.reshape(kv_heads, 1, head_dim, *tail)],
+                dim=1,
+            )
+            converted[name.replace("self_attn.q_proj", "attention.wqkv")] = packed.reshape(-1, *tail).contiguous()
+            continue
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        converted[name] = tensor
+    save_file(converted, directory / "model.safetensors", metadata={"format": "pt"})
+
+    rope = dict(config.pop("rope_parameters", None) or {})
+    rope_type = rope.pop("rope_type", "default")
+    internlm2 = {
+        key: config[key]
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+                    "tie_word_embeddings", "bos_token_id", "eos_token_id", "dtype")
+    }
+    internlm2.update(
+        architectures=["InternLM2ForCausalLM"],
+        model_type="internlm2",
+        auto_map={
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+        },
+        bias=config["attention_bias"],
+        rope_theta=rope.pop("rope_theta"),
+        rope_scaling=None if rope_type == "default" else {"type": rope_type, **rope},
+        attn_implementation="eager",
+    )
+    (directory / "config.json").write_text(json.dumps(internlm2, indent=2))
+    if (llama / "generation_config.json").is_file():
+        shutil.copy(llama / "generation_config.json", directory / "generation_config.json")
     return directory
 
 

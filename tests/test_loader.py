@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from model.config import ModelConfig
 from model.loader import init_random_params, load_params, param_shapes
 from model.sharding import LOGICAL_AXES, logical_axes, make_mesh, param_shardings
-from tests.checkpoints import llama_checkpoint_fixture
+from tests.checkpoints import llama_checkpoint_fixture, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,15 +219,10 @@ def test_checkpoint_that_disagrees_with_its_config_is_refused(biased):
         load_params(biased, no_bias, jnp.float32)
 
 
-def test_no_weights_and_unsupported_rope_fail_before_reading(tmp_path, biased):
+def test_no_weights_and_wrong_dtype_fail_before_reading(tmp_path, biased):
     config = ModelConfig.from_pretrained(biased)
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
         load_params(tmp_path, config, jnp.float32)
-    dynamic = ModelConfig.from_hf_dict(
-        {**config_json(biased), "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}
-    )
-    with pytest.raises(ValueError, match="'dynamic' is not supported yet"):
-        load_params(tmp_path, dynamic, jnp.float32)
     with pytest.raises(ValueError, match="floating dtype"):
         load_params(biased, config, jnp.int8)
 
@@ -249,6 +244,30 @@ def test_random_params_have_the_loaded_layout(biased):
     assert not np.array_equal(random["layers_1"]["attn"]["wqkv"], other["layers_1"]["attn"]["wqkv"])
 
 
+def test_internlm2_packed_layout_loads_to_its_llama_origin(tmp_path):
+    """InternLM2's names and packed `wqkv` (biased) land on the very arrays its Llama origin gives."""
+    internlm2 = make_checkpoint(tmp_path, "internlm2", num_heads=4, num_kv_heads=2, attention_bias=True)
+    config = ModelConfig.from_pretrained(internlm2)
+    llama_config = ModelConfig.from_pretrained(internlm2 / "llama-oracle")
+    assert dataclasses.replace(config, family="llama") == llama_config
+    ours, oracle = load_params(internlm2, config, jnp.float32), load_params(internlm2 / "llama-oracle",
+                                                                          llama_config, jnp.float32)
+    assert jax.tree.structure(ours) == jax.tree.structure(oracle)
+    jax.tree.map(np.testing.assert_array_equal, ours, oracle)
+
+
+def test_qwen3_head_norms_are_loaded_and_sharded(tmp_path):
+    qwen3 = make_checkpoint(tmp_path, "qwen3", head_dim=32)
+    config = ModelConfig.from_pretrained(qwen3)
+    params = load_params(qwen3, config, jnp.float32)
+    hf = hf_tensors(qwen3)
+    np.testing.assert_array_equal(params["layers_1"]["attn"]["k_norm"]["scale"],
+                                  hf["model.layers.1.self_attn.k_norm.weight"])
+    assert "bo" not in params["layers_0"]["attn"] and "bqkv" not in params["layers_0"]["attn"]
+    shardings = flat_paths(param_shardings(param_shapes(config), make_mesh(1)))
+    assert shardings["layers_0/attn/q_norm/scale"].spec == P(None)
+
+
 # ----- sharding ------------------------------------------------------------------------------------------
 
 EXPECTED_SPECS = {
@@ -263,6 +282,8 @@ EXPECTED_SPECS = {
     "mlp/b_gate_up": P(None, "tp"),
     "mlp/w_down": P("tp", None),
     "mlp/b_down": P(None),
+    "attn/q_norm/scale": P(None),
+    "attn/k_norm/scale": P(None),
     "final_norm/scale": P(None),
     "lm_head/kernel": P(None, "tp"),
 }
@@ -272,8 +293,8 @@ def test_logical_axes_cover_the_interface_table():
     assert logical_axes("layers_17/attn/wqkv") == ("embed", "kv_heads", None, "head_dim")
     assert logical_axes("lm_head/kernel") == ("embed", "vocab")
     assert len(LOGICAL_AXES) == len(EXPECTED_SPECS)
-    with pytest.raises(ValueError, match="no logical axes declared for parameter 'layers_0/attn/q_norm'"):
-        logical_axes("layers_0/attn/q_norm")
+    with pytest.raises(ValueError, match="no logical axes declared for parameter 'layers_0/attn/q_proj'"):
+        logical_axes("layers_0/attn/q_proj")
 
 
 def test_param_shardings_on_one_device(biased):

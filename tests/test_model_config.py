@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import LlamaConfig, MistralConfig
+import torch
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from model.config import ModelConfig, merge_eos_token_ids
-from model.rope import RopeConfig, attention_scaling, inv_frequencies, require_supported
+from model.rope import RopeConfig, attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from tests.checkpoints import ROPE_STYLES, rewrite_rope_format
 
 MAX_POSITIONS = 131072
@@ -139,13 +141,19 @@ def test_inv_frequencies_and_scaling_match_transformers(case, head_dim):
     assert attention_scaling(rope) == pytest.approx(reference.attention_scaling, rel=1e-12)
 
 
-def test_dynamic_rope_parses_but_is_refused_for_running():
-    rope = parse(rope_scaling={"rope_type": "dynamic", "factor": 2.0}).rope
-    assert rope == RopeConfig(10000.0, "dynamic", factor=2.0)
-    with pytest.raises(ValueError, match="'dynamic' is not supported yet"):
-        require_supported(rope)
-    with pytest.raises(ValueError, match="'dynamic' is not supported yet"):
-        inv_frequencies(rope, 64)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dynamic_ntk_frequencies_follow_the_sequence_length_as_transformers(head_dim):
+    config = hf_config(ROPE_CASES["dynamic"], head_dim=head_dim, max_position_embeddings=4096)
+    rope = ModelConfig.from_hf_dict(config.to_dict()).rope
+    assert rope == RopeConfig(10000.0, "dynamic", factor=2.0, original_max_position_embeddings=4096)
+    lengths = [1, 4095, 4096, 4097, 6000, 32768]
+    ours = np.asarray(dynamic_inv_frequencies(rope, head_dim, np.asarray(lengths, np.int32)))
+    for length, row in zip(lengths, ours, strict=True):
+        # transformers' own rule, with the length as a tensor as its forward passes it
+        want, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu", seq_len=torch.tensor(length))
+        np.testing.assert_allclose(row, want.numpy(), rtol=2e-6, atol=0)
+    # within the trained length the frequencies are the plain ones
+    np.testing.assert_allclose(ours[2], inv_frequencies(rope, head_dim), rtol=2e-6)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +209,8 @@ def test_fields_from_a_transformers_5_config(tmp_path):
     assert config == ModelConfig(
         family="llama", vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=8,
         num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, max_position_embeddings=4096,
-        rope=RopeConfig(10000.0, "default"), tie_word_embeddings=True, attention_bias=True, mlp_bias=False,
+        rope=RopeConfig(10000.0, "default"), tie_word_embeddings=True, attention_bias=True,
+        attention_out_bias=True, mlp_bias=False,
         torch_dtype="bfloat16", bos_token_id=5, eos_token_ids=(6,), hidden_act="silu", generation_defaults=(),
     )  # fmt: skip
     assert config.q_per_kv == 4
@@ -254,24 +263,71 @@ def test_generation_defaults_and_eos_from_generation_config_json(tmp_path):
         parse({"top_k": 0.5})
 
 
-def test_mistral_is_llama_shaped():
+def test_mistral_is_llama_shaped_and_its_window_caps_the_context():
     mistral = MistralConfig(vocab_size=1000, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                            sliding_window=None).to_dict()  # fmt: skip
+                            sliding_window=None, max_position_embeddings=32768).to_dict()  # fmt: skip
     config = ModelConfig.from_hf_dict(mistral)
-    assert (config.family, config.num_kv_heads, config.head_dim) == ("llama", 2, 32)
+    assert (config.family, config.num_kv_heads, config.head_dim) == ("mistral", 2, 32)
+    assert (config.max_position_embeddings, config.sliding_window) == (32768, None)
+    # Mistral 7B v0.1 attends to its last 4096 tokens: full attention is the same model up to there
+    v01 = ModelConfig.from_hf_dict({**mistral, "sliding_window": 4096})
+    assert (v01.max_position_embeddings, v01.sliding_window) == (4096, 4096)
+    assert ModelConfig.from_hf_dict({**mistral, "sliding_window": 65536}).sliding_window is None
+
+
+def test_qwen2_and_qwen3_attention_options_and_windows():
+    sizes = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32768)  # fmt: skip
+    qwen2 = ModelConfig.from_hf_dict(Qwen2Config(**sizes, tie_word_embeddings=True).to_dict())
+    biases = (qwen2.attention_bias, qwen2.attention_out_bias, qwen2.qk_norm)
+    assert qwen2.family == "qwen2" and biases == (True, False, False)
+    assert qwen2.tie_word_embeddings and qwen2.sliding_window is None
+    qwen3 = ModelConfig.from_hf_dict(Qwen3Config(**sizes, head_dim=64).to_dict())
+    assert (qwen3.family, qwen3.attention_bias, qwen3.qk_norm, qwen3.head_dim) == ("qwen3", False, True, 64)
+    # Qwen2.5's published form: a window that use_sliding_window leaves off
+    published = {**llama_dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_hidden_layers=28),
+                 "sliding_window": 131072, "use_sliding_window": False, "max_window_layers": 28}
+    assert ModelConfig.from_hf_dict(published).sliding_window is None
+    # switched on, it applies to the layers from max_window_layers on, in either spelling
+    on = {**published, "sliding_window": 4096, "use_sliding_window": True}
+    assert ModelConfig.from_hf_dict(on).sliding_window is None  # max_window_layers = all layers
+    assert ModelConfig.from_hf_dict({**on, "max_window_layers": 20}).sliding_window == 4096
+    hf = Qwen2Config(**sizes, use_sliding_window=True, sliding_window=1024, max_window_layers=2).to_dict()
+    assert "sliding_attention" in hf["layer_types"]
+    assert ModelConfig.from_hf_dict(hf).max_position_embeddings == 1024
+
+
+def test_internlm2_config_as_published():
+    # InternLM2.5-7B-chat's config.json, shortened: remote code named, never needed
+    internlm2 = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "model_type": "internlm2", "bias": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 32768,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_theta": 1000000, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "vocab_size": 92544,
+    }  # fmt: skip
+    config = ModelConfig.from_hf_dict(internlm2, {"eos_token_id": [2, 92542]})
+    assert (config.family, config.q_per_kv, config.attention_bias, config.attention_out_bias) == (
+        "internlm2", 4, False, False)
+    assert config.rope == RopeConfig(1e6, "dynamic", factor=2.0, original_max_position_embeddings=32768)
+    assert config.eos_token_ids == (2, 92542)
+    assert ModelConfig.from_hf_dict({**internlm2, "bias": True}).attention_out_bias
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"architectures": ["Qwen2ForCausalLM"]}, "unsupported architecture Qwen2ForCausalLM"),
+        ({"architectures": ["Qwen3MoeForCausalLM"]}, "unsupported architecture Qwen3MoeForCausalLM"),
         ({"architectures": None, "model_type": "gpt2"}, "model_type='gpt2'"),
         ({"vocab_size": None, "hidden_size": None}, "missing required fields: vocab_size, hidden_size"),
         ({"num_attention_heads": 8, "num_key_value_heads": 3}, r"multiple of num_key_value_heads \(3\)"),
         ({"hidden_size": 250, "head_dim": None}, "not divisible by num_attention_heads"),
         ({"num_hidden_layers": 0}, "num_layers must be a positive integer"),
         ({"vocab_size": "1000"}, "vocab_size must be a positive integer"),
-        ({"sliding_window": 4096}, "sliding-window attention"),
+        ({"sliding_window": 0}, "sliding_window must be a positive integer"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
         ({"eos_token_id": [2, "x"]}, "eos_token_id must be a token id"),
