@@ -38,7 +38,7 @@ from serving.engine.request import (
     InvalidRequestError,
 )
 from serving.engine.runner import ModelRunner
-from serving.engine.scheduler import Chunk, Scheduler, Sequence
+from serving.engine.scheduler import Chunk, Scheduler, SeqStatus, Sequence
 from serving.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -235,14 +235,18 @@ class Engine:
 
     # ----- the engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        # The step dispatched last turn, whose tokens are read only after this turn's dispatch: the
+        # device always has the next step queued while the host reads, detokenizes and schedules.
+        in_flight: list[tuple[list[Chunk], jax.Array]] = []
         try:
             while not self._stopping.is_set():
-                self._take_inbox(block=not self.scheduler.has_work)
+                self._take_inbox(block=not self.scheduler.has_work and not in_flight)
                 if self._stopping.is_set():
                     break
                 plan = self.scheduler.schedule()
-                if not plan.empty:
-                    self._run_step(plan.decode, plan.prefill)
+                dispatched = self._dispatch(plan.decode, plan.prefill)
+                self._read_back(in_flight)
+                in_flight = dispatched
         except BaseException as exc:  # the engine must never hang silently: fail every request
             logger.exception("engine thread crashed")
             self._error = exc
@@ -285,7 +289,8 @@ class Engine:
             return
         self.scheduler.add(seq)
 
-    def _run_step(self, decode: list[Chunk], prefill: list[Chunk]) -> None:
+    def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
+        """Queue the decode and prefill steps on the device without waiting for them."""
         dispatched = []
         if decode:
             rows = self.buckets.decode_bucket(len(decode))
@@ -294,18 +299,29 @@ class Engine:
             shape = self.buckets.prefill_bucket(len(prefill), max(c.length for c in prefill))
             assert shape is not None, "the scheduler only plans chunks that fit a bucket"
             dispatched.append((prefill, self.runner.run(prefill, *shape)))
+        for chunks, _ in dispatched:
+            for chunk in chunks:
+                chunk.seq.num_computed = chunk.start + chunk.length
+                chunk.seq.num_pending += chunk.samples
+        return dispatched
+
+    def _read_back(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+        """Read a dispatched step's tokens and hand each sequence its new token."""
         for chunks, tokens in dispatched:
             host_tokens = np.asarray(tokens)
             for row, chunk in enumerate(chunks):
-                chunk.seq.num_computed = chunk.start + chunk.length
-                if chunk.samples:
-                    self._append(chunk.seq, int(host_tokens[row]))
+                seq = chunk.seq
+                if not chunk.samples:
+                    continue
+                seq.num_pending -= 1
+                if seq.status is not SeqStatus.FINISHED:  # else: stopped meanwhile, the token is moot
+                    self._append(seq, int(host_tokens[row]))
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         if token in seq.request.stop_token_ids:
             self._finish(seq, FinishReason.STOP, [token])
-        elif seq.num_generated >= seq.max_new_tokens:
+        elif seq.num_read >= seq.max_new_tokens:
             self._finish(seq, FinishReason.LENGTH, [token])
         else:
             self._emit(seq, [token])

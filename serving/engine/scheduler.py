@@ -38,9 +38,12 @@ class Sequence:
     request: EngineRequest
     sink: Callable[[EngineOutput], None]
     arrival: int
-    token_ids: list[int]
+    token_ids: list[int]  # the prompt, then every generated token the host has read back
     num_prompt_tokens: int
-    num_computed: int = 0
+    num_computed: int = 0  # tokens whose keys/values are in (or on their way to) the cache
+    # Tokens sampled by dispatched steps but not read back yet (0 or 1): the engine reads each step's
+    # tokens only after dispatching the next, which takes its input token from the device.
+    num_pending: int = 0
     pages: list[int] = field(default_factory=list)
     slot: int = -1  # row of the engine's per-sequence device state while running
     status: SeqStatus = SeqStatus.WAITING
@@ -51,26 +54,46 @@ class Sequence:
         return self.request.request_id
 
     @property
+    def length(self) -> int:
+        """All tokens of the sequence, including sampled ones not read back yet."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def num_generated(self) -> int:
+        """Generated tokens, read back or not: the index of the next token to sample."""
+        return self.length - self.num_prompt_tokens
+
+    @property
+    def num_read(self) -> int:
+        """Generated tokens the host has read back (and reported)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_remaining(self) -> int:
         """Tokens not yet in the cache (1 when decoding)."""
-        return len(self.token_ids) - self.num_computed
+        return self.length - self.num_computed
+
+    @property
+    def done_sampling(self) -> bool:
+        """Every allowed token is sampled; the last may still be on its way back."""
+        return self.num_generated >= self.max_new_tokens
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """`length` tokens of `seq` starting at token `start`; `samples` when they reach its end."""
+    """`length` tokens of `seq` starting at token `start`; `samples` when they reach its end.
+
+    `samples` is fixed when the chunk is planned: by the time its tokens are read back, later
+    dispatches have already grown the sequence.
+    """
 
     seq: Sequence
     start: int
     length: int
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        return self.start + self.length == len(self.seq.token_ids)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", self.start + self.length == self.seq.length)
 
 
 @dataclass
@@ -123,7 +146,7 @@ class Scheduler:
         plan = Schedule()
         budget = self.buckets.max_prefill_tokens
         for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not SeqStatus.RUNNING or seq.done_sampling:  # preempted, or only awaiting read-back
                 continue
             decoding = seq.num_remaining == 1
             length = 1 if decoding else min(seq.num_remaining, self.buckets.max_chunk, budget)
@@ -139,6 +162,8 @@ class Scheduler:
     def _admit(self, plan: Schedule, budget: int) -> None:
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
+            if seq.num_pending:
+                return  # preempted with a token in flight: recompute once it is read back
             decoding = seq.num_remaining == 1
             length = 1 if decoding else min(seq.num_remaining, self.buckets.max_chunk, budget)
             if not decoding and length < min(seq.num_remaining, self.page_size):
