@@ -30,6 +30,11 @@ def build_engine(args: argparse.Namespace) -> Engine:
                    attention_backend=args.attention_backend, preset=args.preset, tp=args.tp)
     if args.max_batch_size:
         options["max_batch_size"] = args.max_batch_size
+    for option, value in (("decode_batch_buckets", args.decode_buckets), ("prefill_row_buckets", args.prefill_rows),
+                          ("prefill_token_buckets", args.prefill_tokens),
+                          ("max_prefill_token_num", args.max_prefill_tokens)):
+        if value:
+            options[option] = tuple(int(v) for v in value.split(",")) if isinstance(value, str) else value
     config = EngineConfig.from_options(**options)
     if args.model:
         return Engine.from_pretrained(args.model, config)
@@ -100,7 +105,11 @@ def main() -> None:
     parser.add_argument("--session-len", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--preset", default="auto")
-    parser.add_argument("--attention-backend", default="xla")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--decode-buckets", help="comma-separated decode batch buckets (default: the preset's)")
+    parser.add_argument("--prefill-rows", help="comma-separated prefill row buckets")
+    parser.add_argument("--prefill-tokens", help="comma-separated prefill token buckets")
+    parser.add_argument("--max-prefill-tokens", type=int, help="tokens one prefill step may process")
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the roofline (default: measure)")
     parser.add_argument("--json", help="also write the results to this file")
     sub = parser.add_subparsers(dest="mode", required=True)

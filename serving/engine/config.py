@@ -75,7 +75,7 @@ class EngineConfig:
     prefill_token_buckets: tuple[int, ...] | None = None
     # model
     dtype: str = "auto"  # auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32
-    attention_backend: str = "xla"
+    attention_backend: str = "auto"  # kernels.BACKENDS: auto = our Pallas kernels on GPU, XLA elsewhere
     tp: int = 1
     seed: int = 0  # base for the seeds of requests that bring none
     extra: dict = field(default_factory=dict, repr=False)
