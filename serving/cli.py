@@ -22,11 +22,18 @@ from quart import Quart
 
 from serving.http.options import Launch, OptionError, add_arguments, from_arguments
 from serving.http.state import ServerState
+from serving.text.templates import list_templates
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlserve", description="LLM serving on JAX/XLA with an OpenAI API.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser(
+        "list-templates",
+        help="List the built-in chat templates (for --chat-template).",
+        description="List the built-in chat templates, the model families they serve and the words that end "
+        "their turns.",
+    )
     serve = commands.add_parser("serve", help="Run a server.")
     servers = serve.add_subparsers(dest="server", metavar="SERVER")
     api_server = servers.add_parser(
@@ -44,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "list-templates":
+        print(list_templates())
+        return 0
     if args.command != "serve" or args.server != "api_server":
         parser.print_help()
         return 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -19,7 +19,7 @@ from serving.http.body import read_body
 from serving.http.errors import APIError
 from serving.http.openapi import streams
 from serving.http.params import check_context_length, generation_config
-from serving.http.prompts import chat_prompt_ids
+from serving.http.prompts import chat_prompt
 from serving.http.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -29,10 +29,18 @@ from serving.http.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ErrorResponse,
+    ResponseFunctionCall,
+    ResponseToolCall,
+    ToolCallDelta,
     Usage,
 )
 from serving.http.sse import sse_response
 from serving.http.state import server_state
+from serving.http.tools import ToolPlan, plan_tools
+from serving.text.chat_output import ChatOutputParser, OutputEvent, collect_text
+from serving.text.reasoning import ReasoningParser, starts_in_reasoning
+from serving.text.templates import ChatTemplate, end_of_turn_words
+from serving.text.tokenizer import Tokenizer
 
 blueprint = Blueprint("chat", __name__)
 
@@ -42,6 +50,7 @@ blueprint = Blueprint("chat", __name__)
 @document_response(ChatCompletionResponse, 200)
 @document_response(ErrorResponse, 400)
 @document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 422)
 @document_response(ErrorResponse, 503)
 @streams(ChatCompletionChunk)
 async def chat_completions() -> Response | dict[str, Any]:
@@ -49,7 +58,9 @@ async def chat_completions() -> Response | dict[str, Any]:
 
     With `stream: true` the answer is `text/event-stream`: `data: {ChatCompletionChunk}` events (the
     first of each choice carries the role, the last its finish_reason), an optional usage chunk
-    (`stream_options.include_usage`), then `data: [DONE]`.
+    (`stream_options.include_usage`), then `data: [DONE]`. With the server's `--reasoning-parser`,
+    `<think>` text comes as `reasoning_content`; with `--tool-call-parser` and `tools`, calls come as
+    `tool_calls` (streamed: the name first, then argument fragments) and finish_reason `tool_calls`.
     """
     body = await read_body(ChatCompletionRequest)
     state = server_state()
@@ -58,28 +69,63 @@ async def chat_completions() -> Response | dict[str, Any]:
         raise APIError(400, "logprobs are not supported by this server", param="logprobs")
     state.require_ready()
     engine = state.engine
-    prompt_ids = await asyncio.to_thread(
-        chat_prompt_ids,
+    settings = state.settings
+    plan = plan_tools(body, settings.tool_call_parser)
+    prompt = await asyncio.to_thread(
+        chat_prompt,
         engine.tokenizer,
         body.messages,
         body.chat_template_kwargs,
-        state.settings.chat_template,
+        settings.chat_template,
+        plan.tools,
+        plan.call_prefix,
     )
     config = generation_config(body, state.generation_defaults)
+    if not config.ignore_eos:  # the template's end of turn ends the answer like an EOS
+        stops = set(config.stop_token_ids or []) | _turn_end_ids(engine.tokenizer, settings.chat_template)
+        config.stop_token_ids = sorted(stops) or None
+    if plan.format is not None and plan.format.special_tokens:
+        config.skip_special_tokens = False  # the call tags are special tokens
+    in_reasoning: bool | None = None  # None: no reasoning parser
+    if settings.reasoning_parser is not None and not plan.call_prefix:
+        enable_thinking = (body.chat_template_kwargs or {}).get("enable_thinking")
+        in_reasoning = starts_in_reasoning(settings.reasoning_parser, prompt.text, enable_thinking)
+
+    def output_parser() -> ChatOutputParser:
+        reasoning = ReasoningParser(in_reasoning) if in_reasoning is not None else None
+        return ChatOutputParser(reasoning, plan.format, plan.call_prefix, plan.max_calls)
+
+    prompt_ids = prompt.token_ids
     check_context_length([prompt_ids], config.max_new_tokens, engine.max_session_len, "messages")
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    requests = fan_out(engine, [prompt_ids], config, body.n or 1, completion_id, state.settings.max_log_len)
+    requests = fan_out(engine, [prompt_ids], config, body.n or 1, completion_id, settings.max_log_len)
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
     if body.stream:
-        return sse_response(_chunks(engine, requests, header, len(prompt_ids), body.include_usage))
+        return sse_response(
+            _chunks(engine, requests, header, len(prompt_ids), body.include_usage, output_parser, plan)
+        )
     results = await collect(engine, requests)
+    choices = []
+    for i, result in enumerate(results):
+        parser = output_parser()
+        events = parser.feed(result.text) + parser.finish()
+        plan.check(parser.calls, bool(events) and events[0].kind == "call")
+        content, reasoning = collect_text(events)
+        calls = [
+            ResponseToolCall(id=_call_id(), function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
+            for c in parser.calls
+        ]
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None),
+                finish_reason=_finish_reason(result.finish_reason, bool(calls)),
+            )
+        )
     completion_tokens = sum(r.num_completion_tokens for r in results)
     return ChatCompletionResponse(
         **header,
-        choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
-            for i, r in enumerate(results)
-        ],
+        choices=choices,
         usage=Usage(
             prompt_tokens=len(prompt_ids),
             completion_tokens=completion_tokens,
@@ -88,12 +134,40 @@ async def chat_completions() -> Response | dict[str, Any]:
     ).model_dump()
 
 
+def _turn_end_ids(tokenizer: Tokenizer, template: ChatTemplate | None) -> set[int]:
+    words = template.stop_words if template is not None else end_of_turn_words(tokenizer.chat_template or "")
+    return {token for token in map(tokenizer.token_id, words) if token is not None}
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """`tool_calls` when the model stopped after calling; a length cut stays `length`."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def _delta(event: OutputEvent, call_ids: list[str]) -> ChatDelta:
+    if event.kind == "reasoning":
+        return ChatDelta(reasoning_content=event.text)
+    if event.kind == "content":
+        return ChatDelta(content=event.text)
+    if event.kind == "call":
+        call_ids.append(_call_id())
+        return ChatDelta(tool_calls=[ToolCallDelta(index=event.index, id=call_ids[event.index], type="function",
+                                                   function={"name": event.text, "arguments": ""})])  # fmt: skip
+    return ChatDelta(tool_calls=[ToolCallDelta(index=event.index, function={"arguments": event.text})])
+
+
 async def _chunks(
     engine: Engine,
     requests: Sequence[EngineRequest],
     header: dict[str, Any],
     prompt_tokens: int,
     include_usage: bool,
+    output_parser: Callable[[], ChatOutputParser],
+    plan: ToolPlan,
 ) -> AsyncGenerator[dict[str, Any], None]:
     # OpenAI sends `"usage": null` on every chunk only when usage was asked for.
     exclude = None if include_usage else {"usage"}
@@ -104,19 +178,23 @@ async def _chunks(
     for index in range(len(requests)):
         yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
     completion_tokens = [0] * len(requests)
+    parsers = [output_parser() for _ in requests]
+    call_ids: list[list[str]] = [[] for _ in requests]
+    first_kind: list[str | None] = [None] * len(requests)
     async with aclosing(generate(engine, requests)) as deltas:
         async for index, delta in deltas:
             completion_tokens[index] = delta.num_completion_tokens
-            if delta.text or delta.finished:
-                yield chunk(
-                    [
-                        ChatChunkChoice(
-                            index=index,
-                            delta=ChatDelta(content=delta.text or None),
-                            finish_reason=delta.finish_reason,
-                        )
-                    ]
-                )
+            parser = parsers[index]
+            events = parser.feed(delta.text) + (parser.finish() if delta.finished else [])
+            for event in events:
+                first_kind[index] = first_kind[index] or event.kind
+                if plan.allowed is not None:  # enforced: the first thing out must be an allowed call
+                    plan.check(parser.calls, first_kind[index] == "call")
+                yield chunk([ChatChunkChoice(index=index, delta=_delta(event, call_ids[index]))])
+            if delta.finished:
+                plan.check(parser.calls, first_kind[index] == "call")
+                reason = _finish_reason(delta.finish_reason, bool(parser.calls))
+                yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)])
     if include_usage:
         total = sum(completion_tokens)
         yield chunk(

@@ -19,6 +19,11 @@ from typing import Any, Literal
 from configs.demo import DEMO_MODEL_NAME
 from serving.engine.config import EngineConfig
 from serving.http.settings import DEFAULT_MAX_REQUEST_BYTES, ServerSettings
+from serving.text.reasoning import ALIASES as REASONING_ALIASES
+from serving.text.reasoning import REASONING_PARSERS, parser_name
+from serving.text.templates import ChatTemplate, resolve_chat_template
+from serving.text.tool_parsers import ALIASES as TOOL_ALIASES
+from serving.text.tool_parsers import TOOL_FORMATS
 
 MODEL_ENV = "XLSERVE_MODEL"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -88,7 +93,26 @@ OPTIONS: tuple[Option, ...] = (
         "--chat-template",
         "server",
         "chat_template",
-        "A Jinja chat template file replacing the tokenizer's own (e.g. for a checkpoint that has none).",
+        "The chat template: a built-in name (`xlserve list-templates`), hf (the checkpoint's own, the default), "
+        "a Jinja file, or a JSON file in LMDeploy's chat template format.",
+    ),
+    Option(
+        "--tool-call-parser",
+        "server",
+        "tool_call_parser",
+        "How the model writes tool calls, to return them as `tool_calls`: qwen (<tool_call> JSON, also "
+        "hermes/qwen2_5/qwen3), internlm (<|action_start|><|plugin|>, also internlm2) or llama3 (JSON). "
+        "Without it, requests with tools get 400.",
+        choices=tuple(TOOL_FORMATS) + tuple(TOOL_ALIASES),
+    ),
+    Option(
+        "--reasoning-parser",
+        "server",
+        "reasoning_parser",
+        "Return <think>...</think> text as `reasoning_content`: deepseek-r1 (the output starts in the "
+        "reasoning; also default/qwen-qwq/intern-s1) or qwen3 (only a <think> opens it). A block the "
+        "template opens is read from the prompt.",
+        choices=REASONING_PARSERS + tuple(REASONING_ALIASES),
     ),
     Option("--log-level", "cli", "log_level", "Log level.", default="WARNING", choices=LOG_LEVELS),
     Option(
@@ -325,6 +349,8 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
             server_options[name] = tuple(server_options[name])
     if "chat_template" in server_options:
         server_options["chat_template"] = _read_template(server_options["chat_template"], source)
+    if "reasoning_parser" in server_options:
+        server_options["reasoning_parser"] = parser_name(server_options["reasoning_parser"])
     server_options.setdefault("model_name", model_path if model_path is not None else DEMO_MODEL_NAME)
     settings = ServerSettings(model_path=model_path, **server_options)
     return Launch(
@@ -337,10 +363,9 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
     )
 
 
-def _read_template(path: str, source: Callable[[Option], str]) -> str:
+def _read_template(value: str, source: Callable[[Option], str]) -> ChatTemplate | None:
     option = next(o for o in OPTIONS if o.field == "chat_template")
     try:
-        with open(path, encoding="utf-8") as file:
-            return file.read()
-    except OSError as error:
-        raise OptionError(f"{source(option)}: cannot read the chat template file {path!r}: {error}") from error
+        return resolve_chat_template(value)
+    except ValueError as error:
+        raise OptionError(f"{source(option)}: {error}") from error

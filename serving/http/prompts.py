@@ -2,41 +2,65 @@
 
 Runs on a worker thread (templates and tokenizers are CPU-bound and a long prompt would stall every
 stream on the event loop). A template that refuses the conversation (e.g. "roles must alternate")
-is the client's 400, not a server error.
+is the client's 400, not a server error. A final assistant message is continued, not closed (as in
+LMDeploy): the model writes the rest of that turn.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 
 from serving.http.errors import APIError
 from serving.http.protocol import ChatMessage
+from serving.text.templates import ChatTemplate
 from serving.text.tokenizer import Tokenizer
 
 # apply_chat_template's own arguments; chat_template_kwargs may not override them.
-_RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"})
+_RESERVED_TEMPLATE_ARGS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template", "continue_final_message"}
+)
 
 
-def chat_prompt_ids(
+@dataclass(frozen=True)
+class ChatPrompt:
+    text: str
+    token_ids: list[int]
+
+
+def chat_prompt(
     tokenizer: Tokenizer,
     messages: list[ChatMessage],
     template_kwargs: dict[str, Any] | None,
-    chat_template: str | None,
-) -> list[int]:
+    chat_template: ChatTemplate | None,
+    tools: list[dict[str, Any]] | None = None,
+    continuation: str = "",
+) -> ChatPrompt:
+    """Render and encode; `continuation` is text appended after the generation prompt (a forced tool
+    call's start), encoded with it."""
     kwargs = dict(template_kwargs or {})
     clashing = sorted(_RESERVED_TEMPLATE_ARGS & kwargs.keys())
     if clashing:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(clashing)}", param="chat_template_kwargs")
     if chat_template is not None:
-        kwargs["chat_template"] = chat_template
+        kwargs["chat_template"] = chat_template.source
+    continues = messages[-1].role == "assistant"
     try:
-        text = tokenizer.apply_chat_template([_template_message(m) for m in messages], **kwargs)
+        text = tokenizer.apply_chat_template(
+            [_template_message(m) for m in messages],
+            add_generation_prompt=not continues,
+            continue_final_message=continues,
+            tools=tools,
+            **kwargs,
+        )
     except (jinja2.TemplateError, ValueError) as error:
         raise APIError(400, f"the chat template refused these messages: {error}", param="messages") from error
+    text += continuation
     # The template writes the BOS and other special tokens itself.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return ChatPrompt(text, tokenizer.encode(text, add_special_tokens=False))
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:
@@ -45,11 +69,27 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
         "role": "system" if message.role == "developer" else message.role,
         "content": message.text() or "",
     }
-    for name in ("name", "tool_call_id", "tool_calls"):
+    for name in ("name", "tool_call_id", "reasoning_content"):
         value = getattr(message, name)
         if value is not None:
             result[name] = value
+    if message.tool_calls:
+        # Templates write arguments with `tojson`: they expect the object, not the JSON text of it.
+        result["tool_calls"] = [
+            {"id": call.id, "type": call.type,
+             "function": {"name": call.function.name, "arguments": _arguments_object(call.function.arguments)}}
+            for call in message.tool_calls
+        ]  # fmt: skip
     return result
+
+
+def _arguments_object(arguments: str | dict[str, Any]) -> Any:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments  # not JSON: the template gets the text as it came
 
 
 def completion_prompt_ids(

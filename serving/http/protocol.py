@@ -31,7 +31,7 @@ MAX_N = 128  # OpenAI's own bound on `n`; each choice is one engine request
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; stop-string matching costs per emitted character, so bound it
 MAX_STOP_LENGTH = 256
 
-UNION_TAGS = frozenset({"string", "strings", "tokens", "token_lists", "parts"})
+UNION_TAGS = frozenset({"string", "strings", "tokens", "token_lists", "parts", "named"})
 
 
 def _json_shape(value: Any) -> str:
@@ -107,6 +107,19 @@ class TextPart(_Request):
         return value
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str | dict[str, Any] = Field(description="JSON text (an object is accepted too).")
+
+
+class MessageToolCall(_Request):
+    """A call an earlier assistant turn made, as the client sends it back in `messages`."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: (
@@ -118,7 +131,8 @@ class ChatMessage(_Request):
     ) = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    reasoning_content: str | None = Field(None, description="An earlier turn's reasoning, for templates that use it.")
 
     def text(self) -> str | None:
         if isinstance(self.content, list):
@@ -126,11 +140,48 @@ class ChatMessage(_Request):
         return self.content
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="The arguments' JSON Schema.")
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[NamedToolChoice, Tag("named")],
+    Discriminator(lambda v: "string" if isinstance(v, str) else "named"),
+]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Extra variables for the chat template, e.g. `enable_thinking`."
     )
+    tools: list[ToolDefinition] | None = Field(
+        None, description="Functions the model may call (needs the server's --tool-call-parser)."
+    )
+    tool_choice: ToolChoice | None = Field(
+        None,
+        description="`auto` (the default with tools), `none`, `required`, or `{type: function, function: {name}}`. "
+        "`required` and a named function are enforced: the call's start is written into the prompt, and an "
+        "answer that is not such a call is an error, never plain text.",
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false keeps only the first call.")
     logprobs: bool | None = Field(None, description="Not supported: only false or null.")
     top_logprobs: int | None = Field(None, description="Not supported: only 0 or null.")
 
@@ -164,12 +215,31 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text as the model wrote it.")
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = Field(None, description="With --reasoning-parser: the <think> part.")
+    tool_calls: list[ResponseToolCall] | None = None
+
+    # No return annotation: pydantic would document it as the schema instead of the fields.
+    @model_serializer(mode="wrap")
+    def _leave_out_absent_extras(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        return {key: value for key, value in data.items() if value is not None or key == "content"}
 
 
 class ChatChoice(BaseModel):
@@ -189,11 +259,26 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call: the first carries its id, type and name, the rest arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: dict[str, str] = Field(description="`name` (first piece), then `arguments` fragments.")
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unchanged(self, handler: SerializerFunctionWrapHandler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class ChatDelta(BaseModel):
     """A streamed piece of a message; fields that did not change are left out, as OpenAI does."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     # No return annotation: pydantic would document it as the schema instead of ChatDelta's fields.
     @model_serializer(mode="wrap")

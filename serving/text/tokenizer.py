@@ -6,10 +6,19 @@ the rest of the code never touches transformers' wide and version-dependent toke
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Any
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaTokenizer
+
+logger = logging.getLogger(__name__)
+
+# Tokenizer classes that live in a checkpoint's remote code but are plain SentencePiece BPE models
+# (byte fallback, dummy prefix, BOS added) that transformers' Llama tokenizer reads from
+# `tokenizer.model` as they are; with their default of adding BOS.
+SENTENCEPIECE_REMOTE_TOKENIZERS = {"InternLM2Tokenizer": True, "InternLM2TokenizerFast": True}
 
 
 class Tokenizer:
@@ -49,11 +58,25 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str) -> Tokenizer:
-        """Load from a local directory; never downloads and never runs code shipped with a model."""
+        """Load from a local directory; never downloads and never runs code shipped with a model.
+
+        A tokenizer whose class exists only in the checkpoint's remote code (InternLM2's) is read
+        from its `tokenizer.model` by transformers' SentencePiece-backed Llama tokenizer instead.
+        """
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer path {path!r} is not a local directory")
+        remote_class = _remote_tokenizer_class(path)
+        if remote_class in SENTENCEPIECE_REMOTE_TOKENIZERS and os.path.isfile(os.path.join(path, "tokenizer.model")):
+            logger.info("reading %s's tokenizer.model as a SentencePiece BPE model (no remote code)", remote_class)
+            config = _tokenizer_config(path)
+            add_bos = config.get("add_bos_token", SENTENCEPIECE_REMOTE_TOKENIZERS[remote_class])
+            return cls(LlamaTokenizer.from_pretrained(path, local_files_only=True, add_bos_token=add_bos))
         hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         return cls(hf)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of `token` when it is one whole token of the vocabulary (e.g. `<|im_end|>`), else None."""
+        return self._backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._hf.encode(text, add_special_tokens=add_special_tokens)
@@ -71,7 +94,8 @@ class Tokenizer:
         **kwargs: Any,
     ) -> str:
         """Render `messages` to prompt text (encode it with `add_special_tokens=False`: templates
-        write their own BOS). `kwargs` reach the template (e.g. `chat_template=` to override it)."""
+        write their own BOS). `kwargs` reach the template (e.g. `chat_template=` to override it,
+        `continue_final_message=True` to leave a final assistant message open)."""
         if self.chat_template is None and kwargs.get("chat_template") is None:
             raise ValueError(
                 "this tokenizer has no chat template (no chat_template in tokenizer_config.json and no "
@@ -84,3 +108,20 @@ class Tokenizer:
             tokenize=False,
             **kwargs,
         )
+
+
+def _tokenizer_config(path: str) -> dict[str, Any]:
+    file = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as handle:
+        config = json.load(handle)
+    return config if isinstance(config, dict) else {}
+
+
+def _remote_tokenizer_class(path: str) -> str | None:
+    """The tokenizer class a checkpoint names only through remote code (`auto_map`), if any."""
+    config = _tokenizer_config(path)
+    if "AutoTokenizer" not in (config.get("auto_map") or {}):
+        return None
+    return config.get("tokenizer_class")
