@@ -1,8 +1,10 @@
 """The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags.
 
 It builds the same app as `serving.app` (from flags instead of the environment) and runs Hypercorn
-in-process. The server stops on SIGINT/SIGTERM, and also (exit status 1) when the model fails to
-compile, rather than staying up without ever becoming ready.
+in-process. SIGINT/SIGTERM start a graceful shutdown: readiness turns false and new requests get 503
+while the requests in flight finish (for up to `--shutdown-timeout` seconds, then they are aborted);
+then Hypercorn closes and the process exits 0. A second signal stops at once. The server also stops
+(exit status 1) when the model fails to compile, rather than staying up without ever becoming ready.
 """
 
 from __future__ import annotations
@@ -77,33 +79,49 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None) -> int:
-    """Run Hypercorn until a signal (or `shutdown_trigger`, for callers off the main thread) or a
-    failed start; 1 if the engine failed to start, else 0."""
+    """Run Hypercorn until a signal (or `shutdown_trigger`, for callers off the main thread) and the
+    drain after it, or a failed start; 1 if the engine failed to start, else 0."""
     state: ServerState = app.extensions["xlserve"]
-    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()  # tells Hypercorn to close its sockets and connections
+    draining: list[asyncio.Task] = []
+
+    def shut_down() -> None:
+        if draining:  # asked again while draining: stop now
+            stop.set()
+            return
+        draining.append(loop.create_task(_drain_then_stop(state, launch.shutdown_timeout, stop)))
+
     if shutdown_trigger is None:
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, shut_down)
     else:
-        asyncio.get_running_loop().create_task(_set_after(shutdown_trigger, stop))
+        loop.create_task(_call_after(shutdown_trigger, shut_down))
     config = HypercornConfig()
     host = f"[{launch.host}]" if ":" in launch.host else launch.host
     config.bind = [f"{host}:{launch.port}"]
     config.loglevel = launch.log_level
-    if launch.log_level in ("INFO", "DEBUG"):
-        config.accesslog = "-"
-    watcher = asyncio.get_running_loop().create_task(_announce(state, f"http://{host}:{launch.port}", stop))
+    # No Hypercorn access log: the app writes its own (`xlserve.access`, with request ids) at INFO.
+    watcher = loop.create_task(_announce(state, f"http://{host}:{launch.port}", stop))
     try:
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
     finally:
         watcher.cancel()
+        for task in draining:
+            task.cancel()
     return 1 if state.load_error is not None else 0
 
 
-async def _set_after(trigger: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+async def _call_after(trigger: Callable[[], Awaitable[None]], action: Callable[[], None]) -> None:
     await trigger()
-    stop.set()
+    action()
+
+
+async def _drain_then_stop(state: ServerState, timeout: float, stop: asyncio.Event) -> None:
+    try:
+        await state.drain(timeout)
+    finally:
+        stop.set()
 
 
 async def _announce(state: ServerState, url: str, stop: asyncio.Event) -> None:

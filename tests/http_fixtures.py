@@ -3,8 +3,10 @@
 Start-up compiles every bucket, so the HTTP suite shares one in-process server (`http_server`,
 the tiny Llama checkpoint with the Llama 2 tokenizer) across all its modules; test modules import
 the fixture from here. It runs through the CLI's own `serve` on a thread, so tests can also look at
-the engine behind it (e.g. that a disconnect left nothing running). The few tests of the other ways
-in (`hypercorn serving.app:app`, the `xlserve` command) start their own processes with `ServerProcess`.
+the engine and app behind it (e.g. that a disconnect left nothing running). Tests that need other
+server settings (API keys, small limits) start their own with `serve_in_thread`, on fewer buckets
+(`FEW_BUCKETS`) so they compile in about half the time. The few tests of the other ways in
+(`hypercorn serving.app:app`, the `xlserve` command) start their own processes with `ServerProcess`.
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from quart import Quart
 
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
 from serving.http.options import Launch
 from serving.http.settings import ServerSettings
+from serving.http.state import ServerState
 
 MODEL_NAME = "tiny-llama"
 # Few shapes keep start-up short on a 2-core CI machine, yet still cover batching (decode batch 4),
@@ -42,6 +48,8 @@ SERVER_ENGINE_OPTIONS = dict(
     prefill_row_buckets=(1, 2),
     prefill_token_buckets=(16, 64),
 )
+# For the extra servers: one prefill shape (prompts are prefilled 16 tokens a step).
+FEW_BUCKETS = dict(SERVER_ENGINE_OPTIONS, prefill_row_buckets=(1,), prefill_token_buckets=(16,))
 # The same for the subprocess servers, as flags.
 SMALL_BUCKET_FLAGS = [
     "--session-len",
@@ -88,41 +96,72 @@ class LiveServer:
     base_url: str
     engine: Engine
     model_name: str
+    app: Quart
+    loop: asyncio.AbstractEventLoop  # the server's event loop (on its own thread)
+    api_key: str = "unused"
+
+    @property
+    def state(self) -> ServerState:
+        return self.app.extensions["xlserve"]
 
     def client(self, **options: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **options)
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **options)
 
     def async_client(self, **options: object) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **options)
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **options)
 
 
 class _ThreadServer:
     """`serving.cli.serve` on a thread of its own, stopped through its shutdown trigger."""
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, engine_options: dict, shutdown_timeout: float, **settings: Any):
         from serving.cli import serve
         from serving.http.factory import create_app
 
         self.port = free_port()
-        config = EngineConfig.from_options(**SERVER_ENGINE_OPTIONS)
-        settings = ServerSettings(model_name=MODEL_NAME, model_path=str(checkpoint))
+        config = EngineConfig.from_options(**engine_options)
+        server_settings = ServerSettings(model_name=MODEL_NAME, model_path=str(checkpoint), **settings)
         self.engine = Engine.from_pretrained(str(checkpoint), config)
-        app = create_app(self.engine, settings)
-        launch = Launch(str(checkpoint), config, settings, host="127.0.0.1", port=self.port)
-        self._loop = asyncio.new_event_loop()
-        self._stop = asyncio.Event()
-        self._thread = threading.Thread(
-            target=self._loop.run_until_complete,
-            args=(serve(app, launch, shutdown_trigger=self._stop.wait),),
-            name="http-test-server",
-            daemon=True,
+        self.app = create_app(self.engine, server_settings)
+        launch = Launch(
+            str(checkpoint), config, server_settings, host="127.0.0.1", port=self.port,
+            shutdown_timeout=shutdown_timeout,
         )
+        self.loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self.exit_status: int | None = None
+        self._thread = threading.Thread(target=self._run, args=(serve(self.app, launch, self._stop.wait),),
+                                        name="http-test-server", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=60)
-        self._loop.close()
+    def _run(self, serving: Any) -> None:
+        self.exit_status = self.loop.run_until_complete(serving)
+
+    def stop(self, timeout: float = 60) -> None:
+        """Shut down as on SIGTERM (drain, then close); returns once `serve` has returned."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout=timeout)
+        if not self.loop.is_closed() and not self._thread.is_alive():
+            self.loop.close()
+
+
+@contextmanager
+def serve_in_thread(
+    checkpoint: Path,
+    engine_options: dict = FEW_BUCKETS,
+    shutdown_timeout: float = 5.0,
+    **settings: Any,
+) -> Iterator[tuple[LiveServer, _ThreadServer]]:
+    """A server with its own engine and `ServerSettings(**settings)`, stopped on exit."""
+    server = _ThreadServer(checkpoint, engine_options, shutdown_timeout, **settings)
+    try:
+        base_url = f"http://127.0.0.1:{server.port}"
+        wait_ready(base_url, alive=server._thread.is_alive)
+        keys = settings.get("api_keys") or ("unused",)
+        yield LiveServer(base_url, server.engine, MODEL_NAME, server.app, server.loop, api_key=keys[0]), server
+    finally:
+        server.stop()
 
 
 _shared: LiveServer | None = None
@@ -136,14 +175,12 @@ def shared_http_server(tiny_llama: Path) -> Iterator[LiveServer]:
     if _shared is not None:
         yield _shared
         return
-    server = _ThreadServer(tiny_llama)
-    try:
-        wait_ready(f"http://127.0.0.1:{server.port}", alive=server._thread.is_alive)
-        _shared = LiveServer(f"http://127.0.0.1:{server.port}", server.engine, MODEL_NAME)
-        yield _shared
-    finally:
-        _shared = None
-        server.stop()
+    with serve_in_thread(tiny_llama, SERVER_ENGINE_OPTIONS) as (server, _):
+        _shared = server
+        try:
+            yield server
+        finally:
+            _shared = None
 
 
 class ServerProcess:
@@ -210,3 +247,18 @@ def console_script(name: str) -> str:
     if not path.exists():
         pytest.fail(f"{path} is missing: install the project (pip install -e '.[test]')")
     return str(path)
+
+
+def scrape(server: LiveServer) -> dict[str, float]:
+    """GET /metrics as `{sample: value}`; a sample is its name, plus its labels other than model_name
+    in braces (`vllm:request_success_total{finished_reason=length}`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {server.api_key}"})
+    assert response.status_code == 200, response.text
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

@@ -5,6 +5,16 @@ touches the scheduler and the device. Each loop turn it takes what arrived, asks
 plan, dispatches the decode batch and the prefill batch back to back, then reads both results and
 reports each sequence's new token through its sink. The sink runs on the engine thread and must not
 block (the HTTP layer hands outputs to its event loop with `call_soon_threadsafe`).
+
+Faults: an exception while dispatching or reading back a step fails only that step's requests (each
+gets a final output with `FinishReason.ERROR`) and the loop goes on. If steps keep failing
+(`MAX_CONSECUTIVE_STEP_FAILURES` in a row: the device or its state is broken), or anything else
+escapes the loop, the thread ends: every request fails, `ready` and `alive` turn false, and `submit`
+refuses new work instead of queueing it where nobody would ever answer.
+
+`fault_hook` is for tests only: a callable the engine thread calls with a step's chunks just before
+dispatching it, to make that step fail (raise) or run slowly (sleep) with the real engine. It is a
+plain attribute, set in-process; no flag, variable or request can set it.
 """
 
 from __future__ import annotations
@@ -46,6 +56,9 @@ logger = logging.getLogger(__name__)
 # KV budget on a CPU backend, where "free accelerator memory" means nothing: this many bytes times
 # cache_max_entry_count, and never more pages than max_batch_size full-length sequences can use.
 CPU_KV_CACHE_BYTES = 1 << 30
+
+# Steps failing back to back mean the device (or the donated state) is broken, not one bad request.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -112,6 +125,11 @@ class Engine:
         self._arrivals = 0
         self._compilations_at_warmup = 0
         self._error: BaseException | None = None
+        # `submit` and the thread's exit agree under this lock on whether the inbox is still read.
+        self._inbox_lock = threading.Lock()
+        self._accepting = False
+        self._step_failures = 0
+        self.fault_hook: Callable[[list[Chunk]], None] | None = None  # tests only; see the module docstring
 
         self.buckets = self.engine_config.buckets(self.platform)
         self.max_batch_size = self.buckets.max_decode_batch
@@ -175,6 +193,7 @@ class Engine:
         logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
         self._compilations_at_warmup = CompilationCounter.count()
         self._thread = threading.Thread(target=self._loop, name="xlserve-engine", daemon=True)
+        self._accepting = True
         self._thread.start()
         self.ready = True
 
@@ -216,9 +235,10 @@ class Engine:
         return EngineRequest(request_id, list(prompt_token_ids), config, frozenset(stops), seed)
 
     def submit(self, request: EngineRequest, sink: Callable[[EngineOutput], None]) -> None:
-        if self._error is not None or not self.alive:
-            raise RuntimeError("the engine is not running")
-        self._inbox.put(("add", request, sink))
+        with self._inbox_lock:
+            if not self._accepting or self._stopping.is_set():
+                raise RuntimeError("the engine is not running")
+            self._inbox.put(("add", request, sink))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
@@ -244,8 +264,8 @@ class Engine:
                 if self._stopping.is_set():
                     break
                 plan = self.scheduler.schedule()
-                dispatched = self._dispatch(plan.decode, plan.prefill)
-                self._read_back(in_flight)
+                dispatched = self._dispatch_or_fail(plan.decode, plan.prefill)
+                self._read_back_or_fail(in_flight)
                 in_flight = dispatched
         except BaseException as exc:  # the engine must never hang silently: fail every request
             logger.exception("engine thread crashed")
@@ -254,8 +274,28 @@ class Engine:
             for seq in (*self.scheduler.running, *self.scheduler.waiting):
                 self._finish(seq, FinishReason.ERROR, error=f"engine failure: {exc}")
         finally:
+            with self._inbox_lock:
+                self._accepting = False
             for seq in (*self.scheduler.running, *self.scheduler.waiting):
                 self._finish(seq, FinishReason.ABORT)
+            self._refuse_inbox()
+
+    def _refuse_inbox(self) -> None:
+        """Answer requests submitted but never taken in, so no caller waits forever."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[0] == "add":
+                _, request, sink = item
+                error = f"engine failure: {self._error}" if self._error is not None else None
+                try:
+                    sink(EngineOutput(request_id=request.request_id, finished=True,
+                                      finish_reason=FinishReason.ERROR if error else FinishReason.ABORT,
+                                      num_prompt_tokens=len(request.prompt_token_ids), error=error))
+                except Exception:
+                    logger.exception("sink of request %s failed", request.request_id)
 
     def _take_inbox(self, block: bool) -> None:
         try:
@@ -288,6 +328,40 @@ class Engine:
             self._emit(seq, [], FinishReason.LENGTH)
             return
         self.scheduler.add(seq)
+
+    def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
+        """`_dispatch`, the decode and the prefill batch each on its own, so a failure fails only its batch."""
+        dispatched = []
+        for decode_part, prefill_part in ((decode, []), ([], prefill)):
+            chunks = decode_part or prefill_part
+            if not chunks:
+                continue
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(chunks)
+                dispatched += self._dispatch(decode_part, prefill_part)
+            except Exception as exc:
+                self._fail_step(chunks, exc)
+        return dispatched
+
+    def _read_back_or_fail(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+        for batch in dispatched:
+            try:
+                self._read_back([batch])
+            except Exception as exc:
+                self._fail_step(batch[0], exc)
+            else:
+                self._step_failures = 0
+
+    def _fail_step(self, chunks: list[Chunk], exc: Exception) -> None:
+        """Fail the requests of a step that raised, or give up if steps keep failing."""
+        self._step_failures += 1
+        if self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise RuntimeError(f"{self._step_failures} steps failed in a row; the last: {exc!r}") from exc
+        logger.exception("a step failed; failing its %d requests", len(chunks))
+        for chunk in chunks:
+            if chunk.seq.status is not SeqStatus.FINISHED:
+                self._finish(chunk.seq, FinishReason.ERROR, error=f"the step running this request failed: {exc!r}")
 
     def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
         """Queue the decode and prefill steps on the device without waiting for them."""

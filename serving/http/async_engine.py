@@ -1,17 +1,24 @@
 """The one bridge between the asyncio handlers and the engine thread.
 
 `fan_out` validates every choice of an HTTP request up front (so a bad option is a 400 before a
-stream starts and before anything runs); `generate` submits them and yields each choice's text as the
-engine produces it. The engine calls each request's sink on its own thread; the sink hands the output
-to the event loop with `call_soon_threadsafe`. Whatever ends the iteration (the last choice finishing,
-a client disconnect cancelling the handler, an error), every request still running is aborted, so the
-engine frees its pages at once.
+stream starts and before anything runs), then claims one admission slot per choice (503 with
+`Retry-After` when the server is full); `generate` waits for the request's turn, submits its choices
+and yields each choice's text as the engine produces it. The engine calls each request's sink on its
+own thread; the sink hands the output to the event loop with `call_soon_threadsafe`. Whatever ends
+the iteration (the last choice finishing, a client disconnect cancelling the handler, the request
+timeout, an error), every request still running is aborted, so the engine frees its pages at once,
+and the admission slots are given back.
+
+The HTTP request being served (`serving.http.exchange.current_exchange()`) supplies the admission
+queue, the deadline (`--request-timeout`) and the metrics; without one (a direct call) there is no
+admission, deadline or metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 from serving.engine.engine import Engine
 from serving.engine.request import MAX_SEED, EngineOutput, EngineRequest, FinishReason, GenerationConfig
 from serving.http.errors import APIError
+from serving.http.exchange import Exchange, current_exchange
 from serving.text.output import OutputProcessor, TextDelta
 
 logger = logging.getLogger(__name__)
@@ -35,7 +43,8 @@ def fan_out(
 ) -> list[EngineRequest]:
     """One engine request per choice: prompt p's choice i has index p*n+i and, with a seed, seed+index.
 
-    Raises the engine's InvalidRequestError before anything is submitted.
+    Raises the engine's InvalidRequestError before anything is submitted, and APIError 400/503 if
+    admission refuses the choices.
     """
     requests = []
     for p, prompt_ids in enumerate(prompts):
@@ -45,19 +54,35 @@ def fan_out(
             if config.random_seed is not None:
                 choice_config = dataclasses.replace(config, random_seed=(config.random_seed + index) % (MAX_SEED + 1))
             requests.append(engine.make_request(prompt_ids, choice_config, f"{request_id}-{index}"))
+    exchange = current_exchange()
+    if exchange is not None:
+        _admit(exchange, len(requests))
+        exchange.prompt_tokens = sum(len(p) for p in prompts)
+        if exchange.metrics is not None:
+            exchange.metrics.observe_request(n, config.max_new_tokens or engine.max_session_len)
     if logger.isEnabledFor(logging.INFO):
         for p, prompt_ids in enumerate(prompts):
             text = engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)
-            logger.info(
-                "%s prompt %d: %d tokens, n=%d, %s: %r",
-                request_id,
-                p,
-                len(prompt_ids),
-                n,
-                config,
-                text if max_log_len is None else text[:max_log_len],
-            )
+            record = {
+                "request_id": exchange.request_id if exchange is not None else None,
+                "completion_id": request_id,
+                "prompt_index": p,
+                "prompt_tokens": len(prompt_ids),
+                "n": n,
+                "options": dataclasses.asdict(config),
+                "prompt": text if max_log_len is None else text[:max_log_len],
+            }
+            logger.info("prompt %s", json.dumps(record, ensure_ascii=False, separators=(",", ":")))
     return requests
+
+
+def _admit(exchange: Exchange, slots: int) -> None:
+    try:
+        exchange.admit(slots)
+    except APIError as error:
+        if error.status == 503 and exchange.metrics is not None:
+            exchange.metrics.reject(error.code or "overloaded")
+        raise
 
 
 @dataclass
@@ -69,13 +94,41 @@ class ChoiceResult:
     num_completion_tokens: int = 0
 
 
+@dataclass(eq=False)
+class _Choice:
+    """A choice in flight, with what the metrics need when it ends."""
+
+    request: EngineRequest
+    processor: OutputProcessor
+    first_token: float | None = None
+    last_token: float | None = None
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+
+def request_timeout_error() -> APIError:
+    # x-should-retry: the openai SDK would otherwise retry a 408, which would only time out again.
+    return APIError(
+        408,
+        "the request did not finish within the server's request timeout (--request-timeout)",
+        code="request_timeout",
+        headers={"x-should-retry": "false"},
+    )
+
+
 async def generate(engine: Engine, requests: Sequence[EngineRequest]) -> AsyncGenerator[tuple[int, TextDelta], None]:
     """Yield `(choice index, TextDelta)` for every increment of every request, interleaved as produced.
 
-    Raises APIError 503 if the engine is not running or ends a request on its own (shutdown), and
-    500 if the engine fails a request.
+    Raises APIError 503 if the engine is not running, ends a request on its own (shutdown) or the
+    request waited past its deadline for a slot; 408 past the deadline while generating; 500 if the
+    engine fails a request.
     """
     loop = asyncio.get_running_loop()
+    exchange = current_exchange()
+    arrival = exchange.started if exchange is not None else loop.time()
+    deadline = exchange.deadline if exchange is not None else None
+    ticket = exchange.ticket if exchange is not None else None
     outputs: asyncio.Queue[tuple[int, EngineOutput]] = asyncio.Queue()
 
     def sink_for(index: int) -> Callable[[EngineOutput], None]:
@@ -87,39 +140,97 @@ async def generate(engine: Engine, requests: Sequence[EngineRequest]) -> AsyncGe
 
         return sink
 
-    pending: dict[int, tuple[EngineRequest, OutputProcessor]] = {}
+    choices = [_Choice(r, OutputProcessor(engine.tokenizer, r.prompt_token_ids, r.config)) for r in requests]
+    pending: dict[int, _Choice] = {}
+    failure: APIError | None = None
     try:
-        for index, request in enumerate(requests):
-            pending[index] = (
-                request,
-                OutputProcessor(engine.tokenizer, request.prompt_token_ids, request.config),
-            )
+        if ticket is not None:
+            await ticket.wait(deadline)
+        for index, choice in enumerate(choices):
+            pending[index] = choice
             try:
-                engine.submit(request, sink_for(index))
+                engine.submit(choice.request, sink_for(index))
             except RuntimeError as error:
                 raise APIError(503, f"the engine is not running: {error}", code="engine_stopped") from error
         while pending:
-            index, output = await outputs.get()
-            if index not in pending:
+            index, output = await _next_output(outputs, deadline, loop)
+            choice = pending.get(index)
+            if choice is None:
                 continue  # the abort echo of a choice a stop string already ended
-            request, processor = pending[index]
             if output.error is not None or output.finish_reason is FinishReason.ERROR:
                 raise APIError(
                     500,
-                    f"the engine failed request {request.request_id}: {output.error}",
+                    f"the engine failed request {choice.request.request_id}: {output.error}",
                     code="engine_error",
                 )
             if output.finish_reason is FinishReason.ABORT:
                 raise APIError(503, "the server is shutting down; the request was aborted", code="aborted")
-            delta = processor.process(output)
+            if output.new_token_ids:
+                choice.last_token = loop.time()
+                choice.first_token = choice.first_token or choice.last_token
+            choice.cached_tokens = max(choice.cached_tokens, output.num_cached_tokens)
+            delta = choice.processor.process(output)
+            choice.completion_tokens = delta.num_completion_tokens
             if delta.finished:
                 del pending[index]
+                choice.finish_reason = delta.finish_reason
                 if not output.finished:  # a stop string ended it: the engine still runs it
-                    engine.abort(request.request_id)
+                    engine.abort(choice.request.request_id)
             yield index, delta
+    except APIError as error:
+        failure = error
+        raise
     finally:
-        for request, _ in pending.values():
-            engine.abort(request.request_id)
+        for choice in pending.values():
+            engine.abort(choice.request.request_id)
+        if ticket is not None:
+            ticket.release()
+        if exchange is not None:
+            _account(exchange, choices, arrival, failure)
+
+
+async def _next_output(
+    outputs: asyncio.Queue[tuple[int, EngineOutput]], deadline: float | None, loop: asyncio.AbstractEventLoop
+) -> tuple[int, EngineOutput]:
+    # The timeout covers only this wait, never a `yield`: a timeout scope left open across a yield
+    # would fire in whatever the consumer is awaiting (e.g. a slow client's socket) instead of here.
+    if deadline is None:
+        return await outputs.get()
+    if loop.time() >= deadline:
+        raise request_timeout_error()
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await outputs.get()
+    except TimeoutError:
+        raise request_timeout_error() from None
+
+
+def _account(exchange: Exchange, choices: list[_Choice], arrival: float, failure: APIError | None) -> None:
+    """Metrics and access-log fields for the choices of a request that has ended, however it ended."""
+    exchange.completion_tokens = sum(c.completion_tokens for c in choices)
+    # A choice that never finished was cut short: by an error or timeout, else by the client going away.
+    cut_short = (failure.code or "error") if failure is not None else "abort"
+    exchange.finish_reasons = [c.finish_reason or cut_short for c in choices]
+    metrics = exchange.metrics
+    if metrics is None:
+        return
+    if failure is not None:
+        if failure.status == 503 and failure.code == "queue_timeout":
+            metrics.reject(failure.code)
+        else:
+            metrics.fail(failure.code or "error")
+    for choice in choices:
+        if choice.finish_reason is None and failure is not None:
+            continue  # counted once above, as the request's failure
+        metrics.observe_choice(
+            finish_reason=choice.finish_reason or "abort",
+            prompt_tokens=len(choice.request.prompt_token_ids),
+            cached_tokens=choice.cached_tokens,
+            generated_tokens=choice.completion_tokens,
+            arrival=arrival,
+            first_token=choice.first_token,
+            last_token=choice.last_token,
+        )
 
 
 async def collect(engine: Engine, requests: Sequence[EngineRequest]) -> list[ChoiceResult]:

@@ -1,8 +1,11 @@
 """API keys: one before-request hook in front of every route, deny by default.
 
 Only the probes stay open (an orchestrator's probe should not carry a secret, and they reveal
-nothing). Keys are compared as SHA-256 digests in constant time, so neither a key's length nor
-its prefix leaks through timing.
+nothing), plus GET /metrics when the operator asks for it (`--public-metrics`). The hook runs for
+every request, whatever route it matches (or none), so a new route is guarded without anyone
+remembering to guard it (`tests/test_http_guarded.py` walks the URL map to prove it). Keys are
+compared as SHA-256 digests in constant time, so neither a key's length nor its prefix leaks
+through timing.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def install_api_keys(app: Quart, api_keys: Iterable[str]) -> None:
+def install_api_keys(app: Quart, api_keys: Iterable[str], public_metrics: bool = False) -> None:
     digests = [_digest(key) for key in api_keys]
     if not digests:
         return
+    open_paths = OPEN_PATHS | {"/metrics"} if public_metrics else OPEN_PATHS
 
     @app.before_request
     async def require_api_key() -> None:
         # CORS preflights carry no credentials by design.
-        if request.method == "OPTIONS" or request.path in OPEN_PATHS:
+        if request.method == "OPTIONS" or request.path in open_paths:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         presented = _digest(token.strip())

@@ -38,6 +38,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -45,6 +46,8 @@ class APIError(Exception):
         self.type = type or error_type(status)
         self.param = param
         self.code = code
+        # e.g. Retry-After on a 503, which the openai SDK and proxies read before retrying
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -52,6 +55,7 @@ class APIError(Exception):
     def response(self) -> Response:
         response = jsonify(self.body())
         response.status_code = self.status
+        response.headers.update(self.headers)
         if self.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response

@@ -1,16 +1,18 @@
-"""The Quart app factory: routes, OpenAPI + Swagger UI, errors, API keys, CORS and the engine's lifecycle."""
+"""The Quart app factory: routes, OpenAPI + Swagger UI, errors, API keys, CORS, the per-request
+middleware (ids, access log, admission clean-up) and the engine's lifecycle."""
 
 from __future__ import annotations
 
 import asyncio
 
-from quart import Quart
+from quart import Quart, request
 from quart_schema import Info, QuartSchema
 
 from serving.engine.engine import Engine
 from serving.http import chat, completions, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
+from serving.http.exchange import ExchangeMiddleware
 from serving.http.openapi import NamedSchemaProvider
 from serving.http.settings import ServerSettings
 from serving.http.state import ServerState
@@ -21,10 +23,12 @@ API_VERSION = "0.1.0"
 
 def create_app(engine: Engine, settings: ServerSettings) -> Quart:
     """An app serving `engine`, which it starts when serving begins and shuts down at the end."""
-    app = Quart("xlserve")
+    # No static folder: Quart would otherwise serve ./static of whatever directory the server runs in.
+    app = Quart("xlserve", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     state = ServerState(engine, settings)
     app.extensions["xlserve"] = state
+    app.asgi_app = ExchangeMiddleware(app.asgi_app, state)  # type: ignore[method-assign]
 
     bearer = {"bearer": {"type": "http", "scheme": "bearer"}} if settings.api_keys else None
     QuartSchema(
@@ -45,7 +49,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> Quart:
     for module in (service, chat, completions):
         app.register_blueprint(module.blueprint)
     install_error_handlers(app)
-    install_api_keys(app, settings.api_keys)
+
+    @app.before_request
+    async def refuse_while_draining() -> None:
+        state.refuse_while_draining(request.path)
+
+    install_api_keys(app, settings.api_keys, settings.public_metrics)
     if settings.allow_origins:
         # Imported only here: CORS is off unless asked for, and a server without it needs no quart-cors.
         from quart_cors import cors
@@ -56,6 +65,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> Quart:
             allow_credentials=settings.allow_credentials,
             allow_methods=list(settings.allow_methods),
             allow_headers=list(settings.allow_headers),
+            # Browser code may read these off an answer: the id to quote in a bug report, and when to retry.
+            expose_headers=["X-Request-Id", "Retry-After"],
         )
 
     @app.before_serving

@@ -3,7 +3,8 @@
 quart-schema inlines each route's own request and response model, so openapi-generator would emit
 anonymous types (`InlineObject1`); here every model lands in `components/schemas` under its class
 name and routes refer to it. Routes that can stream also document their `text/event-stream` answer
-(`streams(ChunkModel)`), which quart-schema has no decorator for.
+(`streams(ChunkModel)`), and routes that answer plain text say so (`text_response(media_type)`):
+quart-schema has decorators for neither.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from werkzeug.routing import Rule
 F = TypeVar("F", bound=Callable[..., Any])
 
 _STREAM_ATTRIBUTE = "_xlserve_stream_model"
+_TEXT_ATTRIBUTE = "_xlserve_text_media_type"
 
 
 def streams(chunk_model: type[BaseModel]) -> Callable[[F], F]:
@@ -26,6 +28,16 @@ def streams(chunk_model: type[BaseModel]) -> Callable[[F], F]:
 
     def decorate(func: F) -> F:
         setattr(func, _STREAM_ATTRIBUTE, chunk_model)
+        return func
+
+    return decorate
+
+
+def text_response(media_type: str) -> Callable[[F], F]:
+    """Document that the 200 answer is text of `media_type` rather than JSON."""
+
+    def decorate(func: F) -> F:
+        setattr(func, _TEXT_ATTRIBUTE, media_type)
         return func
 
     return decorate
@@ -52,7 +64,15 @@ class NamedSchemaProvider(OpenAPIProvider):
 
     def build_paths(self, rule: Rule) -> tuple[dict, dict]:
         paths, components = super().build_paths(rule)
-        chunk_model = getattr(self._app.view_functions[rule.endpoint], _STREAM_ATTRIBUTE, None)
+        view = self._app.view_functions[rule.endpoint]
+        media_type = getattr(view, _TEXT_ATTRIBUTE, None)
+        if media_type is not None:
+            for operation in paths[next(iter(paths))].values():
+                operation["responses"][200] = {
+                    "description": "OK",
+                    "content": {media_type: {"schema": {"type": "string"}}},
+                }
+        chunk_model = getattr(view, _STREAM_ATTRIBUTE, None)
         if chunk_model is not None:
             chunk, chunk_components = super().build_response_object(chunk_model, None)
             components.update(chunk_components)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from configs.demo import DEMO_MODEL_NAME
+from kernels import BACKENDS
 from serving.engine.config import EngineConfig
-from serving.http.settings import DEFAULT_MAX_REQUEST_BYTES, ServerSettings
+from serving.http.settings import DEFAULT_MAX_QUEUE_LEN, DEFAULT_MAX_REQUEST_BYTES, ServerSettings
 from serving.text.reasoning import ALIASES as REASONING_ALIASES
 from serving.text.reasoning import REASONING_PARSERS, parser_name
 from serving.text.templates import ChatTemplate, resolve_chat_template
@@ -69,9 +70,24 @@ OPTIONS: tuple[Option, ...] = (
         "--api-keys",
         "server",
         "api_keys",
-        "Accepted API keys: clients send `Authorization: Bearer KEY`. None given: no authentication. "
-        "The environment form (XLSERVE_API_KEYS, comma-separated) keeps keys out of the process list.",
+        "Accepted API keys: clients send `Authorization: Bearer KEY` on every route but /health and /v1/ready. "
+        "None given (here, in XLSERVE_API_KEYS or in --api-key-file): no authentication. XLSERVE_API_KEYS "
+        "(comma-separated) or --api-key-file keep keys out of the process list.",
         kind="list",
+    ),
+    Option(
+        "--api-key-file",
+        "cli",
+        "api_key_file",
+        "A file of accepted API keys, one per line (blank lines and lines starting with # are skipped); "
+        "added to --api-keys.",
+    ),
+    Option(
+        "--public-metrics",
+        "server",
+        "public_metrics",
+        "Serve GET /metrics without an API key (e.g. to a Prometheus scraper inside the cluster).",
+        kind="switch",
     ),
     Option(
         "--allow-origins",
@@ -128,6 +144,39 @@ OPTIONS: tuple[Option, ...] = (
         "max_request_bytes",
         f"Largest request body accepted; larger ones get 413 (default: {DEFAULT_MAX_REQUEST_BYTES}).",
         type=int,
+    ),
+    Option(
+        "--max-concurrent-requests",
+        "server",
+        "max_concurrent_requests",
+        "Most choices (prompts × n) generating at once; more wait in a queue (default: twice the largest "
+        "decode batch, at least 128).",
+        type=int,
+    ),
+    Option(
+        "--max-queue-len",
+        "server",
+        "max_queue_len",
+        f"Most choices waiting for a free slot; beyond it requests get 503 with Retry-After "
+        f"(default: {DEFAULT_MAX_QUEUE_LEN}).",
+        type=int,
+    ),
+    Option(
+        "--request-timeout",
+        "server",
+        "request_timeout",
+        "Seconds a request may take from arrival to its last token; past it the request is aborted with a "
+        "408 (or an error event in a stream). Default: no limit.",
+        type=float,
+    ),
+    Option(
+        "--shutdown-timeout",
+        "cli",
+        "shutdown_timeout",
+        "On SIGTERM/SIGINT, seconds the requests in flight get to finish (new ones get 503) before they are "
+        "aborted and the server exits.",
+        type=float,
+        default=30.0,
     ),
     Option("--backend", "cli", "backend", "Inference backend; xlserve has one.", default="jax", choices=("jax",)),
     Option(
@@ -230,8 +279,9 @@ OPTIONS: tuple[Option, ...] = (
         "--attention-backend",
         "engine",
         "attention_backend",
-        f"Attention kernels (default: {_engine_default('attention_backend')}).",
-        choices=("xla", "pallas"),
+        f"Attention kernels: auto is our Pallas kernels on GPU and XLA elsewhere "
+        f"(default: {_engine_default('attention_backend')}).",
+        choices=BACKENDS,
     ),
     Option(
         "--engine-seed",
@@ -267,6 +317,7 @@ class Launch:
     host: str = "0.0.0.0"
     port: int = 23333
     log_level: str = "WARNING"
+    shutdown_timeout: float = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -293,8 +344,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(option.flag, **kwargs)
 
 
-def from_arguments(namespace: argparse.Namespace) -> Launch:
+def from_arguments(namespace: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Launch:
     values = {o.field: getattr(namespace, o.field) for o in OPTIONS}
+    keys = _option("api_keys")
+    if values["api_keys"] is None and environ.get(keys.env):
+        # Keys are secrets: the command line shows in `ps`, so the CLI takes them from the environment too.
+        values["api_keys"] = _parse_env(keys, environ[keys.env])
     return _resolve(namespace.model_path, values, source=lambda o: o.flag)
 
 
@@ -344,6 +399,9 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
         flag = next((source(o) for o in OPTIONS if o.field == getattr(error, "param", None)), None)
         raise OptionError(f"{flag}: {error}" if flag else str(error)) from error
     server_options = {o.field: given[o.field] for o in OPTIONS if o.target == "server" and o.field in given}
+    if values["api_key_file"] is not None:
+        keys = _read_api_keys(values["api_key_file"], source)
+        server_options["api_keys"] = [*server_options.get("api_keys", ()), *keys]
     for name in ("api_keys", "allow_origins", "allow_methods", "allow_headers"):
         if name in server_options:
             server_options[name] = tuple(server_options[name])
@@ -352,7 +410,13 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
     if "reasoning_parser" in server_options:
         server_options["reasoning_parser"] = parser_name(server_options["reasoning_parser"])
     server_options.setdefault("model_name", model_path if model_path is not None else DEMO_MODEL_NAME)
-    settings = ServerSettings(model_path=model_path, **server_options)
+    try:
+        settings = ServerSettings(model_path=model_path, **server_options)
+    except ValueError as error:
+        flag = next((source(o) for o in OPTIONS if o.field == getattr(error, "param", None)), None)
+        raise OptionError(f"{flag}: {error}" if flag else str(error)) from error
+    if values["shutdown_timeout"] < 0:
+        raise OptionError(f"{source(_option('shutdown_timeout'))} must be >= 0, got {values['shutdown_timeout']}")
     return Launch(
         model_path,
         engine_config,
@@ -360,11 +424,28 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
         host=values["server_name"],
         port=values["server_port"],
         log_level=values["log_level"],
+        shutdown_timeout=values["shutdown_timeout"],
     )
 
 
+def _option(field: str) -> Option:
+    return next(o for o in OPTIONS if o.field == field)
+
+
+def _read_api_keys(path: str, source: Callable[[Option], str]) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = [line.strip() for line in file]
+    except OSError as error:
+        raise OptionError(f"{source(_option('api_key_file'))}: cannot read {path!r}: {error}") from error
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not keys:
+        raise OptionError(f"{source(_option('api_key_file'))}: {path!r} holds no API key")
+    return keys
+
+
 def _read_template(value: str, source: Callable[[Option], str]) -> ChatTemplate | None:
-    option = next(o for o in OPTIONS if o.field == "chat_template")
+    option = _option("chat_template")
     try:
         return resolve_chat_template(value)
     except ValueError as error:

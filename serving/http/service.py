@@ -1,13 +1,15 @@
-"""Probes and discovery: GET /health (liveness), GET /v1/ready (readiness), GET /v1/models."""
+"""Probes, discovery and metrics: GET /health (liveness), GET /v1/ready (readiness), GET /v1/models,
+GET /metrics (Prometheus)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from quart import Blueprint
+from quart import Blueprint, Response, request
 from quart_schema import document_response
 
 from serving.http.errors import APIError
+from serving.http.openapi import text_response
 from serving.http.protocol import ErrorResponse, Health, ModelCard, ModelList, Readiness
 from serving.http.state import server_state
 
@@ -49,3 +51,12 @@ async def models() -> dict[str, Any]:
         max_model_len=state.engine.max_session_len,
     )
     return ModelList(data=[card]).model_dump()
+
+
+@blueprint.get("/metrics")
+@text_response("text/plain")
+async def metrics() -> Response:
+    """Prometheus metrics under vLLM's names: the text exposition format, or OpenMetrics if the Accept
+    header asks for it."""
+    body, content_type = server_state().metrics.exposition(request.headers.get("Accept", ""))
+    return Response(body, content_type=content_type)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from configs.demo import DEMO_MODEL_NAME
+from serving.engine.request import InvalidRequestError
 from serving.text.templates import ChatTemplate
 
 # A 128k-token conversation is well under 1 MiB of JSON; far larger bodies are refused with 413
 # before they are read into memory or tokenized.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# Choices that may wait for an admission slot before new requests get 503.
+DEFAULT_MAX_QUEUE_LEN = 1024
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str = DEMO_MODEL_NAME
     model_path: str | None = None  # None: the built-in demo model
-    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no authentication; never logged
+    public_metrics: bool = False  # GET /metrics without an API key
     allow_origins: tuple[str, ...] = ()  # empty: no CORS headers (a same-origin client needs none)
     allow_credentials: bool = False
     allow_methods: tuple[str, ...] = ("*",)
@@ -26,3 +30,23 @@ class ServerSettings:
     reasoning_parser: str | None = None  # splits <think> reasoning into reasoning_content
     max_log_len: int | None = None  # characters of a prompt written to the INFO log; None: all
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_concurrent_requests: int | None = None  # choices generating at once; None: see state.default_max_running
+    max_queue_len: int = DEFAULT_MAX_QUEUE_LEN  # choices waiting for a slot before 503
+    request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                # The value is left out of the message: it may be an API key.
+                raise InvalidRequestError(f"{name} {why}", param=name)
+
+        # Browsers refuse `*` with credentials, and quart-cors would fail every request over it.
+        check(not ("*" in self.allow_origins and self.allow_credentials), "allow_origins",
+              "may not be * when credentials are allowed; list the origins instead")
+        check(all(key and key == key.strip() for key in self.api_keys), "api_keys",
+              "must be non-empty, without surrounding whitespace")
+        check(self.max_request_bytes >= 1, "max_request_bytes", "must be at least 1")
+        check(self.max_concurrent_requests is None or self.max_concurrent_requests >= 1, "max_concurrent_requests",
+              "must be at least 1")
+        check(self.max_queue_len >= 0, "max_queue_len", "must be >= 0")
+        check(self.request_timeout is None or self.request_timeout > 0, "request_timeout", "must be positive")

@@ -1,26 +1,49 @@
-"""The engine as the app sees it: started in the background when serving begins, stopped at the end.
+"""The engine as the app sees it: started in the background when serving begins, drained and stopped
+at the end.
 
 Compiling every bucket takes from seconds (CPU, test buckets) to minutes (GPU), so the engine starts
 on a thread of its own while Hypercorn already answers: `/health` says the process lives, `/v1/ready`
 answers 503 until the engine is compiled, and generation routes answer 503 meanwhile. A load failure
 is kept and reported by both probes (and ends the CLI's server) rather than leaving a server that
 never becomes ready.
+
+A graceful shutdown (`drain`) turns readiness false and refuses new requests with 503 while the
+requests in flight finish; whatever still runs when the shutdown timeout ends is aborted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from quart import current_app
 
 from serving.engine.engine import Engine
+from serving.http.admission import RETRY_AFTER_S, Admission
 from serving.http.errors import APIError
+from serving.http.metrics import ServerMetrics
+from serving.http.protocol import MAX_N
 from serving.http.settings import ServerSettings
 
+if TYPE_CHECKING:
+    from serving.http.exchange import Exchange
+
 logger = logging.getLogger(__name__)
+
+# Paths still answered while draining: probes say what is happening, and metrics show the drain.
+DRAIN_OPEN_PATHS = frozenset({"/health", "/v1/ready", "/metrics"})
+# After the shutdown timeout, aborted requests get this long to send their error and `[DONE]`.
+ABORT_GRACE_S = 5.0
+
+
+def default_max_running(engine: Engine) -> int:
+    """Twice what the engine decodes at once, so its own queue always holds the next batch, and never
+    fewer than one request's largest `n`."""
+    return max(2 * engine.max_batch_size, MAX_N)
 
 
 @dataclass
@@ -32,6 +55,18 @@ class ServerState:
     started: bool = False  # engine.start() returned: from now on its thread must stay alive
     # Set once the engine is ready or failed, so the CLI can stop a server whose model failed to load.
     settled: threading.Event = field(default_factory=threading.Event)
+    draining: bool = False
+    admission: Admission = field(init=False)
+    metrics: ServerMetrics = field(init=False)
+    in_flight: set[Exchange] = field(init=False, default_factory=set)  # every HTTP request being served
+    _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        max_running = self.settings.max_concurrent_requests or default_max_running(self.engine)
+        self.admission = Admission(max_running, self.settings.max_queue_len)
+        self.metrics = ServerMetrics(self.settings.model_name, self.engine.max_session_len)
+        self.metrics.watch(self.engine, self.admission, self.in_flight)
+        self._idle.set()
 
     def start_in_background(self) -> None:
         # A daemon: a compile still running when the server is told to stop must not hold up the exit.
@@ -58,6 +93,48 @@ class ServerState:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
+    # ----- requests in flight and the graceful shutdown ------------------------------------------------
+    def enter(self, exchange: Exchange) -> None:
+        self.in_flight.add(exchange)
+        self._idle.clear()
+
+    def leave(self, exchange: Exchange) -> None:
+        self.in_flight.discard(exchange)
+        if not self.in_flight:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests and wait up to `timeout` seconds for those in flight; then abort what
+        is left (streams end with an error event and `[DONE]`). True if everything finished in time."""
+        self.draining = True
+        logger.warning("shutting down: %d requests in flight get up to %.0fs to finish", len(self.in_flight), timeout)
+        if await self._wait_idle(timeout):
+            return True
+        logger.warning("aborting %d requests still in flight after %.0fs", len(self.in_flight), timeout)
+        # Stopping the engine ends every engine request with ABORT; their handlers answer and return.
+        await asyncio.to_thread(self.engine.shutdown)
+        await self._wait_idle(ABORT_GRACE_S)
+        return False
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def refuse_while_draining(self, path: str) -> None:
+        if self.draining and path not in DRAIN_OPEN_PATHS:
+            self.metrics.reject("server_shutting_down")
+            raise APIError(
+                503,
+                "the server is shutting down; send the request to another replica",
+                code="server_shutting_down",
+                # Connection: close, so a client's retry opens a new connection (perhaps to another pod).
+                headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"},
+            )
+
     @property
     def healthy(self) -> bool:
         """Alive: loading, or started with a running engine thread; not after a failure or a crash."""
@@ -73,6 +150,8 @@ class ServerState:
             )
 
     def require_ready(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="server_shutting_down")
         if self.load_error is not None:
             raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
         if self.started and not self.engine.alive:
