@@ -17,12 +17,12 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine, resolve_dtype
 from serving.engine.request import EngineOutput, GenerationConfig
+from tools.timing import copy_bandwidth
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -47,19 +47,6 @@ def build_engine(args: argparse.Namespace) -> Engine:
     mesh = make_mesh(config.tp)
     params = init_random_params(model_config, dtype, seed=0, mesh=mesh)
     return Engine(model_config, params, tokenizer=None, config=config, mesh=mesh)
-
-
-def measure_copy_bandwidth() -> float:
-    """Bytes per second of a large device-to-device copy (read + write), as the roofline's bandwidth."""
-    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
-    copy = jax.jit(lambda a: a + 1)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / float(np.median(times))
 
 
 def streamed_weight_bytes(params: dict) -> int:
@@ -127,7 +114,7 @@ def main() -> None:
     t0 = time.perf_counter()
     engine.start()
     weight_bytes = streamed_weight_bytes(engine.runner.params)
-    bandwidth = args.bandwidth or measure_copy_bandwidth()
+    bandwidth = args.bandwidth or copy_bandwidth()
     floor_ms = weight_bytes / bandwidth * 1e3
     print(f"device {jax.devices()[0].device_kind}; started in {time.perf_counter() - t0:.1f}s "
           f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "

@@ -26,8 +26,9 @@ from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.config import BucketSet
 from serving.engine.pages import NULL_PAGE
+from serving.engine.request import MAX_STOP_TOKEN_IDS
 from serving.engine.sampling import RowParams, SamplingBatch, sample
-from serving.engine.scheduler import Chunk
+from serving.engine.scheduler import Chunk, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,52 @@ def sample_and_record(
     return tokens, last_tokens.at[target].set(tokens, mode="drop")
 
 
+class SlotTables:
+    """Host copies of per-sequence step inputs, one row per slot, so a step's inputs are numpy
+    gathers over the batch's slots rather than Python work per row. The extra last row belongs to
+    padding: null pages, greedy sampling."""
+
+    def __init__(self, num_slots: int, pages_per_seq: int):
+        rows = num_slots + 1
+        self.owner: list[tuple[Sequence, int] | None] = [None] * rows  # (sequence, its admission)
+        self.block_tables = np.full((rows, pages_per_seq), NULL_PAGE, np.int32)
+        self.num_pages = np.zeros(rows, np.int32)
+        self.temperature = np.zeros(rows, np.float32)
+        self.top_p = np.ones(rows, np.float32)
+        self.top_k = np.zeros(rows, np.int32)
+        self.min_p = np.zeros(rows, np.float32)
+        self.repetition_penalty = np.ones(rows, np.float32)
+        self.seed = np.zeros((rows, 2), np.uint32)
+        self.min_new_tokens = np.zeros(rows, np.int32)
+        self.banned = np.full((rows, MAX_STOP_TOKEN_IDS), -1, np.int32)
+
+    def sync(self, seq: Sequence) -> None:
+        """Bring the slot's row up to date with `seq` (a new owner, or pages added since)."""
+        slot, owner = seq.slot, (seq, seq.admissions)
+        if self.owner[slot] != owner:
+            self.owner[slot] = owner
+            self.num_pages[slot] = 0
+            row = RowParams.for_request(seq.request, step=0)
+            self.temperature[slot], self.top_p[slot], self.top_k[slot] = row.temperature, row.top_p, row.top_k
+            self.min_p[slot], self.repetition_penalty[slot] = row.min_p, row.repetition_penalty
+            self.seed[slot] = (row.seed >> 32, row.seed & 0xFFFFFFFF)
+            self.min_new_tokens[slot] = seq.request.config.min_new_tokens
+            self.banned[slot] = -1
+            self.banned[slot, : len(row.banned)] = row.banned  # stop ids, held back below min_new_tokens
+        have, pages = self.num_pages[slot], seq.pages
+        if have != len(pages):
+            self.block_tables[slot, have : len(pages)] = pages[have:]
+            self.num_pages[slot] = len(pages)
+
+    def sampling(self, slots: np.ndarray, steps: np.ndarray) -> SamplingBatch:
+        held = (steps < self.min_new_tokens[slots])[:, None]
+        return SamplingBatch(
+            temperature=self.temperature[slots], top_p=self.top_p[slots], top_k=self.top_k[slots],
+            min_p=self.min_p[slots], repetition_penalty=self.repetition_penalty[slots], seed=self.seed[slots],
+            step=steps, banned=np.where(held, self.banned[slots], -1),
+        )
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -103,44 +150,36 @@ class ModelRunner:
         self.pages_per_seq = pages_per_seq
         self.buckets = buckets
         self.num_slots = num_slots
+        self.slots = SlotTables(num_slots, pages_per_seq)
         self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend)
         self.cache = empty_cache(config, num_pages, page_size, dtype, mesh)
-        self._replicated = NamedSharding(mesh, PartitionSpec())
+        replicated = NamedSharding(mesh, PartitionSpec())
         self.seen = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.bool_),
-                            out_shardings=self._replicated)()
-        self.last_tokens = jax.jit(lambda: jnp.zeros((num_slots,), jnp.int32), out_shardings=self._replicated)()
-        # Logits leave the step whole (gathered across a vocab-split LM head) for the sampler.
+                            out_shardings=replicated)()
+        self.last_tokens = jax.jit(lambda: jnp.zeros((num_slots,), jnp.int32), out_shardings=replicated)()
+        # Logits leave the step whole (gathered across a vocab-split LM head) for the sampler, which is
+        # a program of its own: it compiles once per row count instead of once per [rows, tokens] shape.
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
         self._step = jax.jit(
             functools.partial(step, self.model), donate_argnums=(1, 2),
-            out_shardings=(cache_shardings, self._replicated, self._replicated, self._replicated),
+            out_shardings=(cache_shardings, replicated, replicated, replicated),
         )
-        self._sample = jax.jit(sample_and_record, in_shardings=self._replicated, out_shardings=self._replicated,
+        self._sample = jax.jit(sample_and_record, in_shardings=replicated, out_shardings=replicated,
                                donate_argnums=(3,))
-        self._compiled_steps: dict[tuple[int, int], jax.stages.Compiled] = {}
-        # The sampler is compiled per row count, not per [rows, tokens] shape: it is the costlier
-        # program to compile, and prefill and decode buckets share their row counts.
-        self._compiled_samplers: dict[int, jax.stages.Compiled] = {}
 
     # ----- start-up ---------------------------------------------------------------------------------
     def compile_all(self, progress: bool = True) -> float:
-        """Compile the step for every bucket shape and the sampler for every row count; returns seconds."""
+        """Compile every bucket shape by running it once on an all-padding batch; returns the seconds.
+
+        Running (rather than only lowering) fills the jitted functions' own caches, so serving calls
+        them through JAX's C++ dispatch path, several milliseconds a step cheaper than calling compiled
+        executables from Python for a model of some 300 arrays. Padding writes nothing: its cache
+        writes, seen tokens and last tokens all land out of range and drop.
+        """
         shapes = self.buckets.shapes()
         start = time.perf_counter()
         for i, (rows, tokens) in enumerate(shapes, 1):
-            inputs = self._inputs([], rows, tokens)
-            self._compiled_steps[(rows, tokens)] = self._step.lower(
-                self.params, self.cache, self.seen, self.last_tokens, inputs
-            ).compile()
-            if rows not in self._compiled_samplers:
-                logits = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32,
-                                              sharding=self._replicated)
-                seen_rows = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.bool_,
-                                                 sharding=self._replicated)
-                self._compiled_samplers[rows] = self._sample.lower(
-                    logits, SamplingBatch.from_rows([], rows), seen_rows, self.last_tokens, inputs.slots,
-                    inputs.samples,
-                ).compile()
+            jax.block_until_ready(self.run([], rows, tokens))
             if progress:
                 logger.info("compiled step %d/%d [%d x %d] (%.1fs)", i, len(shapes), rows, tokens,
                             time.perf_counter() - start)
@@ -153,44 +192,43 @@ class ModelRunner:
         The result is not waited for: the caller reads it when it needs the tokens, so the next
         dispatch can go out first.
         """
-        inputs = self._inputs(chunks, rows, tokens)
-        sampling = SamplingBatch.from_rows(
-            [RowParams.for_request(c.seq.request, c.seq.num_generated) for c in chunks], rows
-        )
-        self.cache, self.seen, logits, seen_rows = self._compiled_steps[(rows, tokens)](
-            self.params, self.cache, self.seen, self.last_tokens, inputs
-        )
-        next_tokens, self.last_tokens = self._compiled_samplers[rows](
-            logits, sampling, seen_rows, self.last_tokens, inputs.slots, inputs.samples
-        )
+        inputs, sampling = self._inputs(chunks, rows, tokens)
+        self.cache, self.seen, logits, seen_rows = self._step(self.params, self.cache, self.seen, self.last_tokens,
+                                                              inputs)
+        next_tokens, self.last_tokens = self._sample(logits, sampling, seen_rows, self.last_tokens, inputs.slots,
+                                                     inputs.samples)
         next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
         return next_tokens
 
-    def _inputs(self, chunks: list[Chunk], rows: int, tokens: int) -> StepInputs:
-        token_ids = np.zeros((rows, tokens), np.int32)
-        positions = np.zeros((rows, tokens), np.int32)
-        valid = np.zeros((rows, tokens), bool)
-        kv_lens = np.zeros(rows, np.int32)
-        tables = np.full((rows, self.pages_per_seq), NULL_PAGE, np.int32)
-        last = np.zeros(rows, np.int32)
+    def _inputs(self, chunks: list[Chunk], rows: int, tokens: int) -> tuple[StepInputs, SamplingBatch]:
+        """The padded step inputs: per-row scalars from the chunks, the rest gathered from the slot tables."""
+        n = len(chunks)
         slots = np.full(rows, self.num_slots, np.int32)
-        reset = np.zeros(rows, bool)
-        from_device = np.zeros(rows, bool)
+        starts = np.zeros(rows, np.int32)
+        lengths = np.zeros(rows, np.int32)
+        steps = np.zeros(rows, np.int32)
         samples = np.zeros(rows, bool)
+        token_ids = np.zeros((rows, tokens), np.int32)
+        from_device = np.zeros(rows, bool)
         for r, chunk in enumerate(chunks):
-            seq, n = chunk.seq, chunk.length
-            known = seq.token_ids[chunk.start : chunk.start + n]  # empty for a token still on the device
-            assert len(known) in (0, n), "only a lone decode token can still be on the device"
-            token_ids[r, : len(known)] = known
-            from_device[r] = not known
-            samples[r] = chunk.samples
-            positions[r, :n] = np.arange(chunk.start, chunk.start + n)
-            valid[r, :n] = True
-            kv_lens[r] = chunk.start + n
-            tables[r, : len(seq.pages)] = seq.pages
-            last[r] = n - 1
-            slots[r] = seq.slot
-            reset[r] = chunk.start == 0
-        attn = AttentionBatch(positions=positions, valid=valid, kv_lens=kv_lens, block_tables=tables)
-        return StepInputs(tokens=token_ids, attn=attn, last_index=last, slots=slots, reset=reset,
-                          from_device=from_device, samples=samples)
+            seq = chunk.seq
+            self.slots.sync(seq)
+            slots[r], starts[r], lengths[r], steps[r], samples[r] = (
+                seq.slot, chunk.start, chunk.length, seq.num_generated, chunk.samples)
+            known = seq.token_ids[chunk.start : chunk.start + chunk.length]  # [] for a token on the device
+            if known:
+                assert len(known) == chunk.length, "only a lone decode token can still be on the device"
+                token_ids[r, : chunk.length] = known
+            else:
+                from_device[r] = True
+        table_rows = np.where(np.arange(rows) < n, slots, self.num_slots)  # padding -> the null row
+        offsets = np.arange(tokens, dtype=np.int32)
+        attn = AttentionBatch(
+            positions=starts[:, None] + offsets,
+            valid=offsets < lengths[:, None],
+            kv_lens=starts + lengths,
+            block_tables=self.slots.block_tables[table_rows],
+        )
+        inputs = StepInputs(tokens=token_ids, attn=attn, last_index=np.maximum(lengths - 1, 0), slots=slots,
+                            reset=(starts == 0) & (lengths > 0), from_device=from_device, samples=samples)
+        return inputs, self.slots.sampling(table_rows, steps)

@@ -46,6 +46,7 @@ class Sequence:
     num_pending: int = 0
     pages: list[int] = field(default_factory=list)
     slot: int = -1  # row of the engine's per-sequence device state while running
+    admissions: int = 0  # times it has started running (preemption restarts it): keys per-slot state
     status: SeqStatus = SeqStatus.WAITING
     max_new_tokens: int = 0  # already capped by the session length
 
@@ -175,6 +176,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             seq.slot = self._free_slots.pop()
+            seq.admissions += 1
             self.running.append(seq)
             (plan.decode if decoding else plan.prefill).append(Chunk(seq, seq.num_computed, length))
             budget -= 0 if decoding else length

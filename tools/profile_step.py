@@ -1,0 +1,120 @@
+"""Where a decode step's time goes: the engine's compiled step against its parts, on random weights.
+
+    python -m tools.profile_step --shape llama3-8b --batches 1,64,256 --context 512
+
+Prints, per batch size, the device time of: the runner's full step (model, cache write, attention,
+seen-token update) plus the sampler; the sampler alone; the weights streamed as plain GEMMs in our
+fused layout and in Hugging Face's [out, in] layout (the floor a decode step cannot beat); and the copy
+bandwidth measured as a chain of copies. Each is timed as N back-to-back dispatches, blocked once, so
+host dispatch is hidden whenever it is shorter than the device work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.presets import PRESETS
+from configs.shapes import SHAPES
+from model.loader import init_random_params
+from model.sharding import make_mesh
+from serving.engine.config import BucketSet
+from serving.engine.request import EngineRequest, GenerationConfig
+from serving.engine.runner import ModelRunner
+from serving.engine.sampling import RowParams, SamplingBatch, sample
+from serving.engine.scheduler import Chunk, Sequence
+from tools.timing import copy_bandwidth, timed
+
+
+def gemm_floor(params: dict, batch: int, hf_layout: bool) -> float:
+    """Stream every weight once as a GEMM of `batch` rows (no attention, no norms): the step's floor."""
+    layers = [params[k] for k in sorted(params) if k.startswith("layers_")]
+    mats = [params["lm_head"]["kernel"]]  # [in, out] everywhere below
+    for layer in layers:
+        mats += [layer["attn"]["wqkv"].reshape(layer["attn"]["wqkv"].shape[0], -1),
+                 layer["attn"]["wo"].reshape(-1, layer["attn"]["wo"].shape[-1]),
+                 layer["mlp"]["w_gate_up"].reshape(layer["mlp"]["w_gate_up"].shape[0], -1),
+                 layer["mlp"]["w_down"]]
+    weights = [jnp.asarray(m.T) for m in mats] if hf_layout else mats
+    widths = [m.shape[0] for m in mats]  # shapes only: the weights are arguments, never constants
+    inputs = {width: jnp.ones((batch, width), jnp.bfloat16) for width in widths}
+
+    @jax.jit
+    def stream(inputs, weights):
+        total = jnp.zeros((batch,), jnp.float32)
+        for width, w in zip(widths, weights, strict=True):
+            y = inputs[width] @ w.T if hf_layout else inputs[width] @ w
+            total = total + y[:, 0].astype(jnp.float32)
+        return total
+
+    return timed(lambda: stream(inputs, weights))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--batches", default="1,64,256")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--attention-backend", default="auto")
+    args = parser.parse_args()
+
+    config = SHAPES[args.shape]
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    params = init_random_params(config, dtype, seed=0)
+    batches = [int(b) for b in args.batches.split(",")]
+    pages_per_seq = -(-(args.context + 1) // args.page_size)
+    buckets = BucketSet(decode_batch=tuple(batches), prefill_rows=(1,), prefill_tokens=(64,),
+                        max_prefill_tokens=PRESETS["gpu"].max_prefill_tokens)
+    num_pages = max(batches) * pages_per_seq + 1
+    runner = ModelRunner(config, params, dtype, num_pages, args.page_size, pages_per_seq, buckets,
+                         num_slots=max(batches), mesh=make_mesh(1), attention_backend=args.attention_backend)
+    t0 = time.perf_counter()
+    runner.compile_all(progress=False)
+    print(f"{jax.devices()[0].device_kind}: compiled {len(buckets.shapes())} shapes in "
+          f"{time.perf_counter() - t0:.1f}s; copy bandwidth {copy_bandwidth() / 1e12:.2f} TB/s", flush=True)
+    request = EngineRequest("p", [1] * args.context, GenerationConfig(max_new_tokens=10**6), frozenset(), 0)
+    rows = []
+    for batch in batches:
+        chunks = []
+        for i in range(batch):
+            seq = Sequence(request=request, sink=lambda out: None, arrival=i, token_ids=[1] * args.context,
+                           num_prompt_tokens=args.context, num_computed=args.context - 1,
+                           pages=list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)), slot=i)
+            chunks.append(Chunk(seq, args.context - 1, 1))
+        step_ms = timed(lambda chunks=chunks, batch=batch: runner.run(chunks, batch, 1))
+        inputs = jax.device_put(runner._inputs(chunks, batch, 1)[0])
+
+        def model_only(inputs=inputs):
+            runner.cache, runner.seen, logits, _ = runner._step(runner.params, runner.cache, runner.seen,
+                                                                runner.last_tokens, inputs)
+            return logits
+
+        model_ms = timed(model_only)
+        start = time.perf_counter()
+        for _ in range(30):  # the host's share of runner.run: building the step and sampling inputs
+            runner._inputs(chunks, batch, 1)
+        host_ms = (time.perf_counter() - start) / 30 * 1e3
+        logits = jnp.asarray(np.random.default_rng(0).standard_normal((batch, config.vocab_size)), jnp.float32)
+        seen = jnp.zeros((batch, config.vocab_size), bool)
+        sampling = SamplingBatch.from_rows([RowParams()] * batch, batch)
+        sampler_ms = timed(functools.partial(jax.jit(sample), logits, sampling, seen))
+        ours = gemm_floor(params, batch, hf_layout=False)
+        hf = gemm_floor(params, batch, hf_layout=True)
+        rows.append((batch, step_ms, model_ms, sampler_ms, host_ms, ours, hf))
+        print(f"B={batch}: runner.run {step_ms:.2f} ms, model step {model_ms:.2f} ms, greedy sampler "
+              f"{sampler_ms:.3f} ms, host input prep {host_ms:.3f} ms, GEMM floor ours {ours:.2f} ms / "
+              f"HF layout {hf:.2f} ms", flush=True)
+    print("\n| batch | runner.run ms | model step ms | sampler ms | host prep ms | GEMMs ours ms | GEMMs HF ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
