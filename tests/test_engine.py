@@ -104,9 +104,10 @@ def test_preemption_under_a_tiny_page_budget_keeps_outputs_identical(tiny_pipe):
 
 def test_donated_cache_is_updated_in_place(tiny_pipe):
     engine = tiny_pipe.engine
-    old_k, old_seen = engine.runner.cache[0][0], engine.runner.seen
+    old_k, old_seen, old_last = engine.runner.cache[0][0], engine.runner.seen, engine.runner.last_tokens
     tiny_pipe(random_prompts([6])[0], GenerationConfig(max_new_tokens=2))
-    assert old_k.is_deleted() and old_seen.is_deleted(), "the step must donate, not copy, the cache"
+    assert old_k.is_deleted() and old_seen.is_deleted() and old_last.is_deleted(), (
+        "the step must donate, not copy, the per-sequence device state")
 
 
 def test_no_compilation_while_serving_50_mixed_requests(tiny_pipe):

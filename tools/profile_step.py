@@ -88,11 +88,11 @@ def main() -> None:
                            pages=list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)), slot=i)
             chunks.append(Chunk(seq, args.context - 1, 1))
         step_ms = timed(lambda chunks=chunks, batch=batch: runner.run(chunks, batch, 1))
-        inputs = jax.device_put(runner._inputs(chunks, batch, 1)[0])
+        token_ids, packed_rows, *_ = jax.device_put(runner._inputs(chunks, batch, 1))
 
-        def model_only(inputs=inputs):
+        def model_only(token_ids=token_ids, packed_rows=packed_rows):
             runner.cache, runner.seen, logits, _ = runner._step(runner.params, runner.cache, runner.seen,
-                                                                runner.last_tokens, inputs)
+                                                                runner.last_tokens, token_ids, packed_rows)
             return logits
 
         model_ms = timed(model_only)

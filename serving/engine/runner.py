@@ -45,13 +45,39 @@ class StepInputs:
     samples: jax.Array  # bool[B] the row reaches its sequence's end: its sampled token is real
 
 
+# Host -> device, per step, as few arrays as possible: each transfer costs host time on the dispatch
+# path, so the per-row fields travel packed in one i32 matrix and are unpacked inside the jit.
+# Columns of the packed row matrix, then the row's block table:
+_SLOT, _START, _LENGTH, _FROM_DEVICE, _SAMPLES, _ROW_FIELDS = range(6)
+# Sampling columns: i32 [top_k, seed_hi, seed_lo, step, banned...] and f32 [temperature, top_p, min_p, penalty].
+_TOP_K, _SEED_HI, _SEED_LO, _STEP, _BANNED = range(5)
+
+
+def unpack_step(tokens: jax.Array, rows: jax.Array) -> StepInputs:
+    """StepInputs from the packed i32[B, T] tokens and i32[B, _ROW_FIELDS + pages_per_seq] rows."""
+    starts, lengths = rows[:, _START], rows[:, _LENGTH]
+    offsets = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    attn = AttentionBatch(positions=starts[:, None] + offsets, valid=offsets < lengths[:, None],
+                          kv_lens=starts + lengths, block_tables=rows[:, _ROW_FIELDS:])
+    return StepInputs(tokens=tokens, attn=attn, last_index=jnp.maximum(lengths - 1, 0), slots=rows[:, _SLOT],
+                      reset=(starts == 0) & (lengths > 0), from_device=rows[:, _FROM_DEVICE] > 0,
+                      samples=rows[:, _SAMPLES] > 0)
+
+
+def unpack_sampling(ints: jax.Array, floats: jax.Array) -> SamplingBatch:
+    seed = jax.lax.bitcast_convert_type(ints[:, _SEED_HI:_STEP], jnp.uint32)
+    return SamplingBatch(temperature=floats[:, 0], top_p=floats[:, 1], top_k=ints[:, _TOP_K], min_p=floats[:, 2],
+                         repetition_penalty=floats[:, 3], seed=seed, step=ints[:, _STEP], banned=ints[:, _BANNED:])
+
+
 def step(
     model: CausalLM,
     params: dict,
     cache: list[LayerCache],
     seen: jax.Array,  # bool[num_slots, V] tokens each running sequence has had (repetition penalty)
     last_tokens: jax.Array,  # i32[num_slots] each sequence's latest sampled token
-    inputs: StepInputs,
+    packed_tokens: jax.Array,  # i32[B, T]
+    packed_rows: jax.Array,  # i32[B, _ROW_FIELDS + pages_per_seq]
 ) -> tuple[list[LayerCache], jax.Array, jax.Array, jax.Array]:
     """Run the model over the batch and record its tokens as seen.
 
@@ -60,6 +86,7 @@ def step(
     Returns the new cache, the new seen table, f32[B, V] logits at each row's last token and each
     row's bool[B, V] seen tokens (the sampler's repetition-penalty input).
     """
+    inputs = unpack_step(packed_tokens, packed_rows)
     num_slots = seen.shape[0]
     slots = jnp.minimum(inputs.slots, num_slots - 1)
     first = jnp.where(inputs.from_device, last_tokens[slots], inputs.tokens[:, 0])
@@ -73,14 +100,15 @@ def step(
 
 def sample_and_record(
     logits: jax.Array,  # f32[B, V]
-    sampling: SamplingBatch,
+    sampling_ints: jax.Array,  # i32[B, _BANNED + MAX_STOP_TOKEN_IDS]
+    sampling_floats: jax.Array,  # f32[B, 4]
     seen_rows: jax.Array,  # bool[B, V]
     last_tokens: jax.Array,  # i32[num_slots]
-    slots: jax.Array,  # i32[B]
-    samples: jax.Array,  # bool[B]
+    packed_rows: jax.Array,  # i32[B, _ROW_FIELDS + pages_per_seq]
 ) -> tuple[jax.Array, jax.Array]:  # i32[B] sampled tokens, updated last_tokens
-    tokens = sample(logits, sampling, seen_rows)
-    target = jnp.where(samples, slots, last_tokens.shape[0])  # others (prompt chunks, padding) drop
+    tokens = sample(logits, unpack_sampling(sampling_ints, sampling_floats), seen_rows)
+    # Only rows that reach their sequence's end record a token; prompt chunks and padding drop.
+    target = jnp.where(packed_rows[:, _SAMPLES] > 0, packed_rows[:, _SLOT], last_tokens.shape[0])
     return tokens, last_tokens.at[target].set(tokens, mode="drop")
 
 
@@ -121,13 +149,14 @@ class SlotTables:
             self.block_tables[slot, have : len(pages)] = pages[have:]
             self.num_pages[slot] = len(pages)
 
-    def sampling(self, slots: np.ndarray, steps: np.ndarray) -> SamplingBatch:
+    def sampling(self, slots: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The packed sampling inputs (see `unpack_sampling`) of a batch's slots at these steps."""
         held = (steps < self.min_new_tokens[slots])[:, None]
-        return SamplingBatch(
-            temperature=self.temperature[slots], top_p=self.top_p[slots], top_k=self.top_k[slots],
-            min_p=self.min_p[slots], repetition_penalty=self.repetition_penalty[slots], seed=self.seed[slots],
-            step=steps, banned=np.where(held, self.banned[slots], -1),
-        )
+        ints = np.concatenate([self.top_k[slots, None], self.seed[slots].view(np.int32), steps[:, None],
+                               np.where(held, self.banned[slots], -1)], axis=1)
+        floats = np.stack([self.temperature[slots], self.top_p[slots], self.min_p[slots],
+                           self.repetition_penalty[slots]], axis=1)
+        return ints, floats
 
 
 class ModelRunner:
@@ -165,7 +194,7 @@ class ModelRunner:
             out_shardings=(cache_shardings, replicated, replicated, replicated),
         )
         self._sample = jax.jit(sample_and_record, in_shardings=replicated, out_shardings=replicated,
-                               donate_argnums=(3,))
+                               donate_argnums=(4,))  # last_tokens
 
     # ----- start-up ---------------------------------------------------------------------------------
     def compile_all(self, progress: bool = True) -> float:
@@ -192,43 +221,30 @@ class ModelRunner:
         The result is not waited for: the caller reads it when it needs the tokens, so the next
         dispatch can go out first.
         """
-        inputs, sampling = self._inputs(chunks, rows, tokens)
+        token_ids, packed_rows, sampling_ints, sampling_floats = self._inputs(chunks, rows, tokens)
         self.cache, self.seen, logits, seen_rows = self._step(self.params, self.cache, self.seen, self.last_tokens,
-                                                              inputs)
-        next_tokens, self.last_tokens = self._sample(logits, sampling, seen_rows, self.last_tokens, inputs.slots,
-                                                     inputs.samples)
+                                                              token_ids, packed_rows)
+        next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
+                                                     self.last_tokens, packed_rows)
         next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
         return next_tokens
 
-    def _inputs(self, chunks: list[Chunk], rows: int, tokens: int) -> tuple[StepInputs, SamplingBatch]:
-        """The padded step inputs: per-row scalars from the chunks, the rest gathered from the slot tables."""
+    def _inputs(self, chunks: list[Chunk], rows: int, tokens: int) -> tuple[np.ndarray, ...]:
+        """The padded, packed inputs of one step: tokens, rows, and the sampling ints and floats."""
         n = len(chunks)
-        slots = np.full(rows, self.num_slots, np.int32)
-        starts = np.zeros(rows, np.int32)
-        lengths = np.zeros(rows, np.int32)
+        fields = np.zeros((rows, _ROW_FIELDS), np.int32)
+        fields[:, _SLOT] = self.num_slots  # padding rows point past every per-slot table
         steps = np.zeros(rows, np.int32)
-        samples = np.zeros(rows, bool)
         token_ids = np.zeros((rows, tokens), np.int32)
-        from_device = np.zeros(rows, bool)
         for r, chunk in enumerate(chunks):
             seq = chunk.seq
             self.slots.sync(seq)
-            slots[r], starts[r], lengths[r], steps[r], samples[r] = (
-                seq.slot, chunk.start, chunk.length, seq.num_generated, chunk.samples)
             known = seq.token_ids[chunk.start : chunk.start + chunk.length]  # [] for a token on the device
             if known:
                 assert len(known) == chunk.length, "only a lone decode token can still be on the device"
                 token_ids[r, : chunk.length] = known
-            else:
-                from_device[r] = True
-        table_rows = np.where(np.arange(rows) < n, slots, self.num_slots)  # padding -> the null row
-        offsets = np.arange(tokens, dtype=np.int32)
-        attn = AttentionBatch(
-            positions=starts[:, None] + offsets,
-            valid=offsets < lengths[:, None],
-            kv_lens=starts + lengths,
-            block_tables=self.slots.block_tables[table_rows],
-        )
-        inputs = StepInputs(tokens=token_ids, attn=attn, last_index=np.maximum(lengths - 1, 0), slots=slots,
-                            reset=(starts == 0) & (lengths > 0), from_device=from_device, samples=samples)
-        return inputs, self.slots.sampling(table_rows, steps)
+            fields[r] = (seq.slot, chunk.start, chunk.length, not known, chunk.samples)
+            steps[r] = seq.num_generated
+        table_rows = np.where(np.arange(rows) < n, fields[:, _SLOT], self.num_slots)  # padding -> the null row
+        packed_rows = np.concatenate([fields, self.slots.block_tables[table_rows]], axis=1)
+        return (token_ids, packed_rows, *self.slots.sampling(table_rows, steps))
