@@ -104,6 +104,7 @@ def main() -> None:
     single.add_argument("--input-len", type=int, default=128)
     single.add_argument("--output-len", type=int, default=1024)
     single.add_argument("--repeats", type=int, default=2)
+    single.add_argument("--trace", help="after timing, profile a 32-token stream into this folder (perfetto)")
     through = sub.add_parser("throughput", help="many fixed-length requests at once: output tokens per second")
     through.add_argument("--num-prompts", type=int, default=1000)
     through.add_argument("--input-len", type=int, default=256)
@@ -135,6 +136,9 @@ def main() -> None:
             rates.append(ms_per_token)
             print(f"  TTFT {(times[0] - record['start']) * 1e3:.1f} ms, decode {ms_per_token:.2f} ms/token "
                   f"= {1e3 / ms_per_token:.1f} tok/s", flush=True)
+        if args.trace:  # timeline of host dispatch and device kernels, for docs/perf-notes.md
+            with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+                run_requests(engine, [prompt], GenerationConfig(max_new_tokens=32, ignore_eos=True))
         best = min(rates)
         result.update(ms_per_token=best, tok_s=1e3 / best, roofline_ratio=floor_ms / best)
         print(f"single stream: {1e3 / best:.1f} tok/s ({best:.2f} ms/token), {floor_ms / best:.0%} of the "

@@ -8,7 +8,8 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 bench() { name=$1; shift; echo "== $name: $*"; python -m tools.bench_engine --shape llama3-8b --json "$out/$name.json" "$@" 2>&1 | grep -v -i warn; }
 # B1: one stream, 128 prompt tokens, 1024 generated; our Pallas kernels, then the XLA reference.
 bench b1-pallas --attention-backend pallas --session-len 2048 --decode-buckets 1 --prefill-rows 1 --prefill-tokens 128 \
-  single --input-len 128 --output-len 1024
+  single --input-len 128 --output-len 1024 --trace /tmp/b1-trace
+find /tmp/b1-trace -name "*perfetto*trace.json.gz" -exec cp {} "$out/b1-trace.json.gz" \;
 bench b1-xla --attention-backend xla --session-len 2048 --decode-buckets 1 --prefill-rows 1 --prefill-tokens 128 \
   single --input-len 128 --output-len 1024 --repeats 1
 # B3: 1000 requests of 256 in / 256 out submitted at once.
