@@ -27,7 +27,7 @@ from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.config import BucketSet
 from serving.engine.pages import NULL_PAGE
 from serving.engine.request import MAX_STOP_TOKEN_IDS
-from serving.engine.sampling import RowParams, SamplingBatch, sample
+from serving.engine.sampling import ALL_GREEDY, NO_SEARCH, SEARCH, RowParams, SamplingBatch, sample, sample_mode
 from serving.engine.scheduler import Chunk, Sequence
 
 logger = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ def sample_and_record(
     seen_rows: jax.Array,  # bool[B, V]
     last_tokens: jax.Array,  # i32[num_slots]
     packed_rows: jax.Array,  # i32[B, _ROW_FIELDS + pages_per_seq]
+    mode: int,  # static: the sampler branch (sampling.sample_mode)
 ) -> tuple[jax.Array, jax.Array]:  # i32[B] sampled tokens, updated last_tokens
-    tokens = sample(logits, unpack_sampling(sampling_ints, sampling_floats), seen_rows)
+    tokens = sample(logits, unpack_sampling(sampling_ints, sampling_floats), seen_rows, mode)
     # Only rows that reach their sequence's end record a token; prompt chunks and padding drop.
     target = jnp.where(packed_rows[:, _SAMPLES] > 0, packed_rows[:, _SLOT], last_tokens.shape[0])
     return tokens, last_tokens.at[target].set(tokens, mode="drop")
@@ -193,7 +194,8 @@ class ModelRunner:
             functools.partial(step, self.model), donate_argnums=(1, 2),
             out_shardings=(cache_shardings, replicated, replicated, replicated),
         )
-        self._sample = jax.jit(sample_and_record, in_shardings=replicated, out_shardings=replicated,
+        self._sample = jax.jit(sample_and_record, static_argnums=(6,), in_shardings=replicated,
+                               out_shardings=replicated,
                                donate_argnums=(4,))  # last_tokens
 
     # ----- start-up ---------------------------------------------------------------------------------
@@ -207,8 +209,17 @@ class ModelRunner:
         """
         shapes = self.buckets.shapes()
         start = time.perf_counter()
+        sampler_rows = set()
         for i, (rows, tokens) in enumerate(shapes, 1):
-            jax.block_until_ready(self.run([], rows, tokens))
+            token_ids, packed_rows, ints, floats = self._inputs([], rows, tokens)
+            self.cache, self.seen, logits, seen_rows = self._step(self.params, self.cache, self.seen,
+                                                                  self.last_tokens, token_ids, packed_rows)
+            if rows not in sampler_rows:  # every sampler branch, once per row count
+                sampler_rows.add(rows)
+                for mode in (ALL_GREEDY, NO_SEARCH, SEARCH):
+                    _, self.last_tokens = self._sample(logits, ints, floats, seen_rows, self.last_tokens,
+                                                       packed_rows, mode)
+            jax.block_until_ready(self.last_tokens)
             if progress:
                 logger.info("compiled step %d/%d [%d x %d] (%.1fs)", i, len(shapes), rows, tokens,
                             time.perf_counter() - start)
@@ -224,8 +235,9 @@ class ModelRunner:
         token_ids, packed_rows, sampling_ints, sampling_floats = self._inputs(chunks, rows, tokens)
         self.cache, self.seen, logits, seen_rows = self._step(self.params, self.cache, self.seen, self.last_tokens,
                                                               token_ids, packed_rows)
+        mode = sample_mode(sampling_floats[:, 0], sampling_ints[:, _TOP_K], sampling_floats[:, 1])
         next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
-                                                     self.last_tokens, packed_rows)
+                                                     self.last_tokens, packed_rows, mode)
         next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
         return next_tokens
 

@@ -58,8 +58,10 @@ _MAX_CHUNKED_ROWS = 96
 _SIGN_BIT = np.uint32(1 << 31)
 _NEG_INF_KEY = np.uint32(0x007FFFFF)  # order key of -inf: its bits 0xFF800000, all flipped
 
-# lax.switch branches of `sample`, cheapest first.
-_ALL_GREEDY, _NO_SEARCH, _SEARCH = 0, 1, 2
+# The branches of `sample`, cheapest first. The engine picks one on the host from the rows' parameters
+# (a static argument): a branch chosen on the device is a conditional, which XLA:GPU resolves by
+# reading the predicate back to the host, stalling the dispatch of the next step.
+ALL_GREEDY, NO_SEARCH, SEARCH = 0, 1, 2
 
 
 @jax.tree_util.register_dataclass
@@ -184,18 +186,26 @@ def filter_logits(x: jax.Array, params: SamplingBatch) -> jax.Array:
     return jnp.where(z >= threshold[:, None], z, -jnp.inf)
 
 
-def sample(logits: jax.Array, params: SamplingBatch, seen: jax.Array) -> jax.Array:
+def sample_mode(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> int:
+    """The cheapest branch of `sample` that covers every row, from the rows' host-side parameters."""
+    sampled = temperature > 0
+    if np.any(sampled & ((top_k > 0) | (top_p < 1.0))):
+        return SEARCH
+    return NO_SEARCH if np.any(sampled) else ALL_GREEDY
+
+
+def sample(logits: jax.Array, params: SamplingBatch, seen: jax.Array, mode: int | None = None) -> jax.Array:
     """Next token per row: f32[B, V] logits, bool[B, V] seen (prompt + output) -> i32[B].
 
     The batch takes the cheapest of three branches that covers all its rows: argmax only when every
     row is greedy, temperature and min-p when no sampled row uses top-k or top-p, the full threshold
-    search otherwise. Each row's result is the same in all branches that cover it.
+    search otherwise. Each row's result is the same in all branches that cover it. `mode` (static,
+    from `sample_mode`) names the branch; without it the device picks, through a conditional.
     """
     x = adjust_logits(logits, params, seen)
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
     sampled_rows = params.temperature > 0
     searching = sampled_rows & ((params.top_k > 0) | (params.top_p < 1.0))
-    branch = jnp.where(jnp.any(searching), _SEARCH, jnp.where(jnp.any(sampled_rows), _NO_SEARCH, _ALL_GREEDY))
 
     def no_search(x: jax.Array, params: SamplingBatch) -> jax.Array:
         z = _scale(x, params.temperature)
@@ -203,12 +213,12 @@ def sample(logits: jax.Array, params: SamplingBatch, seen: jax.Array) -> jax.Arr
         z_max = jnp.take_along_axis(z, greedy[:, None], axis=-1)[:, 0]
         return _draw(jnp.where(z >= _min_p_threshold(z_max, params)[:, None], z, -jnp.inf), params)
 
-    tokens = lax.switch(
-        branch,
-        [lambda x, params: greedy, no_search, lambda x, params: _draw(filter_logits(x, params), params)],
-        x,
-        params,
-    )
+    branches = [lambda x, params: greedy, no_search, lambda x, params: _draw(filter_logits(x, params), params)]
+    if mode is not None:
+        tokens = branches[mode](x, params)
+    else:
+        branch = jnp.where(jnp.any(searching), SEARCH, jnp.where(jnp.any(sampled_rows), NO_SEARCH, ALL_GREEDY))
+        tokens = lax.switch(branch, branches, x, params)
     return jnp.where(sampled_rows, tokens, greedy)
 
 
