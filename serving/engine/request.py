@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 # these ids until enough tokens exist). More distinct stop ids than this are refused up front.
 MAX_STOP_TOKEN_IDS = 16
 MAX_SEED = 2**63 - 1
+# Integer options travel to the device as int32; anything larger is refused, never silently wrapped.
+MAX_INT32 = 2**31 - 1
 
 
 class InvalidRequestError(ValueError):
@@ -77,11 +79,11 @@ class GenerationConfig:
         if self.max_new_tokens is not None:
             check(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool),
                   "max_new_tokens", "must be an integer")
-            check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
-        check(self.min_new_tokens >= 0, "min_new_tokens", "must be >= 0")
+            check(0 <= self.max_new_tokens <= MAX_INT32, "max_new_tokens", f"must be in [0, {MAX_INT32}]")
+        check(0 <= self.min_new_tokens <= MAX_INT32, "min_new_tokens", f"must be in [0, {MAX_INT32}]")
         check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
         check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        check(self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)")
+        check(0 <= self.top_k <= MAX_INT32, "top_k", f"must be in [0, {MAX_INT32}] (0 disables it)")
         check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
         check(0.0 < self.repetition_penalty <= 100.0, "repetition_penalty", "must be in (0, 100]")
         if self.random_seed is not None:

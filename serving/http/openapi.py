@@ -17,6 +17,8 @@ from quart_schema import OpenAPIProvider
 from quart_schema.validation import DataSource
 from werkzeug.routing import Rule
 
+from serving.http.protocol import ErrorResponse
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _STREAM_ATTRIBUTE = "_xlserve_stream_model"
@@ -54,6 +56,7 @@ class NamedSchemaProvider(OpenAPIProvider):
         body, definitions = super().build_request_body(model, source)
         for media in body["content"].values():
             media["schema"] = _named(media["schema"], definitions)
+        body["required"] = True  # a route that documents a body refuses a request without one
         return body, definitions
 
     def build_response_object(self, model: type[BaseModel], headers_model: type[BaseModel] | None) -> tuple[dict, dict]:
@@ -61,6 +64,12 @@ class NamedSchemaProvider(OpenAPIProvider):
         media = response["content"]["application/json"]
         media["schema"] = _named(media["schema"], definitions)
         return response, definitions
+
+    def _component(self, model: type[BaseModel], components: dict) -> dict[str, Any]:
+        """A reference to `model`'s schema, added to `components`."""
+        response, definitions = super().build_response_object(model, None)
+        components.update(definitions)
+        return _named(response["content"]["application/json"]["schema"], components)
 
     def build_paths(self, rule: Rule) -> tuple[dict, dict]:
         paths, components = super().build_paths(rule)
@@ -74,15 +83,29 @@ class NamedSchemaProvider(OpenAPIProvider):
                 }
         chunk_model = getattr(view, _STREAM_ATTRIBUTE, None)
         if chunk_model is not None:
-            chunk, chunk_components = super().build_response_object(chunk_model, None)
-            components.update(chunk_components)
-            schema = _named(chunk["content"]["application/json"]["schema"], components)
+            chunk = self._component(chunk_model, components)
+            error = self._component(ErrorResponse, components)  # an error after the stream began
             for operation in paths[next(iter(paths))].values():
                 operation["responses"][200]["content"]["text/event-stream"] = {
+                    # Before OpenAPI 3.2 (`itemSchema`), `schema` describes one event of the stream.
                     "schema": {
-                        "type": "string",
-                        "description": f"Events `data: <{chunk_model.__name__}>`, then `data: [DONE]`.",
+                        "type": "object",
+                        "required": ["data"],
+                        "properties": {
+                            "data": {
+                                "description": f"A {chunk_model.__name__} (or, after a failure, an ErrorResponse) "
+                                "as JSON; the last event is `[DONE]`.",
+                                "anyOf": [
+                                    {"const": "[DONE]"},
+                                    {
+                                        "type": "string",
+                                        "contentMediaType": "application/json",
+                                        "contentSchema": {"anyOf": [chunk, error]},
+                                    },
+                                ],
+                            },
+                        },
                     },
-                    "x-sse-event-schema": schema,
+                    "x-sse-event-schema": chunk,
                 }
         return paths, components

@@ -30,6 +30,9 @@ from serving.engine.request import MAX_SEED
 MAX_N = 128  # OpenAI's own bound on `n`; each choice is one engine request
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; stop-string matching costs per emitted character, so bound it
 MAX_STOP_LENGTH = 256
+# Chat templates run in Python per message: bound the count so a body of tiny messages cannot buy
+# seconds of CPU before its length is even checked.
+MAX_MESSAGES = 4096
 
 UNION_TAGS = frozenset({"string", "strings", "tokens", "token_lists", "parts", "named"})
 
@@ -168,7 +171,7 @@ ToolChoice = Annotated[
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Extra variables for the chat template, e.g. `enable_thinking`."
     )
@@ -188,9 +191,13 @@ class ChatCompletionRequest(SamplingFields):
 
 PromptField = Annotated[
     Annotated[str, Tag("string")]
-    | Annotated[list[str], Tag("strings"), Field(min_length=1)]
+    | Annotated[list[str], Tag("strings"), Field(min_length=1, max_length=MAX_N)]
     | Annotated[list[Annotated[int, Field(ge=0)]], Tag("tokens")]
-    | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Tag("token_lists")],
+    | Annotated[
+        list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+        Tag("token_lists"),
+        Field(max_length=MAX_N),  # each prompt is at least one choice
+    ],
     Discriminator(_json_shape),
 ]
 

@@ -142,9 +142,10 @@ class ServerState:
 
     def require_model(self, name: str) -> None:
         if name != self.settings.model_name:
+            shown = name if len(name) <= 256 else f"{name[:256]}..."  # echo what was sent, within reason
             raise APIError(
                 404,
-                f"The model `{name}` does not exist; this server serves `{self.settings.model_name}`.",
+                f"The model `{shown}` does not exist; this server serves `{self.settings.model_name}`.",
                 param="model",
                 code="model_not_found",
             )
