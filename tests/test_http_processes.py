@@ -40,6 +40,7 @@ def test_hypercorn_app_configured_by_environment_only() -> None:
         "XLSERVE_MODEL": "",  # unset: the built-in demo model
         "XLSERVE_MODEL_NAME": "demo",
         "XLSERVE_API_KEYS": "key-one,key-two",
+        "XLSERVE_PUBLIC_METRICS": "true",
     }
     server = ServerProcess([sys.executable, "-m", "hypercorn", "serving.app:app", "--bind", f"127.0.0.1:{port}"], env)
     try:
@@ -60,6 +61,8 @@ def test_hypercorn_app_configured_by_environment_only() -> None:
         assert unauthorised.status_code == 401 and unauthorised.headers["www-authenticate"] == "Bearer"
         assert unauthorised.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{base}/openapi.json", headers={"Authorization": "Bearer nope"}).status_code == 401
+        metrics = httpx.get(f"{base}/metrics")  # --public-metrics: a scraper needs no key
+        assert metrics.status_code == 200 and "vllm:num_requests_running" in metrics.text
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
 
