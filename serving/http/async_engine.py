@@ -56,10 +56,9 @@ def fan_out(
             requests.append(engine.make_request(prompt_ids, choice_config, f"{request_id}-{index}"))
     exchange = current_exchange()
     if exchange is not None:
-        _admit(exchange, len(requests))
+        exchange.admit(len(requests))
         exchange.prompt_tokens = sum(len(p) for p in prompts)
-        if exchange.metrics is not None:
-            exchange.metrics.observe_request(n, config.max_new_tokens or engine.max_session_len)
+        exchange.metrics.observe_request(n, config.max_new_tokens or engine.max_session_len)
     if logger.isEnabledFor(logging.INFO):
         for p, prompt_ids in enumerate(prompts):
             text = engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)
@@ -74,15 +73,6 @@ def fan_out(
             }
             logger.info("prompt %s", json.dumps(record, ensure_ascii=False, separators=(",", ":")))
     return requests
-
-
-def _admit(exchange: Exchange, slots: int) -> None:
-    try:
-        exchange.admit(slots)
-    except APIError as error:
-        if error.status == 503 and exchange.metrics is not None:
-            exchange.metrics.reject(error.code or "overloaded")
-        raise
 
 
 @dataclass
@@ -212,8 +202,6 @@ def _account(exchange: Exchange, choices: list[_Choice], arrival: float, failure
     cut_short = (failure.code or "error") if failure is not None else "abort"
     exchange.finish_reasons = [c.finish_reason or cut_short for c in choices]
     metrics = exchange.metrics
-    if metrics is None:
-        return
     if failure is not None:
         if failure.status == 503 and failure.code == "queue_timeout":
             metrics.reject(failure.code)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serving.http.admission import Admission, Ticket
+from serving.http.errors import APIError
 
 if TYPE_CHECKING:
     from serving.http.metrics import ServerMetrics
@@ -54,8 +55,8 @@ class Exchange:
     client: str
     started: float  # event-loop time of arrival
     deadline: float | None  # event-loop time by which generation must end (--request-timeout)
-    admission: Admission | None = None
-    metrics: ServerMetrics | None = None
+    admission: Admission
+    metrics: ServerMetrics
     ticket: Ticket | None = None
     status: int | None = None
     bytes_sent: int = 0
@@ -65,12 +66,15 @@ class Exchange:
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
 
-    def admit(self, slots: int) -> Ticket | None:
-        """Reserve `slots` admission slots for this request (raises 503 when the server is full)."""
-        if self.admission is None:
-            return None
-        self.ticket = self.admission.reserve(slots)
-        return self.ticket
+    def admit(self, slots: int) -> None:
+        """Reserve `slots` admission slots for this request (400 if it could never run, 503 if the
+        server is full); counted in the metrics when refused."""
+        try:
+            self.ticket = self.admission.reserve(slots)
+        except APIError as error:
+            if error.status == 503:
+                self.metrics.reject(error.code or "server_overloaded")
+            raise
 
     def close(self) -> None:
         if self.ticket is not None:
