@@ -81,7 +81,7 @@ def test_hypercorn_app_configured_by_environment_only() -> None:
     assert status == 0, server.output()
 
 
-def test_xlserve_command_serves_the_demo_model() -> None:
+def test_xlserve_command_serves_the_demo_model_and_drains_on_sigterm() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [
@@ -95,6 +95,11 @@ def test_xlserve_command_serves_the_demo_model() -> None:
         "--allow-origins",
         "http://ui.example",
         *SMALL_BUCKET_FLAGS,
+        # Two sequences decode at a time, so the drain's ten 100-token streams outlast its checks.
+        "--max-batch-size",
+        "2",
+        "--shutdown-timeout",
+        "120",
     ]
     server = ServerProcess(command)
     try:
@@ -118,61 +123,53 @@ def test_xlserve_command_serves_the_demo_model() -> None:
         answer = httpx.get(f"{base}/v1/models", headers={"Origin": "http://elsewhere.example"})
         assert "access-control-allow-origin" not in answer.headers
         server.wait_until(lambda: "ready after" in server.output())  # the CLI says when it is ready
-    finally:
-        status = server.stop(signal.SIGINT)
-    assert status == 0, server.output()
 
-
-async def test_sigterm_lets_ten_streams_finish_refuses_new_requests_and_exits_0() -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    # Two sequences decode at a time, so ten 100-token streams keep the server busy through the checks.
-    flags = [*SMALL_BUCKET_FLAGS, "--max-batch-size", "2", "--shutdown-timeout", "120"]
-    command = [console_script("xlserve"), "serve", "api_server", "--server-name", "127.0.0.1",
-               "--server-port", str(port), *flags]  # fmt: skip
-    server = ServerProcess(command)
-    try:
-        await asyncio.to_thread(server.wait_ready, base)
-        body = {
-            "model": "xlserve-demo",
-            "messages": [{"role": "user", "content": "Tell me a story"}],
-            "max_tokens": 100,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        opened: list[int] = []
-        all_open = asyncio.Event()
-        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-
-            async def stream() -> list[str]:
-                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                    assert response.status_code == 200
-                    lines = response.aiter_lines()
-                    received = [await anext(lines)]  # the first chunk: the stream is under way
-                    opened.append(1)
-                    if len(opened) == 10:
-                        all_open.set()
-                    return received + [line async for line in lines]
-
-            streams = [asyncio.create_task(stream()) for _ in range(10)]
-            await asyncio.wait_for(all_open.wait(), 60)
-            server.process.send_signal(signal.SIGTERM)
-            while (await client.get("/v1/ready")).status_code != 503:  # readiness turns false first
-                await asyncio.sleep(0.01)
-            refused = await client.post("/v1/completions", json={"model": "xlserve-demo", "prompt": "x"})
-            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-            assert refused.json()["error"]["code"] == "server_shutting_down"
-            finished = await asyncio.gather(*streams)
-        for lines in finished:
+        # Graceful shutdown (one process start serves both tests: each costs a compile on CI).
+        for lines in asyncio.run(sigterm_during_ten_streams(server, base)):
             payloads = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
             assert payloads[-1] == "[DONE]"
             chunks = [json.loads(p) for p in payloads[:-1]]
             assert not any("error" in c for c in chunks)
             assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # ran to the end, not aborted
-        status = await asyncio.to_thread(server.process.wait, 60)
+        status = server.process.wait(60)
     finally:
         server.stop()
     assert status == 0, server.output()
+
+
+async def sigterm_during_ten_streams(server: ServerProcess, base: str) -> list[list[str]]:
+    """Start ten streams, SIGTERM the server while they run, check that readiness turns false and new
+    requests get 503; returns each stream's lines."""
+    body = {
+        "model": "xlserve-demo",
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": 100,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    opened: list[int] = []
+    all_open = asyncio.Event()
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+
+        async def stream() -> list[str]:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                lines = response.aiter_lines()
+                received = [await anext(lines)]  # the first chunk: the stream is under way
+                opened.append(1)
+                if len(opened) == 10:
+                    all_open.set()
+                return received + [line async for line in lines]
+
+        streams = [asyncio.create_task(stream()) for _ in range(10)]
+        await asyncio.wait_for(all_open.wait(), 60)
+        server.process.send_signal(signal.SIGTERM)
+        while (await client.get("/v1/ready")).status_code != 503:  # readiness turns false first
+            await asyncio.sleep(0.01)
+        refused = await client.post("/v1/completions", json={"model": "xlserve-demo", "prompt": "x"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "server_shutting_down"
+        return await asyncio.gather(*streams)
 
 
 def test_a_model_that_fails_to_load_exits_1(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
