@@ -243,3 +243,20 @@ def test_chat_messages_use_the_checkpoint_template(tiny_pipe):
     out = tiny_pipe(messages, GenerationConfig(max_new_tokens=3, ignore_eos=True))
     assert out.input_token_len == len(want)
     assert out.token_ids == tiny_pipe(want, GenerationConfig(max_new_tokens=3, ignore_eos=True)).token_ids
+
+
+def test_dummy_load_format_needs_only_config_and_tokenizer(tiny_llama, tmp_path):
+    import shutil
+
+    from serving.engine.config import EngineConfig
+    from serving.engine.engine import Engine
+
+    for file in tiny_llama.iterdir():
+        if not file.name.endswith(".safetensors"):
+            shutil.copy(file, tmp_path / file.name)
+    options = dict(load_format="dummy", preset="test", page_size=16, num_pages=8, session_len=64)
+    engine = Engine.from_pretrained(str(tmp_path), EngineConfig.from_options(**options))
+    embedding = engine.runner.params["embed"]["embedding"]
+    assert embedding.shape == (32000, engine.model_config.hidden_size)
+    with pytest.raises(FileNotFoundError):
+        Engine.from_pretrained(str(tmp_path), EngineConfig.from_options(**dict(options, load_format="auto")))

@@ -75,6 +75,9 @@ class EngineConfig:
     prefill_token_buckets: tuple[int, ...] | None = None
     # model
     dtype: str = "auto"  # auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32
+    # auto: the checkpoint's safetensors; dummy: random weights at the checkpoint's shapes, for
+    # benchmarks where only config.json and the tokenizer are at hand (vLLM's --load-format dummy)
+    load_format: str = "auto"
     attention_backend: str = "auto"  # kernels.BACKENDS: auto = our Pallas kernels on GPU, XLA elsewhere
     tp: int = 1
     seed: int = 0  # base for the seeds of requests that bring none
@@ -98,6 +101,7 @@ class EngineConfig:
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype",
               "must be auto, bfloat16, float16 or float32")
         check(isinstance(self.tp, int) and self.tp >= 1, "tp", "must be at least 1")
+        check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
 
     @classmethod
     def from_options(cls, **options: object) -> EngineConfig:

@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.llama import kv_bytes_per_token
-from model.loader import load_params
+from model.loader import init_random_params, load_params
 from model.sharding import make_mesh
 from serving.engine.config import EngineConfig
 from serving.engine.pages import PageAllocator
@@ -164,7 +164,11 @@ class Engine:
         tokenizer = Tokenizer.from_pretrained(model_path)
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
         mesh = make_mesh(config.tp)
-        params = load_params(model_path, model_config, dtype, mesh)
+        if config.load_format == "dummy":
+            logger.warning("load_format=dummy: serving RANDOM weights at %s's shapes (benchmarks only)", model_path)
+            params = init_random_params(model_config, dtype, config.seed, mesh)
+        else:
+            params = load_params(model_path, model_config, dtype, mesh)
         return cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
 
     # ----- set-up -----------------------------------------------------------------------------------

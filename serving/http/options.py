@@ -189,6 +189,14 @@ OPTIONS: tuple[Option, ...] = (
     # ---- engine ----
     Option("--tp", "engine", "tp", f"Tensor-parallel degree (default: {_engine_default('tp')}).", type=int),
     Option(
+        "--load-format",
+        "engine",
+        "load_format",
+        "auto reads the checkpoint's weights; dummy serves random weights at its shapes, for benchmarks "
+        f"(default: {_engine_default('load_format')}).",
+        choices=("auto", "dummy"),
+    ),
+    Option(
         "--dtype",
         "engine",
         "dtype",
