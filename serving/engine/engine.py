@@ -131,6 +131,8 @@ class Engine:
         self._step_failures = 0
         self.fault_hook: Callable[[list[Chunk]], None] | None = None  # tests only; see the module docstring
 
+        if self.engine_config.enable_prefix_caching:
+            logger.warning("enable_prefix_caching: prefix caching is not implemented yet; every prompt is prefilled")
         self.buckets = self.engine_config.buckets(self.platform)
         self.max_batch_size = self.buckets.max_decode_batch
         page_size = self.engine_config.page_size
