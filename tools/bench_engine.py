@@ -58,14 +58,15 @@ def streamed_weight_bytes(params: dict) -> int:
 
 
 def run_requests(engine: Engine, prompts: list[list[int]], config: GenerationConfig) -> list[dict]:
-    """Submit all prompts at once; record per-request token arrival times."""
-    records = [{"times": [], "count": 0} for _ in prompts]
+    """Submit all prompts at once; record each request's tokens and their arrival times."""
+    records = [{"times": [], "tokens": []} for _ in prompts]
     done = threading.Semaphore(0)
 
     def sink_for(i: int):
         def sink(out: EngineOutput) -> None:
             now = time.perf_counter()
             records[i]["times"].extend([now] * len(out.new_token_ids))
+            records[i]["tokens"].extend(out.new_token_ids)
             if out.finished:
                 records[i]["reason"] = out.finish_reason.value if out.finish_reason else None
                 done.release()

@@ -9,7 +9,6 @@ prompt, whether the greedy tokens agree and where they first diverge.
 from __future__ import annotations
 
 import argparse
-import threading
 
 import jax
 import numpy as np
@@ -19,26 +18,8 @@ from model.loader import init_random_params
 from model.sharding import make_mesh
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine, resolve_dtype
-from serving.engine.request import EngineOutput, GenerationConfig
-
-
-def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = threading.Semaphore(0)
-
-    def sink_for(i: int):
-        def sink(out: EngineOutput) -> None:
-            outputs[i].extend(out.new_token_ids)
-            if out.finished:
-                done.release()
-        return sink
-
-    config = GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.submit(engine.make_request(prompt, config, f"parity-{i}"), sink_for(i))
-    for _ in prompts:
-        done.acquire()
-    return outputs
+from serving.engine.request import GenerationConfig
+from tools.bench_engine import run_requests
 
 
 def main() -> None:
@@ -64,7 +45,8 @@ def main() -> None:
     for backend in backends:
         engine = Engine(model_config, params, None, EngineConfig(attention_backend=backend, **options), mesh=mesh)
         engine.start()
-        results.append(generate(engine, prompts, args.max_new_tokens))
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+        results.append([record["tokens"] for record in run_requests(engine, prompts, config)])
         engine.shutdown()
         del engine
     first, second = results
