@@ -19,20 +19,20 @@ import serving.engine.sampling as sampling
 from serving.engine.request import MAX_STOP_TOKEN_IDS, EngineRequest, GenerationConfig
 from serving.engine.sampling import RowParams, SamplingBatch, adjust_logits, filter_logits, sample
 
-# Above 256 groups of 32 logits, so rows go through the candidate selection and, when flat, the fallback.
+# Large enough that a flat row's top-p or top-k set holds thousands of tokens.
 VOCAB = 16384
 BATCH = 8
 
-# One of each kind of row; "flat" rows need more logits than the candidates hold.
+# One of each kind of row; "flat" rows keep a large part of the vocabulary.
 ROWS = [
     RowParams(),  # greedy
     RowParams(temperature=0.9, seed=11),
     RowParams(temperature=0.8, top_k=40, seed=12),
     RowParams(temperature=1.0, top_p=0.9, seed=13),
-    RowParams(temperature=1.0, top_p=0.95, seed=14),  # flat: top-p falls back
+    RowParams(temperature=1.0, top_p=0.95, seed=14),  # flat: top-p keeps thousands
     RowParams(temperature=0.7, top_k=50, top_p=0.8, min_p=0.05, seed=2**40 + 15),
     RowParams(temperature=1.2, min_p=0.1, seed=16),
-    RowParams(temperature=1.0, top_k=3000, seed=17),  # flat: top-k falls back
+    RowParams(temperature=1.0, top_k=3000, seed=17),  # flat: top-k keeps 3000
 ]
 FLAT_ROWS = (4, 7)
 
@@ -135,8 +135,12 @@ def test_penalty_applies_before_greedy(compiled_sample):
 def test_reference_agrees_with_transformers_warpers():
     rng = np.random.default_rng(4)
     logits = np.stack([peaked_logits(rng, 2000) for _ in range(4)] + [rng.normal(0, 1, 2000).astype(np.float32)])
-    for row in [RowParams(temperature=0.7, top_k=40), RowParams(temperature=1.0, top_p=0.9),
-                RowParams(temperature=0.8, top_k=50, top_p=0.8, min_p=0.05), RowParams(temperature=1.3, min_p=0.1)]:
+    for row in [
+        RowParams(temperature=0.7, top_k=40),
+        RowParams(temperature=1.0, top_p=0.9),
+        RowParams(temperature=0.8, top_k=50, top_p=0.8, min_p=0.05),
+        RowParams(temperature=1.3, min_p=0.1),
+    ]:
         scores = torch.tensor(logits)
         scores = TemperatureLogitsWarper(row.temperature)(None, scores)
         if row.top_k:
@@ -160,27 +164,55 @@ def assert_filter_matches_reference(got: np.ndarray, logits: np.ndarray, rows: l
 
 
 def test_filter_keeps_exactly_the_reference_set_in_a_small_vocabulary():
-    # At most 256 groups: the whole row is the candidate set.
     logits = batch_logits(5, vocab=1000)
     got = np.asarray(jax.jit(filter_logits)(logits, SamplingBatch.from_rows(ROWS, BATCH)))
     assert_filter_matches_reference(got, logits, ROWS)
 
 
-def test_filter_keeps_exactly_the_reference_set_when_rows_fall_back(monkeypatch):
-    # One row per chunk and at most two chunks, so that two flat rows take two loop trips and three
-    # take the search of the whole batch. The settings are read when tracing.
-    monkeypatch.setattr(sampling, "_FALLBACK_ROWS", 1)
-    monkeypatch.setattr(sampling, "_MAX_CHUNKED_ROWS", 2)
-    filter_fn = jax.jit(lambda x, p: filter_logits(x, p))
+def test_filter_keeps_exactly_the_reference_set_of_every_row():
     logits = batch_logits(5)
-    got = np.asarray(filter_fn(logits, SamplingBatch.from_rows(ROWS, BATCH)))
+    got = np.asarray(jax.jit(filter_logits)(logits, SamplingBatch.from_rows(ROWS, BATCH)))
     assert_filter_matches_reference(got, logits, ROWS)
-    # The flat rows keep more tokens than the candidates hold, so they did fall back.
+    # The flat rows keep thousands of tokens: their thresholds lie deep in the vocabulary.
     assert np.isfinite(got[4]).sum() > 256 * 32 and np.isfinite(got[7]).sum() == 3000
-    rows = [*ROWS[:5], RowParams(temperature=1.0, top_p=0.7, seed=3), *ROWS[6:]]
-    logits[5] = np.random.default_rng(6).normal(0, 0.5, VOCAB)
-    got = np.asarray(filter_fn(logits, SamplingBatch.from_rows(rows, BATCH)))
-    assert_filter_matches_reference(got, logits, rows)
+
+
+def test_gathered_search_matches_the_search_of_every_row():
+    # Five rows use top-k or top-p, gathered into five, or six rows of which one is filler.
+    logits = batch_logits(5)
+    params = SamplingBatch.from_rows(ROWS, BATCH)
+    every = np.asarray(jax.jit(filter_logits)(logits, params))
+    for rows in (5, 6):
+        gathered = np.asarray(jax.jit(filter_logits, static_argnums=2)(logits, params, rows))
+        np.testing.assert_array_equal(gathered, every)
+
+
+def test_sample_mode_gathers_only_when_few_rows_of_a_large_batch_search():
+    def mode(rows: list[RowParams], batch: int) -> int:
+        p = SamplingBatch.from_rows(rows, batch)
+        return sampling.sample_mode(*(np.asarray(a) for a in (p.temperature, p.top_k, p.top_p)))
+
+    top_p = RowParams(temperature=1.0, top_p=0.9)
+    assert mode([RowParams()] * 4, 32) == sampling.ALL_GREEDY
+    assert mode([RowParams(temperature=1.0, top_k=5, top_p=0.5, min_p=0.1)], 32) == sampling.SEARCH_FEW
+    assert mode([RowParams(temperature=0.0, top_p=0.5), RowParams(temperature=1.0)], 32) == sampling.NO_SEARCH
+    assert mode([top_p] * 16, 32) == sampling.SEARCH_FEW
+    assert mode([top_p] * 17, 32) == sampling.SEARCH
+    assert mode([top_p] * 16, 16) == sampling.SEARCH  # no batch of 16 or fewer is gathered
+    assert sampling.SEARCH_FEW in sampling.sample_modes(17) and sampling.SEARCH_FEW not in sampling.sample_modes(16)
+
+
+def test_sample_has_no_data_dependent_control_flow_in_any_mode():
+    # A conditional or a loop with a data-dependent trip count makes XLA:GPU read a value back to the
+    # host every step. The only loops are the PRNG's (threefry's fixed rounds, in every sampled mode).
+    batch = 32
+    args = (jnp.zeros((batch, VOCAB), jnp.float32), SamplingBatch.from_rows([], batch), jnp.zeros((batch, VOCAB), bool))
+    hlo = {
+        mode: jax.jit(sample, static_argnums=3).lower(*args, mode).as_text() for mode in sampling.sample_modes(batch)
+    }
+    for mode, text in hlo.items():
+        assert "stablehlo.case" not in text and "stablehlo.if" not in text, mode
+        assert text.count("stablehlo.while") <= hlo[sampling.NO_SEARCH].count("stablehlo.while"), mode
 
 
 def test_sampled_tokens_stay_in_the_allowed_set(compiled_sample):
@@ -209,9 +241,9 @@ def test_draws_follow_the_filtered_distribution(row):
     logits = np.array([2.0, 1.5, 1.4, 0.5, 0.0, -0.5, -1.0, -4.0], np.float32)
     draws = 4096
     rows = [RowParams(**{**vars(row), "seed": seed}) for seed in range(draws)]
-    tokens = np.asarray(jax.jit(sample)(
-        np.tile(logits, (draws, 1)), SamplingBatch.from_rows(rows, draws), np.zeros((draws, 8), bool)
-    ))
+    tokens = np.asarray(
+        jax.jit(sample)(np.tile(logits, (draws, 1)), SamplingBatch.from_rows(rows, draws), np.zeros((draws, 8), bool))
+    )
     allowed = reference_allowed(logits, row)
     assert allowed[tokens].all()
     z = logits[allowed] / row.temperature
@@ -245,8 +277,8 @@ def test_same_seed_and_step_give_the_same_token_in_any_row_or_batch(compiled_sam
     order = np.random.default_rng(0).permutation(BATCH)
     permuted = compiled_sample(logits[order], SamplingBatch.from_rows([ROWS[i] for i in order], BATCH), seen)
     np.testing.assert_array_equal(np.asarray(permuted), tokens[order])
-    # Other neighbours: with the flat rows greedy no row falls back, and with only temperature and
-    # min-p rows left the batch skips the threshold search altogether.
+    # Other neighbours: with the flat rows greedy, and with only temperature and min-p rows left, when
+    # the batch skips the threshold search altogether.
     for changed in (FLAT_ROWS, (2, 3, 4, 5, 7)):
         rows = [RowParams() if i in changed else row for i, row in enumerate(ROWS)]
         other = np.asarray(compiled_sample(logits, SamplingBatch.from_rows(rows, BATCH), seen))
@@ -275,8 +307,18 @@ def test_different_seeds_or_steps_draw_differently(compiled_sample):
 
 
 def test_from_rows_pads_with_greedy_rows_and_splits_the_seed():
-    rows = [RowParams(temperature=0.5, top_p=0.9, top_k=7, min_p=0.1, repetition_penalty=1.2,
-                      seed=(3 << 32) | 9, step=4, banned=(2, 5))]
+    rows = [
+        RowParams(
+            temperature=0.5,
+            top_p=0.9,
+            top_k=7,
+            min_p=0.1,
+            repetition_penalty=1.2,
+            seed=(3 << 32) | 9,
+            step=4,
+            banned=(2, 5),
+        )
+    ]
     batch = SamplingBatch.from_rows(rows, 3)
     np.testing.assert_allclose(batch.temperature, [0.5, 0, 0])
     np.testing.assert_allclose(batch.top_p, [0.9, 1, 1])

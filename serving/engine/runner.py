@@ -27,7 +27,7 @@ from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.config import BucketSet
 from serving.engine.pages import NULL_PAGE
 from serving.engine.request import MAX_STOP_TOKEN_IDS
-from serving.engine.sampling import ALL_GREEDY, NO_SEARCH, SEARCH, RowParams, SamplingBatch, sample, sample_mode
+from serving.engine.sampling import RowParams, SamplingBatch, sample, sample_mode, sample_modes
 from serving.engine.scheduler import Chunk, Sequence
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class ModelRunner:
                                                                   self.last_tokens, token_ids, packed_rows)
             if rows not in sampler_rows:  # every sampler branch, once per row count
                 sampler_rows.add(rows)
-                for mode in (ALL_GREEDY, NO_SEARCH, SEARCH):
+                for mode in sample_modes(rows):
                     _, self.last_tokens = self._sample(logits, ints, floats, seen_rows, self.last_tokens,
                                                        packed_rows, mode)
             jax.block_until_ready(self.last_tokens)

@@ -6,25 +6,20 @@ the tokens that pass top-k, then top-p (on the distribution renormalised after t
 and draw with the Gumbel-max trick from a key that depends only on the row's seed and step, so a
 request gets the same tokens whatever batch or row it runs in.
 
-Top-k and top-p are thresholds on the scaled logits, found exactly and without sorting the vocabulary:
-1. Candidates. Each row is cut into groups of 32 logits and the 256 groups with the largest maxima are
-   gathered (8192 of 128256 logits); the largest maximum left out is the row's floor. Every logit
-   above the floor is a candidate, so a threshold above the floor found among the candidates is the
-   row's threshold. Peaked distributions, the usual case, are settled here.
-2. Search. A threshold is the largest float t that satisfies a monotone predicate (at least k logits
-   >= t; at least p of the mass >= t). A radix search over the 32-bit keys whose order is the float
-   order finds it: each pass tests 15 values per row and fixes 4 bits, 8 passes in all.
-3. Fallback. Rows whose threshold may lie at or below their floor (flat distributions, large k) are
-   searched again over their whole row, in chunks of a few rows, or the whole batch at once when many
-   rows need it. Whether a row falls back depends on that row alone; how it is searched changes its
-   thresholds only if its tail mass lands within rounding of p.
+Top-k and top-p are thresholds on the scaled logits, found exactly and without sorting the vocabulary.
+A threshold is the largest float t that satisfies a monotone predicate (at least k logits >= t; at least
+p of the mass >= t). A radix search over the 32-bit keys whose order is the float order finds it: each
+pass tests 15 values per row and fixes 4 bits, 8 passes in all, unrolled. The search runs over each
+searching row's whole vocabulary, so it is exact for any distribution, with control flow fixed at
+trace time: a device-side conditional or a loop with a data-dependent trip count makes XLA:GPU read a
+value back to the host every step, which stalls the dispatch of the next step (docs/perf-notes.md).
+Its cost grows with the rows searched, so the host picks how many: every row (`SEARCH`), or, when few
+rows of a large batch use top-k or top-p, only those rows gathered into `_FEW_ROWS` rows (`SEARCH_FEW`).
 Measured on an H100 (jax 0.11.2, B=256, V=128256, LM-like logits): a full sort of the batch takes
 2.3 ms, and so does `lax.top_k` for any k above 16 (XLA sorts; k <= 16 has a fast kernel, too small a
 cap for top-p, whose set can hold thousands of tokens). The T5X binary search of tpu-inference reads
 the whole batch 32 times per threshold; testing 15 thresholds per pass cuts that to 8, but the passes
-are bound by compute, so that still costs about 2.3 ms here. `sample` takes about 0.3 ms when every
-row is greedy, 0.37 ms with temperature and min-p only, 1.0 ms with top-k or top-p on every row,
-1.4 ms when up to 16 rows fall back, 3.3 ms at worst (flat distributions everywhere).
+are bound by compute, so searching all 256 rows costs about 2.3 ms as well; 16 rows take about 0.4 ms.
 
 Ties: a threshold keeps every token equal to it. Top-k keeps all tokens tied with the k-th largest
 logit (more than k when they tie); top-p keeps the smallest set of the largest tokens whose mass
@@ -44,24 +39,17 @@ from jax import lax
 
 from serving.engine.request import MAX_STOP_TOKEN_IDS, EngineRequest
 
-# Candidates: each row is cut into groups of _GROUP logits and the _CANDIDATE_GROUPS groups with the
-# largest maxima are gathered. Fewer, larger groups make the selection cheaper but guarantee fewer
-# logits above the floor (at least _CANDIDATE_GROUPS), so more rows fall back.
-_GROUP = 32
-_CANDIDATE_GROUPS = 256
 # Bits fixed per pass of a threshold search: 2**bits - 1 thresholds are tested per row and pass.
 _DIGIT_BITS = 4
-# Rows whose thresholds fall below their candidates are searched over the whole vocabulary, this many
-# rows at a time up to _MAX_CHUNKED_ROWS, beyond which the whole batch is searched at once.
-_FALLBACK_ROWS = 16
-_MAX_CHUNKED_ROWS = 96
+# SEARCH_FEW gathers this many rows: the batch's rows that use top-k or top-p, when no more than this.
+_FEW_ROWS = 16
 _SIGN_BIT = np.uint32(1 << 31)
 _NEG_INF_KEY = np.uint32(0x007FFFFF)  # order key of -inf: its bits 0xFF800000, all flipped
 
-# The branches of `sample`, cheapest first. The engine picks one on the host from the rows' parameters
-# (a static argument): a branch chosen on the device is a conditional, which XLA:GPU resolves by
-# reading the predicate back to the host, stalling the dispatch of the next step.
-ALL_GREEDY, NO_SEARCH, SEARCH = 0, 1, 2
+# The branches of `sample`. The engine picks one on the host from the rows' parameters (a static
+# argument): a branch chosen on the device is a conditional, which XLA:GPU resolves by reading the
+# predicate back to the host, stalling the dispatch of the next step.
+ALL_GREEDY, NO_SEARCH, SEARCH, SEARCH_FEW = 0, 1, 2, 3
 
 
 @jax.tree_util.register_dataclass
@@ -100,8 +88,9 @@ class SamplingBatch:
             seed[i] = (row.seed >> 32, row.seed & 0xFFFFFFFF)
             step[i] = row.step
             banned[i, : len(row.banned)] = row.banned
-        return cls(*(jnp.asarray(a) for a in (temperature, top_p, top_k, min_p, repetition_penalty, seed,
-                                              step, banned)))
+        return cls(
+            *(jnp.asarray(a) for a in (temperature, top_p, top_k, min_p, repetition_penalty, seed, step, banned))
+        )
 
 
 @dataclass(frozen=True)
@@ -160,47 +149,49 @@ def adjust_logits(logits: jax.Array, params: SamplingBatch, seen: jax.Array) -> 
     return x.at[rows, columns].set(-jnp.inf, mode="drop")
 
 
-def filter_logits(x: jax.Array, params: SamplingBatch) -> jax.Array:
+def filter_logits(x: jax.Array, params: SamplingBatch, rows: int | None = None) -> jax.Array:
     """Temperature, then top-k, top-p and min-p: the logits sampled rows draw from, -inf where removed.
 
     x f32[B, V] from `adjust_logits` -> f32[B, V]. Greedy rows are scaled by 1 (their result is unused).
+    rows (static): search only the first `rows` rows that use top-k or top-p, gathered; None searches
+    every row. Exact only if no more rows than that use them (`sample_mode` sees to it).
     """
     z = _scale(x, params.temperature)
-    batch, vocab = z.shape
-    candidates, floor, z_max = _candidates(z)
-    # Softmax mass of the whole row, the top-p reference for rows without top-k.
-    total = jnp.sum(jnp.exp(z - z_max[:, None]), axis=-1)
+    vocab = z.shape[1]
     top_k_on = (params.top_k > 0) & (params.top_k < vocab)
     top_p_on = params.top_p < 1.0
-    top_k, top_p = _thresholds(candidates, z_max, total, params, top_k_on, top_p_on)
-
-    if floor is not None:
-        # Above the floor the candidates hold every logit of the row, so a threshold found there is
-        # exact; a row whose threshold may lie lower is searched again over its whole row.
-        exact = (~top_k_on | (top_k > floor)) & (~top_p_on | (top_p > floor))
-        flagged = (params.temperature > 0) & ~exact
-        top_k, top_p = _search_flagged_rows(z, z_max, total, params, top_k_on, top_p_on, flagged,
-                                            (top_k, top_p))
-
+    z_max = jnp.max(z, axis=-1)
+    if rows is None:
+        top_k, top_p = _thresholds(z, z_max, params, top_k_on, top_p_on)
+    else:
+        searching = (params.temperature > 0) & (top_k_on | top_p_on)
+        top_k, top_p = _search_gathered(z, z_max, params, top_k_on, top_p_on, searching, rows)
     threshold = jnp.maximum(jnp.maximum(top_k, top_p), _min_p_threshold(z_max, params))
     return jnp.where(z >= threshold[:, None], z, -jnp.inf)
+
+
+def sample_modes(batch: int) -> tuple[int, ...]:
+    """Every branch `sample_mode` may pick for a batch of `batch` rows: the ones to compile."""
+    return (ALL_GREEDY, NO_SEARCH, SEARCH, SEARCH_FEW) if batch > _FEW_ROWS else (ALL_GREEDY, NO_SEARCH, SEARCH)
 
 
 def sample_mode(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> int:
     """The cheapest branch of `sample` that covers every row, from the rows' host-side parameters."""
     sampled = temperature > 0
-    if np.any(sampled & ((top_k > 0) | (top_p < 1.0))):
-        return SEARCH
+    searching = int(np.count_nonzero(sampled & ((top_k > 0) | (top_p < 1.0))))
+    if searching:
+        return SEARCH_FEW if searching <= _FEW_ROWS < len(temperature) else SEARCH
     return NO_SEARCH if np.any(sampled) else ALL_GREEDY
 
 
 def sample(logits: jax.Array, params: SamplingBatch, seen: jax.Array, mode: int | None = None) -> jax.Array:
     """Next token per row: f32[B, V] logits, bool[B, V] seen (prompt + output) -> i32[B].
 
-    The batch takes the cheapest of three branches that covers all its rows: argmax only when every
-    row is greedy, temperature and min-p when no sampled row uses top-k or top-p, the full threshold
-    search otherwise. Each row's result is the same in all branches that cover it. `mode` (static,
-    from `sample_mode`) names the branch; without it the device picks, through a conditional.
+    The batch takes the cheapest branch that covers all its rows: argmax only when every row is
+    greedy, temperature and min-p when no sampled row uses top-k or top-p, the threshold search of
+    every row, or of the few rows that use top-k or top-p. Each row's result is the same in all
+    branches that cover it. `mode` (static, from `sample_mode`) names the branch; without it the device
+    picks among the first three, through a conditional.
     """
     x = adjust_logits(logits, params, seen)
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
@@ -213,12 +204,17 @@ def sample(logits: jax.Array, params: SamplingBatch, seen: jax.Array, mode: int 
         z_max = jnp.take_along_axis(z, greedy[:, None], axis=-1)[:, 0]
         return _draw(jnp.where(z >= _min_p_threshold(z_max, params)[:, None], z, -jnp.inf), params)
 
-    branches = [lambda x, params: greedy, no_search, lambda x, params: _draw(filter_logits(x, params), params)]
+    branches = [
+        lambda x, params: greedy,
+        no_search,
+        lambda x, params: _draw(filter_logits(x, params), params),
+        lambda x, params: _draw(filter_logits(x, params, rows=_FEW_ROWS), params),
+    ]
     if mode is not None:
         tokens = branches[mode](x, params)
     else:
         branch = jnp.where(jnp.any(searching), SEARCH, jnp.where(jnp.any(sampled_rows), NO_SEARCH, ALL_GREEDY))
-        tokens = lax.switch(branch, branches, x, params)
+        tokens = lax.switch(branch, branches[:3], x, params)
     return jnp.where(sampled_rows, tokens, greedy)
 
 
@@ -243,76 +239,36 @@ def _draw(z: jax.Array, params: SamplingBatch) -> jax.Array:
     return jax.vmap(row)(params.seed, params.step, z).astype(jnp.int32)
 
 
-def _candidates(z: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    """The logits of each row's `_CANDIDATE_GROUPS` groups with the largest maxima, the floor, the row max.
-
-    f32[B, V] -> f32[B, C], f32[B], f32[B]. The floor is the largest maximum of a group left out, so
-    every logit above it is a candidate. A vocabulary of no more groups than that is its own candidate
-    set, with no floor.
-    """
-    batch, vocab = z.shape
-    groups = -(-vocab // _GROUP)
-    padded = jnp.pad(z, ((0, 0), (0, groups * _GROUP - vocab)), constant_values=-jnp.inf)
-    grouped = padded.reshape(batch, groups, _GROUP)
-    group_max = jnp.max(grouped, axis=-1)
-    z_max = jnp.max(group_max, axis=-1)
-    if groups <= _CANDIDATE_GROUPS:
-        return z, None, z_max
-    top, index = lax.top_k(group_max, _CANDIDATE_GROUPS + 1)
-    candidates = jnp.take_along_axis(grouped, index[:, :-1, None], axis=1).reshape(batch, -1)
-    return candidates, top[:, -1], z_max
-
-
-def _search_flagged_rows(
+def _search_gathered(
     z: jax.Array,
     z_max: jax.Array,
-    total: jax.Array,
     params: SamplingBatch,
     top_k_on: jax.Array,
     top_p_on: jax.Array,
-    flagged: jax.Array,
-    found: tuple[jax.Array, jax.Array],
+    searching: jax.Array,
+    rows: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """`found` (top-k and top-p thresholds f32[B]) with the `flagged` rows' replaced by a search of z.
+    """Top-k and top-p thresholds f32[B] of the first `rows` `searching` rows, -inf for the others.
 
-    A search over [B, V] is bound by compute (about 2.3 ms for B=256, V=128256 on an H100), one over a
-    chunk of gathered rows by latency (about 0.4 ms for 16 rows), so a few rows go in chunks, one loop
-    trip each and no trip when none is flagged, and many rows in one search of the whole batch.
+    A search costs about as much per row as the vocabulary is long, so the searching rows are gathered
+    into `rows` rows (the shape is static; the row ids are not) and searched there.
     """
     batch = z.shape[0]
-    chunk = min(_FALLBACK_ROWS, batch)
-    # Flagged rows first, then index `batch` (no row) to fill the last chunk.
-    order = jnp.nonzero(flagged, size=-(-batch // chunk) * chunk, fill_value=batch)[0]
-
-    def search_chunk(i: jax.Array, found: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        rows = lax.dynamic_slice_in_dim(order, i * chunk, chunk)
-        take = lambda a: jnp.take(a, rows, axis=0, mode="clip")  # noqa: E731
-        dense = _thresholds(take(z), take(z_max), take(total), jax.tree.map(take, params), take(top_k_on),
-                            take(top_p_on))
-        return tuple(old.at[rows].set(new, mode="drop") for old, new in zip(found, dense, strict=True))
-
-    def search_batch(found: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        dense = _thresholds(z, z_max, total, params, top_k_on, top_p_on)
-        return tuple(jnp.where(flagged, new, old) for old, new in zip(found, dense, strict=True))
-
-    num_flagged = jnp.sum(flagged)
-    return lax.cond(
-        num_flagged > _MAX_CHUNKED_ROWS,
-        search_batch,
-        lambda found: lax.fori_loop(0, -(-num_flagged // chunk), search_chunk, found),
-        found,
-    )
+    order = jnp.nonzero(searching, size=rows, fill_value=batch)[0]  # `batch` (no row) fills the rest
+    take = lambda a: jnp.take(a, order, axis=0, mode="clip")  # noqa: E731
+    found = _thresholds(take(z), take(z_max), jax.tree.map(take, params), take(top_k_on), take(top_p_on))
+    empty = jnp.full((batch,), -jnp.inf, jnp.float32)
+    return tuple(empty.at[order].set(new, mode="drop") for new in found)
 
 
 def _thresholds(
     values: jax.Array,
     z_max: jax.Array,
-    total: jax.Array,
     params: SamplingBatch,
     top_k_on: jax.Array,
     top_p_on: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Top-k and top-p thresholds per row (-inf where off), searched over `values` f32[B, N].
+    """Top-k and top-p thresholds per row (-inf where off), searched over each row's values f32[B, V].
 
     Top-k: the largest t with at least k values >= t, i.e. the k-th largest. Top-p, on the distribution
     left by top-k: the largest t whose values >= t hold at least p of its mass. Masses are unnormalised
@@ -322,7 +278,7 @@ def _thresholds(
     top_k = _largest_float(lambda t: _count_at_least(values, t) >= params.top_k[:, None], batch)
     top_k = jnp.where(top_k_on, top_k, -jnp.inf)
     weights = jnp.where(values >= top_k[:, None], jnp.exp(values - z_max[:, None]), 0.0)
-    target = params.top_p * jnp.where(top_k_on, jnp.sum(weights, axis=-1), total)
+    target = params.top_p * jnp.sum(weights, axis=-1)
     top_p = _largest_float(lambda t: _mass_at_least(values, weights, t) >= target[:, None], batch)
     return top_k, jnp.where(top_p_on, top_p, -jnp.inf)
 
@@ -349,13 +305,11 @@ def _largest_float(satisfied: Callable[[jax.Array], jax.Array], batch: int) -> j
     monotone, the number that satisfy it is that digit. The answer is exact after 32 / _DIGIT_BITS passes.
     """
     digits = jnp.arange(1, 1 << _DIGIT_BITS, dtype=jnp.uint32)
-
-    def fix_digit(i: jax.Array, key: jax.Array) -> jax.Array:
-        shift = (32 - _DIGIT_BITS * (i + 1)).astype(jnp.uint32)
+    key = jnp.zeros(batch, jnp.uint32)
+    # Unrolled in Python: XLA sees straight-line code, not a loop whose trip count it must check.
+    for shift in range(32 - _DIGIT_BITS, -1, -_DIGIT_BITS):
         ok = satisfied(_key_to_float(key[:, None] | (digits << shift)[None, :]))
-        return key | (jnp.sum(ok, axis=-1, dtype=jnp.uint32) << shift)
-
-    key = lax.fori_loop(0, 32 // _DIGIT_BITS, fix_digit, jnp.zeros(batch, jnp.uint32))
+        key = key | (jnp.sum(ok, axis=-1, dtype=jnp.uint32) << shift)
     return _key_to_float(key)
 
 
