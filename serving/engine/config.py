@@ -81,6 +81,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # kernels.BACKENDS: auto = our Pallas kernels on GPU, XLA elsewhere
     tp: int = 1
     seed: int = 0  # base for the seeds of requests that bring none
+    # JAX's persistent compilation cache (serving/engine/compile_cache.py): auto (a per-user directory
+    # on accelerators, off on CPU), off, or a directory
+    compilation_cache_dir: str = "auto"
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +105,8 @@ class EngineConfig:
               "must be auto, bfloat16, float16 or float32")
         check(isinstance(self.tp, int) and self.tp >= 1, "tp", "must be at least 1")
         check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
+        check(isinstance(self.compilation_cache_dir, str) and self.compilation_cache_dir != "",
+              "compilation_cache_dir", "must be auto, off or a directory")
 
     @classmethod
     def from_options(cls, **options: object) -> EngineConfig:

@@ -36,6 +36,7 @@ from model.config import ModelConfig
 from model.llama import kv_bytes_per_token
 from model.loader import init_random_params, load_params
 from model.sharding import make_mesh
+from serving.engine.compile_cache import enable_compilation_cache
 from serving.engine.config import EngineConfig
 from serving.engine.pages import PageAllocator
 from serving.engine.request import (
@@ -114,6 +115,7 @@ class Engine:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.platform = jax.devices()[0].platform
+        enable_compilation_cache(self.engine_config.compilation_cache_dir, self.platform)  # before any compile
         self.dtype = resolve_dtype(self.engine_config.dtype, model_config, self.platform)
         tokenizer_eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | tokenizer_eos
