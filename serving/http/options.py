@@ -298,6 +298,13 @@ OPTIONS: tuple[Option, ...] = (
         f"Base seed for requests that bring none (default: {_engine_default('seed')}).",
         type=int,
     ),
+    Option(
+        "--compilation-cache-dir",
+        "engine",
+        "compilation_cache_dir",
+        "JAX's persistent compilation cache, so restarts skip compiling: auto (~/.cache/xlserve/jax on GPU, "
+        "off on CPU), off, or a directory.",
+    ),
     # ---- refused: each would need the network or a part not built yet ----
     Option(
         "--revision",
