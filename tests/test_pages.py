@@ -27,7 +27,7 @@ def test_out_of_pages_and_double_free_are_errors():
     pages.release(taken)
     with pytest.raises(ValueError, match="released more often"):
         pages.release(taken[:1])
-    with pytest.raises(ValueError, match="not in use"):
+    with pytest.raises(ValueError, match="neither in use nor cached"):
         pages.share(taken[:1])
     with pytest.raises(ValueError):
         PageAllocator(1)

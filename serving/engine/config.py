@@ -65,7 +65,7 @@ class EngineConfig:
     num_pages: int | None = None  # explicit page count; overrides cache_max_entry_count
     cache_max_entry_count: float = 0.8  # fraction of free accelerator memory after weights
     session_len: int | None = None  # max tokens of one sequence; default: the model's max positions
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     # batching
     max_batch_size: int | None = None  # running sequences; default: the preset's largest decode bucket
     max_prefill_token_num: int | None = None  # tokens one prefill step may process

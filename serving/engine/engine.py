@@ -132,9 +132,10 @@ class Engine:
         self._accepting = False
         self._step_failures = 0
         self.fault_hook: Callable[[list[Chunk]], None] | None = None  # tests only; see the module docstring
+        # Called on the engine thread after each loop turn has reported its outputs, and once more as
+        # the thread ends: a consumer whose sinks only buffer wakes its reader once per step, not per token.
+        self.step_listeners: list[Callable[[], None]] = []
 
-        if self.engine_config.enable_prefix_caching:
-            logger.warning("enable_prefix_caching: prefix caching is not implemented yet; every prompt is prefilled")
         self.buckets = self.engine_config.buckets(self.platform)
         self.max_batch_size = self.buckets.max_decode_batch
         page_size = self.engine_config.page_size
@@ -145,7 +146,9 @@ class Engine:
         self.max_session_len = min(session_len, (self.num_pages - 1) * page_size)
         self.page_size = page_size
         self.allocator = PageAllocator(self.num_pages)
-        self.scheduler = Scheduler(self.allocator, self.buckets, page_size, self.max_batch_size)
+        self.scheduler = Scheduler(self.allocator, self.buckets, page_size, self.max_batch_size,
+                                   prefix_caching=self.engine_config.enable_prefix_caching)
+        self.num_prompt_tokens_computed = 0  # prefilled, i.e. not taken from the prefix cache
         self.runner = ModelRunner(
             model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
@@ -217,8 +220,13 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     # ----- the caller's side (any thread) -------------------------------------------------------------
-    def make_request(self, prompt_token_ids: list[int], config: GenerationConfig, request_id: str) -> EngineRequest:
-        """Validate a request and fill in its stop ids and seed; raises InvalidRequestError."""
+    def make_request(self, prompt_token_ids: list[int], config: GenerationConfig, request_id: str,
+                     session_id: str | None = None) -> EngineRequest:
+        """Validate a request and fill in its stop ids and seed; raises InvalidRequestError.
+
+        With a `session_id`, the request is a turn of that interactive session: its KV pages stay
+        pinned under the id when it finishes, for the next turn to reuse (see `end_session`).
+        """
         config.validate(self.model_config.vocab_size)
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -240,7 +248,7 @@ class Engine:
                 param="stop_token_ids",
             )
         seed = config.random_seed if config.random_seed is not None else secrets.randbelow(MAX_SEED + 1)
-        return EngineRequest(request_id, list(prompt_token_ids), config, frozenset(stops), seed)
+        return EngineRequest(request_id, list(prompt_token_ids), config, frozenset(stops), seed, session_id)
 
     def submit(self, request: EngineRequest, sink: Callable[[EngineOutput], None]) -> None:
         with self._inbox_lock:
@@ -251,6 +259,10 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
 
+    def end_session(self, session_id: str) -> None:
+        """Unpin an interactive session's pages (they stay cached until evicted)."""
+        self._inbox.put(("end_session", session_id, None))
+
     def stats(self) -> dict:
         return {
             "num_running": len(self.scheduler.running),
@@ -258,6 +270,10 @@ class Engine:
             "num_pages_total": self.allocator.num_usable,
             "num_pages_used": self.allocator.num_used,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_cached_pages": self.allocator.num_cached,
+            "num_pinned_sessions": len(self.scheduler.pins),
+            "prefix_cache_hits": self.scheduler.num_reused_tokens,
+            "prompt_tokens_computed": self.num_prompt_tokens_computed,
             "compilations_after_warmup": CompilationCounter.count() - self._compilations_at_warmup,
         }
 
@@ -275,6 +291,7 @@ class Engine:
                 dispatched = self._dispatch_or_fail(plan.decode, plan.prefill)
                 self._read_back_or_fail(in_flight)
                 in_flight = dispatched
+                self._end_step()
         except BaseException as exc:  # the engine must never hang silently: fail every request
             logger.exception("engine thread crashed")
             self._error = exc
@@ -287,6 +304,14 @@ class Engine:
             for seq in (*self.scheduler.running, *self.scheduler.waiting):
                 self._finish(seq, FinishReason.ABORT)
             self._refuse_inbox()
+            self._end_step()
+
+    def _end_step(self) -> None:
+        for listener in tuple(self.step_listeners):  # a copy: another thread may add one meanwhile
+            try:
+                listener()
+            except Exception:  # a broken consumer must not take the engine down with it
+                logger.exception("a step listener failed")
 
     def _refuse_inbox(self) -> None:
         """Answer requests submitted but never taken in, so no caller waits forever."""
@@ -314,6 +339,8 @@ class Engine:
             kind, payload, sink = item
             if kind == "add":
                 self._add(payload, sink)
+            elif kind == "end_session":
+                self.scheduler.end_session(payload)
             else:
                 seq = self.scheduler.find(payload)
                 if seq is not None:
@@ -385,6 +412,8 @@ class Engine:
             for chunk in chunks:
                 chunk.seq.num_computed = chunk.start + chunk.length
                 chunk.seq.num_pending += chunk.samples
+        # Every chunk but a decoding sequence's freshly sampled token is prompt (or recompute) work.
+        self.num_prompt_tokens_computed += sum(c.length for c in prefill) + sum(c.first for c in decode)
         return dispatched
 
     def _read_back(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
@@ -393,6 +422,7 @@ class Engine:
             host_tokens = np.asarray(tokens)
             for row, chunk in enumerate(chunks):
                 seq = chunk.seq
+                self.scheduler.register_pages(chunk)  # its step has completed: the pages hold their tokens
                 if not chunk.samples:
                     continue
                 seq.num_pending -= 1
@@ -417,7 +447,8 @@ class Engine:
               error: str | None = None) -> None:
         output = EngineOutput(
             request_id=seq.request_id, new_token_ids=new_tokens, finished=reason is not None,
-            finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens, error=error,
+            finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens, error=error,
         )
         try:
             seq.sink(output)

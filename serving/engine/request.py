@@ -131,6 +131,9 @@ class EngineRequest:
     stop_token_ids: frozenset[int] = frozenset()
     # Seed actually used (chosen at random when the user gave none), so a rerun can reproduce it.
     seed: int = 0
+    # An interactive session this request is a turn of: its KV pages stay pinned under this id when
+    # it finishes, and it reuses cached pages even with prefix caching off (see scheduler).
+    session_id: str | None = None
 
 
 @dataclass

@@ -40,7 +40,7 @@ class StepInputs:
     attn: AttentionBatch
     last_index: jax.Array  # i32[B] index in T of each row's last real token (its logits are sampled)
     slots: jax.Array  # i32[B] row of the per-sequence tables; padding rows point past their end
-    reset: jax.Array  # bool[B] a sequence starting over: clear its seen-tokens row first
+    reset: jax.Array  # bool[B] a sequence's first chunk since admission: clear its seen-tokens row first
     from_device: jax.Array  # bool[B] the row's first token is still on the device: last_tokens[slot]
     samples: jax.Array  # bool[B] the row reaches its sequence's end: its sampled token is real
 
@@ -48,7 +48,7 @@ class StepInputs:
 # Host -> device, per step, as few arrays as possible: each transfer costs host time on the dispatch
 # path, so the per-row fields travel packed in one i32 matrix and are unpacked inside the jit.
 # Columns of the packed row matrix, then the row's block table:
-_SLOT, _START, _LENGTH, _FROM_DEVICE, _SAMPLES, _ROW_FIELDS = range(6)
+_SLOT, _START, _LENGTH, _FROM_DEVICE, _SAMPLES, _RESET, _ROW_FIELDS = range(7)
 # Sampling columns: i32 [top_k, seed_hi, seed_lo, step, banned...] and f32 [temperature, top_p, min_p, penalty].
 _TOP_K, _SEED_HI, _SEED_LO, _STEP, _BANNED = range(5)
 
@@ -60,7 +60,7 @@ def unpack_step(tokens: jax.Array, rows: jax.Array) -> StepInputs:
     attn = AttentionBatch(positions=starts[:, None] + offsets, valid=offsets < lengths[:, None],
                           kv_lens=starts + lengths, block_tables=rows[:, _ROW_FIELDS:])
     return StepInputs(tokens=tokens, attn=attn, last_index=jnp.maximum(lengths - 1, 0), slots=rows[:, _SLOT],
-                      reset=(starts == 0) & (lengths > 0), from_device=rows[:, _FROM_DEVICE] > 0,
+                      reset=rows[:, _RESET] > 0, from_device=rows[:, _FROM_DEVICE] > 0,
                       samples=rows[:, _SAMPLES] > 0)
 
 
@@ -255,7 +255,7 @@ class ModelRunner:
             if known:
                 assert len(known) == chunk.length, "only a lone decode token can still be on the device"
                 token_ids[r, : chunk.length] = known
-            fields[r] = (seq.slot, chunk.start, chunk.length, not known, chunk.samples)
+            fields[r] = (seq.slot, chunk.start, chunk.length, not known, chunk.samples, chunk.first)
             steps[r] = seq.num_generated
         table_rows = np.where(np.arange(rows) < n, fields[:, _SLOT], self.num_slots)  # padding -> the null row
         packed_rows = np.concatenate([fields, self.slots.block_tables[table_rows]], axis=1)

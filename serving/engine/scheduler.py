@@ -13,17 +13,29 @@ Policy, per step:
 2. Waiting sequences join in arrival order while the batch has room, pages and prefill budget.
 3. Prefill chunks share a token budget (`max_prefill_token_num`) and must fit a compiled bucket, so a
    long prompt is split over several steps and never stalls the decoding sequences.
+
+Prefix caching (see `pages`). A sequence that starts (or restarts after preemption) first takes the
+cached pages of the longest cached prefix of its tokens and computes only the rest; at least one
+token is always computed, since its logits are what the first sample needs. Pages are registered once
+the step that filled them has been read back, so a page whose step failed is never shared. A request
+with a repetition penalty computes its whole prompt (the penalty's seen-tokens table is filled by the
+tokens a step processes), but still registers its pages for others.
+
+Sessions (`/v1/chat/interactive`): when a sequence with a `session_id` finishes, its registered pages
+stay referenced ("pinned") under that id until the session's next turn finishes, the session ends,
+or pages run short: then the least recently pinned session is unpinned before any running sequence is
+preempted, and its next turn recomputes whatever was evicted meanwhile.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.engine.config import BucketSet
-from serving.engine.pages import OutOfPages, PageAllocator
+from serving.engine.pages import ROOT_KEY, OutOfPages, PageAllocator, PageContent, page_key
 from serving.engine.request import EngineOutput, EngineRequest
 
 
@@ -49,10 +61,17 @@ class Sequence:
     admissions: int = 0  # times it has started running (preemption restarts it): keys per-slot state
     status: SeqStatus = SeqStatus.WAITING
     max_new_tokens: int = 0  # already capped by the session length
+    page_keys: list[int] = field(default_factory=list)  # prefix-cache keys of its full pages so far
+    num_registered: int = 0  # leading pages registered in (or taken from) the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def session_id(self) -> str | None:
+        return self.request.session_id
 
     @property
     def length(self) -> int:
@@ -82,19 +101,23 @@ class Sequence:
 
 @dataclass(frozen=True)
 class Chunk:
-    """`length` tokens of `seq` starting at token `start`; `samples` when they reach its end.
+    """`length` tokens of `seq` starting at token `start`; `samples` when they reach its end; `first`
+    when it is the first chunk since the sequence was admitted (its seen-tokens row starts over).
 
-    `samples` is fixed when the chunk is planned: by the time its tokens are read back, later
-    dispatches have already grown the sequence.
+    `samples` and `admission` are fixed when the chunk is planned: by the time its tokens are read
+    back, later dispatches have grown the sequence, and it may even have been preempted and restarted.
     """
 
     seq: Sequence
     start: int
     length: int
+    first: bool = False
     samples: bool = field(init=False)
+    admission: int = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", self.start + self.length == self.seq.length)
+        object.__setattr__(self, "admission", self.seq.admissions)
 
 
 @dataclass
@@ -109,15 +132,19 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, buckets: BucketSet, page_size: int, max_batch_size: int):
+    def __init__(self, allocator: PageAllocator, buckets: BucketSet, page_size: int, max_batch_size: int,
+                 prefix_caching: bool = True):
         self.allocator = allocator
         self.buckets = buckets
         self.page_size = page_size
         self.max_batch_size = max_batch_size
+        self.prefix_caching = prefix_caching  # off: only sessions use the cache, for their own history
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order, oldest first
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        self.pins: OrderedDict[str, list[int]] = OrderedDict()  # session id -> its pinned pages, oldest first
         self.num_preemptions = 0
+        self.num_reused_tokens = 0  # prompt tokens taken from the prefix cache, over all admissions
 
     # ----- membership -----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -130,13 +157,22 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence for good and free its pages and slot at once."""
+        """Remove a sequence for good and free its pages and slot at once (a session's sequence first
+        pins its registered pages)."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+        if seq.session_id is not None and seq.num_registered:  # else the session keeps its previous pin
+            self._pin(seq.session_id, self._cached_prefix(seq, seq.num_registered))
         self._drop_resources(seq)
         seq.status = SeqStatus.FINISHED
+
+    def end_session(self, session_id: str) -> None:
+        """Unpin a session's pages: they stay cached until evicted."""
+        pages = self.pins.pop(session_id, None)
+        if pages:
+            self.allocator.release(pages[::-1])
 
     @property
     def has_work(self) -> bool:
@@ -165,20 +201,24 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 return  # preempted with a token in flight: recompute once it is read back
+            self._reuse_prefix(seq)
             decoding = seq.num_remaining == 1
             length = 1 if decoding else min(seq.num_remaining, self.buckets.max_chunk, budget)
-            if not decoding and length < min(seq.num_remaining, self.page_size):
-                return  # too little budget left to make useful progress on this prompt
-            if not decoding and not self._prefill_fits(plan, length):
-                return
-            if not self._reserve(seq, length):
+            fits = decoding or (length >= min(seq.num_remaining, self.page_size)  # else too little budget left
+                                and self._prefill_fits(plan, length))
+            if not fits or not self._reserve(seq, length):
+                self._drop_resources(seq)  # give the reused pages back: it retries from scratch
+                seq.num_computed = seq.num_registered = 0
                 return
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             seq.slot = self._free_slots.pop()
+            if seq.admissions == 0:
+                seq.num_cached_tokens = seq.num_computed
+            self.num_reused_tokens += seq.num_computed
             seq.admissions += 1
             self.running.append(seq)
-            (plan.decode if decoding else plan.prefill).append(Chunk(seq, seq.num_computed, length))
+            (plan.decode if decoding else plan.prefill).append(Chunk(seq, seq.num_computed, length, first=True))
             budget -= 0 if decoding else length
 
     def _prefill_fits(self, plan: Schedule, length: int) -> bool:
@@ -186,15 +226,19 @@ class Scheduler:
         return self.buckets.prefill_bucket(len(plan.prefill) + 1, longest) is not None
 
     def _reserve(self, seq: Sequence, length: int) -> bool:
-        """Give `seq` the pages it needs to hold `length` more tokens; False if there are not enough."""
+        """Give `seq` the pages it needs to hold `length` more tokens, unpinning idle sessions' pages
+        if need be; False if there are still not enough."""
         needed = -(-(seq.num_computed + length) // self.page_size) - len(seq.pages)
         if needed <= 0:
             return True
-        try:
-            seq.pages.extend(self.allocator.allocate(needed))
-        except OutOfPages:
-            return False
-        return True
+        while True:
+            try:
+                seq.pages.extend(self.allocator.allocate(needed))
+                return True
+            except OutOfPages:
+                if not self.pins:
+                    return False
+                self.end_session(next(iter(self.pins)))  # the least recently pinned gives way
 
     def _reserve_or_preempt(self, seq: Sequence, length: int, plan: Schedule) -> bool:
         while not self._reserve(seq, length):
@@ -209,7 +253,7 @@ class Scheduler:
         for chunks in (plan.decode, plan.prefill):
             chunks[:] = [c for c in chunks if c.seq is not seq]
         self._drop_resources(seq)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_registered = 0
         seq.status = SeqStatus.WAITING
         # Back to the head of the queue, still ahead of everything that arrived after it.
         index = next((i for i, s in enumerate(self.waiting) if s.arrival > seq.arrival), len(self.waiting))
@@ -219,8 +263,58 @@ class Scheduler:
 
     def _drop_resources(self, seq: Sequence) -> None:
         if seq.pages:
-            self.allocator.release(seq.pages)
+            self.allocator.release(seq.pages[::-1])  # tail first: evicted before the shared head
             seq.pages = []
         if seq.slot >= 0:
             self._free_slots.append(seq.slot)
             seq.slot = -1
+
+    # ----- prefix caching ---------------------------------------------------------------------------
+    def register_pages(self, chunk: Chunk) -> None:
+        """Enter the pages that `chunk`'s step (now read back) filled into the prefix cache."""
+        seq = chunk.seq
+        if not self._uses_cache(seq) or seq.status is not SeqStatus.RUNNING or chunk.admission != seq.admissions:
+            return  # preempted (or restarted) since: these pages are no longer its own
+        full = min(chunk.start + chunk.length, len(seq.token_ids)) // self.page_size
+        for index in range(seq.num_registered, full):
+            key, content = self._page_name(seq, index)
+            self.allocator.register(seq.pages[index], key, content)
+        seq.num_registered = max(seq.num_registered, full)
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a sequence on the cached pages of its longest cached prefix."""
+        if not self._uses_cache(seq) or seq.request.config.repetition_penalty != 1.0:
+            return
+        pages = self._cached_prefix(seq, (seq.length - 1) // self.page_size)  # leave a token to compute
+        if pages:
+            self.allocator.share(pages)
+            seq.pages = pages
+            seq.num_computed = len(pages) * self.page_size
+            seq.num_registered = len(pages)
+
+    def _cached_prefix(self, seq: Sequence, max_pages: int) -> list[int]:
+        """The cached pages holding the longest prefix of `seq`'s first `max_pages` full pages."""
+        pages = []
+        for index in range(max_pages):
+            page = self.allocator.lookup(*self._page_name(seq, index))
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def _page_name(self, seq: Sequence, index: int) -> tuple[int, PageContent]:
+        """Key and content of `seq`'s full page `index` (its tokens must be known)."""
+        start = index * self.page_size
+        tokens = tuple(seq.token_ids[start : start + self.page_size])
+        parent = seq.page_keys[index - 1] if index else ROOT_KEY
+        if index == len(seq.page_keys):
+            seq.page_keys.append(page_key(parent, tokens))
+        return seq.page_keys[index], PageContent(parent, tokens)
+
+    def _uses_cache(self, seq: Sequence) -> bool:
+        return self.prefix_caching or seq.session_id is not None
+
+    def _pin(self, session_id: str, pages: list[int]) -> None:
+        self.allocator.share(pages)  # before the old pin goes, so pages in both are never evicted
+        self.end_session(session_id)
+        self.pins[session_id] = pages

@@ -249,7 +249,7 @@ OPTIONS: tuple[Option, ...] = (
         "--enable-prefix-caching",
         "engine",
         "enable_prefix_caching",
-        "Reuse the KV cache of shared prompt prefixes.",
+        "Reuse the KV cache of shared prompt prefixes (on by default; --no-enable-prefix-caching turns it off).",
         kind="switch",
     ),
     Option(
@@ -347,7 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
         kwargs: dict[str, Any] = {"dest": option.field, "help": option.help, "default": option.default}
         if option.kind == "switch":
-            kwargs["action"] = "store_true"
+            # An engine switch may default to on, so it also takes a --no- form; unset stays None.
+            kwargs["action"] = argparse.BooleanOptionalAction if option.target == "engine" else "store_true"
             kwargs["default"] = None if option.target != "cli" else False
         else:
             kwargs["type"] = option.type
