@@ -29,6 +29,7 @@ OPERATIONS = [
     ("GET", "/metrics"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/interactive"),
 ]
 EXAMPLES = 25  # per operation and mode: each generates text on a 2-core CI machine
 FUZZ_MAX_TOKENS = 4
@@ -48,8 +49,10 @@ def runnable(body: Any) -> Any:
     """A valid generated body made servable and cheap: the served model, a few tokens and choices, and
     for chat, turns that alternate as the Llama 2 template demands, text parts and no tools. What
     this leaves out (other models, templates refusing turns, every bound) the error tables cover."""
-    if not isinstance(body, dict) or "model" not in body:
+    if not isinstance(body, dict):
         return body
+    if "model" not in body:
+        return runnable_interactive(body) if "prompt" in body else body
     body = {**body, "model": MODEL_NAME, "max_tokens": FUZZ_MAX_TOKENS, "max_completion_tokens": None}
     body["n"] = min(body.get("n") or 1, 2)
     if isinstance(body.get("prompt"), list):
@@ -57,12 +60,26 @@ def runnable(body: Any) -> Any:
     if "messages" in body:
         for name in ("tools", "tool_choice", "logprobs", "top_logprobs"):
             body.pop(name, None)
-        turns = body["messages"][1 - len(body["messages"]) % 2 :]  # an odd count: user first and last
-        body["messages"] = [
-            {"role": "assistant" if i % 2 else "user", "content": _text(message.get("content"))}
-            for i, message in enumerate(turns)
-        ]
+        body["messages"] = _alternating(body["messages"])
     return body
+
+
+def runnable_interactive(body: dict[str, Any]) -> dict[str, Any]:
+    """/v1/chat/interactive: a few tokens, no adapter or image, and one-off turns (interactive_mode
+    false ends the session), so that no session outlives the test."""
+    body = {**body, "interactive_mode": False, "request_output_len": FUZZ_MAX_TOKENS, "adapter_name": None,
+            "image_url": None}  # fmt: skip
+    if isinstance(body["prompt"], list):
+        body["prompt"] = _alternating(body["prompt"])
+    return body
+
+
+def _alternating(messages: list[Any]) -> list[dict[str, Any]]:
+    turns = messages[1 - len(messages) % 2 :]  # an odd count: user first and last
+    return [
+        {"role": "assistant" if i % 2 else "user", "content": _text(message.get("content"))}
+        for i, message in enumerate(turns)
+    ]
 
 
 def _text(content: Any) -> Any:

@@ -79,7 +79,8 @@ def test_every_route_in_the_url_map_needs_a_key(guarded: tuple[LiveServer, _Thre
     server, _ = guarded
     rules = list(server.app.url_map.iter_rules())
     paths = {rule.rule for rule in rules}
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics", "/openapi.json", "/"} <= paths
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/chat/interactive", "/v1/models", "/metrics",
+            "/openapi.json", "/"} <= paths  # fmt: skip
     refusals = (
         {},
         {"Authorization": "Bearer wrong"},

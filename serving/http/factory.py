@@ -9,7 +9,7 @@ from quart import Quart, request
 from quart_schema import Info, QuartSchema
 
 from serving.engine.engine import Engine
-from serving.http import chat, completions, service
+from serving.http import chat, completions, interactive, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
 from serving.http.exchange import ExchangeMiddleware
@@ -46,7 +46,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Quart:
         security=[{"bearer": []}] if bearer else None,
         openapi_provider_class=NamedSchemaProvider,
     )
-    for module in (service, chat, completions):
+    for module in (service, chat, completions, interactive):
         app.register_blueprint(module.blueprint)
     install_error_handlers(app)
 

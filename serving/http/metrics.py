@@ -13,7 +13,7 @@ standard process collector (resident memory, CPU, open files).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sized
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -85,9 +85,9 @@ class ServerMetrics:
         )
         ProcessCollector(registry=self.registry)
 
-    def watch(self, engine: Engine, admission: Admission, in_flight: Collection[object]) -> None:
+    def watch(self, engine: Engine, admission: Admission, in_flight: Collection[object], sessions: Sized) -> None:
         """Export the live state of these as gauges read at scrape time."""
-        self.registry.register(_LiveState(self.model_name, engine, admission, in_flight))
+        self.registry.register(_LiveState(self.model_name, engine, admission, in_flight, sessions))
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.model_name, reason).inc()
@@ -135,11 +135,14 @@ class ServerMetrics:
 class _LiveState:
     """A custom collector: gauges computed from the live objects at every scrape."""
 
-    def __init__(self, model_name: str, engine: Engine, admission: Admission, in_flight: Collection[object]):
+    def __init__(
+        self, model_name: str, engine: Engine, admission: Admission, in_flight: Collection[object], sessions: Sized
+    ):
         self.model_name = model_name
         self.engine = engine
         self.admission = admission
         self.in_flight = in_flight
+        self.sessions = sessions
 
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats()
@@ -166,6 +169,18 @@ class _LiveState:
             stats["num_pages_used"] / max(stats["num_pages_total"], 1),
         )
         yield counter("vllm:num_preemptions", "Sequences preempted for lack of KV pages.", stats["num_preemptions"])
+        # vllm:prompt_tokens counts every prompt token; this, only those not taken from the cache.
+        yield counter(
+            "xlserve:prompt_tokens_computed",
+            "Prompt tokens prefilled (including recomputation after preemption), i.e. not found in the KV cache.",
+            stats["prompt_tokens_computed"],
+        )
+        yield gauge(
+            "xlserve:interactive_sessions", "Sessions /v1/chat/interactive keeps a history for.", len(self.sessions)
+        )
+        yield gauge(
+            "xlserve:pinned_sessions", "Sessions whose KV pages the engine keeps pinned.", stats["num_pinned_sessions"]
+        )
         yield counter(
             "xlserve:compilations_after_warmup",
             "XLA compilations after start-up; anything but 0 is a bug.",

@@ -22,6 +22,7 @@ from serving.http.protocol import ErrorResponse
 F = TypeVar("F", bound=Callable[..., Any])
 
 _STREAM_ATTRIBUTE = "_xlserve_stream_model"
+_NDJSON_ATTRIBUTE = "_xlserve_ndjson_model"
 _TEXT_ATTRIBUTE = "_xlserve_text_media_type"
 
 
@@ -30,6 +31,16 @@ def streams(chunk_model: type[BaseModel]) -> Callable[[F], F]:
 
     def decorate(func: F) -> F:
         setattr(func, _STREAM_ATTRIBUTE, chunk_model)
+        return func
+
+    return decorate
+
+
+def ndjson_stream(line_model: type[BaseModel]) -> Callable[[F], F]:
+    """Document that with `stream: true` the 200 answer is NDJSON: one `line_model` per line."""
+
+    def decorate(func: F) -> F:
+        setattr(func, _NDJSON_ATTRIBUTE, line_model)
         return func
 
     return decorate
@@ -81,6 +92,17 @@ class NamedSchemaProvider(OpenAPIProvider):
                     "description": "OK",
                     "content": {media_type: {"schema": {"type": "string"}}},
                 }
+        line_model = getattr(view, _NDJSON_ATTRIBUTE, None)
+        if line_model is not None:
+            line = self._component(line_model, components)
+            error = self._component(ErrorResponse, components)  # an error after the stream began
+            for operation in paths[next(iter(paths))].values():
+                operation["responses"][200]["content"]["application/x-ndjson"] = {
+                    # One JSON document per line; OpenAPI 3.1 can only describe the text as a whole.
+                    "schema": {"type": "string", "description": f"Lines of JSON: each a {line_model.__name__} "
+                               "(or, after a failure, an ErrorResponse)."},
+                    "x-ndjson-line-schema": {"anyOf": [line, error]},
+                }  # fmt: skip
         chunk_model = getattr(view, _STREAM_ATTRIBUTE, None)
         if chunk_model is not None:
             chunk = self._component(chunk_model, components)

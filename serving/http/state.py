@@ -27,6 +27,7 @@ from serving.http.admission import RETRY_AFTER_S, Admission
 from serving.http.errors import APIError
 from serving.http.metrics import ServerMetrics
 from serving.http.protocol import MAX_N
+from serving.http.sessions import SessionRegistry
 from serving.http.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -59,13 +60,15 @@ class ServerState:
     admission: Admission = field(init=False)
     metrics: ServerMetrics = field(init=False)
     in_flight: set[Exchange] = field(init=False, default_factory=set)  # every HTTP request being served
+    sessions: SessionRegistry = field(init=False)  # /v1/chat/interactive's histories
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         max_running = self.settings.max_concurrent_requests or default_max_running(self.engine)
         self.admission = Admission(max_running, self.settings.max_queue_len)
+        self.sessions = SessionRegistry(self.engine.end_session)
         self.metrics = ServerMetrics(self.settings.model_name, self.engine.max_session_len)
-        self.metrics.watch(self.engine, self.admission, self.in_flight)
+        self.metrics.watch(self.engine, self.admission, self.in_flight, self.sessions)
         self._idle.set()
 
     def start_in_background(self) -> None:
