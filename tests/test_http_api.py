@@ -74,6 +74,8 @@ def test_chat_completion_shape_and_exact_usage(http_server: LiveServer) -> None:
     prompt_tokens = chat_prompt_tokens(http_server, MESSAGES)
     assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_tokens, 7)
     assert response.usage.total_tokens == prompt_tokens + 7
+    # Prompt tokens taken from the prefix cache: at least the last prompt token is always computed.
+    assert 0 <= response.usage.prompt_tokens_details.cached_tokens < prompt_tokens
 
 
 def test_chat_stream_equals_non_stream_for_the_same_seed(http_server: LiveServer) -> None:
@@ -104,6 +106,7 @@ def test_chat_stream_wire_format(http_server: LiveServer) -> None:
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    assert list(chunks[-1]["usage"]["prompt_tokens_details"]) == ["cached_tokens"]
     with httpx.stream("POST", url, json={**body, "stream": True}) as r:
         assert all("usage" not in c for c in sse_events(r)[:-1])
 
@@ -174,6 +177,7 @@ def test_completion_prompt_forms(http_server: LiveServer) -> None:
     assert many.choices[0].text == many.choices[1].text == single.choices[0].text  # greedy: n copies
     assert many.usage.prompt_tokens == len(ids) + len(tokenizer.encode("Once upon"))
     assert many.usage.completion_tokens == 16
+    assert 0 <= many.usage.prompt_tokens_details.cached_tokens < many.usage.prompt_tokens
     lists = client.completions.create(prompt=[ids, tokenizer.encode("Once upon")], **options)
     assert [c.text for c in lists.choices] == [many.choices[0].text, many.choices[2].text]
 

@@ -124,3 +124,11 @@ def test_skip_special_tokens_option(llama):
     shown = run(llama, ids, GenerationConfig(skip_special_tokens=False))
     assert "".join(d.text for d in hidden) == " a b"
     assert "".join(d.text for d in shown) == " a<s> b"
+
+
+def test_cached_token_count_is_carried_to_the_end(llama):
+    processor = OutputProcessor(llama, [1], GenerationConfig())
+    ids = llama.encode("a b", add_special_tokens=False)
+    assert processor.process(EngineOutput("r", ids[:1], num_cached_tokens=48)).num_cached_tokens == 48
+    last = processor.process(EngineOutput("r", ids[1:], True, FinishReason.LENGTH))
+    assert (last.finished, last.num_cached_tokens) == (True, 48)

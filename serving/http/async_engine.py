@@ -4,7 +4,8 @@
 stream starts and before anything runs), then claims one admission slot per choice (503 with
 `Retry-After` when the server is full); `generate` waits for the request's turn, submits its choices
 and yields each choice's text as the engine produces it. The engine calls each request's sink on its
-own thread; the sink hands the output to the event loop with `call_soon_threadsafe`. Whatever ends
+own thread; the sinks buffer the outputs and the engine's step listener wakes the event loop once per
+step to deliver them (`_OutputRelay`). Whatever ends
 the iteration (the last choice finishing, a client disconnect cancelling the handler, the request
 timeout, an error), every request still running is aborted, so the engine frees its pages at once,
 and the admission slots are given back.
@@ -20,6 +21,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
+import weakref
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -82,6 +86,7 @@ class ChoiceResult:
     text: str = ""
     finish_reason: str | None = None
     num_completion_tokens: int = 0
+    num_cached_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -95,6 +100,61 @@ class _Choice:
     cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+
+
+class _OutputRelay:
+    """Carries engine outputs to one event loop, waking it once per engine step.
+
+    A sink that called `call_soon_threadsafe` for every output made the engine thread write to the
+    loop's wake-up socket once per token, and each write let the busy event loop take the GIL, often
+    for a whole switch interval (5 ms): at a few hundred sequences a step that stalled the engine far
+    longer than the step itself, and tokens reached clients in bursts. Sinks only append here; the
+    engine calls `flush` after each step, which wakes the loop once to hand everything over.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: deque[tuple[asyncio.Queue[tuple[int, EngineOutput]], tuple[int, EngineOutput]]] = deque()
+        self._lock = threading.Lock()
+        self._woken = False  # a `_deliver` is scheduled and has not started yet
+
+    def sink(self, queue: asyncio.Queue[tuple[int, EngineOutput]], index: int) -> Callable[[EngineOutput], None]:
+        def sink(output: EngineOutput) -> None:  # engine thread
+            self._pending.append((queue, (index, output)))
+
+        return sink
+
+    def flush(self) -> None:  # engine thread
+        with self._lock:
+            if self._woken or not self._pending:
+                return
+            self._woken = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop has closed: the server is gone and nobody waits
+            pass
+
+    def _deliver(self) -> None:  # event loop
+        with self._lock:
+            self._woken = False  # outputs appended from now on get a wake-up of their own
+        while self._pending:
+            queue, item = self._pending.popleft()
+            queue.put_nowait(item)
+
+
+# One relay per engine and event loop (tests run several servers, each with its own loop).
+_relays: weakref.WeakKeyDictionary[Engine, dict[asyncio.AbstractEventLoop, _OutputRelay]] = weakref.WeakKeyDictionary()
+
+
+def _relay(engine: Engine, loop: asyncio.AbstractEventLoop) -> _OutputRelay:
+    relays = _relays.setdefault(engine, {})
+    relay = relays.get(loop)
+    if relay is None:
+        for closed in [other for other in relays if other.is_closed()]:
+            engine.step_listeners.remove(relays.pop(closed).flush)
+        relay = relays[loop] = _OutputRelay(loop)
+        engine.step_listeners.append(relay.flush)
+    return relay
 
 
 def request_timeout_error() -> APIError:
@@ -120,16 +180,7 @@ async def generate(engine: Engine, requests: Sequence[EngineRequest]) -> AsyncGe
     deadline = exchange.deadline if exchange is not None else None
     ticket = exchange.ticket if exchange is not None else None
     outputs: asyncio.Queue[tuple[int, EngineOutput]] = asyncio.Queue()
-
-    def sink_for(index: int) -> Callable[[EngineOutput], None]:
-        def sink(output: EngineOutput) -> None:
-            try:
-                loop.call_soon_threadsafe(outputs.put_nowait, (index, output))
-            except RuntimeError:  # the event loop has closed: the server is gone and nobody waits
-                pass
-
-        return sink
-
+    relay = _relay(engine, loop)
     choices = [_Choice(r, OutputProcessor(engine.tokenizer, r.prompt_token_ids, r.config)) for r in requests]
     pending: dict[int, _Choice] = {}
     failure: APIError | None = None
@@ -139,34 +190,35 @@ async def generate(engine: Engine, requests: Sequence[EngineRequest]) -> AsyncGe
         for index, choice in enumerate(choices):
             pending[index] = choice
             try:
-                engine.submit(choice.request, sink_for(index))
+                engine.submit(choice.request, relay.sink(outputs, index))
             except RuntimeError as error:
                 raise APIError(503, f"the engine is not running: {error}", code="engine_stopped") from error
         while pending:
-            index, output = await _next_output(outputs, deadline, loop)
-            choice = pending.get(index)
-            if choice is None:
-                continue  # the abort echo of a choice a stop string already ended
-            if output.error is not None or output.finish_reason is FinishReason.ERROR:
-                raise APIError(
-                    500,
-                    f"the engine failed request {choice.request.request_id}: {output.error}",
-                    code="engine_error",
-                )
-            if output.finish_reason is FinishReason.ABORT:
-                raise APIError(503, "the server is shutting down; the request was aborted", code="aborted")
-            if output.new_token_ids:
-                choice.last_token = loop.time()
-                choice.first_token = choice.first_token or choice.last_token
-            choice.cached_tokens = max(choice.cached_tokens, output.num_cached_tokens)
-            delta = choice.processor.process(output)
-            choice.completion_tokens = delta.num_completion_tokens
-            if delta.finished:
-                del pending[index]
-                choice.finish_reason = delta.finish_reason
-                if not output.finished:  # a stop string ended it: the engine still runs it
-                    engine.abort(choice.request.request_id)
-            yield index, delta
+            first = await _next_output(outputs, deadline, loop)
+            for index, output in _with_queued(outputs, first):
+                choice = pending.get(index)
+                if choice is None:
+                    continue  # the abort echo of a choice a stop string already ended
+                if output.error is not None or output.finish_reason is FinishReason.ERROR:
+                    raise APIError(
+                        500,
+                        f"the engine failed request {choice.request.request_id}: {output.error}",
+                        code="engine_error",
+                    )
+                if output.finish_reason is FinishReason.ABORT:
+                    raise APIError(503, "the server is shutting down; the request was aborted", code="aborted")
+                if output.new_token_ids:
+                    choice.last_token = loop.time()
+                    choice.first_token = choice.first_token or choice.last_token
+                choice.cached_tokens = max(choice.cached_tokens, output.num_cached_tokens)
+                delta = choice.processor.process(output)
+                choice.completion_tokens = delta.num_completion_tokens
+                if delta.finished:
+                    del pending[index]
+                    choice.finish_reason = delta.finish_reason
+                    if not output.finished:  # a stop string ended it: the engine still runs it
+                        engine.abort(choice.request.request_id)
+                yield index, delta
     except APIError as error:
         failure = error
         raise
@@ -193,6 +245,31 @@ async def _next_output(
             return await outputs.get()
     except TimeoutError:
         raise request_timeout_error() from None
+
+
+def _with_queued(
+    outputs: asyncio.Queue[tuple[int, EngineOutput]], first: tuple[int, EngineOutput]
+) -> list[tuple[int, EngineOutput]]:
+    """`first` and every output already queued behind it, a choice's consecutive outputs merged into one.
+
+    When the loop falls behind the engine (a few hundred streams), a choice has several steps' tokens
+    waiting: handing them on as one delta makes one SSE chunk and one socket write instead of several,
+    so the cost per token falls just when the load is highest. Whatever follows a choice's final
+    output can only be the engine's answer to an abort, which `generate` would skip anyway.
+    """
+    merged = dict([first])
+    while not outputs.empty():
+        index, output = outputs.get_nowait()
+        earlier = merged.get(index)
+        if earlier is None:
+            merged[index] = output
+        elif not earlier.finished:
+            merged[index] = dataclasses.replace(
+                output,
+                new_token_ids=earlier.new_token_ids + output.new_token_ids,
+                num_cached_tokens=max(earlier.num_cached_tokens, output.num_cached_tokens),
+            )
+    return list(merged.items())
 
 
 def _account(exchange: Exchange, choices: list[_Choice], arrival: float, failure: APIError | None) -> None:
@@ -229,6 +306,13 @@ async def collect(engine: Engine, requests: Sequence[EngineRequest]) -> list[Cho
             result = results[index]
             result.text += delta.text
             result.num_completion_tokens = delta.num_completion_tokens
+            result.num_cached_tokens = delta.num_cached_tokens
             if delta.finished:
                 result.finish_reason = delta.finish_reason
     return results
+
+
+def cached_prompt_tokens(cached: Sequence[int], n: int) -> int:
+    """A request's `usage.prompt_tokens_details.cached_tokens` from its choices' counts (`fan_out`'s
+    order): usage counts each prompt once, so each prompt counts the tokens all its choices reused."""
+    return sum(min(cached[p : p + n]) for p in range(0, len(cached), n))

@@ -14,7 +14,7 @@ from quart_schema import document_request, document_response
 
 from serving.engine.engine import Engine
 from serving.engine.request import EngineRequest
-from serving.http.async_engine import collect, fan_out, generate
+from serving.http.async_engine import cached_prompt_tokens, collect, fan_out, generate
 from serving.http.body import read_body
 from serving.http.errors import APIError
 from serving.http.openapi import streams
@@ -34,7 +34,7 @@ from serving.http.protocol import (
     ToolCallDelta,
     Usage,
 )
-from serving.http.sse import sse_response
+from serving.http.sse import TextEvents, sse_response
 from serving.http.state import server_state
 from serving.http.tools import ToolPlan, plan_tools
 from serving.text.chat_output import ChatOutputParser, OutputEvent, collect_text
@@ -104,9 +104,7 @@ async def chat_completions() -> Response | dict[str, Any]:
     requests = fan_out(engine, [prompt_ids], config, body.n or 1, completion_id, settings.max_log_len)
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
     if body.stream:
-        return sse_response(
-            _chunks(engine, requests, header, len(prompt_ids), body.include_usage, output_parser, plan)
-        )
+        return sse_response(_chunks(engine, requests, header, len(prompt_ids), body.include_usage, output_parser, plan))
     results = await collect(engine, requests)
     choices = []
     for i, result in enumerate(results):
@@ -126,14 +124,9 @@ async def chat_completions() -> Response | dict[str, Any]:
             )
         )
     completion_tokens = sum(r.num_completion_tokens for r in results)
+    cached_tokens = cached_prompt_tokens([r.num_cached_tokens for r in results], len(results))
     return ChatCompletionResponse(
-        **header,
-        choices=choices,
-        usage=Usage(
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=completion_tokens,
-            total_tokens=len(prompt_ids) + completion_tokens,
-        ),
+        **header, choices=choices, usage=Usage.of(len(prompt_ids), completion_tokens, cached_tokens)
     ).model_dump()
 
 
@@ -151,11 +144,8 @@ def _finish_reason(reason: str | None, called: bool) -> str | None:
     return "tool_calls" if called and reason == "stop" else reason
 
 
-def _delta(event: OutputEvent, call_ids: list[str]) -> ChatDelta:
-    if event.kind == "reasoning":
-        return ChatDelta(reasoning_content=event.text)
-    if event.kind == "content":
-        return ChatDelta(content=event.text)
+def _call_delta(event: OutputEvent, call_ids: list[str]) -> ChatDelta:
+    """A tool call's start (`call`: its id and name) or a fragment of its arguments."""
     if event.kind == "call":
         call_ids.append(_call_id())
         return ChatDelta(tool_calls=[ToolCallDelta(index=event.index, id=call_ids[event.index], type="function",
@@ -171,36 +161,45 @@ async def _chunks(
     include_usage: bool,
     output_parser: Callable[[], ChatOutputParser],
     plan: ToolPlan,
-) -> AsyncGenerator[dict[str, Any], None]:
+) -> AsyncGenerator[dict[str, Any] | bytes, None]:
     # OpenAI sends `"usage": null` on every chunk only when usage was asked for.
     exclude = None if include_usage else {"usage"}
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
         return ChatCompletionChunk(**header, choices=choices, usage=usage).model_dump(exclude=exclude)
 
+    text_events = {  # the chunks of nearly every token, pre-encoded
+        "content": TextEvents(lambda i, text: chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=text))])),
+        "reasoning": TextEvents(
+            lambda i, text: chunk([ChatChunkChoice(index=i, delta=ChatDelta(reasoning_content=text))])
+        ),
+    }
+
     for index in range(len(requests)):
         yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
     completion_tokens = [0] * len(requests)
+    cached_tokens = [0] * len(requests)
     parsers = [output_parser() for _ in requests]
     call_ids: list[list[str]] = [[] for _ in requests]
     first_kind: list[str | None] = [None] * len(requests)
     async with aclosing(generate(engine, requests)) as deltas:
         async for index, delta in deltas:
             completion_tokens[index] = delta.num_completion_tokens
+            cached_tokens[index] = delta.num_cached_tokens
             parser = parsers[index]
             events = parser.feed(delta.text) + (parser.finish() if delta.finished else [])
             for event in events:
                 first_kind[index] = first_kind[index] or event.kind
                 if plan.allowed is not None:  # enforced: the first thing out must be an allowed call
                     plan.check(parser.calls, first_kind[index] == "call")
-                yield chunk([ChatChunkChoice(index=index, delta=_delta(event, call_ids[index]))])
+                if event.kind in text_events:
+                    yield text_events[event.kind](index, event.text)
+                else:
+                    yield chunk([ChatChunkChoice(index=index, delta=_call_delta(event, call_ids[index]))])
             if delta.finished:
                 plan.check(parser.calls, first_kind[index] == "call")
                 reason = _finish_reason(delta.finish_reason, bool(parser.calls))
                 yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)])
     if include_usage:
-        total = sum(completion_tokens)
-        yield chunk(
-            [],
-            Usage(prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total),
-        )
+        cached = cached_prompt_tokens(cached_tokens, len(requests))  # one prompt, all its choices
+        yield chunk([], Usage.of(prompt_tokens, sum(completion_tokens), cached))

@@ -14,7 +14,7 @@ from quart_schema import document_request, document_response
 
 from serving.engine.engine import Engine
 from serving.engine.request import EngineRequest
-from serving.http.async_engine import collect, fan_out, generate
+from serving.http.async_engine import cached_prompt_tokens, collect, fan_out, generate
 from serving.http.body import read_body
 from serving.http.errors import APIError
 from serving.http.openapi import streams
@@ -28,7 +28,7 @@ from serving.http.protocol import (
     ErrorResponse,
     Usage,
 )
-from serving.http.sse import sse_response
+from serving.http.sse import TextEvents, sse_response
 from serving.http.state import server_state
 
 blueprint = Blueprint("completions", __name__)
@@ -67,17 +67,14 @@ async def completions() -> Response | dict[str, Any]:
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
     prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
-        return sse_response(_chunks(engine, requests, header, prompt_tokens, body.include_usage))
+        return sse_response(_chunks(engine, requests, header, prompt_tokens, body.include_usage, body.n or 1))
     results = await collect(engine, requests)
     completion_tokens = sum(r.num_completion_tokens for r in results)
+    cached_tokens = cached_prompt_tokens([r.num_cached_tokens for r in results], body.n or 1)
     return CompletionResponse(
         **header,
         choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)],
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
+        usage=Usage.of(prompt_tokens, completion_tokens, cached_tokens),
     ).model_dump()
 
 
@@ -99,16 +96,23 @@ async def _chunks(
     header: dict[str, Any],
     prompt_tokens: int,
     include_usage: bool,
-) -> AsyncGenerator[dict[str, Any], None]:
+    n: int,
+) -> AsyncGenerator[dict[str, Any] | bytes, None]:
     exclude = None if include_usage else {"usage"}
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, Any]:
+        return CompletionResponse(**header, choices=choices, usage=usage).model_dump(exclude=exclude)
+
+    text_events = TextEvents(lambda index, text: chunk([CompletionChoice(index=index, text=text, finish_reason=None)]))
     completion_tokens = [0] * len(requests)
+    cached_tokens = [0] * len(requests)
     async with aclosing(generate(engine, requests)) as deltas:
         async for index, delta in deltas:
             completion_tokens[index] = delta.num_completion_tokens
-            if delta.text or delta.finished:
-                choice = CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)
-                yield CompletionResponse(**header, choices=[choice]).model_dump(exclude=exclude)
+            cached_tokens[index] = delta.num_cached_tokens
+            if delta.finished:
+                yield chunk([CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)])
+            elif delta.text:
+                yield text_events(index, delta.text)
     if include_usage:
-        total = sum(completion_tokens)
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total)
-        yield CompletionResponse(**header, choices=[], usage=usage).model_dump()
+        yield chunk([], Usage.of(prompt_tokens, sum(completion_tokens), cached_prompt_tokens(cached_tokens, n)))

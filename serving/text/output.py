@@ -16,6 +16,7 @@ class TextDelta:
 
     `text` and `token_ids` are new since the previous delta; `num_completion_tokens` is the running
     total (the usage count). `finish_reason` is "stop", "length", "abort" or "error" once finished.
+    `num_cached_tokens`: prompt tokens the engine took from its prefix cache instead of computing.
     """
 
     text: str
@@ -23,6 +24,7 @@ class TextDelta:
     finished: bool
     finish_reason: str | None
     num_completion_tokens: int
+    num_cached_tokens: int = 0
 
 
 class OutputProcessor:
@@ -45,11 +47,13 @@ class OutputProcessor:
         self._stop = StopStringMatcher(config.stop_words or [], config.include_stop_str_in_output)
         self._include_stop = config.include_stop_str_in_output
         self._num_tokens = 0
+        self._num_cached = 0
         self._finish_reason: str | None = None
 
     def process(self, out: EngineOutput) -> TextDelta:
         if self._finish_reason is not None:
-            return TextDelta("", [], True, self._finish_reason, self._num_tokens)
+            return TextDelta("", [], True, self._finish_reason, self._num_tokens, self._num_cached)
+        self._num_cached = max(self._num_cached, out.num_cached_tokens)
         ids = list(out.new_token_ids)
         # The engine stopped on an EOS or stop token id, which is the last new token. Like vLLM, its
         # text is left out unless the request asked for stop text; it is still counted and returned.
@@ -74,6 +78,5 @@ class OutputProcessor:
             self._finish_reason = FinishReason.STOP.value
         elif out.finished:
             self._finish_reason = FinishReason(out.finish_reason).value
-        return TextDelta(
-            "".join(pieces), ids, self._finish_reason is not None, self._finish_reason, self._num_tokens
-        )
+        finished = self._finish_reason is not None
+        return TextDelta("".join(pieces), ids, finished, self._finish_reason, self._num_tokens, self._num_cached)
