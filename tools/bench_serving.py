@@ -23,17 +23,24 @@ Metrics follow vLLM's definitions (vllm/benchmarks/serve.py, `calculate_metrics`
 - Peak output tok/s: the most output tokens in any one-second bin (a request's tokens spread over
   its chunks); peak concurrency: the most requests in flight at once.
 Failed requests (HTTP errors, error events, timeouts, no content) are counted, not fatal.
+
+The generator itself must not be the bottleneck: it reports its own CPU time (`client_cpu_s`) and
+warns above 80% of a core. One process streams about 20k chunks/s on a laptop-class core; to
+keep it there, requests spread over several httpx clients (`CONNECTIONS_PER_CLIENT`) and SSE lines
+are split from raw bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,11 +51,13 @@ import numpy as np
 # Token ids below this are left out: tokenizers put their special and byte tokens there.
 MIN_TOKEN_ID = 100
 # Common one-token English words for the chat endpoint, where prompts must be text.
-WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had "
-         "by word but not what all were we when your can said there use an each which she do how their if will "
-         "up other about out many then them these so some her would make like him into time has look two more "
-         "write go see number no way could people my than first water been call who oil its now find long down "
-         "day did get come made may part").split()
+WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this have from or one had "
+    "by word but not what all were we when your can said there use an each which she do how their if will "
+    "up other about out many then them these so some her would make like him into time has look two more "
+    "write go see number no way could people my than first water been call who oil its now find long down "
+    "day did get come made may part"
+).split()
 
 # ShareGPT-like lengths: log-normal prompt and output lengths, kept only when they pass vLLM's
 # ShareGPT filter (drop prompt or output < 4 tokens, prompt > 1024, prompt + output > 2048;
@@ -60,6 +69,10 @@ WORDS = ("the of and to in is you that it he was for on are as with his they at 
 SHAREGPT_PROMPT = (math.log(135.0), 1.1)  # (mu, sigma) of ln(prompt tokens)
 SHAREGPT_OUTPUT = (math.log(130.0), 0.95)  # (mu, sigma) of ln(output tokens)
 SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
+# Streams per httpx client (see `benchmark`).
+CONNECTIONS_PER_CLIENT = 32
+# Above this share of one core the generator warns that it may be what limits the result.
+LOADGEN_BUSY = 0.8
 
 
 @dataclass
@@ -94,8 +107,9 @@ def _ids(rng: np.random.Generator, vocab_size: int, count: int) -> list[int]:
     return rng.integers(MIN_TOKEN_ID, vocab_size, size=count).tolist()
 
 
-def random_dataset(num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
-                   seed: int) -> list[BenchRequest]:
+def random_dataset(
+    num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int, seed: int
+) -> list[BenchRequest]:
     rng = np.random.default_rng(seed)
     inputs, outputs = _lengths(rng, input_len, range_ratio, num), _lengths(rng, output_len, range_ratio, num)
     return [BenchRequest(_ids(rng, vocab_size, int(n)), int(m)) for n, m in zip(inputs, outputs, strict=True)]
@@ -112,8 +126,16 @@ def sharegpt_like_dataset(num: int, vocab_size: int, seed: int) -> list[BenchReq
     return requests
 
 
-def shared_prefix_dataset(num: int, prefix_len: int, prompts_per_group: int, input_len: int, output_len: int,
-                          range_ratio: float, vocab_size: int, seed: int) -> list[BenchRequest]:
+def shared_prefix_dataset(
+    num: int,
+    prefix_len: int,
+    prompts_per_group: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    vocab_size: int,
+    seed: int,
+) -> list[BenchRequest]:
     """SGLang's generated-shared-prefix: groups of prompts that start with the group's own system
     prompt (`prefix_len` tokens) and go on with a question of `input_len` tokens; shuffled so
     groups interleave as they would in traffic."""
@@ -146,8 +168,13 @@ def arrival_offsets(num: int, request_rate: float, burstiness: float, seed: int)
 
 
 def payload(args: argparse.Namespace, model: str, request: BenchRequest) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "max_tokens": request.output_len, "temperature": args.temperature,
-                            "stream": True, "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": request.output_len,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if args.ignore_eos:
         body["ignore_eos"] = True
     if args.endpoint == "/v1/chat/completions":
@@ -175,6 +202,19 @@ class SSEParser:
         return None
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The body's lines, split at "\n" (a "\r" before it dropped) as SSE defines them. Not httpx's
+    `aiter_lines`: that splits like `str.splitlines`, also at U+2028, U+0085 and the like, which JSON
+    written with `ensure_ascii=False` carries unescaped, so a token's text broke its event in two."""
+    pending = b""
+    async for data in response.aiter_bytes():
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode()
+    if pending:
+        yield pending.removesuffix(b"\r").decode()
+
+
 def chunk_content(chunk: dict[str, Any]) -> tuple[bool, str]:
     """(has a choice that counts as output, its text). Chunks with a finish reason count even when
     empty, as vLLM counts every completion chunk; empty role-only chat chunks do not."""
@@ -188,12 +228,12 @@ def chunk_content(chunk: dict[str, Any]) -> tuple[bool, str]:
 
 
 class Runner:
-    def __init__(self, args: argparse.Namespace, client: httpx.AsyncClient, model: str):
-        self.args, self.client, self.model = args, client, model
+    def __init__(self, args: argparse.Namespace, clients: list[httpx.AsyncClient], model: str):
+        self.args, self.clients, self.model = args, clients, model
         self.in_flight = self.peak_in_flight = 0
         self.start = 0.0
 
-    async def send(self, request: BenchRequest, result: RequestResult) -> None:
+    async def send(self, request: BenchRequest, result: RequestResult, client: httpx.AsyncClient) -> None:
         """One streamed request; fills `result`, catching everything but cancellation."""
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -228,12 +268,12 @@ class Runner:
         try:
             async with asyncio.timeout(self.args.request_timeout):
                 url = self.args.base_url + self.args.endpoint
-                async with self.client.stream("POST", url, json=payload(self.args, self.model, request)) as response:
+                async with client.stream("POST", url, json=payload(self.args, self.model, request)) as response:
                     if response.status_code != 200:
                         body = (await response.aread()).decode(errors="replace")
                         raise RuntimeError(f"HTTP {response.status_code}: {body[:200]}")
                     parser = SSEParser()
-                    async for line in response.aiter_lines():
+                    async for line in sse_lines(response):
                         if (event := parser.feed(line)) is not None:
                             on_event(event)
                     if (event := parser.feed("")) is not None:  # a last event without its blank line
@@ -254,7 +294,7 @@ class Runner:
 
         async def limited(i: int) -> None:
             async with limit:
-                await self.send(requests[i], results[i])
+                await self.send(requests[i], results[i], self.clients[i % len(self.clients)])
 
         tasks: list[asyncio.Task] = []
 
@@ -281,27 +321,41 @@ async def first_model(client: httpx.AsyncClient, base_url: str) -> str:
     return response.json()["data"][0]["id"]
 
 
-async def benchmark(args: argparse.Namespace, requests: list[BenchRequest],
-                    offsets: np.ndarray) -> tuple[list[RequestResult], float, int, str]:
-    connections = min(args.max_concurrency or len(requests), len(requests)) + 1  # +1: the models query
+async def benchmark(
+    args: argparse.Namespace, requests: list[BenchRequest], offsets: np.ndarray
+) -> tuple[list[RequestResult], float, int, str, float]:
+    concurrency = min(args.max_concurrency or len(requests), len(requests))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        timeout=httpx.Timeout(args.request_timeout, pool=None),  # waiting for a pooled connection is queueing
-        headers=headers,
-        trust_env=False,  # never route through a proxy from the environment: only the URL given
-    ) as client:
-        model = args.model or await first_model(client, args.base_url)
-        runner = Runner(args, client, model)
+    async with contextlib.AsyncExitStack() as stack:
+        # Several clients, each holding a share of the connections: httpcore's pool scans all its
+        # connections on every request and every response close, which made one client of 1000
+        # connections spend 60% of the generator's CPU time in that bookkeeping.
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    # Each may open them all, so how requests spread over clients never queues one.
+                    limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+                    timeout=httpx.Timeout(args.request_timeout, pool=None),  # waiting for a connection is queueing
+                    headers=headers,
+                    trust_env=False,  # never route through a proxy from the environment: only the URL given
+                )
+            )
+            for _ in range(math.ceil(concurrency / CONNECTIONS_PER_CLIENT))
+        ]
+        model = args.model or await first_model(clients[0], args.base_url)
+        runner = Runner(args, clients, model)
         if args.num_warmups:  # compile and cache warm-up outside the measured window
             warm = [RequestResult() for _ in range(args.num_warmups)]
-            await asyncio.gather(*(runner.send(requests[i % len(requests)], r) for i, r in enumerate(warm)))
+            await asyncio.gather(
+                *(runner.send(requests[i % len(requests)], r, clients[i % len(clients)]) for i, r in enumerate(warm))
+            )
             for r in warm:
                 if not r.success:
                     print(f"warning: a warm-up request failed: {r.error}", file=sys.stderr)
             runner.peak_in_flight = 0
+        cpu = time.process_time()
         results, duration = await runner.run(requests, offsets)
-        return results, duration, runner.peak_in_flight, model
+        return results, duration, runner.peak_in_flight, model, time.process_time() - cpu
 
 
 # ---------------------------------------------------------------- metrics
@@ -332,8 +386,9 @@ def output_timeline(results: list[RequestResult]) -> np.ndarray:
     return np.bincount(stamps.astype(int), weights=counts)
 
 
-def compute_metrics(results: list[RequestResult], duration: float, percentiles: list[float],
-                    peak_concurrency: int) -> dict[str, Any]:
+def compute_metrics(
+    results: list[RequestResult], duration: float, percentiles: list[float], peak_concurrency: int
+) -> dict[str, Any]:
     done = [r for r in results if r.success]
     total_in = sum(r.prompt_tokens for r in done)
     total_out = sum(r.output_tokens for r in done)
@@ -360,14 +415,17 @@ def compute_metrics(results: list[RequestResult], duration: float, percentiles: 
 
 
 def table(metrics: dict[str, Any], header: str) -> str:
-    lines = [f"{' Serving Benchmark Result ':=^72}", header,
-             f"requests: {metrics['completed']} completed, {metrics['failed']} failed; "
-             f"duration {metrics['duration_s']:.2f} s; peak concurrency {metrics['peak_concurrency']}",
-             f"tokens: {metrics['total_input_tokens']} in, {metrics['total_output_tokens']} out "
-             f"(usage from the server for {metrics['usage_reported']}/{metrics['completed']})",
-             f"throughput: {metrics['request_throughput']:.2f} req/s, {metrics['output_throughput']:.1f} output "
-             f"tok/s (peak 1 s bin {metrics['peak_output_throughput']:.0f}), {metrics['total_token_throughput']:.1f} "
-             "total tok/s"]
+    lines = [
+        f"{' Serving Benchmark Result ':=^72}",
+        header,
+        f"requests: {metrics['completed']} completed, {metrics['failed']} failed; "
+        f"duration {metrics['duration_s']:.2f} s; peak concurrency {metrics['peak_concurrency']}",
+        f"tokens: {metrics['total_input_tokens']} in, {metrics['total_output_tokens']} out "
+        f"(usage from the server for {metrics['usage_reported']}/{metrics['completed']})",
+        f"throughput: {metrics['request_throughput']:.2f} req/s, {metrics['output_throughput']:.1f} output "
+        f"tok/s (peak 1 s bin {metrics['peak_output_throughput']:.0f}), {metrics['total_token_throughput']:.1f} "
+        "total tok/s",
+    ]
     columns = list(metrics["ttft_ms"])
     lines.append(f"{'ms':<6}" + "".join(f"{c:>11}" for c in columns))
     for name in ("ttft", "tpot", "itl", "e2el"):
@@ -378,6 +436,10 @@ def table(metrics: dict[str, Any], header: str) -> str:
         lines.append(f"failed x{count}: {error[:110]}")
     if len(errors) > 3:
         lines.append(f"... {len(errors) - 3} more distinct errors in --result-json")
+    if "client_cpu_s" in metrics:  # a load generator that keeps a core busy measures itself, not the server
+        busy = metrics["client_cpu_s"] / metrics["duration_s"]
+        warning = " - near saturation: it may limit the result" if busy > LOADGEN_BUSY else ""
+        lines.append(f"load generator: {metrics['client_cpu_s']:.1f} s CPU, {busy:.0%} of one core{warning}")
     lines.append("=" * 72)
     return "\n".join(lines)
 
@@ -424,8 +486,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--input-len", type=int, default=1024, help="random: prompt; shared-prefix: question")
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--range-ratio", type=float, default=0.0,
-                        help="lengths uniform in [L(1-r), L(1+r)]; 0 = fixed (vLLM's --random-range-ratio)")
+    parser.add_argument(
+        "--range-ratio",
+        type=float,
+        default=0.0,
+        help="lengths uniform in [L(1-r), L(1+r)]; 0 = fixed (vLLM's --random-range-ratio)",
+    )
     parser.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: system prompt tokens")
     parser.add_argument("--prompts-per-group", type=int, default=16, help="shared-prefix: prompts per prefix")
     parser.add_argument("--vocab-size", type=int, default=32000, help=f"prompt ids are drawn from [{MIN_TOKEN_ID}, V)")
@@ -466,29 +532,46 @@ def make_dataset(args: argparse.Namespace) -> list[BenchRequest]:
     if args.dataset == "sharegpt-like":
         return sharegpt_like_dataset(args.num_prompts, args.vocab_size, args.seed)
     if args.dataset == "shared-prefix":
-        return shared_prefix_dataset(args.num_prompts, args.prefix_len, args.prompts_per_group, args.input_len,
-                                     args.output_len, args.range_ratio, args.vocab_size, args.seed)
-    return random_dataset(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size,
-                          args.seed)
+        return shared_prefix_dataset(
+            args.num_prompts,
+            args.prefix_len,
+            args.prompts_per_group,
+            args.input_len,
+            args.output_len,
+            args.range_ratio,
+            args.vocab_size,
+            args.seed,
+        )
+    return random_dataset(
+        args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab_size, args.seed
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     requests = make_dataset(args)
     offsets = arrival_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
-    results, duration, peak, model = asyncio.run(benchmark(args, requests, offsets))
+    results, duration, peak, model, cpu = asyncio.run(benchmark(args, requests, offsets))
     metrics = compute_metrics(results, duration, args.percentiles, peak)
+    metrics["client_cpu_s"] = cpu
     config = {k: v for k, v in vars(args).items() if k != "api_key"}  # keys stay out of result files
-    config.update(model=model, request_rate=str(args.request_rate), date=datetime.now(UTC).isoformat(),
-                  planned_input_tokens=sum(len(r.prompt) for r in requests),
-                  planned_output_tokens=sum(r.output_len for r in requests))
-    header = (f"{model} at {args.base_url}{args.endpoint}; {args.dataset} x{len(requests)}; rate "
-              f"{args.request_rate:g}/s, max concurrency {args.max_concurrency or '-'}; ignore_eos {args.ignore_eos}")
+    config.update(
+        model=model,
+        request_rate=str(args.request_rate),
+        date=datetime.now(UTC).isoformat(),
+        planned_input_tokens=sum(len(r.prompt) for r in requests),
+        planned_output_tokens=sum(r.output_len for r in requests),
+    )
+    header = (
+        f"{model} at {args.base_url}{args.endpoint}; {args.dataset} x{len(requests)}; rate "
+        f"{args.request_rate:g}/s, max concurrency {args.max_concurrency or '-'}; ignore_eos {args.ignore_eos}"
+    )
     print(table(metrics, header))
     report: dict[str, Any] = {"config": config, "metrics": metrics}
     if args.save_detail:
-        report["detail"] = [asdict(r) | {"planned_output_len": q.output_len}
-                            for r, q in zip(results, requests, strict=True)]
+        report["detail"] = [
+            asdict(r) | {"planned_output_len": q.output_len} for r, q in zip(results, requests, strict=True)
+        ]
     if args.result_json:
         with open(args.result_json, "w") as f:
             json.dump(report, f, indent=2)
