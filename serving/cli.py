@@ -101,6 +101,9 @@ async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Await
     host = f"[{launch.host}]" if ":" in launch.host else launch.host
     config.bind = [f"{host}:{launch.port}"]
     config.loglevel = launch.log_level
+    # Hypercorn's default accept queue (100) overflowed when a thousand clients connected at once, and
+    # the kernel then dropped connections that clients believed open (B2 saw them fail as read errors).
+    config.backlog = 2048
     # No Hypercorn access log: the app writes its own (`xlserve.access`, with request ids) at INFO.
     watcher = loop.create_task(_announce(state, f"http://{host}:{launch.port}", stop))
     try:
