@@ -1,4 +1,5 @@
-"""The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags.
+"""The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags, and
+`xlserve serve api_client URL`, a console chat with a running server.
 
 It builds the same app as `serving.app` (from flags instead of the environment) and runs Hypercorn
 in-process. SIGINT/SIGTERM start a graceful shutdown: readiness turns false and new requests get 503
@@ -17,14 +18,17 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
 from serving.http.options import Launch, OptionError, add_arguments, from_arguments
-from serving.http.state import ServerState
 from serving.text.templates import list_templates
+
+if TYPE_CHECKING:  # the server's state pulls in transformers, which `api_client` does without
+    from serving.http.state import ServerState
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(api_server)
+    api_client = servers.add_parser(
+        "api_client",
+        help="Chat with a running server in the terminal.",
+        description="Chat with a running server on one interactive session (/v1/chat/interactive): the answer "
+        "streams as it is written; `end` starts the conversation over, `exit` ends it and quits, Ctrl-C stops "
+        "an answer.",
+    )
+    api_client.add_argument("api_server_url", metavar="URL", help="the server, e.g. http://localhost:23333")
+    api_client.add_argument("--api-key", help="sent as `Authorization: Bearer KEY`")
+    api_client.add_argument("--session-id", type=int, default=1, help="the interactive session's id")
     return parser
 
 
@@ -56,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list-templates":
         print(list_templates())
         return 0
+    if args.command == "serve" and args.server == "api_client":
+        from serving.client import console
+
+        return console(args.api_server_url, args.api_key, args.session_id)
     if args.command != "serve" or args.server != "api_server":
         parser.print_help()
         return 2
