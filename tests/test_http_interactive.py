@@ -20,7 +20,12 @@ import httpx
 import pytest
 
 from serving.client import APIClient, APIClientError
-from serving.http.sessions import Session
+from serving.http.prompts import chat_prompt
+from serving.http.protocol import ChatMessage
+from serving.http.sessions import Session, continuation_ids, turn_tokens
+from serving.text.templates import builtin_template
+from serving.text.tokenizer import Tokenizer
+from tests.family_tokenizers import internlm2_tokenizer, llama3_tokenizer, qwen_tokenizer
 from tests.http_fixtures import FEW_BUCKETS, LiveServer, scrape, serve_in_thread, shared_http_server  # noqa: F401
 
 ROUTE = "/v1/chat/interactive"
@@ -159,6 +164,47 @@ def test_a_message_list_and_a_non_interactive_turn_on_top_of_a_history(http_serv
     # ... so the next request on the id starts from nothing.
     again = interact(http_server, prompt="Bye", session_id=sid, request_output_len=1, **GREEDY)
     assert again["history_tokens"] == 0
+
+
+# ---- a turn's tokens: the continuation of the history ------------------------------------------
+
+
+@pytest.mark.parametrize("name, builder", [
+    ("chatml", qwen_tokenizer), ("qwen2_5", qwen_tokenizer), ("qwen3", qwen_tokenizer),
+    ("llama3", llama3_tokenizer), ("llama3_1", llama3_tokenizer), ("internlm2", internlm2_tokenizer),
+])  # fmt: skip
+@pytest.mark.parametrize("system", [True, False], ids=["system", "no-system"])
+def test_history_and_continuation_are_the_whole_conversation_rendered(
+    name: str, builder: Any, system: bool, tmp_path: Path
+) -> None:
+    """Token for token, for the templates whose end of turn is a special token. (Llama 2 and Mistral
+    write a space before `</s>`, which SentencePiece may encode differently at the seam.)"""
+    template = builtin_template(name)
+    tokenizer = Tokenizer.from_pretrained(str(builder(tmp_path, None)))
+    opening = [{"role": "system", "content": "You are terse."}] * system + [{"role": "user", "content": "Hi!"}]
+    follow_up = [{"role": "user", "content": "Weather in Paris?"}]
+    answer = "Hello, how can I help?"
+
+    def rendered(messages: list[dict]) -> list[int]:
+        return chat_prompt(tokenizer, [ChatMessage.model_validate(m) for m in messages], None, template).token_ids
+
+    def continuation(session: Session) -> list[int]:
+        return turn_tokens(tokenizer, session, [ChatMessage.model_validate(m) for m in follow_up], template)
+
+    whole = rendered([*opening, {"role": "assistant", "content": answer}, *follow_up])
+    first = turn_tokens(tokenizer, Session(1), [ChatMessage.model_validate(m) for m in opening], template)
+    assert first == rendered(opening)
+    end_of_turn = continuation_ids(tokenizer, [ChatMessage.model_validate(m) for m in follow_up], template)[0]
+    assert end_of_turn in tokenizer.all_special_ids
+    # What a model answering exactly that generated: the answer's tokens as the whole rendering has them.
+    answer_ids = whole[len(first) : whole.index(end_of_turn, len(first))]
+    assert tokenizer.decode(answer_ids) == answer
+    # The model stopped on its end-of-turn token: the continuation does not write it again.
+    stopped = Session(1, history=first + answer_ids + [end_of_turn], ends_on_stop=True)
+    assert stopped.history + continuation(stopped) == whole
+    # The answer was cut short (a length limit): the continuation closes the turn itself.
+    cut = Session(1, history=first + answer_ids)
+    assert cut.history + continuation(cut) == whole
 
 
 # ---- full, busy, cancelled -----------------------------------------------------------------------
