@@ -129,7 +129,8 @@ def test_streams_yield_one_dict_per_chunk(http_server: LiveServer, api_client: A
     pieces = list(api_client.completions_v1(model, "Once", max_tokens=3, stream=True, ignore_eos=True))
     assert len(pieces) == 3 and pieces[-1]["choices"][0]["finish_reason"] == "length"
     lines = list(api_client.chat_interactive_v1("Hi", stream=True, request_output_len=3, ignore_eos=True))
-    assert [line["tokens"] for line in lines] == [1, 2, 3]
+    counts = [line["tokens"] for line in lines]  # running totals (tokens of one engine step may share a line)
+    assert counts == sorted(set(counts)) and counts[-1] == 3
     assert lines[-1]["finish_reason"] == "length"
 
 
