@@ -20,9 +20,10 @@ import httpx
 import pytest
 
 from serving.client import APIClient, APIClientError
+from serving.http.errors import APIError
 from serving.http.prompts import chat_prompt
 from serving.http.protocol import ChatMessage
-from serving.http.sessions import Session, continuation_ids, turn_tokens
+from serving.http.sessions import Session, SessionRegistry, continuation_ids, turn_tokens
 from serving.text.templates import builtin_template
 from serving.text.tokenizer import Tokenizer
 from tests.family_tokenizers import internlm2_tokenizer, llama3_tokenizer, qwen_tokenizer
@@ -301,6 +302,30 @@ def test_the_route_is_documented(http_server: LiveServer) -> None:
     operation = spec["paths"][ROUTE]["post"]
     assert {"application/json", "application/x-ndjson"} <= set(operation["responses"]["200"]["content"])
     assert "InteractiveRequest" in spec["components"]["schemas"]
+
+
+def test_the_registry_ends_the_least_recently_used_idle_session_and_says_so_once() -> None:
+    ended: list[str] = []
+    registry = SessionRegistry(ended.append, max_sessions=2)
+    for session_id in (1, 2):
+        found, turn = registry.begin(session_id)
+        found.history = [1, 2, 3]
+        registry.finish(found, turn)
+    busy, running = registry.begin(1)  # 1 is now the most recently used, and busy
+    with pytest.raises(APIError) as refused:
+        registry.begin(1)
+    assert (refused.value.status, refused.value.code) == (400, "session_busy")
+    registry.begin(3)  # full: 2, the least recently used idle session, makes room
+    assert ended == ["2"] and registry.get(2) is None and len(registry) == 2
+    with pytest.raises(APIError) as expired:
+        registry.begin(2)
+    assert (expired.value.status, expired.value.code) == (400, "session_expired")
+    registry.finish(busy, running)
+    registry.begin(2)  # told once; now a new session (ending 1, idle again and least recently used)
+    assert ended == ["2", "1"]
+    with pytest.raises(APIError) as full:
+        registry.begin(4)  # 3 and 2 are both running a turn
+    assert (full.value.status, full.value.code) == (503, "too_many_sessions")
 
 
 # ---- eviction, on a server with a small cache ----------------------------------------------------

@@ -25,7 +25,6 @@ so once (400 `session_expired`) rather than silently starting over without its h
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,7 +57,6 @@ class Session:
     # The history ends on the stop token that ended the model's last answer (see `turn_tokens`).
     ends_on_stop: bool = False
     turn: Turn | None = None
-    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def busy(self) -> bool:
@@ -126,10 +124,6 @@ class SessionRegistry:
         self._expired.pop(session_id, None)
         return self._drop(session_id)
 
-    def end_all(self) -> None:
-        for session_id in list(self._sessions):
-            self._drop(session_id)
-
     def _create(self, session_id: int) -> Session:
         if len(self._sessions) >= self.max_sessions:
             self._make_room()
@@ -158,8 +152,7 @@ class SessionRegistry:
         return len(session.history)
 
     def _touch(self, session: Session) -> None:
-        session.last_used = time.monotonic()
-        self._sessions.move_to_end(session.session_id)
+        self._sessions.move_to_end(session.session_id)  # the most recently used last
 
 
 def busy_error(session_id: int) -> APIError:
