@@ -26,13 +26,23 @@ from tools.timing import copy_bandwidth
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
-    options = dict(page_size=args.page_size, session_len=args.session_len, dtype=args.dtype,
-                   attention_backend=args.attention_backend, preset=args.preset, tp=args.tp)
+    options = dict(
+        page_size=args.page_size,
+        session_len=args.session_len,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        preset=args.preset,
+        tp=args.tp,
+        compilation_cache_dir=args.compilation_cache_dir,
+    )
     if args.max_batch_size:
         options["max_batch_size"] = args.max_batch_size
-    for option, value in (("decode_batch_buckets", args.decode_buckets), ("prefill_row_buckets", args.prefill_rows),
-                          ("prefill_token_buckets", args.prefill_tokens),
-                          ("max_prefill_token_num", args.max_prefill_tokens)):
+    for option, value in (
+        ("decode_batch_buckets", args.decode_buckets),
+        ("prefill_row_buckets", args.prefill_rows),
+        ("prefill_token_buckets", args.prefill_tokens),
+        ("max_prefill_token_num", args.max_prefill_tokens),
+    ):
         if value:
             options[option] = tuple(int(v) for v in value.split(",")) if isinstance(value, str) else value
     config = EngineConfig.from_options(**options)
@@ -70,6 +80,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], config: GenerationCon
             if out.finished:
                 records[i]["reason"] = out.finish_reason.value if out.finish_reason else None
                 done.release()
+
         return sink
 
     start = time.perf_counter()
@@ -98,6 +109,10 @@ def main() -> None:
     parser.add_argument("--prefill-rows", help="comma-separated prefill row buckets")
     parser.add_argument("--prefill-tokens", help="comma-separated prefill token buckets")
     parser.add_argument("--max-prefill-tokens", type=int, help="tokens one prefill step may process")
+    parser.add_argument("--compilation-cache-dir", default="auto", help="auto, off or a directory (EngineConfig)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled requests")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the roofline (default: measure)")
     parser.add_argument("--json", help="also write the results to this file")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -118,15 +133,31 @@ def main() -> None:
     weight_bytes = streamed_weight_bytes(engine.runner.params)
     bandwidth = args.bandwidth or copy_bandwidth()
     floor_ms = weight_bytes / bandwidth * 1e3
-    print(f"device {jax.devices()[0].device_kind}; started in {time.perf_counter() - t0:.1f}s "
-          f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "
-          f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token", flush=True)
+    print(
+        f"device {jax.devices()[0].device_kind}; started in {time.perf_counter() - t0:.1f}s "
+        f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "
+        f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token",
+        flush=True,
+    )
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
-    config = GenerationConfig(max_new_tokens=args.output_len, ignore_eos=True)
+    config = GenerationConfig(
+        max_new_tokens=args.output_len,
+        ignore_eos=True,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        random_seed=0,
+    )
     compiles_before = engine.stats()["compilations_after_warmup"]
-    result: dict = {"mode": args.mode, "device": jax.devices()[0].device_kind, "weights_gb": weight_bytes / 1e9,
-                    "bandwidth_tbs": bandwidth / 1e12}
+    result: dict = {
+        "mode": args.mode,
+        "device": jax.devices()[0].device_kind,
+        "weights_gb": weight_bytes / 1e9,
+        "bandwidth_tbs": bandwidth / 1e12,
+        "compile_s": engine.compile_seconds,
+    }
     if args.mode == "single":
         rates = []
         for _ in range(args.repeats):
@@ -135,15 +166,20 @@ def main() -> None:
             times = record["times"]
             ms_per_token = (times[-1] - times[0]) / (len(times) - 1) * 1e3
             rates.append(ms_per_token)
-            print(f"  TTFT {(times[0] - record['start']) * 1e3:.1f} ms, decode {ms_per_token:.2f} ms/token "
-                  f"= {1e3 / ms_per_token:.1f} tok/s", flush=True)
+            print(
+                f"  TTFT {(times[0] - record['start']) * 1e3:.1f} ms, decode {ms_per_token:.2f} ms/token "
+                f"= {1e3 / ms_per_token:.1f} tok/s",
+                flush=True,
+            )
         if args.trace:  # timeline of host dispatch and device kernels, for docs/perf-notes.md
             with jax.profiler.trace(args.trace, create_perfetto_trace=True):
                 run_requests(engine, [prompt], GenerationConfig(max_new_tokens=32, ignore_eos=True))
         best = min(rates)
         result.update(ms_per_token=best, tok_s=1e3 / best, roofline_ratio=floor_ms / best)
-        print(f"single stream: {1e3 / best:.1f} tok/s ({best:.2f} ms/token), {floor_ms / best:.0%} of the "
-              f"HBM roofline ({floor_ms:.2f} ms)")
+        print(
+            f"single stream: {1e3 / best:.1f} tok/s ({best:.2f} ms/token), {floor_ms / best:.0%} of the "
+            f"HBM roofline ({floor_ms:.2f} ms)"
+        )
     else:
         prompts = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in range(args.num_prompts)]
         start = time.perf_counter()
@@ -151,8 +187,10 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         out_tokens = sum(len(r["times"]) for r in records)
         result.update(output_tok_s=out_tokens / elapsed, req_s=len(prompts) / elapsed, seconds=elapsed)
-        print(f"throughput: {len(prompts)} x {args.input_len}/{args.output_len}: {out_tokens / elapsed:.0f} "
-              f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s")
+        print(
+            f"throughput: {len(prompts)} x {args.input_len}/{args.output_len}: {out_tokens / elapsed:.0f} "
+            f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s"
+        )
     result["compilations_after_warmup"] = engine.stats()["compilations_after_warmup"] - compiles_before
     print(f"compilations after warm-up: {result['compilations_after_warmup']}")
     if args.json:
