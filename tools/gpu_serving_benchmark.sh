@@ -21,5 +21,8 @@ done
 grep -i "ready after" "$out/server.log"
 python -m tools.bench_serving --base-url http://127.0.0.1:23333 --dataset sharegpt-like --num-prompts "$prompts" \
   --request-rate inf --ignore-eos --vocab-size ${VOCAB:-32000} --result-json "$out/b2.json"
+# AFTER: a command run against the live server before it stops (e.g. another load generator).
+eval "${AFTER:-}"
 curl -s http://127.0.0.1:23333/metrics | grep -E "compil|^vllm:num_preemptions" || true
+echo "server CPU time (engine thread and event loop together): $(ps -o cputime= -p $server)"
 kill -INT $server; wait $server
