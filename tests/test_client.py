@@ -126,8 +126,11 @@ def test_streams_yield_one_dict_per_chunk(http_server: LiveServer, api_client: A
     [whole] = api_client.chat_completions_v1(model, "Count to three", max_tokens=4, temperature=0)
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert streamed == whole["choices"][0]["message"]["content"]
-    pieces = list(api_client.completions_v1(model, "Once", max_tokens=3, stream=True, ignore_eos=True))
-    assert len(pieces) == 3 and pieces[-1]["choices"][0]["finish_reason"] == "length"
+    pieces = list(api_client.completions_v1(model, "Once", max_tokens=3, stream=True, ignore_eos=True, temperature=0))
+    # One chunk per token at most: a handler that fell behind the engine merges a step's tokens.
+    assert 1 <= len(pieces) <= 3 and pieces[-1]["choices"][0]["finish_reason"] == "length"
+    [whole_completion] = api_client.completions_v1(model, "Once", max_tokens=3, ignore_eos=True, temperature=0)
+    assert "".join(p["choices"][0]["text"] for p in pieces) == whole_completion["choices"][0]["text"]
     lines = list(api_client.chat_interactive_v1("Hi", stream=True, request_output_len=3, ignore_eos=True))
     counts = [line["tokens"] for line in lines]  # running totals (tokens of one engine step may share a line)
     assert counts == sorted(set(counts)) and counts[-1] == 3
