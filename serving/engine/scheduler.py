@@ -273,9 +273,11 @@ class Scheduler:
     def register_pages(self, chunk: Chunk) -> None:
         """Enter the pages that `chunk`'s step (now read back) filled into the prefix cache."""
         seq = chunk.seq
+        full = min(chunk.start + chunk.length, len(seq.token_ids)) // self.page_size
+        if full <= seq.num_registered:
+            return  # no page filled up: the common case, once per decoding sequence per step
         if not self._uses_cache(seq) or seq.status is not SeqStatus.RUNNING or chunk.admission != seq.admissions:
             return  # preempted (or restarted) since: these pages are no longer its own
-        full = min(chunk.start + chunk.length, len(seq.token_ids)) // self.page_size
         for index in range(seq.num_registered, full):
             key, content = self._page_name(seq, index)
             self.allocator.register(seq.pages[index], key, content)

@@ -44,8 +44,10 @@ def fan_out(
     n: int,
     request_id: str,
     max_log_len: int | None = None,
+    session_id: str | None = None,
 ) -> list[EngineRequest]:
     """One engine request per choice: prompt p's choice i has index p*n+i and, with a seed, seed+index.
+    `session_id` makes them turns of that interactive session (see `Engine.make_request`).
 
     Raises the engine's InvalidRequestError before anything is submitted, and APIError 400/503 if
     admission refuses the choices.
@@ -57,7 +59,7 @@ def fan_out(
             choice_config = config
             if config.random_seed is not None:
                 choice_config = dataclasses.replace(config, random_seed=(config.random_seed + index) % (MAX_SEED + 1))
-            requests.append(engine.make_request(prompt_ids, choice_config, f"{request_id}-{index}"))
+            requests.append(engine.make_request(prompt_ids, choice_config, f"{request_id}-{index}", session_id))
     exchange = current_exchange()
     if exchange is not None:
         exchange.admit(len(requests))

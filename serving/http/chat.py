@@ -85,7 +85,7 @@ async def chat_completions() -> Response | dict[str, Any]:
     )
     config = generation_config(body, state.generation_defaults)
     if not config.ignore_eos:  # the template's end of turn ends the answer like an EOS
-        stops = set(config.stop_token_ids or []) | _turn_end_ids(engine.tokenizer, settings.chat_template)
+        stops = set(config.stop_token_ids or []) | turn_end_ids(engine.tokenizer, settings.chat_template)
         config.stop_token_ids = sorted(stops) or None
     if plan.format is not None and plan.format.special_tokens:
         config.skip_special_tokens = False  # the call tags are special tokens
@@ -130,7 +130,8 @@ async def chat_completions() -> Response | dict[str, Any]:
     ).model_dump()
 
 
-def _turn_end_ids(tokenizer: Tokenizer, template: ChatTemplate | None) -> set[int]:
+def turn_end_ids(tokenizer: Tokenizer, template: ChatTemplate | None) -> set[int]:
+    """Token ids that end an assistant turn in this template: they stop a chat answer like an EOS."""
     words = template.stop_words if template is not None else end_of_turn_words(tokenizer.chat_template or "")
     return {token for token in map(tokenizer.token_id, words) if token is not None}
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import uuid
@@ -36,7 +35,7 @@ from serving.engine.engine import Engine
 from serving.engine.request import MAX_INT32, MAX_SEED, EngineRequest, GenerationConfig
 from serving.http.async_engine import fan_out, generate
 from serving.http.body import read_body
-from serving.http.chat import _turn_end_ids
+from serving.http.chat import turn_end_ids
 from serving.http.errors import APIError
 from serving.http.openapi import ndjson_stream
 from serving.http.protocol import MAX_MESSAGES, ChatMessage, ErrorResponse, Stop
@@ -268,19 +267,19 @@ def _request(
     engine = state.engine
     config = _generation_config(body, engine, state.settings.chat_template)
     request_id = f"interactive-{uuid.uuid4().hex}"
-    [request] = fan_out(engine, [plan.prompt_ids], config, 1, request_id, state.settings.max_log_len)
-    if session is None or turn is None:
-        return request
-    turn.request_id = request.request_id
-    # Its pages stay pinned under the session when it finishes, for the next turn's prefill to reuse.
-    return dataclasses.replace(request, session_id=str(session.session_id))
+    # A session's turn keeps its pages pinned when it finishes, for the next turn's prefill to reuse.
+    session_id = str(session.session_id) if session is not None and turn is not None else None
+    [request] = fan_out(engine, [plan.prompt_ids], config, 1, request_id, state.settings.max_log_len, session_id)
+    if turn is not None:
+        turn.request_id = request.request_id
+    return request
 
 
 def _generation_config(body: InteractiveRequest, engine: Engine, template: ChatTemplate | None) -> GenerationConfig:
     ignore_eos = body.option("ignore_eos")
     stop = body.stop
     # The template's end of turn ends the answer like an EOS, as on /v1/chat/completions.
-    turn_ends = set() if ignore_eos else _turn_end_ids(engine.tokenizer, template)
+    turn_ends = set() if ignore_eos else turn_end_ids(engine.tokenizer, template)
     return GenerationConfig(
         max_new_tokens=body.request_output_len,
         min_new_tokens=body.option("min_new_tokens") or 0,
