@@ -132,6 +132,22 @@ def test_end_to_end_against_the_live_server(http_server: LiveServer, tmp_path) -
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_shared_prefix_run_reports_cache_hits_and_a_speedup_over_a_baseline(http_server: LiveServer, tmp_path) -> None:
+    baseline = tmp_path / "baseline.json"
+    common = ["--base-url", http_server.base_url, "--dataset", "shared-prefix", "--num-prompts", "8",
+              "--prefix-len", "48", "--prompts-per-group", "4", "--input-len", "8", "--output-len", "3",
+              "--max-concurrency", "1", "--ignore-eos"]  # fmt: skip
+    first = bench.main([*common, "--seed", "3", "--result-json", str(baseline)])["metrics"]
+    # One request at a time: every prompt after its group's first finds the 48-token prefix cached
+    # (3 whole pages of 16), and the server says so in usage.prompt_tokens_details.
+    assert first["completed"] == 8 and first["cached_input_tokens"] >= 6 * 48
+    assert first["prefix_cache_hit_rate"] == first["cached_input_tokens"] / first["total_input_tokens"]
+    second = bench.main([*common, "--seed", "3", "--baseline-json", str(baseline)])["metrics"]
+    assert second["cached_input_tokens"] == 8 * 48, "the same prompts again: every prefix is cached"
+    speedup = second["speedup"]
+    assert speedup["baseline"] == str(baseline) and speedup["output_throughput"] > 0 and speedup["ttft_median"] > 0
+
+
 def test_chat_endpoint_and_failures_are_counted(http_server: LiveServer) -> None:
     chat = bench.main(["--base-url", http_server.base_url, "--endpoint", "/v1/chat/completions", "--num-prompts",
                        "4", "--input-len", "16", "--output-len", "4", "--ignore-eos", "--request-rate", "50"])

@@ -92,6 +92,7 @@ class RequestResult:
     prompt_tokens: int = 0  # server's usage when sent, else the planned length
     output_tokens: int = 0  # server's usage when sent, else content chunks
     usage: bool = False  # whether the counts came from the server's usage
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache (usage.prompt_tokens_details)
 
 
 # ---------------------------------------------------------------- datasets
@@ -263,6 +264,7 @@ class Runner:
             if usage := chunk.get("usage"):
                 result.output_tokens = usage.get("completion_tokens", 0)
                 result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+                result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
                 result.usage = True
 
         try:
@@ -402,6 +404,8 @@ def compute_metrics(
         "duration_s": duration,
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,
+        "cached_input_tokens": sum(r.cached_tokens for r in done),
+        "prefix_cache_hit_rate": sum(r.cached_tokens for r in done) / total_in if total_in else 0.0,
         "request_throughput": len(done) / duration,
         "output_throughput": total_out / duration,
         "total_token_throughput": (total_in + total_out) / duration,
@@ -414,14 +418,27 @@ def compute_metrics(
     }
 
 
+def speedup(metrics: dict[str, Any], baseline_json: str) -> dict[str, Any]:
+    """This run against a saved one: output throughput ratio, and how many times shorter the median TTFT is."""
+    with open(baseline_json) as f:
+        base = json.load(f)["metrics"]
+    ttft, base_ttft = metrics["ttft_ms"]["median"], base["ttft_ms"]["median"]
+    return {
+        "baseline": baseline_json,
+        "output_throughput": metrics["output_throughput"] / base["output_throughput"],
+        "ttft_median": base_ttft / ttft if ttft and base_ttft else None,
+    }
+
+
 def table(metrics: dict[str, Any], header: str) -> str:
     lines = [
         f"{' Serving Benchmark Result ':=^72}",
         header,
         f"requests: {metrics['completed']} completed, {metrics['failed']} failed; "
         f"duration {metrics['duration_s']:.2f} s; peak concurrency {metrics['peak_concurrency']}",
-        f"tokens: {metrics['total_input_tokens']} in, {metrics['total_output_tokens']} out "
-        f"(usage from the server for {metrics['usage_reported']}/{metrics['completed']})",
+        f"tokens: {metrics['total_input_tokens']} in ({metrics['prefix_cache_hit_rate']:.1%} from the prefix "
+        f"cache), {metrics['total_output_tokens']} out (usage from the server for "
+        f"{metrics['usage_reported']}/{metrics['completed']})",
         f"throughput: {metrics['request_throughput']:.2f} req/s, {metrics['output_throughput']:.1f} output "
         f"tok/s (peak 1 s bin {metrics['peak_output_throughput']:.0f}), {metrics['total_token_throughput']:.1f} "
         "total tok/s",
@@ -436,6 +453,11 @@ def table(metrics: dict[str, Any], header: str) -> str:
         lines.append(f"failed x{count}: {error[:110]}")
     if len(errors) > 3:
         lines.append(f"... {len(errors) - 3} more distinct errors in --result-json")
+    if "speedup" in metrics:
+        speedup = metrics["speedup"]
+        ttft = "-" if speedup["ttft_median"] is None else f"x{speedup['ttft_median']:.2f}"
+        lines.append(f"vs baseline {speedup['baseline']}: output throughput x{speedup['output_throughput']:.2f}, "
+                     f"median TTFT {ttft} shorter")
     if "client_cpu_s" in metrics:  # a load generator that keeps a core busy measures itself, not the server
         busy = metrics["client_cpu_s"] / metrics["duration_s"]
         warning = " - near saturation: it may limit the result" if busy > LOADGEN_BUSY else ""
@@ -508,6 +530,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--result-json", help="write config and metrics here")
     parser.add_argument("--save-detail", action="store_true", help="add per-request arrays to the JSON")
     parser.add_argument("--plot", help="PNG of the TTFT/TPOT/ITL distributions and throughput over time")
+    parser.add_argument(
+        "--baseline-json",
+        help="a --result-json of an earlier run (e.g. the same workload with --no-enable-prefix-caching): "
+        "report this run's speedup over it",
+    )
     args = parser.parse_args(argv)
     args.base_url = args.base_url.rstrip("/").removesuffix("/v1")
     for name in ("num_prompts", "vocab_size", "input_len", "output_len", "prompts_per_group"):
@@ -562,6 +589,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         planned_input_tokens=sum(len(r.prompt) for r in requests),
         planned_output_tokens=sum(r.output_len for r in requests),
     )
+    if args.baseline_json:
+        metrics["speedup"] = speedup(metrics, args.baseline_json)
     header = (
         f"{model} at {args.base_url}{args.endpoint}; {args.dataset} x{len(requests)}; rate "
         f"{args.request_rate:g}/s, max concurrency {args.max_concurrency or '-'}; ignore_eos {args.ignore_eos}"
