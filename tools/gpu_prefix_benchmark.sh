@@ -15,7 +15,7 @@ serve_and_bench() {  # $1: run name, $2: --enable-prefix-caching or --no-enable-
   shift 2
   python -m serving.cli serve api_server "$model" --load-format dummy --server-name 127.0.0.1 --server-port 23333 \
     "$caching" --session-len 4096 --max-batch-size 256 --decode-batch-buckets 32 64 128 256 \
-    --prefill-row-buckets 1 2 4 8 16 --prefill-token-buckets 128 256 512 1024 2048 --max-prefill-token-num 8192 \
+    --prefill-row-buckets 1 2 4 16 --prefill-token-buckets 128 512 2048 --max-prefill-token-num 8192 \
     --max-queue-len 100000 > "$out/server-$name.log" 2>&1 &
   server=$!
   for _ in $(seq 900); do
