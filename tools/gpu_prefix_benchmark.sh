@@ -10,26 +10,18 @@ out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 
+source "$(dirname "$0")/gpu_server.sh"
+
 serve_and_bench() {  # $1: run name, $2: --enable-prefix-caching or --no-enable-prefix-caching, $3...: bench flags
-  name=$1 caching=$2
+  local name=$1 caching=$2
   shift 2
-  python -m serving.cli serve api_server "$model" --load-format dummy --server-name 127.0.0.1 --server-port 23333 \
-    "$caching" --session-len 4096 --max-batch-size 256 --decode-batch-buckets 32 64 128 256 \
-    --prefill-row-buckets 1 2 4 16 --prefill-token-buckets 128 512 2048 --max-prefill-token-num 8192 \
-    --max-queue-len 100000 > "$out/server-$name.log" 2>&1 &
-  server=$!
-  for _ in $(seq 900); do
-    curl -sf http://127.0.0.1:23333/v1/ready > /dev/null && break
-    kill -0 $server 2> /dev/null || { tail -30 "$out/server-$name.log"; return 1; }
-    sleep 1
-  done
-  grep -i "ready after\|compiled .* step shapes" "$out/server-$name.log"
+  start_server "$out/server-$name.log" "$caching" --session-len 4096 --max-batch-size 256 \
+    --decode-batch-buckets 32 64 128 256 --prefill-row-buckets 1 2 4 16 --prefill-token-buckets 128 512 2048 \
+    --max-prefill-token-num 8192 || return 1
   python -m tools.bench_serving --base-url http://127.0.0.1:23333 --dataset shared-prefix \
     --num-prompts ${NUM_PROMPTS:-1024} --prompts-per-group 16 --prefix-len 2048 --input-len 128 --output-len 256 \
     --request-rate inf --ignore-eos --vocab-size ${VOCAB:-32000} --result-json "$out/b4-$name.json" "$@"
-  curl -s http://127.0.0.1:23333/metrics | grep -E "compil|^vllm:num_preemptions|^vllm:prefix_cache|prompt_tokens_computed" || true
-  kill -INT $server
-  wait $server
+  stop_server
 }
 
 serve_and_bench cache-off --no-enable-prefix-caching
