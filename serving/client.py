@@ -192,7 +192,7 @@ class APIClient:
                 response.read()
                 yield response.json()
                 return
-            for line in response.iter_lines():
+            for line in body_lines(response):
                 payload = _sse_data(line) if sse else line
                 if not payload:
                     continue
@@ -200,6 +200,19 @@ class APIClient:
                 if "error" in item:  # a failure after the stream began
                     raise APIClientError(response.status_code, item["error"])
                 yield item
+
+
+def body_lines(response: httpx.Response) -> Iterator[str]:
+    """The body's lines, split at "\n" only (a "\r" before it dropped), as SSE and NDJSON define them.
+    Not httpx's `iter_lines`: it splits like `str.splitlines`, also at U+2028, U+0085 and the like,
+    which a model's text can hold and JSON written with `ensure_ascii=False` carries unescaped."""
+    pending = b""
+    for data in response.iter_bytes():
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode()
+    if pending:
+        yield pending.removesuffix(b"\r").decode()
 
 
 def _sse_data(line: str) -> str | None:

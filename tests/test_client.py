@@ -11,9 +11,10 @@ import shutil
 import subprocess
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
-from serving.client import APIClient, APIClientError
+from serving.client import APIClient, APIClientError, body_lines
 from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (`http_server`)
 
 # lmdeploy-api-server-guide.zh.md, "使用 lmdeploy APIClient 接口", with `from serving.client import APIClient`.
@@ -148,3 +149,11 @@ def test_chat_keeps_the_session_and_errors_are_raised(api_client: APIClient) -> 
     with pytest.raises(APIClientError) as unknown:
         list(api_client.completions_v1("no-such-model", "hi"))
     assert unknown.value.status == 404 and unknown.value.code == "model_not_found"
+
+
+def test_body_lines_split_only_at_newlines() -> None:
+    # A model's text may hold U+2028 or U+0085, which JSON written with ensure_ascii=False carries raw;
+    # str.splitlines (httpx's iter_lines) would cut such a line in two.
+    text = json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False)
+    response = httpx.Response(200, content=(text + "\r\n" + text + "\n" + text).encode())
+    assert [json.loads(line) for line in body_lines(response)] == [{"text": "a\u2028b\x85c"}] * 3

@@ -11,10 +11,12 @@ import httpx
 import openai
 import pytest
 
+from serving.client import body_lines
 from serving.engine.request import GenerationConfig
 from serving.http.params import generation_config
 from serving.http.protocol import ChatCompletionRequest
 from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (the `http_server` fixture)
+from tools.bench_serving import sse_lines
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 
@@ -27,7 +29,7 @@ def chat_prompt_tokens(server: LiveServer, messages: list[dict]) -> int:
 def sse_events(response: httpx.Response) -> list[dict | str]:
     """The `data:` payloads of an SSE body, JSON-decoded except the final `[DONE]`."""
     events: list[dict | str] = []
-    for line in response.iter_lines():
+    for line in body_lines(response):
         if line.startswith("data: "):
             data = line.removeprefix("data: ")
             events.append(data if data == "[DONE]" else json.loads(data))
@@ -321,7 +323,7 @@ async def test_client_disconnect_frees_the_engine(http_server: LiveServer) -> No
     async with httpx.AsyncClient(base_url=http_server.base_url, timeout=30) as client:
         for _ in range(3):
             async with client.stream("POST", "/v1/completions", json=body) as response:
-                lines = response.aiter_lines()
+                lines = sse_lines(response)
                 while not (await anext(lines)).startswith("data: {"):
                     pass  # read until the first token arrived, then hang up
     engine = http_server.engine

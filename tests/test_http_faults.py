@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serving.client import body_lines
 from serving.engine.engine import MAX_CONSECUTIVE_STEP_FAILURES
 from serving.engine.scheduler import Chunk
 from tests.http_fixtures import LiveServer, scrape, serve_in_thread
@@ -38,7 +39,7 @@ def completion(server: LiveServer, **fields: object) -> dict:
 
 
 def events(response: httpx.Response) -> list[dict | str]:
-    data = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    data = [line.removeprefix("data: ") for line in body_lines(response) if line.startswith("data: ")]
     return [d if d == "[DONE]" else json.loads(d) for d in data]
 
 
@@ -53,7 +54,7 @@ def test_a_failing_step_fails_only_its_requests(server: LiveServer) -> None:
     url = f"{server.base_url}/v1/completions"
     try:
         with httpx.stream("POST", url, json=completion(server, max_tokens=60, stream=True), timeout=60) as bystander:
-            lines = bystander.iter_lines()
+            lines = body_lines(bystander)
             assert next(lines).startswith("data: {")  # generating while the others fail
             failed = httpx.post(url, json=completion(server, max_tokens=MARKED_MAX_TOKENS), timeout=60)
             assert failed.status_code == 500

@@ -23,10 +23,12 @@ import openai
 import pytest
 
 from serving.cli import build_parser
+from serving.client import body_lines
 from serving.engine.request import InvalidRequestError
 from serving.http.options import OptionError, from_arguments
 from serving.http.settings import ServerSettings
 from tests.http_fixtures import LiveServer, _ThreadServer, scrape, serve_in_thread
+from tools.bench_serving import sse_lines
 
 KEYS = ("key-a", "key-b")
 ORIGIN = "http://ui.example"
@@ -183,7 +185,7 @@ async def test_overload_answers_200_or_503_with_retry_after_then_serves_normally
                 if response.status_code != 200:
                     await response.aread()
                     return response.status_code, response.headers, response.json(), n
-                return 200, response.headers, sse_payloads([x async for x in response.aiter_lines()]), n
+                return 200, response.headers, sse_payloads([x async for x in sse_lines(response)]), n
 
         results = await asyncio.gather(*(one(i) for i in range(200)))
     statuses = Counter(status for status, *_ in results)
@@ -237,7 +239,7 @@ async def test_request_timeout_ends_slow_requests_with_a_clear_error(
             body = completion(server, max_tokens=64, stream=True)
             async with raw.stream("POST", "/v1/completions", json=body) as response:
                 assert response.status_code == 200
-                return sse_payloads([x async for x in response.aiter_lines()])
+                return sse_payloads([x async for x in sse_lines(response)])
 
     elapsed, events = await asyncio.gather(whole(), streamed())
     assert REQUEST_TIMEOUT_S <= elapsed < 2 * REQUEST_TIMEOUT_S
@@ -260,7 +262,7 @@ def test_streams_outlive_quarts_response_timeout(
         body = completion(server, max_tokens=40, stream=True, stream_options={"include_usage": True})
         began = time.monotonic()
         with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=30) as r:
-            events = sse_payloads(list(r.iter_lines()))
+            events = sse_payloads(list(body_lines(r)))
         assert time.monotonic() - began > 0.3
         assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 40
     finally:
@@ -300,7 +302,7 @@ def test_shutdown_aborts_requests_that_outlive_the_shutdown_timeout(
     slow_steps(0.05)  # 100 tokens take 5 s, well past the 1 s shutdown timeout
     body = completion(server, max_tokens=100, stream=True)
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=30) as stream:
-        lines = stream.iter_lines()
+        lines = body_lines(stream)
         assert next(lines).startswith("data: {")  # generating
         stopping = threading.Thread(target=raw.stop)
         stopping.start()  # what SIGTERM does

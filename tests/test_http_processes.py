@@ -16,6 +16,7 @@ import pytest
 from serving.cli import main
 from serving.http.options import OPTIONS
 from tests.http_fixtures import SMALL_BUCKET_FLAGS, ServerProcess, console_script, free_port
+from tools.bench_serving import sse_lines
 
 
 def flags_as_environment(flags: list[str]) -> dict[str, str]:
@@ -154,7 +155,7 @@ async def sigterm_during_ten_streams(server: ServerProcess, base: str) -> list[l
         async def stream() -> list[str]:
             async with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 assert response.status_code == 200
-                lines = response.aiter_lines()
+                lines = sse_lines(response)
                 received = [await anext(lines)]  # the first chunk: the stream is under way
                 opened.append(1)
                 if len(opened) == 10:

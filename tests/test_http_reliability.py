@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.http_fixtures import LiveServer, scrape, shared_http_server  # noqa: F401 (`http_server`)
+from tools.bench_serving import sse_lines
 
 # vLLM's metric names (as exposed: counters end in _total, histograms in _bucket/_count/_sum) that
 # dashboards built for vLLM query, plus our own.
@@ -71,7 +72,7 @@ async def test_twenty_streams_dropped_mid_stream_free_everything_within_a_second
         client = await streams.enter_async_context(httpx.AsyncClient(base_url=http_server.base_url, timeout=30))
         response = await streams.enter_async_context(client.stream("POST", "/v1/chat/completions", json=body))
         assert response.status_code == 200
-        readers.append(response.aiter_lines())
+        readers.append(sse_lines(response))
         assert (await anext(readers[-1])).startswith("data: {")  # the stream has begun
 
     # A slower device (20 ms a step) keeps every stream unfinished while the test looks at them.

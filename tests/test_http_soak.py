@@ -15,6 +15,7 @@ import time
 import httpx
 
 from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (`http_server`)
+from tools.bench_serving import sse_lines
 
 TOTAL = 2000
 WARM_UP = 400  # requests before the baseline is taken (pools, caches and lazy imports fill up first)
@@ -73,7 +74,7 @@ async def run_requests(client: httpx.AsyncClient, model: str, indices: range) ->
         else:
             async with client.stream("POST", path, json=body) as response:
                 assert response.status_code == 200
-                lines = response.aiter_lines()
+                lines = sse_lines(response)
                 if behaviour == "drop":
                     await anext(lines)
                     return  # leaving the block mid-stream closes the connection
