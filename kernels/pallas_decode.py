@@ -229,6 +229,8 @@ def paged_decode_attention(
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
+        # Rows on axis 0 (CUDA's x, dispatched fastest): the programs resident at one moment are all rows
+        # of one (head, split), so rows sharing prefix pages read them from L2 (docs/perf-notes.md, B4).
         grid=(batch, num_kv_heads, k_splits),
         in_specs=in_specs,
         out_specs=out_specs,

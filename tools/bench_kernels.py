@@ -17,11 +17,17 @@ exceed ~3x the 50 MB L2, so small problems are timed from HBM, not from cache. E
 back to back without host syncs, and the median over trials is reported per call. The per-call figure
 therefore includes XLA's kernel-launch gap, as in the model; `launch floor` prints that gap alone.
 --quick runs tiny shapes in interpret mode on CPU to test this script itself.
+
+--shared-prefix runs only (c) shared prefixes (B4's decode): B=256 rows of ~2304 tokens in 4096-token
+tables, either all pages distinct, or 16 groups of 16 rows sharing their first 2048 tokens' pages (rows
+of a group adjacent, or interleaved as arrival order gives), to see whether shared pages are served
+from the L2. TB/s there is "effective": the bytes if every row read its own pages, over the time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -52,6 +58,9 @@ COPY_TBPS = 2.87  # device copy bandwidth measured on the lent H100 (design brie
 MATMUL_TFLOPS = 784.0  # bf16 8192^3 matmul measured there
 L2_BYTES = 50 * 2**20
 TIME_BUDGET_S = 500.0  # stop starting new timings past this, so the run ends inside the device limit
+# B4 (SGLang's generated-shared-prefix) at one decode step: 256 running rows of 16 groups, a 2048-token
+# shared system prompt, 128-token questions and up to 256 output tokens, in 4096-token session tables.
+SHARED_BATCH, SHARED_GROUPS, SHARED_PREFIX, SHARED_LENS, SHARED_TABLE = 256, 16, 2048, (2176, 2432), 4096
 
 AttnFn = Callable[..., jax.Array]
 
@@ -112,6 +121,23 @@ def make_problem(
         kv_lens=jnp.asarray(lens, jnp.int32),
         starts=starts,
     )
+
+
+def shared_prefix_table(table: np.ndarray, groups: int, shared_pages: int, interleaved: bool) -> np.ndarray:
+    """Rows of a group take the group's first row's first `shared_pages` pages, then keep their own.
+    Interleaved: row r is in group r % groups (arrival order); else the rows of a group are adjacent."""
+    rows = np.arange(table.shape[0])
+    size = table.shape[0] // groups
+    first_row = rows % groups if interleaved else rows // size * size
+    shared = table.copy()
+    shared[:, :shared_pages] = table[first_row, :shared_pages]
+    return shared
+
+
+def unique_page_bytes(shape: Shape, table: np.ndarray, lens: np.ndarray) -> int:
+    """K/V bytes of the distinct pages the rows read (what HBM must deliver at least once)."""
+    live = np.arange(table.shape[1])[None, :] < pl_cdiv(lens, shape.page_size)[:, None]
+    return shape.kv_bytes(shape.page_size) * len(np.unique(table[live]))
 
 
 def chained(fn: AttnFn, calls: int, sets: int) -> Callable[..., jax.Array]:
@@ -265,17 +291,17 @@ class Bench:
 
     # ----- timing -----
     def timed(self, kind: str, config: str, impl: str, fn: AttnFn, problem: Problem, calls: int,
-              bytes_moved: int, flops: float, extra: dict | None = None) -> bool:
-        """Time one implementation and record the row; False if it could not run."""
+              bytes_moved: int, flops: float, extra: dict | None = None) -> dict | None:
+        """Time one implementation and record the row; None if it could not run."""
         if self.over_budget():
             self.record({"kind": kind, "config": config, "impl": impl, "result": "SKIPPED (time budget)"})
-            return False
+            return None
         try:
             seconds = time_per_call(fn, problem, calls, self.reps, self.trials)
         except Exception as exc:
             self.record({"kind": kind, "config": config, "impl": impl,
                          "result": f"ERROR {type(exc).__name__}: {str(exc)[:300]}"})
-            return False
+            return None
         tbps = bytes_moved / seconds / 1e12
         row = {"kind": kind, "config": config, "impl": impl, "us": seconds * 1e6, "MB": bytes_moved / 1e6,
                "TBps": tbps, "pct_copy_bw": 100 * tbps / COPY_TBPS}
@@ -283,7 +309,7 @@ class Bench:
             row["TFLOPs"] = flops / seconds / 1e12
         row.update(extra or {})
         self.record(row)
-        return True
+        return row
 
     def decode_config(
         self, batch: int, ctx: int, ragged: bool, variants: dict[str, dict] | None = None,
@@ -340,6 +366,39 @@ class Bench:
                 break
         self.timed("prefill", config, "xla", self.xla(), problem, 4, moved, flops)
 
+    def shared_prefix(self, variants: dict[str, dict]) -> None:
+        """B4's decode step in three page layouts (module docstring); every layout has the same lengths
+        and pool, so only the table differs. Each layout is checked against the XLA reference first."""
+        shape = self.shape
+        batch, groups = (8, 2) if self.quick else (SHARED_BATCH, SHARED_GROUPS)
+        lo, hi = (40, 56) if self.quick else SHARED_LENS
+        pps = (64 if self.quick else SHARED_TABLE) // shape.page_size
+        shared_pages = (32 if self.quick else SHARED_PREFIX) // shape.page_size
+        lens = np.random.default_rng(4).integers(lo, hi + 1, size=batch)
+        base = make_problem(shape, lens - 1, 1, pps, 1, seed=4)
+        distinct = np.asarray(base.tables[0])
+        layouts = {
+            "distinct": distinct,
+            "shared-adjacent": shared_prefix_table(distinct, groups, shared_pages, interleaved=False),
+            "shared-interleaved": shared_prefix_table(distinct, groups, shared_pages, interleaved=True),
+        }
+        moved = shape.kv_bytes(int(lens.sum()))
+        print(f"\n== (c) shared prefixes: B={batch}, lengths {lo}..{hi}, {groups} groups sharing {shared_pages} "
+              f"pages, {pps}-page tables; {moved / 1e6:.0f} MB effective K/V per call")
+        rows = []
+        for layout, table in layouts.items():
+            problem = dataclasses.replace(base, tables=[jnp.asarray(table)])
+            unique = unique_page_bytes(shape, table, lens)
+            self.check(f"decode ours {layout}", self.ours(), problem, reference_f32(problem, shape))
+            impls = [(name, self.ours(**tunables)) for name, tunables in variants.items()] + [("xla", self.xla())]
+            for name, fn in impls:
+                # One page set: even the shared layouts read > 3x the L2 in distinct pages per call.
+                row = self.timed("decode", f"B={batch} {layout}", name, fn, problem, 4, moved, 0.0,
+                                 {"layout": layout, "unique_MB": unique / 1e6})
+                if row:
+                    rows.append(row)
+        print_shared_table(rows)
+
     def launch_floor(self) -> None:
         """Per-call time of a trivial kernel in the same chained harness: the launch gap alone."""
         problem = make_problem(self.shape, np.array([0]), 1, 1, 1, seed=0)
@@ -391,10 +450,26 @@ def print_table(rows: list[dict]) -> None:
               f"{r['pct_copy_bw']:5.0f} {tflops:>8} {ratio(xla_us.get(key)):>7} {ratio(lib_us.get(key)):>7}")
 
 
+def print_shared_table(rows: list[dict]) -> None:
+    """Effective TB/s (bytes if each row read its own pages), the HBM rate the distinct pages alone would
+    need (unique MB / time: if it is over the copy bandwidth, the L2 served the rest), and the speedup
+    over the distinct layout for the same implementation."""
+    print("\n== shared prefixes (per call)")
+    print(f"{'layout':20} {'impl':10} {'us':>8} {'eff TB/s':>9} {'unique MB':>10} {'unique TB/s':>12} "
+          f"{'vs distinct':>12}")
+    distinct = {r["impl"]: r["us"] for r in rows if r["layout"] == "distinct"}
+    for r in rows:
+        unique_tbps = r["unique_MB"] * 1e6 / (r["us"] * 1e-6) / 1e12
+        speedup = f"{distinct[r['impl']] / r['us']:.2f}x" if r["impl"] in distinct else ""
+        print(f"{r['layout']:20} {r['impl']:10} {r['us']:8.1f} {r['TBps']:9.2f} {r['unique_MB']:10.0f} "
+              f"{unique_tbps:12.2f} {speedup:>12}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU self-test)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.jsonl")
+    parser.add_argument("--shared-prefix", action="store_true", help="only the shared-prefix decode section")
     args = parser.parse_args()
     quick = args.quick
     interpret = quick or jax.default_backend() != "gpu"
@@ -403,12 +478,20 @@ def main() -> None:
     shape = Shape(num_heads=8, num_kv_heads=2, page_size=16) if quick else Shape()
     bench = Bench(shape, args.out, interpret, quick)
 
+    # Split counts around the default (ks4 here).
+    shared_variants = {"ours": {}, "ks1": {"k_splits": 1}, "ks8": {"k_splits": 8}}
+    if args.shared_prefix:
+        bench.shared_prefix(shared_variants)
+        print_table(bench.rows)
+        print(f"\ntotal {time.perf_counter() - bench.started:.0f} s")
+        return
     bench.correctness()
     if quick:
         bench.decode_config(2, 64, ragged=True)
         bench.prefill_config(32, 32)
         bench.decode_config(2, 32, ragged=False, table_ctx=64,
                             variants={"default": {}, "ks1": {"k_splits": 1}})
+        bench.shared_prefix({"ours": {}})
         print_table(bench.rows)
         return
 
@@ -439,6 +522,7 @@ def main() -> None:
     ):
         variants = {"default": {}, **{f"ks{n}": {"k_splits": n} for n in splits}}
         bench.decode_config(batch, ctx, ragged=ragged, table_ctx=table_ctx, variants=variants)
+    bench.shared_prefix(shared_variants)
     print_table(bench.rows)
     print(f"\ntotal {time.perf_counter() - bench.started:.0f} s")
 

@@ -62,6 +62,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--prefix-groups", type=int, default=0,
+                        help="rows share their first --prefix-len tokens' pages in this many groups (row i in "
+                             "group i %% N, as B4's arrival order gives); 0: every row's pages are its own")
+    parser.add_argument("--prefix-len", type=int, default=2048)
     args = parser.parse_args()
 
     config = SHAPES[args.shape]
@@ -69,9 +73,12 @@ def main() -> None:
     params = init_random_params(config, dtype, seed=0)
     batches = [int(b) for b in args.batches.split(",")]
     pages_per_seq = -(-(args.context + 1) // args.page_size)
+    # Shared prefix pages (the new token's page is always the row's own), then each row's own pages.
+    shared_pages = min(args.prefix_len // args.page_size, pages_per_seq - 1) if args.prefix_groups else 0
+    own_pages = pages_per_seq - shared_pages
     buckets = BucketSet(decode_batch=tuple(batches), prefill_rows=(1,), prefill_tokens=(64,),
                         max_prefill_tokens=PRESETS["gpu"].max_prefill_tokens)
-    num_pages = max(batches) * pages_per_seq + 1
+    num_pages = args.prefix_groups * shared_pages + max(batches) * own_pages + 1
     runner = ModelRunner(config, params, dtype, num_pages, args.page_size, pages_per_seq, buckets,
                          num_slots=max(batches), mesh=make_mesh(1), attention_backend=args.attention_backend)
     t0 = time.perf_counter()
@@ -83,9 +90,13 @@ def main() -> None:
     for batch in batches:
         chunks = []
         for i in range(batch):
+            own = 1 + args.prefix_groups * shared_pages + i * own_pages
+            pages = list(range(own, own + own_pages))
+            if args.prefix_groups:
+                group = 1 + (i % args.prefix_groups) * shared_pages
+                pages = list(range(group, group + shared_pages)) + pages
             seq = Sequence(request=request, sink=lambda out: None, arrival=i, token_ids=[1] * args.context,
-                           num_prompt_tokens=args.context, num_computed=args.context - 1,
-                           pages=list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)), slot=i)
+                           num_prompt_tokens=args.context, num_computed=args.context - 1, pages=pages, slot=i)
             chunks.append(Chunk(seq, args.context - 1, 1))
         step_ms = timed(lambda chunks=chunks, batch=batch: runner.run(chunks, batch, 1))
         token_ids, packed_rows, *_ = jax.device_put(runner._inputs(chunks, batch, 1))
