@@ -92,22 +92,17 @@ DECODE_CASES = [
 ]
 
 
+def check_kernel(kernel, seed, starts, num_q, num_heads, num_kv_heads, head_dim, page_size, pps, dtype, tunables):
+    """Run a Pallas kernel in interpret mode on a random problem and compare it with the XLA reference."""
+    args, real = make_problem(seed, starts=starts, num_q=num_q, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                              head_dim=head_dim, page_size=page_size, pages_per_seq=pps, dtype=dtype)
+    check(kernel(*args, scale=head_dim**-0.5, interpret=True, **tunables), args, real, dtype)
+
+
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"G{c[1] // c[2]}-D{c[3]}-{c[6].__name__}")
 def test_decode_kernel_matches_reference(case):
-    starts, num_heads, num_kv_heads, head_dim, page_size, pps, dtype, tunables = case
-    args, real = make_problem(
-        0,
-        starts=starts,
-        num_q=1,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        page_size=page_size,
-        pages_per_seq=pps,
-        dtype=dtype,
-    )
-    out = paged_decode_attention(*args, scale=head_dim**-0.5, interpret=True, **tunables)
-    check(out, args, real, dtype)
+    starts, *shape, tunables = case
+    check_kernel(paged_decode_attention, 0, starts, 1, *shape, tunables)
 
 
 def test_decode_kernel_honours_query_position():
@@ -154,20 +149,8 @@ PREFILL_CASES = [
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"G{c[2] // c[3]}-T{c[1]}-{c[7].__name__}")
 def test_prefill_kernel_matches_reference(case):
-    starts, num_q, num_heads, num_kv_heads, head_dim, page_size, pps, dtype, tunables = case
-    args, real = make_problem(
-        3,
-        starts=starts,
-        num_q=num_q,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        page_size=page_size,
-        pages_per_seq=pps,
-        dtype=dtype,
-    )
-    out = paged_prefill_attention(*args, scale=head_dim**-0.5, interpret=True, **tunables)
-    check(out, args, real, dtype)
+    starts, num_q, *shape, tunables = case
+    check_kernel(paged_prefill_attention, 3, starts, num_q, *shape, tunables)
 
 
 def test_backend_switch_dispatches_on_num_tokens():
