@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -40,10 +38,9 @@ from serving.http.errors import APIError
 from serving.http.openapi import ndjson_stream
 from serving.http.protocol import MAX_MESSAGES, ChatMessage, ErrorResponse, Stop
 from serving.http.sessions import Session, Turn, turn_tokens
+from serving.http.sse import ndjson_response
 from serving.http.state import ServerState, server_state
 from serving.text.templates import ChatTemplate
-
-logger = logging.getLogger(__name__)
 
 blueprint = Blueprint("interactive", __name__)
 
@@ -183,7 +180,7 @@ async def _lines(*lines: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]
 async def _answer(lines: AsyncGenerator[dict[str, Any], None], stream: bool) -> Response | dict[str, Any]:
     """NDJSON lines as they come, or one answer with the whole text."""
     if stream:
-        return _ndjson_response(lines)
+        return ndjson_response(lines)
     answer: dict[str, Any] = {}
     text = ""
     async with aclosing(lines):
@@ -191,29 +188,6 @@ async def _answer(lines: AsyncGenerator[dict[str, Any], None], stream: bool) -> 
             text += line["text"]
             answer = line
     return {**answer, "text": text}
-
-
-def _ndjson_response(lines: AsyncGenerator[dict[str, Any], None]) -> Response:
-    async def body() -> AsyncIterator[bytes]:
-        # A failure after the first line can no longer change the status: it becomes an error line.
-        try:
-            async with aclosing(lines):
-                async for line in lines:
-                    yield _json_line(line)
-        except APIError as error:
-            yield _json_line(error.body())
-        except Exception as error:
-            logger.exception("an interactive stream failed")
-            yield _json_line(APIError(500, f"internal server error: {type(error).__name__}: {error}").body())
-
-    response = Response(body(), mimetype="application/x-ndjson", headers={"Cache-Control": "no-cache, no-transform",
-                                                                        "X-Accel-Buffering": "no"})  # fmt: skip
-    response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut a long answer off
-    return response
-
-
-def _json_line(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
 @dataclass
@@ -268,7 +242,7 @@ def _request(
     config = _generation_config(body, engine, state.settings.chat_template)
     request_id = f"interactive-{uuid.uuid4().hex}"
     # A session's turn keeps its pages pinned when it finishes, for the next turn's prefill to reuse.
-    session_id = str(session.session_id) if session is not None and turn is not None else None
+    session_id = str(session.session_id) if session is not None else None
     [request] = fan_out(engine, [plan.prompt_ids], config, 1, request_id, state.settings.max_log_len, session_id)
     if turn is not None:
         turn.request_id = request.request_id

@@ -1,7 +1,8 @@
-"""Server-sent events as OpenAI streams them: `data: {json}` events, then `data: [DONE]`.
+"""Streamed answers: server-sent events as OpenAI streams them (`data: {json}` events, then
+`data: [DONE]`), and NDJSON lines as LMDeploy's interactive route does (`{json}\n`).
 
-A failure after the stream has begun can no longer change the HTTP status, so it is sent as a
-`data: {"error": {...}}` event before `[DONE]`, which the openai SDK raises as an APIError.
+A failure after the stream has begun can no longer change the HTTP status, so it is sent as one more
+payload, `{"error": {...}}` (before `[DONE]` in SSE, which the openai SDK raises as an APIError).
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ DONE = b"data: [DONE]\n\n"
 _TEXT_MARK = "\x00xlserve-text\x00"
 
 
+def _dump(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _dump(payload) + b"\n\n"
+
+
+def ndjson_line(payload: dict[str, Any]) -> bytes:
+    return _dump(payload) + b"\n"
 
 
 class TextEvents:
@@ -52,24 +61,38 @@ class TextEvents:
 
 def sse_response(events: AsyncGenerator[dict[str, Any] | bytes, None]) -> Response:
     """A streamed answer of `events`: payloads to dump, or events already encoded (`TextEvents`)."""
+    return _streamed(events, event, "text/event-stream", DONE)
 
+
+def ndjson_response(lines: AsyncGenerator[dict[str, Any], None]) -> Response:
+    """A streamed answer of one JSON object per line."""
+    return _streamed(lines, ndjson_line, "application/x-ndjson")
+
+
+def _streamed(
+    payloads: AsyncGenerator[dict[str, Any] | bytes, None],
+    encode: Callable[[dict[str, Any]], bytes],
+    mimetype: str,
+    end: bytes = b"",
+) -> Response:
     async def body() -> AsyncIterator[bytes]:
         try:
-            # aclosing: if the client goes away while the body waits to send, the events' own
+            # aclosing: if the client goes away while the body waits to send, the payloads' own
             # clean-up (aborting engine requests) still runs now rather than at garbage collection.
-            async with aclosing(events):
-                async for payload in events:
-                    yield payload if isinstance(payload, bytes) else event(payload)
+            async with aclosing(payloads):
+                async for payload in payloads:
+                    yield payload if isinstance(payload, bytes) else encode(payload)
         except APIError as error:
-            yield event(error.body())
+            yield encode(error.body())
         except Exception as error:
             logger.exception("a stream failed")
-            yield event(APIError(500, f"internal server error: {type(error).__name__}: {error}").body())
-        yield DONE
+            yield encode(APIError(500, f"internal server error: {type(error).__name__}: {error}").body())
+        if end:
+            yield end
 
     response = Response(
         body(),
-        mimetype="text/event-stream",
+        mimetype=mimetype,
         # no-transform/X-Accel-Buffering: proxies such as nginx would otherwise buffer the tokens.
         headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
     )
