@@ -61,7 +61,8 @@ class Sequence:
     admissions: int = 0  # times it has started running (preemption restarts it): keys per-slot state
     status: SeqStatus = SeqStatus.WAITING
     max_new_tokens: int = 0  # already capped by the session length
-    page_keys: list[int] = field(default_factory=list)  # prefix-cache keys of its full pages so far
+    # Prefix-cache (key, content) of its full pages so far: named once, however often it is looked up.
+    page_names: list[tuple[int, PageContent]] = field(default_factory=list)
     num_registered: int = 0  # leading pages registered in (or taken from) the prefix cache
     num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
 
@@ -305,13 +306,13 @@ class Scheduler:
         return pages
 
     def _page_name(self, seq: Sequence, index: int) -> tuple[int, PageContent]:
-        """Key and content of `seq`'s full page `index` (its tokens must be known)."""
-        start = index * self.page_size
-        tokens = tuple(seq.token_ids[start : start + self.page_size])
-        parent = seq.page_keys[index - 1] if index else ROOT_KEY
-        if index == len(seq.page_keys):
-            seq.page_keys.append(page_key(parent, tokens))
-        return seq.page_keys[index], PageContent(parent, tokens)
+        """Key and content of `seq`'s full page `index` (its tokens must be known; pages are named in order)."""
+        if index == len(seq.page_names):
+            start = index * self.page_size
+            tokens = tuple(seq.token_ids[start : start + self.page_size])
+            parent = seq.page_names[-1][0] if index else ROOT_KEY
+            seq.page_names.append((page_key(parent, tokens), PageContent(parent, tokens)))
+        return seq.page_names[index]
 
     def _uses_cache(self, seq: Sequence) -> bool:
         return self.prefix_caching or seq.session_id is not None
