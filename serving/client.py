@@ -202,17 +202,30 @@ class APIClient:
                 yield item
 
 
-def body_lines(response: httpx.Response) -> Iterator[str]:
-    """The body's lines, split at "\n" only (a "\r" before it dropped), as SSE and NDJSON define them.
-    Not httpx's `iter_lines`: it splits like `str.splitlines`, also at U+2028, U+0085 and the like,
+class LineSplitter:
+    """Body bytes in, lines out, split at "\n" only (a "\r" before it dropped), as SSE and NDJSON define
+    them. Not httpx's `iter_lines`: it splits like `str.splitlines`, also at U+2028, U+0085 and the like,
     which a model's text can hold and JSON written with `ensure_ascii=False` carries unescaped."""
-    pending = b""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        return [line.removesuffix(b"\r").decode() for line in lines]
+
+    def end(self) -> list[str]:
+        """The last line, if the body did not end with a newline."""
+        last, self._pending = self._pending, b""
+        return [last.removesuffix(b"\r").decode()] if last else []
+
+
+def body_lines(response: httpx.Response) -> Iterator[str]:
+    """The lines of a streamed body (see `LineSplitter`)."""
+    splitter = LineSplitter()
     for data in response.iter_bytes():
-        *lines, pending = (pending + data).split(b"\n")
-        for line in lines:
-            yield line.removesuffix(b"\r").decode()
-    if pending:
-        yield pending.removesuffix(b"\r").decode()
+        yield from splitter.feed(data)
+    yield from splitter.end()
 
 
 def _sse_data(line: str) -> str | None:

@@ -48,6 +48,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from serving.client import LineSplitter
+
 # Token ids below this are left out: tokenizers put their special and byte tokens there.
 MIN_TOKEN_ID = 100
 # Common one-token English words for the chat endpoint, where prompts must be text.
@@ -204,16 +206,14 @@ class SSEParser:
 
 
 async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
-    """The body's lines, split at "\n" (a "\r" before it dropped) as SSE defines them. Not httpx's
-    `aiter_lines`: that splits like `str.splitlines`, also at U+2028, U+0085 and the like, which JSON
-    written with `ensure_ascii=False` carries unescaped, so a token's text broke its event in two."""
-    pending = b""
+    """The lines of a streamed body, split at "\n" only (`serving.client.LineSplitter` says why): httpx's
+    `aiter_lines` broke a few events per thousand in two."""
+    splitter = LineSplitter()
     async for data in response.aiter_bytes():
-        *lines, pending = (pending + data).split(b"\n")
-        for line in lines:
-            yield line.removesuffix(b"\r").decode()
-    if pending:
-        yield pending.removesuffix(b"\r").decode()
+        for line in splitter.feed(data):
+            yield line
+    for line in splitter.end():
+        yield line
 
 
 def chunk_content(chunk: dict[str, Any]) -> tuple[bool, str]:
