@@ -5,6 +5,10 @@ Backends (all with the signature of `paged_attention_reference`):
     "pallas"  our Pallas GPU kernels (Triton lowering): T == 1 runs the split-K decode kernel, T > 1 the
               paged prefill kernel. T is static under jit, so the choice costs nothing at run time.
     "auto"    "pallas" when JAX's default backend is a GPU, else "xla".
+    "pallas-interpret"  the Pallas kernels in interpret mode: runs anywhere (slowly); for CPU tests of the
+              engine on the kernels' code path.
+Every backend also takes `shared`, an optional `SharedPrefix` plan for decode batches (see
+`kernels.shared_prefix`): a hint about how to compute, never a change to what is computed.
 Nothing here imports `model` or `serving`: a kernel is usable on its own.
 """
 
@@ -16,8 +20,9 @@ from collections.abc import Callable
 import jax
 
 from kernels.paged_attention import paged_attention_reference, write_kv_pages
+from kernels.shared_prefix import SharedPrefix
 
-BACKENDS = ("xla", "pallas", "auto")
+BACKENDS = ("xla", "pallas", "auto", "pallas-interpret")
 
 
 def paged_attention_pallas(
@@ -29,15 +34,21 @@ def paged_attention_pallas(
     kv_lens: jax.Array,  # i32[B]
     *,
     scale: float,
+    shared: SharedPrefix | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [B, T, Hq, D] in q.dtype
     """Our Pallas kernels with the reference's contract; `interpret=True` runs them on CPU."""
     # Imported here so `import kernels` stays light and never touches the Triton lowering on CPU hosts.
     from kernels.pallas_decode import paged_decode_attention
     from kernels.pallas_prefill import paged_prefill_attention
+    from kernels.pallas_shared_prefix import shared_prefix_decode_attention
 
-    attend = paged_decode_attention if q.shape[1] == 1 else paged_prefill_attention
-    return attend(q, k_pages, v_pages, block_tables, q_positions, kv_lens, scale=scale, interpret=interpret)
+    args = (q, k_pages, v_pages, block_tables, q_positions, kv_lens)
+    if q.shape[1] > 1:
+        return paged_prefill_attention(*args, scale=scale, interpret=interpret)
+    if shared is not None:
+        return shared_prefix_decode_attention(*args, shared, scale=scale, interpret=interpret)
+    return paged_decode_attention(*args, scale=scale, interpret=interpret)
 
 
 def resolve_backend(backend: str) -> str:

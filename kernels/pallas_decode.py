@@ -11,7 +11,9 @@ Work split (flash-decoding):
     Each program keeps an online softmax over blocks of `pages_per_block` pages and writes its partial
     output normalised by its own denominator, plus that denominator l and its running max m (log2
     domain). A log-sum-exp merge over the splits in plain JAX gives the result. With one split the
-    kernel writes the final output directly and no merge runs.
+    kernel writes the final output directly and no merge runs. `paged_decode_partials` can also start
+    each row at a page-aligned `kv_starts` and hand back the unmerged splits: the shared-prefix path
+    (`kernels.pallas_shared_prefix`) attends to the pages before that start in one pass per tile of rows.
 
 Why the padding of query rows: Triton's `dot` needs at least 16 rows, and G is 1..8 for most models,
 so each program gathers its G query rows into `rows = max(16, next_pow2(G))` rows (the spare rows
@@ -82,8 +84,9 @@ def _decode_kernel(
     table_ref,  # i32[pps_padded] this row's block table
     pos_ref,  # i32[1] the query's position
     len_ref,  # i32[1] kv_lens of the row
+    start_ref,  # i32[1] first key of the row to attend to (a multiple of the page size)
     o_ref,  # [G, D] this split's output (normalised by its own l)
-    *stats_refs,  # (l f32[G], m f32[G]) when k_splits > 1, else empty
+    *stats_refs,  # (l f32[G], m f32[G]) when the splits are merged afterwards, else empty
     group: int,
     rows: int,
     pages_per_seq: int,
@@ -98,10 +101,11 @@ def _decode_kernel(
     # Keys this query may see: causal (0..pos) and inside the cache (< kv_len).
     visible = jnp.minimum(len_ref[0], pos_ref[0] + 1)
     num_pages = jnp.minimum(pl.cdiv(jnp.maximum(visible, 0), page_size), pages_per_seq)
+    start_page = jnp.minimum(start_ref[0] // page_size, num_pages)  # pages before it: a shared prefix's
     # This split's page range: an equal share of the row's live pages, rounded up to whole compute
     # blocks so a block never straddles two splits.
-    share = pl.cdiv(pl.cdiv(num_pages, k_splits), pages_per_block) * pages_per_block
-    first_page = split * share
+    share = pl.cdiv(pl.cdiv(num_pages - start_page, k_splits), pages_per_block) * pages_per_block
+    first_page = start_page + split * share
     end_page = jnp.minimum(first_page + share, num_pages)
     num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
@@ -175,6 +179,34 @@ def paged_decode_attention(
     (None: 64 tokens); k_splits, programs per row and KV head (None: `default_k_splits`); num_warps
     and num_stages, Triton's warps per program and software-pipelining depth.
     """
+    batch, _, num_heads, head_dim = q.shape
+    outs = paged_decode_partials(q, k_pages, v_pages, block_tables, q_positions, kv_lens, None, scale=scale,
+                                 pages_per_block=pages_per_block, k_splits=k_splits, final_if_one_split=True,
+                                 num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    out = outs[0][:, :, 0] if len(outs) == 1 else merge_splits(*outs)  # [B, Hkv, G, D]
+    return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
+
+
+def paged_decode_partials(
+    q: jax.Array,  # [B, 1, Hq, D]
+    k_pages: jax.Array,  # [Hkv, P, PS, D]
+    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    block_tables: jax.Array,  # i32[B, pages_per_seq]
+    q_positions: jax.Array,  # i32[B, 1]
+    kv_lens: jax.Array,  # i32[B]
+    kv_starts: jax.Array | None,  # i32[B] first key of each row to attend to (page-aligned); None: 0
+    *,
+    scale: float,
+    pages_per_block: int | None,
+    k_splits: int | None,
+    final_if_one_split: bool,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+) -> list[jax.Array]:
+    """The decode kernel's raw outputs: per-split f32 o[B, Hkv, S, G, D], l and m [B, Hkv, S, G] for
+    `merge_splits`; or, with one split and `final_if_one_split`, just the final o[B, Hkv, 1, G, D] in
+    q.dtype. Keys before `kv_starts` are left out, for a caller that attends to them another way."""
     batch, num_q, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     pages_per_seq = block_tables.shape[1]
@@ -196,6 +228,9 @@ def paged_decode_attention(
     if k_splits is None:
         k_splits = default_k_splits(batch, num_kv_heads, padded_pps // pages_per_block,
                                     pages_per_block * page_size)
+    if kv_starts is None:
+        kv_starts = jnp.zeros((batch,), jnp.int32)
+    with_stats = k_splits > 1 or not final_if_one_split
 
     q_grouped = q.reshape(batch, num_kv_heads, group, head_dim)  # head h*G + g -> [h, g]
     kernel = functools.partial(
@@ -208,25 +243,27 @@ def paged_decode_attention(
         scale_log2=scale * LOG2_E,
     )
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
+    row_scalar = pl.BlockSpec((1,), lambda b, h, s: (b,))
     in_specs = [
         pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
         pool_spec,
         pool_spec,
         pl.BlockSpec((None, padded_pps), lambda b, h, s: (b, 0)),
         pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
-        pl.BlockSpec((1,), lambda b, h, s: (b,)),
+        row_scalar,
+        row_scalar,
     ]
-    # One split: the kernel's output is final, in q.dtype. Several: f32 partials plus (l, m).
-    out_dtype = q.dtype if k_splits == 1 else jnp.float32
+    # Final output in q.dtype, or f32 partials plus (l, m) for a merge.
+    out_dtype = jnp.float32 if with_stats else q.dtype
     out_shape = [jax.ShapeDtypeStruct((batch, num_kv_heads, k_splits, group, head_dim), out_dtype)]
     out_specs = [pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0))]
-    if k_splits > 1:
+    if with_stats:
         stat_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, k_splits, group), jnp.float32)
         stat_spec = pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0))
         out_shape += [stat_shape, stat_shape]
         out_specs += [stat_spec, stat_spec]
 
-    outs = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         out_shape=out_shape,
         # Rows on axis 0 (CUDA's x, dispatched fastest): the programs resident at one moment are all rows
@@ -238,13 +275,7 @@ def paged_decode_attention(
         interpret=interpret,
         name=f"xlserve_paged_decode_ppb{pages_per_block}_ks{k_splits}",
     )(q_grouped, k_pages, v_pages, block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
-      kv_lens.astype(jnp.int32))
-
-    if k_splits == 1:
-        out = outs[0][:, :, 0]  # [B, Hkv, G, D]
-    else:
-        out = merge_splits(*outs)
-    return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
+      kv_lens.astype(jnp.int32), kv_starts.astype(jnp.int32))
 
 
 def merge_splits(

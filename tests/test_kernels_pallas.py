@@ -16,6 +16,8 @@ import pytest
 from kernels import get_paged_attention, paged_attention_reference, resolve_backend
 from kernels.pallas_decode import merge_splits, paged_decode_attention
 from kernels.pallas_prefill import paged_prefill_attention
+from kernels.pallas_shared_prefix import shared_prefix_decode_attention
+from kernels.shared_prefix import SharedPrefix, plan_shared_prefix
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
@@ -172,3 +174,57 @@ def test_backend_switch_dispatches_on_num_tokens():
     assert get_paged_attention("xla") is paged_attention_reference
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_paged_attention("triton-magic")
+
+
+# Shared-prefix (cascade) decode: (groups, solo rows, num_heads, num_kv_heads, head_dim, page_size, pps, dtype,
+# tunables). A group is (rows, shared pages); its rows get ragged lengths past the shared pages, one of them
+# ending right after them (its own pass is a single key, a page boundary), and rows beyond the tile size or a
+# group too small for a tile take the plain path, as do the solo rows and a padding row.
+SHARED_PREFIX_CASES = [
+    ([(6, 3), (4, 5)], 2, 8, 2, 64, 8, 8, jnp.float32, {"k_splits": 2, "prefix_splits": 2}),  # GQA 4
+    ([(9, 2)], 1, 4, 4, 64, 8, 6, jnp.float32, {}),  # GQA 1: tiles of 4 rows, the 9th row left alone
+    ([(5, 4), (3, 2)], 1, 7, 1, 64, 8, 6, jnp.float32, {"prefix_splits": 8}),  # GQA 7 (rows padded); group of 3
+    ([(8, 6)], 2, 16, 2, 128, 16, 8, jnp.bfloat16, {"pages_per_block": 2}),  # GQA 8, blocks straddling the end
+]
+
+
+def make_shared_problem(seed, groups, solo, num_heads, num_kv_heads, head_dim, page_size, pps, dtype):
+    """A decode problem whose groups of rows hold the same leading pages, plus the rows' lengths."""
+    rng = np.random.default_rng(seed)
+    sizes = [n for n, _ in groups]
+    batch = sum(sizes) + solo + 1  # + a padding row
+    num_pages = batch * pps + 3
+    tables = rng.permutation(np.arange(1, num_pages))[: batch * pps].reshape(batch, pps).astype(np.int32)
+    lens = rng.integers(1, pps * page_size + 1, batch).astype(np.int32)
+    row = 0
+    for size, pages in groups:
+        tables[row + 1 : row + size, :pages] = tables[row, :pages]
+        lens[row : row + size] = rng.integers(pages * page_size + 1, pps * page_size + 1, size)
+        lens[row] = pages * page_size + 1
+        row += size
+    tables[-1], lens[-1] = 0, 0  # padding row
+    q = rng.standard_normal((batch, 1, num_heads, head_dim))
+    k_pages = rng.standard_normal((num_kv_heads, num_pages, page_size, head_dim))
+    v_pages = rng.standard_normal((num_kv_heads, num_pages, page_size, head_dim))
+    args = (jnp.asarray(q, dtype), jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype), jnp.asarray(tables),
+            jnp.asarray(np.maximum(lens - 1, 0)[:, None], jnp.int32), jnp.asarray(lens))
+    return args, lens > 0
+
+
+@pytest.mark.parametrize("case", SHARED_PREFIX_CASES, ids=lambda c: f"G{c[2] // c[3]}-{c[7].__name__}")
+def test_shared_prefix_decode_matches_reference(case):
+    groups, solo, num_heads, num_kv_heads, head_dim, page_size, pps, dtype, tunables = case
+    args, real = make_shared_problem(6, groups, solo, num_heads, num_kv_heads, head_dim, page_size, pps, dtype)
+    tables, lens = np.asarray(args[3]), np.asarray(args[5])
+    tile_size, max_tiles = 4, 3
+    plan = plan_shared_prefix(tables[real], lens[real], page_size=page_size, tile_size=tile_size, max_tiles=max_tiles)
+    padding = (np.array([max_tiles], np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32))
+    plan = [jnp.asarray(np.concatenate([part, pad])) for part, pad in zip(plan, padding, strict=True)]
+    shared = SharedPrefix.from_rows(*plan, num_tiles=max_tiles, tile_size=tile_size)
+    assert int((np.asarray(shared.tile_len) > 0).sum()) >= 1, "the case must exercise the prefix pass"
+    out = shared_prefix_decode_attention(*args, shared, scale=head_dim**-0.5, interpret=True, **tunables)
+    check(out, args, real, dtype)
+    # The backend switch takes the same plan; so does the reference, which ignores it.
+    via_switch = get_paged_attention("pallas", interpret=True)(*args, scale=head_dim**-0.5, shared=shared)
+    np.testing.assert_array_equal(np.asarray(via_switch), np.asarray(
+        shared_prefix_decode_attention(*args, shared, scale=head_dim**-0.5, interpret=True)))

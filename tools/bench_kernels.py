@@ -21,7 +21,8 @@ therefore includes XLA's kernel-launch gap, as in the model; `launch floor` prin
 --shared-prefix runs only (c) shared prefixes (B4's decode): B=256 rows of ~2304 tokens in 4096-token
 tables, either all pages distinct, or 16 groups of 16 rows sharing their first 2048 tokens' pages (rows
 of a group adjacent, or interleaved as arrival order gives), to see whether shared pages are served
-from the L2. TB/s there is "effective": the bytes if every row read its own pages, over the time.
+from the L2, and how the shared-prefix kernels (one pass over each tile's shared pages, `cascade*` rows)
+compare. TB/s there is "effective": the bytes if every row read its own pages, over the time.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from kernels.pallas_decode import (  # noqa: E402
     paged_decode_attention,
 )
 from kernels.pallas_prefill import paged_prefill_attention  # noqa: E402
+from kernels.pallas_shared_prefix import shared_prefix_decode_attention  # noqa: E402
+from kernels.shared_prefix import SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # the Triton lowering warns from jax 0.11
 
@@ -213,6 +216,20 @@ class Bench:
 
         return attend
 
+    def shared_prefix_attend(self, table: np.ndarray, lens: np.ndarray, **tunables) -> tuple[AttnFn, int]:
+        """The shared-prefix kernels with the engine's plan for these rows; also the number of tiles."""
+        shape = self.shape
+        tile_size, max_tiles = tile_size_for(shape.num_heads // shape.num_kv_heads), max_tiles_for(len(lens))
+        plan = plan_shared_prefix(table, lens, page_size=shape.page_size, tile_size=tile_size, max_tiles=max_tiles)
+        shared = SharedPrefix.from_rows(*(jnp.asarray(part) for part in plan), num_tiles=max_tiles,
+                                        tile_size=tile_size)
+
+        def attend(q, k, v, tables, positions, kv_lens):
+            return shared_prefix_decode_attention(q, k, v, tables, positions, kv_lens, shared, scale=shape.scale,
+                                                  interpret=self.interpret, **tunables)
+
+        return attend, int((np.asarray(shared.tile_len) > 0).sum())
+
     def xla(self) -> AttnFn:
         def attend(q, k, v, tables, positions, kv_lens):
             return paged_attention_reference(q, k, v, tables, positions, kv_lens, scale=self.shape.scale)
@@ -366,7 +383,7 @@ class Bench:
                 break
         self.timed("prefill", config, "xla", self.xla(), problem, 4, moved, flops)
 
-    def shared_prefix(self, variants: dict[str, dict]) -> None:
+    def shared_prefix(self, variants: dict[str, dict], cascade_variants: dict[str, dict]) -> None:
         """B4's decode step in three page layouts (module docstring); every layout has the same lengths
         and pool, so only the table differs. Each layout is checked against the XLA reference first."""
         shape = self.shape
@@ -391,6 +408,12 @@ class Bench:
             unique = unique_page_bytes(shape, table, lens)
             self.check(f"decode ours {layout}", self.ours(), problem, reference_f32(problem, shape))
             impls = [(name, self.ours(**tunables)) for name, tunables in variants.items()] + [("xla", self.xla())]
+            for name, tunables in cascade_variants.items():
+                attend, tiles = self.shared_prefix_attend(table, lens, **tunables)
+                print(f"   {layout}: {name} plans {tiles} tiles")
+                if name == "cascade":
+                    self.check(f"decode cascade {layout}", attend, problem, reference_f32(problem, shape))
+                impls.append((name, attend))
             for name, fn in impls:
                 # One page set: even the shared layouts read > 3x the L2 in distinct pages per call.
                 row = self.timed("decode", f"B={batch} {layout}", name, fn, problem, 4, moved, 0.0,
@@ -478,10 +501,13 @@ def main() -> None:
     shape = Shape(num_heads=8, num_kv_heads=2, page_size=16) if quick else Shape()
     bench = Bench(shape, args.out, interpret, quick)
 
-    # Split counts around the default (ks4 here).
+    # Split counts around the default (ks4 here); the shared-prefix kernels' prefix splits and block size.
     shared_variants = {"ours": {}, "ks1": {"k_splits": 1}, "ks8": {"k_splits": 8}}
+    cascade_variants = {"cascade": {}, "cascade-ps2": {"prefix_splits": 2}, "cascade-ps8": {"prefix_splits": 8},
+                        "cascade-ppb2": {"pages_per_block": 2}, "cascade-ks2": {"k_splits": 2},
+                        "cascade-w8": {"num_warps": 8}}
     if args.shared_prefix:
-        bench.shared_prefix(shared_variants)
+        bench.shared_prefix({"ours": {}}, cascade_variants)
         print_table(bench.rows)
         print(f"\ntotal {time.perf_counter() - bench.started:.0f} s")
         return
@@ -491,7 +517,7 @@ def main() -> None:
         bench.prefill_config(32, 32)
         bench.decode_config(2, 32, ragged=False, table_ctx=64,
                             variants={"default": {}, "ks1": {"k_splits": 1}})
-        bench.shared_prefix({"ours": {}})
+        bench.shared_prefix({"ours": {}}, {"cascade": {}})
         print_table(bench.rows)
         return
 
@@ -522,7 +548,7 @@ def main() -> None:
     ):
         variants = {"default": {}, **{f"ks{n}": {"k_splits": n} for n in splits}}
         bench.decode_config(batch, ctx, ragged=ragged, table_ctx=table_ctx, variants=variants)
-    bench.shared_prefix(shared_variants)
+    bench.shared_prefix(shared_variants, cascade_variants)
     print_table(bench.rows)
     print(f"\ntotal {time.perf_counter() - bench.started:.0f} s")
 
