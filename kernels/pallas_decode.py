@@ -183,8 +183,11 @@ def paged_decode_attention(
     outs = paged_decode_partials(q, k_pages, v_pages, block_tables, q_positions, kv_lens, None, scale=scale,
                                  pages_per_block=pages_per_block, k_splits=k_splits, final_if_one_split=True,
                                  num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    out = outs[0][:, :, 0] if len(outs) == 1 else merge_splits(*outs)  # [B, Hkv, G, D]
-    return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
+    if len(outs) == 1:
+        out = outs[0][:, :, 0]  # [B, Hkv, G, D]
+    else:
+        out = merge_splits_pallas([tuple(outs)], q.dtype, interpret=interpret)
+    return out.reshape(batch, 1, num_heads, head_dim)
 
 
 def paged_decode_partials(
@@ -283,9 +286,54 @@ def merge_splits(
     l: jax.Array,  # f32[B, Hkv, S, G] per-split softmax denominators
     m: jax.Array,  # f32[B, Hkv, S, G] per-split running max (log2 domain)
 ) -> jax.Array:  # f32[B, Hkv, G, D]
-    """Log-sum-exp merge of the splits: weight each split by its share l * 2^(m - max m)."""
+    """Log-sum-exp merge of the splits: weight each split by its share l * 2^(m - max m). The reference
+    of `merge_splits_pallas`, which the kernels use."""
     weight = l * jnp.exp2(m - m.max(axis=2, keepdims=True))  # empty splits have l == 0 -> weight 0
     total = weight.sum(axis=2)
     # An empty split never wrote its o (uninitialised memory): select, never multiply, it away.
     out = jnp.where(weight[..., None] > 0, o * weight[..., None], 0.0).sum(axis=2)
     return out / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def _merge_kernel(*refs, num_parts: int):
+    """One (row, KV head, query head): `merge_splits` over every part's splits, in one pass."""
+    parts, out_ref = [refs[3 * i : 3 * i + 3] for i in range(num_parts)], refs[-1]
+    loaded = [(o_ref[...], l_ref[...], m_ref[...]) for o_ref, l_ref, m_ref in parts]  # [S, D], [S], [S]
+    m_max = functools.reduce(jnp.maximum, [m.max() for _, _, m in loaded])
+    acc = jnp.zeros(out_ref.shape, jnp.float32)
+    total = jnp.zeros((), jnp.float32)
+    for o, l, m in loaded:
+        weight = l * jnp.exp2(m - m_max)  # empty splits have l == 0 -> weight 0
+        # An empty split never wrote its o (uninitialised memory): select, never multiply, it away.
+        acc += jnp.where(weight[:, None] > 0, o * weight[:, None], 0.0).sum(axis=0)
+        total += weight.sum()
+    out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)).astype(out_ref.dtype)
+
+
+def merge_splits_pallas(
+    parts: list[tuple[jax.Array, jax.Array, jax.Array]],  # each (o f32[B, Hkv, S, G, D], l, m f32[B, Hkv, S, G])
+    out_dtype: jnp.dtype,
+    *,
+    interpret: bool = False,
+) -> jax.Array:  # [B, Hkv, G, D] in out_dtype
+    """`merge_splits` over the concatenated splits of `parts` as one kernel, cast included: XLA runs the
+    merge as 3-4 small fusions a layer, ~1.5 us each, which at batch 1 is ~2% of a decode step
+    (docs/perf-notes.md). Split counts must be powers of two (Triton loads)."""
+    batch, num_kv_heads, _, group, head_dim = parts[0][0].shape
+    if not all(is_pow2(o.shape[2]) for o, _, _ in parts):
+        raise ValueError(f"split counts must be powers of two, got {[o.shape[2] for o, _, _ in parts]}")
+    in_specs = []
+    for o, _, _ in parts:
+        splits = o.shape[2]
+        stat = pl.BlockSpec((None, None, splits, None), lambda b, h, g: (b, h, 0, g))
+        in_specs += [pl.BlockSpec((None, None, splits, None, head_dim), lambda b, h, g: (b, h, 0, g, 0)), stat, stat]
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, num_parts=len(parts)),
+        out_shape=jax.ShapeDtypeStruct((batch, num_kv_heads, group, head_dim), out_dtype),
+        grid=(batch, num_kv_heads, group),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, None, head_dim), lambda b, h, g: (b, h, g, 0)),
+        compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret,
+        name="xlserve_merge_splits",
+    )(*(x for part in parts for x in part))

@@ -13,7 +13,7 @@ Two passes, one merge:
     own pass     the decode kernel (`paged_decode_partials`) from each row's `row_start`: the keys
                  after the shared prefix (all keys for a row in no tile).
     merge        each row's prefix partials are gathered from its tile and merged with its own
-                 splits by the decode path's log-sum-exp merge (`merge_splits`).
+                 splits by the decode path's log-sum-exp merge (`merge_splits_pallas`).
 
 Unused tiles (tile_len 0) and empty slices exit at once and store no output; their l is 0, which gives
 them weight 0 in the merge.
@@ -34,7 +34,7 @@ from kernels.pallas_decode import (
     NEG_INF,
     default_pages_per_block,
     is_pow2,
-    merge_splits,
+    merge_splits_pallas,
     next_pow2,
     paged_decode_partials,
 )
@@ -209,5 +209,5 @@ def shared_prefix_decode_attention(
                                 scale=scale, pages_per_block=pages_per_block, k_splits=k_splits,
                                 final_if_one_split=False, num_warps=num_warps, num_stages=num_stages,
                                 interpret=interpret)
-    out = merge_splits(*(jnp.concatenate(parts, axis=2) for parts in zip(prefix, own, strict=True)))
-    return out.reshape(batch, 1, num_heads, head_dim).astype(q.dtype)
+    out = merge_splits_pallas([prefix, tuple(own)], q.dtype, interpret=interpret)
+    return out.reshape(batch, 1, num_heads, head_dim)

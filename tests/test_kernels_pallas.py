@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from kernels import get_paged_attention, paged_attention_reference, resolve_backend
-from kernels.pallas_decode import merge_splits, paged_decode_attention
+from kernels.pallas_decode import merge_splits, merge_splits_pallas, paged_decode_attention
 from kernels.pallas_prefill import paged_prefill_attention
+from kernels.pallas_rms_norm import add_rms_norm_pallas
 from kernels.pallas_shared_prefix import shared_prefix_decode_attention
+from kernels.rms_norm import add_rms_norm_reference
 from kernels.shared_prefix import SharedPrefix, plan_shared_prefix
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -139,6 +141,23 @@ def test_merge_splits_ignores_empty_splits():
     np.testing.assert_array_equal(out[0, 0, 1], 0.0)
 
 
+def test_merge_kernel_matches_merge_splits():
+    """The Pallas merge over two parts equals the XLA merge over their concatenation, NaN in empty splits too."""
+    rng = np.random.default_rng(3)
+    parts = []
+    for splits in (2, 4):
+        o = rng.standard_normal((3, 2, splits, 5, 16)).astype(np.float32)
+        l = rng.uniform(0.5, 2.0, (3, 2, splits, 5)).astype(np.float32)
+        m = rng.uniform(-3.0, 3.0, (3, 2, splits, 5)).astype(np.float32)
+        l[0, :, 0], m[0, :, 0], o[0, :, 0] = 0.0, -1e30, np.nan  # row 0: an empty split in each part
+        parts.append((o, l, m))
+    parts[0][1][1], parts[1][1][1] = 0.0, 0.0  # row 1 has nothing at all: zeros out
+    want = merge_splits(*(jnp.asarray(np.concatenate(xs, axis=2)) for xs in zip(*parts, strict=True)))
+    got = merge_splits_pallas([tuple(map(jnp.asarray, part)) for part in parts], jnp.float32, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got)[1], 0.0)
+
+
 # (starts, num_q, num_heads, num_kv_heads, head_dim, page_size, pages_per_seq, dtype, tunables)
 PREFILL_CASES = [
     ([0, 8, 13, -1], 8, 4, 4, 64, 8, 4, jnp.float32, {}),  # GQA 1; chunk at 0, at a page boundary, mid-page
@@ -228,3 +247,25 @@ def test_shared_prefix_decode_matches_reference(case):
     via_switch = get_paged_attention("pallas", interpret=True)(*args, scale=head_dim**-0.5, shared=shared)
     np.testing.assert_array_equal(np.asarray(via_switch), np.asarray(
         shared_prefix_decode_attention(*args, shared, scale=head_dim**-0.5, interpret=True)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("with_delta", [True, False], ids=["add", "no-add"])
+def test_add_rms_norm_kernel_matches_reference(dtype, with_delta):
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((3, 5, 64)) * 3, dtype)
+    delta = jnp.asarray(rng.standard_normal((3, 5, 64)), dtype) if with_delta else None
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 64), dtype)
+    total, normed = add_rms_norm_pallas(x, delta, scale, 1e-5, interpret=True)
+    want_total, want_normed = add_rms_norm_reference(x, delta, scale, 1e-5)
+    np.testing.assert_array_equal(np.asarray(total, np.float32), np.asarray(want_total, np.float32))
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(normed, np.float32), np.asarray(want_normed, np.float32), atol=tol, rtol=tol)
+    assert total.dtype == normed.dtype == dtype
+
+
+def test_add_rms_norm_falls_back_for_other_hidden_sizes():
+    x, delta, scale = (jnp.ones((2, 48)), jnp.full((2, 48), 2.0), jnp.ones(48))
+    total, normed = add_rms_norm_pallas(x, delta, scale, 1e-6, interpret=True)
+    np.testing.assert_allclose(np.asarray(total), 3.0)
+    np.testing.assert_allclose(np.asarray(normed), 1.0, rtol=1e-5)

@@ -1,0 +1,62 @@
+"""The residual add and RMSNorm in one Pallas GPU kernel (Triton lowering); see `kernels.rms_norm`.
+
+grid = (rows,): one program per token row reads x and delta once, writes their sum and its norm. The
+row (the hidden size E) is one block, so E must be a power of two (Triton loads); other sizes take
+the XLA reference, which is correct, only a few kernels slower.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.pallas_decode import is_pow2
+from kernels.rms_norm import add_rms_norm_reference
+
+
+def _add_rms_norm_kernel(*refs, has_delta: bool, eps: float):
+    if has_delta:
+        x_ref, delta_ref, scale_ref, total_ref, normed_ref = refs
+        total = x_ref[...] + delta_ref[...]  # rounded to the activations' dtype, as the unfused add is
+        total_ref[...] = total
+    else:
+        x_ref, scale_ref, normed_ref = refs
+        total = x_ref[...]
+    x32 = total.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32) + eps)
+    normed_ref[...] = scale_ref[...] * normed.astype(normed_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
+def add_rms_norm_pallas(
+    x: jax.Array,  # [..., E] the residual stream
+    delta: jax.Array | None,  # [..., E] a branch's output to add first; None: nothing to add
+    scale: jax.Array,  # [E]
+    eps: float,
+    *,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:  # (x + delta, rms_norm(x + delta)), both [..., E] in x.dtype
+    hidden = x.shape[-1]
+    if not is_pow2(hidden):
+        return add_rms_norm_reference(x, delta, scale, eps)
+    rows = x.reshape(-1, hidden)
+    row_spec = pl.BlockSpec((None, hidden), lambda r: (r, 0))
+    operands = [rows] + ([] if delta is None else [delta.reshape(-1, hidden)]) + [scale.astype(x.dtype)]
+    out_shape = jax.ShapeDtypeStruct(rows.shape, x.dtype)
+    outs = pl.pallas_call(
+        functools.partial(_add_rms_norm_kernel, has_delta=delta is not None, eps=eps),
+        out_shape=[out_shape] * (1 if delta is None else 2),
+        grid=(rows.shape[0],),
+        in_specs=[row_spec] * (len(operands) - 1) + [pl.BlockSpec((hidden,), lambda r: (0,))],
+        out_specs=[row_spec] * (1 if delta is None else 2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="xlserve_add_rms_norm",
+    )(*operands)
+    total = x if delta is None else outs[0].reshape(x.shape)
+    return total, outs[-1].reshape(x.shape)
