@@ -52,7 +52,7 @@ def paged_attention_pallas(
 
 
 def resolve_backend(backend: str) -> str:
-    """The concrete backend ("xla" or "pallas") that `backend` stands for on this host."""
+    """The concrete backend ("xla", "pallas" or "pallas-interpret") that `backend` stands for on this host."""
     if backend == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "xla"
     if backend not in BACKENDS:
@@ -60,19 +60,27 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def is_pallas(backend: str) -> bool:
+    """Whether `backend` runs our Pallas kernels here (natively or interpreted), e.g. to plan for them."""
+    return resolve_backend(backend) in ("pallas", "pallas-interpret")
+
+
 def get_paged_attention(backend: str = "xla", *, interpret: bool = False) -> Callable:
     """The paged attention function for `backend` (see `paged_attention_reference` for the contract).
 
-    interpret: run the Pallas kernels in interpret mode (CPU tests); ignored by "xla".
+    interpret: run the Pallas kernels in interpret mode (CPU tests); ignored by "xla", implied by
+    "pallas-interpret".
     """
-    if resolve_backend(backend) == "xla":
+    resolved = resolve_backend(backend)
+    if resolved == "xla":
         return paged_attention_reference
-    return functools.partial(paged_attention_pallas, interpret=interpret)
+    return functools.partial(paged_attention_pallas, interpret=interpret or resolved == "pallas-interpret")
 
 
 __all__ = [
     "BACKENDS",
     "get_paged_attention",
+    "is_pallas",
     "paged_attention_pallas",
     "paged_attention_reference",
     "resolve_backend",

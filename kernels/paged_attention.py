@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.shared_prefix import SharedPrefix
+
 NEG_INF = -1e30
 
 
@@ -24,8 +26,12 @@ def paged_attention_reference(
     kv_lens: jax.Array,  # i32[B]
     *,
     scale: float,
+    shared: SharedPrefix | None = None,
 ) -> jax.Array:  # [B, T, Hq, D] in q.dtype
-    """Gather each row's pages into a contiguous context, then masked softmax attention in f32."""
+    """Gather each row's pages into a contiguous context, then masked softmax attention in f32.
+
+    `shared` is ignored: a shared-prefix plan changes how attention is computed, never what.
+    """
     batch, num_q, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads

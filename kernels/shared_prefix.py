@@ -27,9 +27,10 @@ MIN_TILE_ROWS = 4
 TILE_QUERY_ROWS = 64
 
 
-def tile_size_for(q_per_kv: int) -> int:
-    """Rows per tile: enough rows that a tile's query block (rows x G heads) is TILE_QUERY_ROWS."""
-    return max(MIN_TILE_ROWS, TILE_QUERY_ROWS // q_per_kv)
+def tile_size_for(q_per_kv: int, batch: int) -> int:
+    """Rows per tile: enough rows that a tile's query block (rows x G heads) is TILE_QUERY_ROWS, but no
+    more than the batch has (a small bucket's tiles would be mostly padding)."""
+    return min(max(MIN_TILE_ROWS, TILE_QUERY_ROWS // q_per_kv), batch)
 
 
 def max_tiles_for(batch: int) -> int:
@@ -88,11 +89,13 @@ def plan_shared_prefix(
     row_start = np.zeros(n, np.int32)
     if n < min_rows:
         return row_tile, row_slot, row_start
-    # Whole pages each row may hand to a tile: all but the page holding its last key.
-    own_pages = np.maximum(kv_lens - 1, 0) // page_size
     first = block_tables[:, 0]
     order = np.argsort(first, kind="stable")
     bounds = np.flatnonzero(np.diff(first[order])) + 1
+    if np.diff(bounds, prepend=0, append=n).max() < min_rows:  # the usual batch: no group could fill a tile
+        return row_tile, row_slot, row_start
+    # Whole pages each row may hand to a tile: all but the page holding its last key.
+    own_pages = np.maximum(kv_lens - 1, 0) // page_size
     tiles = 0
     for group in np.split(order, bounds):
         if len(group) < min_rows or tiles == max_tiles:

@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kernels import get_paged_attention, write_kv_pages
+from kernels import get_paged_attention, resolve_backend, write_kv_pages
+from kernels.rms_norm import get_add_rms_norm, rms_norm
+from kernels.shared_prefix import SharedPrefix
 from model.config import ModelConfig
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, make_mesh, sharding_for
@@ -43,13 +45,9 @@ class AttentionBatch:
     valid: jax.Array  # bool[B, T] False for padding tokens (never written, never attended from)
     kv_lens: jax.Array  # i32[B] tokens in the cache after this step (start + valid tokens)
     block_tables: jax.Array  # i32[B, pages_per_seq] page ids of each row
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm as transformers computes it: normalise in f32, cast back, then scale."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale * normed.astype(x.dtype)
+    # Decode steps (T == 1) only: rows grouped by shared leading pages, for the Pallas kernels to read those
+    # pages once per tile of rows; a hint about how to attend, never a change to the result.
+    shared: SharedPrefix | None = None
 
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -79,6 +77,20 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
         return rms_norm(x, scale, self.eps)
+
+
+class AddRMSNorm(nn.Module):
+    """The residual add and the next branch's RMSNorm, one kernel on the Pallas backend (kernels.rms_norm).
+    Same parameter ("scale") as RMSNorm, so checkpoints load either way."""
+
+    eps: float
+    dtype: jnp.dtype
+    backend: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:  # (x + delta, normed)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        return get_add_rms_norm(resolve_backend(self.backend))(x, delta, scale, self.eps)
 
 
 class Attention(nn.Module):
@@ -111,7 +123,7 @@ class Attention(nn.Module):
         k_pages, v_pages = write_kv_pages(*cache, k, v, batch.block_tables, batch.positions, batch.valid)
         attend = get_paged_attention(self.attention_backend)
         out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
-                     scale=head_dim**-0.5)
+                     scale=head_dim**-0.5, shared=batch.shared)
         out = jnp.einsum("bthd,hde->bte", out, wo)
         if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
             out = out + self.param("bo", nn.initializers.zeros, (cfg.hidden_size,), self.dtype)
@@ -145,15 +157,20 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache, batch: AttentionBatch
-    ) -> tuple[jax.Array, LayerCache]:
-        eps = self.config.rms_norm_eps
-        attn_out, cache = Attention(self.config, self.dtype, self.attention_backend, name="attn")(
-            RMSNorm(eps, self.dtype, name="attn_norm")(x), rope, cache, batch
-        )
-        x = x + attn_out
-        x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(x))
-        return x, cache
+        self,
+        x: jax.Array,  # [B, T, E] the residual stream, still without `delta`
+        delta: jax.Array | None,  # [B, T, E] the previous layer's MLP output (None before the first layer)
+        rope: tuple[jax.Array, jax.Array],
+        cache: LayerCache,
+        batch: AttentionBatch,
+    ) -> tuple[jax.Array, jax.Array, LayerCache]:  # (stream, this layer's MLP output, cache)
+        """One layer. Each residual add is deferred to the norm that reads the sum (one fused kernel), so
+        the layer returns its MLP output unadded: the next layer's first norm, or the final one, adds it."""
+        eps, backend = self.config.rms_norm_eps, self.attention_backend
+        x, h = AddRMSNorm(eps, self.dtype, backend, name="attn_norm")(x, delta)
+        attn_out, cache = Attention(self.config, self.dtype, backend, name="attn")(h, rope, cache, batch)
+        x, h = AddRMSNorm(eps, self.dtype, backend, name="mlp_norm")(x, attn_out)
+        return x, MLP(self.config, self.dtype, name="mlp")(h), cache
 
 
 class CausalLM(nn.Module):
@@ -176,14 +193,15 @@ class CausalLM(nn.Module):
         x = embed(tokens)
         rope = rope_tables(batch, cfg)
         new_cache = []
+        delta = None
         for i in range(cfg.num_layers):
-            x, layer_cache = DecoderLayer(cfg, self.dtype, self.attention_backend, name=f"layers_{i}")(
-                x, rope, cache[i], batch
+            x, delta, layer_cache = DecoderLayer(cfg, self.dtype, self.attention_backend, name=f"layers_{i}")(
+                x, delta, rope, cache[i], batch
             )
             new_cache.append(layer_cache)
         if logits_index is not None:  # only the rows' sampled positions reach the LM head
-            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
-        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
+            x, delta = (jnp.take_along_axis(a, logits_index[:, None, None], axis=1)[:, 0] for a in (x, delta))
+        _, x = AddRMSNorm(cfg.rms_norm_eps, self.dtype, self.attention_backend, name="final_norm")(x, delta)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:

@@ -219,7 +219,8 @@ class Bench:
     def shared_prefix_attend(self, table: np.ndarray, lens: np.ndarray, **tunables) -> tuple[AttnFn, int]:
         """The shared-prefix kernels with the engine's plan for these rows; also the number of tiles."""
         shape = self.shape
-        tile_size, max_tiles = tile_size_for(shape.num_heads // shape.num_kv_heads), max_tiles_for(len(lens))
+        batch = len(lens)
+        tile_size, max_tiles = tile_size_for(shape.num_heads // shape.num_kv_heads, batch), max_tiles_for(batch)
         plan = plan_shared_prefix(table, lens, page_size=shape.page_size, tile_size=tile_size, max_tiles=max_tiles)
         shared = SharedPrefix.from_rows(*(jnp.asarray(part) for part in plan), num_tiles=max_tiles,
                                         tile_size=tile_size)

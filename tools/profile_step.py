@@ -3,10 +3,12 @@
     python -m tools.profile_step --shape llama3-8b --batches 1,64,256 --context 512
 
 Prints, per batch size, the device time of: the runner's full step (model, cache write, attention,
-seen-token update) plus the sampler; the sampler alone; the weights streamed as plain GEMMs in our
-fused layout and in Hugging Face's [out, in] layout (the floor a decode step cannot beat); and the copy
-bandwidth measured as a chain of copies. Each is timed as N back-to-back dispatches, blocked once, so
-host dispatch is hidden whenever it is shorter than the device work.
+seen-token update) plus the sampler; the model step alone, plain and (with --prefix-groups on a Pallas
+backend, when the runner plans tiles) with shared-prefix attention; the sampler alone; the weights
+streamed as plain GEMMs in our fused layout and in Hugging Face's [out, in] layout (the floor a decode
+step cannot beat); and the copy bandwidth measured as a chain of copies. Each is timed as N
+back-to-back dispatches, blocked once, so host dispatch is hidden whenever it is shorter than the
+device work. runner.run takes the shared-prefix step whenever the plan has a tile, as the engine does.
 """
 
 from __future__ import annotations
@@ -99,14 +101,17 @@ def main() -> None:
                            num_prompt_tokens=args.context, num_computed=args.context - 1, pages=pages, slot=i)
             chunks.append(Chunk(seq, args.context - 1, 1))
         step_ms = timed(lambda chunks=chunks, batch=batch: runner.run(chunks, batch, 1))
-        token_ids, packed_rows, *_ = jax.device_put(runner._inputs(chunks, batch, 1))
+        token_ids, packed_rows, _, _, tiled_rows = runner._inputs(chunks, batch, 1)
+        token_ids, packed_rows = jax.device_put((token_ids, packed_rows))
 
-        def model_only(token_ids=token_ids, packed_rows=packed_rows):
-            runner.cache, runner.seen, logits, _ = runner._step(runner.params, runner.cache, runner.seen,
-                                                                runner.last_tokens, token_ids, packed_rows)
+        def model_only(run_step, token_ids=token_ids, packed_rows=packed_rows):
+            runner.cache, runner.seen, logits, _ = run_step(runner.params, runner.cache, runner.seen,
+                                                            runner.last_tokens, token_ids, packed_rows)
             return logits
 
-        model_ms = timed(model_only)
+        model_ms = timed(functools.partial(model_only, runner._step))
+        # The same step with the plan's tiles (a decode bucket of a Pallas backend, rows sharing pages).
+        shared_ms = timed(functools.partial(model_only, runner._shared_step)) if tiled_rows else float("nan")
         start = time.perf_counter()
         for _ in range(30):  # the host's share of runner.run: building the step and sampling inputs
             runner._inputs(chunks, batch, 1)
@@ -117,12 +122,13 @@ def main() -> None:
         sampler_ms = timed(functools.partial(jax.jit(sample), logits, sampling, seen))
         ours = gemm_floor(params, batch, hf_layout=False)
         hf = gemm_floor(params, batch, hf_layout=True)
-        rows.append((batch, step_ms, model_ms, sampler_ms, host_ms, ours, hf))
-        print(f"B={batch}: runner.run {step_ms:.2f} ms, model step {model_ms:.2f} ms, greedy sampler "
-              f"{sampler_ms:.3f} ms, host input prep {host_ms:.3f} ms, GEMM floor ours {ours:.2f} ms / "
-              f"HF layout {hf:.2f} ms", flush=True)
-    print("\n| batch | runner.run ms | model step ms | sampler ms | host prep ms | GEMMs ours ms | GEMMs HF ms |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        rows.append((batch, step_ms, model_ms, shared_ms, tiled_rows, sampler_ms, host_ms, ours, hf))
+        print(f"B={batch}: runner.run {step_ms:.2f} ms, model step {model_ms:.2f} ms, with shared-prefix "
+              f"attention {shared_ms:.2f} ms ({tiled_rows} rows in tiles), greedy sampler {sampler_ms:.3f} ms, "
+              f"host input prep {host_ms:.3f} ms, GEMM floor ours {ours:.2f} ms / HF layout {hf:.2f} ms", flush=True)
+    print("\n| batch | runner.run ms | model step ms | shared-prefix step ms | rows in tiles | sampler ms "
+          "| host prep ms | GEMMs ours ms | GEMMs HF ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
 

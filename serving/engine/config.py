@@ -79,6 +79,8 @@ class EngineConfig:
     # benchmarks where only config.json and the tokenizer are at hand (vLLM's --load-format dummy)
     load_format: str = "auto"
     attention_backend: str = "auto"  # kernels.BACKENDS: auto = our Pallas kernels on GPU, XLA elsewhere
+    # Decode rows that share leading KV pages (prefix-cache hits) read them once per tile of rows; Pallas only
+    enable_shared_prefix_attention: bool = True
     tp: int = 1
     seed: int = 0  # base for the seeds of requests that bring none
     # JAX's persistent compilation cache (serving/engine/compile_cache.py): auto (a per-user directory

@@ -152,6 +152,7 @@ class Engine:
         self.runner = ModelRunner(
             model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
+            shared_prefix_attention=self.engine_config.enable_shared_prefix_attention,
         )
 
     @classmethod
@@ -274,6 +275,8 @@ class Engine:
             "num_pinned_sessions": len(self.scheduler.pins),
             "prefix_cache_hits": self.scheduler.num_reused_tokens,
             "prompt_tokens_computed": self.num_prompt_tokens_computed,
+            "shared_prefix_steps": self.runner.shared_prefix_steps,
+            "shared_prefix_rows": self.runner.shared_prefix_rows,
             "compilations_after_warmup": CompilationCounter.count() - self._compilations_at_warmup,
         }
 

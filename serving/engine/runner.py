@@ -4,6 +4,8 @@ A step takes a padded `[B, T]` batch of token chunks (see `scheduler.Chunk`), wr
 values into the cache, and samples one token per row from the logits at each row's last token. The
 same function serves decode (`T == 1`) and prefill; it is compiled ahead of time for every bucket shape
 at start-up and called through the compiled executables, so serving can never trigger a compilation.
+With the Pallas kernels, decode buckets also get a shared-prefix variant: the host groups rows that share
+leading pages into tiles (`kernels.shared_prefix`), and a step with at least one tile runs that variant.
 Only the per-sequence device state is donated — the cache, the "seen tokens" table (repetition
 penalty) and each sequence's last sampled token — and it is rebound after every call: updated in
 place, never copied. Because a decoding row reads its input token from that state, the engine can
@@ -22,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kernels import is_pallas
+from kernels.shared_prefix import MIN_TILE_ROWS, SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for
 from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.config import BucketSet
@@ -47,18 +51,27 @@ class StepInputs:
 
 # Host -> device, per step, as few arrays as possible: each transfer costs host time on the dispatch
 # path, so the per-row fields travel packed in one i32 matrix and are unpacked inside the jit.
-# Columns of the packed row matrix, then the row's block table:
-_SLOT, _START, _LENGTH, _FROM_DEVICE, _SAMPLES, _RESET, _ROW_FIELDS = range(7)
+# Columns of the packed row matrix, then the row's block table. _TILE, _TILE_SLOT and _TILE_START are a decode
+# row's shared-prefix plan (row_tile, row_slot, row_start of `kernels.shared_prefix`), read only by the
+# shared-prefix variant of the step:
+_SLOT, _START, _LENGTH, _FROM_DEVICE, _SAMPLES, _RESET, _TILE, _TILE_SLOT, _TILE_START, _ROW_FIELDS = range(10)
 # Sampling columns: i32 [top_k, seed_hi, seed_lo, step, banned...] and f32 [temperature, top_p, min_p, penalty].
 _TOP_K, _SEED_HI, _SEED_LO, _STEP, _BANNED = range(5)
 
 
-def unpack_step(tokens: jax.Array, rows: jax.Array) -> StepInputs:
-    """StepInputs from the packed i32[B, T] tokens and i32[B, _ROW_FIELDS + pages_per_seq] rows."""
+def unpack_step(tokens: jax.Array, rows: jax.Array, tile_size: int | None = None) -> StepInputs:
+    """StepInputs from the packed i32[B, T] tokens and i32[B, _ROW_FIELDS + pages_per_seq] rows.
+
+    tile_size: also unpack the rows' shared-prefix plan (decode only), in tiles of up to this many rows.
+    """
     starts, lengths = rows[:, _START], rows[:, _LENGTH]
     offsets = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    shared = None
+    if tile_size is not None:
+        shared = SharedPrefix.from_rows(rows[:, _TILE], rows[:, _TILE_SLOT], rows[:, _TILE_START],
+                                        num_tiles=max_tiles_for(tokens.shape[0]), tile_size=tile_size)
     attn = AttentionBatch(positions=starts[:, None] + offsets, valid=offsets < lengths[:, None],
-                          kv_lens=starts + lengths, block_tables=rows[:, _ROW_FIELDS:])
+                          kv_lens=starts + lengths, block_tables=rows[:, _ROW_FIELDS:], shared=shared)
     return StepInputs(tokens=tokens, attn=attn, last_index=jnp.maximum(lengths - 1, 0), slots=rows[:, _SLOT],
                       reset=rows[:, _RESET] > 0, from_device=rows[:, _FROM_DEVICE] > 0,
                       samples=rows[:, _SAMPLES] > 0)
@@ -78,6 +91,8 @@ def step(
     last_tokens: jax.Array,  # i32[num_slots] each sequence's latest sampled token
     packed_tokens: jax.Array,  # i32[B, T]
     packed_rows: jax.Array,  # i32[B, _ROW_FIELDS + pages_per_seq]
+    *,
+    shared_prefix: bool = False,  # static: a decode step whose rows carry a shared-prefix plan
 ) -> tuple[list[LayerCache], jax.Array, jax.Array, jax.Array]:
     """Run the model over the batch and record its tokens as seen.
 
@@ -86,7 +101,8 @@ def step(
     Returns the new cache, the new seen table, f32[B, V] logits at each row's last token and each
     row's bool[B, V] seen tokens (the sampler's repetition-penalty input).
     """
-    inputs = unpack_step(packed_tokens, packed_rows)
+    tile_size = tile_size_for(model.config.q_per_kv, packed_tokens.shape[0]) if shared_prefix else None
+    inputs = unpack_step(packed_tokens, packed_rows, tile_size)
     num_slots = seen.shape[0]
     slots = jnp.minimum(inputs.slots, num_slots - 1)
     first = jnp.where(inputs.from_device, last_tokens[slots], inputs.tokens[:, 0])
@@ -173,6 +189,7 @@ class ModelRunner:
         num_slots: int,
         mesh: Mesh,
         attention_backend: str = "xla",
+        shared_prefix_attention: bool = True,
     ):
         self.config = config
         self.params = params
@@ -181,6 +198,10 @@ class ModelRunner:
         self.buckets = buckets
         self.num_slots = num_slots
         self.slots = SlotTables(num_slots, pages_per_seq)
+        # Plan shared-prefix tiles for decode steps: only the Pallas kernels use a plan.
+        self.shared_prefix = shared_prefix_attention and is_pallas(attention_backend)
+        self.shared_prefix_steps = 0  # decode steps dispatched with at least one tile
+        self.shared_prefix_rows = 0  # rows in a tile, summed over those steps
         self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend)
         self.cache = empty_cache(config, num_pages, page_size, dtype, mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -190,9 +211,12 @@ class ModelRunner:
         # Logits leave the step whole (gathered across a vocab-split LM head) for the sampler, which is
         # a program of its own: it compiles once per row count instead of once per [rows, tokens] shape.
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
-        self._step = jax.jit(
-            functools.partial(step, self.model), donate_argnums=(1, 2),
-            out_shardings=(cache_shardings, replicated, replicated, replicated),
+        # Two programs per eligible decode bucket: a step with no tile planned runs the plain kernels,
+        # so batches without sharing pay nothing for the prefix pass.
+        self._step, self._shared_step = (
+            jax.jit(functools.partial(step, self.model, shared_prefix=shared_prefix), donate_argnums=(1, 2),
+                    out_shardings=(cache_shardings, replicated, replicated, replicated))
+            for shared_prefix in (False, True)
         )
         self._sample = jax.jit(sample_and_record, static_argnums=(6,), in_shardings=replicated,
                                out_shardings=replicated,
@@ -207,13 +231,18 @@ class ModelRunner:
         executables from Python for a model of some 300 arrays. Padding writes nothing: its cache
         writes, seen tokens and last tokens all land out of range and drop.
         """
-        shapes = self.buckets.shapes()
+        programs = []  # (rows, tokens, shared_prefix)
+        for rows, tokens in self.buckets.shapes():
+            programs.append((rows, tokens, False))
+            if self.plans_shared_prefix(rows, tokens):
+                programs.append((rows, tokens, True))
         start = time.perf_counter()
         sampler_rows = set()
-        for i, (rows, tokens) in enumerate(shapes, 1):
-            token_ids, packed_rows, ints, floats = self._inputs([], rows, tokens)
-            self.cache, self.seen, logits, seen_rows = self._step(self.params, self.cache, self.seen,
-                                                                  self.last_tokens, token_ids, packed_rows)
+        for i, (rows, tokens, shared_prefix) in enumerate(programs, 1):
+            token_ids, packed_rows, ints, floats, _ = self._inputs([], rows, tokens)
+            run_step = self._shared_step if shared_prefix else self._step
+            self.cache, self.seen, logits, seen_rows = run_step(self.params, self.cache, self.seen,
+                                                                self.last_tokens, token_ids, packed_rows)
             if rows not in sampler_rows:  # every sampler branch, once per row count
                 sampler_rows.add(rows)
                 for mode in sample_modes(rows):
@@ -221,9 +250,13 @@ class ModelRunner:
                                                        packed_rows, mode)
             jax.block_until_ready(self.last_tokens)
             if progress:
-                logger.info("compiled step %d/%d [%d x %d] (%.1fs)", i, len(shapes), rows, tokens,
-                            time.perf_counter() - start)
+                logger.info("compiled step %d/%d [%d x %d]%s (%.1fs)", i, len(programs), rows, tokens,
+                            " with shared-prefix attention" if shared_prefix else "", time.perf_counter() - start)
         return time.perf_counter() - start
+
+    def plans_shared_prefix(self, rows: int, tokens: int) -> bool:
+        """Whether steps of this bucket get a shared-prefix plan: decode buckets with room for two tiles."""
+        return self.shared_prefix and tokens == 1 and rows >= 2 * MIN_TILE_ROWS
 
     # ----- one step ---------------------------------------------------------------------------------
     def run(self, chunks: list[Chunk], rows: int, tokens: int) -> jax.Array:
@@ -232,17 +265,24 @@ class ModelRunner:
         The result is not waited for: the caller reads it when it needs the tokens, so the next
         dispatch can go out first.
         """
-        token_ids, packed_rows, sampling_ints, sampling_floats = self._inputs(chunks, rows, tokens)
-        self.cache, self.seen, logits, seen_rows = self._step(self.params, self.cache, self.seen, self.last_tokens,
-                                                              token_ids, packed_rows)
+        token_ids, packed_rows, sampling_ints, sampling_floats, tiled_rows = self._inputs(chunks, rows, tokens)
+        if tiled_rows:
+            self.shared_prefix_steps += 1
+            self.shared_prefix_rows += tiled_rows
+        run_step = self._shared_step if tiled_rows else self._step
+        self.cache, self.seen, logits, seen_rows = run_step(self.params, self.cache, self.seen, self.last_tokens,
+                                                            token_ids, packed_rows)
         mode = sample_mode(sampling_floats[:, 0], sampling_ints[:, _TOP_K], sampling_floats[:, 1])
         next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
                                                      self.last_tokens, packed_rows, mode)
         next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
         return next_tokens
 
-    def _inputs(self, chunks: list[Chunk], rows: int, tokens: int) -> tuple[np.ndarray, ...]:
-        """The padded, packed inputs of one step: tokens, rows, and the sampling ints and floats."""
+    def _inputs(
+        self, chunks: list[Chunk], rows: int, tokens: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """The padded, packed inputs of one step: tokens, rows, the sampling ints and floats, and how many
+        rows the shared-prefix plan put in a tile (0: run the plain step)."""
         n = len(chunks)
         fields = np.zeros((rows, _ROW_FIELDS), np.int32)
         fields[:, _SLOT] = self.num_slots  # padding rows point past every per-slot table
@@ -255,8 +295,17 @@ class ModelRunner:
             if known:
                 assert len(known) == chunk.length, "only a lone decode token can still be on the device"
                 token_ids[r, : chunk.length] = known
-            fields[r] = (seq.slot, chunk.start, chunk.length, not known, chunk.samples, chunk.first)
+            fields[r, :_TILE] = (seq.slot, chunk.start, chunk.length, not known, chunk.samples, chunk.first)
             steps[r] = seq.num_generated
         table_rows = np.where(np.arange(rows) < n, fields[:, _SLOT], self.num_slots)  # padding -> the null row
-        packed_rows = np.concatenate([fields, self.slots.block_tables[table_rows]], axis=1)
-        return (token_ids, packed_rows, *self.slots.sampling(table_rows, steps))
+        tables = self.slots.block_tables[table_rows]
+        tiled_rows = 0
+        if self.plans_shared_prefix(rows, tokens):
+            num_tiles = max_tiles_for(rows)
+            fields[:, _TILE] = num_tiles  # padding rows are in no tile
+            plan = plan_shared_prefix(tables[:n], fields[:n, _START] + fields[:n, _LENGTH], page_size=self.page_size,
+                                      tile_size=tile_size_for(self.config.q_per_kv, rows), max_tiles=num_tiles)
+            fields[:n, _TILE], fields[:n, _TILE_SLOT], fields[:n, _TILE_START] = plan
+            tiled_rows = int(np.count_nonzero(plan[0] < num_tiles))
+        packed_rows = np.concatenate([fields, tables], axis=1)
+        return (token_ids, packed_rows, *self.slots.sampling(table_rows, steps), tiled_rows)

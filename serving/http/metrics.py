@@ -182,6 +182,16 @@ class _LiveState:
             "xlserve:pinned_sessions", "Sessions whose KV pages the engine keeps pinned.", stats["num_pinned_sessions"]
         )
         yield counter(
+            "xlserve:shared_prefix_steps",
+            "Decode steps that read shared prefix pages once per tile of rows (shared-prefix attention).",
+            stats["shared_prefix_steps"],
+        )
+        yield counter(
+            "xlserve:shared_prefix_rows",
+            "Decode rows that read their shared prefix with a tile, summed over steps.",
+            stats["shared_prefix_rows"],
+        )
+        yield counter(
             "xlserve:compilations_after_warmup",
             "XLA compilations after start-up; anything but 0 is a bug.",
             stats["compilations_after_warmup"],

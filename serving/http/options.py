@@ -292,6 +292,14 @@ OPTIONS: tuple[Option, ...] = (
         choices=BACKENDS,
     ),
     Option(
+        "--enable-shared-prefix-attention",
+        "engine",
+        "enable_shared_prefix_attention",
+        "Decode rows sharing cached prefix pages read them once per tile of rows, with the Pallas kernels "
+        "(on by default; --no-enable-shared-prefix-attention turns it off).",
+        kind="switch",
+    ),
+    Option(
         "--engine-seed",
         "engine",
         "seed",
