@@ -21,8 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# A tile is worth its program only when it saves at least this many rows' reads of the prefix.
-MIN_TILE_ROWS = 4
+# A tile of two rows already halves their reads of the prefix. With 256 running rows drawn from 64
+# interleaved groups (B4), a quarter of the rows are in groups of 2-3 (docs/perf-notes.md).
+MIN_TILE_ROWS = 2
+# Decode batches smaller than this get no plan (and no second compiled step): they read little.
+MIN_PLAN_BATCH = 8
 # Query rows per tile and KV head: rows x query heads per KV head. 64 fills a tensor-core M block.
 TILE_QUERY_ROWS = 64
 

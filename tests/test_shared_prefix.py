@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kernels import get_paged_attention, is_pallas, paged_attention_pallas, resolve_backend
-from kernels.shared_prefix import MIN_TILE_ROWS, SharedPrefix, plan_shared_prefix
+from kernels.shared_prefix import MIN_PLAN_BATCH, MIN_TILE_ROWS, SharedPrefix, plan_shared_prefix
 from serving import GenerationConfig
 from serving.cli import build_parser
 from serving.engine.config import EngineConfig
@@ -160,9 +160,9 @@ def pallas_engine(tiny_llama):
 
 def test_the_plan_needs_a_pallas_backend_the_option_and_a_decode_bucket_of_two_tiles(tiny_llama, pallas_engine):
     runner = pallas_engine.runner
-    assert runner.plans_shared_prefix(2 * MIN_TILE_ROWS, 1)
-    assert not runner.plans_shared_prefix(2 * MIN_TILE_ROWS - 1, 1), "room for one tile only"
-    assert not runner.plans_shared_prefix(2 * MIN_TILE_ROWS, 8), "prefill steps never carry a plan"
+    assert runner.plans_shared_prefix(MIN_PLAN_BATCH, 1)
+    assert not runner.plans_shared_prefix(MIN_PLAN_BATCH - 1, 1), "small batches get no plan"
+    assert not runner.plans_shared_prefix(MIN_PLAN_BATCH, 8), "prefill steps never carry a plan"
     model_config, params = pallas_engine.model_config, runner.params
     for options in (dict(attention_backend="xla"),
                     dict(attention_backend="pallas-interpret", enable_shared_prefix_attention=False)):

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kernels import is_pallas
-from kernels.shared_prefix import MIN_TILE_ROWS, SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for
+from kernels.shared_prefix import MIN_PLAN_BATCH, SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for
 from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.config import BucketSet
@@ -255,8 +255,8 @@ class ModelRunner:
         return time.perf_counter() - start
 
     def plans_shared_prefix(self, rows: int, tokens: int) -> bool:
-        """Whether steps of this bucket get a shared-prefix plan: decode buckets with room for two tiles."""
-        return self.shared_prefix and tokens == 1 and rows >= 2 * MIN_TILE_ROWS
+        """Whether steps of this bucket get a shared-prefix plan: decode buckets of MIN_PLAN_BATCH rows or more."""
+        return self.shared_prefix and tokens == 1 and rows >= MIN_PLAN_BATCH
 
     # ----- one step ---------------------------------------------------------------------------------
     def run(self, chunks: list[Chunk], rows: int, tokens: int) -> jax.Array:
