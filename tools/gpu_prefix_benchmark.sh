@@ -4,7 +4,8 @@
 # HTTP against `xlserve serve api_server` with random weights at Llama-3.1-8B layer shapes, once with
 # prefix caching off and once on; the second bench_serving run reports the speedup over the first.
 # MODEL=path/to/folder with config.json and tokenizer files. Results go to $OUT (or ./out). Both servers
-# take the same MAX_BATCH and DECODE_BUCKETS (default 256 and "32 64 128 256").
+# take the same MAX_BATCH and DECODE_BUCKETS (default 512 and "32 64 128 256 512": with the prefix
+# shared, 512 sequences fit; without, the same flags run out of pages and preempt).
 set -uo pipefail
 model=${MODEL:?set MODEL to a folder with config.json and tokenizer files}
 out=${OUT:-out}
@@ -16,8 +17,8 @@ source "$(dirname "$0")/gpu_server.sh"
 serve_and_bench() {  # $1: run name, $2: --enable-prefix-caching or --no-enable-prefix-caching, $3...: bench flags
   local name=$1 caching=$2
   shift 2
-  start_server "$out/server-$name.log" "$caching" --session-len 4096 --max-batch-size ${MAX_BATCH:-256} \
-    --decode-batch-buckets ${DECODE_BUCKETS:-32 64 128 256} --prefill-row-buckets 1 2 4 16 --prefill-token-buckets 128 512 2048 \
+  start_server "$out/server-$name.log" "$caching" --session-len 4096 --max-batch-size ${MAX_BATCH:-512} \
+    --decode-batch-buckets ${DECODE_BUCKETS:-32 64 128 256 512} --prefill-row-buckets 1 2 4 16 --prefill-token-buckets 128 512 2048 \
     --max-prefill-token-num 8192 || return 1
   python -m tools.bench_serving --base-url http://127.0.0.1:23333 --dataset shared-prefix \
     --num-prompts ${NUM_PROMPTS:-1024} --prompts-per-group 16 --prefix-len 2048 --input-len 128 --output-len 256 \
