@@ -260,3 +260,27 @@ def test_dummy_load_format_needs_only_config_and_tokenizer(tiny_llama, tmp_path)
     assert embedding.shape == (32000, engine.model_config.hidden_size)
     with pytest.raises(FileNotFoundError):
         Engine.from_pretrained(str(tmp_path), EngineConfig.from_options(**dict(options, load_format="auto")))
+
+
+def test_a_long_prompt_takes_several_rows_of_one_step():
+    """Consecutive chunks of one prompt share a step, one row each: `first` on the first row only, a
+    sample from the last only; rows stop at the bucket limit and the rest follows in the next step."""
+    from serving.engine.config import BucketSet
+    from serving.engine.pages import PageAllocator
+    from serving.engine.scheduler import Scheduler, Sequence
+
+    buckets = BucketSet(decode_batch=(1, 2), prefill_rows=(1, 2, 4), prefill_tokens=(16,), max_prefill_tokens=64)
+    scheduler = Scheduler(PageAllocator(64), buckets, page_size=8, max_batch_size=2)
+    prompt = list(range(3, 73))  # 70 tokens: rows of 16, 16, 16, 16 now (the 64-token budget), then 6
+    request = EngineRequest("long", prompt, GenerationConfig(max_new_tokens=2), frozenset(), 0)
+    seq = Sequence(request=request, sink=lambda out: None, arrival=0, token_ids=list(prompt),
+                   num_prompt_tokens=len(prompt), max_new_tokens=2)
+    scheduler.add(seq)
+    plan = scheduler.schedule()
+    assert [(c.start, c.length, c.first, c.samples) for c in plan.prefill] == [
+        (0, 16, True, False), (16, 16, False, False), (32, 16, False, False), (48, 16, False, False)]
+    assert len(seq.pages) == 8  # pages for all four rows
+    seq.num_computed = 64  # what the engine does when it dispatches the step
+    plan = scheduler.schedule()
+    assert [(c.start, c.length, c.first, c.samples) for c in plan.prefill] == [(64, 6, False, True)]
+    scheduler.finish(seq)

@@ -12,7 +12,11 @@ Policy, per step:
    newest running sequence is preempted (freed, put back at the head of the queue) until they fit.
 2. Waiting sequences join in arrival order while the batch has room, pages and prefill budget.
 3. Prefill chunks share a token budget (`max_prefill_token_num`) and must fit a compiled bucket, so a
-   long prompt is split over several steps and never stalls the decoding sequences.
+   long prompt is split over several steps and never stalls the decoding sequences. A sequence may
+   take several rows of one step, each a consecutive chunk of at most `max_chunk` tokens: every
+   layer writes the whole step's keys and values before it attends, so a row sees the rows before it.
+   Rows stay short, so a batch of mixed prompt lengths pads each prompt by less than one row, not
+   every row to the longest prompt (B2: 3x padded tokens with one row per prompt, docs/perf-notes.md).
 
 Prefix caching (see `pages`). A sequence that starts (or restarts after preemption) first takes the
 cached pages of the longest cached prefix of its tokens and computes only the rest; at least one
@@ -186,16 +190,38 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING or seq.done_sampling:  # preempted, or only awaiting read-back
                 continue
-            decoding = seq.num_remaining == 1
-            length = 1 if decoding else min(seq.num_remaining, self.buckets.max_chunk, budget)
-            if not decoding and (length <= 0 or not self._prefill_fits(plan, length)):
-                continue  # prefill budget spent: this chunk waits a step, decodes go on
-            if not self._reserve_or_preempt(seq, length, plan):
+            if seq.num_remaining == 1:
+                if self._reserve_or_preempt(seq, 1, plan):
+                    plan.decode.append(Chunk(seq, seq.num_computed, 1))
                 continue
-            (plan.decode if decoding else plan.prefill).append(Chunk(seq, seq.num_computed, length))
-            budget -= 0 if decoding else length
+            rows = self._prefill_rows(plan, seq, budget)
+            if not rows:
+                continue  # prefill budget spent: this sequence waits a step, decodes go on
+            if self._reserve_or_preempt(seq, sum(rows), plan):
+                self._plan_prefill(plan, seq, rows, first=False)
+                budget -= sum(rows)
         self._admit(plan, budget)
         return plan
+
+    def _prefill_rows(self, plan: Schedule, seq: Sequence, budget: int) -> list[int]:
+        """Lengths of the consecutive chunks (one row each) `seq` can prefill in this step: as many rows
+        of up to `max_chunk` tokens as the budget and the compiled buckets allow."""
+        rows: list[int] = []
+        todo = min(seq.num_remaining, budget)
+        while todo > 0:
+            length = min(todo, self.buckets.max_chunk)
+            if not self._prefill_fits(plan, length, extra_rows=rows):
+                break
+            rows.append(length)
+            todo -= length
+        return rows
+
+    @staticmethod
+    def _plan_prefill(plan: Schedule, seq: Sequence, rows: list[int], first: bool) -> None:
+        start = seq.num_computed
+        for i, length in enumerate(rows):
+            plan.prefill.append(Chunk(seq, start, length, first=first and i == 0))
+            start += length
 
     def _admit(self, plan: Schedule, budget: int) -> None:
         while self.waiting and len(self.running) < self.max_batch_size:
@@ -204,10 +230,10 @@ class Scheduler:
                 return  # preempted with a token in flight: recompute once it is read back
             self._reuse_prefix(seq)
             decoding = seq.num_remaining == 1
-            length = 1 if decoding else min(seq.num_remaining, self.buckets.max_chunk, budget)
-            fits = decoding or (length >= min(seq.num_remaining, self.page_size)  # else too little budget left
-                                and self._prefill_fits(plan, length))
-            if not fits or not self._reserve(seq, length):
+            rows = [1] if decoding else self._prefill_rows(plan, seq, budget)
+            # A prefill that cannot do at least a page (or the whole rest) now waits for a fuller budget.
+            fits = decoding or sum(rows) >= min(seq.num_remaining, self.page_size)
+            if not fits or not self._reserve(seq, sum(rows)):
                 self._drop_resources(seq)  # give the reused pages back: it retries from scratch
                 seq.num_computed = seq.num_registered = 0
                 return
@@ -219,12 +245,16 @@ class Scheduler:
             self.num_reused_tokens += seq.num_computed
             seq.admissions += 1
             self.running.append(seq)
-            (plan.decode if decoding else plan.prefill).append(Chunk(seq, seq.num_computed, length, first=True))
-            budget -= 0 if decoding else length
+            if decoding:
+                plan.decode.append(Chunk(seq, seq.num_computed, 1, first=True))
+            else:
+                self._plan_prefill(plan, seq, rows, first=True)
+                budget -= sum(rows)
 
-    def _prefill_fits(self, plan: Schedule, length: int) -> bool:
-        longest = max([c.length for c in plan.prefill] + [length])
-        return self.buckets.prefill_bucket(len(plan.prefill) + 1, longest) is not None
+    def _prefill_fits(self, plan: Schedule, length: int, extra_rows: list[int] = ()) -> bool:
+        """Whether one more row of `length` tokens (after the planned rows and `extra_rows`) fits a bucket."""
+        longest = max([c.length for c in plan.prefill] + list(extra_rows) + [length])
+        return self.buckets.prefill_bucket(len(plan.prefill) + len(extra_rows) + 1, longest) is not None
 
     def _reserve(self, seq: Sequence, length: int) -> bool:
         """Give `seq` the pages it needs to hold `length` more tokens, unpinning idle sessions' pages
