@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # B2 of docs/benchmarks.md: a ShareGPT-like load through HTTP against `xlserve serve api_server` with
 # random weights (--load-format dummy) at Llama-3.1-8B layer shapes. The checkpoint folder needs only
-# config.json and a tokenizer: MODEL=path/to/folder. Results go to $OUT (or ./out).
+# config.json and a tokenizer: MODEL=path/to/folder. Results go to $OUT (or ./out). Prefill rows of 128
+# tokens: a prompt takes as many rows as it needs, so mixed lengths pad by less than a row each.
 set -uo pipefail
 model=${MODEL:?set MODEL to a folder with config.json and tokenizer files}
 out=${OUT:-out}
@@ -10,8 +11,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 source "$(dirname "$0")/gpu_server.sh"
 start_server "$out/server.log" --session-len 2048 --max-batch-size ${MAX_BATCH:-256} \
-  --decode-batch-buckets ${DECODE_BUCKETS:-32 64 128 256} --prefill-row-buckets ${PREFILL_ROWS:-1 2 4 8} \
-  --prefill-token-buckets ${PREFILL_TOKENS:-256 512 1024} --max-prefill-token-num 8192 || exit 1
+  --decode-batch-buckets ${DECODE_BUCKETS:-32 64 128 256} --prefill-row-buckets ${PREFILL_ROWS:-1 2 3 4 6 8 12 16 24 32 48 64} \
+  --prefill-token-buckets ${PREFILL_TOKENS:-128} --max-prefill-token-num 8192 || exit 1
 python -m tools.bench_serving --base-url http://127.0.0.1:23333 --dataset sharegpt-like --num-prompts "$prompts" \
   --request-rate inf --ignore-eos --vocab-size ${VOCAB:-32000} --result-json "$out/b2.json"
 # AFTER: a command run against the live server before it stops (e.g. another load generator).
