@@ -287,8 +287,8 @@ OPTIONS: tuple[Option, ...] = (
         "--attention-backend",
         "engine",
         "attention_backend",
-        f"Attention kernels: auto is our Pallas kernels on GPU and XLA elsewhere "
-        f"(default: {_engine_default('attention_backend')}).",
+        f"Kernels (attention, add + RMSNorm): auto is our Pallas kernels on GPU and XLA elsewhere; "
+        f"pallas-interpret runs the Pallas kernels anywhere, slowly (default: {_engine_default('attention_backend')}).",
         choices=BACKENDS,
     ),
     Option(
