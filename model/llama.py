@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kernels import get_paged_attention, resolve_backend, write_kv_pages
+from kernels import get_paged_attention, is_pallas, resolve_backend, write_kv_pages
 from kernels.rms_norm import get_add_rms_norm, rms_norm
 from kernels.shared_prefix import SharedPrefix
 from model.config import ModelConfig
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
-from model.sharding import KV_CACHE_AXES, make_mesh, sharding_for
+from model.sharding import KV_CACHE_AXES, make_mesh, shard_by_kv_head, sharding_for
 
 # Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D]. The whole cache is a list over layers.
 LayerCache = tuple[jax.Array, jax.Array]
@@ -97,6 +97,7 @@ class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     attention_backend: str
+    mesh: Mesh | None = None  # with tensor parallelism, custom kernels run per device (shard_by_kv_head)
 
     @nn.compact
     def __call__(
@@ -122,6 +123,8 @@ class Attention(nn.Module):
 
         k_pages, v_pages = write_kv_pages(*cache, k, v, batch.block_tables, batch.positions, batch.valid)
         attend = get_paged_attention(self.attention_backend)
+        if self.mesh is not None and self.mesh.size > 1 and is_pallas(self.attention_backend):
+            attend = shard_by_kv_head(attend, self.mesh)
         out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
                      scale=head_dim**-0.5, shared=batch.shared)
         out = jnp.einsum("bthd,hde->bte", out, wo)
@@ -154,6 +157,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     attention_backend: str
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -168,7 +172,7 @@ class DecoderLayer(nn.Module):
         the layer returns its MLP output unadded: the next layer's first norm, or the final one, adds it."""
         eps, backend = self.config.rms_norm_eps, self.attention_backend
         x, h = AddRMSNorm(eps, self.dtype, backend, name="attn_norm")(x, delta)
-        attn_out, cache = Attention(self.config, self.dtype, backend, name="attn")(h, rope, cache, batch)
+        attn_out, cache = Attention(self.config, self.dtype, backend, self.mesh, name="attn")(h, rope, cache, batch)
         x, h = AddRMSNorm(eps, self.dtype, backend, name="mlp_norm")(x, attn_out)
         return x, MLP(self.config, self.dtype, name="mlp")(h), cache
 
@@ -179,6 +183,7 @@ class CausalLM(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.bfloat16
     attention_backend: str = "xla"
+    mesh: Mesh | None = None  # the parameters' mesh: needed only to run custom kernels under tensor parallelism
 
     @nn.compact
     def __call__(
@@ -195,9 +200,8 @@ class CausalLM(nn.Module):
         new_cache = []
         delta = None
         for i in range(cfg.num_layers):
-            x, delta, layer_cache = DecoderLayer(cfg, self.dtype, self.attention_backend, name=f"layers_{i}")(
-                x, delta, rope, cache[i], batch
-            )
+            layer = DecoderLayer(cfg, self.dtype, self.attention_backend, self.mesh, name=f"layers_{i}")
+            x, delta, layer_cache = layer(x, delta, rope, cache[i], batch)
             new_cache.append(layer_cache)
         if logits_index is not None:  # only the rows' sampled positions reach the LM head
             x, delta = (jnp.take_along_axis(a, logits_index[:, None, None], axis=1)[:, 0] for a in (x, delta))

@@ -10,7 +10,7 @@ and XLA's partitioner inserts the two all-reduces per layer (after `wo` and afte
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -112,3 +112,30 @@ def param_shardings(params_shape_tree: Mapping[str, Any], mesh: Mesh) -> Any:
         return sharding_for(path, leaf.shape, mesh)
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, params_shape_tree)
+
+
+# Attention inputs in `kernels`' layout: q [B, T, Hq, D] split by query head, the page pools
+# [Hkv, P, PS, D] by KV head (each device keeps whole GQA groups), every index table replicated.
+ATTENTION_Q_AXES: Axes = (None, None, "q_heads", "head_dim")
+
+
+def shard_by_kv_head(attend: Callable[..., jax.Array], mesh: Mesh) -> Callable[..., jax.Array]:
+    """`attend` (the `kernels` attention contract) run on each device's own heads under `shard_map`.
+
+    XLA's partitioner cannot look inside a custom kernel (a Pallas call), so given sharded pages it
+    would gather every device's KV cache around each call; per device, attention needs only its own
+    heads, which is what this runs. XLA's reference attention needs no wrapper (it is partitioned).
+    """
+    q_spec, kv_spec = logical_to_spec(ATTENTION_Q_AXES), logical_to_spec(KV_CACHE_AXES)
+    replicated = PartitionSpec()
+
+    def sharded(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *, scale: float, shared=None):
+        def local(q, k_pages, v_pages, block_tables, q_positions, kv_lens, shared):
+            return attend(q, k_pages, v_pages, block_tables, q_positions, kv_lens, scale=scale, shared=shared)
+
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, replicated, replicated, replicated, replicated),
+            out_specs=q_spec, check_vma=False,
+        )(q, k_pages, v_pages, block_tables, q_positions, kv_lens, shared)
+
+    return sharded

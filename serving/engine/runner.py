@@ -202,7 +202,7 @@ class ModelRunner:
         self.shared_prefix = shared_prefix_attention and is_pallas(attention_backend)
         self.shared_prefix_steps = 0  # decode steps dispatched with at least one tile
         self.shared_prefix_rows = 0  # rows in a tile, summed over those steps
-        self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend)
+        self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
         self.cache = empty_cache(config, num_pages, page_size, dtype, mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.seen = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.bool_),
