@@ -77,6 +77,63 @@ def default_k_splits(
     return max(1, min(max(fill, bounded), 1 << (max(num_blocks, 1).bit_length() - 1)))
 
 
+def split_pages(start_page: jax.Array, num_pages: jax.Array, splits: int,
+                pages_per_block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """This program's share (split `pl.program_id(2)` of `splits`) of the pages [start_page, num_pages):
+    (first page, end page, compute blocks). Shares are rounded up to whole blocks so a block never
+    straddles two splits; trailing splits may be empty."""
+    share = pl.cdiv(pl.cdiv(num_pages - start_page, splits), pages_per_block) * pages_per_block
+    first_page = start_page + pl.program_id(2) * share
+    end_page = jnp.minimum(first_page + share, num_pages)
+    return first_page, end_page, pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
+
+
+def attend_pages(
+    q: jax.Array,  # [rows, D]
+    k_ref,  # [P, PS, D] one KV head's page pool
+    v_ref,  # [P, PS, D]
+    table_ref,  # i32[pps_padded] the block table the pages come from
+    first_page: jax.Array,
+    end_page: jax.Array,
+    num_blocks: jax.Array,
+    key_limit: jax.Array,  # keys at or past this position are masked
+    *,
+    pages_per_block: int,
+    scale_log2: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # f32 acc[rows, D] (unnormalised), m and l [rows]
+    """Online softmax of `q` over the table's pages [first_page, end_page), `pages_per_block` at a time."""
+    rows, head_dim = q.shape
+    block_k = pages_per_block * k_ref.shape[1]
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry  # f32[rows, D], f32[rows], f32[rows]
+        page0 = first_page + i * pages_per_block
+        slot = page0 + jnp.arange(pages_per_block, dtype=jnp.int32)
+        # Slots past the live pages load page 0 (always a valid page; its keys are masked below), so a
+        # stale or out-of-range table entry is never dereferenced.
+        pages = plgpu.load(table_ref.at[pl.ds(page0, pages_per_block)], mask=slot < end_page, other=0)
+        k = k_ref[pages].reshape(block_k, head_dim)  # [block_k, D] gathered page by page
+        v = v_ref[pages].reshape(block_k, head_dim)
+        s = plgpu.dot(q, k, trans_b=True) * scale_log2  # f32[rows, block_k], log2 domain
+        key_pos = page0 * k_ref.shape[1] + jnp.arange(block_k, dtype=jnp.int32)
+        s = jnp.where((key_pos < key_limit)[None, :], s, NEG_INF)
+        # Every block holds at least one visible key (it starts below end_page), so m_next is a real
+        # score and masked keys get exp2(NEG_INF - m_next) == 0.
+        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        correction = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - m_next[:, None])
+        l_next = l_prev * correction + p.sum(axis=1)
+        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    init = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), NEG_INF, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    return jax.lax.fori_loop(0, num_blocks, body, init)
+
+
 def _decode_kernel(
     q_ref,  # [G, D] the query heads of one KV head of one row
     k_ref,  # [P, PS, D] this KV head's whole page pool
@@ -95,50 +152,17 @@ def _decode_kernel(
     scale_log2: float,
 ):
     page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
-    block_k = pages_per_block * page_size
-    split = pl.program_id(2)
 
     # Keys this query may see: causal (0..pos) and inside the cache (< kv_len).
     visible = jnp.minimum(len_ref[0], pos_ref[0] + 1)
     num_pages = jnp.minimum(pl.cdiv(jnp.maximum(visible, 0), page_size), pages_per_seq)
     start_page = jnp.minimum(start_ref[0] // page_size, num_pages)  # pages before it: a shared prefix's
-    # This split's page range: an equal share of the row's live pages, rounded up to whole compute
-    # blocks so a block never straddles two splits.
-    share = pl.cdiv(pl.cdiv(num_pages - start_page, k_splits), pages_per_block) * pages_per_block
-    first_page = start_page + split * share
-    end_page = jnp.minimum(first_page + share, num_pages)
-    num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
+    first_page, end_page, num_blocks = split_pages(start_page, num_pages, k_splits, pages_per_block)
 
     row_ids = jnp.minimum(jnp.arange(rows, dtype=jnp.int32), group - 1)  # spare rows repeat head G-1
     q = q_ref[row_ids]  # [rows, D]
-
-    def body(i, carry):
-        acc, m_prev, l_prev = carry  # f32[rows, D], f32[rows], f32[rows]
-        page0 = first_page + i * pages_per_block
-        slot = page0 + jnp.arange(pages_per_block, dtype=jnp.int32)
-        # Slots past the live pages load page 0 (always a valid page; its keys are masked below), so a
-        # stale or out-of-range table entry is never dereferenced.
-        pages = plgpu.load(table_ref.at[pl.ds(page0, pages_per_block)], mask=slot < end_page, other=0)
-        k = k_ref[pages].reshape(block_k, head_dim)  # [block_k, D] gathered page by page
-        v = v_ref[pages].reshape(block_k, head_dim)
-        s = plgpu.dot(q, k, trans_b=True) * scale_log2  # f32[rows, block_k], log2 domain
-        key_pos = page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
-        s = jnp.where((key_pos < visible)[None, :], s, NEG_INF)
-        # Every block holds at least one visible key (it starts below end_page), so m_next is a real
-        # score and masked keys get exp2(NEG_INF - m_next) == 0.
-        m_next = jnp.maximum(m_prev, s.max(axis=1))
-        correction = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next[:, None])
-        l_next = l_prev * correction + p.sum(axis=1)
-        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return acc, m_next, l_next
-
-    init = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), NEG_INF, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init)
+    acc, m, l = attend_pages(q, k_ref, v_ref, table_ref, first_page, end_page, num_blocks, visible,
+                             pages_per_block=pages_per_block, scale_log2=scale_log2)
     # A padding row (kv_len 0) has l == 0: write zeros, never 0/0.
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
     # Store only the G real heads: row indices past G point outside the block, but their lanes are

@@ -32,11 +32,13 @@ from kernels.pallas_decode import (
     LOG2_E,
     MIN_DOT_ROWS,
     NEG_INF,
+    attend_pages,
     default_pages_per_block,
     is_pow2,
     merge_splits_pallas,
     next_pow2,
     paged_decode_partials,
+    split_pages,
 )
 from kernels.shared_prefix import SharedPrefix
 
@@ -59,43 +61,10 @@ def _prefix_kernel(
     prefix_splits: int,
     scale_log2: float,
 ):
-    rows, head_dim = q_ref.shape
-    page_size = k_ref.shape[1]
-    block_k = pages_per_block * page_size
-    split = pl.program_id(2)
-
-    shared = len_ref[0]
-    num_pages = shared // page_size
-    share = pl.cdiv(pl.cdiv(num_pages, prefix_splits), pages_per_block) * pages_per_block
-    first_page = split * share
-    end_page = jnp.minimum(first_page + share, num_pages)
-    num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
-    q = q_ref[...]
-
-    def body(i, carry):
-        acc, m_prev, l_prev = carry  # f32[M, D], f32[M], f32[M]
-        page0 = first_page + i * pages_per_block
-        slot = page0 + jnp.arange(pages_per_block, dtype=jnp.int32)
-        # Slots past the slice load page 0 (always valid) and their keys are masked below.
-        pages = plgpu.load(table_ref.at[pl.ds(page0, pages_per_block)], mask=slot < end_page, other=0)
-        k = k_ref[pages].reshape(block_k, head_dim)
-        v = v_ref[pages].reshape(block_k, head_dim)
-        s = plgpu.dot(q, k, trans_b=True) * scale_log2  # f32[M, block_k], log2 domain
-        key_pos = page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
-        s = jnp.where((key_pos < end_page * page_size)[None, :], s, NEG_INF)
-        m_next = jnp.maximum(m_prev, s.max(axis=1))
-        correction = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next[:, None])
-        l_next = l_prev * correction + p.sum(axis=1)
-        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return acc, m_next, l_next
-
-    init = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), NEG_INF, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init)
+    num_pages = len_ref[0] // k_ref.shape[1]
+    first_page, end_page, num_blocks = split_pages(0, num_pages, prefix_splits, pages_per_block)
+    acc, m, l = attend_pages(q_ref[...], k_ref, v_ref, table_ref, first_page, end_page, num_blocks,
+                             end_page * k_ref.shape[1], pages_per_block=pages_per_block, scale_log2=scale_log2)
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
 
     @pl.when(num_blocks > 0)  # an empty slice skips its output store: the merge gives it weight 0 (l == 0)
