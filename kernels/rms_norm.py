@@ -36,9 +36,12 @@ def add_rms_norm_reference(
 
 
 def get_add_rms_norm(backend: str) -> AddRMSNorm:
-    """The fused add + RMSNorm for a resolved backend ("xla", "pallas" or "pallas-interpret")."""
-    if backend == "xla":
+    """The fused add + RMSNorm for `backend` (any of `kernels.BACKENDS`, as `get_paged_attention`)."""
+    from kernels import resolve_backend
+
+    resolved = resolve_backend(backend)
+    if resolved == "xla":
         return add_rms_norm_reference
     from kernels.pallas_rms_norm import add_rms_norm_pallas  # the Triton lowering only where it is used
 
-    return functools.partial(add_rms_norm_pallas, interpret=backend == "pallas-interpret")
+    return functools.partial(add_rms_norm_pallas, interpret=resolved == "pallas-interpret")

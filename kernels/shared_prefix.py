@@ -59,14 +59,15 @@ class SharedPrefix:
     @staticmethod
     def from_rows(row_tile: jax.Array, row_slot: jax.Array, row_start: jax.Array, *, num_tiles: int,
                   tile_size: int) -> SharedPrefix:
-        """The device tables from the host's per-row plan (`plan_shared_prefix`)."""
+        """The device tables from the host's per-row plan (`plan_shared_prefix`; a row in no tile has
+        row_tile = num_tiles and row_start = 0, padding rows included)."""
         batch = row_tile.shape[0]
         rows = jnp.arange(batch, dtype=jnp.int32)
         tile_rows = jnp.full((num_tiles, tile_size), batch, jnp.int32)
         tile_rows = tile_rows.at[row_tile, row_slot].set(rows, mode="drop")  # row_tile == G drops
         tile_len = jnp.zeros((num_tiles,), jnp.int32).at[row_tile].max(row_start, mode="drop")
         return SharedPrefix(tile_rows=tile_rows, tile_len=tile_len, row_tile=row_tile, row_slot=row_slot,
-                            row_start=jnp.where(row_tile < num_tiles, row_start, 0))
+                            row_start=row_start)
 
 
 def plan_shared_prefix(

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kernels import get_paged_attention, is_pallas, resolve_backend, write_kv_pages
+from kernels import get_paged_attention, is_pallas, write_kv_pages
 from kernels.rms_norm import get_add_rms_norm, rms_norm
 from kernels.shared_prefix import SharedPrefix
 from model.config import ModelConfig
@@ -90,7 +90,7 @@ class AddRMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:  # (x + delta, normed)
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        return get_add_rms_norm(resolve_backend(self.backend))(x, delta, scale, self.eps)
+        return get_add_rms_norm(self.backend)(x, delta, scale, self.eps)
 
 
 class Attention(nn.Module):
