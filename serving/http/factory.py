@@ -1,5 +1,5 @@
 """The Quart app factory: routes, OpenAPI + Swagger UI, errors, API keys, CORS, the per-request
-middleware (ids, access log, admission clean-up) and the engine's lifecycle."""
+middleware (ids, access log, admission clean-up), the profiling routes and the engine's lifecycle."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
 from serving.http.exchange import ExchangeMiddleware
 from serving.http.openapi import NamedSchemaProvider
+from serving.http.profiling import install_profiler
 from serving.http.settings import ServerSettings
 from serving.http.state import ServerState
 
@@ -48,6 +49,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Quart:
     )
     for module in (service, chat, completions, interactive):
         app.register_blueprint(module.blueprint)
+    install_profiler(app, settings.profile_dir)
     install_error_handlers(app)
 
     @app.before_request

@@ -90,6 +90,13 @@ OPTIONS: tuple[Option, ...] = (
         kind="switch",
     ),
     Option(
+        "--profile-dir",
+        "server",
+        "profile_dir",
+        "Serve POST /start_profile and POST /stop_profile, which capture a JAX profiler trace of the live "
+        "server into this directory (for TensorBoard or Perfetto). Default: no profiling routes.",
+    ),
+    Option(
         "--allow-origins",
         "server",
         "allow_origins",

@@ -375,3 +375,8 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     model: str
+
+
+class ProfileStatus(BaseModel):
+    status: Literal["started", "stopped"]
+    dir: str  # --profile-dir, absolute; each trace lands in plugins/profile/<time>/ under it

@@ -33,6 +33,7 @@ class ServerSettings:
     max_concurrent_requests: int | None = None  # choices generating at once; None: see state.default_max_running
     max_queue_len: int = DEFAULT_MAX_QUEUE_LEN  # choices waiting for a slot before 503
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
+    profile_dir: str | None = None  # where POST /stop_profile writes traces; None: no profiling routes
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:
