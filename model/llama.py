@@ -5,7 +5,9 @@ Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 and InternLM2/2.5 are this one decoder wi
 and every RoPE recipe (dynamic NTK's frequencies are computed per row from its sequence length).
 
 One forward serves prefill chunks and decode steps alike: a batch is `[B, T]` tokens where row b holds
-T consecutive tokens of one sequence starting at `positions[b, 0]`; decode is T=1. Each layer writes the
+T consecutive tokens of one sequence starting at `positions[b, 0]`; decode is T=1. A packed step
+(`AttentionBatch.packed_index`) runs its matmuls over only the valid tokens, packed as `[1, N]`, and
+lays them out as `[B, T]` just around attention. Each layer writes the
 new keys/values into its pages first and then attends over the pages, so chunked prefill and cached
 prefixes need no special case. Layers are separate modules with their own parameters (unrolled, not
 `lax.scan`): on the H100 that ran 2.4x faster per decode step, because each layer's weights and cache
@@ -48,6 +50,22 @@ class AttentionBatch:
     # Decode steps (T == 1) only: rows grouped by shared leading pages, for the Pallas kernels to read those
     # pages once per tile of rows; a hint about how to attend, never a change to the result.
     shared: SharedPrefix | None = None
+    # Packed steps: i32[N] the flat index (b * T + t) of each of the N tokens the matmuls compute, the
+    # step's valid tokens in order, then indices past B * T (padding). The model's activations are then
+    # [1, N, ...] and only attention sees the [B, T] layout. None: the activations are [B, T, ...].
+    packed_index: jax.Array | None = None
+
+
+def pack(x: jax.Array, index: jax.Array) -> jax.Array:
+    """[B, T, ...] -> [1, N, ...]: the tokens at `index` (flat b * T + t); zeros where it points past B * T."""
+    flat = x.reshape(-1, *x.shape[2:])
+    return jnp.take(flat, index, axis=0, mode="fill", fill_value=0)[None]
+
+
+def unpack(x: jax.Array, index: jax.Array, layout: tuple[int, int]) -> jax.Array:
+    """[1, N, ...] -> [B, T, ...] = layout: each token back at `index`, zeros elsewhere (padding drops)."""
+    flat = jnp.zeros((layout[0] * layout[1], *x.shape[2:]), x.dtype)
+    return flat.at[index].set(x[0], mode="drop").reshape(*layout, *x.shape[2:])
 
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -120,6 +138,8 @@ class Attention(nn.Module):
             k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if batch.packed_index is not None:  # attention reads rows: lay the packed tokens out as [B, T]
+            q, k, v = (unpack(a, batch.packed_index, batch.positions.shape) for a in (q, k, v))
 
         k_pages, v_pages = write_kv_pages(*cache, k, v, batch.block_tables, batch.positions, batch.valid)
         attend = get_paged_attention(self.attention_backend)
@@ -127,6 +147,8 @@ class Attention(nn.Module):
             attend = shard_by_kv_head(attend, self.mesh)
         out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
                      scale=head_dim**-0.5, shared=batch.shared)
+        if batch.packed_index is not None:
+            out = pack(out, batch.packed_index)
         out = jnp.einsum("bthd,hde->bte", out, wo)
         if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
             out = out + self.param("bo", nn.initializers.zeros, (cfg.hidden_size,), self.dtype)
@@ -195,21 +217,32 @@ class CausalLM(nn.Module):
     ) -> tuple[jax.Array, list[LayerCache]]:  # f32[B, V] (or f32[B, T, V]), new cache
         cfg = self.config
         embed = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed")
-        x = embed(tokens)
         rope = rope_tables(batch, cfg)
+        if batch.packed_index is not None:  # every layer's matmuls run over the N packed tokens only
+            tokens = pack(tokens, batch.packed_index)
+            rope = tuple(pack(table, batch.packed_index) for table in rope)
+            if logits_index is not None:  # each row's sampled token, as an index into the packed tokens
+                packed_position = jnp.cumsum(batch.valid.reshape(-1)) - 1
+                row_starts = jnp.arange(batch.valid.shape[0]) * batch.valid.shape[1]
+                logits_index = jnp.maximum(packed_position[row_starts + logits_index], 0)
+        x = embed(tokens)
         new_cache = []
         delta = None
         for i in range(cfg.num_layers):
             layer = DecoderLayer(cfg, self.dtype, self.attention_backend, self.mesh, name=f"layers_{i}")
             x, delta, layer_cache = layer(x, delta, rope, cache[i], batch)
             new_cache.append(layer_cache)
-        if logits_index is not None:  # only the rows' sampled positions reach the LM head
+        if logits_index is not None and batch.packed_index is not None:  # one packed token per row
+            x, delta = x[0, logits_index], delta[0, logits_index]
+        elif logits_index is not None:  # only the rows' sampled positions reach the LM head
             x, delta = (jnp.take_along_axis(a, logits_index[:, None, None], axis=1)[:, 0] for a in (x, delta))
         _, x = AddRMSNorm(cfg.rms_norm_eps, self.dtype, self.attention_backend, name="final_norm")(x, delta)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
             logits = LMHead(cfg.hidden_size, cfg.vocab_size, self.dtype, name="lm_head")(x)
+        if logits_index is None and batch.packed_index is not None:
+            logits = unpack(logits, batch.packed_index, batch.positions.shape)
         return logits.astype(jnp.float32), new_cache
 
 

@@ -284,3 +284,72 @@ def test_a_long_prompt_takes_several_rows_of_one_step():
     plan = scheduler.schedule()
     assert [(c.start, c.length, c.first, c.samples) for c in plan.prefill] == [(64, 6, False, True)]
     scheduler.finish(seq)
+
+
+def test_packed_prefill_equals_transformers(tiny_llama, hf_tiny):
+    """Packed prefill: the matmuls run over the valid tokens end to end, attention over rows of 16.
+    Prompts over several rows and steps, a step's last prompt cut to fill a bucket, all still equal
+    transformers token for token, with no compilation after warm-up and no pages left behind."""
+    from serving import pipeline
+    from tests.conftest import TINY_ENGINE_OPTIONS
+
+    options = dict(TINY_ENGINE_OPTIONS, prefill_token_buckets=(16,), packed_prefill_buckets=(16, 48, 64))
+    with pipeline(str(tiny_llama), **options) as pipe:
+        engine = pipe.engine
+        shapes = engine.buckets.shapes()
+        assert [s for s in shapes if s.tokens > 1] == [(4, 16, 16), (6, 16, 48), (8, 16, 64)]
+        prompts = random_prompts([5, 17, 33, 70, 3, 40])
+        outputs = pipe(prompts, GenerationConfig(**GREEDY))
+        for prompt, out in zip(prompts, outputs, strict=True):
+            assert out.token_ids == hf_greedy(hf_tiny, prompt, GREEDY["max_new_tokens"])
+        assert engine.stats()["compilations_after_warmup"] == 0
+        assert engine.wait_idle() and engine.allocator.num_used == 0
+
+
+def test_packed_prefill_defers_a_small_excess_to_the_next_step():
+    """A step 2 tokens past a packed bucket leaves them to the next step instead of padding 14; a step
+    that would have to cut a whole prompt, or is nearer the next bucket, pads instead."""
+    from serving.engine.config import BucketSet
+    from serving.engine.pages import PageAllocator
+    from serving.engine.scheduler import Scheduler, Sequence
+
+    buckets = BucketSet(decode_batch=(1, 2, 4), prefill_rows=(1,), prefill_tokens=(16,), max_prefill_tokens=64,
+                        packed_prefill=(16, 32, 48, 64))
+    scheduler = Scheduler(PageAllocator(64), buckets, page_size=8, max_batch_size=4)
+    for i, length in enumerate([30, 4, 20]):
+        prompt = list(range(3, 3 + length))
+        request = EngineRequest(f"r{i}", prompt, GenerationConfig(max_new_tokens=2), frozenset(), 0)
+        scheduler.add(Sequence(request=request, sink=lambda out: None, arrival=i, token_ids=prompt,
+                               num_prompt_tokens=length, max_new_tokens=2))
+    plan = scheduler.schedule()  # 30 + 4 + 20 = 54 tokens: 6 past 48, 10 short of 64: the last prompt gives 6
+    assert [(c.seq.request_id, c.start, c.length, c.samples) for c in plan.prefill] == [
+        ("r0", 0, 16, False), ("r0", 16, 14, True), ("r1", 0, 4, True), ("r2", 0, 14, False)]
+    assert buckets.prefill_bucket(len(plan.prefill), 16, 48).packed == 48
+    for chunk in plan.prefill:
+        chunk.seq.num_computed = chunk.start + chunk.length
+    plan = scheduler.schedule()  # the 6 deferred tokens; nothing below 16 to cut to: pad
+    assert [(c.seq.request_id, c.start, c.length, c.samples) for c in plan.prefill] == [("r2", 14, 6, True)]
+
+
+def test_packed_prefill_buckets_are_checked():
+    from serving.engine.config import BucketSet
+
+    with pytest.raises(ValueError, match="exactly one prefill token bucket"):
+        BucketSet((1,), (1,), (16, 32), 64, packed_prefill=(16, 32))
+    with pytest.raises(ValueError, match="must not exceed max_prefill_token_num"):
+        BucketSet((1,), (1,), (16,), 64, packed_prefill=(16, 128))
+    with pytest.raises(ValueError, match="increasing positive"):
+        BucketSet((1,), (1,), (16,), 64, packed_prefill=(32, 16))
+
+
+def test_packed_prefill_flag_reaches_the_engine_and_bad_values_name_it():
+    from serving.cli import build_parser
+    from serving.http.options import OptionError, from_arguments
+
+    parser = build_parser()
+    argv = ["serve", "api_server", "--prefill-token-buckets", "128", "--packed-prefill-buckets", "256", "1024"]
+    buckets = from_arguments(parser.parse_args(argv), environ={}).engine_config.buckets("gpu")
+    assert buckets.packed_prefill == (256, 1024) and buckets.prefill_budget == 1024
+    with pytest.raises((OptionError, ValueError), match="exactly one prefill token bucket"):
+        argv = ["serve", "api_server", "--packed-prefill-buckets", "256"]
+        from_arguments(parser.parse_args(argv), environ={}).engine_config.buckets("gpu")

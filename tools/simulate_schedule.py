@@ -76,13 +76,14 @@ def simulate(requests: list[BenchRequest], buckets: BucketSet, num_pages: int = 
             decode_total += cost
             ms += cost
         if plan.prefill:
-            rows, tokens = buckets.prefill_bucket(len(plan.prefill), max(c.length for c in plan.prefill))
-            cost = matmul_ms(rows * tokens) + PROGRAM_OVERHEAD_MS
+            total = sum(c.length for c in plan.prefill)
+            shape = buckets.prefill_bucket(len(plan.prefill), max(c.length for c in plan.prefill), total)
+            cost = matmul_ms(shape.packed) + PROGRAM_OVERHEAD_MS
             prefill_total += cost
             ms += cost
             prefill_steps += 1
-            real += sum(c.length for c in plan.prefill)
-            padded += rows * tokens
+            real += total
+            padded += shape.packed
         for chunk in plan.decode + plan.prefill:  # the step's effect, as the engine's dispatch and read-back
             seq = chunk.seq
             seq.num_computed = chunk.start + chunk.length
@@ -103,10 +104,11 @@ def main() -> None:
     parser.add_argument("--prefill-rows", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
+    parser.add_argument("--packed-prefill", type=int, nargs="*", default=[])
     args = parser.parse_args()
     requests = sharegpt_like_dataset(args.num_prompts, 32000, args.seed)
     buckets = BucketSet(tuple(args.decode_batch), tuple(args.prefill_rows), tuple(args.prefill_tokens),
-                        args.max_prefill_tokens)
+                        args.max_prefill_tokens, tuple(args.packed_prefill))
     p = simulate(requests, buckets)
     print(f"predicted: {p.seconds:.1f} s, {p.output_throughput:.0f} output tok/s, {p.turns} turns; decode "
           f"{p.decode_seconds:.1f} s, prefill {p.prefill_seconds:.1f} s in {p.prefill_steps} steps, "

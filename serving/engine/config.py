@@ -4,14 +4,34 @@ Every step runs at one of a small fixed set of shapes, all compiled at start-up,
 while serving: decode steps are `[B, 1]` with B from `decode_batch_buckets`; prefill steps are `[R, T]`
 with R rows from `prefill_row_buckets`, T tokens per row from `prefill_token_buckets`, and R*T within
 `max_prefill_token_num`. Presets for GPU, CPU and tests live in `configs/presets.py`.
+
+Packed prefill (`packed_prefill_buckets`): a prefill step's matmuls then compute only its real tokens,
+packed end to end and padded to one of N buckets, while attention still sees them as rows of T tokens
+(each row one sequence's consecutive chunk). Rows pad only the attention layout, which costs little;
+the matmuls, which cost 15 GFLOP a token at 8B, never compute a padded row's tail. One program per N.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from serving.engine.request import InvalidRequestError
+
+
+class StepShape(NamedTuple):
+    """One compiled step: `rows` x `tokens` is the attention layout; `packed` is how many tokens the
+    matmuls compute (rows * tokens unless the step packs its real tokens, see the module docstring)."""
+
+    rows: int
+    tokens: int
+    packed: int
+
+
+# A packed prefill step of N tokens lays them out in max(MIN_PACKED_ROWS, 2 * N / T) rows of T: twice the
+# rows the tokens need, so a step can hold about as many prompts' partial last rows as full ones.
+MIN_PACKED_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -20,14 +40,23 @@ class BucketSet:
     prefill_rows: tuple[int, ...]
     prefill_tokens: tuple[int, ...]
     max_prefill_tokens: int
+    packed_prefill: tuple[int, ...] = ()  # N buckets of packed prefill; empty: prefill steps are [R, T] as laid out
 
     def __post_init__(self) -> None:
-        for name in ("decode_batch", "prefill_rows", "prefill_tokens"):
+        for name in ("decode_batch", "prefill_rows", "prefill_tokens", "packed_prefill"):
             values = getattr(self, name)
+            if name == "packed_prefill" and not values:
+                continue  # optional
             if not values or list(values) != sorted(set(values)) or values[0] < 1:
                 raise ValueError(f"{name} buckets must be increasing positive integers, got {values}")
         if self.prefill_rows[0] * self.prefill_tokens[0] > self.max_prefill_tokens:
             raise ValueError("the smallest prefill bucket exceeds max_prefill_token_num")
+        if self.packed_prefill and len(self.prefill_tokens) != 1:
+            raise ValueError("packed prefill takes exactly one prefill token bucket (the row length), got "
+                             f"{self.prefill_tokens}")
+        if self.packed_prefill and self.packed_prefill[-1] > self.max_prefill_tokens:
+            raise ValueError(f"packed prefill buckets must not exceed max_prefill_token_num "
+                             f"({self.max_prefill_tokens}), got {self.packed_prefill}")
 
     @property
     def max_decode_batch(self) -> int:
@@ -38,21 +67,42 @@ class BucketSet:
         """The most prompt tokens one row may prefill in one step."""
         return max(t for t in self.prefill_tokens if self.prefill_rows[0] * t <= self.max_prefill_tokens)
 
+    @property
+    def prefill_budget(self) -> int:
+        """The most prompt tokens one prefill step may compute."""
+        return self.packed_prefill[-1] if self.packed_prefill else self.max_prefill_tokens
+
     def decode_bucket(self, batch: int) -> int:
         return next(b for b in self.decode_batch if b >= batch)
 
-    def prefill_bucket(self, rows: int, longest: int) -> tuple[int, int] | None:
-        """The smallest compiled [R, T] holding `rows` chunks of up to `longest` tokens, or None."""
+    def packed_rows(self, packed: int) -> int:
+        """Rows of the attention layout of a packed prefill step of `packed` tokens."""
+        return max(MIN_PACKED_ROWS, 2 * -(-packed // self.prefill_tokens[0]))
+
+    def prefill_bucket(self, rows: int, longest: int, total: int) -> StepShape | None:
+        """The smallest compiled prefill step holding `rows` chunks of up to `longest` and `total` tokens."""
+        if self.packed_prefill:
+            if longest > self.prefill_tokens[0]:
+                return None
+            packed = next((n for n in self.packed_prefill if n >= total and self.packed_rows(n) >= rows), None)
+            return None if packed is None else StepShape(self.packed_rows(packed), self.prefill_tokens[0], packed)
         tokens = next((t for t in self.prefill_tokens if t >= longest), None)
         row_bucket = next((r for r in self.prefill_rows if r >= rows), None)
         if tokens is None or row_bucket is None or row_bucket * tokens > self.max_prefill_tokens:
             return None
-        return row_bucket, tokens
+        return StepShape(row_bucket, tokens, row_bucket * tokens)
 
-    def shapes(self) -> list[tuple[int, int]]:
-        """Every [rows, tokens] shape to compile: decode buckets first, then the prefill pairs."""
-        decode = [(b, 1) for b in self.decode_batch]
-        prefill = [(r, t) for r in self.prefill_rows for t in self.prefill_tokens if r * t <= self.max_prefill_tokens]
+    def packed_bucket_below(self, total: int) -> int | None:
+        """The largest packed prefill bucket of at most `total` tokens (None: unpacked, or none that small)."""
+        return next((n for n in reversed(self.packed_prefill) if n <= total), None)
+
+    def shapes(self) -> list[StepShape]:
+        """Every step shape to compile: decode buckets first, then the prefill shapes."""
+        decode = [StepShape(b, 1, b) for b in self.decode_batch]
+        if self.packed_prefill:
+            return decode + [StepShape(self.packed_rows(n), self.prefill_tokens[0], n) for n in self.packed_prefill]
+        prefill = [StepShape(r, t, r * t) for r in self.prefill_rows for t in self.prefill_tokens
+                   if r * t <= self.max_prefill_tokens]
         return decode + prefill
 
 
@@ -73,6 +123,8 @@ class EngineConfig:
     decode_batch_buckets: tuple[int, ...] | None = None
     prefill_row_buckets: tuple[int, ...] | None = None
     prefill_token_buckets: tuple[int, ...] | None = None
+    # Prefill steps compute their real tokens packed, padded to one of these counts (config.py's docstring)
+    packed_prefill_buckets: tuple[int, ...] | None = None
     # model
     dtype: str = "auto"  # auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32
     # auto: the checkpoint's safetensors; dummy: random weights at the checkpoint's shapes, for
@@ -130,5 +182,7 @@ class EngineConfig:
             decode = tuple(b for b in decode if b < self.max_batch_size) + (self.max_batch_size,)
         tokens = self.prefill_token_buckets or tuple(t for t in preset.prefill_tokens if t <= max_tokens)
         rows = self.prefill_row_buckets or preset.prefill_rows
+        packed = self.packed_prefill_buckets or preset.packed_prefill
         return BucketSet(decode_batch=tuple(decode), prefill_rows=tuple(r for r in rows if r <= decode[-1]) or (1,),
-                         prefill_tokens=tuple(tokens), max_prefill_tokens=max_tokens)
+                         prefill_tokens=tuple(tokens), max_prefill_tokens=max_tokens,
+                         packed_prefill=tuple(n for n in packed if n <= max_tokens))

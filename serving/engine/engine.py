@@ -408,7 +408,8 @@ class Engine:
             rows = self.buckets.decode_bucket(len(decode))
             dispatched.append((decode, self.runner.run(decode, rows, 1)))
         if prefill:
-            shape = self.buckets.prefill_bucket(len(prefill), max(c.length for c in prefill))
+            shape = self.buckets.prefill_bucket(len(prefill), max(c.length for c in prefill),
+                                                sum(c.length for c in prefill))
             assert shape is not None, "the scheduler only plans chunks that fit a bucket"
             dispatched.append((prefill, self.runner.run(prefill, *shape)))
         for chunks, _ in dispatched:

@@ -59,19 +59,24 @@ _SLOT, _START, _LENGTH, _FROM_DEVICE, _SAMPLES, _RESET, _TILE, _TILE_SLOT, _TILE
 _TOP_K, _SEED_HI, _SEED_LO, _STEP, _BANNED = range(5)
 
 
-def unpack_step(tokens: jax.Array, rows: jax.Array, tile_size: int | None = None) -> StepInputs:
+def unpack_step(tokens: jax.Array, rows: jax.Array, tile_size: int | None = None,
+                packed: int | None = None) -> StepInputs:
     """StepInputs from the packed i32[B, T] tokens and i32[B, _ROW_FIELDS + pages_per_seq] rows.
 
     tile_size: also unpack the rows' shared-prefix plan (decode only), in tiles of up to this many rows.
+    packed: the model computes this many tokens, the valid ones end to end (see `AttentionBatch.packed_index`).
     """
     starts, lengths = rows[:, _START], rows[:, _LENGTH]
     offsets = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    shared = None
+    valid = offsets < lengths[:, None]
+    shared = packed_index = None
     if tile_size is not None:
         shared = SharedPrefix.from_rows(rows[:, _TILE], rows[:, _TILE_SLOT], rows[:, _TILE_START],
                                         num_tiles=max_tiles_for(tokens.shape[0]), tile_size=tile_size)
-    attn = AttentionBatch(positions=starts[:, None] + offsets, valid=offsets < lengths[:, None],
-                          kv_lens=starts + lengths, block_tables=rows[:, _ROW_FIELDS:], shared=shared)
+    if packed is not None:
+        packed_index = jnp.nonzero(valid.reshape(-1), size=packed, fill_value=valid.size)[0].astype(jnp.int32)
+    attn = AttentionBatch(positions=starts[:, None] + offsets, valid=valid, kv_lens=starts + lengths,
+                          block_tables=rows[:, _ROW_FIELDS:], shared=shared, packed_index=packed_index)
     return StepInputs(tokens=tokens, attn=attn, last_index=jnp.maximum(lengths - 1, 0), slots=rows[:, _SLOT],
                       reset=rows[:, _RESET] > 0, from_device=rows[:, _FROM_DEVICE] > 0,
                       samples=rows[:, _SAMPLES] > 0)
@@ -93,6 +98,7 @@ def step(
     packed_rows: jax.Array,  # i32[B, _ROW_FIELDS + pages_per_seq]
     *,
     shared_prefix: bool = False,  # static: a decode step whose rows carry a shared-prefix plan
+    packed: int | None = None,  # static: the model computes this many packed tokens (unpack_step)
 ) -> tuple[list[LayerCache], jax.Array, jax.Array, jax.Array]:
     """Run the model over the batch and record its tokens as seen.
 
@@ -102,7 +108,7 @@ def step(
     row's bool[B, V] seen tokens (the sampler's repetition-penalty input).
     """
     tile_size = tile_size_for(model.config.q_per_kv, packed_tokens.shape[0]) if shared_prefix else None
-    inputs = unpack_step(packed_tokens, packed_rows, tile_size)
+    inputs = unpack_step(packed_tokens, packed_rows, tile_size, packed)
     num_slots = seen.shape[0]
     slots = jnp.minimum(inputs.slots, num_slots - 1)
     first = jnp.where(inputs.from_device, last_tokens[slots], inputs.tokens[:, 0])
@@ -127,6 +133,11 @@ def sample_and_record(
     # Only rows that reach their sequence's end record a token; prompt chunks and padding drop.
     target = jnp.where(packed_rows[:, _SAMPLES] > 0, packed_rows[:, _SLOT], last_tokens.shape[0])
     return tokens, last_tokens.at[target].set(tokens, mode="drop")
+
+
+def _packed(rows: int, tokens: int, packed: int | None) -> int | None:
+    """The step's static `packed` argument: None when its matmuls run over the whole [rows, tokens] layout."""
+    return None if packed is None or packed == rows * tokens else packed
 
 
 class SlotTables:
@@ -215,7 +226,7 @@ class ModelRunner:
         # so batches without sharing pay nothing for the prefix pass.
         self._step, self._shared_step = (
             jax.jit(functools.partial(step, self.model, shared_prefix=shared_prefix), donate_argnums=(1, 2),
-                    out_shardings=(cache_shardings, replicated, replicated, replicated))
+                    static_argnames=("packed",), out_shardings=(cache_shardings, replicated, replicated, replicated))
             for shared_prefix in (False, True)
         )
         self._sample = jax.jit(sample_and_record, static_argnums=(6,), in_shardings=replicated,
@@ -231,18 +242,19 @@ class ModelRunner:
         executables from Python for a model of some 300 arrays. Padding writes nothing: its cache
         writes, seen tokens and last tokens all land out of range and drop.
         """
-        programs = []  # (rows, tokens, shared_prefix)
-        for rows, tokens in self.buckets.shapes():
-            programs.append((rows, tokens, False))
-            if self.plans_shared_prefix(rows, tokens):
-                programs.append((rows, tokens, True))
+        programs = []  # (shape, shared_prefix)
+        for shape in self.buckets.shapes():
+            programs.append((shape, False))
+            if self.plans_shared_prefix(shape.rows, shape.tokens):
+                programs.append((shape, True))
         start = time.perf_counter()
         sampler_rows = set()
-        for i, (rows, tokens, shared_prefix) in enumerate(programs, 1):
+        for i, ((rows, tokens, packed), shared_prefix) in enumerate(programs, 1):
             token_ids, packed_rows, ints, floats, _ = self._inputs([], rows, tokens)
             run_step = self._shared_step if shared_prefix else self._step
-            self.cache, self.seen, logits, seen_rows = run_step(self.params, self.cache, self.seen,
-                                                                self.last_tokens, token_ids, packed_rows)
+            self.cache, self.seen, logits, seen_rows = run_step(
+                self.params, self.cache, self.seen, self.last_tokens, token_ids, packed_rows,
+                packed=_packed(rows, tokens, packed))
             if rows not in sampler_rows:  # every sampler branch, once per row count
                 sampler_rows.add(rows)
                 for mode in sample_modes(rows):
@@ -250,7 +262,8 @@ class ModelRunner:
                                                        packed_rows, mode)
             jax.block_until_ready(self.last_tokens)
             if progress:
-                logger.info("compiled step %d/%d [%d x %d]%s (%.1fs)", i, len(programs), rows, tokens,
+                logger.info("compiled step %d/%d [%d x %d]%s%s (%.1fs)", i, len(programs), rows, tokens,
+                            f" packed to {packed} tokens" if _packed(rows, tokens, packed) else "",
                             " with shared-prefix attention" if shared_prefix else "", time.perf_counter() - start)
         return time.perf_counter() - start
 
@@ -259,8 +272,11 @@ class ModelRunner:
         return self.shared_prefix and tokens == 1 and rows >= MIN_PLAN_BATCH
 
     # ----- one step ---------------------------------------------------------------------------------
-    def run(self, chunks: list[Chunk], rows: int, tokens: int) -> jax.Array:
+    def run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> jax.Array:
         """Dispatch one step for `chunks` padded to the `[rows, tokens]` bucket; returns i32[rows] on device.
+
+        packed: the step's compiled packed token count (`config.StepShape.packed`); None or rows * tokens
+        for a step whose matmuls run over the whole layout.
 
         The result is not waited for: the caller reads it when it needs the tokens, so the next
         dispatch can go out first.
@@ -271,7 +287,8 @@ class ModelRunner:
             self.shared_prefix_rows += tiled_rows
         run_step = self._shared_step if tiled_rows else self._step
         self.cache, self.seen, logits, seen_rows = run_step(self.params, self.cache, self.seen, self.last_tokens,
-                                                            token_ids, packed_rows)
+                                                            token_ids, packed_rows,
+                                                            packed=_packed(rows, tokens, packed))
         mode = sample_mode(sampling_floats[:, 0], sampling_ints[:, _TOP_K], sampling_floats[:, 1])
         next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
                                                      self.last_tokens, packed_rows, mode)

@@ -17,6 +17,8 @@ Policy, per step:
    layer writes the whole step's keys and values before it attends, so a row sees the rows before it.
    Rows stay short, so a batch of mixed prompt lengths pads each prompt by less than one row, not
    every row to the longest prompt (B2: 3x padded tokens with one row per prompt, docs/perf-notes.md).
+   With packed prefill (`config.BucketSet`) the matmuls skip even that padding, and a step that passes
+   a packed bucket by a little leaves the tail of its last prompt to the next step.
 
 Prefix caching (see `pages`). A sequence that starts (or restarts after preemption) first takes the
 cached pages of the longest cached prefix of its tokens and computes only the rest; at least one
@@ -186,7 +188,7 @@ class Scheduler:
     # ----- the per-step decision ------------------------------------------------------------------
     def schedule(self) -> Schedule:
         plan = Schedule()
-        budget = self.buckets.max_prefill_tokens
+        budget = self.buckets.prefill_budget
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING or seq.done_sampling:  # preempted, or only awaiting read-back
                 continue
@@ -201,6 +203,8 @@ class Scheduler:
                 self._plan_prefill(plan, seq, rows, first=False)
                 budget -= sum(rows)
         self._admit(plan, budget)
+        if plan.prefill and self.buckets.packed_prefill:
+            self._trim_to_packed_bucket(plan)
         return plan
 
     def _prefill_rows(self, plan: Schedule, seq: Sequence, budget: int) -> list[int]:
@@ -253,8 +257,31 @@ class Scheduler:
 
     def _prefill_fits(self, plan: Schedule, length: int, extra_rows: list[int] = ()) -> bool:
         """Whether one more row of `length` tokens (after the planned rows and `extra_rows`) fits a bucket."""
-        longest = max([c.length for c in plan.prefill] + list(extra_rows) + [length])
-        return self.buckets.prefill_bucket(len(plan.prefill) + len(extra_rows) + 1, longest) is not None
+        rows = [c.length for c in plan.prefill] + list(extra_rows) + [length]
+        return self.buckets.prefill_bucket(len(rows), max(rows), sum(rows)) is not None
+
+    def _trim_to_packed_bucket(self, plan: Schedule) -> None:
+        """With packed prefill, a step whose prompt tokens pass a bucket by less than they fall short of the
+        next one leaves the excess, the tail of its last prompt, to the next step rather than computing
+        padding: with a queue of prompts, every step then computes close to a whole bucket."""
+        total = sum(c.length for c in plan.prefill)
+        below = self.buckets.packed_bucket_below(total)
+        if below is None or below == total:
+            return
+        above = self.buckets.prefill_bucket(len(plan.prefill), max(c.length for c in plan.prefill), total)
+        excess = total - below
+        last = plan.prefill[-1].seq  # its rows are the plan's last ones
+        if excess >= above.packed - total or excess >= sum(c.length for c in plan.prefill if c.seq is last):
+            return  # padding up wastes less, or the cut would take the whole prompt
+        trimmed = list(plan.prefill)
+        while excess:
+            chunk = trimmed.pop()
+            if chunk.length > excess:
+                trimmed.append(Chunk(last, chunk.start, chunk.length - excess, first=chunk.first))
+                break
+            excess -= chunk.length
+        if self.buckets.prefill_bucket(len(trimmed), max(c.length for c in trimmed), below) is not None:
+            plan.prefill[:] = trimmed
 
     def _reserve(self, seq: Sequence, length: int) -> bool:
         """Give `seq` the pages it needs to hold `length` more tokens, unpinning idle sessions' pages

@@ -291,6 +291,15 @@ OPTIONS: tuple[Option, ...] = (
         kind="list",
     ),
     Option(
+        "--packed-prefill-buckets",
+        "engine",
+        "packed_prefill_buckets",
+        "Token counts a prefill step's matmuls are padded to: prompts are packed end to end, so no row's "
+        "tail is computed; one program each (needs exactly one --prefill-token-buckets value, the row length).",
+        type=int,
+        kind="list",
+    ),
+    Option(
         "--attention-backend",
         "engine",
         "attention_backend",
@@ -421,7 +430,7 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
         )
     given = {o.field: values[o.field] for o in OPTIONS if values[o.field] is not None}
     engine_options = {o.field: given[o.field] for o in OPTIONS if o.target == "engine" and o.field in given}
-    for name in ("decode_batch_buckets", "prefill_row_buckets", "prefill_token_buckets"):
+    for name in ("decode_batch_buckets", "prefill_row_buckets", "prefill_token_buckets", "packed_prefill_buckets"):
         if name in engine_options:
             engine_options[name] = tuple(engine_options[name])
     try:
