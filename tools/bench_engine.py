@@ -2,6 +2,7 @@
 
     python -m tools.bench_engine --shape llama3-8b single --input-len 128 --output-len 1024
     python -m tools.bench_engine --shape llama3-8b throughput --num-prompts 1000 --input-len 256 --output-len 256
+    python -m tools.bench_engine --shape llama3-8b throughput --dataset sharegpt-like  # B2's requests, no HTTP
     python -m tools.bench_engine --model /models/Llama-3.1-8B throughput ...
 
 `--shape` runs random weights at a named model shape (configs/shapes.py), where checkpoints cannot be
@@ -12,6 +13,7 @@ is gathered, not streamed) at the measured copy bandwidth; `--bandwidth` overrid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import threading
 import time
@@ -22,6 +24,7 @@ import numpy as np
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine, resolve_dtype
 from serving.engine.request import EngineOutput, GenerationConfig
+from tools.bench_serving import sharegpt_like_dataset
 from tools.timing import copy_bandwidth
 
 
@@ -34,6 +37,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         preset=args.preset,
         tp=args.tp,
         compilation_cache_dir=args.compilation_cache_dir,
+        load_format=args.load_format,
     )
     if args.max_batch_size:
         options["max_batch_size"] = args.max_batch_size
@@ -42,6 +46,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         ("prefill_row_buckets", args.prefill_rows),
         ("prefill_token_buckets", args.prefill_tokens),
         ("max_prefill_token_num", args.max_prefill_tokens),
+        ("packed_prefill_buckets", args.packed_prefill),
     ):
         if value:
             options[option] = tuple(int(v) for v in value.split(",")) if isinstance(value, str) else value
@@ -67,7 +72,7 @@ def streamed_weight_bytes(params: dict) -> int:
     return total - (0 if "lm_head" not in params else embed.nbytes)
 
 
-def run_requests(engine: Engine, prompts: list[list[int]], config: GenerationConfig) -> list[dict]:
+def run_requests(engine: Engine, prompts: list[list[int]], configs: list[GenerationConfig]) -> list[dict]:
     """Submit all prompts at once; record each request's tokens and their arrival times."""
     records = [{"times": [], "tokens": []} for _ in prompts]
     done = threading.Semaphore(0)
@@ -84,7 +89,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], config: GenerationCon
         return sink
 
     start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
+    for i, (prompt, config) in enumerate(zip(prompts, configs, strict=True)):
         engine.submit(engine.make_request(prompt, config, f"bench-{i}-{start}"), sink_for(i))
     for _ in prompts:
         done.acquire()
@@ -99,6 +104,7 @@ def main() -> None:
     source.add_argument("--model", help="local Hugging Face checkpoint directory")
     source.add_argument("--shape", help="random weights at a named shape (configs/shapes.py), e.g. llama3-8b")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--load-format", default="auto", help="dummy: random weights at --model's shapes")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--session-len", type=int, default=4096)
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--prefill-rows", help="comma-separated prefill row buckets")
     parser.add_argument("--prefill-tokens", help="comma-separated prefill token buckets")
     parser.add_argument("--max-prefill-tokens", type=int, help="tokens one prefill step may process")
+    parser.add_argument("--packed-prefill", help="comma-separated packed prefill buckets (EngineConfig)")
     parser.add_argument("--compilation-cache-dir", default="auto", help="auto, off or a directory (EngineConfig)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled requests")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -125,6 +132,8 @@ def main() -> None:
     through.add_argument("--num-prompts", type=int, default=1000)
     through.add_argument("--input-len", type=int, default=256)
     through.add_argument("--output-len", type=int, default=256)
+    through.add_argument("--dataset", choices=["fixed", "sharegpt-like"], default="fixed",
+                         help="sharegpt-like: B2's prompts and output lengths (tools.bench_serving), offline")
     args = parser.parse_args()
 
     engine = build_engine(args)
@@ -162,7 +171,7 @@ def main() -> None:
         rates = []
         for _ in range(args.repeats):
             prompt = rng.integers(0, vocab, size=args.input_len).tolist()
-            (record,) = run_requests(engine, [prompt], config)
+            (record,) = run_requests(engine, [prompt], [config])
             times = record["times"]
             ms_per_token = (times[-1] - times[0]) / (len(times) - 1) * 1e3
             rates.append(ms_per_token)
@@ -173,7 +182,7 @@ def main() -> None:
             )
         if args.trace:  # timeline of host dispatch and device kernels, for docs/perf-notes.md
             with jax.profiler.trace(args.trace, create_perfetto_trace=True):
-                run_requests(engine, [prompt], GenerationConfig(max_new_tokens=32, ignore_eos=True))
+                run_requests(engine, [prompt], [GenerationConfig(max_new_tokens=32, ignore_eos=True)])
         best = min(rates)
         result.update(ms_per_token=best, tok_s=1e3 / best, roofline_ratio=floor_ms / best)
         print(
@@ -181,14 +190,22 @@ def main() -> None:
             f"HBM roofline ({floor_ms:.2f} ms)"
         )
     else:
-        prompts = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in range(args.num_prompts)]
+        if args.dataset == "sharegpt-like":
+            requests = sharegpt_like_dataset(args.num_prompts, min(vocab, 32000), seed=0)  # B2's prompts
+            prompts = [r.prompt for r in requests]
+            configs = [dataclasses.replace(config, max_new_tokens=r.output_len) for r in requests]
+            shape = "sharegpt-like"
+        else:
+            prompts = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in range(args.num_prompts)]
+            configs = [config] * len(prompts)
+            shape = f"{args.input_len}/{args.output_len}"
         start = time.perf_counter()
-        records = run_requests(engine, prompts, config)
+        records = run_requests(engine, prompts, configs)
         elapsed = time.perf_counter() - start
         out_tokens = sum(len(r["times"]) for r in records)
         result.update(output_tok_s=out_tokens / elapsed, req_s=len(prompts) / elapsed, seconds=elapsed)
         print(
-            f"throughput: {len(prompts)} x {args.input_len}/{args.output_len}: {out_tokens / elapsed:.0f} "
+            f"throughput: {len(prompts)} x {shape}: {out_tokens / elapsed:.0f} "
             f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s"
         )
     result["compilations_after_warmup"] = engine.stats()["compilations_after_warmup"] - compiles_before
