@@ -84,11 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=launch.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported after the flags are checked: `-h` and flag errors answer without loading JAX.
     from serving.engine.engine import Engine
+    from serving.engine.process import EngineProcess
     from serving.http.factory import create_app
 
     print(f"xlserve: loading {launch.model_path or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     try:
-        engine = Engine.from_pretrained(launch.model_path, launch.engine_config)
+        if launch.settings.engine_process:
+            engine = EngineProcess.from_pretrained(launch.model_path, launch.engine_config, launch.log_level)
+        else:
+            engine = Engine.from_pretrained(launch.model_path, launch.engine_config)
     except (OSError, ValueError) as error:
         print(f"xlserve: error: cannot load the model: {error}", file=sys.stderr)
         return 1

@@ -4,6 +4,8 @@
 # config.json and a tokenizer: MODEL=path/to/folder. Results go to $OUT (or ./out). Prefill rows of 128
 # tokens: a prompt takes as many rows as it needs, so mixed lengths pad by less than a row each; with
 # PACKED (token buckets, default below; PACKED=none turns it off) the matmuls skip even that padding.
+# 512 slots: with packed prefill and the engine in its own process (the CLI's default) B2 ran fastest
+# at 512 (docs/benchmarks.md); MAX_BATCH=256 DECODE_BUCKETS="32 64 128 256" is the earlier setting.
 set -uo pipefail
 model=${MODEL:?set MODEL to a folder with config.json and tokenizer files}
 out=${OUT:-out}
@@ -13,8 +15,8 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 source "$(dirname "$0")/gpu_server.sh"
 packed=${PACKED:-128 256 512 1024 2048 4096 8192}
 [ "$packed" = none ] && packed_flags=() || packed_flags=(--packed-prefill-buckets $packed)
-start_server "$out/server.log" --session-len 2048 --max-batch-size ${MAX_BATCH:-256} \
-  --decode-batch-buckets ${DECODE_BUCKETS:-32 64 128 256} --prefill-row-buckets ${PREFILL_ROWS:-1 2 3 4 6 8 12 16 24 32 48 64} \
+start_server "$out/server.log" --session-len 2048 --max-batch-size ${MAX_BATCH:-512} \
+  --decode-batch-buckets ${DECODE_BUCKETS:-32 64 128 256 512} --prefill-row-buckets ${PREFILL_ROWS:-1 2 3 4 6 8 12 16 24 32 48 64} \
   --prefill-token-buckets ${PREFILL_TOKENS:-128} --max-prefill-token-num 8192 "${packed_flags[@]}" ${SERVER_FLAGS:-} || exit 1
 python -m tools.bench_serving --base-url http://127.0.0.1:23333 --dataset sharegpt-like --num-prompts "$prompts" \
   --request-rate inf --ignore-eos --vocab-size ${VOCAB:-32000} --result-json "$out/b2.json"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -39,15 +38,7 @@ from model.sharding import make_mesh
 from serving.engine.compile_cache import enable_compilation_cache
 from serving.engine.config import EngineConfig
 from serving.engine.pages import PageAllocator
-from serving.engine.request import (
-    MAX_SEED,
-    MAX_STOP_TOKEN_IDS,
-    EngineOutput,
-    EngineRequest,
-    FinishReason,
-    GenerationConfig,
-    InvalidRequestError,
-)
+from serving.engine.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.engine.runner import ModelRunner
 from serving.engine.scheduler import Chunk, Scheduler, SeqStatus, Sequence
 from serving.text.tokenizer import Tokenizer
@@ -220,36 +211,27 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine thread ended, if it failed."""
+        return self._error
+
     # ----- the caller's side (any thread) -------------------------------------------------------------
     def make_request(self, prompt_token_ids: list[int], config: GenerationConfig, request_id: str,
                      session_id: str | None = None) -> EngineRequest:
-        """Validate a request and fill in its stop ids and seed; raises InvalidRequestError.
+        """Validate a request and fill in its stop ids and seed (`request.build_request`); raises
+        InvalidRequestError. With a `session_id`, the request is a turn of that interactive session:
+        its KV pages stay pinned under the id when it finishes, for the next turn to reuse (`end_session`)."""
+        return build_request(prompt_token_ids, config, request_id, session_id, vocab_size=self.model_config.vocab_size,
+                             eos_token_ids=self.eos_token_ids, max_session_len=self.max_session_len)
 
-        With a `session_id`, the request is a turn of that interactive session: its KV pages stay
-        pinned under the id when it finishes, for the next turn to reuse (see `end_session`).
-        """
-        config.validate(self.model_config.vocab_size)
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-        if len(prompt_token_ids) >= self.max_session_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens, but the session length is {self.max_session_len} "
-                "and at least one token must be generated",
-                param="prompt", code="context_length_exceeded",
-            )
-        stops = set(config.stop_token_ids or [])
-        if not config.ignore_eos:
-            stops |= self.eos_token_ids
-        if config.min_new_tokens and len(stops) > MAX_STOP_TOKEN_IDS:
-            raise InvalidRequestError(
-                f"min_new_tokens holds back at most {MAX_STOP_TOKEN_IDS} stop token ids; this request has {len(stops)}",
-                param="stop_token_ids",
-            )
-        seed = config.random_seed if config.random_seed is not None else secrets.randbelow(MAX_SEED + 1)
-        return EngineRequest(request_id, list(prompt_token_ids), config, frozenset(stops), seed, session_id)
+    def start_profile(self, directory: str) -> None:
+        """Start a JAX profiler trace of this process (the engine's host work and device kernels)."""
+        jax.profiler.start_trace(directory, create_perfetto_trace=True)
+
+    def stop_profile(self) -> None:
+        """Stop the trace and write it under the directory `start_profile` was given."""
+        jax.profiler.stop_trace()
 
     def submit(self, request: EngineRequest, sink: Callable[[EngineOutput], None]) -> None:
         with self._inbox_lock:

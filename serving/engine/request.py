@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import secrets
 from dataclasses import dataclass, field
 
 # Fixed width of the per-row "stop token" table handed to the jitted sampler (min_new_tokens bans
@@ -147,3 +148,39 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+
+
+def build_request(
+    prompt_token_ids: list[int],
+    config: GenerationConfig,
+    request_id: str,
+    session_id: str | None,
+    *,
+    vocab_size: int,
+    eos_token_ids: frozenset[int],
+    max_session_len: int,
+) -> EngineRequest:
+    """Validate a request against the engine's limits and fill in its stop ids and seed; raises
+    InvalidRequestError. Shared by `Engine` and `EngineProcess`, whose server side validates before it
+    sends anything to the engine's process."""
+    config.validate(vocab_size)
+    if not prompt_token_ids:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
+    if len(prompt_token_ids) >= max_session_len:
+        raise InvalidRequestError(
+            f"the prompt has {len(prompt_token_ids)} tokens, but the session length is {max_session_len} "
+            "and at least one token must be generated",
+            param="prompt", code="context_length_exceeded",
+        )
+    stops = set(config.stop_token_ids or [])
+    if not config.ignore_eos:
+        stops |= eos_token_ids
+    if config.min_new_tokens and len(stops) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequestError(
+            f"min_new_tokens holds back at most {MAX_STOP_TOKEN_IDS} stop token ids; this request has {len(stops)}",
+            param="stop_token_ids",
+        )
+    seed = config.random_seed if config.random_seed is not None else secrets.randbelow(MAX_SEED + 1)
+    return EngineRequest(request_id, list(prompt_token_ids), config, frozenset(stops), seed, session_id)

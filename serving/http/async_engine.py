@@ -28,7 +28,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from serving.engine.engine import Engine
+from serving.engine.process import AnyEngine
 from serving.engine.request import MAX_SEED, EngineOutput, EngineRequest, FinishReason, GenerationConfig
 from serving.http.errors import APIError
 from serving.http.exchange import Exchange, current_exchange
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 def fan_out(
-    engine: Engine,
+    engine: AnyEngine,
     prompts: Sequence[list[int]],
     config: GenerationConfig,
     n: int,
@@ -145,10 +145,11 @@ class _OutputRelay:
 
 
 # One relay per engine and event loop (tests run several servers, each with its own loop).
-_relays: weakref.WeakKeyDictionary[Engine, dict[asyncio.AbstractEventLoop, _OutputRelay]] = weakref.WeakKeyDictionary()
+_relays: weakref.WeakKeyDictionary[AnyEngine, dict[asyncio.AbstractEventLoop, _OutputRelay]] = (
+    weakref.WeakKeyDictionary())
 
 
-def _relay(engine: Engine, loop: asyncio.AbstractEventLoop) -> _OutputRelay:
+def _relay(engine: AnyEngine, loop: asyncio.AbstractEventLoop) -> _OutputRelay:
     relays = _relays.setdefault(engine, {})
     relay = relays.get(loop)
     if relay is None:
@@ -169,7 +170,7 @@ def request_timeout_error() -> APIError:
     )
 
 
-async def generate(engine: Engine, requests: Sequence[EngineRequest]) -> AsyncGenerator[tuple[int, TextDelta], None]:
+async def generate(engine: AnyEngine, requests: Sequence[EngineRequest]) -> AsyncGenerator[tuple[int, TextDelta], None]:
     """Yield `(choice index, TextDelta)` for every increment of every request, interleaved as produced.
 
     Raises APIError 503 if the engine is not running, ends a request on its own (shutdown) or the
@@ -300,7 +301,7 @@ def _account(exchange: Exchange, choices: list[_Choice], arrival: float, failure
         )
 
 
-async def collect(engine: Engine, requests: Sequence[EngineRequest]) -> list[ChoiceResult]:
+async def collect(engine: AnyEngine, requests: Sequence[EngineRequest]) -> list[ChoiceResult]:
     """Run the requests to the end; results in choice order."""
     results = [ChoiceResult() for _ in requests]
     async with aclosing(generate(engine, requests)) as deltas:

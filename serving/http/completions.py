@@ -12,7 +12,7 @@ from typing import Any
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
-from serving.engine.engine import Engine
+from serving.engine.process import AnyEngine
 from serving.engine.request import EngineRequest
 from serving.http.async_engine import cached_prompt_tokens, collect, fan_out, generate
 from serving.http.body import read_body
@@ -91,7 +91,7 @@ def _refuse_unsupported(body: CompletionRequest) -> None:
 
 
 async def _chunks(
-    engine: Engine,
+    engine: AnyEngine,
     requests: Sequence[EngineRequest],
     header: dict[str, Any],
     prompt_tokens: int,

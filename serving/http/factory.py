@@ -8,7 +8,7 @@ import asyncio
 from quart import Quart, request
 from quart_schema import Info, QuartSchema
 
-from serving.engine.engine import Engine
+from serving.engine.process import AnyEngine
 from serving.http import chat, completions, interactive, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
@@ -22,7 +22,7 @@ API_TITLE = "xlserve"
 API_VERSION = "0.1.0"
 
 
-def create_app(engine: Engine, settings: ServerSettings) -> Quart:
+def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
     """An app serving `engine`, which it starts when serving begins and shuts down at the end."""
     # No static folder: Quart would otherwise serve ./static of whatever directory the server runs in.
     app = Quart("xlserve", static_folder=None)
@@ -49,7 +49,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Quart:
     )
     for module in (service, chat, completions, interactive):
         app.register_blueprint(module.blueprint)
-    install_profiler(app, settings.profile_dir)
+    install_profiler(app, engine, settings.profile_dir)
     install_error_handlers(app)
 
     @app.before_request

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
-from serving.engine.engine import Engine
+from serving.engine.process import AnyEngine
 from serving.engine.request import MAX_INT32, MAX_SEED, EngineRequest, GenerationConfig
 from serving.http.async_engine import fan_out, generate
 from serving.http.body import read_body
@@ -249,7 +249,7 @@ def _request(
     return request
 
 
-def _generation_config(body: InteractiveRequest, engine: Engine, template: ChatTemplate | None) -> GenerationConfig:
+def _generation_config(body: InteractiveRequest, engine: AnyEngine, template: ChatTemplate | None) -> GenerationConfig:
     ignore_eos = body.option("ignore_eos")
     stop = body.stop
     # The template's end of turn ends the answer like an EOS, as on /v1/chat/completions.
@@ -306,7 +306,7 @@ async def _turn_lines(
 
 
 async def _engine_lines(
-    engine: Engine, request: EngineRequest, plan: _Plan, turn: Turn | None, outcome: _Outcome
+    engine: AnyEngine, request: EngineRequest, plan: _Plan, turn: Turn | None, outcome: _Outcome
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Run the request; a cancelled turn ends with an `abort` line instead of an error."""
     try:

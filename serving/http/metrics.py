@@ -22,7 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
 if TYPE_CHECKING:
-    from serving.engine.engine import Engine
+    from serving.engine.process import AnyEngine
     from serving.http.admission import Admission
 
 # vLLM's buckets, so histograms from both servers can be compared and aggregated.
@@ -85,7 +85,7 @@ class ServerMetrics:
         )
         ProcessCollector(registry=self.registry)
 
-    def watch(self, engine: Engine, admission: Admission, in_flight: Collection[object], sessions: Sized) -> None:
+    def watch(self, engine: AnyEngine, admission: Admission, in_flight: Collection[object], sessions: Sized) -> None:
         """Export the live state of these as gauges read at scrape time."""
         self.registry.register(_LiveState(self.model_name, engine, admission, in_flight, sessions))
 
@@ -136,7 +136,7 @@ class _LiveState:
     """A custom collector: gauges computed from the live objects at every scrape."""
 
     def __init__(
-        self, model_name: str, engine: Engine, admission: Admission, in_flight: Collection[object], sessions: Sized
+        self, model_name: str, engine: AnyEngine, admission: Admission, in_flight: Collection[object], sessions: Sized
     ):
         self.model_name = model_name
         self.engine = engine

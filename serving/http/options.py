@@ -97,6 +97,14 @@ OPTIONS: tuple[Option, ...] = (
         "server into this directory (for TensorBoard or Perfetto). Default: no profiling routes.",
     ),
     Option(
+        "--engine-process",
+        "server",
+        "engine_process",
+        "Run the engine in a child process of its own, so the server's HTTP work never competes with it for "
+        "Python's GIL (on by default; --no-engine-process keeps it on a thread of the server process).",
+        kind="switch",
+    ),
+    Option(
         "--allow-origins",
         "server",
         "allow_origins",
@@ -371,8 +379,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
         kwargs: dict[str, Any] = {"dest": option.field, "help": option.help, "default": option.default}
         if option.kind == "switch":
-            # An engine switch may default to on, so it also takes a --no- form; unset stays None.
-            kwargs["action"] = argparse.BooleanOptionalAction if option.target == "engine" else "store_true"
+            # A switch may default to on, so it also takes a --no- form; unset stays None.
+            kwargs["action"] = argparse.BooleanOptionalAction if option.target != "cli" else "store_true"
             kwargs["default"] = None if option.target != "cli" else False
         else:
             kwargs["type"] = option.type

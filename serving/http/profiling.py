@@ -1,8 +1,8 @@
 """On-demand device profiling, as vLLM and SGLang offer it: with `--profile-dir DIR`, POST /start_profile
-starts a JAX profiler trace of the whole process (XLA ops on the device, the engine thread's host work)
-and POST /stop_profile writes it under DIR, in `plugins/profile/<time>/`: an `.xplane.pb` for
-TensorBoard or XProf and a `perfetto_trace.json.gz` for ui.perfetto.dev. Start it while a benchmark
-loads the server, stop it a few seconds later.
+starts a JAX profiler trace of the engine's process (XLA ops on the device, the engine thread's host
+work; with --no-engine-process, the server's own process) and POST /stop_profile writes it under DIR,
+in `plugins/profile/<time>/`: an `.xplane.pb` for TensorBoard or XProf and a `perfetto_trace.json.gz`
+for ui.perfetto.dev. Start it while a benchmark loads the server, stop it a few seconds later.
 
 Without the flag the routes are never registered, so they answer 404 like any unknown path and the
 OpenAPI document does not list them. They are not open paths, so with API keys they need one.
@@ -15,10 +15,10 @@ import os
 import threading
 from typing import Any
 
-import jax
 from quart import Quart
 from quart_schema import document_response
 
+from serving.engine.process import AnyEngine
 from serving.http.errors import APIError
 from serving.http.protocol import ErrorResponse, ProfileStatus
 
@@ -26,7 +26,8 @@ from serving.http.protocol import ErrorResponse, ProfileStatus
 class Profiler:
     """The process's one trace (JAX runs at most one), started and stopped by one request at a time."""
 
-    def __init__(self, directory: str):
+    def __init__(self, engine: AnyEngine, directory: str):
+        self.engine = engine
         # Absolute, so the answer tells where the files are whatever the server's working directory.
         self.directory = os.path.abspath(directory)
         self.running = False
@@ -41,7 +42,7 @@ class Profiler:
                 raise APIError(
                     409, "a profile is already running; POST /stop_profile writes it", code="profile_already_running"
                 )
-            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.engine.start_profile(self.directory)
             self.running = True
         return ProfileStatus(status="started", dir=self.directory)
 
@@ -50,15 +51,15 @@ class Profiler:
             if not self.running:
                 raise APIError(409, "no profile is running; POST /start_profile first", code="profile_not_running")
             # If writing fails, JAX keeps the trace and `running` stays true, so a retry may still write it.
-            jax.profiler.stop_trace()
+            self.engine.stop_profile()
             self.running = False
         return ProfileStatus(status="stopped", dir=self.directory)
 
 
-def install_profiler(app: Quart, directory: str | None) -> None:
+def install_profiler(app: Quart, engine: AnyEngine, directory: str | None) -> None:
     if directory is None:
         return
-    profiler = Profiler(directory)
+    profiler = Profiler(engine, directory)
 
     # Both run on a worker thread: starting sets up the profiler session, and stopping writes files that
     # take seconds under load; the event loop keeps serving meanwhile.

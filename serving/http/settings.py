@@ -34,6 +34,9 @@ class ServerSettings:
     max_queue_len: int = DEFAULT_MAX_QUEUE_LEN  # choices waiting for a slot before 503
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
     profile_dir: str | None = None  # where POST /stop_profile writes traces; None: no profiling routes
+    # The CLI runs the engine in a child process (serving.engine.process), so HTTP work never holds
+    # the engine's GIL; off: on a thread of the server process, as `create_app` callers do
+    engine_process: bool = True
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:

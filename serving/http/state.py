@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from quart import current_app
 
-from serving.engine.engine import Engine
+from serving.engine.process import AnyEngine
 from serving.http.admission import RETRY_AFTER_S, Admission
 from serving.http.errors import APIError
 from serving.http.metrics import ServerMetrics
@@ -41,7 +41,7 @@ DRAIN_OPEN_PATHS = frozenset({"/health", "/v1/ready", "/metrics"})
 ABORT_GRACE_S = 5.0
 
 
-def default_max_running(engine: Engine) -> int:
+def default_max_running(engine: AnyEngine) -> int:
     """Twice what the engine decodes at once, so its own queue always holds the next batch, and never
     fewer than one request's largest `n`."""
     return max(2 * engine.max_batch_size, MAX_N)
@@ -49,7 +49,7 @@ def default_max_running(engine: Engine) -> int:
 
 @dataclass
 class ServerState:
-    engine: Engine
+    engine: AnyEngine
     settings: ServerSettings
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: BaseException | None = None

@@ -1,0 +1,129 @@
+"""The engine in a child process (`EngineProcess`): the same tokens as the engine on a thread, outputs
+delivered step by step through the step listeners, aborts, stats and profiling across the pipe, load
+failures raised in the server process, and a child that dies failing its requests instead of leaving
+them waiting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving import GenerationConfig
+from serving.engine.config import EngineConfig
+from serving.engine.process import EngineProcess
+from serving.engine.request import EngineOutput, FinishReason, InvalidRequestError
+from tests.conftest import TINY_ENGINE_OPTIONS
+
+
+@pytest.fixture(scope="module")
+def engine_process(tiny_llama: Path):
+    engine = EngineProcess.from_pretrained(str(tiny_llama), EngineConfig.from_options(**TINY_ENGINE_OPTIONS))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+def submit(engine, prompt: list[int], config: GenerationConfig, name: str
+           ) -> tuple[list[EngineOutput], threading.Event]:
+    outputs: list[EngineOutput] = []
+    done = threading.Event()
+
+    def sink(output: EngineOutput) -> None:
+        outputs.append(output)
+        if output.finished:
+            done.set()
+
+    engine.submit(engine.make_request(prompt, config, name), sink)
+    return outputs, done
+
+
+def tokens(outputs: list[EngineOutput]) -> list[int]:
+    return [t for output in outputs for t in output.new_token_ids]
+
+
+def test_the_same_tokens_as_the_engine_on_a_thread(engine_process, tiny_pipe):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 32000, size=n).tolist() for n in (5, 17, 70)]
+    configs = [GenerationConfig(max_new_tokens=12, ignore_eos=True),
+               GenerationConfig(max_new_tokens=12, ignore_eos=True, do_sample=True, temperature=0.8, random_seed=3),
+               GenerationConfig(max_new_tokens=12, ignore_eos=True)]
+    steps = []
+    engine_process.step_listeners.append(lambda: steps.append(1))
+    runs = [submit(engine_process, p, c, f"same-{i}") for i, (p, c) in enumerate(zip(prompts, configs, strict=True))]
+    for _, done in runs:
+        assert done.wait(60)
+    engine_process.step_listeners.clear()
+    expected = [r.token_ids for r in tiny_pipe(prompts, configs)]
+    assert [tokens(outputs) for outputs, _ in runs] == expected
+    assert all(outputs[-1].finish_reason is FinishReason.LENGTH for outputs, _ in runs)
+    assert len(steps) >= 12, "outputs arrive step by step, each step followed by the listeners"
+    stats = engine_process.stats()
+    assert stats["compilations_after_warmup"] == 0 and stats["num_pages_used"] == 0
+
+
+def test_requests_are_validated_in_the_server_process(engine_process):
+    with pytest.raises(InvalidRequestError, match="session length"):
+        engine_process.make_request([5] * engine_process.max_session_len, GenerationConfig(), "too-long")
+    with pytest.raises(InvalidRequestError, match="prompt token ids"):
+        engine_process.make_request([32000], GenerationConfig(), "bad-id")
+
+
+def test_abort_ends_a_request_and_frees_its_pages(engine_process):
+    outputs, done = submit(engine_process, [5, 6, 7], GenerationConfig(max_new_tokens=100, ignore_eos=True), "abort")
+    while not outputs:
+        threading.Event().wait(0.01)
+    engine_process.abort("abort")
+    assert done.wait(30)
+    assert outputs[-1].finish_reason is FinishReason.ABORT and len(tokens(outputs)) < 100
+    assert engine_process.stats()["num_pages_used"] == 0
+
+
+def test_profiling_runs_in_the_engine_process(engine_process, tmp_path):
+    engine_process.start_profile(str(tmp_path))
+    try:
+        _, done = submit(engine_process, [5, 6, 7], GenerationConfig(max_new_tokens=3), "profiled")
+        assert done.wait(30)
+    finally:
+        engine_process.stop_profile()
+    assert list(tmp_path.rglob("*.xplane.pb")), "the child wrote the trace"
+    with pytest.raises(RuntimeError):  # JAX's own refusal, raised across the pipe
+        engine_process.stop_profile()
+
+
+def test_a_dead_engine_process_fails_its_requests(engine_process):
+    """Last in this module: it kills the fixture's child."""
+    outputs, done = submit(engine_process, [5, 6, 7], GenerationConfig(max_new_tokens=10**4, ignore_eos=True), "dies")
+    while not outputs:
+        threading.Event().wait(0.01)
+    os.kill(engine_process._process.pid, signal.SIGKILL)
+    assert done.wait(30)
+    assert outputs[-1].finish_reason is FinishReason.ERROR and "engine" in outputs[-1].error
+    engine_process._reader.join(10)
+    assert not engine_process.alive and not engine_process.ready
+    with pytest.raises(RuntimeError, match="not running"):
+        submit(engine_process, [5], GenerationConfig(max_new_tokens=1), "after")
+
+
+def test_a_load_failure_is_raised_in_the_server_process(tiny_llama: Path, tmp_path: Path):
+    for file in tiny_llama.iterdir():
+        if not file.name.endswith(".safetensors"):
+            shutil.copy(file, tmp_path / file.name)
+    with pytest.raises(FileNotFoundError):  # the child's error, not a hang or a generic one
+        EngineProcess.from_pretrained(str(tmp_path), EngineConfig.from_options(**TINY_ENGINE_OPTIONS))
+
+
+def test_the_flag_and_its_variable():
+    from serving.cli import build_parser
+    from serving.http.options import from_arguments, from_environment
+
+    parser = build_parser()
+    assert from_arguments(parser.parse_args(["serve", "api_server"]), environ={}).settings.engine_process
+    launch = from_arguments(parser.parse_args(["serve", "api_server", "--no-engine-process"]), environ={})
+    assert launch.settings.engine_process is False
+    assert from_environment({"XLSERVE_ENGINE_PROCESS": "0"}).settings.engine_process is False
