@@ -83,16 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     logging.basicConfig(level=launch.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported after the flags are checked: `-h` and flag errors answer without loading JAX.
-    from serving.engine.engine import Engine
-    from serving.engine.process import EngineProcess
-    from serving.http.factory import create_app
+    from serving.http.factory import create_app, load_engine
 
     print(f"xlserve: loading {launch.model_path or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     try:
-        if launch.settings.engine_process:
-            engine = EngineProcess.from_pretrained(launch.model_path, launch.engine_config, launch.log_level)
-        else:
-            engine = Engine.from_pretrained(launch.model_path, launch.engine_config)
+        engine = load_engine(launch)
     except (OSError, ValueError) as error:
         print(f"xlserve: error: cannot load the model: {error}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ middleware (ids, access log, admission clean-up), the profiling routes and the e
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 
 from quart import Quart, request
 from quart_schema import Info, QuartSchema
@@ -14,12 +15,26 @@ from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
 from serving.http.exchange import ExchangeMiddleware
 from serving.http.openapi import NamedSchemaProvider
+from serving.http.options import Launch
 from serving.http.profiling import install_profiler
 from serving.http.settings import ServerSettings
 from serving.http.state import ServerState
 
 API_TITLE = "xlserve"
 API_VERSION = "0.1.0"
+
+
+def load_engine(launch: Launch) -> AnyEngine:
+    """The launch's engine, its weights loaded: in a child process of its own unless
+    `--no-engine-process` (serving.engine.process says why), or unless this process is itself a
+    daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children."""
+    if launch.settings.engine_process and not multiprocessing.current_process().daemon:
+        from serving.engine.process import EngineProcess
+
+        return EngineProcess.from_pretrained(launch.model_path, launch.engine_config, launch.log_level)
+    from serving.engine.engine import Engine
+
+    return Engine.from_pretrained(launch.model_path, launch.engine_config)
 
 
 def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
