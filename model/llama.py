@@ -7,11 +7,11 @@ and every RoPE recipe (dynamic NTK's frequencies are computed per row from its s
 One forward serves prefill chunks and decode steps alike: a batch is `[B, T]` tokens where row b holds
 T consecutive tokens of one sequence starting at `positions[b, 0]`; decode is T=1. A packed step
 (`AttentionBatch.packed_index`) runs its matmuls over only the valid tokens, packed as `[1, N]`, and
-lays them out as `[B, T]` just around attention. Each layer writes the
-new keys/values into its pages first and then attends over the pages, so chunked prefill and cached
-prefixes need no special case. Layers are separate modules with their own parameters (unrolled, not
-`lax.scan`): on the H100 that ran 2.4x faster per decode step, because each layer's weights and cache
-are separate buffers XLA can stream and update in place.
+lays them out as `[B, T]` just around attention. Each layer writes the new keys/values into its pages
+first and then attends over the pages, so chunked prefill and cached prefixes need no special case.
+Layers are separate modules with their own parameters (unrolled, not `lax.scan`): on the H100 that ran
+2.4x faster per decode step, because each layer's weights and cache are separate buffers XLA can
+stream and update in place.
 
 Shapes use: B batch rows, T tokens per row, E embed, Hq query heads, Hkv KV heads, G = Hq/Hkv,
 D head_dim, F ffn, V vocab, P pages, PS page size.
