@@ -223,8 +223,9 @@ class EngineProcess:
         self._sinks.clear()
         self._notify()
 
-    def _deliver(self, outputs: list[tuple[int, EngineOutput]]) -> None:
-        for key, output in outputs:
+    def _deliver(self, outputs: list[tuple]) -> None:
+        for key, *fields in outputs:  # `_compact`'s tuples
+            output = EngineOutput(*fields)
             entry = self._sinks.pop(key) if output.finished else self._sinks.get(key)
             if entry is not None:
                 _call(entry[1], output)
@@ -272,7 +273,7 @@ def run_engine_process(model_path: str, config: EngineConfig, commands: Connecti
         return
     send(("built", EngineFacts(engine.eos_token_ids, engine.max_session_len, engine.max_batch_size,
                                engine.page_size)))
-    step_outputs: list[tuple[int, EngineOutput]] = []  # appended and flushed on the engine thread only
+    step_outputs: list[tuple] = []  # `_compact` outputs, appended and flushed on the engine thread only
 
     def flush() -> None:
         if step_outputs:
@@ -290,7 +291,7 @@ def run_engine_process(model_path: str, config: EngineConfig, commands: Connecti
 
 
 def _serve_commands(engine: Any, commands: Connection, send: Callable[[tuple], None],
-                    step_outputs: list[tuple[int, EngineOutput]]) -> None:
+                    step_outputs: list[tuple]) -> None:
     started = threading.Event()  # the engine thread runs: from now on, its end ends the child
 
     def start() -> None:  # off the command loop, so stats are answered while the buckets compile
@@ -314,10 +315,10 @@ def _serve_commands(engine: Any, commands: Connection, send: Callable[[tuple], N
         if command == "add":
             key, request = args
             try:
-                engine.submit(request, lambda output, key=key: step_outputs.append((key, output)))
+                engine.submit(request, lambda output, key=key: step_outputs.append(_compact(key, output)))
             except RuntimeError as error:  # the engine thread just ended: answer this one request here
-                send(("outputs", [(key, EngineOutput(request.request_id, finished=True,
-                                                     finish_reason=FinishReason.ERROR, error=str(error)))]))
+                send(("outputs", [_compact(key, EngineOutput(request.request_id, finished=True,
+                                                             finish_reason=FinishReason.ERROR, error=str(error)))]))
         elif command == "abort":
             engine.abort(*args)
         elif command == "end_session":
@@ -331,6 +332,12 @@ def _serve_commands(engine: Any, commands: Connection, send: Callable[[tuple], N
                 send(("reply", getattr(engine, command)(*args)))
             except Exception as error:
                 send(("reply", _portable(error)))
+
+
+def _compact(key: int, output: EngineOutput) -> tuple:
+    """`(key, *fields)`: a step's 512 outputs pickle in 0.17 ms as tuples, 0.61 ms as dataclasses, and
+    the pickling runs on the engine thread."""
+    return key, *vars(output).values()
 
 
 def _portable(error: BaseException) -> BaseException:
