@@ -89,11 +89,11 @@ class EngineProcess:
         if kind != "built":
             self._process.join(timeout=SHUTDOWN_TIMEOUT_S)
             raise payload
-        self.facts: EngineFacts = payload
-        self.eos_token_ids = self.facts.eos_token_ids
-        self.max_session_len = self.facts.max_session_len
-        self.max_batch_size = self.facts.max_batch_size
-        self.page_size = self.facts.page_size
+        facts: EngineFacts = payload
+        self.eos_token_ids = facts.eos_token_ids
+        self.max_session_len = facts.max_session_len
+        self.max_batch_size = facts.max_batch_size
+        self.page_size = facts.page_size
         self._reader = threading.Thread(target=self._read_events, name="xlserve-engine-events", daemon=True)
         self._reader.start()
         self.stats()

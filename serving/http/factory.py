@@ -9,7 +9,7 @@ import multiprocessing
 from quart import Quart, request
 from quart_schema import Info, QuartSchema
 
-from serving.engine.process import AnyEngine
+from serving.engine.process import AnyEngine, EngineProcess
 from serving.http import chat, completions, interactive, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
@@ -29,8 +29,6 @@ def load_engine(launch: Launch) -> AnyEngine:
     `--no-engine-process` (serving.engine.process says why), or unless this process is itself a
     daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children."""
     if launch.settings.engine_process and not multiprocessing.current_process().daemon:
-        from serving.engine.process import EngineProcess
-
         return EngineProcess.from_pretrained(launch.model_path, launch.engine_config, launch.log_level)
     from serving.engine.engine import Engine
 
