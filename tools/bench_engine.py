@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from serving.engine.config import EngineConfig
-from serving.engine.engine import Engine, resolve_dtype
+from serving.engine.engine import Engine, TurnRecord, resolve_dtype
 from serving.engine.request import EngineOutput, GenerationConfig
 from tools.bench_serving import sharegpt_like_dataset
 from tools.timing import copy_bandwidth
@@ -98,6 +98,30 @@ def run_requests(engine: Engine, prompts: list[list[int]], configs: list[Generat
     return records
 
 
+def phase_table(turns: list[TurnRecord], records: list[dict], phases: int = 10) -> list[dict]:
+    """The run cut into `phases` equal spans of time: per span, the turns, their mean length, how long
+    the host waited for the device each turn (near 0: the host sets the pace), the rows decoding, the
+    prompt tokens prefilled and the output tokens delivered."""
+    start, end = turns[0].start, turns[-1].read
+    token_times = np.sort(np.concatenate([np.asarray(r["times"]) for r in records]))
+    span = (end - start) / phases
+    table = []
+    for k in range(phases):
+        lo, hi = start + k * span, start + (k + 1) * span
+        chosen = [t for t in turns if lo <= t.start < hi]
+        n = max(len(chosen), 1)
+        table.append({
+            "t0_s": lo - start,
+            "turns": len(chosen),
+            "turn_ms": span / n * 1e3,
+            "wait_ms": sum(t.device_ready - t.dispatched for t in chosen) / n * 1e3,
+            "decode_rows": sum(t.decode_rows for t in chosen) / n,
+            "prefill_tokens": sum(t.prefill_tokens for t in chosen),
+            "output_tokens": int(np.count_nonzero((token_times >= lo) & (token_times < hi))),
+        })
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -134,6 +158,7 @@ def main() -> None:
     through.add_argument("--output-len", type=int, default=256)
     through.add_argument("--dataset", choices=["fixed", "sharegpt-like"], default="fixed",
                          help="sharegpt-like: B2's prompts and output lengths (tools.bench_serving), offline")
+    through.add_argument("--timeline", help="record every loop turn; write them and a per-phase table here (JSON)")
     args = parser.parse_args()
 
     engine = build_engine(args)
@@ -199,9 +224,21 @@ def main() -> None:
             prompts = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in range(args.num_prompts)]
             configs = [config] * len(prompts)
             shape = f"{args.input_len}/{args.output_len}"
+        engine.timeline = [] if args.timeline else None
         start = time.perf_counter()
         records = run_requests(engine, prompts, configs)
         elapsed = time.perf_counter() - start
+        if args.timeline:
+            table = phase_table(engine.timeline, records)
+            print("   t0 s  turns  turn ms  wait ms  decode rows  prefill tok  output tok")
+            for row in table:
+                print(f"{row['t0_s']:7.1f} {row['turns']:6d} {row['turn_ms']:8.2f} {row['wait_ms']:8.2f} "
+                      f"{row['decode_rows']:12.1f} {row['prefill_tokens']:12d} {row['output_tokens']:11d}")
+            with open(args.timeline, "w") as f:
+                json.dump({"phases": table, "turns": [dataclasses.astuple(t) for t in engine.timeline],
+                           "requests": [{"start": r["start"], "first": r["times"][0], "last": r["times"][-1],
+                                         "tokens": len(r["times"]), "prompt": len(p)}
+                                        for r, p in zip(records, prompts, strict=True)]}, f)
         out_tokens = sum(len(r["times"]) for r in records)
         result.update(output_tok_s=out_tokens / elapsed, req_s=len(prompts) / elapsed, seconds=elapsed)
         print(

@@ -8,7 +8,8 @@
 # at 512 (docs/benchmarks.md); MAX_BATCH=256 DECODE_BUCKETS="32 64 128 256" is the earlier setting.
 # REPEATS=N runs B2 N times, each on a fresh server (a second pass over the same prompts would hit the
 # prefix cache), writing b2.json, b2-2.json, ...: B2 varies by ~2% from run to run on one card, and
-# after the first start the compilation cache makes a restart take ~30 s.
+# after the first start the compilation cache makes a restart take ~30 s. BENCH_FLAGS go to
+# tools.bench_serving (e.g. --save-detail for per-request times).
 set -uo pipefail
 model=${MODEL:?set MODEL to a folder with config.json and tokenizer files}
 out=${OUT:-out}
@@ -24,7 +25,7 @@ for run in $(seq ${REPEATS:-1}); do
     --decode-batch-buckets ${DECODE_BUCKETS:-32 64 128 256 512} --prefill-row-buckets ${PREFILL_ROWS:-1 2 3 4 6 8 12 16 24 32 48 64} \
     --prefill-token-buckets ${PREFILL_TOKENS:-128} --max-prefill-token-num 8192 "${packed_flags[@]}" ${SERVER_FLAGS:-} || exit 1
   python -m tools.bench_serving --base-url http://127.0.0.1:23333 --dataset sharegpt-like --num-prompts "$prompts" \
-    --request-rate inf --ignore-eos --vocab-size ${VOCAB:-32000} --result-json "$out/b2$suffix.json"
+    --request-rate inf --ignore-eos --vocab-size ${VOCAB:-32000} --result-json "$out/b2$suffix.json" ${BENCH_FLAGS:-}
   # AFTER: a command run against the live server before it stops (e.g. another load generator).
   eval "${AFTER:-}"
   stop_server

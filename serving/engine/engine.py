@@ -12,6 +12,10 @@ gets a final output with `FinishReason.ERROR`) and the loop goes on. If steps ke
 escapes the loop, the thread ends: every request fails, `ready` and `alive` turn false, and `submit`
 refuses new work instead of queueing it where nobody would ever answer.
 
+`timeline`, when set to a list, gets one `TurnRecord` per loop turn (host timestamps and the turn's
+sizes): `tools/bench_engine.py --timeline` uses it to show which phase of a run costs what, and whether
+the host or the device sets the pace. Left as None, it costs one comparison a turn.
+
 `fault_hook` is for tests only: a callable the engine thread calls with a step's chunks just before
 dispatching it, to make that step fail (raise) or run slowly (sleep) with the real engine. It is a
 plain attribute, set in-process; no flag, variable or request can set it.
@@ -25,6 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +58,19 @@ CPU_KV_CACHE_BYTES = 1 << 30
 MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """One engine loop turn, in `time.perf_counter` seconds. `device_ready - dispatched` is how long the
+    host waited for the previous turn's step: near zero on every turn means the host sets the pace."""
+
+    start: float  # before scheduling
+    dispatched: float  # this turn's steps queued on the device
+    device_ready: float  # the previous turn's steps done on the device
+    read: float  # their tokens handed to the sinks
+    decode_rows: int
+    prefill_tokens: int
 
 
 def resolve_dtype(name: str, model_config: ModelConfig, platform: str) -> jnp.dtype:
@@ -123,6 +141,7 @@ class Engine:
         self._accepting = False
         self._step_failures = 0
         self.fault_hook: Callable[[list[Chunk]], None] | None = None  # tests only; see the module docstring
+        self.timeline: list[TurnRecord] | None = None  # see the module docstring
         # Called on the engine thread after each loop turn has reported its outputs, and once more as
         # the thread ends: a consumer whose sinks only buffer wakes its reader once per step, not per token.
         self.step_listeners: list[Callable[[], None]] = []
@@ -277,9 +296,20 @@ class Engine:
                 self._take_inbox(block=not self.scheduler.has_work and not in_flight)
                 if self._stopping.is_set():
                     break
+                start = time.perf_counter()
                 plan = self.scheduler.schedule()
                 dispatched = self._dispatch_or_fail(plan.decode, plan.prefill)
+                if self.timeline is not None:
+                    queued = time.perf_counter()
+                    try:
+                        jax.block_until_ready([tokens for _, tokens in in_flight])
+                    except Exception:  # a failed step: the read-back below reports it
+                        pass
+                    ready = time.perf_counter()
                 self._read_back_or_fail(in_flight)
+                if self.timeline is not None:
+                    self.timeline.append(TurnRecord(start, queued, ready, time.perf_counter(), len(plan.decode),
+                                                    sum(c.length for c in plan.prefill)))
                 in_flight = dispatched
                 self._end_step()
         except BaseException as exc:  # the engine must never hang silently: fail every request
