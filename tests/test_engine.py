@@ -127,6 +127,20 @@ def test_no_compilation_while_serving_50_mixed_requests(tiny_pipe):
     assert engine.stats()["compilations_after_warmup"] == before
 
 
+def test_the_timeline_records_every_turn_in_order(tiny_pipe):
+    engine = tiny_pipe.engine
+    prompts = random_prompts([5, 70], seed=21)  # 70 tokens: two prefill chunks
+    engine.timeline = []
+    try:
+        tiny_pipe(prompts, GenerationConfig(max_new_tokens=6, ignore_eos=True))
+    finally:
+        turns, engine.timeline = engine.timeline, None
+    assert all(t.start <= t.dispatched <= t.device_ready <= t.read for t in turns)
+    assert all(a.read <= b.start for a, b in zip(turns, turns[1:], strict=False))
+    assert sum(t.prefill_tokens for t in turns) == 75
+    assert sum(t.decode_rows for t in turns) == 2 * 5  # the prefill step samples each first token
+
+
 def test_same_seed_same_tokens_and_different_seeds_differ(tiny_pipe):
     prompt = random_prompts([8], seed=2)[0]
     cfg = dict(max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=1.5)

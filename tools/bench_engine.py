@@ -107,7 +107,7 @@ def phase_table(turns: list[TurnRecord], records: list[dict], phases: int = 10) 
     span = (end - start) / phases
     table = []
     for k in range(phases):
-        lo, hi = start + k * span, start + (k + 1) * span
+        lo, hi = start + k * span, (start + (k + 1) * span if k < phases - 1 else np.inf)  # the last token is at `end`
         chosen = [t for t in turns if lo <= t.start < hi]
         n = max(len(chosen), 1)
         table.append({
