@@ -10,7 +10,9 @@ docs/perf-notes.md: a step streams the 15 GB of Llama-3.1-8B weights (5.04 ms) o
 2 x 7.5 GFLOP per padded token at ~600 TFLOP/s, whichever is longer; decode attention reads every row's
 K/V (128 KiB a token) at ~2.2 TB/s; each program adds ~0.8 ms (norms, sampler, launches). It predicted
 B2 at 34.5 s where the H100 took 39.2 s, and the +27% of 128-token prefill rows where the H100 gave
-+24%: use it to rank scheduling ideas, not as a benchmark.
++24%: use it to rank scheduling ideas, not as a benchmark. It cannot rank decode bucket sets: it
+charges every bucket below ~200 rows the same weight streaming, where on the H100 a 32-row step costs
+7.8 ms against 5.6 ms for one row (docs/perf-notes.md, "B2: the tail's step size").
 """
 
 from __future__ import annotations
