@@ -122,6 +122,20 @@ def phase_table(turns: list[TurnRecord], records: list[dict], phases: int = 10) 
     return table
 
 
+def report_timeline(path: str, turns: list[TurnRecord], records: list[dict], prompts: list[list[int]]) -> None:
+    """Print the run's phase table; write it, every turn and each request's token times to `path` (JSON)."""
+    table = phase_table(turns, records)
+    print("   t0 s  turns  turn ms  wait ms  decode rows  prefill tok  output tok")
+    for row in table:
+        print(f"{row['t0_s']:7.1f} {row['turns']:6d} {row['turn_ms']:8.2f} {row['wait_ms']:8.2f} "
+              f"{row['decode_rows']:12.1f} {row['prefill_tokens']:12d} {row['output_tokens']:11d}")
+    with open(path, "w") as f:
+        json.dump({"phases": table, "turns": [dataclasses.astuple(t) for t in turns],
+                   "requests": [{"start": r["start"], "first": r["times"][0], "last": r["times"][-1],
+                                 "tokens": len(r["times"]), "prompt": len(p)}
+                                for r, p in zip(records, prompts, strict=True)]}, f)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -229,16 +243,7 @@ def main() -> None:
         records = run_requests(engine, prompts, configs)
         elapsed = time.perf_counter() - start
         if args.timeline:
-            table = phase_table(engine.timeline, records)
-            print("   t0 s  turns  turn ms  wait ms  decode rows  prefill tok  output tok")
-            for row in table:
-                print(f"{row['t0_s']:7.1f} {row['turns']:6d} {row['turn_ms']:8.2f} {row['wait_ms']:8.2f} "
-                      f"{row['decode_rows']:12.1f} {row['prefill_tokens']:12d} {row['output_tokens']:11d}")
-            with open(args.timeline, "w") as f:
-                json.dump({"phases": table, "turns": [dataclasses.astuple(t) for t in engine.timeline],
-                           "requests": [{"start": r["start"], "first": r["times"][0], "last": r["times"][-1],
-                                         "tokens": len(r["times"]), "prompt": len(p)}
-                                        for r, p in zip(records, prompts, strict=True)]}, f)
+            report_timeline(args.timeline, engine.timeline, records, prompts)
         out_tokens = sum(len(r["times"]) for r in records)
         result.update(output_tok_s=out_tokens / elapsed, req_s=len(prompts) / elapsed, seconds=elapsed)
         print(
