@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kernels import get_paged_attention, is_pallas, write_kv_pages
-from kernels.rms_norm import get_add_rms_norm, rms_norm
-from kernels.shared_prefix import SharedPrefix
 from model.config import ModelConfig
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, make_mesh, shard_by_kv_head, sharding_for
+from xlkernels import get_paged_attention, is_pallas, write_kv_pages
+from xlkernels.rms_norm import get_add_rms_norm, rms_norm
+from xlkernels.shared_prefix import SharedPrefix
 
 # Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D]. The whole cache is a list over layers.
 LayerCache = tuple[jax.Array, jax.Array]
@@ -98,7 +98,7 @@ class RMSNorm(nn.Module):
 
 
 class AddRMSNorm(nn.Module):
-    """The residual add and the next branch's RMSNorm, one kernel on the Pallas backend (kernels.rms_norm).
+    """The residual add and the next branch's RMSNorm, one kernel on the Pallas backend (xlkernels.rms_norm).
     Same parameter ("scale") as RMSNorm, so checkpoints load either way."""
 
     eps: float

@@ -114,13 +114,13 @@ def param_shardings(params_shape_tree: Mapping[str, Any], mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(leaf_sharding, params_shape_tree)
 
 
-# Attention inputs in `kernels`' layout: q [B, T, Hq, D] split by query head, the page pools
+# Attention inputs in `xlkernels`' layout: q [B, T, Hq, D] split by query head, the page pools
 # [Hkv, P, PS, D] by KV head (each device keeps whole GQA groups), every index table replicated.
 ATTENTION_Q_AXES: Axes = (None, None, "q_heads", "head_dim")
 
 
 def shard_by_kv_head(attend: Callable[..., jax.Array], mesh: Mesh) -> Callable[..., jax.Array]:
-    """`attend` (the `kernels` attention contract) run on each device's own heads under `shard_map`.
+    """`attend` (the `xlkernels` attention contract) run on each device's own heads under `shard_map`.
 
     XLA's partitioner cannot look inside a custom kernel (a Pallas call), so given sharded pages it
     would gather every device's KV cache around each call; per device, attention needs only its own

@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny Llama checkpoint with a real tokenizer, and one engine over it.
+"""Shared fixtures: a trained SentencePiece tokenizer, one tiny Llama checkpoint with it, and one engine over it.
 
 Start-up compiles every bucket, so the suite builds as few engines as it can: `tiny_pipe` is shared
 by every engine test and uses the small `test` bucket preset and a deliberately small KV cache (so
@@ -13,32 +13,40 @@ from pathlib import Path
 
 import pytest
 
+from tests.sentencepiece_tokenizer import VOCAB_SIZE
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA2_TOKENIZER = REPO.parent / "shared" / "models" / "llama2-tokenizer"
 
 # The engine fixture's cache: 24 usable pages of 16 tokens = 384 tokens.
 TINY_ENGINE_OPTIONS = dict(preset="test", page_size=16, num_pages=25, session_len=128)
 
 
-def add_llama2_tokenizer(checkpoint: Path) -> Path:
-    if not LLAMA2_TOKENIZER.is_dir():
-        pytest.skip(f"the Llama 2 tokenizer is expected at {LLAMA2_TOKENIZER}")
-    for file in LLAMA2_TOKENIZER.iterdir():
+def add_tokenizer(checkpoint: Path, tokenizer_dir: Path) -> Path:
+    """Copy the tokenizer files of `tokenizer_dir` into a checkpoint folder."""
+    for file in tokenizer_dir.iterdir():
         shutil.copy(file, checkpoint / file.name)
     return checkpoint
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A tiny random Llama (GQA 4/2, untied, f32) with the Llama 2 tokenizer (32000 tokens)."""
+def sentencepiece_dir(tmp_path_factory) -> Path:
+    """A Llama-2-style SentencePiece tokenizer (byte fallback, chat template), trained once a run."""
+    from tests.sentencepiece_tokenizer import write_tokenizer
+
+    return write_tokenizer(tmp_path_factory.mktemp("sentencepiece"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, sentencepiece_dir) -> Path:
+    """A tiny random Llama (GQA 4/2, untied, f32) with the SentencePiece tokenizer (VOCAB_SIZE tokens)."""
     from tests.checkpoints import make_llama_checkpoint
 
-    path = make_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama"), vocab_size=32000,
+    path = make_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama"), vocab_size=VOCAB_SIZE,
                                  max_position_embeddings=256)
-    return add_llama2_tokenizer(Path(path))
+    return add_tokenizer(Path(path), sentencepiece_dir)
 
 
 @pytest.fixture(scope="session")

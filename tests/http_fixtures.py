@@ -186,16 +186,18 @@ def shared_http_server(tiny_llama: Path) -> Iterator[LiveServer]:
 class ServerProcess:
     """A server in a child process (`hypercorn ...` or `xlserve ...`), with its output kept for asserts."""
 
-    def __init__(self, command: list[str], env: dict[str, str] | None = None):
+    def __init__(self, command: list[str], env: dict[str, str | None] | None = None, cwd: Path | None = None):
+        """`env` entries add to this process's environment; a None value removes that variable."""
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"xlserve-test-{os.getpid()}-{free_port()}.log"
         self._log = open(self.log_path, "w+b")
         self._final_output = ""
+        environment = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
             command,
-            env={**os.environ, **(env or {})},
+            env={name: value for name, value in environment.items() if value is not None},
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=cwd or Path(__file__).resolve().parents[1],
         )
 
     def wait_until(self, condition: Callable[[], bool], timeout: float = STARTUP_TIMEOUT_S) -> None:

@@ -28,7 +28,7 @@ from serving.text.templates import (
     resolve_chat_template,
 )
 from serving.text.tokenizer import Tokenizer
-from tests.conftest import LLAMA2_TOKENIZER, add_llama2_tokenizer
+from tests.conftest import add_tokenizer
 from tests.family_tokenizers import internlm2_tokenizer, llama3_tokenizer, qwen_tokenizer
 
 WEATHER_TOOL = {
@@ -83,11 +83,9 @@ def as_transformers_sees_it(messages: list[dict]) -> list[dict]:
     return result
 
 
-def make_tokenizer(builder, directory: Path, template: str | None) -> Path:
+def make_tokenizer(builder, directory: Path, template: str | None, sentencepiece_dir: Path) -> Path:
     if builder == "llama2":
-        if not LLAMA2_TOKENIZER.is_dir():
-            pytest.skip(f"the Llama 2 tokenizer is expected at {LLAMA2_TOKENIZER}")
-        add_llama2_tokenizer(directory)
+        add_tokenizer(directory, sentencepiece_dir)
         (directory / "chat_template.jinja").unlink(missing_ok=True)
         if template is not None:
             (directory / "chat_template.jinja").write_text(template)
@@ -107,12 +105,13 @@ def reference_tokenizer(path: Path):
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
+def family(request, tmp_path_factory, sentencepiece_dir):
     name = request.param
     builder, conversations, with_tools = FAMILIES[name]
     template = builtin_template(name)
-    own = make_tokenizer(builder, tmp_path_factory.mktemp(f"{name}-own"), template.source)
-    bare = make_tokenizer(builder, tmp_path_factory.mktemp(f"{name}-bare"), None)
+    own = make_tokenizer(builder, tmp_path_factory.mktemp(f"{name}-own"), template.source,
+                         sentencepiece_dir)
+    bare = make_tokenizer(builder, tmp_path_factory.mktemp(f"{name}-bare"), None, sentencepiece_dir)
     return name, template, own, bare, conversations, with_tools
 
 

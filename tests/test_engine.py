@@ -11,13 +11,14 @@ import torch
 
 from serving import GenerationConfig
 from serving.engine.request import EngineRequest, InvalidRequestError
+from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
 GREEDY = dict(max_new_tokens=12, ignore_eos=True)
 
 
 def random_prompts(lengths, seed=0):
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, 32000, size=n).tolist() for n in lengths]
+    return [rng.integers(3, VOCAB_SIZE, size=n).tolist() for n in lengths]
 
 
 def hf_greedy(hf, prompt, max_new_tokens):
@@ -271,7 +272,7 @@ def test_dummy_load_format_needs_only_config_and_tokenizer(tiny_llama, tmp_path)
     options = dict(load_format="dummy", preset="test", page_size=16, num_pages=8, session_len=64)
     engine = Engine.from_pretrained(str(tmp_path), EngineConfig.from_options(**options))
     embedding = engine.runner.params["embed"]["embedding"]
-    assert embedding.shape == (32000, engine.model_config.hidden_size)
+    assert embedding.shape == (VOCAB_SIZE, engine.model_config.hidden_size)
     with pytest.raises(FileNotFoundError):
         Engine.from_pretrained(str(tmp_path), EngineConfig.from_options(**dict(options, load_format="auto")))
 

@@ -19,6 +19,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.process import EngineProcess
 from serving.engine.request import EngineOutput, FinishReason, InvalidRequestError
 from tests.conftest import TINY_ENGINE_OPTIONS
+from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def tokens(outputs: list[EngineOutput]) -> list[int]:
 
 def test_the_same_tokens_as_the_engine_on_a_thread(engine_process, tiny_pipe):
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 32000, size=n).tolist() for n in (5, 17, 70)]
+    prompts = [rng.integers(3, VOCAB_SIZE, size=n).tolist() for n in (5, 17, 70)]
     configs = [GenerationConfig(max_new_tokens=12, ignore_eos=True),
                GenerationConfig(max_new_tokens=12, ignore_eos=True, do_sample=True, temperature=0.8, random_seed=3),
                GenerationConfig(max_new_tokens=12, ignore_eos=True)]
@@ -71,7 +72,7 @@ def test_requests_are_validated_in_the_server_process(engine_process):
     with pytest.raises(InvalidRequestError, match="session length"):
         engine_process.make_request([5] * engine_process.max_session_len, GenerationConfig(), "too-long")
     with pytest.raises(InvalidRequestError, match="prompt token ids"):
-        engine_process.make_request([32000], GenerationConfig(), "bad-id")
+        engine_process.make_request([VOCAB_SIZE], GenerationConfig(), "bad-id")
 
 
 def test_abort_ends_a_request_and_frees_its_pages(engine_process):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import signal
 import sys
@@ -82,7 +83,11 @@ def test_hypercorn_app_configured_by_environment_only() -> None:
     assert status == 0, server.output()
 
 
-def test_xlserve_command_serves_the_demo_model_and_drains_on_sigterm() -> None:
+def test_installed_xlserve_command_serves_the_demo_outside_the_checkout_and_drains_on_sigterm(tmp_path) -> None:
+    """The console script as a user runs it after `pip install`: from a folder that is not the checkout
+    (so the repo root is not on sys.path) and beside Hugging Face's `kernels`, which transformers installs
+    and whose top-level name once shadowed ours."""
+    assert "site-packages" in importlib.util.find_spec("kernels").origin  # the neighbour is really there
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [
@@ -102,11 +107,15 @@ def test_xlserve_command_serves_the_demo_model_and_drains_on_sigterm() -> None:
         "--shutdown-timeout",
         "120",
     ]
-    server = ServerProcess(command)
+    server = ServerProcess(command, env={"PYTHONPATH": None}, cwd=tmp_path)
     try:
         server.wait_ready(base)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["xlserve-demo"]
+        chat = client.chat.completions.create(
+            model="xlserve-demo", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
         completion = client.completions.create(
             model="xlserve-demo", prompt="hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
         )

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import get_paged_attention, paged_attention_reference, resolve_backend
-from kernels.pallas_decode import merge_splits, merge_splits_pallas, paged_decode_attention
-from kernels.pallas_prefill import paged_prefill_attention
-from kernels.pallas_rms_norm import add_rms_norm_pallas
-from kernels.pallas_shared_prefix import shared_prefix_decode_attention
-from kernels.rms_norm import add_rms_norm_reference
-from kernels.shared_prefix import SharedPrefix, plan_shared_prefix
+from xlkernels import get_paged_attention, paged_attention_reference, resolve_backend
+from xlkernels.pallas_decode import merge_splits, merge_splits_pallas, paged_decode_attention
+from xlkernels.pallas_prefill import paged_prefill_attention
+from xlkernels.pallas_rms_norm import add_rms_norm_pallas
+from xlkernels.pallas_shared_prefix import shared_prefix_decode_attention
+from xlkernels.rms_norm import add_rms_norm_reference
+from xlkernels.shared_prefix import SharedPrefix, plan_shared_prefix
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 

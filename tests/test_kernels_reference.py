@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import get_paged_attention, paged_attention_reference, write_kv_pages
+from xlkernels import get_paged_attention, paged_attention_reference, write_kv_pages
 
 
 def dense_attention(q, k, v, q_pos, kv_len, scale):

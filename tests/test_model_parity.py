@@ -121,10 +121,10 @@ def test_prefill_chunks_and_decode_steps_match_transformers(variant):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= (1.0 if dtype == jnp.float32 else 0.9)
 
 
+# bf16 rounding differs between XLA and torch, so greedy paths may part on near-ties: f32 variants only.
+@pytest.mark.parametrize("variant", sorted(v for v in VARIANTS if VARIANTS[v][2] == "float32"), indirect=True)
 def test_greedy_generation_matches_transformers(variant):
     config, params, hf, dtype, _ = variant
-    if dtype != jnp.float32:
-        pytest.skip("bf16 rounding differs between XLA and torch; greedy paths may part on near-ties")
     prompt = np.random.default_rng(2).integers(0, config.vocab_size, size=PROMPT_CHUNKS[-1][1]).tolist()
     new_tokens = NUM_TOKENS - len(prompt)
     # An EOS id outside the vocabulary: the random model may well pick a real one, and both must then

@@ -18,6 +18,7 @@ from serving import GenerationConfig
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
 from serving.engine.pages import ROOT_KEY, OutOfPages, PageAllocator, PageContent, page_key
+from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
 PAGE = 16
 GREEDY = GenerationConfig(max_new_tokens=8, ignore_eos=True)
@@ -78,7 +79,7 @@ def test_a_duplicate_content_keeps_the_first_page_and_frees_the_second():
 
 # ----- the engine --------------------------------------------------------------------------------------
 def random_prompt(length: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(3, 32000, size=length).tolist()
+    return np.random.default_rng(seed).integers(3, VOCAB_SIZE, size=length).tolist()
 
 
 def run(engine: Engine, prompts: list[list[int]], config: GenerationConfig = GREEDY,

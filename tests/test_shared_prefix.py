@@ -14,13 +14,14 @@ import threading
 import numpy as np
 import pytest
 
-from kernels import get_paged_attention, is_pallas, paged_attention_pallas, resolve_backend
-from kernels.shared_prefix import MIN_PLAN_BATCH, MIN_TILE_ROWS, SharedPrefix, plan_shared_prefix
 from serving import GenerationConfig
 from serving.cli import build_parser
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
 from serving.http.options import from_arguments, from_environment
+from tests.sentencepiece_tokenizer import VOCAB_SIZE
+from xlkernels import get_paged_attention, is_pallas, paged_attention_pallas, resolve_backend
+from xlkernels.shared_prefix import MIN_PLAN_BATCH, MIN_TILE_ROWS, SharedPrefix, plan_shared_prefix
 
 PAGE = 8
 
@@ -125,7 +126,7 @@ GREEDY = GenerationConfig(max_new_tokens=12, ignore_eos=True)
 
 
 def random_prompt(length: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(3, 32000, size=length).tolist()
+    return np.random.default_rng(seed).integers(3, VOCAB_SIZE, size=length).tolist()
 
 
 def generate(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:

@@ -4,17 +4,13 @@ fallback, leading-space stripping) and the demo model's byte-level BPE tokenizer
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
 from configs.demo import ensure_demo_checkpoint
 from serving.text.detokenizer import IncrementalDetokenizer
 from serving.text.tokenizer import Tokenizer
-
-LLAMA2_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "llama2-tokenizer"
-# Llama 2 spells byte b as token b + 3 (<0x00> is id 3) when a character has no piece of its own.
-LLAMA_BYTE_IDS = range(3, 259)
+from tests.sentencepiece_tokenizer import BYTE_IDS
 
 # Rare CJK (Extension B), emoji (also a ZWJ family), combining marks, math letters: all beyond Llama
 # 2's pieces, so they go through byte-fallback tokens; mixed with text that has pieces.
@@ -28,10 +24,8 @@ UNICODE_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def llama() -> Tokenizer:
-    if not LLAMA2_TOKENIZER.is_dir():
-        pytest.skip(f"the Llama 2 tokenizer is expected at {LLAMA2_TOKENIZER} (shared/ beside the repo)")
-    return Tokenizer.from_pretrained(str(LLAMA2_TOKENIZER))
+def llama(sentencepiece_dir) -> Tokenizer:
+    return Tokenizer.from_pretrained(str(sentencepiece_dir))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def stream(tok: Tokenizer, prompt: list[int], ids: list[int], chunks: list[int] 
 @pytest.mark.parametrize("text", ["你好，𠀀𠀁世界鿰！", "emoji 🦜🎉👨‍👩‍👧 done"])
 def test_byte_fallback_characters_never_stream_broken(llama, text):
     ids = llama.encode(text, add_special_tokens=False)
-    assert sum(i in LLAMA_BYTE_IDS for i in ids) >= 4  # the case under test really is exercised
+    assert sum(i in BYTE_IDS for i in ids) >= 4  # the case under test really is exercised
     pieces = stream(llama, [], ids)
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) == llama.decode(ids) == text

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from serving.engine.request import EngineOutput, FinishReason, GenerationConfig
 from serving.text.output import OutputProcessor, TextDelta
 from serving.text.tokenizer import Tokenizer
 
-LLAMA2_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "llama2-tokenizer"
 EOS = 2
 
 
 @pytest.fixture(scope="module")
-def llama() -> Tokenizer:
-    if not LLAMA2_TOKENIZER.is_dir():
-        pytest.skip(f"the Llama 2 tokenizer is expected at {LLAMA2_TOKENIZER} (shared/ beside the repo)")
-    return Tokenizer.from_pretrained(str(LLAMA2_TOKENIZER))
+def llama(sentencepiece_dir) -> Tokenizer:
+    return Tokenizer.from_pretrained(str(sentencepiece_dir))
 
 
 def run(tok: Tokenizer, ids: list[int], config: GenerationConfig, per_output: int = 1,

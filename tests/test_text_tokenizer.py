@@ -9,8 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from serving.text.tokenizer import Tokenizer
-
-LLAMA2_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "llama2-tokenizer"
+from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
@@ -24,16 +23,14 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def llama_dir() -> Path:
-    if not LLAMA2_TOKENIZER.is_dir():
-        pytest.skip(f"the Llama 2 tokenizer is expected at {LLAMA2_TOKENIZER} (shared/ beside the repo)")
-    return LLAMA2_TOKENIZER
+def llama_dir(sentencepiece_dir) -> Path:
+    return sentencepiece_dir
 
 
 def test_loads_offline_with_llama_special_ids(llama_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = Tokenizer.from_pretrained(str(llama_dir))
-    assert tok.vocab_size == 32000
+    assert tok.vocab_size == VOCAB_SIZE
     assert tok.bos_token_id == 1
     assert tok.eos_token_ids == frozenset({2})
     assert tok.all_special_ids == frozenset({0, 1, 2})

@@ -2,7 +2,7 @@
 
     PYTHONUNBUFFERED=1 python tools/bench_kernels.py [--quick] [--out DIR]
 
-Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, page size 64 (kernels.paged_attention layout).
+Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, page size 64 (xlkernels.paged_attention layout).
 (a) correctness: each kernel (and JAX's library decode kernel, our baseline) against the XLA reference
     computed in f32 on the same device: ragged rows, a length-1 row, page boundaries, padding rows.
 (b) timing: decode at batch 1/8/32/128 x context 512/2048/8192 (plus ragged batches), prefill chunks of
@@ -45,15 +45,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.paged_attention import paged_attention_reference  # noqa: E402
-from kernels.pallas_decode import (  # noqa: E402
+from xlkernels.paged_attention import paged_attention_reference  # noqa: E402
+from xlkernels.pallas_decode import (  # noqa: E402
     default_k_splits,
     default_pages_per_block,
     paged_decode_attention,
 )
-from kernels.pallas_prefill import paged_prefill_attention  # noqa: E402
-from kernels.pallas_shared_prefix import shared_prefix_decode_attention  # noqa: E402
-from kernels.shared_prefix import SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for  # noqa: E402
+from xlkernels.pallas_prefill import paged_prefill_attention  # noqa: E402
+from xlkernels.pallas_shared_prefix import shared_prefix_decode_attention  # noqa: E402
+from xlkernels.shared_prefix import SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # the Triton lowering warns from jax 0.11
 

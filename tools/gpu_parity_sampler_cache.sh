@@ -29,7 +29,7 @@ speed)
     --temperature 1.0 --top-p 0.9 --json "$out/b1-topp-new.json" single --input-len 128 --output-len 1024 2>&1 | quiet
   if [ -f .bench/old_sampling.py ]; then
     echo "== B1 top-p 0.9 (temperature 1), old sampler (lax.cond + dynamic fori_loop)"
-    rm -rf /tmp/old && mkdir /tmp/old && cp -r configs kernels model serving tools /tmp/old/
+    rm -rf /tmp/old && mkdir /tmp/old && cp -r configs xlkernels model serving tools /tmp/old/
     cp .bench/old_sampling.py /tmp/old/serving/engine/sampling.py
     sed -i 's/import RowParams, SamplingBatch, sample, sample_mode, sample_modes/import ALL_GREEDY, NO_SEARCH, SEARCH, RowParams, SamplingBatch, sample, sample_mode/; s/for mode in sample_modes(rows):/for mode in (ALL_GREEDY, NO_SEARCH, SEARCH):/' /tmp/old/serving/engine/runner.py
     (cd /tmp/old && python -m tools.bench_engine $b1 --compilation-cache-dir off --bandwidth 2.98e12 \

@@ -130,7 +130,7 @@ class EngineConfig:
     # auto: the checkpoint's safetensors; dummy: random weights at the checkpoint's shapes, for
     # benchmarks where only config.json and the tokenizer are at hand (vLLM's --load-format dummy)
     load_format: str = "auto"
-    attention_backend: str = "auto"  # kernels.BACKENDS: auto = our Pallas kernels on GPU, XLA elsewhere
+    attention_backend: str = "auto"  # xlkernels.BACKENDS: auto = our Pallas kernels on GPU, XLA elsewhere
     # Decode rows that share leading KV pages (prefix-cache hits) read them once per tile of rows; Pallas only
     enable_shared_prefix_attention: bool = True
     tp: int = 1

@@ -5,7 +5,7 @@ values into the cache, and samples one token per row from the logits at each row
 same function serves decode (`T == 1`) and prefill; it is compiled ahead of time for every bucket shape
 at start-up and called through the compiled executables, so serving can never trigger a compilation.
 With the Pallas kernels, decode buckets also get a shared-prefix variant: the host groups rows that share
-leading pages into tiles (`kernels.shared_prefix`), and a step with at least one tile runs that variant.
+leading pages into tiles (`xlkernels.shared_prefix`), and a step with at least one tile runs that variant.
 Only the per-sequence device state is donated — the cache, the "seen tokens" table (repetition
 penalty) and each sequence's last sampled token — and it is rebound after every call: updated in
 place, never copied. Because a decoding row reads its input token from that state, the engine can
@@ -24,8 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kernels import is_pallas
-from kernels.shared_prefix import MIN_PLAN_BATCH, SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for
 from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.config import BucketSet
@@ -33,6 +31,8 @@ from serving.engine.pages import NULL_PAGE
 from serving.engine.request import MAX_STOP_TOKEN_IDS
 from serving.engine.sampling import RowParams, SamplingBatch, sample, sample_mode, sample_modes
 from serving.engine.scheduler import Chunk, Sequence
+from xlkernels import is_pallas
+from xlkernels.shared_prefix import MIN_PLAN_BATCH, SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class StepInputs:
 # Host -> device, per step, as few arrays as possible: each transfer costs host time on the dispatch
 # path, so the per-row fields travel packed in one i32 matrix and are unpacked inside the jit.
 # Columns of the packed row matrix, then the row's block table. _TILE, _TILE_SLOT and _TILE_START are a decode
-# row's shared-prefix plan (row_tile, row_slot, row_start of `kernels.shared_prefix`), read only by the
+# row's shared-prefix plan (row_tile, row_slot, row_start of `xlkernels.shared_prefix`), read only by the
 # shared-prefix variant of the step:
 _SLOT, _START, _LENGTH, _FROM_DEVICE, _SAMPLES, _RESET, _TILE, _TILE_SLOT, _TILE_START, _ROW_FIELDS = range(10)
 # Sampling columns: i32 [top_k, seed_hi, seed_lo, step, banned...] and f32 [temperature, top_p, min_p, penalty].

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from configs.demo import DEMO_MODEL_NAME
-from kernels import BACKENDS
 from serving.engine.config import EngineConfig
 from serving.http.settings import DEFAULT_MAX_QUEUE_LEN, DEFAULT_MAX_REQUEST_BYTES, ServerSettings
 from serving.text.reasoning import ALIASES as REASONING_ALIASES
@@ -25,6 +24,7 @@ from serving.text.reasoning import REASONING_PARSERS, parser_name
 from serving.text.templates import ChatTemplate, resolve_chat_template
 from serving.text.tool_parsers import ALIASES as TOOL_ALIASES
 from serving.text.tool_parsers import TOOL_FORMATS
+from xlkernels import BACKENDS
 
 MODEL_ENV = "XLSERVE_MODEL"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")

@@ -3,7 +3,7 @@
 Every decoder layer adds a branch's output to the residual stream and normalises the sum for the next
 branch: `x = x + delta; h = rms_norm(x)`. XLA runs that as three small kernels (the add, the
 mean-of-squares reduction, the scaling), ~1.5 us each, which at batch 1 is ~5% of a decode step; the
-Pallas kernel (`kernels.pallas_rms_norm`) does it in one. Both compute what transformers computes:
+Pallas kernel (`xlkernels.pallas_rms_norm`) does it in one. Both compute what transformers computes:
 the sum rounded to the activations' dtype, normalised in f32, cast back, then scaled.
 """
 
@@ -36,12 +36,12 @@ def add_rms_norm_reference(
 
 
 def get_add_rms_norm(backend: str) -> AddRMSNorm:
-    """The fused add + RMSNorm for `backend` (any of `kernels.BACKENDS`, as `get_paged_attention`)."""
-    from kernels import resolve_backend
+    """The fused add + RMSNorm for `backend` (any of `xlkernels.BACKENDS`, as `get_paged_attention`)."""
+    from xlkernels import resolve_backend
 
     resolved = resolve_backend(backend)
     if resolved == "xla":
         return add_rms_norm_reference
-    from kernels.pallas_rms_norm import add_rms_norm_pallas  # the Triton lowering only where it is used
+    from xlkernels.pallas_rms_norm import add_rms_norm_pallas  # the Triton lowering only where it is used
 
     return functools.partial(add_rms_norm_pallas, interpret=resolved == "pallas-interpret")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.shared_prefix import SharedPrefix
+from xlkernels.shared_prefix import SharedPrefix
 
 NEG_INF = -1e30
 

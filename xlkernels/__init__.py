@@ -8,7 +8,7 @@ Backends (all with the signature of `paged_attention_reference`):
     "pallas-interpret"  the Pallas kernels in interpret mode: runs anywhere (slowly); for CPU tests of the
               engine on the kernels' code path.
 Every backend also takes `shared`, an optional `SharedPrefix` plan for decode batches (see
-`kernels.shared_prefix`): a hint about how to compute, never a change to what is computed.
+`xlkernels.shared_prefix`): a hint about how to compute, never a change to what is computed.
 Nothing here imports `model` or `serving`: a kernel is usable on its own.
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import jax
 
-from kernels.paged_attention import paged_attention_reference, write_kv_pages
-from kernels.shared_prefix import SharedPrefix
+from xlkernels.paged_attention import paged_attention_reference, write_kv_pages
+from xlkernels.shared_prefix import SharedPrefix
 
 BACKENDS = ("xla", "pallas", "auto", "pallas-interpret")
 
@@ -38,10 +38,10 @@ def paged_attention_pallas(
     interpret: bool = False,
 ) -> jax.Array:  # [B, T, Hq, D] in q.dtype
     """Our Pallas kernels with the reference's contract; `interpret=True` runs them on CPU."""
-    # Imported here so `import kernels` stays light and never touches the Triton lowering on CPU hosts.
-    from kernels.pallas_decode import paged_decode_attention
-    from kernels.pallas_prefill import paged_prefill_attention
-    from kernels.pallas_shared_prefix import shared_prefix_decode_attention
+    # Imported here so `import xlkernels` stays light and never touches the Triton lowering on CPU hosts.
+    from xlkernels.pallas_decode import paged_decode_attention
+    from xlkernels.pallas_prefill import paged_prefill_attention
+    from xlkernels.pallas_shared_prefix import shared_prefix_decode_attention
 
     args = (q, k_pages, v_pages, block_tables, q_positions, kv_lens)
     if q.shape[1] > 1:

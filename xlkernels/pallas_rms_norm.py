@@ -1,4 +1,4 @@
-"""The residual add and RMSNorm in one Pallas GPU kernel (Triton lowering); see `kernels.rms_norm`.
+"""The residual add and RMSNorm in one Pallas GPU kernel (Triton lowering); see `xlkernels.rms_norm`.
 
 grid = (rows,): one program per token row reads x and delta once, writes their sum and its norm. The
 row (the hidden size E) is one block, so E must be a power of two (Triton loads); other sizes take
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.pallas_decode import is_pow2
-from kernels.rms_norm import add_rms_norm_reference
+from xlkernels.pallas_decode import is_pow2
+from xlkernels.rms_norm import add_rms_norm_reference
 
 
 def _add_rms_norm_kernel(*refs, has_delta: bool, eps: float):

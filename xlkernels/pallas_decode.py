@@ -1,6 +1,6 @@
 """Paged decode attention (one query token per row) as a Pallas kernel for GPUs (Triton lowering).
 
-Same contract as `kernels.paged_attention.paged_attention_reference` with T == 1.
+Same contract as `xlkernels.paged_attention.paged_attention_reference` with T == 1.
 
 Work split (flash-decoding):
     grid = (batch, num_kv_heads, k_splits). One program takes one row, one KV head and the G query
@@ -13,7 +13,7 @@ Work split (flash-decoding):
     domain). A log-sum-exp merge over the splits in plain JAX gives the result. With one split the
     kernel writes the final output directly and no merge runs. `paged_decode_partials` can also start
     each row at a page-aligned `kv_starts` and hand back the unmerged splits: the shared-prefix path
-    (`kernels.pallas_shared_prefix`) attends to the pages before that start in one pass per tile of rows.
+    (`xlkernels.pallas_shared_prefix`) attends to the pages before that start in one pass per tile of rows.
 
 Why the padding of query rows: Triton's `dot` needs at least 16 rows, and G is 1..8 for most models,
 so each program gathers its G query rows into `rows = max(16, next_pow2(G))` rows (the spare rows

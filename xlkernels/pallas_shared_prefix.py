@@ -1,7 +1,7 @@
 """Shared-prefix ("cascade") decode attention as Pallas GPU kernels (Triton lowering).
 
 Same contract as `paged_attention_reference` with T == 1, given a `SharedPrefix` plan
-(`kernels.shared_prefix`): tiles of up to R rows that hold the same first `tile_len` tokens' pages.
+(`xlkernels.shared_prefix`): tiles of up to R rows that hold the same first `tile_len` tokens' pages.
 
 Two passes, one merge:
     prefix pass  grid = (tiles, num_kv_heads, prefix_splits). One program takes one tile, one KV head
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.pallas_decode import (
+from xlkernels.pallas_decode import (
     LOG2_E,
     MIN_DOT_ROWS,
     NEG_INF,
@@ -40,7 +40,7 @@ from kernels.pallas_decode import (
     paged_decode_partials,
     split_pages,
 )
-from kernels.shared_prefix import SharedPrefix
+from xlkernels.shared_prefix import SharedPrefix
 
 # Slices of each tile's prefix. B4's step on the H100 (16 tiles x 8 KV heads, 2048 shared tokens):
 # 233 us with 2 slices, 246 with 4, 258 with 8 (docs/perf-notes.md, "Shared-prefix attention").

@@ -1,6 +1,6 @@
 """Paged prefill attention (T > 1 query tokens per row) as a Pallas kernel for GPUs (Triton lowering).
 
-Same contract as `kernels.paged_attention.paged_attention_reference`; used for chunked prefill and
+Same contract as `xlkernels.paged_attention.paged_attention_reference`; used for chunked prefill and
 prefix-cache hits, where a row's new tokens attend to its cached pages and to themselves (they are
 written to the pages before attention runs).
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.pallas_decode import H100_NUM_SMS, LOG2_E, MIN_DOT_ROWS, NEG_INF, is_pow2, next_pow2
+from xlkernels.pallas_decode import H100_NUM_SMS, LOG2_E, MIN_DOT_ROWS, NEG_INF, is_pow2, next_pow2
 
 
 def _prefill_kernel(
