@@ -149,7 +149,9 @@ class Attention(nn.Module):
                      scale=head_dim**-0.5, shared=batch.shared)
         if batch.packed_index is not None:
             out = pack(out, batch.packed_index)
-        out = jnp.einsum("bthd,hde->bte", out, wo)
+        # As one [Hq * D, E] matrix (a free reshape of both): contracting (h, d) in the einsum let XLA:CPU copy
+        # the whole weight into another layout every step.
+        out = out.reshape(*out.shape[:2], -1) @ wo.reshape(-1, wo.shape[-1])
         if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
             out = out + self.param("bo", nn.initializers.zeros, (cfg.hidden_size,), self.dtype)
         return out, (k_pages, v_pages)
