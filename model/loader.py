@@ -1,4 +1,5 @@
 """Hugging Face safetensors checkpoints -> the fused parameter pytree of docs/interfaces.md, on device.
+(GGUF files reach the same path through `model.gguf`, which names and lays out their tensors as HF does.)
 
 Each parameter is declared once as a `ParamSpec`: the HF tensors it is built from, a free host-side
 reshape of each, and a small `fuse` function (transpose / concatenate) that runs on the device. Loading
@@ -20,10 +21,10 @@ import json
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,17 @@ MAX_LISTED = 20
 RANDOM_INIT_STD = 0.02
 
 
+class CheckpointTensor(Protocol):
+    """One tensor of a checkpoint under its Hugging Face name and in its HF layout, read on demand."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def read(self) -> np.ndarray:
+        """The tensor as a host array (float32, bfloat16 or float16); the device casts it."""
+        ...
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor's bytes lie in a safetensors file."""
@@ -55,6 +67,10 @@ class TensorInfo:
     dtype: str  # safetensors' code: BF16, F16, F32, ...
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in `file`
+
+    def read(self) -> np.ndarray:
+        """A read-only view of the mapped file: no copy until a device asks for its bytes."""
+        return np.memmap(self.file, SAFETENSORS_DTYPES[self.dtype], mode="r", offset=self.offset, shape=self.shape)
 
 
 @dataclass(frozen=True)
@@ -286,18 +302,29 @@ def param_shapes(config: ModelConfig, dtype: jax.typing.DTypeLike = jnp.float32)
 def load_params(
     path: str | os.PathLike[str], config: ModelConfig, dtype: jax.typing.DTypeLike, mesh: Mesh | None = None
 ) -> Params:
-    """Read a local safetensors checkpoint into the fused layout, cast to `dtype`, placed on `mesh`
-    (one device when None). Everything is checked against `config` before the first byte is read."""
+    """Read a local checkpoint into the fused layout, cast to `dtype`, placed on `mesh` (one device when
+    None). Everything is checked against `config` before the first byte is read."""
+    from model.gguf import find_gguf_file, gguf_tensors  # imported here: model.gguf builds on this module
+
+    gguf_file = find_gguf_file(path)
+    tensors = gguf_tensors(gguf_file) if gguf_file is not None else checkpoint_tensors(path)
+    return place_params(tensors, config, dtype, mesh)
+
+
+def place_params(
+    tensors: Mapping[str, CheckpointTensor], config: ModelConfig, dtype: jax.typing.DTypeLike,
+    mesh: Mesh | None = None,
+) -> Params:
+    """`load_params` from a checkpoint's tensors, whatever file format holds them."""
     dtype = _float_dtype(dtype)
     mesh = mesh or make_mesh(1)
     specs = param_specs(config)
-    tensors = checkpoint_tensors(path)
     _check_tensors(tensors, specs, config)
     shardings = _flatten(param_shardings(param_shapes(config, dtype), mesh))
     flat = {}
     for spec in specs:
         raw = [
-            jax.device_put(_read(tensors[s.name]).reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
+            jax.device_put(tensors[s.name].read().reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
             for s in spec.sources
         ]
         flat[spec.path] = _assembler(spec.fuse, dtype, shardings[spec.path])(raw)
@@ -350,13 +377,7 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
     }
 
 
-def _read(info: TensorInfo) -> np.ndarray:
-    """The tensor as a read-only view of the mapped file: no copy until a device asks for its bytes."""
-    dtype = SAFETENSORS_DTYPES[info.dtype]
-    return np.memmap(info.file, dtype, mode="r", offset=info.offset, shape=info.shape)
-
-
-def _check_tensors(tensors: dict[str, TensorInfo], specs: list[ParamSpec], config: ModelConfig) -> None:
+def _check_tensors(tensors: Mapping[str, CheckpointTensor], specs: list[ParamSpec], config: ModelConfig) -> None:
     """Refuse a checkpoint that does not match `config`, listing every problem at once."""
     expected = {source.name: source for spec in specs for source in spec.sources}
     # A tied checkpoint may still carry its LM head; transformers ignores it then, and so do we.
@@ -370,8 +391,8 @@ def _check_tensors(tensors: dict[str, TensorInfo], specs: list[ParamSpec], confi
     for name in sorted(expected.keys() & present):
         info, shape = tensors[name], expected[name].shape
         if info.shape != shape:
-            problems.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
-        if info.dtype not in SAFETENSORS_DTYPES:
+            problems.append(f"{name} has shape {list(info.shape)}, the model config implies {list(shape)}")
+        if isinstance(info, TensorInfo) and info.dtype not in SAFETENSORS_DTYPES:
             problems.append(f"{name} is {info.dtype}; only {', '.join(SAFETENSORS_DTYPES)} checkpoints load")
     if problems:
         raise ValueError("checkpoint does not match its config:\n  " + "\n  ".join(problems))

@@ -175,15 +175,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None) -> Engine:
-        """Load a local Hugging Face checkpoint directory (None: the built-in demo model)."""
+        """Load a local Hugging Face checkpoint directory or GGUF file (None: the built-in demo model)."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
             model_path = ensure_demo_checkpoint()
-        if not os.path.isdir(model_path):
+        if not (os.path.isdir(model_path) or os.path.isfile(model_path)):
             raise FileNotFoundError(
-                f"model path {model_path!r} is not a local directory; xlserve loads Hugging Face checkpoints "
-                "from disk and cannot download them"
+                f"model path {model_path!r} is not a local directory or GGUF file; xlserve loads Hugging Face "
+                "checkpoints and GGUF files from disk and cannot download them"
             )
         config = config or EngineConfig()
         model_config = ModelConfig.from_pretrained(model_path)

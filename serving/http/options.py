@@ -430,11 +430,11 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
     for option in OPTIONS:
         if option.target == "refused" and values[option.field] is not None:
             raise OptionError(f"{source(option)}: {option.help}")
-    if model_path is not None and not os.path.isdir(model_path):
+    if model_path is not None and not (os.path.isdir(model_path) or os.path.isfile(model_path)):
         raise OptionError(
-            f"model path {model_path!r} is not a local directory. xlserve cannot download from a model hub: "
-            "download the checkpoint (config.json, *.safetensors, tokenizer files) and pass its directory, "
-            "or pass no model to serve the built-in demo model."
+            f"model path {model_path!r} is not a local directory or GGUF file. xlserve cannot download from a "
+            "model hub: download the checkpoint (config.json, *.safetensors, tokenizer files) and pass its "
+            "directory, or a .gguf file, or pass no model to serve the built-in demo model."
         )
     given = {o.field: values[o.field] for o in OPTIONS if values[o.field] is not None}
     engine_options = {o.field: given[o.field] for o in OPTIONS if o.target == "engine" and o.field in given}
