@@ -1,4 +1,5 @@
-"""GGUF files written from the tests' tiny Hugging Face checkpoints, as llama.cpp's converter lays them out.
+"""GGUF files written from the tests' tiny Hugging Face checkpoints, as llama.cpp's converter lays them out,
+and the logits of a GGUF file as xlserve and as transformers compute them.
 
 `write_gguf` reads a checkpoint of tests/checkpoints.py and writes it with the `gguf` package's writer:
 the config as `{arch}.*` metadata, 2-D weights block-quantized (Q8_0 by default), norms in F32, a
@@ -14,16 +15,22 @@ import json
 from pathlib import Path
 
 import gguf
+import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
 from configs.demo import CHATML_TEMPLATE, EOS, IM_END, IM_START, SPECIAL_TOKENS, build_tokenizer
+from model.config import ModelConfig
 from model.gguf import LAYER_TENSORS, MODEL_TENSORS
+from model.llama import AttentionBatch, CausalLM, empty_cache
+from model.loader import load_params
 
 GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3"}
 GGUF_NAMES = {hf: ggml for ggml, hf in MODEL_TENSORS.items()}
 GGUF_LAYER_NAMES = {hf: ggml for ggml, hf in LAYER_TENSORS.items()}
+PAGE_SIZE = 4
 
 
 def demo_vocab_size() -> int:
@@ -70,6 +77,31 @@ def write_gguf(checkpoint: Path, file: Path, *, weight_type: gguf.GGMLQuantizati
     writer.write_tensors_to_file()
     writer.close()
     return file
+
+
+def our_logits(file: Path, tokens: list[int]) -> np.ndarray:
+    """f32[T, V]: xlserve's loader and decoder, float32, every position of one prefill."""
+    config = ModelConfig.from_pretrained(file)
+    params = load_params(file, config, jnp.float32)
+    model = CausalLM(config, dtype=jnp.float32)
+    n, pages = len(tokens), -(-len(tokens) // PAGE_SIZE)
+    batch = AttentionBatch(positions=jnp.arange(n, dtype=jnp.int32)[None], valid=jnp.ones((1, n), bool),
+                           kv_lens=jnp.asarray([n], jnp.int32),
+                           block_tables=jnp.arange(1, pages + 1, dtype=jnp.int32)[None])
+    cache = empty_cache(config, pages + 1, PAGE_SIZE, jnp.float32)
+    forward = jax.jit(lambda p, c: model.apply({"params": p}, jnp.asarray([tokens], jnp.int32), batch, c))
+    logits, _ = forward(params, cache)
+    return np.asarray(logits[0])
+
+
+def transformers_logits(file: Path, tokens: list[int], hf=None) -> np.ndarray:
+    """f32[T, V]: transformers' GGUF loader (or the model `hf` it loaded already) and its decoder, float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = hf or AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([tokens])).logits[0].numpy()
 
 
 def _gguf_name(hf_name: str) -> str:

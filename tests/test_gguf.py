@@ -11,23 +11,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from configs.demo import CHATML_TEMPLATE, build_tokenizer
 from model.config import ModelConfig
 from model.gguf import find_gguf_file
-from model.llama import AttentionBatch, CausalLM, empty_cache
 from model.loader import load_params
 from serving.text.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
-from tests.gguf_files import demo_vocab_size, write_gguf
+from tests.gguf_files import demo_vocab_size, our_logits, transformers_logits, write_gguf
 
-PAGE_SIZE = 4
 VARIANTS = {
     # llama: q/k rows interleaved in the file, GQA, untied; qwen2: q/k/v biases, tied; qwen3: per-head q/k norms
     "llama": ("llama", dict(num_heads=4, num_kv_heads=2)),
@@ -50,26 +45,6 @@ def make_gguf(directory: Path, family: str, **options) -> Path:
 @pytest.fixture(scope="module")
 def llama_gguf(gguf_dir) -> Path:
     return make_gguf(gguf_dir, *VARIANTS["llama"][:1], **VARIANTS["llama"][1])
-
-
-def our_logits(file: Path, tokens: list[int]) -> np.ndarray:
-    config = ModelConfig.from_pretrained(file)
-    params = load_params(file, config, jnp.float32)
-    model = CausalLM(config, dtype=jnp.float32)
-    n, pages = len(tokens), -(-len(tokens) // PAGE_SIZE)
-    batch = AttentionBatch(positions=jnp.arange(n, dtype=jnp.int32)[None], valid=jnp.ones((1, n), bool),
-                           kv_lens=jnp.asarray([n], jnp.int32),
-                           block_tables=jnp.arange(1, pages + 1, dtype=jnp.int32)[None])
-    cache = empty_cache(config, pages + 1, PAGE_SIZE, jnp.float32)
-    forward = jax.jit(lambda p, c: model.apply({"params": p}, jnp.asarray([tokens], jnp.int32), batch, c))
-    logits, _ = forward(params, cache)
-    return np.asarray(logits[0])
-
-
-def transformers_logits(file: Path, tokens: list[int]) -> np.ndarray:
-    hf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return hf(torch.tensor([tokens])).logits[0].numpy()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
