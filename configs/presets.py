@@ -1,8 +1,11 @@
 """Bucket presets: the shapes each platform compiles at start-up.
 
 GPU: decode batches in powers of two up to 256 and prefill chunks up to 8192 tokens (LMDeploy's
---max-prefill-token-num default). CPU: small, so start-up compiles stay quick. Test: the fewest shapes
-that still exercise chunking, batching and padding, to keep the CI run short.
+--max-prefill-token-num default). CPU: few shapes, because XLA:CPU takes seconds per program and start-up
+compiles them all (SmolLM2-135M: ~1-3 s a step program, plus 3 sampler programs per row count): decode at
+1, 4 and 16 rows (a 16-row step costs a few 1-row steps on CPU, so padding a partial batch up is cheap
+next to compiling every power of two), prefill in rows of 64 or 128 tokens, one or four rows. Test: the
+fewest shapes that still exercise chunking, batching and padding, to keep the CI run short.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ PRESETS: dict[str, BucketSet] = {
         max_prefill_tokens=8192,
     ),
     "cpu": BucketSet(
-        decode_batch=(1, 2, 4, 8, 16),
-        prefill_rows=(1, 2, 4),
-        prefill_tokens=(16, 32, 64, 128, 256),
+        decode_batch=(1, 4, 16),
+        prefill_rows=(1, 4),
+        prefill_tokens=(64, 128),
         max_prefill_tokens=512,
     ),
     "test": BucketSet(
