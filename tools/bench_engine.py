@@ -188,11 +188,12 @@ def main() -> None:
     engine = build_engine(args)
     t0 = time.perf_counter()
     engine.start()
+    started = time.perf_counter() - t0
     weight_bytes = streamed_weight_bytes(engine.runner.params)
     bandwidth = args.bandwidth or copy_bandwidth()
     floor_ms = weight_bytes / bandwidth * 1e3
     print(
-        f"device {jax.devices()[0].device_kind}; started in {time.perf_counter() - t0:.1f}s "
+        f"device {jax.devices()[0].device_kind}; started in {started:.1f}s "
         f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "
         f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token",
         flush=True,
