@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from model.config import ModelConfig
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, make_mesh, shard_by_kv_head, sharding_for
-from xlkernels import get_paged_attention, is_pallas, write_kv_pages
+from xlkernels import get_paged_attention, write_kv_pages
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
 from xlkernels.shared_prefix import SharedPrefix
 
@@ -143,7 +143,7 @@ class Attention(nn.Module):
 
         k_pages, v_pages = write_kv_pages(*cache, k, v, batch.block_tables, batch.positions, batch.valid)
         attend = get_paged_attention(self.attention_backend)
-        if self.mesh is not None and self.mesh.size > 1 and is_pallas(self.attention_backend):
+        if self.mesh is not None and self.mesh.size > 1:
             attend = shard_by_kv_head(attend, self.mesh)
         out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
                      scale=head_dim**-0.5, shared=batch.shared)
