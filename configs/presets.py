@@ -4,11 +4,10 @@ GPU: decode batches in powers of two up to 256 and prefill chunks up to 8192 tok
 --max-prefill-token-num default). CPU: few programs, because XLA:CPU takes seconds to compile each one
 (SmolLM2-135M's decode step: ~3.7 s of CPU; each row count adds 3 sampler programs) and start-up compiles
 them all: decode at 1, 4 and 16 rows (padding a partial batch up to the next costs less than compiling
-every power of two), prefill in one or four rows of 128 tokens. On CPU a prefill step is bound by its
-matmuls, not by streaming the weights, so shorter token buckets would save little: 16 prompts of 64
-tokens took 2.3 s of CPU in [4 x 128] steps, as in packed steps of exactly their tokens, and 3.4 s in
-[1 x 128] steps. Test: the fewest shapes that still exercise chunking, batching and padding, to keep the
-CI run short.
+every power of two), prefill in one or four rows of 64 tokens (a longer prompt takes several rows of a
+step). A CPU prefill step costs what its tokens cost, padding included: 16 prompts of 64 tokens took
+1.2 s in [4 x 64] steps and 2.1 s in [4 x 128] (2 cores, quiet). Test: the fewest shapes that still
+exercise chunking, batching and padding, to keep the CI run short.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ PRESETS: dict[str, BucketSet] = {
     "cpu": BucketSet(
         decode_batch=(1, 4, 16),
         prefill_rows=(1, 4),
-        prefill_tokens=(128,),
-        max_prefill_tokens=512,
+        prefill_tokens=(64,),
+        max_prefill_tokens=256,
     ),
     "test": BucketSet(
         decode_batch=(1, 2, 4, 8),
