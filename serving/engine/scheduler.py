@@ -41,7 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.engine.config import BucketSet
-from serving.engine.pages import ROOT_KEY, OutOfPages, PageAllocator, PageContent, page_key
+from serving.engine.page_hash import ROOT_KEY, page_key
+from serving.engine.pages import OutOfPages, PageAllocator, PageContent
 from serving.engine.request import EngineOutput, EngineRequest
 
 
