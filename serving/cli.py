@@ -25,6 +25,8 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
 from serving.http.options import Launch, OptionError, add_arguments, from_arguments
+from serving.http.registration import ProxyRegistration, advertised_url
+from serving.proxy.options import add_proxy_arguments, proxy_from_arguments
 from serving.text.templates import list_templates
 
 if TYPE_CHECKING:  # the server's state pulls in transformers, which `api_client` does without
@@ -51,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(api_server)
+    proxy = servers.add_parser(
+        "proxy",
+        help="Serve many api_servers behind one address.",
+        description="One OpenAI-compatible address in front of many api_servers (LMDeploy's `serve proxy`): they "
+        "register with --proxy-url (or POST /nodes/add, or --node-file), and each request goes where "
+        "--routing-strategy says. Swagger UI at /, /nodes/* behind --admin-api-keys.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_proxy_arguments(proxy)
     api_client = servers.add_parser(
         "api_client",
         help="Chat with a running server in the terminal.",
@@ -74,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         from serving.client import console
 
         return console(args.api_server_url, args.api_key, args.session_id)
+    if args.command == "serve" and args.server == "proxy":
+        return _serve_proxy(parser, args)
     if args.command != "serve" or args.server != "api_server":
         parser.print_help()
         return 2
@@ -82,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     except OptionError as error:
         parser.error(str(error))
     logging.basicConfig(level=launch.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if launch.dp > 1:
+        from serving.proxy.replicas import ReplicaError, serve_replicas
+
+        try:
+            return serve_replicas(launch, sys.argv[1:] if argv is None else argv)
+        except ReplicaError as error:
+            parser.error(str(error))
     # Imported after the flags are checked: `-h` and flag errors answer without loading JAX.
     from serving.http.factory import create_app, load_engine
 
@@ -95,19 +115,41 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(serve(app, launch))
 
 
+def _serve_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        launch = proxy_from_arguments(args)
+    except OptionError as error:
+        parser.error(str(error))
+    logging.basicConfig(level=launch.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from serving.proxy.app import create_proxy_app
+    from serving.proxy.server import serve_proxy
+
+    app = create_proxy_app(launch.settings)
+    return asyncio.run(serve_proxy(app, launch.host, launch.port, launch.log_level, launch.shutdown_timeout))
+
+
 async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None) -> int:
     """Run Hypercorn until a signal (or `shutdown_trigger`, for callers off the main thread) and the
-    drain after it, or a failed start; 1 if the engine failed to start, else 0."""
+    drain after it, or a failed start; 1 if the engine failed to start, else 0. With `--proxy-url`, the
+    server registers once ready and, on the signal, deregisters before it drains."""
     state: ServerState = app.extensions["xlserve"]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()  # tells Hypercorn to close its sockets and connections
     draining: list[asyncio.Task] = []
+    registration = None
+    if launch.proxy_url is not None:
+        node_url = advertised_url(launch.host, launch.port, launch.proxy_url)
+        registration = ProxyRegistration(launch.proxy_url, node_url, state.settings.model_name, launch.proxy_api_key)
+    registering = loop.create_task(registration.register_when_ready()) if registration else None
 
     def shut_down() -> None:
         if draining:  # asked again while draining: stop now
             stop.set()
             return
-        draining.append(loop.create_task(_drain_then_stop(state, launch.shutdown_timeout, stop)))
+        if registering is not None:
+            registering.cancel()
+        leave = registration.deregister if registration else None
+        draining.append(loop.create_task(_drain_then_stop(state, launch.shutdown_timeout, stop, leave)))
 
     if shutdown_trigger is None:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -127,6 +169,8 @@ async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Await
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
     finally:
         watcher.cancel()
+        if registering is not None:
+            registering.cancel()
         for task in draining:
             task.cancel()
     return 1 if state.load_error is not None else 0
@@ -137,8 +181,11 @@ async def _call_after(trigger: Callable[[], Awaitable[None]], action: Callable[[
     action()
 
 
-async def _drain_then_stop(state: ServerState, timeout: float, stop: asyncio.Event) -> None:
+async def _drain_then_stop(state: ServerState, timeout: float, stop: asyncio.Event,
+                           leave: Callable[[], Awaitable[None]] | None = None) -> None:
     try:
+        if leave is not None:  # out of the proxy's rotation first: it sends nothing new while we drain
+            await leave()
         await state.drain(timeout)
     finally:
         stop.set()

@@ -211,7 +211,7 @@ def test_every_engine_option_has_a_flag() -> None:
     [
         (["--revision", "main"], "cannot download"),
         (["--download-dir", "/tmp/x"], "cannot download"),
-        (["--proxy-url", "http://proxy:8000"], "proxy"),
+        (["--proxy-url", "proxy:8000"], "--proxy-url must be an http"),
         (["/no/such/checkpoint"], "not a local directory"),
         (["internlm/internlm2_5-7b-chat"], "cannot download from a model hub"),
         (["--backend", "pytorch"], "invalid choice"),

@@ -5,7 +5,7 @@ nothing), plus GET /metrics when the operator asks for it (`--public-metrics`). 
 every request, whatever route it matches (or none), so a new route is guarded without anyone
 remembering to guard it (`tests/test_http_guarded.py` walks the URL map to prove it). Keys are
 compared as SHA-256 digests in constant time, so neither a key's length nor its prefix leaks
-through timing.
+through timing. The proxy (`serving.proxy.auth`) checks its two sets of keys with the same `KeyRing`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,32 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+class KeyRing:
+    """A set of accepted keys, checked against an `Authorization: Bearer KEY` header."""
+
+    def __init__(self, keys: Iterable[str]):
+        self._digests = [_digest(key) for key in keys]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def admits(self, authorization: str) -> bool:
+        scheme, _, token = authorization.partition(" ")
+        presented = _digest(token.strip())
+        # Compare against every key, not stopping at a match, so timing says nothing about which.
+        matched = False
+        for digest in self._digests:
+            matched |= hmac.compare_digest(presented, digest)
+        return matched and scheme.lower() == "bearer"
+
+
+def missing_key() -> APIError:
+    return APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
+
+
 def install_api_keys(app: Quart, api_keys: Iterable[str], public_metrics: bool = False) -> None:
-    digests = [_digest(key) for key in api_keys]
-    if not digests:
+    keys = KeyRing(api_keys)
+    if not keys:
         return
     open_paths = OPEN_PATHS | {"/metrics"} if public_metrics else OPEN_PATHS
 
@@ -36,15 +59,5 @@ def install_api_keys(app: Quart, api_keys: Iterable[str], public_metrics: bool =
         # CORS preflights carry no credentials by design.
         if request.method == "OPTIONS" or request.path in open_paths:
             return
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        presented = _digest(token.strip())
-        # Compare against every key, not stopping at a match, so timing says nothing about which.
-        matched = False
-        for digest in digests:
-            matched |= hmac.compare_digest(presented, digest)
-        if scheme.lower() != "bearer" or not matched:
-            raise APIError(
-                401,
-                "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
-                code="invalid_api_key",
-            )
+        if not keys.admits(request.headers.get("Authorization", "")):
+            raise missing_key()

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from configs.demo import DEMO_MODEL_NAME
@@ -46,6 +47,8 @@ class Option:
     default: Any = None  # for cli options; engine and server defaults live in their dataclasses
     choices: tuple[str, ...] | None = None
     kind: Literal["value", "switch", "list"] = "value"
+    # A key: the command line shows in `ps`, so the CLI also reads it from the XLSERVE_* variable.
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -74,6 +77,7 @@ OPTIONS: tuple[Option, ...] = (
         "None given (here, in XLSERVE_API_KEYS or in --api-key-file): no authentication. XLSERVE_API_KEYS "
         "(comma-separated) or --api-key-file keep keys out of the process list.",
         kind="list",
+        secret=True,
     ),
     Option(
         "--api-key-file",
@@ -350,7 +354,31 @@ OPTIONS: tuple[Option, ...] = (
         "download_dir",
         "Refused: xlserve cannot download from a model hub; pass a local checkpoint directory.",
     ),
-    Option("--proxy-url", "refused", "proxy_url", "Refused for now: the proxy is not part of this release."),
+    # ---- several servers behind `xlserve serve proxy` ----
+    Option(
+        "--proxy-url",
+        "cli",
+        "proxy_url",
+        "Register with the proxy (`xlserve serve proxy`) at this URL once GET /v1/ready answers 200, and "
+        "deregister on SIGTERM before draining. The server registers as http://HOST:PORT, HOST being "
+        "--server-name, or the address that reaches the proxy when that is 0.0.0.0.",
+    ),
+    Option(
+        "--proxy-api-key",
+        "cli",
+        "proxy_api_key",
+        "One of the proxy's --admin-api-keys, sent when registering (or XLSERVE_PROXY_API_KEY).",
+        secret=True,
+    ),
+    Option(
+        "--dp",
+        "cli",
+        "dp",
+        "Data-parallel replicas on this host: N servers of --tp devices each, in child processes, behind "
+        "one proxy on --server-port (more devices than the host has is an error).",
+        type=int,
+        default=1,
+    ),
 )
 
 
@@ -365,6 +393,9 @@ class Launch:
     port: int = 23333
     log_level: str = "WARNING"
     shutdown_timeout: float = 30.0
+    proxy_url: str | None = None  # register with this proxy once ready (--proxy-url)
+    proxy_api_key: str | None = field(default=None, repr=False)
+    dp: int = 1  # replicas behind one proxy (--dp)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -376,7 +407,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="A local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer). "
         "Omitted: the built-in demo model.",
     )
-    for option in OPTIONS:
+    add_options(parser, OPTIONS)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Declare `options` as flags of `parser` (also used by `xlserve serve proxy`)."""
+    for option in options:
         kwargs: dict[str, Any] = {"dest": option.field, "help": option.help, "default": option.default}
         if option.kind == "switch":
             # A switch may default to on, so it also takes a --no- form; unset stays None.
@@ -394,11 +430,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_arguments(namespace: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Launch:
     values = {o.field: getattr(namespace, o.field) for o in OPTIONS}
-    keys = _option("api_keys")
-    if values["api_keys"] is None and environ.get(keys.env):
-        # Keys are secrets: the command line shows in `ps`, so the CLI takes them from the environment too.
-        values["api_keys"] = _parse_env(keys, environ[keys.env])
+    read_secrets(values, OPTIONS, environ)
     return _resolve(namespace.model_path, values, source=lambda o: o.flag)
+
+
+def read_secrets(values: dict[str, Any], options: Sequence[Option], environ: Mapping[str, str]) -> None:
+    """Fill the secret options not given as flags from their XLSERVE_* variables."""
+    for option in options:
+        if option.secret and values[option.field] is None and environ.get(option.env):
+            values[option.field] = _parse_env(option, environ[option.env])
 
 
 def from_environment(environ: Mapping[str, str] = os.environ) -> Launch:
@@ -465,6 +505,11 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
         raise OptionError(f"{flag}: {error}" if flag else str(error)) from error
     if values["shutdown_timeout"] < 0:
         raise OptionError(f"{source(_option('shutdown_timeout'))} must be >= 0, got {values['shutdown_timeout']}")
+    if values["dp"] < 1:
+        raise OptionError(f"{source(_option('dp'))} must be at least 1, got {values['dp']}")
+    if values["proxy_url"] is not None and not _is_http_url(values["proxy_url"]):
+        raise OptionError(f"{source(_option('proxy_url'))} must be an http:// or https:// URL with a host, "
+                          f"got {values['proxy_url']!r}")
     return Launch(
         model_path,
         engine_config,
@@ -473,7 +518,15 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
         port=values["server_port"],
         log_level=values["log_level"],
         shutdown_timeout=values["shutdown_timeout"],
+        proxy_url=values["proxy_url"],
+        proxy_api_key=values["proxy_api_key"],
+        dp=values["dp"],
     )
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _option(field: str) -> Option:
