@@ -97,7 +97,7 @@ def test_cache_aware_returns_a_prefix_to_the_node_that_saw_it() -> None:
     again = strategy.choose(fleet, chat(words(1, 80), "another question"))
     assert (again.node, again.branch) == (first.node, "cache_hit") and again.match > 0.5
     other = strategy.choose(fleet, chat(words(2, 80), "question one"))
-    assert other.branch == "cache_miss" and other.node is not first.node, "a new prefix goes to an emptier node"
+    assert other.branch == "cache_miss" and other.node is not first.node, "a new prefix goes to a quieter node"
 
 
 def test_cache_aware_goes_to_the_least_loaded_node_past_the_bound() -> None:
@@ -123,6 +123,17 @@ def test_cache_aware_keeps_eight_shuffled_groups_together_and_the_load_within_tw
     assert all(len(urls) == 1 for urls in homes.values()), homes
     load = Counter(next(iter(urls)) for urls in homes.values() for _ in range(12))
     assert len(load) == 3 and max(load.values()) <= 2 * min(load.values()), load
+
+
+def test_cache_aware_sends_prompts_shorter_than_a_page_to_the_least_loaded_node() -> None:
+    fleet = nodes(3)
+    strategy = CacheAware(random.Random(0))
+    strategy.choose(fleet, chat(words(7, 80), "fills one node's index"))
+    for busy in range(3):
+        fleet[busy].in_flight = 5
+        choice = strategy.choose(fleet, chat("", "hi"))
+        assert choice.branch == "no_prefix" and choice.node is not fleet[busy]
+        fleet[busy].in_flight = 0
 
 
 def test_a_forgotten_node_starts_over() -> None:

@@ -13,8 +13,10 @@ complaint). Only the cache-aware index and the session ring keep state.
 - `cache_aware`: the node whose recent traffic shares the longest page prefix with the request (named
   as the engine names its KV pages, `prompt_pages`), unless its load exceeds the least loaded node's
   by more than `BALANCE_ABS` requests and `BALANCE_REL` times: then the least loaded (SGLang's rule).
-  A request that shares no page with anything goes to the node whose index holds the fewest pages,
-  so new prefixes spread over the fleet.
+  A request that shares no page with anything starts a new prefix on the node given the fewest of the
+  last `RECENT_PLACEMENTS` new prefixes, so prefixes, and the traffic that follows them, spread evenly
+  (by requests in flight alone, a lightly loaded fleet would place them at random); one shorter than a
+  page goes to the least loaded node.
 - `session`: a consistent-hash ring over the nodes, keyed by the `--session-key` header, else the
   request's `user` field (else the interactive `session_id`); a request with neither goes to the
   least loaded node. Adding or dropping a node moves only the sessions that hashed to it.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -38,6 +40,11 @@ BALANCE_REL = 1.5
 DEFAULT_PAGE_SIZE = 64  # for a node that does not say (LMDeploy's --cache-block-seq-len default)
 DEFAULT_INDEX_PAGES = 8192  # pages remembered per node that does not say how many it holds
 RING_POINTS_PER_NODE = 64
+RECENT_PLACEMENTS = 64
+# The index remembers twice the pages a node holds: text pages only approximate KV pages, and forgetting
+# a prefix the node still holds would move its traffic elsewhere, where remembering one it dropped costs
+# one recomputation.
+INDEX_SLACK = 2
 
 
 @dataclass(frozen=True)
@@ -105,9 +112,6 @@ class PageIndex:
         self.capacity = capacity
         self._keys: OrderedDict[int, None] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     def match(self, keys: Sequence[int]) -> int:
         """How many leading pages of `keys` it holds."""
         count = 0
@@ -118,7 +122,9 @@ class PageIndex:
         return count
 
     def record(self, keys: Sequence[int]) -> None:
-        for key in keys:
+        # Tail first, so a prompt's head is the most recent: as in the engine, which releases a sequence's
+        # pages tail first and so evicts the pages only it had before the prefix others share.
+        for key in reversed(keys):
             self._keys[key] = None
             self._keys.move_to_end(key)
         while len(self._keys) > self.capacity:
@@ -131,6 +137,8 @@ class CacheAware(Strategy):
     def __init__(self, rng: random.Random | None = None):
         super().__init__(rng)
         self._indexes: dict[str, PageIndex] = {}
+        self._placed: deque[str] = deque(maxlen=RECENT_PLACEMENTS)  # nodes given the last new prefixes
+        self._placed_counts: Counter[str] = Counter()
 
     def forget(self, url: str) -> None:
         self._indexes.pop(url, None)
@@ -138,7 +146,8 @@ class CacheAware(Strategy):
     def _index(self, node: Node) -> PageIndex:
         index = self._indexes.get(node.url)
         if index is None:
-            index = self._indexes[node.url] = PageIndex(node.num_pages or DEFAULT_INDEX_PAGES)
+            capacity = INDEX_SLACK * node.num_pages if node.num_pages else DEFAULT_INDEX_PAGES
+            index = self._indexes[node.url] = PageIndex(capacity)
         return index
 
     def choose(self, nodes: Sequence[Node], request: RoutedRequest) -> Choice:
@@ -146,18 +155,29 @@ class CacheAware(Strategy):
         matched = {node.url: self._index(node).match(keys[node.url]) for node in nodes}
         best = max(matched.values())
         shuffled = self.rng.sample(list(nodes), len(nodes))
-        if best:
+        if not any(keys.values()):  # shorter than a page: no node can reuse any of it
+            node, branch = least_loaded(shuffled, self.rng), "no_prefix"
+        elif best:
             node = min((n for n in shuffled if matched[n.url] == best), key=lambda n: n.in_flight)
             branch = "cache_hit"
-        else:  # a prefix new to every node: to the one holding the fewest pages
-            node = min(shuffled, key=lambda n: (len(self._index(n)), n.in_flight))
+        else:  # a prefix new to every node: to the one given the fewest new prefixes lately
+            node = min(shuffled, key=lambda n: (self._placed_counts[n.url], n.in_flight))
             branch = "cache_miss"
         lightest = min(shuffled, key=lambda n: n.in_flight)
         if node.in_flight - lightest.in_flight > BALANCE_ABS and node.in_flight > BALANCE_REL * lightest.in_flight:
             node, branch = lightest, "load_balance"
         self._index(node).record(keys[node.url])
+        if keys[node.url] and not best:
+            self._place(node)
         share = matched[node.url] / len(keys[node.url]) if keys[node.url] else 0.0
         return Choice(node, branch, self.name, share)
+
+
+    def _place(self, node: Node) -> None:
+        if len(self._placed) == self._placed.maxlen:
+            self._placed_counts[self._placed[0]] -= 1
+        self._placed.append(node.url)
+        self._placed_counts[node.url] += 1
 
 
 class SessionRing(Strategy):
