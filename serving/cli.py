@@ -124,7 +124,10 @@ def _serve_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     from serving.proxy.app import create_proxy_app
     from serving.proxy.server import serve_proxy
 
-    app = create_proxy_app(launch.settings)
+    try:
+        app = create_proxy_app(launch.settings)
+    except ValueError as error:  # its node file
+        parser.error(str(error))
     return asyncio.run(serve_proxy(app, launch.host, launch.port, launch.log_level, launch.shutdown_timeout))
 
 
@@ -140,7 +143,8 @@ async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Await
     if launch.proxy_url is not None:
         node_url = advertised_url(launch.host, launch.port, launch.proxy_url)
         registration = ProxyRegistration(launch.proxy_url, node_url, state.settings.model_name, launch.proxy_api_key)
-    registering = loop.create_task(registration.register_when_ready()) if registration else None
+    registering = (loop.create_task(registration.register_when_ready(lambda: state.engine.ready))
+                   if registration else None)
 
     def shut_down() -> None:
         if draining:  # asked again while draining: stop now

@@ -367,3 +367,13 @@ def test_the_proxy_does_not_import_the_engine_or_jax() -> None:
             "or m.startswith('serving.engine.') and m not in ('serving.engine.page_hash', 'serving.engine.request')])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_node_file_that_is_not_one_stops_the_proxy_before_it_serves(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    node_file = tmp_path / "nodes.json"
+    node_file.write_text("[not, json")
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "proxy", "--node-file", str(node_file)])
+    assert exited.value.code == 2
+    assert f"cannot read the node file {node_file}" in capsys.readouterr().err

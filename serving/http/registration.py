@@ -16,7 +16,9 @@ import itertools
 import logging
 import socket
 import sys
+import time
 import urllib.parse
+from collections.abc import Callable
 
 import httpx
 
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 5.0
 RETRY_S = (0.5, 1.0, 2.0, 5.0)  # waits between attempts to register; the last repeats
+UNREACHABLE_WARNING_S = 10.0
 
 
 def advertised_url(host: str, port: int, proxy_url: str) -> str:
@@ -46,12 +49,23 @@ class ProxyRegistration:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.registered = False
 
-    async def register_when_ready(self) -> None:
+    async def register_when_ready(self, is_ready: Callable[[], bool]) -> None:
         """Wait for this server's own /v1/ready, then register; gives up only on a 4xx (a wrong key or
-        URL will not fix itself), which it reports."""
+        URL will not fix itself), which it reports. `is_ready`: whether the server itself says it is
+        ready, to tell a URL that does not reach it from a model still loading."""
         body = {"url": self.node_url, "status": {"models": [self.model_name], "role": "Hybrid"}}
         async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S) as client:
+            ready_since: float | None = None
+            warned = False
             while not await _answers_200(client, f"{self.node_url}/v1/ready"):
+                if not is_ready():
+                    ready_since = None
+                elif ready_since is None:
+                    ready_since = time.monotonic()
+                elif time.monotonic() - ready_since > UNREACHABLE_WARNING_S and not warned:
+                    logger.warning("this server is ready but does not answer at %s, the URL it would register with "
+                                   "the proxy; set --server-name to an address the proxy can reach", self.node_url)
+                    warned = True
                 await asyncio.sleep(0.25)
             for attempt in itertools.count():
                 try:

@@ -11,6 +11,7 @@ from serving.http.errors import install_error_handlers
 from serving.http.openapi import NamedSchemaProvider
 from serving.proxy import admin, routes
 from serving.proxy.auth import install_proxy_keys
+from serving.proxy.forward import ReleaseMiddleware
 from serving.proxy.settings import ProxySettings
 from serving.proxy.state import ProxyState
 
@@ -23,6 +24,7 @@ def create_proxy_app(settings: ProxySettings) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     state = ProxyState(settings)
     app.extensions["xlserve_proxy"] = state
+    app.asgi_app = ReleaseMiddleware(app.asgi_app)  # type: ignore[method-assign]
     keyed = bool(settings.api_keys or settings.admin_api_keys)
     bearer = {"bearer": {"type": "http", "scheme": "bearer"}} if keyed else None
     QuartSchema(

@@ -10,15 +10,18 @@ Errors keep their meaning (LMDeploy's proxy turned every failure into a 200 carr
   never a hang; past `--request-timeout` with a 504 or that error event;
 - no node to send to: 503 with Retry-After; no node answered: 502.
 A client that hangs up cancels its handler, which closes the upstream request (never returned to the
-connection pool half-read), so the node sees the disconnect and aborts the generation.
+connection pool half-read), so the node sees the disconnect and aborts the generation. A stream the
+client left before Quart even began to send it is released by `ReleaseMiddleware`, which wraps the
+whole exchange (the stream's own clean-up would never run then).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -40,6 +43,46 @@ FORWARDED_HEADERS = ("content-type", "accept", "authorization", "x-request-id", 
 RETURNED_HEADERS = ("content-type", "x-request-id", "retry-after", "www-authenticate")
 STREAM_TYPES = {"text/event-stream": b"\n\n", "application/x-ndjson": b"\n"}  # media type -> frame end
 
+ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+# What the exchange being served holds open (streams relayed to a node), released when it ends.
+_held: contextvars.ContextVar[list[_Held] | None] = contextvars.ContextVar("xlserve_proxy_held", default=None)
+
+
+class ReleaseMiddleware:
+    """Wraps the app at the ASGI level, the one place that sees every way an exchange ends, so a stream
+    is released (its node's count, its upstream connection) however the client went."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        held: list[_Held] = []
+        token = _held.set(held)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _held.reset(token)
+            for hold in held:
+                await hold.release()
+
+
+class _Held:
+    """A relayed stream's hold on its node (one request in flight) and on its upstream connection."""
+
+    def __init__(self, node: Node, upstream: httpx.Response):
+        self.node = node
+        self.upstream = upstream
+        self.released = False
+        held = _held.get()
+        if held is not None:
+            held.append(self)
+
+    async def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.node.in_flight -= 1
+            await self.upstream.aclose()
+
 
 @dataclass
 class Failure:
@@ -54,6 +97,7 @@ def upstream_headers(incoming: Mapping[str, str], node_api_key: str | None, clie
     headers = {name: incoming[name] for name in FORWARDED_HEADERS if name in incoming}
     if node_api_key is not None:  # the proxy checked the client's key; nodes know only the proxy's
         headers["authorization"] = f"Bearer {node_api_key}"
+    headers["accept-encoding"] = "identity"  # bytes are relayed as they come: a compressed body would not be
     if client:
         previous = incoming.get("x-forwarded-for")
         headers["x-forwarded-for"] = f"{previous}, {client}" if previous else client
@@ -163,6 +207,7 @@ class Relay:
     def _streamed(self, node: Node, upstream: httpx.Response, frame_end: bytes, started: float,
                   deadline: float | None) -> Response:
         sse = frame_end == b"\n\n"
+        hold = _Held(node, upstream)
 
         def error_frame(status: int, message: str, code: str) -> bytes:
             body = APIError(status, message, code=code).body()
@@ -198,8 +243,7 @@ class Relay:
                     yield error_frame(502, f"the node serving this stream failed: {type(error).__name__}",
                                       "upstream_failed")
             finally:
-                node.in_flight -= 1
-                await upstream.aclose()
+                await hold.release()
 
         response = _response(frames(), upstream.status_code, upstream.headers)
         # no-transform/X-Accel-Buffering: a proxy in front of this one must not buffer the tokens either.

@@ -147,17 +147,22 @@ class NodeRegistry:
 
     # ----- the node file ------------------------------------------------------------------------------
     def restore(self) -> None:
-        """Register the nodes the node file lists, out of rotation until a health check finds them ready."""
+        """Register the nodes the node file lists, out of rotation until a health check finds them ready;
+        ValueError if the file is not a node file."""
         if self.node_file is None or not os.path.exists(self.node_file):
             return
-        with open(self.node_file, encoding="utf-8") as file:
-            text = file.read()
-        entries = json.loads(text) if text.strip() else {}
-        if not isinstance(entries, dict):
-            raise ValueError(f"{self.node_file} must hold a JSON object of url: status")
+        try:
+            with open(self.node_file, encoding="utf-8") as file:
+                text = file.read()
+            entries = json.loads(text) if text.strip() else {}
+            if not isinstance(entries, dict):
+                raise ValueError("it must hold a JSON object of url: status")
+            # LMDeploy's proxy_config.json holds each status as JSON text
+            entries = {url: json.loads(status) if isinstance(status, str) else status
+                       for url, status in entries.items()}
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read the node file {self.node_file}: {error}") from error
         for url, status in entries.items():
-            if isinstance(status, str):  # LMDeploy's proxy_config.json holds each status as JSON text
-                status = json.loads(status)
             status = status if isinstance(status, dict) else {}
             models = [{"id": name, "object": "model"} for name in status.get("models") or ()]
             node = Node(normalize_url(url), models=models, role=status.get("role") or HYBRID, speed=status.get("speed"))

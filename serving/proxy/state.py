@@ -37,6 +37,7 @@ class ProxyState:
 
     def __post_init__(self) -> None:
         self.registry = NodeRegistry(self.settings.node_file)
+        self.registry.restore()  # here, so a node file that cannot be read stops the proxy before it serves
         self.strategy = make_strategy(self.settings.routing_strategy)
         self.metrics = ProxyMetrics(self.registry)
 
@@ -55,7 +56,6 @@ class ProxyState:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
         )
         self.relay = Relay(self.registry, self.strategy, self.client, self.metrics, self.settings.request_timeout)
-        self.registry.restore()
         checker = HealthChecker(self.registry, self.client, self.node_headers, self.settings.health_check_interval,
                                 on_back=self.forget)
         self._health = asyncio.get_running_loop().create_task(checker.run())
