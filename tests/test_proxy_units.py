@@ -291,6 +291,23 @@ async def test_with_no_node_in_rotation_requests_get_503_with_retry_after(tmp_pa
         assert removed.status_code == 200 and json.loads(node_file.read_text()) == {}
 
 
+async def test_the_proxy_documents_its_routes_in_a_valid_openapi_document() -> None:
+    from openapi_spec_validator import validate
+
+    app = create_proxy_app(ProxySettings())
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        spec = await (await client.get("/openapi.json")).get_json()
+        assert (await client.get("/")).status_code == 200  # Swagger UI
+    validate(spec)
+    expected = {"/v1/chat/completions": "post", "/v1/completions": "post", "/v1/chat/interactive": "post",
+                "/v1/models": "get", "/health": "get", "/v1/ready": "get", "/metrics": "get",
+                "/nodes/status": "get", "/nodes/add": "post", "/nodes/remove": "post"}
+    assert {path: set(spec["paths"][path]) for path in expected} == {p: {m} for p, m in expected.items()}
+    assert {"ChatCompletionRequest", "CompletionRequest", "NodeRequest", "NodesStatus"} <= set(
+        spec["components"]["schemas"])
+
+
 # ---- flags ---------------------------------------------------------------------------------------
 
 
