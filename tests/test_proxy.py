@@ -339,10 +339,11 @@ def cached_share(cluster: Cluster, url: str, seed: int) -> tuple[float, list[flo
 
 def test_cache_aware_reuses_prefixes_as_one_server_does_and_spreads_the_load(cluster: Cluster) -> None:
     single, _ = cached_share(cluster, cluster.node_url(0), seed=1)
-    # random's share varies with its draws (by about a tenth of itself from run to run): the mean of three
-    # runs is its expected share, so one lucky run cannot decide the comparison.
-    scattered = sum(cached_share(cluster, cluster.strategies["random"], seed=seed)[0] for seed in (2, 3, 4)) / 3
-    aware, counts = cached_share(cluster, cluster.proxy_url, seed=5)
+    # random's share varies with its draws, by a fifth from run to run (27% to 43% seen): the mean of five
+    # runs estimates what it reaches, so one lucky run cannot decide the comparison. cache_aware's varies
+    # little (it keeps every group on one node: 82% each time).
+    scattered = sum(cached_share(cluster, cluster.strategies["random"], seed=seed)[0] for seed in range(2, 7)) / 5
+    aware, counts = cached_share(cluster, cluster.proxy_url, seed=7)
     print(f"cached share: one server {single:.3f}, random {scattered:.3f}, cache_aware {aware:.3f}; "
           f"cache_aware's requests per node {counts}")
     assert aware >= 2 * scattered and aware >= 0.8 * single, (single, scattered, aware)

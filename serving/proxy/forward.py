@@ -29,6 +29,7 @@ from quart import Response
 
 from serving.http.admission import RETRY_AFTER_S
 from serving.http.errors import APIError
+from serving.http.exchange import ASGIApp
 from serving.http.sse import DONE, event, ndjson_line
 from serving.proxy.metrics import ProxyMetrics
 from serving.proxy.nodes import Node, NodeRegistry
@@ -43,7 +44,6 @@ FORWARDED_HEADERS = ("content-type", "accept", "authorization", "x-request-id", 
 RETURNED_HEADERS = ("content-type", "x-request-id", "retry-after", "www-authenticate")
 STREAM_TYPES = {"text/event-stream": b"\n\n", "application/x-ndjson": b"\n"}  # media type -> frame end
 
-ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 # What the exchange being served holds open (streams relayed to a node), released when it ends.
 _held: contextvars.ContextVar[list[_Held] | None] = contextvars.ContextVar("xlserve_proxy_held", default=None)
 

@@ -21,6 +21,7 @@ from serving.proxy.settings import ProxySettings
 
 logger = logging.getLogger(__name__)
 
+KEEPALIVE_EXPIRY_S = 2.0
 MAX_SESSIONS = 65536  # interactive sessions remembered (each api_server keeps at most 1024)
 
 
@@ -50,10 +51,13 @@ class ProxyState:
     async def start(self) -> None:
         # One pool for every node: connections are reused across requests (LMDeploy opened a session per
         # request). No read timeout: a long prompt may take minutes to its first token; --request-timeout
-        # bounds a request as a whole.
+        # bounds a request as a whole. Idle connections are dropped well before the nodes' servers drop
+        # them (Hypercorn and uvicorn after 5 s), so a request never goes out on one just being closed,
+        # which would look like a dead node.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=PROBE_TIMEOUT_S),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
         self.relay = Relay(self.registry, self.strategy, self.client, self.metrics, self.settings.request_timeout)
         checker = HealthChecker(self.registry, self.client, self.node_headers, self.settings.health_check_interval,
