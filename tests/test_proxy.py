@@ -339,7 +339,7 @@ def cached_share(cluster: Cluster, url: str, seed: int) -> tuple[float, list[flo
 
 def test_cache_aware_reuses_prefixes_as_one_server_does_and_spreads_the_load(cluster: Cluster) -> None:
     single, _ = cached_share(cluster, cluster.node_url(0), seed=1)
-    # random's share varies with its draws, by a fifth from run to run (27% to 43% seen): the mean of five
+    # random's share varies with its draws, from 19% to 43% in the runs seen: the mean of five
     # runs estimates what it reaches, so one lucky run cannot decide the comparison. cache_aware's varies
     # little (it keeps every group on one node: 82% each time).
     scattered = sum(cached_share(cluster, cluster.strategies["random"], seed=seed)[0] for seed in range(2, 7)) / 5
