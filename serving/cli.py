@@ -1,5 +1,6 @@
-"""The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags, and
-`xlserve serve api_client URL`, a console chat with a running server.
+"""The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags (with `--dp N`,
+N of them behind one proxy, `serving.proxy.replicas`), `xlserve serve proxy [flags]`, one address in front
+of many api_servers (`serving.proxy`), and `xlserve serve api_client URL`, a console chat with a server.
 
 It builds the same app as `serving.app` (from flags instead of the environment) and runs Hypercorn
 in-process. SIGINT/SIGTERM start a graceful shutdown: readiness turns false and new requests get 503
