@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
-from serving.engine.request import EngineOutput, GenerationConfig, InvalidRequestError
-from serving.text.output import OutputProcessor
+from serving.request import EngineOutput, GenerationConfig, InvalidRequestError
+from serving.text.output import RequestTracker
 
 Prompt = str | list[int] | list[dict]
 
@@ -46,7 +46,7 @@ class Pipeline:
     # ----- capacity the engine allocated -----
     @property
     def num_pages(self) -> int:
-        return self.engine.allocator.num_usable
+        return self.engine.stats().num_pages_total
 
     @property
     def page_size(self) -> int:
@@ -85,36 +85,24 @@ class Pipeline:
         if len(configs) != len(batch):
             raise InvalidRequestError(f"got {len(configs)} gen_configs for {len(batch)} prompts", param="gen_config")
         # Validate everything before submitting anything, so a bad prompt leaves nothing running.
-        requests = []
-        for index, (prompt, config) in enumerate(zip(batch, configs, strict=True)):
-            if config.n != 1:
-                raise InvalidRequestError("pipeline generates one response per prompt; n must be 1", param="n")
-            prompt_ids = self._encode(prompt)
-            request = self.engine.make_request(prompt_ids, config, f"pipe-{next(self._ids)}")
-            requests.append((index, request, OutputProcessor(self.tokenizer, prompt_ids, config)))
+        requests = [self.engine.make_request(self._encode(prompt), config, f"pipe-{next(self._ids)}")
+                    for prompt, config in zip(batch, configs, strict=True)]
+        tracker = RequestTracker(self.tokenizer, requests)
         outputs: queue.SimpleQueue[tuple[int, EngineOutput]] = queue.SimpleQueue()
-        pending = {}
         try:
-            for index, request, processor in requests:
+            for index, request in enumerate(requests):
                 self.engine.submit(request, lambda out, i=index: outputs.put((i, out)))
-                pending[index] = (request, processor)
-            while pending:
+            while tracker.pending:
                 index, out = outputs.get()
-                if index not in pending:
-                    continue  # late tokens of a request already stopped by a stop string
-                request, processor = pending[index]
-                if out.error is not None:
-                    raise RuntimeError(f"request {request.request_id} failed: {out.error}")
-                delta = processor.process(out)
-                if delta.finished:
-                    del pending[index]
-                    if not out.finished:
-                        self.engine.abort(request.request_id)  # a stop string ended it
-                yield Response(delta.text, delta.num_completion_tokens, len(request.prompt_token_ids),
-                               delta.finish_reason, delta.token_ids, index)
+                delta, to_abort = tracker.process(index, out)
+                if to_abort is not None:
+                    self.engine.abort(to_abort)
+                if delta is not None:
+                    yield Response(delta.text, delta.num_completion_tokens, len(requests[index].prompt_token_ids),
+                                   delta.finish_reason, delta.token_ids, index)
         finally:
-            for request, _ in pending.values():  # the caller stopped iterating early
-                self.engine.abort(request.request_id)
+            for index in tracker.pending:  # the caller stopped iterating early, or a request failed
+                self.engine.abort(requests[index].request_id)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

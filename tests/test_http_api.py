@@ -12,9 +12,9 @@ import openai
 import pytest
 
 from serving.client import body_lines
-from serving.engine.request import GenerationConfig
 from serving.http.params import generation_config
 from serving.http.protocol import ChatCompletionRequest
+from serving.request import GenerationConfig
 from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (the `http_server` fixture)
 from tools.bench_serving import sse_lines
 
@@ -329,7 +329,7 @@ async def test_client_disconnect_frees_the_engine(http_server: LiveServer) -> No
     engine = http_server.engine
     assert await asyncio.to_thread(engine.wait_idle, 30)
     stats = engine.stats()
-    assert (stats["num_running"], stats["num_waiting"], stats["num_pages_used"]) == (0, 0, 0)
+    assert (stats.num_running, stats.num_waiting, stats.num_pages_used) == (0, 0, 0)
     # and the server still answers
     again = await http_server.async_client().completions.create(model=http_server.model_name, prompt="x", max_tokens=2)
     assert again.choices[0].finish_reason in ("stop", "length")
@@ -338,7 +338,7 @@ async def test_client_disconnect_frees_the_engine(http_server: LiveServer) -> No
 async def test_no_compilation_while_serving(http_server: LiveServer) -> None:
     # The counter is process-wide (other engines in this test process compile too), so compare
     # before and after a burst of differently shaped requests rather than against zero.
-    before = http_server.engine.stats()["compilations_after_warmup"]
+    before = http_server.engine.stats().compilations_after_warmup
     client = http_server.async_client()
     await asyncio.gather(
         *(
@@ -346,7 +346,7 @@ async def test_no_compilation_while_serving(http_server: LiveServer) -> None:
             for length, n in ((1, 1), (10, 2), (70, 1), (30, 3), (5, 4))
         )
     )
-    assert http_server.engine.stats()["compilations_after_warmup"] == before
+    assert http_server.engine.stats().compilations_after_warmup == before
     await client.close()
 
 

@@ -214,4 +214,4 @@ def test_server_answers_normally_after_malformed_requests(http_server: LiveServe
     assert client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=3).choices
     assert client.completions.create(model=MODEL_NAME, prompt="ok", max_tokens=3, stream=False).choices
     assert http_server.engine.wait_idle(30)
-    assert http_server.engine.stats()["num_pages_used"] == 0
+    assert http_server.engine.stats().num_pages_used == 0

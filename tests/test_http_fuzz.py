@@ -21,6 +21,8 @@ from schemathesis.checks import positive_data_acceptance
 
 from tests.http_fixtures import MODEL_NAME, LiveServer, shared_http_server  # noqa: F401 (`http_server`)
 
+pytestmark = pytest.mark.slow  # the long tier: `pytest -m "not slow"` leaves it out
+
 # Every operation of /openapi.json; a new route must be added here, so it is fuzzed too.
 OPERATIONS = [
     ("GET", "/health"),

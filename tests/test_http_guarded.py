@@ -24,9 +24,9 @@ import pytest
 
 from serving.cli import build_parser
 from serving.client import body_lines
-from serving.engine.request import InvalidRequestError
 from serving.http.options import OptionError, from_arguments
 from serving.http.settings import ServerSettings
+from serving.request import InvalidRequestError
 from tests.http_fixtures import LiveServer, _ThreadServer, scrape, serve_in_thread
 from tools.bench_serving import sse_lines
 
@@ -213,7 +213,7 @@ async def test_overload_answers_200_or_503_with_retry_after_then_serves_normally
     with pytest.raises(openai.BadRequestError) as too_big:
         await server.async_client().completions.create(model=server.model_name, prompt="x", n=MAX_RUNNING + 1)
     assert too_big.value.code == "too_many_choices" and too_big.value.param == "n"
-    assert server.engine.wait_idle(30) and server.engine.stats()["num_pages_used"] == 0
+    assert server.engine.wait_idle(30) and server.engine.stats().num_pages_used == 0
 
 
 async def test_request_timeout_ends_slow_requests_with_a_clear_error(
@@ -282,7 +282,7 @@ def test_prompts_are_logged_cut_to_max_log_len_and_keys_never(
     while not any("log-test-1" in r.getMessage() and r.name == "xlserve.access" for r in caplog.records):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    [logged] = [r for r in caplog.records if r.name == "serving.http.async_engine" and "log-test-1" in r.getMessage()]
+    [logged] = [r for r in caplog.records if r.name == "serving.http.choices" and "log-test-1" in r.getMessage()]
     record = json.loads(logged.getMessage().removeprefix("prompt "))
     tokenizer = server.engine.tokenizer
     assert record["prompt"] == tokenizer.decode(tokenizer.encode(prompt), skip_special_tokens=False)[:12]

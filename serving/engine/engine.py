@@ -40,12 +40,13 @@ from model.config import ModelConfig
 from model.llama import kv_bytes_per_token
 from model.loader import init_random_params, load_params
 from model.sharding import make_mesh
+from serving.engine.client import EngineStats
 from serving.engine.compile_cache import enable_compilation_cache
 from serving.engine.config import EngineConfig
 from serving.engine.pages import PageAllocator
-from serving.engine.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.engine.runner import ModelRunner
-from serving.engine.scheduler import Chunk, Scheduler, SeqStatus, Sequence
+from serving.engine.scheduler import Chunk, Scheduler
+from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._arrivals = 0
+        self._sinks: dict[str, Callable[[EngineOutput], None]] = {}  # request id -> where its outputs go
         self._compilations_at_warmup = 0
         self._error: BaseException | None = None
         # `submit` and the thread's exit agree under this lock on whether the inbox is still read.
@@ -164,9 +165,8 @@ class Engine:
         self.max_session_len = min(session_len, (self.num_pages - 1) * page_size)
         self.page_size = page_size
         self.allocator = PageAllocator(self.num_pages)
-        self.scheduler = Scheduler(self.allocator, self.buckets, page_size, self.max_batch_size,
+        self.scheduler = Scheduler(self.allocator, self.buckets, page_size, self.max_batch_size, self.max_session_len,
                                    prefix_caching=self.engine_config.enable_prefix_caching)
-        self.num_prompt_tokens_computed = 0  # prefilled, i.e. not taken from the prefix cache
         self.runner = ModelRunner(
             model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
@@ -256,8 +256,8 @@ class Engine:
         """Start a JAX profiler trace of this process (the engine's host work and device kernels)."""
         options = jax.profiler.ProfileOptions()
         # Tracing every Python call slows the host loop several-fold, so a trace of a loaded server would
-        # show a host-bound engine that is not (the B2 trace of 2026-11-26: device 55% busy). Dispatches
-        # and transfers still show, from JAX's own host annotations.
+        # show a host-bound engine that is not (docs/perf-notes.md). Dispatches and transfers still show,
+        # from JAX's own host annotations.
         options.python_tracer_level = 0
         jax.profiler.start_trace(directory, create_perfetto_trace=True, profiler_options=options)
 
@@ -278,21 +278,21 @@ class Engine:
         """Unpin an interactive session's pages (they stay cached until evicted)."""
         self._inbox.put(("end_session", session_id, None))
 
-    def stats(self) -> dict:
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "num_pages_total": self.allocator.num_usable,
-            "num_pages_used": self.allocator.num_used,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_cached_pages": self.allocator.num_cached,
-            "num_pinned_sessions": len(self.scheduler.pins),
-            "prefix_cache_hits": self.scheduler.num_reused_tokens,
-            "prompt_tokens_computed": self.num_prompt_tokens_computed,
-            "shared_prefix_steps": self.runner.shared_prefix_steps,
-            "shared_prefix_rows": self.runner.shared_prefix_rows,
-            "compilations_after_warmup": CompilationCounter.count() - self._compilations_at_warmup,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_pages_total=self.allocator.num_usable,
+            num_pages_used=self.allocator.num_used,
+            num_cached_pages=self.allocator.num_cached,
+            num_pinned_sessions=len(self.scheduler.kv.pins),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hits=self.scheduler.num_reused_tokens,
+            prompt_tokens_computed=self.scheduler.num_prompt_tokens_computed,
+            shared_prefix_steps=self.runner.shared_prefix_steps,
+            shared_prefix_rows=self.runner.shared_prefix_rows,
+            compilations_after_warmup=CompilationCounter.count() - self._compilations_at_warmup,
+        )
 
     # ----- the engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -321,13 +321,13 @@ class Engine:
             logger.exception("engine thread crashed")
             self._error = exc
             self.ready = False
-            for seq in (*self.scheduler.running, *self.scheduler.waiting):
-                self._finish(seq, FinishReason.ERROR, error=f"engine failure: {exc}")
+            for output in self.scheduler.abort_all(FinishReason.ERROR, error=f"engine failure: {exc}"):
+                self._emit(output)
         finally:
             with self._inbox_lock:
                 self._accepting = False
-            for seq in (*self.scheduler.running, *self.scheduler.waiting):
-                self._finish(seq, FinishReason.ABORT)
+            for output in self.scheduler.abort_all(FinishReason.ABORT):
+                self._emit(output)
             self._refuse_inbox()
             self._end_step()
 
@@ -363,31 +363,16 @@ class Engine:
         while item is not None:
             kind, payload, sink = item
             if kind == "add":
-                self._add(payload, sink)
+                self._sinks[payload.request_id] = sink
+                self._emit(self.scheduler.add_request(payload))
             elif kind == "end_session":
                 self.scheduler.end_session(payload)
             else:
-                seq = self.scheduler.find(payload)
-                if seq is not None:
-                    self._finish(seq, FinishReason.ABORT)
+                self._emit(self.scheduler.abort(payload))
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-
-    def _add(self, request: EngineRequest, sink: Callable[[EngineOutput], None]) -> None:
-        prompt_len = len(request.prompt_token_ids)
-        room = self.max_session_len - prompt_len
-        max_new = request.config.max_new_tokens
-        seq = Sequence(
-            request=request, sink=sink, arrival=self._arrivals, token_ids=list(request.prompt_token_ids),
-            num_prompt_tokens=prompt_len, max_new_tokens=room if max_new is None else min(max_new, room),
-        )
-        self._arrivals += 1
-        if seq.max_new_tokens <= 0:
-            self._emit(seq, [], FinishReason.LENGTH)
-            return
-        self.scheduler.add(seq)
 
     def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
         """`_dispatch`, the decode and the prefill batch each on its own, so a failure fails only its batch."""
@@ -419,9 +404,9 @@ class Engine:
         if self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
             raise RuntimeError(f"{self._step_failures} steps failed in a row; the last: {exc!r}") from exc
         logger.exception("a step failed; failing its %d requests", len(chunks))
-        for chunk in chunks:
-            if chunk.seq.status is not SeqStatus.FINISHED:
-                self._finish(chunk.seq, FinishReason.ERROR, error=f"the step running this request failed: {exc!r}")
+        for request_id in dict.fromkeys(c.request_id for c in chunks):
+            self._emit(self.scheduler.abort(request_id, FinishReason.ERROR,
+                                            error=f"the step running this request failed: {exc!r}"))
 
     def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
         """Queue the decode and prefill steps on the device without waiting for them."""
@@ -434,52 +419,24 @@ class Engine:
                                                 sum(c.length for c in prefill))
             assert shape is not None, "the scheduler only plans chunks that fit a bucket"
             dispatched.append((prefill, self.runner.run(prefill, *shape)))
-        for chunks, _ in dispatched:
-            for chunk in chunks:
-                chunk.seq.num_computed = chunk.start + chunk.length
-                chunk.seq.num_pending += chunk.samples
-        # Every chunk but a decoding sequence's freshly sampled token is prompt (or recompute) work.
-        self.num_prompt_tokens_computed += sum(c.length for c in prefill) + sum(c.first for c in decode)
         return dispatched
 
     def _read_back(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
-        """Read a dispatched step's tokens and hand each sequence its new token."""
+        """Read a dispatched step's tokens and report what they did to each sequence."""
         for chunks, tokens in dispatched:
-            host_tokens = np.asarray(tokens)
-            for row, chunk in enumerate(chunks):
-                seq = chunk.seq
-                self.scheduler.register_pages(chunk)  # its step has completed: the pages hold their tokens
-                if not chunk.samples:
-                    continue
-                seq.num_pending -= 1
-                if seq.status is not SeqStatus.FINISHED:  # else: stopped meanwhile, the token is moot
-                    self._append(seq, int(host_tokens[row]))
+            for output in self.scheduler.update_from_output(chunks, np.asarray(tokens).tolist()):
+                self._emit(output)
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        seq.token_ids.append(token)
-        if token in seq.request.stop_token_ids:
-            self._finish(seq, FinishReason.STOP, [token])
-        elif seq.num_read >= seq.max_new_tokens:
-            self._finish(seq, FinishReason.LENGTH, [token])
-        else:
-            self._emit(seq, [token])
-
-    def _finish(self, seq: Sequence, reason: FinishReason, new_tokens: list[int] | None = None,
-                error: str | None = None) -> None:
-        self.scheduler.finish(seq)
-        self._emit(seq, new_tokens or [], reason, error)
-
-    def _emit(self, seq: Sequence, new_tokens: list[int], reason: FinishReason | None = None,
-              error: str | None = None) -> None:
-        output = EngineOutput(
-            request_id=seq.request_id, new_token_ids=new_tokens, finished=reason is not None,
-            finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens, error=error,
-        )
+    def _emit(self, output: EngineOutput | None) -> None:
+        if output is None:
+            return
+        sink = self._sinks.pop(output.request_id, None) if output.finished else self._sinks.get(output.request_id)
+        if sink is None:
+            return
         try:
-            seq.sink(output)
+            sink(output)
         except Exception:  # a broken consumer must not take the engine down with it
-            logger.exception("sink of request %s failed", seq.request_id)
+            logger.exception("sink of request %s failed", output.request_id)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until no request is running or waiting (tests use it to check nothing leaked)."""

@@ -1,11 +1,10 @@
 """The engine in a process of its own (`EngineProcess`), behind the calls the HTTP layer makes on `Engine`.
 
-Why: in one process the server's event loop (SSE chunks, detokenization, socket writes: about 70 µs a
-token on the H100's host) and the engine thread share one GIL. At B2's 512 streams the two threads
-together wanted about 92% of it, and the engine's turns stretched: the same 1000 requests took 30.1 s
-through HTTP against 27.4 s through the engine alone (docs/perf-notes.md). As vLLM's v1 engine core
-does, the server then runs the engine in a child process that owns the accelerator, and keeps the
-tokenizer, request validation and HTTP for itself.
+Why: in one process the server's event loop (SSE chunks, detokenization, socket writes) and the engine
+thread share one GIL, and under many streams the engine's turns stretch (docs/perf-notes.md, "B2:
+packed prefill and the engine process"). As vLLM's v1 engine core does, the server then runs the engine
+in a child process that owns the accelerator, and keeps the tokenizer, request validation and HTTP for
+itself.
 
 The child is spawned (JAX is not fork-safe) and builds the engine with `Engine.from_pretrained`. Two
 pipes join the processes. Commands go down: add, abort, end a session, stats, profile, start, shutdown.
@@ -30,15 +29,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 from model.config import ModelConfig
+from serving.engine.client import EngineStats
 from serving.engine.config import EngineConfig
-from serving.engine.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
+from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.text.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from serving.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +81,7 @@ class EngineProcess:
         self._reply_lock = threading.Lock()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
-        self._last_stats: dict = {}
+        self._last_stats: EngineStats | None = None
         kind, payload = self._receive()  # the child loads the weights: as long as an in-process load
         if kind != "built":
             self._process.join(timeout=SHUTDOWN_TIMEOUT_S)
@@ -155,9 +152,9 @@ class EngineProcess:
     def end_session(self, session_id: str) -> None:
         self._send(("end_session", session_id))
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """The child engine's `Engine.stats()`; its last answer once the child has gone."""
-        if self.alive:
+        if self.alive or self._last_stats is None:
             self._last_stats = self._ask(("stats",))
         return self._last_stats
 
@@ -237,10 +234,6 @@ class EngineProcess:
                 listener()
             except Exception:  # a broken consumer must not take the reader down with it
                 logger.exception("a step listener failed")
-
-
-# What the HTTP layer serves from: an engine on a thread of this process, or one in a child process.
-AnyEngine: TypeAlias = "Engine | EngineProcess"
 
 
 def _call(sink: Callable[[EngineOutput], None], output: EngineOutput) -> None:

@@ -12,10 +12,9 @@ from typing import Any
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
-from serving.engine.process import AnyEngine
-from serving.engine.request import EngineRequest
-from serving.http.async_engine import cached_prompt_tokens, collect, fan_out, generate
 from serving.http.body import read_body
+from serving.http.choices import cached_prompt_tokens, fan_out, generate
+from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
 from serving.http.openapi import streams
 from serving.http.params import check_context_length, generation_config
@@ -37,10 +36,9 @@ from serving.http.protocol import (
 from serving.http.sse import TextEvents, sse_response
 from serving.http.state import server_state
 from serving.http.tools import ToolPlan, plan_tools
+from serving.request import EngineRequest
 from serving.text.chat_output import ChatOutputParser, OutputEvent, collect_text
 from serving.text.reasoning import ReasoningParser, starts_in_reasoning
-from serving.text.templates import ChatTemplate, end_of_turn_words
-from serving.text.tokenizer import Tokenizer
 
 blueprint = Blueprint("chat", __name__)
 
@@ -85,7 +83,7 @@ async def chat_completions() -> Response | dict[str, Any]:
     )
     config = generation_config(body, state.generation_defaults)
     if not config.ignore_eos:  # the template's end of turn ends the answer like an EOS
-        stops = set(config.stop_token_ids or []) | turn_end_ids(engine.tokenizer, settings.chat_template)
+        stops = set(config.stop_token_ids or []) | state.turn_end_ids
         config.stop_token_ids = sorted(stops) or None
     if plan.format is not None and plan.format.special_tokens:
         config.skip_special_tokens = False  # the call tags are special tokens
@@ -104,8 +102,9 @@ async def chat_completions() -> Response | dict[str, Any]:
     requests = fan_out(engine, [prompt_ids], config, body.n or 1, completion_id, settings.max_log_len)
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
     if body.stream:
-        return sse_response(_chunks(engine, requests, header, len(prompt_ids), body.include_usage, output_parser, plan))
-    results = await collect(engine, requests)
+        return sse_response(_chunks(state.engine_client, requests, header, len(prompt_ids), body.include_usage,
+                                    output_parser, plan))
+    results = await collect(generate(state.engine_client, requests), len(requests))
     choices = []
     for i, result in enumerate(results):
         parser = output_parser()
@@ -130,12 +129,6 @@ async def chat_completions() -> Response | dict[str, Any]:
     ).model_dump()
 
 
-def turn_end_ids(tokenizer: Tokenizer, template: ChatTemplate | None) -> set[int]:
-    """Token ids that end an assistant turn in this template: they stop a chat answer like an EOS."""
-    words = template.stop_words if template is not None else end_of_turn_words(tokenizer.chat_template or "")
-    return {token for token in map(tokenizer.token_id, words) if token is not None}
-
-
 def _call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -155,7 +148,7 @@ def _call_delta(event: OutputEvent, call_ids: list[str]) -> ChatDelta:
 
 
 async def _chunks(
-    engine: AnyEngine,
+    client: AsyncEngineClient,
     requests: Sequence[EngineRequest],
     header: dict[str, Any],
     prompt_tokens: int,
@@ -183,7 +176,7 @@ async def _chunks(
     parsers = [output_parser() for _ in requests]
     call_ids: list[list[str]] = [[] for _ in requests]
     first_kind: list[str | None] = [None] * len(requests)
-    async with aclosing(generate(engine, requests)) as deltas:
+    async with aclosing(generate(client, requests)) as deltas:
         async for index, delta in deltas:
             completion_tokens[index] = delta.num_completion_tokens
             cached_tokens[index] = delta.num_cached_tokens

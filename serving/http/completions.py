@@ -12,10 +12,9 @@ from typing import Any
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
-from serving.engine.process import AnyEngine
-from serving.engine.request import EngineRequest
-from serving.http.async_engine import cached_prompt_tokens, collect, fan_out, generate
 from serving.http.body import read_body
+from serving.http.choices import cached_prompt_tokens, fan_out, generate
+from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
 from serving.http.openapi import streams
 from serving.http.params import check_context_length, generation_config
@@ -30,6 +29,7 @@ from serving.http.protocol import (
 )
 from serving.http.sse import TextEvents, sse_response
 from serving.http.state import server_state
+from serving.request import EngineRequest
 
 blueprint = Blueprint("completions", __name__)
 
@@ -67,8 +67,9 @@ async def completions() -> Response | dict[str, Any]:
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
     prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
-        return sse_response(_chunks(engine, requests, header, prompt_tokens, body.include_usage, body.n or 1))
-    results = await collect(engine, requests)
+        return sse_response(_chunks(state.engine_client, requests, header, prompt_tokens, body.include_usage,
+                                    body.n or 1))
+    results = await collect(generate(state.engine_client, requests), len(requests))
     completion_tokens = sum(r.num_completion_tokens for r in results)
     cached_tokens = cached_prompt_tokens([r.num_cached_tokens for r in results], body.n or 1)
     return CompletionResponse(
@@ -91,7 +92,7 @@ def _refuse_unsupported(body: CompletionRequest) -> None:
 
 
 async def _chunks(
-    engine: AnyEngine,
+    client: AsyncEngineClient,
     requests: Sequence[EngineRequest],
     header: dict[str, Any],
     prompt_tokens: int,
@@ -106,7 +107,7 @@ async def _chunks(
     text_events = TextEvents(lambda index, text: chunk([CompletionChoice(index=index, text=text, finish_reason=None)]))
     completion_tokens = [0] * len(requests)
     cached_tokens = [0] * len(requests)
-    async with aclosing(generate(engine, requests)) as deltas:
+    async with aclosing(generate(client, requests)) as deltas:
         async for index, delta in deltas:
             completion_tokens[index] = delta.num_completion_tokens
             cached_tokens[index] = delta.num_cached_tokens

@@ -14,7 +14,7 @@ from typing import Any
 from quart import Quart, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from serving.engine.request import InvalidRequestError
+from serving.request import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

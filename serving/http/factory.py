@@ -9,7 +9,8 @@ import multiprocessing
 from quart import Quart, request
 from quart_schema import Info, QuartSchema
 
-from serving.engine.process import AnyEngine, EngineProcess
+from serving.engine.client import EngineClient
+from serving.engine.process import EngineProcess
 from serving.http import chat, completions, interactive, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
@@ -24,7 +25,7 @@ API_TITLE = "xlserve"
 API_VERSION = "0.1.0"
 
 
-def load_engine(launch: Launch) -> AnyEngine:
+def load_engine(launch: Launch) -> EngineClient:
     """The launch's engine, its weights loaded: in a child process of its own unless
     `--no-engine-process` (serving.engine.process says why), or unless this process is itself a
     daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children."""
@@ -35,7 +36,7 @@ def load_engine(launch: Launch) -> AnyEngine:
     return Engine.from_pretrained(launch.model_path, launch.engine_config)
 
 
-def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
+def create_app(engine: EngineClient, settings: ServerSettings) -> Quart:
     """An app serving `engine`, which it starts when serving begins and shuts down at the end."""
     # No static folder: Quart would otherwise serve ./static of whatever directory the server runs in.
     app = Quart("xlserve", static_folder=None)

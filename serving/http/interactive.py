@@ -29,18 +29,16 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
-from serving.engine.process import AnyEngine
-from serving.engine.request import MAX_INT32, MAX_SEED, EngineRequest, GenerationConfig
-from serving.http.async_engine import fan_out, generate
 from serving.http.body import read_body
-from serving.http.chat import turn_end_ids
+from serving.http.choices import fan_out, generate
+from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
 from serving.http.openapi import ndjson_stream
 from serving.http.protocol import MAX_MESSAGES, ChatMessage, ErrorResponse, Stop
 from serving.http.sessions import Session, Turn, turn_tokens
 from serving.http.sse import ndjson_response
 from serving.http.state import ServerState, server_state
-from serving.text.templates import ChatTemplate
+from serving.request import MAX_INT32, MAX_SEED, EngineRequest, GenerationConfig
 
 blueprint = Blueprint("interactive", __name__)
 
@@ -239,7 +237,7 @@ def _request(
     state: ServerState, body: InteractiveRequest, plan: _Plan, session: Session | None, turn: Turn | None
 ) -> EngineRequest:
     engine = state.engine
-    config = _generation_config(body, engine, state.settings.chat_template)
+    config = _generation_config(body, state.turn_end_ids)
     request_id = f"interactive-{uuid.uuid4().hex}"
     # A session's turn keeps its pages pinned when it finishes, for the next turn's prefill to reuse.
     session_id = str(session.session_id) if session is not None else None
@@ -249,11 +247,11 @@ def _request(
     return request
 
 
-def _generation_config(body: InteractiveRequest, engine: AnyEngine, template: ChatTemplate | None) -> GenerationConfig:
+def _generation_config(body: InteractiveRequest, turn_end_ids: frozenset[int]) -> GenerationConfig:
     ignore_eos = body.option("ignore_eos")
     stop = body.stop
     # The template's end of turn ends the answer like an EOS, as on /v1/chat/completions.
-    turn_ends = set() if ignore_eos else turn_end_ids(engine.tokenizer, template)
+    turn_ends = frozenset() if ignore_eos else turn_end_ids
     return GenerationConfig(
         max_new_tokens=body.request_output_len,
         min_new_tokens=body.option("min_new_tokens") or 0,
@@ -293,7 +291,7 @@ async def _turn_lines(
             outcome.finish_reason = "length"
             yield _line("", 0, plan.input_tokens, plan.history_tokens, "length")
         else:
-            async with aclosing(_engine_lines(state.engine, request, plan, turn, outcome)) as lines:
+            async with aclosing(_engine_lines(state.engine_client, request, plan, turn, outcome)) as lines:
                 async for line in lines:
                     yield line
         if session is not None and interactive and outcome.finish_reason is not None:
@@ -306,11 +304,11 @@ async def _turn_lines(
 
 
 async def _engine_lines(
-    engine: AnyEngine, request: EngineRequest, plan: _Plan, turn: Turn | None, outcome: _Outcome
+    client: AsyncEngineClient, request: EngineRequest, plan: _Plan, turn: Turn | None, outcome: _Outcome
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Run the request; a cancelled turn ends with an `abort` line instead of an error."""
     try:
-        async with aclosing(generate(engine, [request])) as deltas:
+        async with aclosing(generate(client, [request])) as deltas:
             async for _, delta in deltas:
                 outcome.generated += delta.token_ids
                 if turn is not None and turn.cancelled:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from serving.engine.request import GenerationConfig
 from serving.http.errors import APIError
 from serving.http.protocol import SamplingFields
+from serving.request import GenerationConfig
 
 OPENAI_DEFAULTS: dict[str, float | int] = {
     "temperature": 1.0,
@@ -31,7 +31,6 @@ def generation_config(body: SamplingFields, model_defaults: Mapping[str, float |
     top_k = int(pick("top_k"))
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return GenerationConfig(
-        n=1,  # the HTTP layer fans n out into one engine request per choice
         max_new_tokens=max_new_tokens(body),
         min_new_tokens=body.min_new_tokens or 0,
         do_sample=True,  # temperature 0 is what asks for greedy decoding here

@@ -25,7 +25,7 @@ from pydantic import (
     model_serializer,
 )
 
-from serving.engine.request import MAX_SEED
+from serving.request import MAX_SEED
 
 MAX_N = 128  # OpenAI's own bound on `n`; each choice is one engine request
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; stop-string matching costs per emitted character, so bound it

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from configs.demo import DEMO_MODEL_NAME
-from serving.engine.request import InvalidRequestError
+from serving.request import InvalidRequestError
 from serving.text.templates import ChatTemplate
 
 # A 128k-token conversation is well under 1 MiB of JSON; far larger bodies are refused with 413
