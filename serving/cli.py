@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after the flags are checked: `-h` and flag errors answer without loading JAX.
     from serving.http.factory import create_app, load_engine
 
-    print(f"xlserve: loading {launch.model_path or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
+    print(f"xlserve: loading {launch.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     try:
         engine = load_engine(launch)
     except (OSError, ValueError) as error:

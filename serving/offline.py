@@ -1,7 +1,7 @@
 """The offline Python API, shaped like LMDeploy's `pipeline`: the same engine the server runs, in-process.
 
     from serving import pipeline, GenerationConfig
-    pipe = pipeline("/path/to/hf-checkpoint", session_len=4096)
+    pipe = pipeline("/path/to/hf-checkpoint", session_len=4096)  # or a hub id: pipeline("org/name")
     pipe(["Hi,", "The capital of France is"], gen_config=GenerationConfig(max_new_tokens=32))
 
 A prompt is a string (encoded as is, with the tokenizer's BOS), a list of token ids, or a chat (a list
@@ -16,6 +16,7 @@ import queue
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from model.source import resolve_model
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
 from serving.request import EngineOutput, GenerationConfig, InvalidRequestError
@@ -37,8 +38,20 @@ class Response:
 
 
 class Pipeline:
-    def __init__(self, model_path: str | None = None, **engine_options: object):
-        self.engine = Engine.from_pretrained(model_path, EngineConfig.from_options(**engine_options))
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        revision: str | None = None,
+        download_dir: str | None = None,
+        **engine_options: object,
+    ):
+        config = EngineConfig.from_options(**engine_options)
+        if model_path is not None:
+            model_path = resolve_model(model_path, revision, download_dir, weights=config.load_format != "dummy")
+        elif revision is not None or download_dir is not None:
+            raise ValueError("revision and download_dir apply to a hub id; no model was given (the demo model)")
+        self.engine = Engine.from_pretrained(model_path, config)
         self.engine.start()
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -136,6 +149,14 @@ def _is_single(prompts: object) -> bool:
     return False
 
 
-def pipeline(model_path: str | None = None, **engine_options: object) -> Pipeline:
-    """Load a local Hugging Face checkpoint (or, with no path, the built-in demo model) and compile it."""
-    return Pipeline(model_path, **engine_options)
+def pipeline(
+    model_path: str | None = None,
+    *,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    **engine_options: object,
+) -> Pipeline:
+    """Load a local Hugging Face checkpoint or a hub id `org/name` (downloaded first, at `revision`, into
+    the Hugging Face cache or `download_dir`; see model.source), or with neither the built-in demo model,
+    and compile it."""
+    return Pipeline(model_path, revision=revision, download_dir=download_dir, **engine_options)

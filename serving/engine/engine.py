@@ -182,8 +182,8 @@ class Engine:
             model_path = ensure_demo_checkpoint()
         if not os.path.isdir(model_path):
             raise FileNotFoundError(
-                f"model path {model_path!r} is not a local directory; xlserve loads Hugging Face checkpoints "
-                "from disk and cannot download them"
+                f"model path {model_path!r} is not a local directory (a hub id is downloaded by "
+                "model.source.resolve_model first)"
             )
         config = config or EngineConfig()
         model_config = ModelConfig.from_pretrained(model_path)

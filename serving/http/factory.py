@@ -9,6 +9,7 @@ import multiprocessing
 from quart import Quart, request
 from quart_schema import Info, QuartSchema
 
+from model.source import resolve_model
 from serving.engine.client import EngineClient
 from serving.engine.process import EngineProcess
 from serving.http import chat, completions, interactive, service
@@ -28,12 +29,17 @@ API_VERSION = "0.1.0"
 def load_engine(launch: Launch) -> EngineClient:
     """The launch's engine, its weights loaded: in a child process of its own unless
     `--no-engine-process` (serving.engine.process says why), or unless this process is itself a
-    daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children."""
+    daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children.
+    A hub id is downloaded here, in this process, so its progress and errors show where it was started."""
+    model_path = None
+    if launch.model is not None:
+        weights = launch.engine_config.load_format != "dummy"
+        model_path = resolve_model(launch.model, launch.revision, launch.download_dir, weights=weights)
     if launch.settings.engine_process and not multiprocessing.current_process().daemon:
-        return EngineProcess.from_pretrained(launch.model_path, launch.engine_config, launch.log_level)
+        return EngineProcess.from_pretrained(model_path, launch.engine_config, launch.log_level)
     from serving.engine.engine import Engine
 
-    return Engine.from_pretrained(launch.model_path, launch.engine_config)
+    return Engine.from_pretrained(model_path, launch.engine_config)
 
 
 def create_app(engine: EngineClient, settings: ServerSettings) -> Quart:

@@ -201,6 +201,19 @@ OPTIONS: tuple[Option, ...] = (
         "Accepted for LMDeploy compatibility; xlserve never runs code shipped with a checkpoint.",
         kind="switch",
     ),
+    Option(
+        "--revision",
+        "cli",
+        "revision",
+        "The branch, tag or commit of a hub id MODEL to serve (default: its main branch).",
+    ),
+    Option(
+        "--download-dir",
+        "cli",
+        "download_dir",
+        "The Hugging Face cache folder a hub id MODEL is downloaded into and served from (default: "
+        "huggingface_hub's, ~/.cache/huggingface/hub, or $HF_HOME/hub).",
+    ),
     # ---- engine ----
     Option("--tp", "engine", "tp", f"Tensor-parallel degree (default: {_engine_default('tp')}).", type=int),
     Option(
@@ -337,19 +350,7 @@ OPTIONS: tuple[Option, ...] = (
         "JAX's persistent compilation cache, so restarts skip compiling: auto (~/.cache/xlserve/jax on GPU, "
         "off on CPU), off, or a directory.",
     ),
-    # ---- refused: each would need the network or a part not built yet ----
-    Option(
-        "--revision",
-        "refused",
-        "revision",
-        "Refused: xlserve cannot download from a model hub; download the revision yourself and pass its directory.",
-    ),
-    Option(
-        "--download-dir",
-        "refused",
-        "download_dir",
-        "Refused: xlserve cannot download from a model hub; pass a local checkpoint directory.",
-    ),
+    # ---- refused: each would need a part not built yet ----
     Option("--proxy-url", "refused", "proxy_url", "Refused for now: the proxy is not part of this release."),
 )
 
@@ -358,23 +359,26 @@ OPTIONS: tuple[Option, ...] = (
 class Launch:
     """Everything needed to start a server: the model, the engine's options, the app's and the socket's."""
 
-    model_path: str | None
+    model: str | None  # MODEL as given: a local folder or a hub id (model.source resolves it); None: the demo
     engine_config: EngineConfig
     settings: ServerSettings
     host: str = "0.0.0.0"
     port: int = 23333
     log_level: str = "WARNING"
     shutdown_timeout: float = 30.0
+    revision: str | None = None  # of a hub id
+    download_dir: str | None = None  # where a hub id is downloaded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model_path",
+        "model",
         nargs="?",
         default=None,
         metavar="MODEL",
-        help="A local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer). "
-        "Omitted: the built-in demo model.",
+        help="A local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer), or a Hugging "
+        "Face hub id (org/name), downloaded first (HF_TOKEN for gated models, HF_ENDPOINT for a mirror, "
+        "HF_HUB_OFFLINE=1 to use only the cache). Omitted: the built-in demo model.",
     )
     for option in OPTIONS:
         kwargs: dict[str, Any] = {"dest": option.field, "help": option.help, "default": option.default}
@@ -398,7 +402,7 @@ def from_arguments(namespace: argparse.Namespace, environ: Mapping[str, str] = o
     if values["api_keys"] is None and environ.get(keys.env):
         # Keys are secrets: the command line shows in `ps`, so the CLI takes them from the environment too.
         values["api_keys"] = _parse_env(keys, environ[keys.env])
-    return _resolve(namespace.model_path, values, source=lambda o: o.flag)
+    return _resolve(namespace.model, values, source=lambda o: o.flag)
 
 
 def from_environment(environ: Mapping[str, str] = os.environ) -> Launch:
@@ -426,16 +430,14 @@ def _parse_env(option: Option, raw: str) -> Any:
     return value
 
 
-def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[Option], str]) -> Launch:
+def _resolve(model: str | None, values: dict[str, Any], source: Callable[[Option], str]) -> Launch:
     for option in OPTIONS:
         if option.target == "refused" and values[option.field] is not None:
             raise OptionError(f"{source(option)}: {option.help}")
-    if model_path is not None and not os.path.isdir(model_path):
-        raise OptionError(
-            f"model path {model_path!r} is not a local directory. xlserve cannot download from a model hub: "
-            "download the checkpoint (config.json, *.safetensors, tokenizer files) and pass its directory, "
-            "or pass no model to serve the built-in demo model."
-        )
+    if model is None:
+        for option in (_option("revision"), _option("download_dir")):
+            if values[option.field] is not None:
+                raise OptionError(f"{source(option)} applies to a hub id MODEL; none was given (the demo model)")
     given = {o.field: values[o.field] for o in OPTIONS if values[o.field] is not None}
     engine_options = {o.field: given[o.field] for o in OPTIONS if o.target == "engine" and o.field in given}
     for name in ("decode_batch_buckets", "prefill_row_buckets", "prefill_token_buckets", "packed_prefill_buckets"):
@@ -457,22 +459,24 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
         server_options["chat_template"] = _read_template(server_options["chat_template"], source)
     if "reasoning_parser" in server_options:
         server_options["reasoning_parser"] = parser_name(server_options["reasoning_parser"])
-    server_options.setdefault("model_name", model_path if model_path is not None else DEMO_MODEL_NAME)
+    server_options.setdefault("model_name", model if model is not None else DEMO_MODEL_NAME)
     try:
-        settings = ServerSettings(model_path=model_path, **server_options)
+        settings = ServerSettings(model_path=model, **server_options)
     except ValueError as error:
         flag = next((source(o) for o in OPTIONS if o.field == getattr(error, "param", None)), None)
         raise OptionError(f"{flag}: {error}" if flag else str(error)) from error
     if values["shutdown_timeout"] < 0:
         raise OptionError(f"{source(_option('shutdown_timeout'))} must be >= 0, got {values['shutdown_timeout']}")
     return Launch(
-        model_path,
+        model,
         engine_config,
         settings,
         host=values["server_name"],
         port=values["server_port"],
         log_level=values["log_level"],
         shutdown_timeout=values["shutdown_timeout"],
+        revision=values["revision"],
+        download_dir=values["download_dir"],
     )
 
 

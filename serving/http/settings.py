@@ -18,7 +18,7 @@ DEFAULT_MAX_QUEUE_LEN = 1024
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str = DEMO_MODEL_NAME
-    model_path: str | None = None  # None: the built-in demo model
+    model_path: str | None = None  # MODEL as given (a folder or a hub id): /v1/models' root; None: the demo
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no authentication; never logged
     public_metrics: bool = False  # GET /metrics without an API key
     allow_origins: tuple[str, ...] = ()  # empty: no CORS headers (a same-origin client needs none)
