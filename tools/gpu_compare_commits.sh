@@ -19,7 +19,7 @@ run() {  # tree name bench-args...
   (cd "$tree" && python -m tools.bench_engine --shape llama3-8b --json "$here/$out/$name.json" "$@" 2>&1 \
     | grep -v -i warn | tail -4)
 }
-for round in 1 2; do
+for round in $(seq 1 "${ROUNDS:-1}"); do
   run "$old" "b1-before-$round" "${b1[@]}"
   run . "b1-after-$round" "${b1[@]}"
   run "$old" "b3-before-$round" "${b3[@]}"
