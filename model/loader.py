@@ -324,15 +324,22 @@ def load_params(
     shardings = _flatten(param_shardings(config, mesh))
     flat = {}
     for spec in specs:
-        raw = [
-            jax.device_put(_read(tensors[s.name]).reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
-            for s in spec.sources
-        ]
+        raw = [_place(_read(tensors[s.name]).reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
+               for s in spec.sources]
         flat[spec.path] = _assembler(spec.fuse, dtype, shardings[spec.path])(raw)
         # Transfers are asynchronous: without this wait every raw tensor could be in flight at once,
         # doubling device memory; with it the extra is one parameter's raw copy.
         flat[spec.path].block_until_ready()
     return _nest(flat.items())
+
+
+def _place(tensor: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The mapped tensor on `sharding`'s devices, each of this process's devices given only its own slice.
+
+    Slicing the memory map reads only those bytes from the file, so with a mesh over several hosts each
+    process reads its own shards and no others (`jax.device_put` would refuse devices of other processes).
+    """
+    return jax.make_array_from_callback(tensor.shape, sharding, lambda index: np.asarray(tensor[index]))
 
 
 def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:

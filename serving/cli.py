@@ -83,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     logging.basicConfig(level=launch.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported after the flags are checked: `-h` and flag errors answer without loading JAX.
+    from serving.engine.multihost import resolve_group
+
+    try:
+        group = resolve_group(**_group_options(launch))
+    except ValueError as error:
+        parser.error(str(error))
+    if group is not None and not group.is_leader:
+        from model.source import resolve_model
+        from serving.follower import run_follower
+
+        model_path = resolve_model(launch.model, launch.revision, launch.download_dir) if launch.model else None
+        return run_follower(model_path, launch.engine_config, launch.host, launch.port)
     from serving.http.factory import create_app, load_engine
 
     print(f"xlserve: loading {launch.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
@@ -93,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     app = create_app(engine, launch.settings)
     return asyncio.run(serve(app, launch))
+
+
+def _group_options(launch: Launch) -> dict:
+    config = launch.engine_config
+    return dict(nnodes=config.nnodes, node_rank=config.node_rank, dist_init_addr=config.dist_init_addr,
+                timeout=config.dist_timeout, init_timeout=config.dist_init_timeout)
 
 
 async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None) -> int:
@@ -123,12 +141,21 @@ async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Await
     config.backlog = 2048
     # No Hypercorn access log: the app writes its own (`xlserve.access`, with request ids) at INFO.
     watcher = loop.create_task(_announce(state, f"http://{host}:{launch.port}", stop))
+    group_lost = asyncio.Event()
+    from serving.engine.multihost import resolve_group
+
+    if resolve_group(**_group_options(launch)) is not None:
+        watcher.add_done_callback(lambda _: loop.create_task(_end_with_group(state, stop, group_lost)))
     try:
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
     finally:
         watcher.cancel()
         for task in draining:
             task.cancel()
+    if group_lost.is_set():
+        from serving.engine.multihost import EXIT_LOST_PEER
+
+        return EXIT_LOST_PEER
     return 1 if state.load_error is not None else 0
 
 
@@ -142,6 +169,18 @@ async def _drain_then_stop(state: ServerState, timeout: float, stop: asyncio.Eve
         await state.drain(timeout)
     finally:
         stop.set()
+
+
+async def _end_with_group(state: ServerState, stop: asyncio.Event, lost: asyncio.Event) -> None:
+    """Rank 0 of several hosts: once its engine has died (a follower was lost), stop serving and exit
+    non-zero, so the group is restarted together instead of answering 503 forever."""
+    with contextlib.suppress(asyncio.CancelledError):
+        while not stop.is_set() and (not state.started or state.healthy()):
+            await asyncio.sleep(0.2)
+        if not stop.is_set():
+            print("xlserve: error: the group lost a host; stopping", file=sys.stderr, flush=True)
+            lost.set()
+            stop.set()
 
 
 async def _announce(state: ServerState, url: str, stop: asyncio.Event) -> None:

@@ -350,6 +350,45 @@ OPTIONS: tuple[Option, ...] = (
         "JAX's persistent compilation cache, so restarts skip compiling: auto (~/.cache/xlserve/jax on GPU, "
         "off on CPU), off, or a directory.",
     ),
+    # ---- several hosts (docs/multi-host.md) ----
+    Option(
+        "--nnodes",
+        "engine",
+        "nnodes",
+        "Hosts serving this one model, one process each, --tp counting the devices of all (default: "
+        "LWS_GROUP_SIZE, else JAX_NUM_PROCESSES, else 1).",
+        type=int,
+    ),
+    Option(
+        "--node-rank",
+        "engine",
+        "node_rank",
+        "This host's rank: 0 serves the API, the others follow it (default: LWS_WORKER_INDEX, else "
+        "JAX_PROCESS_ID, else 0).",
+        type=int,
+    ),
+    Option(
+        "--dist-init-addr",
+        "engine",
+        "dist_init_addr",
+        "HOST:PORT of rank 0's JAX coordinator; rank 0 also listens for its followers on PORT + 1 (default: "
+        "JAX_COORDINATOR_ADDRESS, else LWS_LEADER_ADDRESS:29500).",
+    ),
+    Option(
+        "--dist-timeout",
+        "engine",
+        "dist_timeout",
+        f"Seconds of silence after which a host is lost: every process then exits non-zero (default: "
+        f"{_engine_default('dist_timeout')}).",
+        type=float,
+    ),
+    Option(
+        "--dist-init-timeout",
+        "engine",
+        "dist_init_timeout",
+        f"Seconds to wait for every host to join before giving up (default: {_engine_default('dist_init_timeout')}).",
+        type=float,
+    ),
     # ---- refused: each would need a part not built yet ----
     Option("--proxy-url", "refused", "proxy_url", "Refused for now: the proxy is not part of this release."),
 )
