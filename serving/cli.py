@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if group is not None and not group.is_leader:
         from model.source import resolve_model
-        from serving.follower import run_follower
+        from serving.engine.follower import run_follower
 
         model_path = resolve_model(launch.model, launch.revision, launch.download_dir) if launch.model else None
         return run_follower(model_path, launch.engine_config, launch.host, launch.port)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"xlserve: loading {launch.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     try:
         engine = load_engine(launch)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: the engine process died loading it
         print(f"xlserve: error: cannot load the model: {error}", file=sys.stderr)
         return 1
     app = create_app(engine, launch.settings)

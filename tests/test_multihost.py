@@ -71,7 +71,7 @@ def _rank(checkpoint: Path, rank: int, port: int, coordinator: int, *extra: str)
     return ServerProcess(
         [console_script("xlserve"), "serve", "api_server", str(checkpoint), "--server-name", "127.0.0.1",
          "--server-port", str(port), "--tp", "4", "--nnodes", "2", "--node-rank", str(rank),
-         "--dist-init-addr", f"127.0.0.1:{coordinator}", *GROUP_ENGINE_FLAGS, *extra],
+         "--dist-init-addr", f"127.0.0.1:{coordinator}", "--model-name", "m", *GROUP_ENGINE_FLAGS, *extra],
         env=TWO_DEVICES)
 
 
@@ -84,7 +84,8 @@ class Group:
         self.follower = _rank(checkpoint, 1, int(self.follower_url.rsplit(":", 1)[1]), coordinator)
 
     def stop(self) -> None:
-        for process in (self.follower, self.leader):
+        """The leader first: its engine tells the follower to stop, and both leave JAX's job cleanly."""
+        for process in (self.leader, self.follower):
             if process.process.poll() is None:
                 process.stop()
 

@@ -28,6 +28,7 @@ import marshal
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -49,6 +50,8 @@ HEARTBEAT_FRACTION = 0.2
 RETRY_INTERVAL_S = 0.5
 EXIT_GRACE_S = 1.0  # after a lost peer: long enough for probes to see 503 before the process exits
 EXIT_LOST_PEER = 3  # the exit status of a process whose peer was lost
+EXIT_NOT_JOINED = 1  # the exit status of a process whose group never assembled
+JAX_DEADLINE_MARGIN_S = 5  # JAX's own join deadline comes this much after ours (see `join`)
 
 # Message kinds
 STEP, BEAT, STOP, HELLO = "step", "beat", "stop", "hello"
@@ -129,18 +132,33 @@ def join(group: Group) -> None:
 
     logger.warning("rank %d of %d: waiting up to %.0fs for the JAX coordinator at %s and every peer",
                    group.node_rank, group.nnodes, group.init_timeout, group.coordinator)
+    why = (f"rank {group.node_rank} of {group.nnodes} could not join the group at {group.coordinator} within "
+           f"{group.init_timeout:.0f}s (is every rank started, with the same --nnodes and --dist-init-addr?)")
+    # When its deadline passes, JAX's client aborts the process from C++ with a stack trace (it does not
+    # raise), so this process gives up a little earlier, by itself, with a message that says what is wrong.
+    joined = threading.Event()
+    threading.Thread(target=_give_up_unless, args=(joined, group.init_timeout, why), name="xlserve-join",
+                     daemon=True).start()
     try:
         jax.distributed.initialize(
             coordinator_address=group.coordinator, num_processes=group.nnodes, process_id=group.node_rank,
-            initialization_timeout=max(1, round(group.init_timeout)),
+            initialization_timeout=round(group.init_timeout + JAX_DEADLINE_MARGIN_S),
             heartbeat_timeout_seconds=max(1, round(group.timeout)),
             shutdown_timeout_seconds=max(1, round(group.timeout)),
         )
-    except Exception as error:  # JAX raises XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...)
-        raise RuntimeError(f"rank {group.node_rank} of {group.nnodes} could not join the group at "
-                           f"{group.coordinator} within {group.init_timeout:.0f}s: {error}") from error
+    except Exception as error:  # JAX raises XlaRuntimeError for a bad address and the like
+        raise RuntimeError(f"{why}: {error}") from error
+    finally:
+        joined.set()
     logger.warning("rank %d joined: %d processes, %d devices", group.node_rank, jax.process_count(),
                    jax.device_count())
+
+
+def _give_up_unless(joined: threading.Event, timeout: float, why: str) -> None:
+    if not joined.wait(timeout):
+        print(f"xlserve: error: {why}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(EXIT_NOT_JOINED)
 
 
 # ----- the wire format -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from quart_schema import Info, QuartSchema
 
 from model.source import resolve_model
 from serving.engine.client import EngineClient
+from serving.engine.multihost import resolve_group
 from serving.engine.process import EngineProcess
 from serving.http import chat, completions, interactive, service
 from serving.http.auth import install_api_keys
@@ -31,6 +32,12 @@ def load_engine(launch: Launch) -> EngineClient:
     `--no-engine-process` (serving.engine.process says why), or unless this process is itself a
     daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children.
     A hub id is downloaded here, in this process, so its progress and errors show where it was started."""
+    config = launch.engine_config
+    group = resolve_group(config.nnodes, config.node_rank, config.dist_init_addr, config.dist_timeout,
+                          config.dist_init_timeout)
+    if group is not None and not group.is_leader:
+        raise ValueError(f"rank {group.node_rank} follows rank 0 and serves no API: start it with "
+                         "`xlserve serve api_server` (docs/multi-host.md)")
     model_path = None
     if launch.model is not None:
         weights = launch.engine_config.load_format != "dummy"

@@ -58,6 +58,12 @@ def _serve_probes(status: _Status, host: str, port: int) -> ThreadingHTTPServer:
     return server
 
 
+def _stop_now(signum: int, frame: object) -> None:
+    print("xlserve: follower stopped by a signal", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(0)
+
+
 def run_follower(model_path: str | None, config: EngineConfig, host: str, port: int) -> int:
     """Follow the leader until it stops the group; the process's exit status."""
     from serving.engine.engine import Engine
@@ -67,10 +73,11 @@ def run_follower(model_path: str | None, config: EngineConfig, host: str, port: 
     assert group is not None and not group.is_leader, "run_follower is for ranks > 0"
     status = _Status(group.node_rank)
     probes = _serve_probes(status, host, port)
-    # jax.distributed catches SIGTERM for its preemption notices and carries on; a pod being stopped must stop.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         engine = Engine.from_pretrained(model_path, config)  # joins the group first
+        # Joining installed jax.distributed's SIGTERM handler, which notes a preemption and carries on; a pod
+        # being stopped must stop. A normal exit would wait on the leader at JAX's shutdown barrier.
+        signal.signal(signal.SIGTERM, _stop_now)
         engine.warm_up()
         link = connect_to_leader(group)
     except Exception as error:
