@@ -175,7 +175,7 @@ async def _end_with_group(state: ServerState, stop: asyncio.Event, lost: asyncio
     """Rank 0 of several hosts: once its engine has died (a follower was lost), stop serving and exit
     non-zero, so the group is restarted together instead of answering 503 forever."""
     with contextlib.suppress(asyncio.CancelledError):
-        while not stop.is_set() and (not state.started or state.healthy()):
+        while not stop.is_set() and (not state.started or state.healthy):
             await asyncio.sleep(0.2)
         if not stop.is_set():
             print("xlserve: error: the group lost a host; stopping", file=sys.stderr, flush=True)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -209,3 +212,41 @@ def test_a_plan_out_of_order_or_of_another_version_is_refused():
         decode_frame(other_version, 5)
     with pytest.raises(PlanError, match="not a step plan"):
         decode_frame(json.dumps({"step": 5}).encode().ljust(30), 5)
+
+
+# ----- each process reads only its own shards ---------------------------------------------------------------
+
+PLACE_SCRIPT = """
+import json, sys
+import jax
+import numpy as np
+jax.config.update("jax_num_cpu_devices", 2)
+jax.distributed.initialize("127.0.0.1:" + sys.argv[2], 2, int(sys.argv[1]), initialization_timeout=60)
+from model.loader import _place
+from model.sharding import make_mesh, sharding_for
+
+touched = []
+
+class Recording(np.ndarray):  # stands for the memory-mapped checkpoint tensor: records each slice read
+    def __getitem__(self, index):
+        touched.append([v for s in index for v in (s.start, s.stop)])
+        return np.asarray(super().__getitem__(index))
+
+full = np.arange(8 * 12, dtype=np.float32).reshape(8, 12)
+placed = _place(full.view(Recording), sharding_for("w", (8, 12), make_mesh(4), (None, "ffn")))
+assert all(np.array_equal(np.asarray(s.data), full[s.index]) for s in placed.addressable_shards)
+print(json.dumps(sorted(touched)))
+"""
+
+
+def test_each_process_reads_only_its_own_shards():
+    """The loader's placement asks the mapped tensor only for the slices of this process's devices."""
+    port = _free_port_pair()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    ranks = [subprocess.Popen([sys.executable, "-c", PLACE_SCRIPT, str(rank), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], results
+    reads = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    # Columns split four ways over two processes of two devices: each process reads its own half.
+    assert reads == [[[None, None, 0, 3], [None, None, 3, 6]], [[None, None, 6, 9], [None, None, 9, 12]]], reads
