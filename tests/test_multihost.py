@@ -36,8 +36,8 @@ from tests.http_fixtures import ServerProcess, console_script, free_port
 
 # Few shapes, and so few pages that four sequences decoding at once must preempt one.
 GROUP_ENGINE_FLAGS = ["--session-len", "128", "--cache-block-seq-len", "16", "--num-pages", "13",
-                      "--decode-batch-buckets", "1", "4", "--prefill-row-buckets", "1", "--prefill-token-buckets", "16"]
-GROUP_ENGINE_OPTIONS = dict(page_size=16, num_pages=13, session_len=128, decode_batch_buckets=(1, 4),
+                      "--decode-batch-buckets", "4", "--prefill-row-buckets", "1", "--prefill-token-buckets", "16"]
+GROUP_ENGINE_OPTIONS = dict(page_size=16, num_pages=13, session_len=128, decode_batch_buckets=(4,),
                             prefill_row_buckets=(1,), prefill_token_buckets=(16,))
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
 NUM_PROMPTS, MAX_TOKENS = 16, 32
@@ -154,9 +154,16 @@ def test_a_missing_peer_fails_within_the_init_timeout(four_head_llama):
 
 
 def test_killing_the_follower_makes_the_leader_fail_and_exit(group):
-    """Runs last: it ends the module's group."""
+    """Runs last: it ends the module's group. A request generating when the follower dies gets an answer
+    (an error), never a hang."""
+    client = openai.OpenAI(base_url=f"{group.leader_url}/v1", api_key="none", max_retries=0, timeout=60)
+    stream = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=80, temperature=0, stream=True)
+    next(iter(stream))  # generating now
     group.follower.process.kill()
     began = time.monotonic()
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for _ in stream:
+            pass
     seen_503 = False
     while group.leader.process.poll() is None and time.monotonic() - began < 30:
         try:
