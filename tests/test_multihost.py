@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -257,3 +258,63 @@ def test_each_process_reads_only_its_own_shards():
     reads = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
     # Columns split four ways over two processes of two devices: each process reads its own half.
     assert reads == [[[None, None, 0, 3], [None, None, 3, 6]], [[None, None, 6, 9], [None, None, 9, 12]]], reads
+
+
+# ----- the plan channel over real sockets, without JAX ------------------------------------------------------
+
+
+def _channel(timeout: float = 0.5):
+    """A leader's broadcaster and one follower's link, connected over 127.0.0.1."""
+    from serving.engine.multihost import Group as HostGroup
+    from serving.engine.multihost import PlanBroadcaster, connect_to_leader
+
+    group = HostGroup(nnodes=2, node_rank=0, coordinator=f"127.0.0.1:{_free_port_pair()}", timeout=timeout,
+                      init_timeout=10)
+    leader = PlanBroadcaster(group)
+    lost: list[str] = []
+    leader.on_lost = lost.append
+    follower = {}
+    connecting = threading.Thread(target=lambda: follower.update(link=connect_to_leader(
+        HostGroup(2, 1, group.coordinator, timeout, 10))))
+    connecting.start()
+    leader.accept()
+    connecting.join()
+    return leader, follower["link"], lost
+
+
+def test_a_silent_follower_is_lost_within_the_timeout():
+    leader, _, lost = _channel()  # the follower's end never sends a heartbeat
+    began = time.monotonic()
+    while not lost and time.monotonic() - began < 5:
+        time.sleep(0.05)
+    assert lost and "lost follower 1" in lost[0]
+    assert time.monotonic() - began < 2
+    leader.close()
+
+
+def test_a_follower_replays_steps_until_the_leader_stops_it():
+    from serving.engine.multihost import follow
+
+    leader, link, lost = _channel()
+    ran = []
+    following = threading.Thread(target=follow, args=(link, lambda *step: ran.append(step), 0.5))
+    following.start()
+    leader.send_step([_chunk()], 4, 16, None)
+    time.sleep(1.2)  # longer than the timeout: heartbeats keep both ends alive meanwhile
+    leader.send_step([_chunk(slot=3)], 4, 1, None)
+    leader.close()
+    following.join(timeout=5)
+    assert not following.is_alive() and not lost
+    assert [(chunks[0].slot, rows, tokens) for chunks, rows, tokens, _ in ran] == [(2, 4, 16), (3, 4, 1)]
+
+
+def test_a_follower_whose_leader_goes_silent_stops_following():
+    from serving.engine.multihost import PeerLost, follow
+
+    leader, link, _ = _channel()
+    leader._closing.set()  # its heartbeats stop, its socket stays open: a hung host
+    began = time.monotonic()
+    with pytest.raises(PeerLost, match="silent"):
+        follow(link, lambda *step: None, 0.5)
+    assert time.monotonic() - began < 2
+    leader.close()
