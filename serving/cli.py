@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(serve(app, launch))
 
 
+GROUP_LOST_GRACE_S = 1.0
+
+
 def _group_options(launch: Launch) -> dict:
     config = launch.engine_config
     return dict(nnodes=config.nnodes, node_rank=config.node_rank, dist_init_addr=config.dist_init_addr,
@@ -180,6 +183,7 @@ async def _end_with_group(state: ServerState, stop: asyncio.Event, lost: asyncio
         if not stop.is_set():
             print("xlserve: error: the group lost a host; stopping", file=sys.stderr, flush=True)
             lost.set()
+            await asyncio.sleep(GROUP_LOST_GRACE_S)  # probes see the 503 before the port closes
             stop.set()
 
 

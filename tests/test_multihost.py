@@ -122,13 +122,31 @@ def _metric(base_url: str, name: str) -> float:
         name + " "))
 
 
+# The same prompts through `pipeline()` in one process of four CPU devices at --tp 4.
+ONE_PROCESS_SCRIPT = """
+import json, sys
+from serving import pipeline
+from serving.request import GenerationConfig
+prompts, options, max_tokens = json.loads(sys.argv[2])
+with pipeline(sys.argv[1], tp=4, **options) as pipe:
+    print(json.dumps([r.text for r in pipe(prompts, GenerationConfig(max_new_tokens=max_tokens))]))
+"""
+
+
 def test_two_processes_give_the_single_process_tokens(group, four_head_llama):
     from serving import pipeline
 
     texts = _complete(group.leader_url, PROMPTS)
-    with pipeline(str(four_head_llama), **GROUP_ENGINE_OPTIONS) as single:
+    with pipeline(str(four_head_llama), **GROUP_ENGINE_OPTIONS) as single:  # --tp 1, here
         expected = [r.text for r in single(PROMPTS, GenerationConfig(max_new_tokens=MAX_TOKENS))]
+    four_devices = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS_SCRIPT, str(four_head_llama),
+         json.dumps([PROMPTS, GROUP_ENGINE_OPTIONS, MAX_TOKENS])],
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
+        capture_output=True, text=True, timeout=300)
+    assert four_devices.returncode == 0, four_devices.stderr
     assert texts == expected
+    assert json.loads(four_devices.stdout.strip().splitlines()[-1]) == expected
     assert _metric(group.leader_url, "vllm:num_preemptions_total") > 0
     assert _metric(group.leader_url, "vllm:prefix_cache_hits_total") > 0
     assert _metric(group.leader_url, "xlserve:compilations_after_warmup") == 0
@@ -160,11 +178,19 @@ def test_killing_the_follower_makes_the_leader_fail_and_exit(group):
     client = openai.OpenAI(base_url=f"{group.leader_url}/v1", api_key="none", max_retries=0, timeout=60)
     stream = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=80, temperature=0, stream=True)
     next(iter(stream))  # generating now
+    errors = []
+
+    def read_to_the_end() -> None:
+        try:
+            for _ in stream:
+                pass
+        except (openai.APIError, httpx.HTTPError) as error:
+            errors.append(error)
+
+    reader = threading.Thread(target=read_to_the_end)
+    reader.start()
     group.follower.process.kill()
     began = time.monotonic()
-    with pytest.raises((openai.APIError, httpx.HTTPError)):
-        for _ in stream:
-            pass
     seen_503 = False
     while group.leader.process.poll() is None and time.monotonic() - began < 30:
         try:
@@ -175,6 +201,8 @@ def test_killing_the_follower_makes_the_leader_fail_and_exit(group):
     assert group.leader.process.wait(timeout=1) == EXIT_LOST_PEER
     assert time.monotonic() - began < 15
     assert seen_503
+    reader.join(timeout=5)
+    assert not reader.is_alive() and errors
     assert "lost follower 1" in group.leader.output()
 
 
