@@ -1,4 +1,4 @@
-"""The Quart app factory: routes, OpenAPI + Swagger UI, errors, API keys, CORS, the per-request
+"""The Quart app factory: routes, OpenAPI + Swagger UI, the chat page, errors, API keys, CORS, the per-request
 middleware (ids, access log, admission clean-up), the profiling routes and the engine's lifecycle."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from serving.http.options import Launch
 from serving.http.profiling import install_profiler
 from serving.http.settings import ServerSettings
 from serving.http.state import ServerState
+from serving.http.swagger import install_swagger_ui
+from serving.http.webui import install_webui
 
 API_TITLE = "xlserve"
 API_VERSION = "0.1.0"
@@ -48,7 +50,7 @@ def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
     QuartSchema(
         app,
         openapi_path="/openapi.json",
-        swagger_ui_path="/",
+        swagger_ui_path=None,  # its page loads Swagger UI from a CDN: ours is served from this server
         redoc_ui_path=None,
         scalar_ui_path=None,
         info=Info(
@@ -69,7 +71,9 @@ def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
     async def refuse_while_draining() -> None:
         state.refuse_while_draining(request.path)
 
-    install_api_keys(app, settings.api_keys, settings.public_metrics)
+    install_swagger_ui(app, "/docs" if settings.webui and settings.chat_at_root else "/")
+    page_paths = install_webui(app, settings.chat_at_root) if settings.webui else frozenset()
+    install_api_keys(app, settings.api_keys, settings.public_metrics, open_paths=page_paths)
     if settings.allow_origins:
         # Imported only here: CORS is off unless asked for, and a server without it needs no quart-cors.
         from quart_cors import cors

@@ -1,0 +1,299 @@
+"""The chat page (/chat) and Swagger UI in a real browser: Debian's Chromium, headless, driven by
+Playwright, against one live server behind an API key.
+
+The server's model is scripted (`make_scripted_checkpoint`): whatever it is asked, it answers with a
+`<script>` element, an `<img onerror>` element, then " again" until its token budget ends, so a test
+knows the exact reply, the page must show markup as text, and a reply is as long as the test wants.
+Every engine step is slowed a little (the engine's test-only `fault_hook`) so a reply takes long
+enough to watch it grow and to stop it. Every request the browser makes to anything but this server
+is refused and recorded, so a page that needed the internet would fail here (the refusal runs in this
+process, so tests wait with `page.wait_for_timeout`, never `time.sleep`, while the page makes requests).
+Each test leaves a screenshot of its page in its pytest tmp dir.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+
+from serving.cli import build_parser
+from serving.http.options import from_arguments
+from serving.http.webui import CONTENT_SECURITY_POLICY
+from tests.checkpoints import make_scripted_checkpoint
+from tests.http_fixtures import FEW_BUCKETS, LiveServer, scrape, serve_in_thread
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright's own browser downloads cannot work offline
+# Without the background-networking flags Chromium keeps trying to reach Google's services.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+KEY = "sk-webui"
+SCRIPT = ("<script>window.xss = 1</script>", '<img src="x" onerror="window.xss = 2">')
+LOOP_WORD = " again"
+# A session of 1024 tokens, so LMDeploy's default of 512 new tokens fits beside a prompt.
+ENGINE_OPTIONS = dict(FEW_BUCKETS, session_len=1024)
+STEP_DELAY_S = 0.02
+STOP_DEADLINE_S = 1.0  # Stop must free the request's slot and pages on the server within this
+WAIT_MS = 30_000
+
+
+def expected_reply(tokens: int) -> str:
+    return "".join(SCRIPT) + LOOP_WORD * (tokens - len(SCRIPT))
+
+
+@pytest.fixture(scope="module")
+def scripted_model(tmp_path_factory: pytest.TempPathFactory, sentencepiece_dir: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(sentencepiece_dir), local_files_only=True)
+    tokenizer.add_tokens(list(SCRIPT))  # one token each, so the script is short
+    script = [*tokenizer.convert_tokens_to_ids(list(SCRIPT)), *tokenizer.encode(LOOP_WORD, add_special_tokens=False)]
+    assert len(script) == len(SCRIPT) + 1, "the loop word must be one token"
+    directory = make_scripted_checkpoint(tmp_path_factory.mktemp("scripted"), script, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(scripted_model: Path) -> Iterator[LiveServer]:
+    with serve_in_thread(scripted_model, ENGINE_OPTIONS, api_keys=(KEY,)) as (live, _):
+        live.engine.fault_hook = lambda chunks: time.sleep(STEP_DELAY_S)
+        yield live
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@dataclass
+class Tab:
+    page: Page
+    blocked: list[str] = field(default_factory=list)  # requests to anything but the server
+    console_errors: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def tab(browser: Browser, server: LiveServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tab]:
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    opened = Tab(page)
+
+    def only_the_server(route: Route) -> None:
+        if route.request.url.startswith(f"{server.base_url}/"):
+            route.continue_()
+        else:
+            opened.blocked.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_server)
+    page.on("console", lambda message: message.type == "error" and opened.console_errors.append(message.text))
+    page.on("pageerror", lambda error: opened.console_errors.append(str(error)))
+    try:
+        yield opened
+    finally:
+        page.screenshot(path=tmp_path / f"{request.node.name}.png", full_page=True)
+        context.close()
+    assert not opened.blocked, f"the page reached outside the server: {opened.blocked}"
+    assert not [e for e in opened.console_errors if "Content Security Policy" in e], opened.console_errors
+
+
+def open_chat(page: Page, server: LiveServer, key: str = KEY) -> None:
+    """Open the page in a tab where the key was typed before (the page keeps it in sessionStorage)."""
+    page.add_init_script(f"sessionStorage.setItem('xlserve-api-key', {key!r})")
+    page.goto(f"{server.base_url}/chat")
+
+
+def type_key(page: Page, key: str) -> None:
+    page.fill("#api-key", key)
+    page.dispatch_event("#api-key", "change")
+
+
+def set_slider(page: Page, slider: str, value: float) -> None:
+    page.eval_on_selector(f"#{slider}", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }",
+                          str(value))
+
+
+def send(page: Page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.click("#send")
+
+
+def last_reply(page: Page) -> str:
+    return page.locator(".message.assistant .content").last.text_content() or ""
+
+
+def metric(server: LiveServer, name: str) -> float:
+    return scrape(server)[name]
+
+
+# ---- the page as served ------------------------------------------------------------------------
+
+
+def test_page_is_self_contained_and_open_without_a_key(server: LiveServer) -> None:
+    page = httpx.get(f"{server.base_url}/chat")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "default-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe" not in CONTENT_SECURITY_POLICY
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text), "the page loads something from elsewhere"
+    for asset in ("chat/chat.js", "chat/chat.css"):
+        assert asset in page.text
+        assert httpx.get(f"{server.base_url}/{asset}").status_code == 200
+    # The API the page calls needs the key like any other client's call.
+    assert httpx.get(f"{server.base_url}/v1/models").status_code == 401
+
+
+def test_no_webui_and_chat_at_root_flags() -> None:
+    def settings(*flags: str):  # noqa: ANN202
+        return from_arguments(build_parser().parse_args(["serve", "api_server", *flags]), environ={}).settings
+
+    assert (settings().webui, settings().chat_at_root) == (True, False)
+    assert settings("--no-webui").webui is False
+    assert settings("--chat-at-root").chat_at_root is True
+
+
+# ---- the chat page in the browser ---------------------------------------------------------------
+
+
+def test_reply_streams_in_and_markup_stays_text(tab: Tab, server: LiveServer) -> None:
+    page = tab.page
+    open_chat(page, server)
+    expect(page.locator("#model option")).to_have_text([server.model_name])
+    # LMDeploy's gradio defaults
+    assert [page.input_value(f"#{s}") for s in ("max-tokens", "temperature", "top-p")] == ["512", "0.7", "0.8"]
+    set_slider(page, "max-tokens", 40)
+    send(page, "Show me <b>bold</b> & <i>markup</i>")
+    snapshots: list[str] = []
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while page.is_enabled("#stop") or not snapshots:
+        assert time.monotonic() < deadline, "the reply never finished"
+        text = last_reply(page) if page.locator(".message.assistant").count() else ""
+        if text and (not snapshots or text != snapshots[-1]):
+            snapshots.append(text)
+        page.wait_for_timeout(20)
+    expect(page.locator("#stop")).to_be_disabled()
+    final = last_reply(page)
+    assert final == expected_reply(40)
+    growing = [s for s in snapshots if s != final]
+    assert len(growing) >= 2, f"the reply appeared in {len(snapshots)} snapshot(s), not as a stream"
+    assert all(final.startswith(s) for s in snapshots)
+    # Markup from the model and from the user is shown as text: no element made, no script run.
+    conversation = page.locator("#conversation")
+    assert conversation.locator("script, img, b, i").count() == 0
+    assert page.evaluate("window.xss") is None
+    expect(page.locator(".message.user .content")).to_have_text("Show me <b>bold</b> & <i>markup</i>")
+    expect(page.locator("#status")).to_contain_text("40 tokens (length)")
+    assert not tab.console_errors
+
+
+def test_stop_aborts_the_request_on_the_server(tab: Tab, server: LiveServer) -> None:
+    page = tab.page
+    open_chat(page, server)
+    expect(page.locator("#model option")).to_have_count(1)
+    usage_before = metric(server, "vllm:kv_cache_usage_perc")
+    send(page, "Write for a long time")  # 512 new tokens at STEP_DELAY_S or more a token: over 10 s
+    expect(page.locator(".message.assistant .content")).to_contain_text("again", timeout=WAIT_MS)
+    assert metric(server, "vllm:num_requests_running") == 1
+    assert metric(server, "vllm:kv_cache_usage_perc") > usage_before
+    page.click("#stop")
+    stopped = time.monotonic()
+    while (metric(server, "vllm:num_requests_running"), metric(server, "vllm:kv_cache_usage_perc")) != (
+        0, usage_before
+    ):
+        assert time.monotonic() - stopped < STOP_DEADLINE_S, "Stop did not free the request on the server"
+        page.wait_for_timeout(20)
+    expect(page.locator(".message.assistant.stopped")).to_have_count(1)
+    expect(page.locator("#status")).to_have_text("stopped")
+    expect(page.locator("#send")).to_be_enabled()
+    assert len(last_reply(page)) < len(expected_reply(512))
+    assert not tab.console_errors
+
+
+def test_a_bad_key_shows_the_servers_message(tab: Tab, server: LiveServer) -> None:
+    page = tab.page
+    page.goto(f"{server.base_url}/chat")
+    message = "Incorrect or missing API key"
+    expect(page.locator("#error")).to_contain_text(message)  # no key yet: the model list is refused
+    type_key(page, "sk-wrong")
+    send(page, "hello")
+    expect(page.locator("#error")).to_have_text(re.compile(f"^{message}"))
+    expect(page.locator(".message.assistant")).to_have_count(0)  # no empty reply left behind
+    expect(page.locator("#regenerate")).to_be_enabled()  # the message can be sent again
+    # The key is kept for the tab: a reload still has it, and the right one then works.
+    page.reload()
+    expect(page.locator("#api-key")).to_have_value("sk-wrong")
+    type_key(page, KEY)
+    expect(page.locator("#model option")).to_have_text([server.model_name])
+    expect(page.locator("#error")).to_be_hidden()
+
+
+def test_interactive_mode_keeps_the_history_on_the_server(tab: Tab, server: LiveServer) -> None:
+    page = tab.page
+    open_chat(page, server)
+    expect(page.locator("#model option")).to_have_count(1)
+    page.check("#interactive")
+    page.fill("#system", "You repeat yourself.")
+    set_slider(page, "max-tokens", 6)
+    history = re.compile(r"session (\d+): (\d+) tokens of history before this turn, (\d+) new")
+    turns = []
+    for text in ("first turn", "second turn"):
+        send(page, text)
+        expect(page.locator("#status")).to_contain_text("(length)", timeout=WAIT_MS)
+        turns.append([int(n) for n in history.search(page.text_content("#status")).groups()])
+    (session_id, first_history, _), (same_id, second_history, new_tokens) = turns
+    assert session_id == same_id and first_history == 0 and second_history > 0 and new_tokens == 6
+    session = server.state.sessions.get(session_id)
+    assert session is not None and len(session.history) > second_history
+    assert last_reply(page) == expected_reply(6)
+    page.click("#reset")  # ends the session on the server
+    deadline = time.monotonic() + 10
+    while server.state.sessions.get(session_id) is not None:
+        assert time.monotonic() < deadline, f"Reset did not end the session: {page.text_content('#error')}"
+        page.wait_for_timeout(50)
+    expect(page.locator(".message")).to_have_count(0)
+    assert not tab.console_errors
+
+
+def test_regenerate_replaces_the_last_reply(tab: Tab, server: LiveServer) -> None:
+    page = tab.page
+    open_chat(page, server)
+    expect(page.locator("#model option")).to_have_count(1)
+    set_slider(page, "max-tokens", 4)
+    send(page, "once")
+    expect(page.locator("#status")).to_contain_text("(length)", timeout=WAIT_MS)
+    set_slider(page, "max-tokens", 5)
+    page.click("#regenerate")
+    expect(page.locator("#status")).to_contain_text("5 tokens (length)", timeout=WAIT_MS)
+    expect(page.locator(".message.assistant .content")).to_have_text([expected_reply(5)])
+    expect(page.locator(".message.user")).to_have_count(1)
+
+
+# ---- Swagger UI ---------------------------------------------------------------------------------
+
+
+def test_swagger_ui_renders_offline(tab: Tab, server: LiveServer) -> None:
+    page = tab.page
+    # A browser cannot send a key when it opens a page; this one is set to, as the key-guarded / needs.
+    page.context.set_extra_http_headers({"Authorization": f"Bearer {KEY}"})
+    page.goto(f"{server.base_url}/")
+    paths = page.locator(".opblock-summary-path")
+    expect(paths.first).to_be_visible(timeout=WAIT_MS)
+    shown = set(paths.all_text_contents())
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/chat/interactive"} <= {
+        path.replace("\u200b", "") for path in shown
+    }
+    page.locator(".opblock-summary", has_text="/v1/chat/completions").click()  # an operation opens
+    expect(page.locator(".try-out__btn")).to_be_visible()
+    expect(page.locator(".opblock-body")).to_contain_text("Request body")
+    assert not tab.console_errors
