@@ -1,5 +1,6 @@
-"""The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags, and
-`xlserve serve api_client URL`, a console chat with a running server.
+"""The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags,
+`xlserve serve api_client URL`, a console chat with a running server, and `xlserve serve webui URL`
+(or LMDeploy's `serve gradio URL`), the chat page for a running server.
 
 It builds the same app as `serving.app` (from flags instead of the environment) and runs Hypercorn
 in-process. SIGINT/SIGTERM start a graceful shutdown: readiness turns false and new requests get 503
@@ -26,6 +27,8 @@ from quart import Quart
 
 from serving.http.options import Launch, OptionError, add_arguments, from_arguments
 from serving.text.templates import list_templates
+
+WEBUI_PORT = 6006  # LMDeploy's `serve gradio` port
 
 if TYPE_CHECKING:  # the server's state pulls in transformers, which `api_client` does without
     from serving.http.state import ServerState
@@ -61,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     api_client.add_argument("api_server_url", metavar="URL", help="the server, e.g. http://localhost:23333")
     api_client.add_argument("--api-key", help="sent as `Authorization: Bearer KEY`")
     api_client.add_argument("--session-id", type=int, default=1, help="the interactive session's id")
+    for name, help in (("webui", "Serve the chat page for a running API server."),
+                       ("gradio", "LMDeploy's name for `serve webui` (no gradio needed).")):
+        webui = servers.add_parser(
+            name,
+            help=help,
+            description="Serve the chat page (/chat; / redirects there) for an API server running elsewhere: "
+            "the page's API calls are forwarded to it, with the API key typed in the page.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        webui.add_argument("api_server_url", metavar="API_URL", help="the API server, e.g. http://localhost:23333")
+        webui.add_argument("--server-name", default="0.0.0.0", help="Host to listen on.")
+        webui.add_argument("--server-port", type=int, default=WEBUI_PORT, help="Port to listen on.")
     return parser
 
 
@@ -74,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         from serving.client import console
 
         return console(args.api_server_url, args.api_key, args.session_id)
+    if args.command == "serve" and args.server in ("webui", "gradio"):
+        return serve_webui(args.api_server_url, args.server_name, args.server_port)
     if args.command != "serve" or args.server != "api_server":
         parser.print_help()
         return 2
@@ -130,6 +147,20 @@ async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Await
         for task in draining:
             task.cancel()
     return 1 if state.load_error is not None else 0
+
+
+def serve_webui(api_url: str, host: str, port: int) -> int:
+    """`xlserve serve webui URL`: the chat page for the API server at `api_url`, until Ctrl-C or SIGTERM."""
+    from serving.http.webui_remote import create_webui_app, normalize_api_url
+
+    app = create_webui_app(api_url)
+    config = HypercornConfig()
+    bound = f"[{host}]" if ":" in host else host
+    config.bind = [f"{bound}:{port}"]
+    print(f"xlserve: chat page for {normalize_api_url(api_url)} at http://{bound}:{port}/chat", file=sys.stderr,
+          flush=True)
+    asyncio.run(hypercorn_serve(app, config))  # Hypercorn stops on SIGINT and SIGTERM
+    return 0
 
 
 async def _call_after(trigger: Callable[[], Awaitable[None]], action: Callable[[], None]) -> None:

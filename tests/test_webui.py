@@ -27,7 +27,15 @@ from serving.cli import build_parser
 from serving.http.options import from_arguments
 from serving.http.webui import CONTENT_SECURITY_POLICY
 from tests.checkpoints import make_scripted_checkpoint
-from tests.http_fixtures import FEW_BUCKETS, LiveServer, scrape, serve_in_thread
+from tests.http_fixtures import (
+    FEW_BUCKETS,
+    LiveServer,
+    ServerProcess,
+    console_script,
+    free_port,
+    scrape,
+    serve_in_thread,
+)
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright's own browser downloads cannot work offline
 # Without the background-networking flags Chromium keeps trying to reach Google's services.
@@ -80,7 +88,8 @@ def browser() -> Iterator[Browser]:
 @dataclass
 class Tab:
     page: Page
-    blocked: list[str] = field(default_factory=list)  # requests to anything but the server
+    allowed: list[str]  # origins the page may reach (the server's; a test may add one)
+    blocked: list[str] = field(default_factory=list)  # requests to anything else
     console_errors: list[str] = field(default_factory=list)
 
 
@@ -88,10 +97,10 @@ class Tab:
 def tab(browser: Browser, server: LiveServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tab]:
     context = browser.new_context(viewport={"width": 1100, "height": 800})
     page = context.new_page()
-    opened = Tab(page)
+    opened = Tab(page, allowed=[server.base_url])
 
     def only_the_server(route: Route) -> None:
-        if route.request.url.startswith(f"{server.base_url}/"):
+        if any(route.request.url.startswith(f"{origin}/") for origin in opened.allowed):
             route.continue_()
         else:
             opened.blocked.append(route.request.url)
@@ -109,10 +118,10 @@ def tab(browser: Browser, server: LiveServer, tmp_path: Path, request: pytest.Fi
     assert not [e for e in opened.console_errors if "Content Security Policy" in e], opened.console_errors
 
 
-def open_chat(page: Page, server: LiveServer, key: str = KEY) -> None:
+def open_chat(page: Page, server: LiveServer, key: str = KEY, base_url: str | None = None) -> None:
     """Open the page in a tab where the key was typed before (the page keeps it in sessionStorage)."""
     page.add_init_script(f"sessionStorage.setItem('xlserve-api-key', {key!r})")
-    page.goto(f"{server.base_url}/chat")
+    page.goto(f"{base_url or server.base_url}/chat")
 
 
 def type_key(page: Page, key: str) -> None:
@@ -197,13 +206,13 @@ def test_reply_streams_in_and_markup_stays_text(tab: Tab, server: LiveServer) ->
     assert not tab.console_errors
 
 
-def test_stop_aborts_the_request_on_the_server(tab: Tab, server: LiveServer) -> None:
-    page = tab.page
-    open_chat(page, server)
+def stop_frees_the_server(page: Page, server: LiveServer) -> None:
+    """Send a long request from the open page, Stop it, and check the server frees it within the deadline."""
     expect(page.locator("#model option")).to_have_count(1)
     usage_before = metric(server, "vllm:kv_cache_usage_perc")
+    set_slider(page, "max-tokens", 512)
     send(page, "Write for a long time")  # 512 new tokens at STEP_DELAY_S or more a token: over 10 s
-    expect(page.locator(".message.assistant .content")).to_contain_text("again", timeout=WAIT_MS)
+    expect(page.locator(".message.assistant .content").last).to_contain_text("again", timeout=WAIT_MS)
     assert metric(server, "vllm:num_requests_running") == 1
     assert metric(server, "vllm:kv_cache_usage_perc") > usage_before
     page.click("#stop")
@@ -213,10 +222,37 @@ def test_stop_aborts_the_request_on_the_server(tab: Tab, server: LiveServer) -> 
     ):
         assert time.monotonic() - stopped < STOP_DEADLINE_S, "Stop did not free the request on the server"
         page.wait_for_timeout(20)
-    expect(page.locator(".message.assistant.stopped")).to_have_count(1)
+    expect(page.locator(".message.assistant").last).to_have_class(re.compile("stopped"))
     expect(page.locator("#status")).to_have_text("stopped")
     expect(page.locator("#send")).to_be_enabled()
     assert len(last_reply(page)) < len(expected_reply(512))
+
+
+def test_stop_aborts_the_request_on_the_server(tab: Tab, server: LiveServer) -> None:
+    open_chat(tab.page, server)
+    stop_frees_the_server(tab.page, server)
+    assert not tab.console_errors
+
+
+def test_serve_gradio_serves_the_page_for_a_remote_server(tab: Tab, server: LiveServer) -> None:
+    port = free_port()
+    webui = ServerProcess([console_script("xlserve"), "serve", "gradio", server.base_url.removeprefix("http://"),
+                           "--server-name", "127.0.0.1", "--server-port", str(port)])
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        webui.wait_until(lambda: httpx.get(f"{base_url}/chat").status_code == 200)
+        assert httpx.get(base_url).headers["location"].endswith("/chat")
+        tab.allowed.append(base_url)
+        page = tab.page
+        open_chat(page, server, base_url=base_url)
+        expect(page.locator("#model option")).to_have_text([server.model_name])
+        set_slider(page, "max-tokens", 5)
+        send(page, "hello from afar")
+        expect(page.locator("#status")).to_have_text("5 tokens (length)", timeout=WAIT_MS)
+        assert last_reply(page) == expected_reply(5)
+        stop_frees_the_server(page, server)  # Stop reaches the API server through the forwarding
+    finally:
+        assert webui.stop() == 0, webui.output()
     assert not tab.console_errors
 
 
