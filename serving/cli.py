@@ -17,7 +17,6 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
 from serving.http.options import Launch, OptionError, add_arguments, from_arguments
+from serving.http.progress import StartupDisplay
 from serving.text.templates import list_templates
 
 WEBUI_PORT = 6006  # LMDeploy's `serve gradio` port
@@ -102,20 +102,25 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after the flags are checked: `-h` and flag errors answer without loading JAX.
     from serving.http.factory import create_app, load_engine
 
+    display = StartupDisplay(sys.stderr)
     print(f"xlserve: loading {launch.model_path or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     try:
-        engine = load_engine(launch)
+        engine = load_engine(launch, on_startup=display)
     except (OSError, ValueError) as error:
         print(f"xlserve: error: cannot load the model: {error}", file=sys.stderr)
         return 1
     app = create_app(engine, launch.settings)
-    return asyncio.run(serve(app, launch))
+    return asyncio.run(serve(app, launch, display=display))
 
 
-async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None) -> int:
+async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+                display: StartupDisplay | None = None) -> int:
     """Run Hypercorn until a signal (or `shutdown_trigger`, for callers off the main thread) and the
-    drain after it, or a failed start; 1 if the engine failed to start, else 0."""
+    drain after it, or a failed start; 1 if the engine failed to start, else 0. `display` shows the
+    buckets compiling and the ready line (default: a new one on stderr)."""
     state: ServerState = app.extensions["xlserve"]
+    display = display or StartupDisplay(sys.stderr)
+    state.engine.on_startup = display  # the engine has not started: it reports each bucket it compiles
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()  # tells Hypercorn to close its sockets and connections
     draining: list[asyncio.Task] = []
@@ -139,7 +144,7 @@ async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Await
     # the kernel then dropped connections that clients believed open (B2 saw them fail as read errors).
     config.backlog = 2048
     # No Hypercorn access log: the app writes its own (`xlserve.access`, with request ids) at INFO.
-    watcher = loop.create_task(_announce(state, f"http://{host}:{launch.port}", stop))
+    watcher = loop.create_task(_announce(state, display, f"http://{host}:{launch.port}", stop))
     try:
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
     finally:
@@ -175,9 +180,8 @@ async def _drain_then_stop(state: ServerState, timeout: float, stop: asyncio.Eve
         stop.set()
 
 
-async def _announce(state: ServerState, url: str, stop: asyncio.Event) -> None:
+async def _announce(state: ServerState, display: StartupDisplay, url: str, stop: asyncio.Event) -> None:
     """Say when the server is ready (or why it is not, then stop it)."""
-    began = time.monotonic()
     with contextlib.suppress(asyncio.CancelledError):
         # Polled rather than waited on a thread: a pending wait would hold up the exit on Ctrl-C.
         while not state.settled.is_set():
@@ -186,12 +190,8 @@ async def _announce(state: ServerState, url: str, stop: asyncio.Event) -> None:
             print(f"xlserve: error: the engine failed to start: {state.load_error}", file=sys.stderr, flush=True)
             stop.set()
             return
-        print(
-            f"xlserve: {state.settings.model_name} ready after {time.monotonic() - began:.1f}s: "
-            f"OpenAI API at {url}/v1, Swagger UI at {url}/",
-            file=sys.stderr,
-            flush=True,
-        )
+        summary = await asyncio.to_thread(display.summary, state, url)  # an engine process is asked its stats
+        print(summary, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

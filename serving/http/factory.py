@@ -10,6 +10,7 @@ from quart import Quart, request
 from quart_schema import Info, QuartSchema
 
 from serving.engine.process import AnyEngine, EngineProcess
+from serving.engine.progress import StartupListener
 from serving.http import chat, completions, interactive, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
@@ -26,15 +27,16 @@ API_TITLE = "xlserve"
 API_VERSION = "0.1.0"
 
 
-def load_engine(launch: Launch) -> AnyEngine:
+def load_engine(launch: Launch, on_startup: StartupListener | None = None) -> AnyEngine:
     """The launch's engine, its weights loaded: in a child process of its own unless
     `--no-engine-process` (serving.engine.process says why), or unless this process is itself a
-    daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children."""
+    daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children.
+    `on_startup` hears of the load's progress, and of the buckets' compilation once the engine starts."""
     if launch.settings.engine_process and not multiprocessing.current_process().daemon:
-        return EngineProcess.from_pretrained(launch.model_path, launch.engine_config, launch.log_level)
+        return EngineProcess.from_pretrained(launch.model_path, launch.engine_config, launch.log_level, on_startup)
     from serving.engine.engine import Engine
 
-    return Engine.from_pretrained(launch.model_path, launch.engine_config)
+    return Engine.from_pretrained(launch.model_path, launch.engine_config, on_startup)
 
 
 def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
