@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "api_server",
         help="Serve a model over the OpenAI-compatible HTTP API.",
         description="Serve a model over the OpenAI-compatible HTTP API (/v1/chat/completions, "
-        "/v1/completions, /v1/models), with Swagger UI at / and probes at /health and /v1/ready. "
+        "/v1/completions, /v1/models), with a chat page at /chat, Swagger UI at / and probes at /health and "
+        "/v1/ready. "
         "Every flag can also be given to `hypercorn serving.app:app` as an XLSERVE_* environment variable.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
