@@ -22,10 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from quart import Quart
 
 from serving.cli import build_parser
 from serving.http.options import from_arguments
-from serving.http.webui import CONTENT_SECURITY_POLICY
+from serving.http.swagger import install_swagger_ui
+from serving.http.webui import CONTENT_SECURITY_POLICY, install_webui
+from serving.http.webui_remote import create_webui_app
 from tests.checkpoints import make_scripted_checkpoint
 from tests.http_fixtures import (
     FEW_BUCKETS,
@@ -161,6 +164,27 @@ def test_page_is_self_contained_and_open_without_a_key(server: LiveServer) -> No
         assert httpx.get(f"{server.base_url}/{asset}").status_code == 200
     # The API the page calls needs the key like any other client's call.
     assert httpx.get(f"{server.base_url}/v1/models").status_code == 401
+
+
+async def test_chat_at_root_redirects_and_swagger_moves_to_docs() -> None:
+    app = Quart("routes-only")  # the routes alone: install_webui is what any app (the proxy too) calls
+    opened = install_webui(app, redirect_root=True)
+    install_swagger_ui(app, "/docs")
+    assert opened == {"/", "/chat", "/chat/chat.js", "/chat/chat.css"}
+    client = app.test_client()
+    root = await client.get("/")
+    assert root.status_code == 302 and root.headers["Location"].endswith("/chat")
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui" in (await docs.get_data(as_text=True))
+
+
+async def test_webui_for_an_unreachable_server_answers_502() -> None:
+    app = create_webui_app(f"127.0.0.1:{free_port()}")  # nothing listens there
+    async with app.test_app() as running:
+        answer = await running.test_client().get("/v1/models")
+        assert answer.status_code == 502
+        error = (await answer.get_json())["error"]
+        assert error["code"] == "upstream_unreachable" and "cannot reach the API server" in error["message"]
 
 
 def test_no_webui_and_chat_at_root_flags() -> None:
