@@ -92,15 +92,19 @@ def browser() -> Iterator[Browser]:
 class Tab:
     page: Page
     allowed: list[str]  # origins the page may reach (the server's; a test may add one)
+    artifacts: Path  # the test's tmp dir, for screenshots
     blocked: list[str] = field(default_factory=list)  # requests to anything else
     console_errors: list[str] = field(default_factory=list)
+
+    def screenshot(self, name: str) -> None:
+        self.page.screenshot(path=self.artifacts / f"{name}.png", full_page=True)
 
 
 @pytest.fixture
 def tab(browser: Browser, server: LiveServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tab]:
     context = browser.new_context(viewport={"width": 1100, "height": 800})
     page = context.new_page()
-    opened = Tab(page, allowed=[server.base_url])
+    opened = Tab(page, allowed=[server.base_url], artifacts=tmp_path)
 
     def only_the_server(route: Route) -> None:
         if any(route.request.url.startswith(f"{origin}/") for origin in opened.allowed):
@@ -115,7 +119,7 @@ def tab(browser: Browser, server: LiveServer, tmp_path: Path, request: pytest.Fi
     try:
         yield opened
     finally:
-        page.screenshot(path=tmp_path / f"{request.node.name}.png", full_page=True)
+        opened.screenshot(request.node.name)  # the page as the test left it
         context.close()
     assert not opened.blocked, f"the page reached outside the server: {opened.blocked}"
     assert not [e for e in opened.console_errors if "Content Security Policy" in e], opened.console_errors
@@ -290,6 +294,7 @@ def test_a_bad_key_shows_the_servers_message(tab: Tab, server: LiveServer) -> No
     expect(page.locator("#error")).to_have_text(re.compile(f"^{message}"))
     expect(page.locator(".message.assistant")).to_have_count(0)  # no empty reply left behind
     expect(page.locator("#regenerate")).to_be_enabled()  # the message can be sent again
+    tab.screenshot("bad-key")
     # The key is kept for the tab: a reload still has it, and the right one then works.
     page.reload()
     expect(page.locator("#api-key")).to_have_value("sk-wrong")
@@ -316,6 +321,7 @@ def test_interactive_mode_keeps_the_history_on_the_server(tab: Tab, server: Live
     session = server.state.sessions.get(session_id)
     assert session is not None and len(session.history) > second_history
     assert last_reply(page) == expected_reply(6)
+    tab.screenshot("second-turn")
     page.click("#reset")  # ends the session on the server
     deadline = time.monotonic() + 10
     while server.state.sessions.get(session_id) is not None:
