@@ -331,6 +331,32 @@ def test_interactive_mode_keeps_the_history_on_the_server(tab: Tab, server: Live
     assert not tab.console_errors
 
 
+def test_stop_in_an_interactive_session_replays_the_conversation_into_a_new_one(tab: Tab, server: LiveServer) -> None:
+    page = tab.page
+    open_chat(page, server)
+    expect(page.locator("#model option")).to_have_count(1)
+    page.check("#interactive")
+    set_slider(page, "max-tokens", 3)
+    send(page, "first question")
+    expect(page.locator("#status")).to_contain_text("(length)", timeout=WAIT_MS)
+    first_session = page.evaluate("chat.sessionId")
+    assert server.state.sessions.get(first_session) is not None
+    stop_frees_the_server(page, server)  # a stopped turn leaves no history on the server ...
+    deadline = time.monotonic() + 10
+    while server.state.sessions.get(first_session) is not None:  # ... so the page ends that session
+        assert time.monotonic() < deadline, f"the stopped session was not ended: {page.text_content('#error')}"
+        page.wait_for_timeout(50)
+    set_slider(page, "max-tokens", 3)
+    send(page, "after the stop")
+    expect(page.locator("#status")).to_contain_text("(length)", timeout=WAIT_MS)
+    second_session = page.evaluate("chat.sessionId")
+    assert second_session != first_session
+    # The new session got the whole conversation, the stopped part of the reply included.
+    history = server.engine.tokenizer.decode(server.state.sessions.get(second_session).history)
+    assert all(text in history for text in ("first question", "Write for a long time", "again", "after the stop"))
+    assert not tab.console_errors
+
+
 def test_regenerate_replaces_the_last_reply(tab: Tab, server: LiveServer) -> None:
     page = tab.page
     open_chat(page, server)
