@@ -186,11 +186,8 @@ def shared_http_server(tiny_llama: Path) -> Iterator[LiveServer]:
 class ServerProcess:
     """A server in a child process (`hypercorn ...` or `xlserve ...`), with its output kept for asserts."""
 
-    def __init__(
-        self, command: list[str], env: dict[str, str | None] | None = None, cwd: Path | None = None, **popen: Any
-    ):
-        """`env` entries add to this process's environment; a None value removes that variable; `popen`
-        goes to subprocess.Popen (e.g. `user` and `group` to run it as another user)."""
+    def __init__(self, command: list[str], env: dict[str, str | None] | None = None, cwd: Path | None = None):
+        """`env` entries add to this process's environment; a None value removes that variable."""
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"xlserve-test-{os.getpid()}-{free_port()}.log"
         self._log = open(self.log_path, "w+b")
         self._final_output = ""
@@ -201,7 +198,6 @@ class ServerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=cwd or Path(__file__).resolve().parents[1],
-            **popen,
         )
 
     def wait_until(self, condition: Callable[[], bool], timeout: float = STARTUP_TIMEOUT_S) -> None:
