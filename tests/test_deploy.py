@@ -431,7 +431,7 @@ def as_image_runs_it(image: dict[str, object], cache: Path) -> dict[str, str | N
 
 
 def test_the_image_command_serves_as_an_arbitrary_uid_in_group_0_and_drains_on_sigterm(
-    stages: list[Stage], cache_volume: Path, tmp_path: Path
+    stages: list[Stage], rendered: dict[str, list[dict]], cache_volume: Path, tmp_path: Path
 ) -> None:
     hold = tmp_path / "hold"
     hold.mkdir()
@@ -457,7 +457,16 @@ def test_the_image_command_serves_as_an_arbitrary_uid_in_group_0_and_drains_on_s
         )
         assert completion.usage.completion_tokens == 4
         # Every probe path the manifests give an api_server answers 200 on the ready server.
-        for path in ("/health", "/v1/ready"):
+        probed = {
+            container[kind]["httpGet"]["path"]
+            for resources in rendered.values()
+            for _, spec in pod_specs(resources)
+            for container in spec["containers"]
+            if container["args"][0] == "api_server"
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+        }
+        assert probed == {"/health", "/v1/ready"}
+        for path in sorted(probed):
             assert httpx.get(f"{base}{path}").status_code == 200, path
         # The demo checkpoint went where the image's variables say, written by the server's user.
         [demo] = (cache_volume / "xlserve").glob("demo-v*")
