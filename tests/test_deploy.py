@@ -397,14 +397,15 @@ def closed_folders(paths: list[Path]) -> dict[Path, set[str]]:
 
 def as_arbitrary_uid(command: list[str], reach: list[Path], hold: Path) -> list[str]:
     """`command` run as ARBITRARY_UID in group 0, with no capabilities, able to reach the folders in
-    `reach` (this Python, the venv, the checkout). Where one lies in a folder closed to other users (pyenv
+    `reach` (this Python, the venv, the checkout, the cache). Where one lies in a folder closed to other users (pyenv
     under /root), a mount namespace of its own (only this process sees it) lays an open tmpfs over that
     folder with just the children on the way bound back in; `hold` keeps the originals within reach
     meanwhile. Nothing outside the process changes."""
     lines = ["set -e"]
     for number, (folder, children) in enumerate(sorted(closed_folders(reach).items())):
         original = hold / str(number)
-        lines += [f"mkdir {original}", f"mount --bind {shlex.quote(str(folder))} {original}",
+        lines += [f"mkdir {shlex.quote(str(original))}",
+                  f"mount --bind {shlex.quote(str(folder))} {shlex.quote(str(original))}",
                   f"mount -t tmpfs -o mode=755 xlserve-test {shlex.quote(str(folder))}"]
         for child in sorted(children):
             inside = shlex.quote(str(folder / child))
@@ -445,7 +446,8 @@ def test_the_image_command_serves_as_an_arbitrary_uid_in_group_0_and_drains_on_s
     command = [*image["ENTRYPOINT"], *arguments]
     as_root = os.geteuid() == 0
     if as_root:  # CI: become what OpenShift runs; otherwise this user already is not root
-        command = as_arbitrary_uid(command, reach=[Path(sys.base_prefix), Path(sys.prefix), ROOT], hold=hold)
+        reach = [Path(sys.base_prefix), Path(sys.prefix), ROOT, cache_volume]
+        command = as_arbitrary_uid(command, reach=reach, hold=hold)
     server = ServerProcess(command, env=env, cwd=cache_volume)
     try:
         server.wait_until(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200)
