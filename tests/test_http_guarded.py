@@ -43,7 +43,8 @@ GUARDS = dict(
     request_timeout=REQUEST_TIMEOUT_S,
     max_log_len=12,
 )
-OPEN_PATHS = {"/health", "/v1/ready"}  # the probes; everything else needs a key
+# The probes and the chat page's files (a browser opening a page sends no key); everything else needs one.
+OPEN_PATHS = {"/health", "/v1/ready", "/chat", "/chat/chat.js", "/chat/chat.css"}
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
 
 

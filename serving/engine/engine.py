@@ -45,6 +45,7 @@ from serving.engine.compile_cache import enable_compilation_cache
 from serving.engine.config import EngineConfig
 from serving.engine.multihost import PeerLost, PlanBroadcaster, exit_after_grace, join, resolve_group
 from serving.engine.pages import PageAllocator
+from serving.engine.progress import StartupListener, buckets_reporter, weights_reporter
 from serving.engine.runner import ModelRunner
 from serving.engine.scheduler import Chunk, Scheduler
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
@@ -152,6 +153,7 @@ class Engine:
         self._step_failures = 0
         self.fault_hook: Callable[[list[Chunk]], None] | None = None  # tests only; see the module docstring
         self.timeline: list[TurnRecord] | None = None  # see the module docstring
+        self.on_startup: StartupListener | None = None  # hears of each bucket `start` compiles
         # Called on the engine thread after each loop turn has reported its outputs, and once more as
         # the thread ends: a consumer whose sinks only buffer wakes its reader once per step, not per token.
         self.step_listeners: list[Callable[[], None]] = []
@@ -177,8 +179,10 @@ class Engine:
         )
 
     @classmethod
-    def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None) -> Engine:
-        """Load a local Hugging Face checkpoint directory (None: the built-in demo model)."""
+    def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None,
+                        on_startup: StartupListener | None = None) -> Engine:
+        """Load a local Hugging Face checkpoint directory (None: the built-in demo model). `on_startup`
+        hears of each tensor loaded, and later of each bucket `start` compiles (serving.engine.progress)."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
@@ -201,8 +205,9 @@ class Engine:
             logger.warning("load_format=dummy: serving RANDOM weights at %s's shapes (benchmarks only)", model_path)
             params = init_random_params(model_config, dtype, config.seed, mesh)
         else:
-            params = load_params(model_path, model_config, dtype, mesh)
+            params = load_params(model_path, model_config, dtype, mesh, on_loaded=weights_reporter(on_startup))
         engine = cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
+        engine.on_startup = on_startup
         if group is not None and group.is_leader:
             engine.plan = PlanBroadcaster(group)  # listening already: followers may connect while it compiles
             engine.plan.on_lost = engine._lose_follower
@@ -244,7 +249,7 @@ class Engine:
     def warm_up(self) -> None:
         """Compile every bucket; compilations from here on count as after warm-up."""
         CompilationCounter.install()
-        self.compile_seconds = self.runner.compile_all()
+        self.compile_seconds = self.runner.compile_all(on_compiled=buckets_reporter(self.on_startup))
         logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
         self._compilations_at_warmup = CompilationCounter.count()
 
@@ -269,6 +274,10 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def dtype_name(self) -> str:
+        return jnp.dtype(self.dtype).name
 
     @property
     def error(self) -> BaseException | None:
