@@ -380,6 +380,10 @@ def test_the_api_client_sends_its_key(small_cache: LiveServer) -> None:
         [answer] = client.chat_interactive_v1("hi", session_id=3, interactive_mode=True, request_output_len=2)
         assert answer["tokens"] >= 1
         assert client.end_session(3)["history_tokens"] == answer["input_tokens"] + answer["tokens"]
-    with APIClient(small_cache.base_url) as keyless, pytest.raises(APIClientError) as refused:
+    with APIClient(small_cache.base_url) as keyless:
+        [refused] = keyless.chat_interactive_v1("hi")
+        assert refused["error"]["code"] == "invalid_api_key"
+        assert keyless.available_models == []
+    with APIClient(small_cache.base_url, raise_errors=True) as keyless, pytest.raises(APIClientError) as raised:
         list(keyless.chat_interactive_v1("hi"))
-    assert refused.value.status == 401 and refused.value.code == "invalid_api_key"
+    assert raised.value.status == 401 and raised.value.code == "invalid_api_key"

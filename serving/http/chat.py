@@ -17,7 +17,7 @@ from serving.http.choices import cached_prompt_tokens, fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
 from serving.http.openapi import streams
-from serving.http.params import check_context_length, generation_config
+from serving.http.params import fit_context_length, generation_config
 from serving.http.prompts import chat_prompt
 from serving.http.protocol import (
     AssistantMessage,
@@ -57,8 +57,8 @@ blueprint = Blueprint("chat", __name__)
 async def chat_completions() -> Response | dict[str, Any]:
     """Create a chat completion.
 
-    With `stream: true` the answer is `text/event-stream`: `data: {ChatCompletionChunk}` events (the
-    first of each choice carries the role, the last its finish_reason), an optional usage chunk
+    With `stream: true` the answer is `text/event-stream`: `data: {ChatCompletionChunk}` events (every
+    delta carries the role; each choice's last, with an empty delta, its finish_reason), an optional usage chunk
     (`stream_options.include_usage`), then `data: [DONE]`. With the server's `--reasoning-parser`,
     `<think>` text comes as `reasoning_content`; with `--tool-call-parser` and `tools`, calls come as
     `tool_calls` (streamed: the name first, then argument fragments) and finish_reason `tool_calls`.
@@ -97,7 +97,9 @@ async def chat_completions() -> Response | dict[str, Any]:
         return ChatOutputParser(reasoning, plan.format, plan.call_prefix, plan.max_calls)
 
     prompt_ids = prompt.token_ids
-    check_context_length([prompt_ids], config.max_new_tokens, engine.max_session_len, "messages")
+    config.max_new_tokens = fit_context_length(
+        [prompt_ids], config.max_new_tokens, engine.max_session_len, "messages", settings.strict_context_length
+    )
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     requests = fan_out(engine, [prompt_ids], config, body.n or 1, completion_id, settings.max_log_len)
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
@@ -170,7 +172,7 @@ async def _chunks(
     }
 
     for index in range(len(requests)):
-        yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+        yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=""))])
     completion_tokens = [0] * len(requests)
     cached_tokens = [0] * len(requests)
     parsers = [output_parser() for _ in requests]
@@ -193,7 +195,7 @@ async def _chunks(
             if delta.finished:
                 plan.check(parser.calls, first_kind[index] == "call")
                 reason = _finish_reason(delta.finish_reason, bool(parser.calls))
-                yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)])
+                yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=""), finish_reason=reason)])
     if include_usage:
         cached = cached_prompt_tokens(cached_tokens, len(requests))  # one prompt, all its choices
         yield chunk([], Usage.of(prompt_tokens, sum(completion_tokens), cached))
