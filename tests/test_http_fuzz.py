@@ -34,6 +34,7 @@ OPERATIONS = [
     ("POST", "/v1/chat/interactive"),
     ("POST", "/v1/encode"),
     ("POST", "/generate"),
+    ("POST", "/v1/responses"),
 ]
 EXAMPLES = 25  # per operation and mode: each generates text on a 2-core CI machine
 FUZZ_MAX_TOKENS = 4
@@ -57,12 +58,15 @@ def runnable(body: Any, path: str) -> Any:
         return body
     if path == "/v1/chat/interactive":
         return runnable_interactive(body)
+    if path == "/v1/responses":
+        return {**body, "model": MODEL_NAME, "max_output_tokens": FUZZ_MAX_TOKENS, "tools": None, "tool_choice": None}
     if path == "/generate":  # the model is optional there, and input_ids may be any length
         ids = body.get("input_ids")
         return {**body, "model": None, "max_tokens": FUZZ_MAX_TOKENS, "max_completion_tokens": None, "n": None,
                 "input_ids": ids[:8] if isinstance(ids, list) else ids}  # fmt: skip
     body = {**body, "model": MODEL_NAME, "max_tokens": FUZZ_MAX_TOKENS, "max_completion_tokens": None}
-    body["n"] = min(body.get("n") or 1, 2)
+    n = body.get("n")
+    body["n"] = min(n, 2) if isinstance(n, int) and n > 0 else 1  # also for n spelled as a string
     if isinstance(body.get("prompt"), list):
         body["prompt"] = body["prompt"][:2]
     if "messages" in body:

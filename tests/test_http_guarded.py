@@ -1,6 +1,6 @@
 """A server with every guard on: API keys, CORS for one origin, small admission limits, a request
-timeout and a short shutdown timeout. Auth is checked against every route in the app's URL map (a
-new route without auth fails here), overload only ever answers 200 or 503 with Retry-After, slow
+timeout, a short shutdown timeout and the strict context length. Auth is checked against every route
+in the app's URL map (a new route without auth fails here), overload only ever answers 200 or 503 with Retry-After, slow
 requests end with a clear 408, and a shutdown aborts what outlives its timeout.
 
 The last test shuts the server down, so it stays last in this file.
@@ -42,6 +42,7 @@ GUARDS = dict(
     max_queue_len=MAX_QUEUED,
     request_timeout=REQUEST_TIMEOUT_S,
     max_log_len=12,
+    strict_context_length=True,
 )
 OPEN_PATHS = {"/health", "/v1/ready"}  # the probes; everything else needs a key
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
@@ -290,6 +291,22 @@ def test_prompts_are_logged_cut_to_max_log_len_and_keys_never(
     for key in KEYS:
         assert not any(key in r.getMessage() for r in caplog.records)
         assert key not in repr(server.state.settings)
+
+
+def test_strict_context_length_refuses_max_tokens_past_the_session(guarded: tuple[LiveServer, _ThreadServer]) -> None:
+    server, _ = guarded
+    room = server.engine.max_session_len - len(server.engine.tokenizer.encode("Once upon a time"))
+    for path, extra in (("/v1/completions", {}), ("/generate", {"model": None})):
+        refused = httpx.post(f"{server.base_url}{path}", json=completion(server, max_tokens=room + 1, **extra),
+                             headers=AUTH, timeout=60)  # fmt: skip
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
+        assert f"{room + 1} in the completion" in error["message"]
+        # accepted (it may stop early at an EOS: the request's timeout is short)
+        fits = httpx.post(f"{server.base_url}{path}", json=completion(server, max_tokens=room, ignore_eos=False,
+                                                                      **extra), headers=AUTH, timeout=60)  # fmt: skip
+        assert fits.status_code == 200, fits.text
 
 
 # ---- last: shutting the server down ------------------------------------------------------------

@@ -197,3 +197,39 @@ def test_tools_need_a_tool_call_parser(http_server):  # the shared server has no
         answer = http.post("/v1/chat/completions", json=body)
         assert answer.status_code == 400 and "--tool-call-parser" in answer.json()["error"]["message"]
         assert http.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).status_code == 200
+
+
+# ---- the same model through OpenAI's Responses API and Anthropic's Messages API ------------------
+
+RESPONSES_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"].get("description"),
+                    "parameters": t["function"]["parameters"]} for t in TOOLS]  # fmt: skip
+
+
+def test_responses_api_tool_call_with_reasoning(server):
+    client = server.client()
+    response = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=RESPONSES_TOOLS)
+    reasoning, call = response.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "Paris needs a forecast."
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "get_weather", {"city": "Paris"})
+    assert call.call_id.startswith("call_") and response.status == "completed"
+    # The call and its result sent back as input items: the conversation goes on (the model ignores it).
+    followup = client.responses.create(model=MODEL, tools=RESPONSES_TOOLS, tool_choice="auto", input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'},
+    ])  # fmt: skip
+    assert followup.output[-1].name == "get_weather"
+    assert followup.usage.input_tokens > response.usage.input_tokens
+
+
+def test_responses_api_streams_the_call_as_argument_deltas(server):
+    events = list(server.client().responses.create(model=MODEL, input="Weather in Paris?", tools=RESPONSES_TOOLS,
+                                                   tool_choice={"type": "function", "name": "get_weather"},
+                                                   stream=True))  # fmt: skip
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [(item.type, item.name) for item in added] == [("function_call", "get_weather")]  # named: no reasoning
+    arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert json.loads(arguments) == json.loads(done.arguments) == {"city": "Paris"}
+    final = events[-1]
+    assert final.type == "response.completed" and final.response.output[0].call_id == added[0].call_id

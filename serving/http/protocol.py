@@ -42,7 +42,7 @@ MAX_STOP_LENGTH = 256
 # seconds of CPU before its length is even checked.
 MAX_MESSAGES = 4096
 
-UNION_TAGS = frozenset({"string", "strings", "tokens", "token_lists", "parts", "named"})
+UNION_TAGS = frozenset({"string", "strings", "tokens", "token_lists", "parts", "named", "items"})
 
 
 def _json_shape(value: Any) -> str:
