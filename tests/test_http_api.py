@@ -371,6 +371,8 @@ def test_openapi_document_is_valid_and_complete(http_server: LiveServer) -> None
         "/v1/encode": "post",
         "/generate": "post",
         "/v1/responses": "post",
+        "/v1/messages": "post",
+        "/v1/messages/count_tokens": "post",
     }
     assert {path: set(spec["paths"][path]) for path in expected} == {p: {m} for p, m in expected.items()}
     schemas = spec["components"]["schemas"]

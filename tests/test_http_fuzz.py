@@ -35,6 +35,8 @@ OPERATIONS = [
     ("POST", "/v1/encode"),
     ("POST", "/generate"),
     ("POST", "/v1/responses"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
 ]
 EXAMPLES = 25  # per operation and mode: each generates text on a 2-core CI machine
 FUZZ_MAX_TOKENS = 4
@@ -58,6 +60,10 @@ def runnable(body: Any, path: str) -> Any:
         return body
     if path == "/v1/chat/interactive":
         return runnable_interactive(body)
+    if path == "/v1/messages":
+        return {**body, "model": MODEL_NAME, "max_tokens": FUZZ_MAX_TOKENS, "tools": None, "tool_choice": None}
+    if path == "/v1/messages/count_tokens":
+        return {**body, "model": MODEL_NAME, "tools": None, "tool_choice": None}
     if path == "/v1/responses":
         return {**body, "model": MODEL_NAME, "max_output_tokens": FUZZ_MAX_TOKENS, "tools": None, "tool_choice": None}
     if path == "/generate":  # the model is optional there, and input_ids may be any length

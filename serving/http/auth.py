@@ -37,6 +37,8 @@ def install_api_keys(app: Quart, api_keys: Iterable[str], public_metrics: bool =
         if request.method == "OPTIONS" or request.path in open_paths:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if "x-api-key" in request.headers:  # Anthropic's clients send the key there
+            scheme, token = "bearer", request.headers["x-api-key"]
         presented = _digest(token.strip())
         # Compare against every key, not stopping at a match, so timing says nothing about which.
         matched = False
@@ -45,6 +47,6 @@ def install_api_keys(app: Quart, api_keys: Iterable[str], public_metrics: bool =
         if scheme.lower() != "bearer" or not matched:
             raise APIError(
                 401,
-                "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                "Incorrect or missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`).",
                 code="invalid_api_key",
             )

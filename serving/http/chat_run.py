@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from serving.http.choices import fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.params import fit_context_length, generation_config
-from serving.http.prompts import chat_prompt
+from serving.http.prompts import ChatPrompt, chat_prompt
 from serving.http.protocol import ChatCompletionRequest
 from serving.http.state import server_state
 from serving.http.tools import ToolPlan, plan_tools
@@ -39,22 +39,29 @@ class ChatRun:
         return ChatOutputParser(reasoning, self.plan.format, self.plan.call_prefix, self.plan.max_calls)
 
 
-async def start_chat(body: ChatCompletionRequest, request_id: str) -> ChatRun:
-    """Template, tools, generation config, context length and admission: 4xx before anything runs."""
+async def render_chat(body: ChatCompletionRequest) -> tuple[ChatPrompt, ToolPlan]:
+    """The prompt the chat template makes of the request, with its tools planned."""
     state = server_state()
     state.require_ready()
-    engine = state.engine
-    settings = state.settings
-    plan = plan_tools(body, settings.tool_call_parser)
+    plan = plan_tools(body, state.settings.tool_call_parser)
     prompt = await asyncio.to_thread(
         chat_prompt,
-        engine.tokenizer,
+        state.engine.tokenizer,
         body.messages,
         body.chat_template_kwargs,
-        settings.chat_template,
+        state.settings.chat_template,
         plan.tools,
         plan.call_prefix,
     )
+    return prompt, plan
+
+
+async def start_chat(body: ChatCompletionRequest, request_id: str) -> ChatRun:
+    """Template, tools, generation config, context length and admission: 4xx before anything runs."""
+    prompt, plan = await render_chat(body)
+    state = server_state()
+    engine = state.engine
+    settings = state.settings
     config = generation_config(body, state.generation_defaults)
     if not config.ignore_eos:  # the template's end of turn ends the answer like an EOS
         stops = set(config.stop_token_ids or []) | state.turn_end_ids

@@ -12,7 +12,7 @@ from quart_schema import Info, QuartSchema
 from model.source import resolve_model
 from serving.engine.client import EngineClient
 from serving.engine.process import EngineProcess
-from serving.http import chat, completions, encode, generate, interactive, responses, service
+from serving.http import chat, completions, encode, generate, interactive, messages, responses, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
 from serving.http.exchange import ExchangeMiddleware
@@ -67,7 +67,7 @@ def create_app(engine: EngineClient, settings: ServerSettings) -> Quart:
         security=[{"bearer": []}] if bearer else None,
         openapi_provider_class=NamedSchemaProvider,
     )
-    for module in (service, chat, completions, interactive, encode, generate, responses):
+    for module in (service, chat, completions, interactive, encode, generate, responses, messages):
         app.register_blueprint(module.blueprint)
     install_profiler(app, engine, settings.profile_dir)
     install_error_handlers(app)
