@@ -102,7 +102,15 @@ def test_every_route_in_the_url_map_needs_a_key(guarded: tuple[LiveServer, _Thre
                 assert response.status_code == 401, (method, path, headers)
                 assert response.headers["www-authenticate"] == "Bearer"
                 error = response.json()["error"]
-                assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+                if path.startswith("/v1/messages"):  # Anthropic's envelope on Anthropic's routes
+                    assert error["type"] == "authentication_error" and "API key" in error["message"]
+                else:
+                    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+            if path.startswith("/v1/messages"):  # Anthropic's clients send the key as x-api-key
+                assert httpx.request(method, server.base_url + path, json=body,
+                                     headers={"x-api-key": KEYS[0]}).status_code != 401  # fmt: skip
+                assert httpx.request(method, server.base_url + path, json=body,
+                                     headers={"x-api-key": "wrong"}).status_code == 401  # fmt: skip
             for key in KEYS:
                 for scheme in ("Bearer", "bearer"):
                     allowed = httpx.request(
