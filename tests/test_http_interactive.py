@@ -277,7 +277,7 @@ def test_a_busy_session_refuses_a_second_request_and_cancel_stops_the_turn(
 def test_bad_requests_get_openai_errors(http_server: LiveServer) -> None:
     cases = [
         ({"prompt": 5}, "prompt"),
-        ({"prompt": "hi", "session_id": "1"}, "session_id"),
+        ({"prompt": "hi", "session_id": "one"}, "session_id"),
         ({"prompt": "hi", "temperature": "hot"}, "temperature"),
         ({"prompt": "hi", "session_id": -2}, "session_id"),
         ({"prompt": "hi", "request_output_len": -1}, "request_output_len"),

@@ -165,6 +165,9 @@ def test_strings_that_spell_booleans_and_numbers_are_read_as_them(http_server: L
             "ignore_eos": "True", "top_p": " 0.9 ", "stream_options": {"include_usage": "true"}}  # fmt: skip
     events = stream(http_server, "/v1/chat/completions", body)
     assert events[-2]["usage"]["completion_tokens"] == 3
+    turn = post(http_server, "/v1/chat/interactive", {"prompt": "hi", "session_id": "-1", "request_output_len": "2",
+                                                      "ignore_eos": "true", "interactive_mode": "false"})  # fmt: skip
+    assert turn.json()["tokens"] == 2
     for field, value in (("stream", "yes"), ("max_tokens", 2.5), ("max_tokens", "3.0"), ("temperature", True),
                          ("temperature", "warm"), ("n", "1e3"), ("seed", "0x10")):  # fmt: skip
         response = post(http_server, "/v1/completions", {"model": http_server.model_name, "prompt": "x",
