@@ -239,6 +239,14 @@ class APIClient:
         return body
 
 
+def get_model_list(api_url: str, headers: dict[str, str] | None = None) -> list[str] | None:
+    """The model ids a `GET /v1/models` URL lists, or None if it answers an error (LMDeploy's helper)."""
+    response = httpx.get(api_url, headers=headers, timeout=TIMEOUT)
+    if response.status_code >= 400:
+        return None
+    return [card["id"] for card in response.json()["data"]]
+
+
 class LineSplitter:
     """Body bytes in, lines out, split at "\n" only (a "\r" before it dropped), as SSE and NDJSON define
     them. Not httpx's `iter_lines`: it splits like `str.splitlines`, also at U+2028, U+0085 and the like,

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.client import APIClient, APIClientError
+from serving.client import APIClient, APIClientError, get_model_list
 from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (`http_server`)
 from tests.test_http_api import sse_events
 
@@ -206,3 +206,6 @@ def test_api_client_yields_error_answers_unless_asked_to_raise(http_server: Live
         with pytest.raises(APIClientError):
             raising.encode([])
     assert api_client.encode([]) == (None, None)
+    models = get_model_list(f"{http_server.base_url}/v1/models")
+    assert models == api_client.available_models == [http_server.model_name]
+    assert get_model_list(f"{http_server.base_url}/v1/no-such-list") is None
