@@ -54,8 +54,8 @@ async def chat_completions() -> Response | dict[str, Any]:
     """Create a chat completion.
 
     With `stream: true` the answer is `text/event-stream`: `data: {ChatCompletionChunk}` events (every
-    delta carries the role; each choice's last, with an empty delta, its finish_reason), an optional usage chunk
-    (`stream_options.include_usage`), then `data: [DONE]`. With the server's `--reasoning-parser`,
+    delta carries the role; each choice's last, with empty content, its finish_reason), an optional usage
+    chunk (`stream_options.include_usage`), then `data: [DONE]`. With the server's `--reasoning-parser`,
     `<think>` text comes as `reasoning_content`; with `--tool-call-parser` and `tools`, calls come as
     `tool_calls` (streamed: the name first, then argument fragments) and finish_reason `tool_calls`.
     """
