@@ -68,11 +68,12 @@ class APIClient:
         self.close()
 
     @property
-    def available_models(self) -> list[str]:
-        """The ids of the served models (GET /v1/models); empty after an error answer unless `raise_errors`."""
+    def available_models(self) -> list[str] | None:
+        """The ids of the served models (GET /v1/models); None after an error answer (as LMDeploy's), unless
+        `raise_errors`."""
         response = self._http.get("/v1/models")
         if self._error(response) is not None:
-            return []
+            return None
         return [card["id"] for card in response.json()["data"]]
 
     def encode(
