@@ -1,5 +1,6 @@
-"""The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags, and
-`xlserve serve api_client URL`, a console chat with a running server.
+"""The `xlserve` command: `xlserve serve api_server [MODEL] [flags]`, with LMDeploy's flags,
+`xlserve serve api_client URL`, a console chat with a running server, and `xlserve serve webui URL`
+(or LMDeploy's `serve gradio URL`), the chat page for a running server.
 
 It builds the same app as `serving.app` (from flags instead of the environment) and runs Hypercorn
 in-process. SIGINT/SIGTERM start a graceful shutdown: readiness turns false and new requests get 503
@@ -16,7 +17,6 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,10 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
 from serving.http.options import Launch, OptionError, add_arguments, from_arguments
+from serving.http.progress import StartupDisplay
 from serving.text.templates import list_templates
+
+WEBUI_PORT = 6006  # LMDeploy's `serve gradio` port
 
 if TYPE_CHECKING:  # the server's state pulls in transformers, which `api_client` does without
     from serving.http.state import ServerState
@@ -46,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "api_server",
         help="Serve a model over the OpenAI-compatible HTTP API.",
         description="Serve a model over the OpenAI-compatible HTTP API (/v1/chat/completions, "
-        "/v1/completions, /v1/models), with Swagger UI at / and probes at /health and /v1/ready. "
+        "/v1/completions, /v1/models), with a chat page at /chat, Swagger UI at / and probes at /health and "
+        "/v1/ready. "
         "Every flag can also be given to `hypercorn serving.app:app` as an XLSERVE_* environment variable.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -61,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     api_client.add_argument("api_server_url", metavar="URL", help="the server, e.g. http://localhost:23333")
     api_client.add_argument("--api-key", help="sent as `Authorization: Bearer KEY`")
     api_client.add_argument("--session-id", type=int, default=1, help="the interactive session's id")
+    for name, help in (("webui", "Serve the chat page for a running API server."),
+                       ("gradio", "LMDeploy's name for `serve webui` (no gradio needed).")):
+        webui = servers.add_parser(
+            name,
+            help=help,
+            description="Serve the chat page (/chat; / redirects there) for an API server running elsewhere: "
+            "the page's API calls are forwarded to it, with the API key typed in the page.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        webui.add_argument("api_server_url", metavar="API_URL", help="the API server, e.g. http://localhost:23333")
+        webui.add_argument("--server-name", default="0.0.0.0", help="Host to listen on.")
+        webui.add_argument("--server-port", type=int, default=WEBUI_PORT, help="Port to listen on.")
     return parser
 
 
@@ -74,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         from serving.client import console
 
         return console(args.api_server_url, args.api_key, args.session_id)
+    if args.command == "serve" and args.server in ("webui", "gradio"):
+        return serve_webui(args.api_server_url, args.server_name, args.server_port)
     if args.command != "serve" or args.server != "api_server":
         parser.print_help()
         return 2
@@ -85,20 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after the flags are checked: `-h` and flag errors answer without loading JAX.
     from serving.http.factory import create_app, load_engine
 
+    display = StartupDisplay(sys.stderr)
     print(f"xlserve: loading {launch.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     try:
-        engine = load_engine(launch)
+        engine = load_engine(launch, on_startup=display)
     except (OSError, ValueError) as error:
         print(f"xlserve: error: cannot load the model: {error}", file=sys.stderr)
         return 1
     app = create_app(engine, launch.settings)
-    return asyncio.run(serve(app, launch))
+    return asyncio.run(serve(app, launch, display=display))
 
 
-async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None) -> int:
+async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+                display: StartupDisplay | None = None) -> int:
     """Run Hypercorn until a signal (or `shutdown_trigger`, for callers off the main thread) and the
-    drain after it, or a failed start; 1 if the engine failed to start, else 0."""
+    drain after it, or a failed start; 1 if the engine failed to start, else 0. `display` shows the
+    buckets compiling and the ready line (default: a new one on stderr)."""
     state: ServerState = app.extensions["xlserve"]
+    display = display or StartupDisplay(sys.stderr)
+    state.engine.on_startup = display  # the engine has not started: it reports each bucket it compiles
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()  # tells Hypercorn to close its sockets and connections
     draining: list[asyncio.Task] = []
@@ -122,7 +145,7 @@ async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Await
     # the kernel then dropped connections that clients believed open (B2 saw them fail as read errors).
     config.backlog = 2048
     # No Hypercorn access log: the app writes its own (`xlserve.access`, with request ids) at INFO.
-    watcher = loop.create_task(_announce(state, f"http://{host}:{launch.port}", stop))
+    watcher = loop.create_task(_announce(state, display, f"http://{host}:{launch.port}", stop))
     try:
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
     finally:
@@ -130,6 +153,20 @@ async def serve(app: Quart, launch: Launch, shutdown_trigger: Callable[[], Await
         for task in draining:
             task.cancel()
     return 1 if state.load_error is not None else 0
+
+
+def serve_webui(api_url: str, host: str, port: int) -> int:
+    """`xlserve serve webui URL`: the chat page for the API server at `api_url`, until Ctrl-C or SIGTERM."""
+    from serving.http.webui_remote import create_webui_app, normalize_api_url
+
+    app = create_webui_app(api_url)
+    config = HypercornConfig()
+    bound = f"[{host}]" if ":" in host else host
+    config.bind = [f"{bound}:{port}"]
+    print(f"xlserve: chat page for {normalize_api_url(api_url)} at http://{bound}:{port}/chat", file=sys.stderr,
+          flush=True)
+    asyncio.run(hypercorn_serve(app, config))  # Hypercorn stops on SIGINT and SIGTERM
+    return 0
 
 
 async def _call_after(trigger: Callable[[], Awaitable[None]], action: Callable[[], None]) -> None:
@@ -144,9 +181,8 @@ async def _drain_then_stop(state: ServerState, timeout: float, stop: asyncio.Eve
         stop.set()
 
 
-async def _announce(state: ServerState, url: str, stop: asyncio.Event) -> None:
+async def _announce(state: ServerState, display: StartupDisplay, url: str, stop: asyncio.Event) -> None:
     """Say when the server is ready (or why it is not, then stop it)."""
-    began = time.monotonic()
     with contextlib.suppress(asyncio.CancelledError):
         # Polled rather than waited on a thread: a pending wait would hold up the exit on Ctrl-C.
         while not state.settled.is_set():
@@ -155,12 +191,8 @@ async def _announce(state: ServerState, url: str, stop: asyncio.Event) -> None:
             print(f"xlserve: error: the engine failed to start: {state.load_error}", file=sys.stderr, flush=True)
             stop.set()
             return
-        print(
-            f"xlserve: {state.settings.model_name} ready after {time.monotonic() - began:.1f}s: "
-            f"OpenAI API at {url}/v1, Swagger UI at {url}/",
-            file=sys.stderr,
-            flush=True,
-        )
+        summary = await asyncio.to_thread(display.summary, state, url)  # an engine process is asked its stats
+        print(summary, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import openai
@@ -392,6 +393,11 @@ def test_openapi_document_is_valid_and_complete(http_server: LiveServer) -> None
     assert streamed["x-sse-event-schema"]["$ref"].endswith("ChatCompletionChunk")
 
 
-def test_swagger_ui_at_root(http_server: LiveServer) -> None:
+def test_swagger_ui_at_root_served_from_this_server(http_server: LiveServer) -> None:
     page = httpx.get(f"{http_server.base_url}/")
-    assert page.status_code == 200 and "swagger-ui" in page.text and "/openapi.json" in page.text
+    assert page.status_code == 200 and "swagger-ui" in page.text and '"openapi.json"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    scripts = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert scripts and not [url for url in scripts if "//" in url], "Swagger UI must not load from a CDN"
+    for url in scripts:
+        assert httpx.get(f"{http_server.base_url}/{url}").status_code == 200, url

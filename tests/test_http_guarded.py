@@ -44,7 +44,8 @@ GUARDS = dict(
     max_log_len=12,
     strict_context_length=True,
 )
-OPEN_PATHS = {"/health", "/v1/ready"}  # the probes; everything else needs a key
+# The probes and the chat page's files (a browser opening a page sends no key); everything else needs one.
+OPEN_PATHS = {"/health", "/v1/ready", "/chat", "/chat/chat.js", "/chat/chat.css"}
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
 
 

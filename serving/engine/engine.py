@@ -44,6 +44,7 @@ from serving.engine.client import EngineStats
 from serving.engine.compile_cache import enable_compilation_cache
 from serving.engine.config import EngineConfig
 from serving.engine.pages import PageAllocator
+from serving.engine.progress import StartupListener, buckets_reporter, weights_reporter
 from serving.engine.runner import ModelRunner
 from serving.engine.scheduler import Chunk, Scheduler
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
@@ -151,6 +152,7 @@ class Engine:
         self._step_failures = 0
         self.fault_hook: Callable[[list[Chunk]], None] | None = None  # tests only; see the module docstring
         self.timeline: list[TurnRecord] | None = None  # see the module docstring
+        self.on_startup: StartupListener | None = None  # hears of each bucket `start` compiles
         # Called on the engine thread after each loop turn has reported its outputs, and once more as
         # the thread ends: a consumer whose sinks only buffer wakes its reader once per step, not per token.
         self.step_listeners: list[Callable[[], None]] = []
@@ -174,8 +176,10 @@ class Engine:
         )
 
     @classmethod
-    def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None) -> Engine:
-        """Load a local Hugging Face checkpoint directory (None: the built-in demo model)."""
+    def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None,
+                        on_startup: StartupListener | None = None) -> Engine:
+        """Load a local Hugging Face checkpoint directory (None: the built-in demo model). `on_startup`
+        hears of each tensor loaded, and later of each bucket `start` compiles (serving.engine.progress)."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
@@ -194,8 +198,10 @@ class Engine:
             logger.warning("load_format=dummy: serving RANDOM weights at %s's shapes (benchmarks only)", model_path)
             params = init_random_params(model_config, dtype, config.seed, mesh)
         else:
-            params = load_params(model_path, model_config, dtype, mesh)
-        return cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
+            params = load_params(model_path, model_config, dtype, mesh, on_loaded=weights_reporter(on_startup))
+        engine = cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
+        engine.on_startup = on_startup
+        return engine
 
     # ----- set-up -----------------------------------------------------------------------------------
     def _num_pages(self, pages_per_seq: int) -> int:
@@ -219,7 +225,7 @@ class Engine:
     def start(self) -> None:
         """Compile every bucket, then start the engine thread. Returns when the engine is ready."""
         CompilationCounter.install()
-        self.compile_seconds = self.runner.compile_all()
+        self.compile_seconds = self.runner.compile_all(on_compiled=buckets_reporter(self.on_startup))
         logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
         self._compilations_at_warmup = CompilationCounter.count()
         self._thread = threading.Thread(target=self._loop, name="xlserve-engine", daemon=True)
@@ -237,6 +243,10 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def dtype_name(self) -> str:
+        return jnp.dtype(self.dtype).name
 
     @property
     def error(self) -> BaseException | None:

@@ -1,7 +1,8 @@
 """API keys: one before-request hook in front of every route, deny by default.
 
 Only the probes stay open (an orchestrator's probe should not carry a secret, and they reveal
-nothing), plus GET /metrics when the operator asks for it (`--public-metrics`). The hook runs for
+nothing), plus GET /metrics when the operator asks for it (`--public-metrics`) and the chat page's
+files (a browser opening a page sends no key; the API calls the page makes need one). The hook runs for
 every request, whatever route it matches (or none), so a new route is guarded without anyone
 remembering to guard it (`tests/test_http_guarded.py` walks the URL map to prove it). Keys are
 compared as SHA-256 digests in constant time, so neither a key's length nor its prefix leaks
@@ -25,11 +26,15 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def install_api_keys(app: Quart, api_keys: Iterable[str], public_metrics: bool = False) -> None:
+def install_api_keys(
+    app: Quart, api_keys: Iterable[str], public_metrics: bool = False, open_paths: Iterable[str] = ()
+) -> None:
+    """Require a key on every path but the probes, /metrics with `public_metrics`, and `open_paths`
+    (pages a browser opens, which cannot carry a key, such as the chat page: not the API they call)."""
     digests = [_digest(key) for key in api_keys]
     if not digests:
         return
-    open_paths = OPEN_PATHS | {"/metrics"} if public_metrics else OPEN_PATHS
+    open_paths = OPEN_PATHS | frozenset(open_paths) | ({"/metrics"} if public_metrics else set())
 
     @app.before_request
     async def require_api_key() -> None:

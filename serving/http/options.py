@@ -114,6 +114,21 @@ OPTIONS: tuple[Option, ...] = (
         kind="switch",
     ),
     Option(
+        "--webui",
+        "server",
+        "webui",
+        "Serve the chat page at /chat (on by default; --no-webui turns it off). The page needs no key; the API "
+        "calls it makes do.",
+        kind="switch",
+    ),
+    Option(
+        "--chat-at-root",
+        "server",
+        "chat_at_root",
+        "GET / redirects to the chat page, and Swagger UI moves to /docs (default: Swagger UI at /).",
+        kind="switch",
+    ),
+    Option(
         "--allow-origins",
         "server",
         "allow_origins",

@@ -39,6 +39,8 @@ class ServerSettings:
     # The CLI runs the engine in a child process (serving.engine.process), so HTTP work never holds
     # the engine's GIL; off: on a thread of the server process, as `create_app` callers do
     engine_process: bool = True
+    webui: bool = True  # the chat page at /chat (--no-webui: off)
+    chat_at_root: bool = False  # GET / redirects to /chat, and Swagger UI moves to /docs
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:
