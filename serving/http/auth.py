@@ -42,6 +42,8 @@ def install_api_keys(
         if request.method == "OPTIONS" or request.path in open_paths:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if "x-api-key" in request.headers:  # Anthropic's clients send the key there
+            scheme, token = "bearer", request.headers["x-api-key"]
         presented = _digest(token.strip())
         # Compare against every key, not stopping at a match, so timing says nothing about which.
         matched = False
@@ -50,6 +52,6 @@ def install_api_keys(
         if scheme.lower() != "bearer" or not matched:
             raise APIError(
                 401,
-                "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                "Incorrect or missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`).",
                 code="invalid_api_key",
             )

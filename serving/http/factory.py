@@ -14,7 +14,7 @@ from serving.engine.client import EngineClient
 from serving.engine.multihost import resolve_group
 from serving.engine.process import EngineProcess
 from serving.engine.progress import StartupListener
-from serving.http import chat, completions, interactive, service
+from serving.http import chat, completions, encode, generate, interactive, messages, responses, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import install_error_handlers
 from serving.http.exchange import ExchangeMiddleware
@@ -78,7 +78,7 @@ def create_app(engine: EngineClient, settings: ServerSettings) -> Quart:
         security=[{"bearer": []}] if bearer else None,
         openapi_provider_class=NamedSchemaProvider,
     )
-    for module in (service, chat, completions, interactive):
+    for module in (service, chat, completions, interactive, encode, generate, responses, messages):
         app.register_blueprint(module.blueprint)
     install_profiler(app, engine, settings.profile_dir)
     install_error_handlers(app)

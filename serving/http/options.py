@@ -90,6 +90,15 @@ OPTIONS: tuple[Option, ...] = (
         kind="switch",
     ),
     Option(
+        "--strict-context-length",
+        "server",
+        "strict_context_length",
+        "Refuse with 400 (context_length_exceeded, as OpenAI does) a request whose max_tokens does not fit in the "
+        "session length after its prompt. Default: generate up to the session length and finish with `length`, "
+        "as LMDeploy does. A prompt that alone fills the session is a 400 either way.",
+        kind="switch",
+    ),
+    Option(
         "--profile-dir",
         "server",
         "profile_dir",
