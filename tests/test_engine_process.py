@@ -17,7 +17,7 @@ import pytest
 from serving import GenerationConfig
 from serving.engine.config import EngineConfig
 from serving.engine.process import EngineProcess
-from serving.engine.request import EngineOutput, FinishReason, InvalidRequestError
+from serving.request import EngineOutput, FinishReason, InvalidRequestError
 from tests.conftest import TINY_ENGINE_OPTIONS
 from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
@@ -65,7 +65,7 @@ def test_the_same_tokens_as_the_engine_on_a_thread(engine_process, tiny_pipe):
     assert all(outputs[-1].finish_reason is FinishReason.LENGTH for outputs, _ in runs)
     assert len(steps) >= 12, "outputs arrive step by step, each step followed by the listeners"
     stats = engine_process.stats()
-    assert stats["compilations_after_warmup"] == 0 and stats["num_pages_used"] == 0
+    assert stats.compilations_after_warmup == 0 and stats.num_pages_used == 0
 
 
 def test_requests_are_validated_in_the_server_process(engine_process):
@@ -82,7 +82,7 @@ def test_abort_ends_a_request_and_frees_its_pages(engine_process):
     engine_process.abort("abort")
     assert done.wait(30)
     assert outputs[-1].finish_reason is FinishReason.ABORT and len(tokens(outputs)) < 100
-    assert engine_process.stats()["num_pages_used"] == 0
+    assert engine_process.stats().num_pages_used == 0
 
 
 def test_profiling_runs_in_the_engine_process(engine_process, tmp_path):

@@ -46,7 +46,7 @@ def events(response: httpx.Response) -> list[dict | str]:
 def test_a_failing_step_fails_only_its_requests(server: LiveServer) -> None:
     def fail_marked(chunks: list[Chunk]) -> None:
         time.sleep(0.01)  # a slower device, so the bystander is still generating meanwhile
-        if any(c.seq.request.config.max_new_tokens == MARKED_MAX_TOKENS for c in chunks):
+        if any(c.request.config.max_new_tokens == MARKED_MAX_TOKENS for c in chunks):
             raise InjectedFault("injected fault")
 
     before = scrape(server)
@@ -73,7 +73,7 @@ def test_a_failing_step_fails_only_its_requests(server: LiveServer) -> None:
     finally:
         server.engine.fault_hook = None
     assert server.engine.alive and server.engine.wait_idle(30)
-    assert server.engine.stats()["num_pages_used"] == 0
+    assert server.engine.stats().num_pages_used == 0
     samples = scrape(server)
     key = "xlserve:request_errors_total{code=engine_error}"
     assert samples[key] - before.get(key, 0) == 2

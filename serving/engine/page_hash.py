@@ -2,8 +2,8 @@
 
 A page full of keys/values is a pure function of every token up to its end, so its name is
 `page_key(parent, tokens)`, where `parent` names the pages before it (`ROOT_KEY` for the first). The
-engine's scheduler names pages with it, and the proxy's cache-aware routing names the pages of a
-request's prompt with the same function, so both agree on what "the same prefix" is. This module
+engine's KV-cache manager (`kv_cache.py`) names pages with it, and the proxy's cache-aware routing names
+the pages of a request's prompt with the same function, so both agree on what "the same prefix" is. This module
 imports nothing, so the proxy can use it without pulling in the engine or JAX.
 
 Keys are Python hashes of tuples of ints, which do not depend on PYTHONHASHSEED: two processes (the

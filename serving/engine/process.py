@@ -1,18 +1,18 @@
 """The engine in a process of its own (`EngineProcess`), behind the calls the HTTP layer makes on `Engine`.
 
-Why: in one process the server's event loop (SSE chunks, detokenization, socket writes: about 70 µs a
-token on the H100's host) and the engine thread share one GIL. At B2's 512 streams the two threads
-together wanted about 92% of it, and the engine's turns stretched: the same 1000 requests took 30.1 s
-through HTTP against 27.4 s through the engine alone (docs/perf-notes.md). As vLLM's v1 engine core
-does, the server then runs the engine in a child process that owns the accelerator, and keeps the
-tokenizer, request validation and HTTP for itself.
+Why: in one process the server's event loop (SSE chunks, detokenization, socket writes) and the engine
+thread share one GIL, and under many streams the engine's turns stretch (docs/perf-notes.md, "B2:
+packed prefill and the engine process"). As vLLM's v1 engine core does, the server then runs the engine
+in a child process that owns the accelerator, and keeps the tokenizer, request validation and HTTP for
+itself.
 
 The child is spawned (JAX is not fork-safe) and builds the engine with `Engine.from_pretrained`. Two
 pipes join the processes. Commands go down: add, abort, end a session, stats, profile, start, shutdown.
-Events come up: the engine's facts once it is built, ready or failed, and per engine step one message
-with every output of the step. The parent's reader thread hands each output to its request's sink and
-then calls the step listeners, so an HTTP handler sees what an in-process engine would show it. The
-parent never initialises a JAX backend, so the child gets the whole accelerator.
+Events come up: start-up progress (serving.engine.progress), the engine's facts once it is built, ready
+or failed, and per engine step one message with every output of the step. The parent's reader thread
+hands each output to its request's sink and then calls the step listeners, so an HTTP handler sees what
+an in-process engine would show it. The parent never initialises a JAX backend, so the child gets the
+whole accelerator.
 
 If the child dies (a crash, a kill), the reader fails every request still waiting with an ERROR
 output, `alive` turns false and `submit` refuses new work, as an in-process engine whose thread ended.
@@ -30,15 +30,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 from model.config import ModelConfig
+from serving.engine.client import EngineStats
 from serving.engine.config import EngineConfig
-from serving.engine.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
+from serving.engine.progress import StartupEvent, StartupListener
+from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.text.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from serving.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +53,18 @@ class EngineFacts:
     max_session_len: int
     max_batch_size: int
     page_size: int
+    dtype_name: str
 
 
 class EngineProcess:
     """`Engine`'s server-facing calls, served by an engine in a child process."""
 
-    def __init__(self, model_path: str, config: EngineConfig, log_level: int | str = logging.WARNING):
+    def __init__(self, model_path: str, config: EngineConfig, log_level: int | str = logging.WARNING,
+                 on_startup: StartupListener | None = None):
+        """`on_startup` hears of the child's start-up progress, on this thread while the weights load and
+        on the reader thread while the buckets compile (serving.engine.progress)."""
         self.model_path = model_path
+        self.on_startup = on_startup
         self.engine_config = config
         self.model_config = ModelConfig.from_pretrained(model_path)
         self.tokenizer = Tokenizer.from_pretrained(model_path)
@@ -84,8 +88,11 @@ class EngineProcess:
         self._reply_lock = threading.Lock()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
-        self._last_stats: dict = {}
+        self._last_stats: EngineStats | None = None
         kind, payload = self._receive()  # the child loads the weights: as long as an in-process load
+        while kind == "progress":
+            self._report(payload)
+            kind, payload = self._receive()
         if kind != "built":
             self._process.join(timeout=SHUTDOWN_TIMEOUT_S)
             raise payload
@@ -94,19 +101,21 @@ class EngineProcess:
         self.max_session_len = facts.max_session_len
         self.max_batch_size = facts.max_batch_size
         self.page_size = facts.page_size
+        self.dtype_name = facts.dtype_name
         self._reader = threading.Thread(target=self._read_events, name="xlserve-engine-events", daemon=True)
         self._reader.start()
         self.stats()
 
     @classmethod
     def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None,
-                        log_level: int | str = logging.WARNING) -> EngineProcess:
+                        log_level: int | str = logging.WARNING,
+                        on_startup: StartupListener | None = None) -> EngineProcess:
         """As `Engine.from_pretrained`, with the engine in a child process (None: the built-in demo model)."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
             model_path = ensure_demo_checkpoint()
-        return cls(model_path, config or EngineConfig(), log_level)
+        return cls(model_path, config or EngineConfig(), log_level, on_startup)
 
     # ----- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -155,9 +164,9 @@ class EngineProcess:
     def end_session(self, session_id: str) -> None:
         self._send(("end_session", session_id))
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """The child engine's `Engine.stats()`; its last answer once the child has gone."""
-        if self.alive:
+        if self.alive or self._last_stats is None:
             self._last_stats = self._ask(("stats",))
         return self._last_stats
 
@@ -196,6 +205,8 @@ class EngineProcess:
             kind, payload = self._receive()
             if kind == "outputs":
                 self._deliver(payload)
+            elif kind == "progress":
+                self._report(payload)
             elif kind == "ready":
                 self.compile_seconds = payload
                 self._started.set()
@@ -231,16 +242,19 @@ class EngineProcess:
                 _call(entry[1], output)
         self._notify()
 
+    def _report(self, event: StartupEvent) -> None:
+        if self.on_startup is not None:
+            try:
+                self.on_startup(event)
+            except Exception:  # a broken display must not stop the start
+                logger.exception("the start-up listener failed")
+
     def _notify(self) -> None:
         for listener in tuple(self.step_listeners):
             try:
                 listener()
             except Exception:  # a broken consumer must not take the reader down with it
                 logger.exception("a step listener failed")
-
-
-# What the HTTP layer serves from: an engine on a thread of this process, or one in a child process.
-AnyEngine: TypeAlias = "Engine | EngineProcess"
 
 
 def _call(sink: Callable[[EngineOutput], None], output: EngineOutput) -> None:
@@ -267,12 +281,12 @@ def run_engine_process(model_path: str, config: EngineConfig, commands: Connecti
             events.send(message)
 
     try:
-        engine = Engine.from_pretrained(model_path, config)
+        engine = Engine.from_pretrained(model_path, config, on_startup=lambda event: send(("progress", event)))
     except BaseException as error:
         send(("failed", _portable(error)))
         return
     send(("built", EngineFacts(engine.eos_token_ids, engine.max_session_len, engine.max_batch_size,
-                               engine.page_size)))
+                               engine.page_size, engine.dtype_name)))
     step_outputs: list[tuple] = []  # `_compact` outputs, appended and flushed on the engine thread only
 
     def flush() -> None:

@@ -1,7 +1,8 @@
 """API keys: one before-request hook in front of every route, deny by default.
 
 Only the probes stay open (an orchestrator's probe should not carry a secret, and they reveal
-nothing), plus GET /metrics when the operator asks for it (`--public-metrics`). The hook runs for
+nothing), plus GET /metrics when the operator asks for it (`--public-metrics`) and the chat page's
+files (a browser opening a page sends no key; the API calls the page makes need one). The hook runs for
 every request, whatever route it matches (or none), so a new route is guarded without anyone
 remembering to guard it (`tests/test_http_guarded.py` walks the URL map to prove it). Keys are
 compared as SHA-256 digests in constant time, so neither a key's length nor its prefix leaks
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from quart import Quart, request
 
@@ -26,7 +27,7 @@ def _digest(key: str) -> bytes:
 
 
 class KeyRing:
-    """A set of accepted keys, checked against an `Authorization: Bearer KEY` header."""
+    """A set of accepted keys, checked against a request's `Authorization: Bearer KEY` (or `x-api-key`)."""
 
     def __init__(self, keys: Iterable[str]):
         self._digests = [_digest(key) for key in keys]
@@ -34,8 +35,10 @@ class KeyRing:
     def __bool__(self) -> bool:
         return bool(self._digests)
 
-    def admits(self, authorization: str) -> bool:
-        scheme, _, token = authorization.partition(" ")
+    def admits(self, headers: Mapping[str, str]) -> bool:
+        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        if "x-api-key" in headers:  # Anthropic's clients send the key there
+            scheme, token = "bearer", headers["x-api-key"]
         presented = _digest(token.strip())
         # Compare against every key, not stopping at a match, so timing says nothing about which.
         matched = False
@@ -45,19 +48,27 @@ class KeyRing:
 
 
 def missing_key() -> APIError:
-    return APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
+    return APIError(
+        401,
+        "Incorrect or missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`).",
+        code="invalid_api_key",
+    )
 
 
-def install_api_keys(app: Quart, api_keys: Iterable[str], public_metrics: bool = False) -> None:
+def install_api_keys(
+    app: Quart, api_keys: Iterable[str], public_metrics: bool = False, open_paths: Iterable[str] = ()
+) -> None:
+    """Require a key on every path but the probes, /metrics with `public_metrics`, and `open_paths`
+    (pages a browser opens, which cannot carry a key, such as the chat page: not the API they call)."""
     keys = KeyRing(api_keys)
     if not keys:
         return
-    open_paths = OPEN_PATHS | {"/metrics"} if public_metrics else OPEN_PATHS
+    open_paths = OPEN_PATHS | frozenset(open_paths) | ({"/metrics"} if public_metrics else set())
 
     @app.before_request
     async def require_api_key() -> None:
         # CORS preflights carry no credentials by design.
         if request.method == "OPTIONS" or request.path in open_paths:
             return
-        if not keys.admits(request.headers.get("Authorization", "")):
+        if not keys.admits(request.headers):
             raise missing_key()

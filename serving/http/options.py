@@ -30,7 +30,7 @@ from xlkernels import BACKENDS
 MODEL_ENV = "XLSERVE_MODEL"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
-Target = Literal["engine", "server", "cli", "refused"]
+Target = Literal["engine", "server", "cli"]
 
 
 class OptionError(ValueError):
@@ -94,6 +94,15 @@ OPTIONS: tuple[Option, ...] = (
         kind="switch",
     ),
     Option(
+        "--strict-context-length",
+        "server",
+        "strict_context_length",
+        "Refuse with 400 (context_length_exceeded, as OpenAI does) a request whose max_tokens does not fit in the "
+        "session length after its prompt. Default: generate up to the session length and finish with `length`, "
+        "as LMDeploy does. A prompt that alone fills the session is a 400 either way.",
+        kind="switch",
+    ),
+    Option(
         "--profile-dir",
         "server",
         "profile_dir",
@@ -106,6 +115,21 @@ OPTIONS: tuple[Option, ...] = (
         "engine_process",
         "Run the engine in a child process of its own, so the server's HTTP work never competes with it for "
         "Python's GIL (on by default; --no-engine-process keeps it on a thread of the server process).",
+        kind="switch",
+    ),
+    Option(
+        "--webui",
+        "server",
+        "webui",
+        "Serve the chat page at /chat (on by default; --no-webui turns it off). The page needs no key; the API "
+        "calls it makes do.",
+        kind="switch",
+    ),
+    Option(
+        "--chat-at-root",
+        "server",
+        "chat_at_root",
+        "GET / redirects to the chat page, and Swagger UI moves to /docs (default: Swagger UI at /).",
         kind="switch",
     ),
     Option(
@@ -204,6 +228,19 @@ OPTIONS: tuple[Option, ...] = (
         "trust_remote_code",
         "Accepted for LMDeploy compatibility; xlserve never runs code shipped with a checkpoint.",
         kind="switch",
+    ),
+    Option(
+        "--revision",
+        "cli",
+        "revision",
+        "The branch, tag or commit of a hub id MODEL to serve (default: its main branch).",
+    ),
+    Option(
+        "--download-dir",
+        "cli",
+        "download_dir",
+        "The Hugging Face cache folder a hub id MODEL is downloaded into and served from (default: "
+        "huggingface_hub's, ~/.cache/huggingface/hub, or $HF_HOME/hub).",
     ),
     # ---- engine ----
     Option("--tp", "engine", "tp", f"Tensor-parallel degree (default: {_engine_default('tp')}).", type=int),
@@ -341,18 +378,44 @@ OPTIONS: tuple[Option, ...] = (
         "JAX's persistent compilation cache, so restarts skip compiling: auto (~/.cache/xlserve/jax on GPU, "
         "off on CPU), off, or a directory.",
     ),
-    # ---- refused: each would need the network or a part not built yet ----
+    # ---- several hosts (docs/multi-host.md) ----
     Option(
-        "--revision",
-        "refused",
-        "revision",
-        "Refused: xlserve cannot download from a model hub; download the revision yourself and pass its directory.",
+        "--nnodes",
+        "engine",
+        "nnodes",
+        "Hosts serving this one model, one process each, --tp counting the devices of all (default: "
+        "LWS_GROUP_SIZE, else JAX_NUM_PROCESSES, else 1).",
+        type=int,
     ),
     Option(
-        "--download-dir",
-        "refused",
-        "download_dir",
-        "Refused: xlserve cannot download from a model hub; pass a local checkpoint directory.",
+        "--node-rank",
+        "engine",
+        "node_rank",
+        "This host's rank: 0 serves the API, the others follow it (default: LWS_WORKER_INDEX, else "
+        "JAX_PROCESS_ID, else 0).",
+        type=int,
+    ),
+    Option(
+        "--dist-init-addr",
+        "engine",
+        "dist_init_addr",
+        "HOST:PORT of rank 0's JAX coordinator; rank 0 also listens for its followers on PORT + 1 (default: "
+        "JAX_COORDINATOR_ADDRESS, else LWS_LEADER_ADDRESS:29500).",
+    ),
+    Option(
+        "--dist-timeout",
+        "engine",
+        "dist_timeout",
+        f"Seconds of silence after which a host is lost: every process then exits non-zero (default: "
+        f"{_engine_default('dist_timeout')}).",
+        type=float,
+    ),
+    Option(
+        "--dist-init-timeout",
+        "engine",
+        "dist_init_timeout",
+        f"Seconds to wait for every host to join before giving up (default: {_engine_default('dist_init_timeout')}).",
+        type=float,
     ),
     # ---- several servers behind `xlserve serve proxy` ----
     Option(
@@ -386,13 +449,15 @@ OPTIONS: tuple[Option, ...] = (
 class Launch:
     """Everything needed to start a server: the model, the engine's options, the app's and the socket's."""
 
-    model_path: str | None
+    model: str | None  # MODEL as given: a local folder or a hub id (model.source resolves it); None: the demo
     engine_config: EngineConfig
     settings: ServerSettings
     host: str = "0.0.0.0"
     port: int = 23333
     log_level: str = "WARNING"
     shutdown_timeout: float = 30.0
+    revision: str | None = None  # of a hub id
+    download_dir: str | None = None  # where a hub id is downloaded
     proxy_url: str | None = None  # register with this proxy once ready (--proxy-url)
     proxy_api_key: str | None = field(default=None, repr=False)
     dp: int = 1  # replicas behind one proxy (--dp)
@@ -400,12 +465,13 @@ class Launch:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model_path",
+        "model",
         nargs="?",
         default=None,
         metavar="MODEL",
-        help="A local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer). "
-        "Omitted: the built-in demo model.",
+        help="A local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer), or a Hugging "
+        "Face hub id (org/name), downloaded first (HF_TOKEN for gated models, HF_ENDPOINT for a mirror, "
+        "HF_HUB_OFFLINE=1 to use only the cache). Omitted: the built-in demo model.",
     )
     add_options(parser, OPTIONS)
 
@@ -431,7 +497,7 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
 def from_arguments(namespace: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Launch:
     values = {o.field: getattr(namespace, o.field) for o in OPTIONS}
     read_secrets(values, OPTIONS, environ)
-    return _resolve(namespace.model_path, values, source=lambda o: o.flag)
+    return _resolve(namespace.model, values, source=lambda o: o.flag)
 
 
 def read_secrets(values: dict[str, Any], options: Sequence[Option], environ: Mapping[str, str]) -> None:
@@ -466,16 +532,11 @@ def _parse_env(option: Option, raw: str) -> Any:
     return value
 
 
-def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[Option], str]) -> Launch:
-    for option in OPTIONS:
-        if option.target == "refused" and values[option.field] is not None:
-            raise OptionError(f"{source(option)}: {option.help}")
-    if model_path is not None and not os.path.isdir(model_path):
-        raise OptionError(
-            f"model path {model_path!r} is not a local directory. xlserve cannot download from a model hub: "
-            "download the checkpoint (config.json, *.safetensors, tokenizer files) and pass its directory, "
-            "or pass no model to serve the built-in demo model."
-        )
+def _resolve(model: str | None, values: dict[str, Any], source: Callable[[Option], str]) -> Launch:
+    if model is None:
+        for option in (_option("revision"), _option("download_dir")):
+            if values[option.field] is not None:
+                raise OptionError(f"{source(option)} applies to a hub id MODEL; none was given (the demo model)")
     given = {o.field: values[o.field] for o in OPTIONS if values[o.field] is not None}
     engine_options = {o.field: given[o.field] for o in OPTIONS if o.target == "engine" and o.field in given}
     for name in ("decode_batch_buckets", "prefill_row_buckets", "prefill_token_buckets", "packed_prefill_buckets"):
@@ -497,9 +558,9 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
         server_options["chat_template"] = _read_template(server_options["chat_template"], source)
     if "reasoning_parser" in server_options:
         server_options["reasoning_parser"] = parser_name(server_options["reasoning_parser"])
-    server_options.setdefault("model_name", model_path if model_path is not None else DEMO_MODEL_NAME)
+    server_options.setdefault("model_name", model if model is not None else DEMO_MODEL_NAME)
     try:
-        settings = ServerSettings(model_path=model_path, **server_options)
+        settings = ServerSettings(model_path=model, **server_options)
     except ValueError as error:
         flag = next((source(o) for o in OPTIONS if o.field == getattr(error, "param", None)), None)
         raise OptionError(f"{flag}: {error}" if flag else str(error)) from error
@@ -511,13 +572,15 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
         raise OptionError(f"{source(_option('proxy_url'))} must be an http:// or https:// URL with a host, "
                           f"got {values['proxy_url']!r}")
     return Launch(
-        model_path,
+        model,
         engine_config,
         settings,
         host=values["server_name"],
         port=values["server_port"],
         log_level=values["log_level"],
         shutdown_timeout=values["shutdown_timeout"],
+        revision=values["revision"],
+        download_dir=values["download_dir"],
         proxy_url=values["proxy_url"],
         proxy_api_key=values["proxy_api_key"],
         dp=values["dp"],

@@ -16,7 +16,7 @@ import jinja2
 
 from serving.http.errors import APIError
 from serving.http.protocol import ChatMessage
-from serving.text.templates import ChatTemplate
+from serving.text.templates import ChatTemplate, end_of_turn_words
 from serving.text.tokenizer import Tokenizer
 
 # apply_chat_template's own arguments; chat_template_kwargs may not override them.
@@ -99,3 +99,9 @@ def completion_prompt_ids(
     # A string or a flat id list is one prompt; a list of strings or of id lists is several.
     prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+
+def turn_end_ids(tokenizer: Tokenizer, template: ChatTemplate | None) -> frozenset[int]:
+    """Token ids that end an assistant turn in this template: they stop a chat answer like an EOS."""
+    words = template.stop_words if template is not None else end_of_turn_words(tokenizer.chat_template or "")
+    return frozenset(token for token in map(tokenizer.token_id, words) if token is not None)

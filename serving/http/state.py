@@ -14,6 +14,7 @@ requests in flight finish; whatever still runs when the shutdown timeout ends is
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -22,10 +23,12 @@ from typing import TYPE_CHECKING
 
 from quart import current_app
 
-from serving.engine.process import AnyEngine
+from serving.engine.client import EngineClient
 from serving.http.admission import RETRY_AFTER_S, Admission
+from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
 from serving.http.metrics import ServerMetrics
+from serving.http.prompts import turn_end_ids
 from serving.http.protocol import MAX_N
 from serving.http.sessions import SessionRegistry
 from serving.http.settings import ServerSettings
@@ -41,7 +44,7 @@ DRAIN_OPEN_PATHS = frozenset({"/health", "/v1/ready", "/metrics"})
 ABORT_GRACE_S = 5.0
 
 
-def default_max_running(engine: AnyEngine) -> int:
+def default_max_running(engine: EngineClient) -> int:
     """Twice what the engine decodes at once, so its own queue always holds the next batch, and never
     fewer than one request's largest `n`."""
     return max(2 * engine.max_batch_size, MAX_N)
@@ -49,7 +52,7 @@ def default_max_running(engine: AnyEngine) -> int:
 
 @dataclass
 class ServerState:
-    engine: AnyEngine
+    engine: EngineClient
     settings: ServerSettings
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: BaseException | None = None
@@ -62,6 +65,7 @@ class ServerState:
     in_flight: set[Exchange] = field(init=False, default_factory=set)  # every HTTP request being served
     sessions: SessionRegistry = field(init=False)  # /v1/chat/interactive's histories
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _engine_client: AsyncEngineClient | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         max_running = self.settings.max_concurrent_requests or default_max_running(self.engine)
@@ -70,6 +74,18 @@ class ServerState:
         self.metrics = ServerMetrics(self.settings.model_name, self.engine.max_session_len)
         self.metrics.watch(self.engine, self.admission, self.in_flight, self.sessions)
         self._idle.set()
+
+    @functools.cached_property
+    def turn_end_ids(self) -> frozenset[int]:
+        """Token ids that end an assistant turn in the served chat template: they stop answers like an EOS."""
+        return turn_end_ids(self.engine.tokenizer, self.settings.chat_template)
+
+    @property
+    def engine_client(self) -> AsyncEngineClient:
+        """The engine's asyncio client for the serving event loop (made on first use, inside that loop)."""
+        if self._engine_client is None:
+            self._engine_client = AsyncEngineClient(self.engine, asyncio.get_running_loop())
+        return self._engine_client
 
     def start_in_background(self) -> None:
         # A daemon: a compile still running when the server is told to stop must not hold up the exit.
@@ -94,6 +110,8 @@ class ServerState:
         return dict(self.engine.model_config.generation_defaults)
 
     def shutdown(self) -> None:
+        if self._engine_client is not None:
+            self._engine_client.close()
         self.engine.shutdown()
 
     # ----- requests in flight and the graceful shutdown ------------------------------------------------

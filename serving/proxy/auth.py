@@ -28,13 +28,12 @@ def install_proxy_keys(app: Quart, api_keys: tuple[str, ...], admin_api_keys: tu
     async def require_keys() -> None:
         if request.path in open_paths:
             return
-        presented = request.headers.get("Authorization", "")
-        if admins.admits(presented):
+        if admins.admits(request.headers):
             return
         if request.path.startswith(ADMIN_PREFIX):
-            if users.admits(presented):
+            if users.admits(request.headers):
                 raise APIError(403, "/nodes/* need an admin key (--admin-api-keys); this is a user key.",
                                code="admin_key_required")
             raise missing_key()
-        if users and not users.admits(presented):
+        if users and not users.admits(request.headers):
             raise missing_key()

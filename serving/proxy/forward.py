@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 FAILURES_TO_DROP = 3
 ATTEMPTS = 2  # the first node, then one other
 # Request headers a node needs; hop-by-hop ones (Connection, Host, Content-Length) are the client's own.
-FORWARDED_HEADERS = ("content-type", "accept", "authorization", "x-request-id", "user-agent")
+FORWARDED_HEADERS = ("content-type", "accept", "authorization", "x-api-key", "x-request-id", "user-agent")
 RETURNED_HEADERS = ("content-type", "x-request-id", "retry-after", "www-authenticate")
 STREAM_TYPES = {"text/event-stream": b"\n\n", "application/x-ndjson": b"\n"}  # media type -> frame end
 
@@ -96,6 +96,7 @@ class Failure:
 def upstream_headers(incoming: Mapping[str, str], node_api_key: str | None, client: str | None) -> dict[str, str]:
     headers = {name: incoming[name] for name in FORWARDED_HEADERS if name in incoming}
     if node_api_key is not None:  # the proxy checked the client's key; nodes know only the proxy's
+        headers.pop("x-api-key", None)
         headers["authorization"] = f"Bearer {node_api_key}"
     headers["accept-encoding"] = "identity"  # bytes are relayed as they come: a compressed body would not be
     if client:
