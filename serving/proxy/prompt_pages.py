@@ -2,7 +2,7 @@
 
 Cache-aware routing sends a request where requests with the same prompt prefix went before, and what
 counts as "the same prefix" is what an engine can reuse: whole pages, each named by a key chained over
-the pages before it (`serving.engine.page_hash`, the function the scheduler names pages with). Token-id
+the pages before it (`serving.engine.page_hash`, the function the engine names pages with). Token-id
 prompts are paged exactly as the engine pages them, at the node's page size.
 
 Text prompts are not tokenized here, on purpose. The proxy holds no tokenizer or chat template (it may
