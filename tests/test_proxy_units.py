@@ -237,7 +237,7 @@ async def test_every_route_in_the_proxy_url_map_is_guarded_by_the_right_keys(tmp
     rules = list(app.url_map.iter_rules())
     paths = {rule.rule for rule in rules}
     assert {"/v1/chat/completions", "/v1/completions", "/v1/chat/interactive", "/v1/models", "/metrics", "/health",
-            "/v1/ready", "/openapi.json", "/", "/nodes/status", "/nodes/add", "/nodes/remove"} <= paths  # fmt: skip
+            "/v1/ready", "/openapi.json", "/", "/chat", "/nodes/status", "/nodes/add", "/nodes/remove"} <= paths
     async with app.test_app() as test_app:
         client = test_app.test_client()
         for rule in rules:
@@ -247,7 +247,7 @@ async def test_every_route_in_the_proxy_url_map_is_guarded_by_the_right_keys(tmp
                     headers = {"Authorization": f"{scheme} {key}"} if key else {}
                     return client.open(path, method=method, json={} if method == "POST" else None, headers=headers)
 
-                if rule.rule in ("/health", "/v1/ready"):
+                if rule.rule in ("/health", "/v1/ready") or rule.rule.startswith("/chat"):  # probes, the chat page
                     assert (await call(None)).status_code != 401, path
                     continue
                 for refused in (None, "wrong"):
@@ -291,7 +291,7 @@ async def test_with_no_node_in_rotation_requests_get_503_with_retry_after(tmp_pa
         assert removed.status_code == 200 and json.loads(node_file.read_text()) == {}
 
 
-async def test_the_proxy_documents_its_routes_in_a_valid_openapi_document() -> None:
+async def test_the_proxy_documents_its_routes_in_a_valid_openapi_document_and_serves_the_chat_page() -> None:
     from openapi_spec_validator import validate
 
     app = create_proxy_app(ProxySettings())
@@ -299,6 +299,8 @@ async def test_the_proxy_documents_its_routes_in_a_valid_openapi_document() -> N
         client = test_app.test_client()
         spec = await (await client.get("/openapi.json")).get_json()
         assert (await client.get("/")).status_code == 200  # Swagger UI
+        chat = await client.get("/chat")  # the api_server's chat page, calling the proxy's routes
+        assert chat.status_code == 200 and "default-src 'self'" in chat.headers["Content-Security-Policy"]
     validate(spec)
     expected = {"/v1/chat/completions": "post", "/v1/completions": "post", "/v1/chat/interactive": "post",
                 "/v1/models": "get", "/health": "get", "/v1/ready": "get", "/metrics": "get",

@@ -1,6 +1,6 @@
-"""The proxy's Quart app: its routes, OpenAPI and Swagger UI (as the api_server's), OpenAI error bodies,
-its two sets of keys, and its life cycle (the HTTP pool and the health checks start when serving
-begins and stop when it ends)."""
+"""The proxy's Quart app: its routes, OpenAPI, Swagger UI and the chat page (the api_server's own),
+OpenAI error bodies, its two sets of keys, and its life cycle (the HTTP pool and the health checks start
+when serving begins and stop when it ends)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from quart_schema import Info, QuartSchema
 
 from serving.http.errors import install_error_handlers
 from serving.http.openapi import NamedSchemaProvider
+from serving.http.swagger import install_swagger_ui
+from serving.http.webui import install_webui
 from serving.proxy import admin, routes
 from serving.proxy.auth import install_proxy_keys
 from serving.proxy.forward import ReleaseMiddleware
@@ -30,7 +32,7 @@ def create_proxy_app(settings: ProxySettings) -> Quart:
     QuartSchema(
         app,
         openapi_path="/openapi.json",
-        swagger_ui_path="/",
+        swagger_ui_path=None,  # quart-schema's page loads from a CDN: the api_server's own is served instead
         redoc_ui_path=None,
         scalar_ui_path=None,
         info=Info(
@@ -46,7 +48,9 @@ def create_proxy_app(settings: ProxySettings) -> Quart:
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(admin.blueprint)
     install_error_handlers(app)
-    install_proxy_keys(app, settings.api_keys, settings.admin_api_keys, settings.public_metrics)
+    install_swagger_ui(app, "/")
+    page_paths = install_webui(app)  # the chat page, whose API calls come here like any client's
+    install_proxy_keys(app, settings.api_keys, settings.admin_api_keys, settings.public_metrics, page_paths)
 
     @app.before_serving
     async def start() -> None:
