@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -17,8 +17,8 @@ from serving.http.choices import cached_prompt_tokens, fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
 from serving.http.openapi import streams
-from serving.http.params import check_context_length, generation_config
-from serving.http.prompts import chat_prompt
+from serving.http.params import check_context_length, generation_config, prompt_too_long
+from serving.http.prompts import chat_prompt, messages_chars
 from serving.http.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -39,6 +39,7 @@ from serving.http.tools import ToolPlan, plan_tools
 from serving.request import EngineRequest
 from serving.text.chat_output import ChatOutputParser, OutputEvent, collect_text
 from serving.text.reasoning import ReasoningParser, starts_in_reasoning
+from serving.text.tokenizer import PromptTooLong
 
 blueprint = Blueprint("chat", __name__)
 
@@ -72,15 +73,12 @@ async def chat_completions() -> Response | dict[str, Any]:
     engine = state.engine
     settings = state.settings
     plan = plan_tools(body, settings.tool_call_parser)
-    prompt = await asyncio.to_thread(
-        chat_prompt,
-        engine.tokenizer,
-        body.messages,
-        body.chat_template_kwargs,
-        settings.chat_template,
-        plan.tools,
-        plan.call_prefix,
-    )
+    prepare = functools.partial(chat_prompt, engine.tokenizer, body.messages, body.chat_template_kwargs,
+                                settings.chat_template, plan.tools, plan.call_prefix, engine.max_session_len - 1)
+    try:
+        prompt = await state.prompts.run(messages_chars(body.messages), prepare)
+    except PromptTooLong as error:
+        raise prompt_too_long(error, engine.max_session_len, "messages") from None
     config = generation_config(body, state.generation_defaults)
     if not config.ignore_eos:  # the template's end of turn ends the answer like an EOS
         stops = set(config.stop_token_ids or []) | state.turn_end_ids

@@ -36,6 +36,7 @@ from serving.http.admission import Admission
 from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError, server_shutting_down, unavailable
 from serving.http.metrics import ServerMetrics
+from serving.http.preparation import PromptPreparation
 from serving.http.prompts import turn_end_ids
 from serving.http.protocol import MAX_N
 from serving.http.sessions import SessionRegistry
@@ -74,6 +75,7 @@ class ServerState:
     metrics: ServerMetrics = field(init=False)
     in_flight: set[Exchange] = field(init=False, default_factory=set)  # every HTTP request being served
     sessions: SessionRegistry = field(init=False)  # /v1/chat/interactive's histories
+    prompts: PromptPreparation = field(init=False, default_factory=PromptPreparation)  # templates, tokenizing
     _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _engine_client: AsyncEngineClient | None = field(init=False, default=None)
     # The engine's heartbeat when the watchdog found it stuck; None while it is not (see the docstring).
@@ -160,6 +162,7 @@ class ServerState:
     def shutdown(self) -> None:
         if self._engine_client is not None:
             self._engine_client.close()
+        self.prompts.shutdown()
         self.engine.shutdown()
 
     # ----- requests in flight and the graceful shutdown ------------------------------------------------
