@@ -14,7 +14,7 @@ from serving.engine.client import EngineClient
 from serving.engine.process import EngineProcess
 from serving.http import chat, completions, interactive, service
 from serving.http.auth import install_api_keys
-from serving.http.errors import install_error_handlers
+from serving.http.errors import APIError, install_error_handlers
 from serving.http.exchange import ExchangeMiddleware
 from serving.http.openapi import NamedSchemaProvider
 from serving.http.options import Launch
@@ -76,7 +76,13 @@ def create_app(engine: EngineClient, settings: ServerSettings) -> Quart:
     async def refuse_while_draining() -> None:
         state.refuse_while_draining(request.path)
 
-    install_api_keys(app, settings.api_keys, settings.public_metrics)
+    install_api_keys(app, settings.api_keys, settings.public_metrics, cors=bool(settings.allow_origins))
+
+    @app.before_websocket
+    async def refuse_websockets() -> None:  # after the key check: without a key, a 401 like any route's
+        raise APIError(400, "this server has no WebSocket routes; send plain HTTP requests",
+                       code="websocket_not_supported")
+
     if settings.allow_origins:
         # Imported only here: CORS is off unless asked for, and a server without it needs no quart-cors.
         from quart_cors import cors
