@@ -99,7 +99,8 @@ class APIClient:
         **kwargs: Any,
     ) -> Iterator[dict[str, Any]]:
         """POST /v1/chat/completions (a string `messages` is one user message). The penalties and
-        `logit_bias` are sent as given; this server ignores them."""
+        `logit_bias` are sent as given; this server refuses non-zero penalties and a non-empty
+        `logit_bias` with a 400 until it implements them."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         yield from self._post("/v1/chat/completions", _body(locals()), stream, sse=True)
