@@ -76,7 +76,7 @@ async def chat_completions() -> Response | dict[str, Any]:
     prepare = functools.partial(chat_prompt, engine.tokenizer, body.messages, body.chat_template_kwargs,
                                 settings.chat_template, plan.tools, plan.call_prefix, engine.max_session_len - 1)
     try:
-        prompt = await state.prompts.run(messages_chars(body.messages), prepare)
+        prompt = await state.prepare_prompt(messages_chars(body.messages), prepare)
     except PromptTooLong as error:
         raise prompt_too_long(error, engine.max_session_len, "messages") from None
     config = generation_config(body, state.generation_defaults)

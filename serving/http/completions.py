@@ -60,7 +60,7 @@ async def completions() -> Response | dict[str, Any]:
     engine = state.engine
     prepare = functools.partial(completion_prompt_ids, engine.tokenizer, body.prompt, engine.max_session_len - 1)
     try:
-        prompts = await state.prompts.run(completion_prompt_chars(body.prompt), prepare)
+        prompts = await state.prepare_prompt(completion_prompt_chars(body.prompt), prepare)
     except PromptTooLong as error:
         raise prompt_too_long(error, engine.max_session_len, "prompt") from None
     if len(prompts) * (body.n or 1) > MAX_N:

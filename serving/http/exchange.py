@@ -97,17 +97,21 @@ class Exchange:
         begins (`refuse_body`) before the body is whole, so a client that never finishes its upload
         cannot hold the shutdown open."""
         if self._body_refused:
-            raise server_shutting_down()
+            raise self._shutting_down()
         try:
             async with asyncio.timeout(None) as scope:
                 self._body_scope = scope
                 yield
         except TimeoutError:
             if scope.expired() and self._body_refused:
-                raise server_shutting_down() from None
+                raise self._shutting_down() from None
             raise
         finally:
             self._body_scope = None
+
+    def _shutting_down(self) -> APIError:
+        self.metrics.reject("server_shutting_down")
+        return server_shutting_down()
 
     def refuse_body(self) -> None:
         """A graceful shutdown began: a body still being read (or not yet read) is no longer waited for."""

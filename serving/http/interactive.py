@@ -221,7 +221,7 @@ async def _start_turn(
         # client has read the end of the answer, so its next request never finds the session busy.
         asyncio.current_task().add_done_callback(lambda _: sessions.finish(session, turn))
     chars = len(body.prompt) if isinstance(body.prompt, str) else messages_chars(body.prompt)
-    plan = await state.prompts.run(chars, functools.partial(_plan, state, body, session))
+    plan = await state.prepare_prompt(chars, functools.partial(_plan, state, body, session))
     runs = not plan.full and body.request_output_len != 0
     request = _request(state, body, plan, session, turn) if runs else None
     return _turn_lines(state, body, plan, request, session, turn)

@@ -26,8 +26,9 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from quart import current_app
 
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from serving.http.exchange import Exchange
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Paths still answered while draining: probes say what is happening, and metrics show the drain.
 DRAIN_OPEN_PATHS = frozenset({"/health", "/v1/ready", "/metrics"})
@@ -158,6 +161,16 @@ class ServerState:
     def generation_defaults(self) -> dict[str, float | int]:
         """Sampling defaults from the checkpoint's generation_config.json."""
         return dict(self.engine.model_config.generation_defaults)
+
+    async def prepare_prompt(self, chars: int, work: Callable[[], T]) -> T:
+        """`work()` (rendering and encoding a prompt of `chars` characters) on the prompt pool; its 503
+        when too many large prompts wait counts as a refusal, as admission's do."""
+        try:
+            return await self.prompts.run(chars, work)
+        except APIError as error:
+            if error.status == 503:  # the pool's refusal, not the prompt's own 400
+                self.metrics.reject(error.code or "server_overloaded")
+            raise
 
     def shutdown(self) -> None:
         if self._engine_client is not None:
