@@ -21,7 +21,9 @@ blueprint = Blueprint("service", __name__)
 async def health() -> dict[str, Any]:
     """Liveness: 200 while the process can serve or is still loading; 503 once the engine has failed, or
     while it is stuck (--engine-stall-timeout)."""
-    server_state().require_healthy()
+    error = server_state().health_error()
+    if error is not None:
+        raise error
     return Health().model_dump()
 
 

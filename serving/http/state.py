@@ -217,15 +217,20 @@ class ServerState:
             self.metrics.reject("server_shutting_down")
             raise server_shutting_down()
 
-    def require_healthy(self) -> None:
-        """Alive: loading, or started with a running engine that is not stuck; 503 after a failure, a
-        crash or a stall."""
+    @property
+    def healthy(self) -> bool:
+        """Alive: loading, or started with a running engine that is not stuck."""
+        return self.health_error() is None
+
+    def health_error(self) -> APIError | None:
+        """Why the server is not alive (a failed load, an engine that crashed or is stuck), as /health's 503."""
         if self.load_error is not None:
-            raise APIError(503, f"the engine is down: {self.load_error}", code="engine_stopped")
+            return APIError(503, f"the engine is down: {self.load_error}", code="engine_stopped")
         if self.started and not self.engine.alive:
-            raise APIError(503, "the engine is down: it has stopped; see the server log", code="engine_stopped")
+            return APIError(503, "the engine is down: it has stopped; see the server log", code="engine_stopped")
         if self.stalled:
-            raise self._stalled_error()
+            return self._stalled_error()
+        return None
 
     def require_model(self, name: str) -> None:
         if name != self.settings.model_name:
