@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import struct
@@ -312,27 +313,48 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
 
 
 def load_params(
-    path: str | os.PathLike[str], config: ModelConfig, dtype: jax.typing.DTypeLike, mesh: Mesh | None = None
+    path: str | os.PathLike[str],
+    config: ModelConfig,
+    dtype: jax.typing.DTypeLike,
+    mesh: Mesh | None = None,
+    on_loaded: Callable[[int, int, int, int], None] | None = None,
 ) -> Params:
     """Read a local safetensors checkpoint into the fused layout, cast to `dtype`, placed on `mesh`
-    (one device when None). Everything is checked against `config` before the first byte is read."""
+    (one device when None). Everything is checked against `config` before the first byte is read.
+
+    on_loaded: called after each parameter is on the device with the checkpoint tensors read so far, of
+    how many, and their bytes so far, of how many (start-up progress).
+    """
     dtype = _float_dtype(dtype)
     mesh = mesh or make_mesh(1)
     specs = param_specs(config)
     tensors = checkpoint_tensors(path)
     _check_tensors(tensors, specs, config)
     shardings = _flatten(param_shardings(config, mesh))
+    sizes = {s.name: _nbytes(tensors[s.name]) for spec in specs for s in spec.sources}
+    done, done_bytes = 0, 0
     flat = {}
     for spec in specs:
-        raw = [
-            jax.device_put(_read(tensors[s.name]).reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
-            for s in spec.sources
-        ]
+        raw = [_place(_read(tensors[s.name]).reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
+               for s in spec.sources]
         flat[spec.path] = _assembler(spec.fuse, dtype, shardings[spec.path])(raw)
         # Transfers are asynchronous: without this wait every raw tensor could be in flight at once,
         # doubling device memory; with it the extra is one parameter's raw copy.
         flat[spec.path].block_until_ready()
+        if on_loaded is not None:
+            done += len(spec.sources)
+            done_bytes += sum(sizes[s.name] for s in spec.sources)
+            on_loaded(done, len(sizes), done_bytes, sum(sizes.values()))
     return _nest(flat.items())
+
+
+def _place(tensor: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The mapped tensor on `sharding`'s devices, each of this process's devices given only its own slice.
+
+    Slicing the memory map reads only those bytes from the file, so with a mesh over several hosts each
+    process reads its own shards and no others (`jax.device_put` would refuse devices of other processes).
+    """
+    return jax.make_array_from_callback(tensor.shape, sharding, lambda index: np.asarray(tensor[index]))
 
 
 def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
@@ -376,6 +398,10 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
         for name, entry in header.items()
         if name != "__metadata__"
     }
+
+
+def _nbytes(info: TensorInfo) -> int:
+    return math.prod(info.shape) * SAFETENSORS_DTYPES[info.dtype].itemsize
 
 
 def _read(info: TensorInfo) -> np.ndarray:

@@ -14,8 +14,12 @@ from __future__ import annotations
 import logging
 
 from serving.http.factory import create_app, load_engine
-from serving.http.options import from_environment
+from serving.http.options import OptionError, from_environment
 
 launch = from_environment()
+if launch.proxy_url is not None or launch.dp != 1:
+    # Both need the CLI's own process: it registers with the proxy, or starts the replicas.
+    raise OptionError("XLSERVE_PROXY_URL and XLSERVE_DP need `xlserve serve api_server`; under Hypercorn, add the "
+                      "server to a proxy with POST /nodes/add or its --node-file")
 logging.basicConfig(level=launch.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 app = create_app(load_engine(launch), launch.settings)

@@ -277,7 +277,7 @@ def test_a_busy_session_refuses_a_second_request_and_cancel_stops_the_turn(
 def test_bad_requests_get_openai_errors(http_server: LiveServer) -> None:
     cases = [
         ({"prompt": 5}, "prompt"),
-        ({"prompt": "hi", "session_id": "1"}, "session_id"),
+        ({"prompt": "hi", "session_id": "one"}, "session_id"),
         ({"prompt": "hi", "temperature": "hot"}, "temperature"),
         ({"prompt": "hi", "session_id": -2}, "session_id"),
         ({"prompt": "hi", "request_output_len": -1}, "request_output_len"),
@@ -380,6 +380,10 @@ def test_the_api_client_sends_its_key(small_cache: LiveServer) -> None:
         [answer] = client.chat_interactive_v1("hi", session_id=3, interactive_mode=True, request_output_len=2)
         assert answer["tokens"] >= 1
         assert client.end_session(3)["history_tokens"] == answer["input_tokens"] + answer["tokens"]
-    with APIClient(small_cache.base_url) as keyless, pytest.raises(APIClientError) as refused:
+    with APIClient(small_cache.base_url) as keyless:
+        [refused] = keyless.chat_interactive_v1("hi")
+        assert refused["error"]["code"] == "invalid_api_key"
+        assert keyless.available_models is None
+    with APIClient(small_cache.base_url, raise_errors=True) as keyless, pytest.raises(APIClientError) as raised:
         list(keyless.chat_interactive_v1("hi"))
-    assert refused.value.status == 401 and refused.value.code == "invalid_api_key"
+    assert raised.value.status == 401 and raised.value.code == "invalid_api_key"

@@ -1,7 +1,7 @@
 """The documented layering holds (docs/architecture.md): every import of our own code, at module level or
 inside a function, goes down the layers, and no two layers import each other.
 
-    http (serving/http, serving/cli.py, serving/app.py)  ->  text, engine, offline
+    http (serving/http, serving/proxy, serving/cli.py, serving/app.py)  ->  text, engine, offline
     offline (serving/offline.py: pipeline())              ->  text, engine, model (its source)
     text (serving/text)                                   ->  request
     engine (serving/engine)                               ->  request, model, xlkernels, configs
@@ -42,8 +42,8 @@ def layer(module: str) -> str:
     if parts[0] != "serving":
         return parts[0]
     rest = parts[1] if len(parts) > 1 else "__init__"
-    return {"http": "http", "cli": "http", "app": "http", "engine": "engine", "text": "text", "offline": "offline",
-            "request": "request", "client": "client", "__init__": "root"}[rest]
+    return {"http": "http", "proxy": "http", "cli": "http", "app": "http", "engine": "engine", "text": "text",
+            "offline": "offline", "request": "request", "client": "client", "__init__": "root"}[rest]
 
 
 def own_imports(path: Path) -> set[str]:

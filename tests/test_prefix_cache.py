@@ -17,7 +17,8 @@ import pytest
 from serving import GenerationConfig
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
-from serving.engine.pages import ROOT_KEY, OutOfPages, PageAllocator, PageContent, page_key
+from serving.engine.page_hash import ROOT_KEY, page_key, page_keys
+from serving.engine.pages import OutOfPages, PageAllocator, PageContent
 from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
 PAGE = 16
@@ -151,6 +152,19 @@ def test_a_repeated_prompt_reuses_its_full_pages_and_computes_only_the_rest(engi
     assert (cold_cached, warm_cached) == (0, 48)
     assert engine.stats().prompt_tokens_computed - computed == 53 - 48
     assert warm == cold
+
+
+def test_page_keys_names_the_pages_the_engine_registers(engine):
+    """The proxy's cache-aware routing names a prompt's pages with `page_keys`: they must be the
+    names under which the engine's prefix cache holds them."""
+    prompt = random_prompt(53, seed=8)  # 3 full pages + 5 tokens
+    run(engine, [prompt])
+    keys = page_keys(prompt, PAGE)
+    assert len(keys) == 3
+    for index, key in enumerate(keys):
+        parent = keys[index - 1] if index else ROOT_KEY
+        content = PageContent(parent, tuple(prompt[index * PAGE : (index + 1) * PAGE]))
+        assert engine.allocator.lookup(key, content) is not None, f"page {index} is not cached under its key"
 
 
 def test_a_page_aligned_prompt_still_computes_its_last_token(engine):

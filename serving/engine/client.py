@@ -13,6 +13,7 @@ from typing import Protocol
 
 from model.config import ModelConfig
 from serving.engine.config import EngineConfig
+from serving.engine.progress import StartupListener
 from serving.request import EngineOutput, EngineRequest, GenerationConfig
 from serving.text.tokenizer import Tokenizer
 
@@ -46,8 +47,10 @@ class EngineClient(Protocol):
     max_session_len: int
     max_batch_size: int
     page_size: int
+    dtype_name: str  # the serving dtype, e.g. "bfloat16"
     ready: bool
     compile_seconds: float
+    on_startup: StartupListener | None  # hears of start-up progress (serving.engine.progress)
     step_listeners: list[Callable[[], None]]  # called after each engine step has reported its outputs
     # time.monotonic() when the engine last showed progress: a loop turn, which an idle engine still
     # makes about once a second. Standing still while requests wait means the engine is stuck.

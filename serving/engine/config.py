@@ -139,6 +139,12 @@ class EngineConfig:
     # JAX's persistent compilation cache (serving/engine/compile_cache.py): auto (a per-user directory
     # on accelerators, off on CPU), off, or a directory
     compilation_cache_dir: str = "auto"
+    # Several hosts (serving/engine/multihost.py): unset ones come from LeaderWorkerSet's or JAX's variables
+    nnodes: int | None = None
+    node_rank: int | None = None
+    dist_init_addr: str | None = None  # HOST:PORT of rank 0's JAX coordinator; its plan channel is PORT + 1
+    dist_timeout: float = 15.0  # seconds of silence after which a peer is lost and every process exits
+    dist_init_timeout: float = 300.0  # seconds to wait for every process to join
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -43,7 +43,9 @@ from model.sharding import make_mesh
 from serving.engine.client import EngineStats
 from serving.engine.compile_cache import enable_compilation_cache
 from serving.engine.config import EngineConfig
+from serving.engine.multihost import PeerLost, PlanBroadcaster, exit_after_grace, join, resolve_group
 from serving.engine.pages import PageAllocator
+from serving.engine.progress import StartupListener, buckets_reporter, weights_reporter
 from serving.engine.runner import ModelRunner
 from serving.engine.scheduler import Chunk, Scheduler
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
@@ -154,9 +156,12 @@ class Engine:
         self._step_failures = 0
         self.fault_hook: Callable[[list[Chunk]], None] | None = None  # tests only; see the module docstring
         self.timeline: list[TurnRecord] | None = None  # see the module docstring
+        self.on_startup: StartupListener | None = None  # hears of each bucket `start` compiles
         # Called on the engine thread after each loop turn has reported its outputs, and once more as
         # the thread ends: a consumer whose sinks only buffer wakes its reader once per step, not per token.
         self.step_listeners: list[Callable[[], None]] = []
+        # Several hosts: the leader sends each step's plan to the followers before running it (`multihost`).
+        self.plan: PlanBroadcaster | None = None
 
         self.buckets = self.engine_config.buckets(self.platform)
         self.max_batch_size = self.buckets.max_decode_batch
@@ -177,8 +182,10 @@ class Engine:
         )
 
     @classmethod
-    def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None) -> Engine:
-        """Load a local Hugging Face checkpoint directory (None: the built-in demo model)."""
+    def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None,
+                        on_startup: StartupListener | None = None) -> Engine:
+        """Load a local Hugging Face checkpoint directory (None: the built-in demo model). `on_startup`
+        hears of each tensor loaded, and later of each bucket `start` compiles (serving.engine.progress)."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
@@ -189,6 +196,10 @@ class Engine:
                 "model.source.resolve_model first)"
             )
         config = config or EngineConfig()
+        group = resolve_group(config.nnodes, config.node_rank, config.dist_init_addr, config.dist_timeout,
+                              config.dist_init_timeout)
+        if group is not None:
+            join(group)  # before anything touches JAX: the devices of every host then make one mesh
         model_config = ModelConfig.from_pretrained(model_path)
         tokenizer = Tokenizer.from_pretrained(model_path)
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
@@ -197,8 +208,13 @@ class Engine:
             logger.warning("load_format=dummy: serving RANDOM weights at %s's shapes (benchmarks only)", model_path)
             params = init_random_params(model_config, dtype, config.seed, mesh)
         else:
-            params = load_params(model_path, model_config, dtype, mesh)
-        return cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
+            params = load_params(model_path, model_config, dtype, mesh, on_loaded=weights_reporter(on_startup))
+        engine = cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
+        engine.on_startup = on_startup
+        if group is not None and group.is_leader:
+            engine.plan = PlanBroadcaster(group)  # listening already: followers may connect while it compiles
+            engine.plan.on_lost = engine._lose_follower
+        return engine
 
     # ----- set-up -----------------------------------------------------------------------------------
     def _num_pages(self, pages_per_seq: int) -> int:
@@ -215,21 +231,31 @@ class Engine:
             budget = free * cfg.cache_max_entry_count
         useful = self.max_batch_size * pages_per_seq + 1  # more could never be used at once
         pages = min(int(budget // page_bytes), useful)
+        if jax.process_count() > 1:  # every host must build the same cache: the smallest one's
+            from jax.experimental import multihost_utils
+
+            pages = int(multihost_utils.process_allgather(np.int64(pages)).min())
         if pages < 2:
             raise MemoryError(f"KV cache budget of {budget / 2**20:.0f} MiB holds fewer than 2 pages")
         return pages
 
     def start(self) -> None:
         """Compile every bucket, then start the engine thread. Returns when the engine is ready."""
-        CompilationCounter.install()
-        self.compile_seconds = self.runner.compile_all()
-        logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
-        self._compilations_at_warmup = CompilationCounter.count()
+        self.warm_up()
+        if self.plan is not None:
+            self.plan.accept()
         self._thread = threading.Thread(target=self._loop, name="xlserve-engine", daemon=True)
         self.heartbeat = time.monotonic()
         self._accepting = True
         self._thread.start()
         self.ready = True
+
+    def warm_up(self) -> None:
+        """Compile every bucket; compilations from here on count as after warm-up."""
+        CompilationCounter.install()
+        self.compile_seconds = self.runner.compile_all(on_compiled=buckets_reporter(self.on_startup))
+        logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
+        self._compilations_at_warmup = CompilationCounter.count()
 
     def shutdown(self) -> None:
         self.ready = False
@@ -237,10 +263,25 @@ class Engine:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.plan is not None:
+            self.plan.close()
+
+    def _lose_follower(self, why: str) -> None:
+        """A follower is gone: the group cannot run another step (its collectives would wait forever), so
+        fail the probes now and end the process shortly (`multihost.exit_after_grace`)."""
+        self._error = PeerLost(why)
+        self.ready = False
+        with self._inbox_lock:
+            self._accepting = False
+        exit_after_grace(why)
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def dtype_name(self) -> str:
+        return jnp.dtype(self.dtype).name
 
     @property
     def error(self) -> BaseException | None:
@@ -420,13 +461,18 @@ class Engine:
         dispatched = []
         if decode:
             rows = self.buckets.decode_bucket(len(decode))
-            dispatched.append((decode, self.runner.run(decode, rows, 1)))
+            dispatched.append((decode, self._run(decode, rows, 1)))
         if prefill:
             shape = self.buckets.prefill_bucket(len(prefill), max(c.length for c in prefill),
                                                 sum(c.length for c in prefill))
             assert shape is not None, "the scheduler only plans chunks that fit a bucket"
-            dispatched.append((prefill, self.runner.run(prefill, *shape)))
+            dispatched.append((prefill, self._run(prefill, *shape)))
         return dispatched
+
+    def _run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> jax.Array:
+        if self.plan is not None:
+            self.plan.send_step(chunks, rows, tokens, packed)
+        return self.runner.run(chunks, rows, tokens, packed)
 
     def _read_back(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
         """Read a dispatched step's tokens and report what they did to each sequence."""

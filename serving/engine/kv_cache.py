@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from serving.engine.pages import ROOT_KEY, OutOfPages, PageAllocator, PageContent, page_key
+from serving.engine.page_hash import ROOT_KEY, page_key
+from serving.engine.pages import OutOfPages, PageAllocator, PageContent
 
 
 @dataclass(eq=False)

@@ -8,8 +8,9 @@ itself.
 
 The child is spawned (JAX is not fork-safe) and builds the engine with `Engine.from_pretrained`. Two
 pipes join the processes. Commands go down: add, abort, end a session, profile, start, shutdown.
-Events come up: the engine's facts once it is built, ready or failed, and per engine step one message
-with every output of the step and the engine's `EngineStats` after it. The parent's reader thread hands
+Events come up: start-up progress (serving.engine.progress), the engine's facts once it is built, ready
+or failed, and per engine step one message with every output of the step and the engine's `EngineStats`
+after it. The parent's reader thread hands
 each output to its request's sink and then calls the step listeners, so an HTTP handler sees what an
 in-process engine would show it. The parent never initialises a JAX backend, so the child gets the
 whole accelerator.
@@ -45,6 +46,7 @@ from typing import Any
 from model.config import ModelConfig
 from serving.engine.client import EngineStats
 from serving.engine.config import EngineConfig
+from serving.engine.progress import StartupEvent, StartupListener
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.text.tokenizer import Tokenizer
 
@@ -65,13 +67,18 @@ class EngineFacts:
     max_session_len: int
     max_batch_size: int
     page_size: int
+    dtype_name: str
 
 
 class EngineProcess:
     """`Engine`'s server-facing calls, served by an engine in a child process."""
 
-    def __init__(self, model_path: str, config: EngineConfig, log_level: int | str = logging.WARNING):
+    def __init__(self, model_path: str, config: EngineConfig, log_level: int | str = logging.WARNING,
+                 on_startup: StartupListener | None = None):
+        """`on_startup` hears of the child's start-up progress, on this thread while the weights load and
+        on the reader thread while the buckets compile (serving.engine.progress)."""
         self.model_path = model_path
+        self.on_startup = on_startup
         self.engine_config = config
         self.model_config = ModelConfig.from_pretrained(model_path)
         self.tokenizer = Tokenizer.from_pretrained(model_path)
@@ -100,6 +107,9 @@ class EngineProcess:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         kind, payload = self._receive()  # the child loads the weights: as long as an in-process load
+        while kind == "progress":
+            self._report(payload)
+            kind, payload = self._receive()
         if kind != "built":
             self._process.join(timeout=SHUTDOWN_TIMEOUT_S)
             raise payload
@@ -110,6 +120,7 @@ class EngineProcess:
         self.max_session_len = facts.max_session_len
         self.max_batch_size = facts.max_batch_size
         self.page_size = facts.page_size
+        self.dtype_name = facts.dtype_name
         self._reader = threading.Thread(target=self._read_events, name="xlserve-engine-events", daemon=True)
         self._reader.start()
         self._writer = threading.Thread(target=self._write_commands, name="xlserve-engine-commands", daemon=True)
@@ -117,13 +128,14 @@ class EngineProcess:
 
     @classmethod
     def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None,
-                        log_level: int | str = logging.WARNING) -> EngineProcess:
+                        log_level: int | str = logging.WARNING,
+                        on_startup: StartupListener | None = None) -> EngineProcess:
         """As `Engine.from_pretrained`, with the engine in a child process (None: the built-in demo model)."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
             model_path = ensure_demo_checkpoint()
-        return cls(model_path, config or EngineConfig(), log_level)
+        return cls(model_path, config or EngineConfig(), log_level, on_startup)
 
     # ----- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -230,6 +242,8 @@ class EngineProcess:
                 if stats != self._stats_fields:  # first, so a caller woken by an output sees its effect
                     self._stats_fields, self._last_stats = stats, EngineStats(*stats)
                 self._deliver(outputs)
+            elif kind == "progress":
+                self._report(payload)
             elif kind == "ready":
                 self.compile_seconds = payload
                 self.heartbeat = time.monotonic()  # serving starts now, not when the compile began
@@ -268,6 +282,13 @@ class EngineProcess:
                 _call(entry[1], output)
         self._notify()
 
+    def _report(self, event: StartupEvent) -> None:
+        if self.on_startup is not None:
+            try:
+                self.on_startup(event)
+            except Exception:  # a broken display must not stop the start
+                logger.exception("the start-up listener failed")
+
     def _notify(self) -> None:
         for listener in tuple(self.step_listeners):
             try:
@@ -300,11 +321,12 @@ def run_engine_process(model_path: str, config: EngineConfig, commands: Connecti
             events.send(message)
 
     try:
-        engine = Engine.from_pretrained(model_path, config)
+        engine = Engine.from_pretrained(model_path, config, on_startup=lambda event: send(("progress", event)))
     except BaseException as error:
         send(("failed", _portable(error)))
         return
-    facts = EngineFacts(engine.eos_token_ids, engine.max_session_len, engine.max_batch_size, engine.page_size)
+    facts = EngineFacts(engine.eos_token_ids, engine.max_session_len, engine.max_batch_size, engine.page_size,
+                        engine.dtype_name)
     send(("built", (facts, _stats_fields(engine))))
     report = _StepReport(engine, send)
     engine.step_listeners.append(report)
@@ -373,8 +395,9 @@ def _serve_commands(engine: Any, commands: Connection, send: Callable[[tuple], N
             try:
                 engine.submit(request, lambda output, key=key: step_outputs.append(_compact(key, output)))
             except RuntimeError as error:  # the engine thread just ended: answer this one request here
-                send(("outputs", [_compact(key, EngineOutput(request.request_id, finished=True,
-                                                             finish_reason=FinishReason.ERROR, error=str(error)))]))
+                failed = EngineOutput(request.request_id, finished=True, finish_reason=FinishReason.ERROR,
+                                      error=str(error))
+                send(("outputs", ([_compact(key, failed)], _stats_fields(engine))))
         elif command == "abort":
             engine.abort(*args)
         elif command == "end_session":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -226,8 +227,10 @@ class ModelRunner:
                                donate_argnums=(4,))  # last_tokens
 
     # ----- start-up ---------------------------------------------------------------------------------
-    def compile_all(self, progress: bool = True) -> float:
+    def compile_all(self, progress: bool = True,
+                    on_compiled: Callable[[int, int, str, float], None] | None = None) -> float:
         """Compile every bucket shape by running it once on an all-padding batch; returns the seconds.
+        `on_compiled` is called after each program with its number, the count, its shape and its seconds.
 
         Running (rather than only lowering) fills the jitted functions' own caches, so serving calls
         them through JAX's C++ dispatch path, several milliseconds a step cheaper than calling compiled
@@ -242,6 +245,7 @@ class ModelRunner:
         start = time.perf_counter()
         sampler_rows = set()
         for i, ((rows, tokens, packed), shared_prefix) in enumerate(programs, 1):
+            began = time.perf_counter()
             token_ids, row_table, ints, floats, _ = self._inputs([], rows, tokens)
             run_step = self._shared_step if shared_prefix else self._step
             self.cache, self.seen, logits, seen_rows = run_step(
@@ -253,6 +257,9 @@ class ModelRunner:
                     _, self.last_tokens = self._sample(logits, ints, floats, seen_rows, self.last_tokens,
                                                        row_table, mode)
             jax.block_until_ready(self.last_tokens)
+            if on_compiled is not None:
+                on_compiled(i, len(programs), f"[{rows} x {tokens}]{' shared-prefix' if shared_prefix else ''}",
+                            time.perf_counter() - began)
             if progress:
                 logger.info("compiled step %d/%d [%d x %d]%s%s (%.1fs)", i, len(programs), rows, tokens,
                             f" packed to {packed} tokens" if _packed(rows, tokens, packed) else "",

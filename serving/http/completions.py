@@ -17,7 +17,7 @@ from serving.http.choices import cached_prompt_tokens, fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
 from serving.http.openapi import streams
-from serving.http.params import check_context_length, generation_config, prompt_too_long
+from serving.http.params import fit_context_length, generation_config, prompt_too_long
 from serving.http.prompts import completion_prompt_chars, completion_prompt_ids
 from serving.http.protocol import (
     MAX_N,
@@ -49,7 +49,8 @@ async def completions() -> Response | dict[str, Any]:
     """Create a completion.
 
     Each prompt (a string, or token ids) gets `n` choices; prompt p's choice i has index p*n+i. With
-    `stream: true` the answer is `text/event-stream`: `data: {CompletionResponse}` chunks, an optional
+    `stream: true` the answer is `text/event-stream`: `data: {CompletionResponse}` chunks (each choice's
+last with empty text and its finish_reason), an optional
     usage chunk (`stream_options.include_usage`), then `data: [DONE]`.
     """
     body = await read_body(CompletionRequest)
@@ -66,7 +67,9 @@ async def completions() -> Response | dict[str, Any]:
     if len(prompts) * (body.n or 1) > MAX_N:
         raise APIError(400, f"at most {MAX_N} choices per request (prompts × n)", param="n")
     config = generation_config(body, state.generation_defaults)
-    check_context_length(prompts, config.max_new_tokens, engine.max_session_len, "prompt")
+    config.max_new_tokens = fit_context_length(
+        prompts, config.max_new_tokens, engine.max_session_len, "prompt", state.settings.strict_context_length
+    )
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     requests = fan_out(engine, prompts, config, body.n or 1, completion_id, state.settings.max_log_len)
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
@@ -116,9 +119,9 @@ async def _chunks(
         async for index, delta in deltas:
             completion_tokens[index] = delta.num_completion_tokens
             cached_tokens[index] = delta.num_cached_tokens
-            if delta.finished:
-                yield chunk([CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)])
-            elif delta.text:
+            if delta.text:
                 yield text_events(index, delta.text)
+            if delta.finished:  # in a chunk of its own, as chat's and /generate's streams end a choice
+                yield chunk([CompletionChoice(index=index, text="", finish_reason=delta.finish_reason)])
     if include_usage:
         yield chunk([], Usage.of(prompt_tokens, sum(completion_tokens), cached_prompt_tokens(cached_tokens, n)))

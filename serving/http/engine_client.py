@@ -225,6 +225,7 @@ async def collect(deltas: AsyncGenerator[tuple[int, TextDelta], None], num_choic
         async for index, delta in deltas:
             result = results[index]
             result.text += delta.text
+            result.token_ids += delta.token_ids
             result.num_completion_tokens = delta.num_completion_tokens
             result.num_cached_tokens = delta.num_cached_tokens
             if delta.finished:
@@ -237,6 +238,7 @@ class ChoiceResult:
     """A finished choice, for answers that are not streamed."""
 
     text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     num_completion_tokens: int = 0
     num_cached_tokens: int = 0

@@ -1,4 +1,5 @@
-"""Every error the server sends, in OpenAI's envelope: `{"error": {message, type, param, code}}`.
+"""Every error the server sends, in OpenAI's envelope: `{"error": {message, type, param, code}}`; on the
+Anthropic Messages routes (`/v1/messages...`) in Anthropic's: `{"type": "error", "error": {type, message}}`.
 
 Clients (the openai SDK, LangChain, Open WebUI) parse this body to show the reason, so no route may
 answer a bare HTML page or a `{"detail": ...}`. Routes raise `APIError`; everything else that escapes a
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from serving.request import InvalidRequestError
@@ -57,8 +58,12 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def anthropic_body(self) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": anthropic_error_type(self.status), "message": self.message}}
+
     def response(self) -> Response:
-        response = jsonify(self.body())
+        anthropic = has_request_context() and request.path.startswith(ANTHROPIC_PREFIX)
+        response = jsonify(self.anthropic_body() if anthropic else self.body())
         response.status_code = self.status
         response.headers.update(self.headers)
         if self.status == 401:
@@ -76,6 +81,23 @@ def server_shutting_down() -> APIError:
     # Connection: close, so a client's retry opens a new connection (perhaps to another pod).
     error.headers["Connection"] = "close"
     return error
+
+
+ANTHROPIC_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's `error.type` for a status."""
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
 
 
 def error_type(status: int) -> str:

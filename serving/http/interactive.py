@@ -36,7 +36,7 @@ from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
 from serving.http.openapi import ndjson_stream
 from serving.http.prompts import messages_chars
-from serving.http.protocol import MAX_MESSAGES, ChatMessage, ErrorResponse, Stop
+from serving.http.protocol import MAX_MESSAGES, ChatMessage, ErrorResponse, Stop, lax
 from serving.http.sessions import Session, Turn, turn_tokens
 from serving.http.sse import ndjson_response
 from serving.http.state import ServerState, server_state
@@ -51,7 +51,8 @@ CANCEL_WAIT_S = 10.0
 
 
 class InteractiveRequest(BaseModel):
-    # As the OpenAI routes: strict types, unknown fields ignored, null accepted for every option.
+    # As the OpenAI routes: strict types (booleans and numbers also spelled as strings, `protocol.lax`),
+    # unknown fields ignored, null accepted for every option.
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     # The branch tags are ones error paths leave out (protocol.UNION_TAGS): `prompt[0].role`, not `prompt.parts[0]...`
@@ -60,28 +61,28 @@ class InteractiveRequest(BaseModel):
         | Annotated[list[ChatMessage], Tag("parts"), Field(min_length=1, max_length=MAX_MESSAGES)],
         Discriminator(lambda v: "string" if isinstance(v, str) else "parts"),
     ] = Field(description="A user message, or a list of chat messages (the new turns, or a whole conversation).")
-    session_id: int | None = Field(
-        ONE_OFF_SESSION, ge=-1, le=MAX_SEED, description="The session's id; -1 is a one-off request, never kept."
+    session_id: lax(int, ge=-1, le=MAX_SEED) | None = Field(
+        ONE_OFF_SESSION, description="The session's id; -1 is a one-off request, never kept."
     )
-    interactive_mode: bool | None = Field(
+    interactive_mode: lax(bool) | None = Field(
         False, description="true: keep the history for the next turn; false: end the session after this turn."
     )
-    stream: bool | None = Field(False, description="Answer as NDJSON lines, one per piece of text.")
+    stream: lax(bool) | None = Field(False, description="Answer as NDJSON lines, one per piece of text.")
     stop: Stop | None = Field(None, description="Strings that end the answer (not included in the text).")
-    request_output_len: int | None = Field(
-        None, ge=0, le=MAX_INT32, description="Most tokens to generate; null means up to the session length."
+    request_output_len: lax(int, ge=0, le=MAX_INT32) | None = Field(
+        None, description="Most tokens to generate; null means up to the session length."
     )
-    top_p: float | None = Field(0.8, gt=0, le=1)
-    top_k: int | None = Field(40, ge=0, le=MAX_INT32, description="0 switches top-k off.")
-    temperature: float | None = Field(0.8, ge=0, le=2, description="0 is greedy.")
-    repetition_penalty: float | None = Field(1.0, gt=0, le=10)
-    min_p: float | None = Field(0.0, ge=0, le=1)
-    min_new_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    ignore_eos: bool | None = False
-    skip_special_tokens: bool | None = True
-    spaces_between_special_tokens: bool | None = True
-    cancel: bool | None = Field(False, description="Abort the session's running turn.")
+    top_p: lax(float, gt=0, le=1) | None = 0.8
+    top_k: lax(int, ge=0, le=MAX_INT32) | None = Field(40, description="0 switches top-k off.")
+    temperature: lax(float, ge=0, le=2) | None = Field(0.8, description="0 is greedy.")
+    repetition_penalty: lax(float, gt=0, le=10) | None = 1.0
+    min_p: lax(float, ge=0, le=1) | None = 0.0
+    min_new_tokens: lax(int, ge=0, le=MAX_INT32) | None = None
+    seed: lax(int, ge=0, le=MAX_SEED) | None = None
+    ignore_eos: lax(bool) | None = False
+    skip_special_tokens: lax(bool) | None = True
+    spaces_between_special_tokens: lax(bool) | None = True
+    cancel: lax(bool) | None = Field(False, description="Abort the session's running turn.")
     adapter_name: str | None = Field(None, description="Not supported (no LoRA adapters): only null.")
     image_url: str | list[str] | None = Field(None, description="Not supported (text only): only null.")
 

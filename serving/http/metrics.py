@@ -169,6 +169,18 @@ class _LiveState:
             "Fraction of KV-cache pages in use (1 = full).",
             stats.num_pages_used / max(stats.num_pages_total, 1),
         )
+        # vLLM's info gauge, by which the Gateway API Inference Extension (llm-d) sizes its prefix-cache
+        # scorer and our proxy learns a node's page size; vLLM's label values are strings.
+        config_info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "KV-cache configuration: page size in tokens, usable pages, whether prefix caching is on.",
+            labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"],
+        )
+        prefix_caching = self.engine.engine_config.enable_prefix_caching
+        config_info.add_metric(
+            [self.model_name, str(self.engine.page_size), str(stats.num_pages_total), str(prefix_caching)], 1
+        )
+        yield config_info
         yield counter("vllm:num_preemptions", "Sequences preempted for lack of KV pages.", stats.num_preemptions)
         # vllm:prompt_tokens counts every prompt token; this, only those not taken from the cache.
         yield counter(

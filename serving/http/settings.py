@@ -35,6 +35,8 @@ class ServerSettings:
     chat_template: ChatTemplate | None = None  # replaces the tokenizer's own (--chat-template)
     tool_call_parser: str | None = None  # the model's tool call format; None: requests with tools get 400
     reasoning_parser: str | None = None  # splits <think> reasoning into reasoning_content
+    # max_tokens past the room the prompt leaves: 400 (OpenAI) rather than run to the session length (LMDeploy)
+    strict_context_length: bool = False
     max_log_len: int | None = None  # characters of a prompt written to the INFO log; None: all
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_concurrent_requests: int | None = None  # choices generating at once; None: see state.default_max_running
@@ -46,6 +48,8 @@ class ServerSettings:
     # The CLI runs the engine in a child process (serving.engine.process), so HTTP work never holds
     # the engine's GIL; off: on a thread of the server process, as `create_app` callers do
     engine_process: bool = True
+    webui: bool = True  # the chat page at /chat (--no-webui: off)
+    chat_at_root: bool = False  # GET / redirects to /chat, and Swagger UI moves to /docs
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:
