@@ -117,8 +117,8 @@ class APIClient:
         **kwargs: Any,
     ) -> Iterator[dict[str, Any]]:
         """POST /v1/chat/completions (a string `messages` is one user message). Everything is sent as given:
-        the server applies `repetition_penalty`, `top_k`, `min_p` and `min_new_tokens`, and ignores
-        `presence_penalty` and `frequency_penalty`, as LMDeploy's does."""
+        the server applies `repetition_penalty`, `top_k`, `min_p` and `min_new_tokens`, and refuses non-zero
+        `presence_penalty`/`frequency_penalty` and a non-empty `logit_bias` with a 400 until it implements them."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         yield from self._post("/v1/chat/completions", _body(locals()), stream, sse=True)

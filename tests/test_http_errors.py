@@ -151,7 +151,7 @@ MALFORMED: list[tuple[str, str, str, bytes | None, dict[str, str], int, str | No
         chat(chat_template_kwargs={"tokenize": True}),
         JSON,
         400,
-        "chat_template_kwargs",
+        "chat_template_kwargs.tokenize",
     ),
     ("too many choices", "POST", COMPLETIONS, completion(prompt=["a"] * 20, n=8), JSON, 400, "n"),
     ("unknown model", "POST", CHAT, chat(model="gpt-4o"), JSON, 404, "model"),

@@ -52,6 +52,9 @@ class EngineClient(Protocol):
     compile_seconds: float
     on_startup: StartupListener | None  # hears of start-up progress (serving.engine.progress)
     step_listeners: list[Callable[[], None]]  # called after each engine step has reported its outputs
+    # time.monotonic() when the engine last showed progress: a loop turn, which an idle engine still
+    # makes about once a second. Standing still while requests wait means the engine is stuck.
+    heartbeat: float
 
     @property
     def alive(self) -> bool: ...
@@ -65,11 +68,11 @@ class EngineClient(Protocol):
 
     def submit(self, request: EngineRequest, sink: Sink) -> None: ...
 
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str) -> None: ...  # never blocks nor raises; nothing once the engine has ended
 
-    def end_session(self, session_id: str) -> None: ...
+    def end_session(self, session_id: str) -> None: ...  # likewise
 
-    def stats(self) -> EngineStats: ...
+    def stats(self) -> EngineStats: ...  # never waits for the engine: safe on an event loop
 
     def start_profile(self, directory: str) -> None: ...
 

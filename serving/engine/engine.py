@@ -141,6 +141,9 @@ class Engine:
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | tokenizer_eos
         self.ready = False
         self.compile_seconds = 0.0
+        # time.monotonic() of the loop's last turn (an idle loop turns every half second): a server that
+        # sees it stand still while it waits on the engine knows the engine is stuck (`EngineClient`).
+        self.heartbeat = time.monotonic()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -242,6 +245,7 @@ class Engine:
         if self.plan is not None:
             self.plan.accept()
         self._thread = threading.Thread(target=self._loop, name="xlserve-engine", daemon=True)
+        self.heartbeat = time.monotonic()
         self._accepting = True
         self._thread.start()
         self.ready = True
@@ -313,11 +317,13 @@ class Engine:
             self._inbox.put(("add", request, sink))
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id, None))
+        if self._accepting:  # an engine that has stopped holds nothing to abort
+            self._inbox.put(("abort", request_id, None))
 
     def end_session(self, session_id: str) -> None:
         """Unpin an interactive session's pages (they stay cached until evicted)."""
-        self._inbox.put(("end_session", session_id, None))
+        if self._accepting:
+            self._inbox.put(("end_session", session_id, None))
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -373,6 +379,7 @@ class Engine:
             self._end_step()
 
     def _end_step(self) -> None:
+        self.heartbeat = time.monotonic()
         for listener in tuple(self.step_listeners):  # a copy: another thread may add one meanwhile
             try:
                 listener()

@@ -4,9 +4,12 @@ Only the probes stay open (an orchestrator's probe should not carry a secret, an
 nothing), plus GET /metrics when the operator asks for it (`--public-metrics`) and the chat page's
 files (a browser opening a page sends no key; the API calls the page makes need one). The hook runs for
 every request, whatever route it matches (or none), so a new route is guarded without anyone
-remembering to guard it (`tests/test_http_guarded.py` walks the URL map to prove it). Keys are
-compared as SHA-256 digests in constant time, so neither a key's length nor its prefix leaks
-through timing. The proxy (`serving.proxy.auth`) checks its two sets of keys with the same `KeyRing`.
+remembering to guard it (`tests/test_http_guarded.py` walks the URL map to prove it); WebSocket
+upgrades get the same hook. OPTIONS is no exception, except for a browser's CORS preflight when
+CORS is on (a preflight carries no credentials by design): otherwise its answer would tell anyone
+which routes exist. Keys are compared as SHA-256 digests in constant time, so neither a key's length
+nor its prefix leaks through timing.
+The proxy (`serving.proxy.auth`) checks its two sets of keys with the same `KeyRing`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
 
-from quart import Quart, request
+from quart import Quart, request, websocket
+from werkzeug.datastructures import Headers
 
 from serving.http.errors import APIError
 
@@ -56,10 +60,12 @@ def missing_key() -> APIError:
 
 
 def install_api_keys(
-    app: Quart, api_keys: Iterable[str], public_metrics: bool = False, open_paths: Iterable[str] = ()
+    app: Quart, api_keys: Iterable[str], public_metrics: bool = False, open_paths: Iterable[str] = (),
+    cors: bool = False,
 ) -> None:
     """Require a key on every path but the probes, /metrics with `public_metrics`, and `open_paths`
-    (pages a browser opens, which cannot carry a key, such as the chat page: not the API they call)."""
+    (pages a browser opens, which cannot carry a key, such as the chat page: not the API they call);
+    with `cors`, a browser's CORS preflight needs none either. WebSocket upgrades need one too."""
     keys = KeyRing(api_keys)
     if not keys:
         return
@@ -67,8 +73,16 @@ def install_api_keys(
 
     @app.before_request
     async def require_api_key() -> None:
-        # CORS preflights carry no credentials by design.
-        if request.method == "OPTIONS" or request.path in open_paths:
+        if request.path in open_paths or (cors and _is_preflight(request.method, request.headers)):
             return
         if not keys.admits(request.headers):
             raise missing_key()
+
+    @app.before_websocket
+    async def require_api_key_for_websocket() -> None:
+        if websocket.path not in open_paths and not keys.admits(websocket.headers):
+            raise missing_key()
+
+
+def _is_preflight(method: str, headers: Headers) -> bool:
+    return method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers

@@ -7,21 +7,22 @@ renders the template, plans the tools, fixes the generation config and claims th
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from serving.http.choices import fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, collect
-from serving.http.params import fit_context_length, generation_config
-from serving.http.prompts import ChatPrompt, chat_prompt
+from serving.http.params import fit_context_length, generation_config, prompt_too_long
+from serving.http.prompts import ChatPrompt, chat_prompt, messages_chars
 from serving.http.protocol import ChatCompletionRequest
 from serving.http.state import server_state
 from serving.http.tools import ToolPlan, plan_tools
 from serving.request import EngineRequest
 from serving.text.chat_output import ChatOutputParser, OutputEvent, collect_text
 from serving.text.reasoning import ReasoningParser, starts_in_reasoning
+from serving.text.tokenizer import PromptTooLong
 from serving.text.tool_parsers import ToolCall
 
 
@@ -44,15 +45,13 @@ async def render_chat(body: ChatCompletionRequest) -> tuple[ChatPrompt, ToolPlan
     state = server_state()
     state.require_ready()
     plan = plan_tools(body, state.settings.tool_call_parser)
-    prompt = await asyncio.to_thread(
-        chat_prompt,
-        state.engine.tokenizer,
-        body.messages,
-        body.chat_template_kwargs,
-        state.settings.chat_template,
-        plan.tools,
-        plan.call_prefix,
-    )
+    engine = state.engine
+    prepare = functools.partial(chat_prompt, engine.tokenizer, body.messages, body.chat_template_kwargs,
+                                state.settings.chat_template, plan.tools, plan.call_prefix, engine.max_session_len - 1)
+    try:
+        prompt = await state.prepare_prompt(messages_chars(body.messages), prepare)
+    except PromptTooLong as error:
+        raise prompt_too_long(error, engine.max_session_len, "messages") from None
     return prompt, plan
 
 

@@ -87,18 +87,20 @@ class _ChoiceRecord:
 async def generate(client: AsyncEngineClient,
                    requests: Sequence[EngineRequest]) -> AsyncGenerator[tuple[int, TextDelta], None]:
     """`AsyncEngineClient.generate` for the HTTP request being served: first its admission ticket (503
-    when it waited past its deadline for a slot), then the choices' text until its deadline (408)."""
+    when it waited past its deadline or first-token deadline for a slot), then the choices' text until
+    its deadlines (503 without a first token in time, 408 after the request timeout)."""
     exchange = current_exchange()
     loop = client.loop
     arrival = exchange.started if exchange is not None else loop.time()
     deadline = exchange.deadline if exchange is not None else None
+    first_token_deadline = exchange.first_token_deadline if exchange is not None else None
     ticket = exchange.ticket if exchange is not None else None
     records = [_ChoiceRecord(r) for r in requests]
     failure: APIError | None = None
     try:
         if ticket is not None:
-            await ticket.wait(deadline)
-        async with aclosing(client.generate(requests, deadline)) as deltas:
+            await ticket.wait(min((d for d in (deadline, first_token_deadline) if d is not None), default=None))
+        async with aclosing(client.generate(requests, deadline, first_token_deadline)) as deltas:
             async for index, delta in deltas:
                 record = records[index]
                 if delta.token_ids:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
@@ -17,8 +17,8 @@ from serving.http.choices import cached_prompt_tokens, fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
 from serving.http.openapi import streams
-from serving.http.params import fit_context_length, generation_config
-from serving.http.prompts import completion_prompt_ids
+from serving.http.params import fit_context_length, generation_config, prompt_too_long
+from serving.http.prompts import completion_prompt_chars, completion_prompt_ids
 from serving.http.protocol import (
     MAX_N,
     CompletionChoice,
@@ -30,6 +30,7 @@ from serving.http.protocol import (
 from serving.http.sse import TextEvents, sse_response
 from serving.http.state import server_state
 from serving.request import EngineRequest
+from serving.text.tokenizer import PromptTooLong
 
 blueprint = Blueprint("completions", __name__)
 
@@ -58,7 +59,11 @@ last with empty text and its finish_reason), an optional
     _refuse_unsupported(body)
     state.require_ready()
     engine = state.engine
-    prompts = await asyncio.to_thread(completion_prompt_ids, engine.tokenizer, body.prompt)
+    prepare = functools.partial(completion_prompt_ids, engine.tokenizer, body.prompt, engine.max_session_len - 1)
+    try:
+        prompts = await state.prepare_prompt(completion_prompt_chars(body.prompt), prepare)
+    except PromptTooLong as error:
+        raise prompt_too_long(error, engine.max_session_len, "prompt") from None
     if len(prompts) * (body.n or 1) > MAX_N:
         raise APIError(400, f"at most {MAX_N} choices per request (prompts × n)", param="n")
     config = generation_config(body, state.generation_defaults)

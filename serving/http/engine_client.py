@@ -4,8 +4,9 @@ The engine calls each request's sink on its own thread (or its process's reader 
 buffer the outputs, and the engine's step listener wakes this event loop once per step to deliver them
 (`_OutputRelay`). Text comes from the shared `RequestTracker` (detokenize, stop strings), as in
 `pipeline()`. Whatever ends the iteration (the last choice finishing, a client disconnect cancelling the
-handler, the deadline, an error), every request still running is aborted, so the engine frees its
-pages at once. HTTP's own concerns (admission, metrics, the access log) live in `choices`, around this.
+handler, the deadline, an error, `fail_all` when the engine is stuck), every request still running is
+aborted, so the engine frees its pages at once. HTTP's own concerns (admission, metrics, the access
+log) live in `choices`, around this.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 
 from serving.engine.client import EngineClient
-from serving.http.errors import APIError
+from serving.http.errors import APIError, unavailable
 from serving.request import EngineOutput, EngineRequest, FinishReason
 from serving.text.output import RequestFailed, RequestTracker, TextDelta
 
@@ -63,6 +64,18 @@ class _OutputRelay:
             queue.put_nowait(item)
 
 
+# Put in a generation's queue to wake it when `AsyncEngineClient.fail_all` has failed it.
+_WAKE_UP: tuple[int, EngineOutput | None] = (-1, None)
+
+
+def first_token_timeout_error() -> APIError:
+    return unavailable(
+        "no token was generated within the server's first-token timeout (--first-token-timeout); the server is "
+        "overloaded or its engine is stuck",
+        "first_token_timeout",
+    )
+
+
 def request_timeout_error() -> APIError:
     # x-should-retry: the openai SDK would otherwise retry a 408, which would only time out again.
     return APIError(
@@ -81,31 +94,53 @@ class AsyncEngineClient:
         self.loop = loop
         self._relay = _OutputRelay(loop)
         engine.step_listeners.append(self._relay.flush)
+        self._running: set[_Generation] = set()  # generations waiting on the engine
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request waits on the engine (so an engine that stands still is stuck, not idle)."""
+        return bool(self._running)
+
+    def fail_all(self, error: APIError) -> None:
+        """End every generation waiting on the engine with `error` (each aborts its engine requests)."""
+        for generation in self._running:
+            generation.fail(error)
 
     def close(self) -> None:
         """Stop listening to the engine's steps (the event loop is going away)."""
         if self._relay.flush in self.engine.step_listeners:
             self.engine.step_listeners.remove(self._relay.flush)
 
-    async def generate(self, requests: Sequence[EngineRequest],
-                       deadline: float | None = None) -> AsyncGenerator[tuple[int, TextDelta], None]:
+    async def generate(self, requests: Sequence[EngineRequest], deadline: float | None = None,
+                       first_token_deadline: float | None = None) -> AsyncGenerator[tuple[int, TextDelta], None]:
         """Yield `(choice index, TextDelta)` for every increment of every request, interleaved as produced.
 
-        Raises APIError 503 if the engine is not running or ends a request on its own (shutdown); 408
-        past the deadline (event-loop time); 500 if the engine fails a request.
+        Raises APIError 503 (with Retry-After) if the engine is not running, gives no output before
+        `first_token_deadline`, or is stuck (`fail_all`); 503 if it ends a request on its own (shutdown);
+        408 past the deadline (event-loop times); 500 if the engine fails a request.
         """
-        outputs: asyncio.Queue[tuple[int, EngineOutput]] = asyncio.Queue()
+        generation = _Generation()
+        outputs = generation.outputs
         tracker = RequestTracker(self.engine.tokenizer, list(requests))
         submitted = 0
+        self._running.add(generation)
         try:
             for index, request in enumerate(requests):
                 try:
                     self.engine.submit(request, self._relay.sink(outputs, index))
-                except RuntimeError as error:
-                    raise APIError(503, f"the engine is not running: {error}", code="engine_stopped") from error
+                except RuntimeError as error:  # it stopped after the route checked it was ready
+                    raise unavailable("the engine has stopped; see the server log", "engine_stopped") from error
                 submitted += 1
             while tracker.pending:
-                first = await _next_output(outputs, deadline, self.loop)
+                limit, timeout_error = deadline, request_timeout_error
+                if not generation.produced and first_token_deadline is not None and (
+                    deadline is None or first_token_deadline < deadline
+                ):
+                    limit, timeout_error = first_token_deadline, first_token_timeout_error
+                first = await _next_output(outputs, limit, timeout_error, self.loop)
+                if generation.failure is not None:
+                    raise generation.failure
+                generation.produced = True
                 for index, output in _with_queued(outputs, first):
                     try:
                         delta, to_abort = tracker.process(index, output)
@@ -119,24 +154,41 @@ class AsyncEngineClient:
                         self.engine.abort(to_abort)
                     yield index, delta
         finally:
+            self._running.discard(generation)
             for index in tracker.pending:
                 if index < submitted:
                     self.engine.abort(requests[index].request_id)
 
+
+@dataclasses.dataclass(eq=False)
+class _Generation:
+    """One `generate` call's outputs, and whether it has had any or been failed from outside."""
+
+    outputs: asyncio.Queue[tuple[int, EngineOutput]] = dataclasses.field(default_factory=asyncio.Queue)
+    produced: bool = False  # the engine has answered at least once
+    failure: APIError | None = None
+
+    def fail(self, error: APIError) -> None:
+        if self.failure is None:
+            self.failure = error
+            self.outputs.put_nowait(_WAKE_UP)
+
+
 async def _next_output(
-    outputs: asyncio.Queue[tuple[int, EngineOutput]], deadline: float | None, loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue[tuple[int, EngineOutput]], deadline: float | None, timeout_error: Callable[[], APIError],
+    loop: asyncio.AbstractEventLoop,
 ) -> tuple[int, EngineOutput]:
     # The timeout covers only this wait, never a `yield`: a timeout scope left open across a yield
     # would fire in whatever the consumer is awaiting (e.g. a slow client's socket) instead of here.
     if deadline is None:
         return await outputs.get()
     if loop.time() >= deadline:
-        raise request_timeout_error()
+        raise timeout_error()
     try:
         async with asyncio.timeout_at(deadline):
             return await outputs.get()
     except TimeoutError:
-        raise request_timeout_error() from None
+        raise timeout_error() from None
 
 
 def _with_queued(
@@ -152,6 +204,8 @@ def _with_queued(
     merged = dict([first])
     while not outputs.empty():
         index, output = outputs.get_nowait()
+        if index < 0:
+            continue  # a wake-up (`_Generation.fail`): the caller sees the failure on its next wait
         earlier = merged.get(index)
         if earlier is None:
             merged[index] = output

@@ -19,6 +19,11 @@ from serving.request import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
+# Seconds a client told to come back (503) is asked to wait. Slots free up as fast as requests finish
+# (typically well under a second), and the openai SDK honours the header, so a short wait keeps retries
+# cheap; behind a load balancer the retry may as well go to another replica.
+RETRY_AFTER_S = 1
+
 # The engine names options like LMDeploy; a client only knows the OpenAI field it sent.
 _OPENAI_PARAM_NAMES = {
     "max_new_tokens": "max_tokens",
@@ -64,6 +69,18 @@ class APIError(Exception):
         if self.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+
+def unavailable(message: str, code: str) -> APIError:
+    """A 503 the client may retry (here after `Retry-After`, or at once elsewhere): nothing was generated."""
+    return APIError(503, message, code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def server_shutting_down() -> APIError:
+    error = unavailable("the server is shutting down; send the request to another replica", "server_shutting_down")
+    # Connection: close, so a client's retry opens a new connection (perhaps to another pod).
+    error.headers["Connection"] = "close"
+    return error
 
 
 ANTHROPIC_PREFIX = "/v1/messages"

@@ -16,7 +16,7 @@ from serving.engine.process import EngineProcess
 from serving.engine.progress import StartupListener
 from serving.http import chat, completions, encode, generate, interactive, messages, responses, service
 from serving.http.auth import install_api_keys
-from serving.http.errors import install_error_handlers
+from serving.http.errors import APIError, install_error_handlers
 from serving.http.exchange import ExchangeMiddleware
 from serving.http.openapi import NamedSchemaProvider
 from serving.http.options import Launch
@@ -89,7 +89,14 @@ def create_app(engine: EngineClient, settings: ServerSettings) -> Quart:
 
     install_swagger_ui(app, "/docs" if settings.webui and settings.chat_at_root else "/")
     page_paths = install_webui(app, settings.chat_at_root) if settings.webui else frozenset()
-    install_api_keys(app, settings.api_keys, settings.public_metrics, open_paths=page_paths)
+    install_api_keys(app, settings.api_keys, settings.public_metrics, open_paths=page_paths,
+                     cors=bool(settings.allow_origins))
+
+    @app.before_websocket
+    async def refuse_websockets() -> None:  # after the key check: without a key, a 401 like any route's
+        raise APIError(400, "this server has no WebSocket routes; send plain HTTP requests",
+                       code="websocket_not_supported")
+
     if settings.allow_origins:
         # Imported only here: CORS is off unless asked for, and a server without it needs no quart-cors.
         from quart_cors import cors

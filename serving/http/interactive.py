@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -34,11 +35,13 @@ from serving.http.choices import fan_out, generate
 from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
 from serving.http.openapi import ndjson_stream
+from serving.http.prompts import messages_chars
 from serving.http.protocol import MAX_MESSAGES, ChatMessage, ErrorResponse, Stop, lax
 from serving.http.sessions import Session, Turn, turn_tokens
 from serving.http.sse import ndjson_response
 from serving.http.state import ServerState, server_state
 from serving.request import MAX_INT32, MAX_SEED, EngineRequest, GenerationConfig
+from serving.text.tokenizer import PromptTooLong
 
 blueprint = Blueprint("interactive", __name__)
 
@@ -195,11 +198,8 @@ class _Plan:
 
     prompt_ids: list[int]
     history_tokens: int
+    input_tokens: int  # this turn's tokens; a lower bound for a turn too long to tokenize in full
     full: bool  # no room in the session length for a single new token
-
-    @property
-    def input_tokens(self) -> int:
-        return len(self.prompt_ids) - self.history_tokens
 
 
 @dataclass
@@ -221,7 +221,8 @@ async def _start_turn(
         # gone before the stream began); in every other case the lines free it first, before the
         # client has read the end of the answer, so its next request never finds the session busy.
         asyncio.current_task().add_done_callback(lambda _: sessions.finish(session, turn))
-    plan = await asyncio.to_thread(_plan, state, body, session)
+    chars = len(body.prompt) if isinstance(body.prompt, str) else messages_chars(body.prompt)
+    plan = await state.prepare_prompt(chars, functools.partial(_plan, state, body, session))
     runs = not plan.full and body.request_output_len != 0
     request = _request(state, body, plan, session, turn) if runs else None
     return _turn_lines(state, body, plan, request, session, turn)
@@ -230,8 +231,13 @@ async def _start_turn(
 def _plan(state: ServerState, body: InteractiveRequest, session: Session | None) -> _Plan:
     messages = [ChatMessage(role="user", content=body.prompt)] if isinstance(body.prompt, str) else body.prompt
     history = session.history if session is not None else []
-    prompt_ids = history + turn_tokens(state.engine.tokenizer, session, messages, state.settings.chat_template)
-    return _Plan(prompt_ids, len(history), full=len(prompt_ids) >= state.engine.max_session_len)
+    session_len = state.engine.max_session_len
+    room = max(session_len - len(history) - 1, 0)  # the turn's tokens, leaving one for the answer
+    try:
+        turn = turn_tokens(state.engine.tokenizer, session, messages, state.settings.chat_template, room)
+    except PromptTooLong as error:
+        return _Plan(history, len(history), error.at_least, full=True)
+    return _Plan(history + turn, len(history), len(turn), full=len(history) + len(turn) >= session_len)
 
 
 def _request(
@@ -340,12 +346,12 @@ def _record(session: Session, plan: _Plan, outcome: _Outcome, request: EngineReq
 def _full_message(session_id: int, plan: _Plan, session_len: int) -> str:
     if session_id == ONE_OFF_SESSION:
         return (
-            f"the prompt has {plan.input_tokens} tokens, which leaves no room for an answer in the session length "
-            f"of {session_len}; send a shorter prompt"
+            f"the prompt has at least {plan.input_tokens} tokens, which leaves no room for an answer in the session "
+            f"length of {session_len}; send a shorter prompt"
         )
     return (
         f"session {session_id} is full: its {plan.history_tokens} tokens of history and this turn's "
-        f"{plan.input_tokens} leave no room for an answer in the session length of {session_len}. End it with "
+        f"{plan.input_tokens} or more leave no room for an answer in the session length of {session_len}. End it with "
         f'{{"session_id": {session_id}, "interactive_mode": false, "prompt": "", "request_output_len": 0}} '
         "and start a new conversation"
     )

@@ -19,7 +19,13 @@ from typing import Any, Literal
 
 from configs.demo import DEMO_MODEL_NAME
 from serving.engine.config import EngineConfig
-from serving.http.settings import DEFAULT_MAX_QUEUE_LEN, DEFAULT_MAX_REQUEST_BYTES, ServerSettings
+from serving.http.settings import (
+    DEFAULT_ENGINE_STALL_TIMEOUT,
+    DEFAULT_FIRST_TOKEN_TIMEOUT,
+    DEFAULT_MAX_QUEUE_LEN,
+    DEFAULT_MAX_REQUEST_BYTES,
+    ServerSettings,
+)
 from serving.text.reasoning import ALIASES as REASONING_ALIASES
 from serving.text.reasoning import REASONING_PARSERS, parser_name
 from serving.text.templates import ChatTemplate, resolve_chat_template
@@ -210,6 +216,23 @@ OPTIONS: tuple[Option, ...] = (
         "request_timeout",
         "Seconds a request may take from arrival to its last token; past it the request is aborted with a "
         "408 (or an error event in a stream). Default: no limit.",
+        type=float,
+    ),
+    Option(
+        "--first-token-timeout",
+        "server",
+        "first_token_timeout",
+        "Seconds a request may wait for its first token (queued, then prefilled); past it the request is "
+        f"aborted with a 503 the client may retry (default: {DEFAULT_FIRST_TOKEN_TIMEOUT:.0f}; 0: no limit).",
+        type=float,
+    ),
+    Option(
+        "--engine-stall-timeout",
+        "server",
+        "engine_stall_timeout",
+        "Seconds the engine may make no progress while requests wait on it; past it the engine counts as "
+        "stuck: /health and /v1/ready answer 503 and its requests fail with a 503 the client may retry, until "
+        f"it moves again (default: {DEFAULT_ENGINE_STALL_TIMEOUT:.0f}; 0: no watch).",
         type=float,
     ),
     Option(

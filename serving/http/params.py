@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from serving.http.errors import APIError
 from serving.http.protocol import SamplingFields
 from serving.request import GenerationConfig
+from serving.text.tokenizer import PromptTooLong
 
 OPENAI_DEFAULTS: dict[str, float | int] = {
     "temperature": 1.0,
@@ -75,3 +76,15 @@ def fit_context_length(
             )
     # The engine caps each choice at its own prompt's room; any count past the session length means the same.
     return None if requested is None else min(requested, session_len)
+
+
+def prompt_too_long(error: PromptTooLong, session_len: int, param: str) -> APIError:
+    """A prompt found too long before it was tokenized in full: a 400 as `fit_context_length`'s."""
+    return APIError(
+        400,
+        f"This model's maximum context length is {session_len} tokens. However, your {param} has more than "
+        f"{error.limit} tokens (at least {error.at_least}; it was not tokenized in full), leaving no room for "
+        f"the completion. Please reduce the length of the {param}.",
+        param=param,
+        code="context_length_exceeded",
+    )

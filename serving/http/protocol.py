@@ -8,6 +8,11 @@ openai SDK send fields this server has no use for (`user`, `parallel_tool_calls`
 also accept `null`, which several clients send instead of leaving a field out. The same models are the
 OpenAPI schemas.
 
+Fields that change what a request means but are not implemented yet (`logit_bias`, `response_format`,
+the penalties, vLLM's guided decoding, ...) are declared, so that any value other than the ones that
+change nothing is a 400 naming the field: a client that bans tokens or asks for JSON is told, not
+silently served something else (`UNSUPPORTED_FIELDS`).
+
 Fields that are a union of JSON shapes (`prompt`, `stop`, message `content`) pick their branch by the
 value's JSON type, so an error names only the shape the client meant; `UNION_TAGS` lists the branch
 names pydantic puts in an error's location, which the error formatter leaves out.
@@ -16,6 +21,7 @@ names pydantic puts in an error's location, which the error formatter leaves out
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -28,6 +34,7 @@ from pydantic import (
     GetJsonSchemaHandler,
     SerializerFunctionWrapHandler,
     Tag,
+    ValidationInfo,
     field_validator,
     model_serializer,
 )
@@ -96,6 +103,53 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+def _is(harmless: object) -> Callable[[Any], bool]:
+    return lambda value: value == harmless and type(value) is type(harmless)
+
+
+def _is_zero(value: Any) -> bool:
+    return type(value) in (int, float) and value == 0
+
+
+# Not implemented yet, each with the values that change nothing (besides null) and what to do instead.
+_SAMPLING_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "logit_bias": (_is({}), "leave it out"),
+    "presence_penalty": (_is_zero, "leave it out or send 0; repetition_penalty is supported"),
+    "frequency_penalty": (_is_zero, "leave it out or send 0; repetition_penalty is supported"),
+    "response_format": (_is({"type": "text"}), 'structured output is not supported; only {"type": "text"}'),
+    "min_tokens": (_is_zero, "min_new_tokens is supported"),
+    "bad_words": (_is([]), "leave it out"),
+    "allowed_token_ids": (_is([]), "leave it out"),
+    "guided_json": (_is(None), "structured output is not supported"),
+    "guided_regex": (_is(None), "structured output is not supported"),
+    "guided_choice": (_is(None), "structured output is not supported"),
+    "guided_grammar": (_is(None), "structured output is not supported"),
+    "structured_outputs": (_is(None), "structured output is not supported"),
+    "prompt_logprobs": (_is(None), "logprobs are not supported"),
+    "use_beam_search": (_is(False), "only sampling is supported"),
+    "truncate_prompt_tokens": (_is(None), "send the prompt you want read"),
+}
+_CHAT_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "functions": (_is([]), "use tools"),
+    "function_call": (_is(None), "use tools and tool_choice"),
+    "audio": (_is(None), "this server reads and writes text only"),
+    "modalities": (_is(["text"]), "this server writes text only"),
+    "web_search_options": (_is(None), "this server does not search the web"),
+}
+UNSUPPORTED_FIELDS = {**_SAMPLING_UNSUPPORTED, **_CHAT_UNSUPPORTED}
+
+
+def _unsupported() -> Any:
+    return Field(None, description="Not supported yet: only null or a value that changes nothing (else a 400).")
+
+
+def _refuse_unsupported(value: Any, info: ValidationInfo) -> Any:
+    harmless, instead = UNSUPPORTED_FIELDS[info.field_name]
+    if value is not None and not harmless(value):
+        raise ValueError(f"this server does not support {info.field_name} yet ({instead})")
+    return value
+
+
 class StreamOptions(_Request):
     include_usage: lax(bool) | None = Field(None, description="Send a last chunk with `usage` and no choices.")
 
@@ -135,6 +189,23 @@ class SamplingFields(_Request):
     spaces_between_special_tokens: lax(bool) | None = True
     include_stop_str_in_output: lax(bool) | None = False
     user: str | None = Field(None, description="Accepted and ignored.")
+    logit_bias: Any = _unsupported()
+    presence_penalty: Any = _unsupported()
+    frequency_penalty: Any = _unsupported()
+    response_format: Any = _unsupported()
+    min_tokens: Any = _unsupported()
+    bad_words: Any = _unsupported()
+    allowed_token_ids: Any = _unsupported()
+    guided_json: Any = _unsupported()
+    guided_regex: Any = _unsupported()
+    guided_choice: Any = _unsupported()
+    guided_grammar: Any = _unsupported()
+    structured_outputs: Any = _unsupported()
+    prompt_logprobs: Any = _unsupported()
+    use_beam_search: Any = _unsupported()
+    truncate_prompt_tokens: Any = _unsupported()
+
+    _refuse_unsupported = field_validator(*_SAMPLING_UNSUPPORTED)(_refuse_unsupported)
 
     @property
     def include_usage(self) -> bool:
@@ -230,6 +301,13 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = Field(None, description="false keeps only the first call.")
     logprobs: bool | None = Field(None, description="Not supported: only false or null.")
     top_logprobs: int | None = Field(None, description="Not supported: only 0 or null.")
+    functions: Any = _unsupported()
+    function_call: Any = _unsupported()
+    audio: Any = _unsupported()
+    modalities: Any = _unsupported()
+    web_search_options: Any = _unsupported()
+
+    _refuse_unsupported_chat = field_validator(*_CHAT_UNSUPPORTED)(_refuse_unsupported)
 
 
 PromptField = Annotated[

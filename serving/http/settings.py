@@ -13,6 +13,13 @@ from serving.text.templates import ChatTemplate
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # Choices that may wait for an admission slot before new requests get 503.
 DEFAULT_MAX_QUEUE_LEN = 1024
+# Seconds an engine with requests waiting on it may go without a loop turn before it counts as stuck.
+# A step takes milliseconds to a few seconds (a long prompt's prefill on a slow device), so two
+# minutes of silence is a hang (a deadlock, a wedged device), not a slow step.
+DEFAULT_ENGINE_STALL_TIMEOUT = 120.0
+# Seconds a request may wait for its first token (admission queue, engine queue, prefill): past that the
+# server is too overloaded or too stuck to serve it, and another replica is the better bet.
+DEFAULT_FIRST_TOKEN_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,8 @@ class ServerSettings:
     max_concurrent_requests: int | None = None  # choices generating at once; None: see state.default_max_running
     max_queue_len: int = DEFAULT_MAX_QUEUE_LEN  # choices waiting for a slot before 503
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
+    first_token_timeout: float = DEFAULT_FIRST_TOKEN_TIMEOUT  # seconds from arrival to the first token; 0: none
+    engine_stall_timeout: float = DEFAULT_ENGINE_STALL_TIMEOUT  # seconds without engine progress; 0: no watch
     profile_dir: str | None = None  # where POST /stop_profile writes traces; None: no profiling routes
     # The CLI runs the engine in a child process (serving.engine.process), so HTTP work never holds
     # the engine's GIL; off: on a thread of the server process, as `create_app` callers do
@@ -58,3 +67,5 @@ class ServerSettings:
               "must be at least 1")
         check(self.max_queue_len >= 0, "max_queue_len", "must be >= 0")
         check(self.request_timeout is None or self.request_timeout > 0, "request_timeout", "must be positive")
+        check(self.first_token_timeout >= 0, "first_token_timeout", "must be >= 0")
+        check(self.engine_stall_timeout >= 0, "engine_stall_timeout", "must be >= 0")

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import httpx
 from quart import Response
 
-from serving.http.admission import RETRY_AFTER_S
-from serving.http.errors import APIError
+from serving.http.errors import RETRY_AFTER_S, APIError
 from serving.http.exchange import ASGIApp
 from serving.http.sse import DONE, event, ndjson_line
 from serving.proxy.metrics import ProxyMetrics
