@@ -80,10 +80,12 @@ def ensure_demo_checkpoint(cache_dir: str | None = None) -> str:
     """Return the demo checkpoint directory, writing it first if it is not there yet.
 
     It lives in `<cache_dir>/demo-v<version>`, where `cache_dir` defaults to `$XLSERVE_CACHE_DIR`,
+    else `$XDG_CACHE_HOME/xlserve` (as the compilation cache; the image points it at its /cache volume),
     else `~/.cache/xlserve`. The files are written to a temporary directory that is then renamed into
     place, so a process never sees half a checkpoint, even when several start at once.
     """
-    root = Path(cache_dir or os.environ.get("XLSERVE_CACHE_DIR") or Path.home() / ".cache" / "xlserve")
+    user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    root = Path(cache_dir or os.environ.get("XLSERVE_CACHE_DIR") or Path(user_cache) / "xlserve")
     target = root / f"demo-v{DEMO_VERSION}"
     if _is_complete(target):
         return str(target)

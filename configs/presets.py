@@ -8,26 +8,27 @@ every power of two), prefill in one or four rows of 64 tokens (a longer prompt t
 step). A CPU prefill step costs what its tokens cost, padding included: 16 prompts of 64 tokens took
 1.2 s in [4 x 64] steps and 2.1 s in [4 x 128] (2 cores, quiet). Test: the fewest shapes that still
 exercise chunking, batching and padding, to keep the CI run short.
+
+Plain data: `serving.engine.config.preset_buckets` turns a preset into a `BucketSet`, so configs never
+import the engine.
 """
 
 from __future__ import annotations
 
-from serving.engine.config import BucketSet
-
-PRESETS: dict[str, BucketSet] = {
-    "gpu": BucketSet(
+PRESETS: dict[str, dict[str, object]] = {
+    "gpu": dict(
         decode_batch=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         prefill_rows=(1, 2, 4, 8, 16, 32),
         prefill_tokens=(64, 128, 256, 512, 1024, 2048, 4096, 8192),
         max_prefill_tokens=8192,
     ),
-    "cpu": BucketSet(
+    "cpu": dict(
         decode_batch=(1, 4, 16),
         prefill_rows=(1, 4),
         prefill_tokens=(64,),
         max_prefill_tokens=256,
     ),
-    "test": BucketSet(
+    "test": dict(
         decode_batch=(1, 2, 4, 8),
         prefill_rows=(1, 2, 4),
         prefill_tokens=(16, 32, 64),
@@ -35,11 +36,3 @@ PRESETS: dict[str, BucketSet] = {
     ),
 }
 
-
-def preset_buckets(name: str, platform: str) -> BucketSet:
-    """The named preset; `auto` picks `gpu` on accelerators and `cpu` elsewhere."""
-    if name == "auto":
-        name = "cpu" if platform == "cpu" else "gpu"
-    if name not in PRESETS:
-        raise ValueError(f"unknown bucket preset {name!r}; choose one of auto, {', '.join(PRESETS)}")
-    return PRESETS[name]

@@ -274,8 +274,10 @@ def _family(config: Json) -> str:
     architecture = architectures[0]
     if architecture not in ARCHITECTURES:
         shown = architecture or f"model_type={config.get('model_type')!r}"
+        # A checkpoint with modelling code of its own names it in auto_map: say so, as that code is never run.
+        shipped = ", whose modelling code ships with the checkpoint (auto_map)" if config.get("auto_map") else ""
         raise ValueError(
-            f"unsupported architecture {shown}: xlserve runs {', '.join(ARCHITECTURES)} for now "
+            f"unsupported architecture {shown}{shipped}: xlserve runs {', '.join(ARCHITECTURES)} for now "
             "(custom modelling code is never executed)"
         )
     return ARCHITECTURES[architecture]

@@ -140,6 +140,10 @@ class GGUFTensor:
     shape: tuple[int, ...]  # HF's order: GGUF lists dimensions fastest-varying first
     interleaved_heads: int | None = None  # a llama q/k projection's heads, whose rows llama.cpp interleaved
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.tensor.n_bytes)
+
     def read(self) -> np.ndarray:
         values = dequantize(self.tensor.data, self.tensor.tensor_type).reshape(self.shape)
         return values if self.interleaved_heads is None else _deinterleave_rotary(values, self.interleaved_heads)

@@ -13,6 +13,9 @@ Layers are separate modules with their own parameters (unrolled, not `lax.scan`)
 2.4x faster per decode step, because each layer's weights and cache are separate buffers XLA can
 stream and update in place.
 
+Each parameter's shape and initializer are read from its one declaration (model/loader.py's
+`param_specs`, through `declared_param`), which also gives its sharding and checkpoint source.
+
 Shapes use: B batch rows, T tokens per row, E embed, Hq query heads, Hkv KV heads, G = Hq/Hkv,
 D head_dim, F ffn, V vocab, P pages, PS page size.
 """
@@ -28,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
+from model.loader import INITIALIZERS, param_spec
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, make_mesh, shard_by_kv_head, sharding_for
 from xlkernels import get_paged_attention, write_kv_pages
@@ -87,28 +91,35 @@ def rope_tables(batch: AttentionBatch, config: ModelConfig) -> tuple[jax.Array, 
     return (jnp.cos(angles) * scaling)[:, :, None, :], (jnp.sin(angles) * scaling)[:, :, None, :]
 
 
+def declared_param(module: nn.Module, name: str) -> jax.Array:
+    """The parameter `name` of `module` (which has `config` and `dtype`), with the shape and initializer that
+    model/loader.py's `param_specs` declares for its path. Flax checks each parameter it is given against
+    that shape whenever the model is traced; the values come from the loader or `init_random_params`."""
+    spec = param_spec(module.config, "/".join((*module.path, name)))
+    return module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
+
+
 class RMSNorm(nn.Module):
-    eps: float
+    config: ModelConfig
     dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        return rms_norm(x, scale, self.eps)
+        return rms_norm(x, declared_param(self, "scale"), self.config.rms_norm_eps)
 
 
 class AddRMSNorm(nn.Module):
     """The residual add and the next branch's RMSNorm, one kernel on the Pallas backend (xlkernels.rms_norm).
     Same parameter ("scale") as RMSNorm, so checkpoints load either way."""
 
-    eps: float
+    config: ModelConfig
     dtype: jnp.dtype
     backend: str
 
     @nn.compact
     def __call__(self, x: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:  # (x + delta, normed)
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        return get_add_rms_norm(self.backend)(x, delta, scale, self.eps)
+        scale = declared_param(self, "scale")
+        return get_add_rms_norm(self.backend)(x, delta, scale, self.config.rms_norm_eps)
 
 
 class Attention(nn.Module):
@@ -123,19 +134,18 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, LayerCache]:
         cfg = self.config
         group, head_dim = cfg.q_per_kv, cfg.head_dim
-        init = nn.initializers.normal(0.02)
-        wqkv = self.param("wqkv", init, (cfg.hidden_size, cfg.num_kv_heads, group + 2, head_dim), self.dtype)
-        wo = self.param("wo", init, (cfg.num_heads, head_dim, cfg.hidden_size), self.dtype)
+        wqkv = declared_param(self, "wqkv")  # [E, Hkv, G+2, D]
+        wo = declared_param(self, "wo")  # [Hq, D, E]
 
         qkv = jnp.einsum("bte,ekgd->btkgd", x, wqkv)  # [B, T, Hkv, G+2, D]
         if cfg.attention_bias:
-            qkv = qkv + self.param("bqkv", nn.initializers.zeros, wqkv.shape[1:], self.dtype)
+            qkv = qkv + declared_param(self, "bqkv")
         batch_size, num_tokens = x.shape[:2]
         q = qkv[:, :, :, :group].reshape(batch_size, num_tokens, cfg.num_heads, head_dim)
         k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]  # [B, T, Hkv, D]
         if cfg.qk_norm:  # Qwen3 normalises each head over head_dim, before the rotation
-            q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
+            q = RMSNorm(cfg, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg, self.dtype, name="k_norm")(k)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if batch.packed_index is not None:  # attention reads rows: lay the packed tokens out as [B, T]
@@ -153,7 +163,7 @@ class Attention(nn.Module):
         # the whole weight into another layout every step.
         out = out.reshape(*out.shape[:2], -1) @ wo.reshape(-1, wo.shape[-1])
         if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
-            out = out + self.param("bo", nn.initializers.zeros, (cfg.hidden_size,), self.dtype)
+            out = out + declared_param(self, "bo")
         return out, (k_pages, v_pages)
 
 
@@ -163,17 +173,14 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        init = nn.initializers.normal(0.02)
-        w_gate_up = self.param("w_gate_up", init, (cfg.hidden_size, 2, cfg.intermediate_size), self.dtype)
-        w_down = self.param("w_down", init, (cfg.intermediate_size, cfg.hidden_size), self.dtype)
+        w_gate_up = declared_param(self, "w_gate_up")  # [E, 2, F]
         gate_up = jnp.einsum("bte,ecf->btcf", x, w_gate_up)  # one GEMM streams both weights
-        if cfg.mlp_bias:
-            gate_up = gate_up + self.param("b_gate_up", nn.initializers.zeros, w_gate_up.shape[1:], self.dtype)
+        if self.config.mlp_bias:
+            gate_up = gate_up + declared_param(self, "b_gate_up")
         hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-        out = hidden @ w_down
-        if cfg.mlp_bias:
-            out = out + self.param("b_down", nn.initializers.zeros, (cfg.hidden_size,), self.dtype)
+        out = hidden @ declared_param(self, "w_down")  # [F, E]
+        if self.config.mlp_bias:
+            out = out + declared_param(self, "b_down")
         return out
 
 
@@ -194,10 +201,10 @@ class DecoderLayer(nn.Module):
     ) -> tuple[jax.Array, jax.Array, LayerCache]:  # (stream, this layer's MLP output, cache)
         """One layer. Each residual add is deferred to the norm that reads the sum (one fused kernel), so
         the layer returns its MLP output unadded: the next layer's first norm, or the final one, adds it."""
-        eps, backend = self.config.rms_norm_eps, self.attention_backend
-        x, h = AddRMSNorm(eps, self.dtype, backend, name="attn_norm")(x, delta)
-        attn_out, cache = Attention(self.config, self.dtype, backend, self.mesh, name="attn")(h, rope, cache, batch)
-        x, h = AddRMSNorm(eps, self.dtype, backend, name="mlp_norm")(x, attn_out)
+        cfg, backend = self.config, self.attention_backend
+        x, h = AddRMSNorm(cfg, self.dtype, backend, name="attn_norm")(x, delta)
+        attn_out, cache = Attention(cfg, self.dtype, backend, self.mesh, name="attn")(h, rope, cache, batch)
+        x, h = AddRMSNorm(cfg, self.dtype, backend, name="mlp_norm")(x, attn_out)
         return x, MLP(self.config, self.dtype, name="mlp")(h), cache
 
 
@@ -218,7 +225,7 @@ class CausalLM(nn.Module):
         logits_index: jax.Array | None = None,  # i32[B]: one position per row, or None for every position
     ) -> tuple[jax.Array, list[LayerCache]]:  # f32[B, V] (or f32[B, T, V]), new cache
         cfg = self.config
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed")
+        embed = Embed(cfg, self.dtype, name="embed")
         rope = rope_tables(batch, cfg)
         if batch.packed_index is not None:  # every layer's matmuls run over the N packed tokens only
             tokens = pack(tokens, batch.packed_index)
@@ -238,25 +245,22 @@ class CausalLM(nn.Module):
             x, delta = x[0, logits_index], delta[0, logits_index]
         elif logits_index is not None:  # only the rows' sampled positions reach the LM head
             x, delta = (jnp.take_along_axis(a, logits_index[:, None, None], axis=1)[:, 0] for a in (x, delta))
-        _, x = AddRMSNorm(cfg.rms_norm_eps, self.dtype, self.attention_backend, name="final_norm")(x, delta)
+        _, x = AddRMSNorm(cfg, self.dtype, self.attention_backend, name="final_norm")(x, delta)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = LMHead(cfg.hidden_size, cfg.vocab_size, self.dtype, name="lm_head")(x)
+            logits = LMHead(cfg, self.dtype, name="lm_head")(x)
         if logits_index is None and batch.packed_index is not None:
             logits = unpack(logits, batch.packed_index, batch.positions.shape)
         return logits.astype(jnp.float32), new_cache
 
 
 class Embed(nn.Module):
-    vocab_size: int
-    hidden_size: int
+    config: ModelConfig
     dtype: jnp.dtype
 
     def setup(self) -> None:
-        self.embedding = self.param(
-            "embedding", nn.initializers.normal(0.02), (self.vocab_size, self.hidden_size), self.dtype
-        )
+        self.embedding = declared_param(self, "embedding")  # [V, E]
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embedding, tokens, axis=0)
@@ -266,13 +270,12 @@ class Embed(nn.Module):
 
 
 class LMHead(nn.Module):
-    hidden_size: int
-    vocab_size: int
+    config: ModelConfig
     dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (self.hidden_size, self.vocab_size), self.dtype)
+        kernel = declared_param(self, "kernel")  # [E, V]
         return jnp.einsum("...e,ev->...v", x, kernel, preferred_element_type=jnp.float32)
 
 

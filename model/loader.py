@@ -1,13 +1,18 @@
-"""Hugging Face safetensors checkpoints -> the fused parameter pytree of docs/interfaces.md, on device.
-(GGUF files reach the same path through `model.gguf`, which names and lays out their tensors as HF does.)
+"""The decoder's parameters, declared once, and Hugging Face checkpoints loaded into them (safetensors
+here; GGUF files reach the same path through `model.gguf`, which names and lays out their tensors as HF does).
 
-Each parameter is declared once as a `ParamSpec`: the HF tensors it is built from, a free host-side
-reshape of each, and a small `fuse` function (transpose / concatenate) that runs on the device. Loading
-streams one parameter at a time: the checkpoint is memory-mapped (host memory stays about one tensor,
-however large the model), every device receives only its own slice of each raw tensor, and the
-transposes and the cast to the serving dtype run on the device, where they are cheap (on the host
-they ran at ~0.3 GB/s). The same specs give the shapes for `init_random_params`, so the two can never
-disagree about the layout.
+Each parameter is one `ParamSpec` (jax-llm-examples' `ArrayInfo`, plus where the checkpoint keeps it):
+its path in the pytree, its shape, its logical axes, its random initializer, the HF tensors it is built
+from with a free host-side reshape of each, and a small `fuse` function (transpose / concatenate) that
+runs on the device. Everything else is derived from `param_specs`: the shapes (`param_shapes`), the
+shardings (`param_shardings`, through model/sharding.py's `LOGICAL_RULES`), the Flax modules' parameter
+shapes and initializers (`param_spec`, read by model/llama.py), random weights (`init_random_params`)
+and loading (`load_params`), so none of them can disagree about the layout.
+
+Loading streams one parameter at a time: the checkpoint is memory-mapped (host memory stays about one
+tensor, however large the model), every device receives only its own slice of each raw tensor, and the
+transposes and the cast to the serving dtype run on the device, where they are cheap (on the host they
+ran at ~0.3 GB/s).
 
 safetensors' own numpy reader cannot return bfloat16, so the (simple, documented) file format is read
 directly: an 8-byte little-endian header length, a JSON header of name -> dtype/shape/byte range, then
@@ -18,13 +23,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from model.config import ModelConfig
-from model.sharding import Axes, make_mesh, param_shardings, sharding_for
+from model.sharding import Axes, make_mesh, sharding_for
 
 Params = dict[str, Any]
 
@@ -46,6 +52,12 @@ IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 MAX_LISTED = 20
 # Scale of random weights, as transformers' default initializer_range.
 RANDOM_INIT_STD = 0.02
+# How a parameter's random values are drawn, by the name a `ParamSpec` gives.
+INITIALIZERS: dict[str, jax.nn.initializers.Initializer] = {
+    "normal": jax.nn.initializers.normal(RANDOM_INIT_STD),
+    "ones": jax.nn.initializers.ones,  # norm scales: a random model's norms start as the identity
+}
+Init = Literal["normal", "ones"]
 
 
 class CheckpointTensor(Protocol):
@@ -53,6 +65,11 @@ class CheckpointTensor(Protocol):
 
     @property
     def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in the file (start-up progress counts them)."""
+        ...
 
     def read(self) -> np.ndarray:
         """The tensor as a host array (float32, bfloat16 or float16); the device casts it."""
@@ -67,6 +84,10 @@ class TensorInfo:
     dtype: str  # safetensors' code: BF16, F16, F32, ...
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in `file`
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
 
     def read(self) -> np.ndarray:
         """A read-only view of the mapped file: no copy until a device asks for its bytes."""
@@ -83,20 +104,26 @@ class Source:
     axes: Axes  # logical axes of `view`, so each device is sent only its slice
 
 
+def _same(x: jax.Array) -> jax.Array:
+    return x
+
+
 @dataclass(frozen=True)
 class ParamSpec:
-    """One parameter of the pytree: its path, its HF sources and how they combine on the device."""
+    """One parameter, declared once: everything the model, the sharding, random init and loading need.
 
-    path: str
-    sources: tuple[Source, ...]
-    fuse: Callable[..., jax.Array]
+    Every parameter has the serving dtype, which is an argument of loading, not a declaration.
+    """
+
+    path: str  # in the pytree, which is the Flax modules' path: "layers_3/attn/wqkv"
+    shape: tuple[int, ...]
+    axes: Axes  # logical axis names of `shape`; model/sharding.py's LOGICAL_RULES place them on the mesh
+    init: Init  # how `init_random_params` (and flax's `init`) draw it: a key of INITIALIZERS
+    sources: tuple[Source, ...]  # the HF tensors it is built from
+    fuse: Callable[..., jax.Array] = _same  # the sources' views -> `shape`, on the device
 
 
 # ----- fusing, on the device ---------------------------------------------------------------------------
-
-
-def _same(x: jax.Array) -> jax.Array:
-    return x
 
 
 def _transpose(x: jax.Array) -> jax.Array:  # HF Linear [out, in] -> [in, out]
@@ -207,20 +234,19 @@ FAMILY_NAMES = {
 
 
 def param_specs(config: ModelConfig) -> list[ParamSpec]:
-    """Every parameter of the decoder's layout, in checkpoint order (embedding, layers, head)."""
+    """Every parameter of the decoder, in checkpoint order (embedding, layers, head)."""
     E, F, V, D = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
     Hq, Hkv, G = config.num_heads, config.num_kv_heads, config.q_per_kv
     names = FAMILY_NAMES[config.family]
 
-    def single(
-        path: str,
-        name: str,
-        shape: tuple[int, ...],
-        axes: Axes,
-        fuse: Callable[..., jax.Array] = _same,
-        view: tuple[int, ...] | None = None,
-    ) -> ParamSpec:
-        return ParamSpec(path, (Source(name, shape, view or shape, axes),), fuse)
+    def stored(path: str, name: str, shape: tuple[int, ...], axes: Axes, init: Init = "normal") -> ParamSpec:
+        """A parameter kept as the checkpoint stores it."""
+        return ParamSpec(path, shape, axes, init, (Source(name, shape, shape, axes),))
+
+    def transposed(path: str, name: str, shape: tuple[int, ...], axes: Axes) -> ParamSpec:
+        """A Linear's weight, stored [out, in] and used [in, out]."""
+        return ParamSpec(path, shape, axes, "normal", (Source(name, shape[::-1], shape[::-1], axes[::-1]),),
+                         _transpose)
 
     def qkv(path: str, i: int, suffix: str) -> ParamSpec:
         # HF orders query rows by head, and query head h belongs to KV head h // G: viewing the rows as
@@ -228,110 +254,146 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
         # InternLM2's packed rows are already [Hkv, G + 2, D]: each group's queries, key, value.
         weight = suffix == "weight"
         tail, tail_axes = ((E,), ("embed",)) if weight else ((), ())
-        axes = ("kv_heads", None, "head_dim", *tail_axes)
+        view_axes: Axes = ("kv_heads", None, "head_dim", *tail_axes)
+        # The weight's embedding dimension trails in the checkpoint and leads in ours.
+        shape, axes = (*tail, Hkv, G + 2, D), (*tail_axes, "kv_heads", None, "head_dim")
         if names.qkv:
-            name = names.qkv.format(i=i, p=suffix)
-            return single(path, name, ((Hq + 2 * Hkv) * D, *tail), axes, _packed_qkv if weight else _same,
-                          (Hkv, G + 2, D, *tail))
-        fuse = _fuse_qkv if weight else _fuse_qkv_bias
-        sources = [
-            Source(template.format(i=i, p=suffix), (heads * D, *tail), (Hkv, heads // Hkv, D, *tail), axes)
+            packed = Source(names.qkv.format(i=i, p=suffix), ((Hq + 2 * Hkv) * D, *tail), (Hkv, G + 2, D, *tail),
+                            view_axes)
+            return ParamSpec(path, shape, axes, "normal", (packed,), _packed_qkv if weight else _same)
+        sources = tuple(
+            Source(template.format(i=i, p=suffix), (heads * D, *tail), (Hkv, heads // Hkv, D, *tail), view_axes)
             for template, heads in ((names.q, Hq), (names.k, Hkv), (names.v, Hkv))
-        ]
-        return ParamSpec(path, tuple(sources), fuse)
-
-    def gate_up(path: str, i: int, suffix: str, fuse: Callable[..., jax.Array]) -> ParamSpec:
-        shape, axes = ((F, E), ("ffn", "embed")) if suffix == "weight" else ((F,), ("ffn",))
-        return ParamSpec(
-            path,
-            (
-                Source(names.gate.format(i=i, p=suffix), shape, shape, axes),
-                Source(names.up.format(i=i, p=suffix), shape, shape, axes),
-            ),
-            fuse,
         )
+        return ParamSpec(path, shape, axes, "normal", sources, _fuse_qkv if weight else _fuse_qkv_bias)
+
+    def gate_up(path: str, i: int, suffix: str) -> ParamSpec:
+        weight = suffix == "weight"
+        view, view_axes = ((F, E), ("ffn", "embed")) if weight else ((F,), ("ffn",))
+        shape, axes = ((E, 2, F), ("embed", None, "ffn")) if weight else ((2, F), (None, "ffn"))
+        sources = tuple(Source(template.format(i=i, p=suffix), view, view, view_axes)
+                        for template in (names.gate, names.up))
+        return ParamSpec(path, shape, axes, "normal", sources, _stack_gate_up if weight else _stack)
 
     def layer(i: int) -> list[ParamSpec]:
         ours = f"layers_{i}"
-        o_axes = ("embed", "q_heads", "head_dim")
         weight = functools.partial(str.format, i=i, p="weight")
         bias = functools.partial(str.format, i=i, p="bias")
         specs = [
-            single(f"{ours}/attn_norm/scale", weight(names.attn_norm), (E,), ("norm",)),
+            stored(f"{ours}/attn_norm/scale", weight(names.attn_norm), (E,), ("norm",), "ones"),
             qkv(f"{ours}/attn/wqkv", i, "weight"),
-            single(f"{ours}/attn/wo", weight(names.o), (E, Hq * D), o_axes, _heads_first, (E, Hq, D)),
-            single(f"{ours}/mlp_norm/scale", weight(names.mlp_norm), (E,), ("norm",)),
-            gate_up(f"{ours}/mlp/w_gate_up", i, "weight", _stack_gate_up),
-            single(f"{ours}/mlp/w_down", weight(names.down), (E, F), ("embed", "ffn"), _transpose),
+            ParamSpec(f"{ours}/attn/wo", (Hq, D, E), ("q_heads", "head_dim", "embed"), "normal",
+                      (Source(weight(names.o), (E, Hq * D), (E, Hq, D), ("embed", "q_heads", "head_dim")),),
+                      _heads_first),
+            stored(f"{ours}/mlp_norm/scale", weight(names.mlp_norm), (E,), ("norm",), "ones"),
+            gate_up(f"{ours}/mlp/w_gate_up", i, "weight"),
+            transposed(f"{ours}/mlp/w_down", weight(names.down), (F, E), ("ffn", "embed")),
         ]
         if config.qk_norm:
-            specs.append(single(f"{ours}/attn/q_norm/scale", weight(names.q_norm), (D,), ("head_dim",)))
-            specs.append(single(f"{ours}/attn/k_norm/scale", weight(names.k_norm), (D,), ("head_dim",)))
+            specs.append(stored(f"{ours}/attn/q_norm/scale", weight(names.q_norm), (D,), ("head_dim",), "ones"))
+            specs.append(stored(f"{ours}/attn/k_norm/scale", weight(names.k_norm), (D,), ("head_dim",), "ones"))
         if config.attention_bias:
             specs.append(qkv(f"{ours}/attn/bqkv", i, "bias"))
         if config.attention_out_bias:
-            specs.append(single(f"{ours}/attn/bo", bias(names.o), (E,), ("embed",)))
+            specs.append(stored(f"{ours}/attn/bo", bias(names.o), (E,), ("embed",)))
         if config.mlp_bias:
-            specs.append(gate_up(f"{ours}/mlp/b_gate_up", i, "bias", _stack))
-            specs.append(single(f"{ours}/mlp/b_down", bias(names.down), (E,), ("embed",)))
+            specs.append(gate_up(f"{ours}/mlp/b_gate_up", i, "bias"))
+            specs.append(stored(f"{ours}/mlp/b_down", bias(names.down), (E,), ("embed",)))
         return specs
 
-    specs = [single("embed/embedding", names.embed, (V, E), ("vocab_in", "embed"))]
+    specs = [stored("embed/embedding", names.embed, (V, E), ("vocab_in", "embed"))]
     for i in range(config.num_layers):
         specs += layer(i)
-    specs.append(single("final_norm/scale", names.final_norm, (E,), ("norm",)))
+    specs.append(stored("final_norm/scale", names.final_norm, (E,), ("norm",), "ones"))
     if not config.tie_word_embeddings:
-        specs.append(single("lm_head/kernel", names.lm_head, (V, E), ("vocab", "embed"), _transpose))
+        specs.append(transposed("lm_head/kernel", names.lm_head, (E, V), ("embed", "vocab")))
     return specs
 
 
+@functools.cache
+def _specs_by_path(config: ModelConfig) -> dict[str, ParamSpec]:
+    return {spec.path: spec for spec in param_specs(config)}
+
+
+def param_spec(config: ModelConfig, path: str) -> ParamSpec:
+    """The declaration of the parameter at `path`, e.g. "layers_3/attn/wqkv"."""
+    specs = _specs_by_path(config)
+    if path not in specs:
+        raise ValueError(f"no parameter {path!r} is declared for this config (model/loader.py param_specs)")
+    return specs[path]
+
+
 def param_shapes(config: ModelConfig, dtype: jax.typing.DTypeLike = jnp.float32) -> Params:
-    """The parameter pytree as `jax.ShapeDtypeStruct`s (no memory), e.g. for `param_shardings`."""
+    """The parameter pytree as `jax.ShapeDtypeStruct`s (no memory)."""
     dtype = _float_dtype(dtype)
+    return _nest((spec.path, jax.ShapeDtypeStruct(spec.shape, dtype)) for spec in param_specs(config))
 
-    def shape(spec: ParamSpec) -> jax.ShapeDtypeStruct:
-        raw = [jax.ShapeDtypeStruct(source.view, dtype) for source in spec.sources]
-        return jax.eval_shape(spec.fuse, *raw)
 
-    return _nest((spec.path, shape(spec)) for spec in param_specs(config))
+def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
+    """The parameter pytree as the `NamedSharding` each parameter's logical axes give on `mesh`."""
+    return _nest((spec.path, sharding_for(spec.path, spec.shape, mesh, spec.axes)) for spec in param_specs(config))
 
 
 # ----- loading -----------------------------------------------------------------------------------------
 
 
 def load_params(
-    path: str | os.PathLike[str], config: ModelConfig, dtype: jax.typing.DTypeLike, mesh: Mesh | None = None
+    path: str | os.PathLike[str],
+    config: ModelConfig,
+    dtype: jax.typing.DTypeLike,
+    mesh: Mesh | None = None,
+    on_loaded: Callable[[int, int, int, int], None] | None = None,
 ) -> Params:
-    """Read a local checkpoint into the fused layout, cast to `dtype`, placed on `mesh` (one device when
-    None). Everything is checked against `config` before the first byte is read."""
+    """Read a local checkpoint (safetensors, or a GGUF file) into the fused layout, cast to `dtype`, placed
+    on `mesh` (one device when None). Everything is checked against `config` before the first byte is read.
+
+    on_loaded: called after each parameter is on the device with the checkpoint tensors read so far, of
+    how many, and their bytes so far, of how many (start-up progress).
+    """
     from model.gguf import find_gguf_file, gguf_tensors  # imported here: model.gguf builds on this module
 
     gguf_file = find_gguf_file(path)
     tensors = gguf_tensors(gguf_file) if gguf_file is not None else checkpoint_tensors(path)
-    return place_params(tensors, config, dtype, mesh)
+    return place_params(tensors, config, dtype, mesh, on_loaded)
 
 
 def place_params(
-    tensors: Mapping[str, CheckpointTensor], config: ModelConfig, dtype: jax.typing.DTypeLike,
+    tensors: Mapping[str, CheckpointTensor],
+    config: ModelConfig,
+    dtype: jax.typing.DTypeLike,
     mesh: Mesh | None = None,
+    on_loaded: Callable[[int, int, int, int], None] | None = None,
 ) -> Params:
     """`load_params` from a checkpoint's tensors, whatever file format holds them."""
     dtype = _float_dtype(dtype)
     mesh = mesh or make_mesh(1)
     specs = param_specs(config)
     _check_tensors(tensors, specs, config)
-    shardings = _flatten(param_shardings(param_shapes(config, dtype), mesh))
+    shardings = _flatten(param_shardings(config, mesh))
+    sizes = {s.name: tensors[s.name].nbytes for spec in specs for s in spec.sources}
+    done, done_bytes = 0, 0
     flat = {}
     for spec in specs:
-        raw = [
-            jax.device_put(tensors[s.name].read().reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
-            for s in spec.sources
-        ]
+        raw = [_place(tensors[s.name].read().reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
+               for s in spec.sources]
         flat[spec.path] = _assembler(spec.fuse, dtype, shardings[spec.path])(raw)
         # Transfers are asynchronous: without this wait every raw tensor could be in flight at once,
         # doubling device memory; with it the extra is one parameter's raw copy.
         flat[spec.path].block_until_ready()
+        if on_loaded is not None:
+            done += len(spec.sources)
+            done_bytes += sum(sizes[s.name] for s in spec.sources)
+            on_loaded(done, len(sizes), done_bytes, sum(sizes.values()))
     return _nest(flat.items())
+
+
+def _place(tensor: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The mapped tensor on `sharding`'s devices, each of this process's devices given only its own slice.
+
+    Slicing the memory map reads only those bytes from the file, so with a mesh over several hosts each
+    process reads its own shards and no others (`jax.device_put` would refuse devices of other processes).
+    """
+    return jax.make_array_from_callback(tensor.shape, sharding, lambda index: np.asarray(tensor[index]))
 
 
 def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
@@ -405,32 +467,27 @@ def init_random_params(
     config: ModelConfig, dtype: jax.typing.DTypeLike, seed: int, mesh: Mesh | None = None
 ) -> Params:
     """Random parameters in the loaded layout, generated on the devices already sharded (benchmarks at
-    real shapes without a download). Norm scales are 1, everything else N(0, 0.02)."""
-    mesh = mesh or make_mesh(1)
-    shapes = param_shapes(config, dtype)
-    shardings = _flatten(param_shardings(shapes, mesh))
+    real shapes without a download), each drawn by its declared initializer."""
+    dtype = _float_dtype(dtype)
+    shardings = _flatten(param_shardings(config, mesh or make_mesh(1)))
+    specs = _specs_by_path(config)
     # XLA's RngBitGenerator compiles in a fraction of threefry's time; these weights need no quality.
+    # One key per parameter, in the pytree's leaf order.
     keys = jax.random.split(jax.random.key(seed, impl="rbg"), len(shardings))
     flat = {}
-    for key, (path, leaf) in zip(keys, _flatten(shapes).items(), strict=True):
-        if path.endswith("/scale"):
-            flat[path] = _ones(leaf.shape, leaf.dtype, shardings[path])()
-        else:
-            flat[path] = _normal(leaf.shape, leaf.dtype, shardings[path])(key)
+    for key, (path, sharding) in zip(keys, shardings.items(), strict=True):
+        spec = specs[path]
+        flat[path] = _generator(spec.init, spec.shape, dtype, sharding)(key)
     return _nest(flat.items())
 
 
-# One compiled generator per distinct (shape, dtype, sharding): a handful, however many layers.
+# One compiled generator per distinct (initializer, shape, dtype, sharding): a handful, however many layers.
 @functools.cache
-def _normal(
-    shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding
+def _generator(
+    init: Init, shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding
 ) -> Callable[[jax.Array], jax.Array]:
-    return jax.jit(lambda key: RANDOM_INIT_STD * jax.random.normal(key, shape, dtype), out_shardings=sharding)
-
-
-@functools.cache
-def _ones(shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding) -> Callable[[], jax.Array]:
-    return jax.jit(lambda: jnp.ones(shape, dtype), out_shardings=sharding)
+    initializer = INITIALIZERS[init]
+    return jax.jit(lambda key: initializer(key, shape, dtype), out_shardings=sharding)
 
 
 # ----- small helpers -------------------------------------------------------------------------------------

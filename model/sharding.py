@@ -1,7 +1,8 @@
-"""Where every parameter lives on the device mesh, declared once for the whole model.
+"""Where every array lives on the device mesh: logical axis names mapped to mesh axes, in one table.
 
-Each parameter path has logical axis names (what a dimension *is*); `LOGICAL_RULES` maps those to mesh
-axes (where it is split). Tensor parallelism splits attention by KV head (each device keeps whole GQA
+Each parameter declares the logical axis names of its dimensions (what a dimension *is*: model/loader.py's
+`param_specs`); `LOGICAL_RULES` maps those to mesh axes (where it is split), so trying another split is
+a change to that table alone. Tensor parallelism splits attention by KV head (each device keeps whole GQA
 groups, so attention needs no communication), the MLP by its hidden dimension, and the LM head by
 vocabulary; everything else is replicated. Layer code never mentions sharding: parameters arrive placed,
 and XLA's partitioner inserts the two all-reduces per layer (after `wo` and after `w_down`).
@@ -9,9 +10,7 @@ and XLA's partitioner inserts the two all-reduces per layer (after `wo` and afte
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -19,25 +18,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 TP_AXIS = "tp"
 
 Axes = tuple[str | None, ...]
-
-# The parameter layout of docs/interfaces.md ("Model"), keyed by its paths; `layers_{i}` is any layer.
-LOGICAL_AXES: dict[str, Axes] = {
-    "embed/embedding": ("vocab_in", "embed"),
-    "layers_{i}/attn_norm/scale": ("norm",),
-    "layers_{i}/attn/wqkv": ("embed", "kv_heads", None, "head_dim"),
-    "layers_{i}/attn/bqkv": ("kv_heads", None, "head_dim"),
-    "layers_{i}/attn/wo": ("q_heads", "head_dim", "embed"),
-    "layers_{i}/attn/bo": ("embed",),
-    "layers_{i}/attn/q_norm/scale": ("head_dim",),
-    "layers_{i}/attn/k_norm/scale": ("head_dim",),
-    "layers_{i}/mlp_norm/scale": ("norm",),
-    "layers_{i}/mlp/w_gate_up": ("embed", None, "ffn"),
-    "layers_{i}/mlp/b_gate_up": (None, "ffn"),
-    "layers_{i}/mlp/w_down": ("ffn", "embed"),
-    "layers_{i}/mlp/b_down": ("embed",),
-    "final_norm/scale": ("norm",),
-    "lm_head/kernel": ("embed", "vocab"),
-}
 
 # The paged KV cache, [Hkv, P, PS, D] per layer: split by KV head like the attention weights, so each
 # device attends over its own heads' pages.
@@ -56,8 +36,6 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("norm", None),
 )
 
-_LAYER = re.compile(r"^layers_\d+/")
-
 
 def make_mesh(tp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over the first `tp` devices, axis "tp".
@@ -70,14 +48,6 @@ def make_mesh(tp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return jax.make_mesh((tp,), (TP_AXIS,), (AxisType.Auto,), devices=available[:tp])
 
 
-def logical_axes(path: str) -> Axes:
-    """The logical axis names of the parameter at `path`, e.g. "layers_3/attn/wqkv"."""
-    key = _LAYER.sub("layers_{i}/", path)
-    if key not in LOGICAL_AXES:
-        raise ValueError(f"no logical axes declared for parameter {path!r} (model/sharding.py LOGICAL_AXES)")
-    return LOGICAL_AXES[key]
-
-
 def logical_to_spec(axes: Axes) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec through `LOGICAL_RULES`."""
     rules = dict(LOGICAL_RULES)
@@ -87,12 +57,11 @@ def logical_to_spec(axes: Axes) -> PartitionSpec:
     return PartitionSpec(*(rules[axis] if axis is not None else None for axis in axes))
 
 
-def sharding_for(path: str, shape: Sequence[int], mesh: Mesh, axes: Axes | None = None) -> NamedSharding:
-    """The NamedSharding of one array; `axes` defaults to the parameter's declared logical axes.
+def sharding_for(path: str, shape: Sequence[int], mesh: Mesh, axes: Axes) -> NamedSharding:
+    """The NamedSharding of the array at `path` (named in errors) whose dimensions have logical `axes`.
 
     Refuses a split that does not divide evenly, naming what to change.
     """
-    axes = logical_axes(path) if axes is None else axes
     if len(axes) != len(shape):
         raise ValueError(f"{path}: shape {tuple(shape)} does not match logical axes {axes}")
     spec = logical_to_spec(axes)
@@ -102,16 +71,6 @@ def sharding_for(path: str, shape: Sequence[int], mesh: Mesh, axes: Axes | None 
             parts = mesh.shape[mesh_axis]
             raise ValueError(f"cannot shard {path}: {what} ({size}) is not divisible by {mesh_axis}={parts}")
     return NamedSharding(mesh, spec)
-
-
-def param_shardings(params_shape_tree: Mapping[str, Any], mesh: Mesh) -> Any:
-    """A pytree of NamedSharding matching `params_shape_tree` (arrays or ShapeDtypeStructs)."""
-
-    def leaf_sharding(key_path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        path = "/".join(str(entry.key) for entry in key_path)
-        return sharding_for(path, leaf.shape, mesh)
-
-    return jax.tree_util.tree_map_with_path(leaf_sharding, params_shape_tree)
 
 
 # Attention inputs in `xlkernels`' layout: q [B, T, Hq, D] split by query head, the page pools

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "GenerationConfig": "serving.engine.request",
+    "GenerationConfig": "serving.request",
     "Pipeline": "serving.offline",
     "Response": "serving.offline",
     "pipeline": "serving.offline",

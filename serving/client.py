@@ -8,10 +8,11 @@ Code written for LMDeploy's client runs with only its import changed:
     for item in api_client.chat_interactive_v1(prompt="hi", session_id=1, interactive_mode=True):
         print(item)
 
-Every call is a generator of dicts: the whole answer once, or with `stream=True` one dict per chunk
-(an OpenAI stream's `data:` events, or `/v1/chat/interactive`'s NDJSON lines). Unlike LMDeploy's
-client, an error answer is raised as `APIClientError` (with the server's OpenAI error fields) rather
-than yielded as a dict, so a failed call cannot pass for an answer.
+Every generating call is a generator of dicts: the whole answer once, or with `stream=True` one dict per
+chunk (an OpenAI stream's `data:` events, or `/v1/chat/interactive`'s NDJSON lines). As with LMDeploy's
+client, an error answer is yielded too, as the dict the server sent (`{"error": {message, type, param,
+code}}`, OpenAI's envelope); `APIClient(..., raise_errors=True)` raises it as `APIClientError` instead,
+so that a failed call cannot pass for an answer.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ def _body(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 class APIClient:
-    """A client of one server (`api_server_url` such as `http://localhost:23333`), with an optional API key."""
+    """A client of one server (`api_server_url` such as `http://localhost:23333`), with an optional API key;
+    `raise_errors` raises error answers as `APIClientError` rather than yielding them (LMDeploy's way)."""
 
-    def __init__(self, api_server_url: str, api_key: str | None = None):
+    def __init__(self, api_server_url: str, api_key: str | None = None, raise_errors: bool = False):
         self.api_server_url = api_server_url.rstrip("/")
+        self.raise_errors = raise_errors
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.api_server_url, headers=headers, timeout=TIMEOUT)
 
@@ -65,11 +68,26 @@ class APIClient:
         self.close()
 
     @property
-    def available_models(self) -> list[str]:
-        """The ids of the served models (GET /v1/models)."""
+    def available_models(self) -> list[str] | None:
+        """The ids of the served models (GET /v1/models); None after an error answer (as LMDeploy's), unless
+        `raise_errors`."""
         response = self._http.get("/v1/models")
-        _raise_for_error(response)
+        if self._error(response) is not None:
+            return None
         return [card["id"] for card in response.json()["data"]]
+
+    def encode(
+        self, input: str | list[str], do_preprocess: bool = False, add_bos: bool = True
+    ) -> tuple[list[int] | list[list[int]] | None, int | list[int] | None]:
+        """POST /v1/encode: `(input_ids, length)` of a text, or lists of both for a list of texts; `do_preprocess`
+        renders each text as a user message through the chat template first. `(None, None)` after an
+        error answer unless `raise_errors`."""
+        response = self._http.post("/v1/encode", json={"input": input, "do_preprocess": do_preprocess,
+                                                       "add_bos": add_bos})  # fmt: skip
+        if self._error(response) is not None:
+            return None, None
+        answer = response.json()
+        return answer["input_ids"], answer["length"]
 
     def chat_completions_v1(
         self,
@@ -98,8 +116,9 @@ class APIClient:
         stream_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Iterator[dict[str, Any]]:
-        """POST /v1/chat/completions (a string `messages` is one user message). The penalties and
-        `logit_bias` are sent as given; this server ignores them."""
+        """POST /v1/chat/completions (a string `messages` is one user message). Everything is sent as given:
+        the server applies `repetition_penalty`, `top_k`, `min_p` and `min_new_tokens`, and refuses non-zero
+        `presence_penalty`/`frequency_penalty` and a non-empty `logit_bias` with a 400 until it implements them."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         yield from self._post("/v1/chat/completions", _body(locals()), stream, sse=True)
@@ -165,13 +184,17 @@ class APIClient:
         repetition_penalty: float = 1.0,
         ignore_eos: bool = False,
     ) -> Iterator[tuple[str, int, str | None]]:
-        """A turn of an interactive session, as `(text, tokens, finish_reason)` tuples."""
+        """A turn of an interactive session, as `(text, tokens, finish_reason)` tuples; an error answer (unless
+        `raise_errors`) as `(its message, 0, "error")`."""
         for item in self.chat_interactive_v1(
             prompt, image_url=image_url, session_id=session_id, interactive_mode=True, stream=stream,
             request_output_len=request_output_len, top_p=top_p, top_k=top_k, temperature=temperature,
             repetition_penalty=repetition_penalty, ignore_eos=ignore_eos,
         ):  # fmt: skip
-            yield item["text"], item["tokens"], item["finish_reason"]
+            if "error" in item:
+                yield item["error"].get("message", ""), 0, "error"
+            else:
+                yield item["text"], item["tokens"], item["finish_reason"]
 
     def end_session(self, session_id: int) -> dict[str, Any]:
         """End an interactive session: the server forgets its history and frees its KV cache."""
@@ -187,7 +210,8 @@ class APIClient:
         with self._http.stream("POST", path, json=body) as response:
             if response.status_code >= 400:
                 response.read()
-                _raise_for_error(response)
+                yield self._error(response)
+                return
             if not stream:
                 response.read()
                 yield response.json()
@@ -197,9 +221,31 @@ class APIClient:
                 if not payload:
                     continue
                 item = json.loads(payload)
-                if "error" in item:  # a failure after the stream began
+                if "error" in item and self.raise_errors:  # a failure after the stream began
                     raise APIClientError(response.status_code, item["error"])
                 yield item
+
+    def _error(self, response: httpx.Response) -> dict[str, Any] | None:
+        """An error answer's body (raised with `raise_errors`); None for a success."""
+        if response.status_code < 400:
+            return None
+        try:
+            body = response.json()
+            error = body["error"]
+        except (ValueError, KeyError, TypeError):
+            body = {"error": {"message": response.text, "type": None, "param": None, "code": None}}
+            error = body["error"]
+        if self.raise_errors:
+            raise APIClientError(response.status_code, error)
+        return body
+
+
+def get_model_list(api_url: str, headers: dict[str, str] | None = None) -> list[str] | None:
+    """The model ids a `GET /v1/models` URL lists, or None if it answers an error (LMDeploy's helper)."""
+    response = httpx.get(api_url, headers=headers, timeout=TIMEOUT)
+    if response.status_code >= 400:
+        return None
+    return [card["id"] for card in response.json()["data"]]
 
 
 class LineSplitter:
@@ -236,23 +282,13 @@ def _sse_data(line: str) -> str | None:
     return None if data == "[DONE]" else data
 
 
-def _raise_for_error(response: httpx.Response) -> None:
-    if response.status_code < 400:
-        return
-    try:
-        error = response.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        error = {"message": response.text}
-    raise APIClientError(response.status_code, error)
-
-
 # ---- the console: `xlserve serve api_client URL` ----------------------------------------------------
 
 
 def console(api_server_url: str, api_key: str | None = None, session_id: int = 1, out: TextIO = sys.stdout) -> int:
     """Chat in the terminal on one interactive session: `end` starts the conversation over, `exit` (or
     end of input) ends it and quits, Ctrl-C stops the answer being written."""
-    with APIClient(api_server_url, api_key) as client:
+    with APIClient(api_server_url, api_key, raise_errors=True) as client:
         try:
             models = client.available_models
         except (httpx.HTTPError, APIClientError) as error:

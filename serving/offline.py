@@ -1,7 +1,7 @@
 """The offline Python API, shaped like LMDeploy's `pipeline`: the same engine the server runs, in-process.
 
     from serving import pipeline, GenerationConfig
-    pipe = pipeline("/path/to/hf-checkpoint", session_len=4096)
+    pipe = pipeline("/path/to/hf-checkpoint", session_len=4096)  # or a hub id: pipeline("org/name")
     pipe(["Hi,", "The capital of France is"], gen_config=GenerationConfig(max_new_tokens=32))
 
 A prompt is a string (encoded as is, with the tokenizer's BOS), a list of token ids, or a chat (a list
@@ -16,10 +16,11 @@ import queue
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from model.source import resolve_model
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
-from serving.engine.request import EngineOutput, GenerationConfig, InvalidRequestError
-from serving.text.output import OutputProcessor
+from serving.request import EngineOutput, GenerationConfig, InvalidRequestError
+from serving.text.output import RequestTracker
 
 Prompt = str | list[int] | list[dict]
 
@@ -37,8 +38,20 @@ class Response:
 
 
 class Pipeline:
-    def __init__(self, model_path: str | None = None, **engine_options: object):
-        self.engine = Engine.from_pretrained(model_path, EngineConfig.from_options(**engine_options))
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        revision: str | None = None,
+        download_dir: str | None = None,
+        **engine_options: object,
+    ):
+        config = EngineConfig.from_options(**engine_options)
+        if model_path is not None:
+            model_path = resolve_model(model_path, revision, download_dir, weights=config.load_format != "dummy")
+        elif revision is not None or download_dir is not None:
+            raise ValueError("revision and download_dir apply to a hub id; no model was given (the demo model)")
+        self.engine = Engine.from_pretrained(model_path, config)
         self.engine.start()
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -46,7 +59,7 @@ class Pipeline:
     # ----- capacity the engine allocated -----
     @property
     def num_pages(self) -> int:
-        return self.engine.allocator.num_usable
+        return self.engine.stats().num_pages_total
 
     @property
     def page_size(self) -> int:
@@ -85,36 +98,24 @@ class Pipeline:
         if len(configs) != len(batch):
             raise InvalidRequestError(f"got {len(configs)} gen_configs for {len(batch)} prompts", param="gen_config")
         # Validate everything before submitting anything, so a bad prompt leaves nothing running.
-        requests = []
-        for index, (prompt, config) in enumerate(zip(batch, configs, strict=True)):
-            if config.n != 1:
-                raise InvalidRequestError("pipeline generates one response per prompt; n must be 1", param="n")
-            prompt_ids = self._encode(prompt)
-            request = self.engine.make_request(prompt_ids, config, f"pipe-{next(self._ids)}")
-            requests.append((index, request, OutputProcessor(self.tokenizer, prompt_ids, config)))
+        requests = [self.engine.make_request(self._encode(prompt), config, f"pipe-{next(self._ids)}")
+                    for prompt, config in zip(batch, configs, strict=True)]
+        tracker = RequestTracker(self.tokenizer, requests)
         outputs: queue.SimpleQueue[tuple[int, EngineOutput]] = queue.SimpleQueue()
-        pending = {}
         try:
-            for index, request, processor in requests:
+            for index, request in enumerate(requests):
                 self.engine.submit(request, lambda out, i=index: outputs.put((i, out)))
-                pending[index] = (request, processor)
-            while pending:
+            while tracker.pending:
                 index, out = outputs.get()
-                if index not in pending:
-                    continue  # late tokens of a request already stopped by a stop string
-                request, processor = pending[index]
-                if out.error is not None:
-                    raise RuntimeError(f"request {request.request_id} failed: {out.error}")
-                delta = processor.process(out)
-                if delta.finished:
-                    del pending[index]
-                    if not out.finished:
-                        self.engine.abort(request.request_id)  # a stop string ended it
-                yield Response(delta.text, delta.num_completion_tokens, len(request.prompt_token_ids),
-                               delta.finish_reason, delta.token_ids, index)
+                delta, to_abort = tracker.process(index, out)
+                if to_abort is not None:
+                    self.engine.abort(to_abort)
+                if delta is not None:
+                    yield Response(delta.text, delta.num_completion_tokens, len(requests[index].prompt_token_ids),
+                                   delta.finish_reason, delta.token_ids, index)
         finally:
-            for request, _ in pending.values():  # the caller stopped iterating early
-                self.engine.abort(request.request_id)
+            for index in tracker.pending:  # the caller stopped iterating early, or a request failed
+                self.engine.abort(requests[index].request_id)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -148,6 +149,14 @@ def _is_single(prompts: object) -> bool:
     return False
 
 
-def pipeline(model_path: str | None = None, **engine_options: object) -> Pipeline:
-    """Load a local Hugging Face checkpoint (or, with no path, the built-in demo model) and compile it."""
-    return Pipeline(model_path, **engine_options)
+def pipeline(
+    model_path: str | None = None,
+    *,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    **engine_options: object,
+) -> Pipeline:
+    """Load a local Hugging Face checkpoint or a hub id `org/name` (downloaded first, at `revision`, into
+    the Hugging Face cache or `download_dir`; see model.source), or with neither the built-in demo model,
+    and compile it."""
+    return Pipeline(model_path, revision=revision, download_dir=download_dir, **engine_options)

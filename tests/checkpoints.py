@@ -5,7 +5,9 @@ through transformers' own class for it. InternLM2 has no class in transformers (
 ships with the checkpoint and is never run here), so its checkpoint is a transformers Llama converted
 into InternLM2's layout and config (`llama_to_internlm2`): the Llama it came from is its oracle.
 `make_llama_checkpoint` is the Llama case; `llama_checkpoint_fixture` wraps it as a session-scoped
-pytest fixture. `rewrite_rope_format` turns a saved config.json into each RoPE style found in the wild.
+pytest fixture. `make_scripted_checkpoint` makes a Llama whose answer is fixed in advance (a bigram
+table in its embeddings and LM head), for tests that need a model to write given text.
+`rewrite_rope_format` turns a saved config.json into each RoPE style found in the wild.
 """
 
 from __future__ import annotations
@@ -130,6 +132,38 @@ def make_checkpoint(
 def make_llama_checkpoint(directory: str | Path, **options: Any) -> Path:
     """`make_checkpoint` for a `LlamaForCausalLM`."""
     return make_checkpoint(directory, "llama", **options)
+
+
+def make_scripted_checkpoint(directory: str | Path, script: list[int], *, vocab_size: int,
+                             hidden_size: int = 64) -> Path:
+    """A Llama checkpoint that answers any prompt with the token ids of `script`, then repeats its last.
+
+    Every layer's weights are zero, so each position's hidden state is its token's embedding and the
+    model is a bigram table: a token outside the script is followed by `script[0]`, `script[i]` by
+    `script[i + 1]`, and the last by itself. Each script token's embedding is a direction of its own
+    (one more for every other token), and the LM head maps each direction to the next token with a
+    logit of ~80 against 0 for the rest, so sampling at any temperature follows the script.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if len(set(script)) != len(script) or len(script) >= hidden_size:
+        raise ValueError("script tokens must be distinct, and fewer than hidden_size")
+    directory = make_llama_checkpoint(directory, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=1)
+    tensors = {name: torch.zeros_like(t) for name, t in load_file(directory / "model.safetensors").items()}
+    for name in tensors:
+        if name.endswith("norm.weight"):
+            tensors[name] += 1
+    embed, head = tensors["model.embed_tokens.weight"], tensors["lm_head.weight"]
+    other = len(script)  # the direction of every token outside the script
+    embed[:, other] = 1
+    for i, token in enumerate(script):
+        embed[token] = 0
+        embed[token, i] = 1
+    for previous, token in zip([other, *range(len(script))], [*script, script[-1]], strict=True):
+        head[token, previous] = 10  # a unit direction is sqrt(hidden_size) = 8 after the final RMSNorm
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
 
 
 def llama_to_internlm2(llama: str | Path, directory: str | Path) -> Path:

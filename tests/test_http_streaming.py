@@ -8,10 +8,11 @@ import threading
 
 import pytest
 
-from serving.engine.request import EngineOutput, FinishReason
-from serving.http.async_engine import _OutputRelay, _with_queued, cached_prompt_tokens
+from serving.http.choices import cached_prompt_tokens
+from serving.http.engine_client import _OutputRelay, _with_queued
 from serving.http.protocol import ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChoice, CompletionResponse
 from serving.http.sse import TextEvents, event
+from serving.request import EngineOutput, FinishReason
 
 HEADER = {"id": "cmpl-1", "created": 5, "model": 'a "quoted"\u2028model'}
 TEXTS = ["", " hi", 'a"b\\c\n\t', "\u2028\x85é😀", "\x00", "\ufffd", "data: [DONE]\n\n"]

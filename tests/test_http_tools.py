@@ -197,3 +197,85 @@ def test_tools_need_a_tool_call_parser(http_server):  # the shared server has no
         answer = http.post("/v1/chat/completions", json=body)
         assert answer.status_code == 400 and "--tool-call-parser" in answer.json()["error"]["message"]
         assert http.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).status_code == 200
+
+
+# ---- the same model through OpenAI's Responses API and Anthropic's Messages API ------------------
+
+RESPONSES_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"].get("description"),
+                    "parameters": t["function"]["parameters"]} for t in TOOLS]  # fmt: skip
+
+
+def test_responses_api_tool_call_with_reasoning(server):
+    client = server.client()
+    response = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=RESPONSES_TOOLS)
+    reasoning, call = response.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == "Paris needs a forecast."
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "get_weather", {"city": "Paris"})
+    assert call.call_id.startswith("call_") and response.status == "completed"
+    # The call and its result sent back as input items: the conversation goes on (the model ignores it).
+    followup = client.responses.create(model=MODEL, tools=RESPONSES_TOOLS, tool_choice="auto", input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'},
+    ])  # fmt: skip
+    assert followup.output[-1].name == "get_weather"
+    assert followup.usage.input_tokens > response.usage.input_tokens
+
+
+def test_responses_api_streams_the_call_as_argument_deltas(server):
+    events = list(server.client().responses.create(model=MODEL, input="Weather in Paris?", tools=RESPONSES_TOOLS,
+                                                   tool_choice={"type": "function", "name": "get_weather"},
+                                                   stream=True))  # fmt: skip
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [(item.type, item.name) for item in added] == [("function_call", "get_weather")]  # named: no reasoning
+    arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert json.loads(arguments) == json.loads(done.arguments) == {"city": "Paris"}
+    final = events[-1]
+    assert final.type == "response.completed" and final.response.output[0].call_id == added[0].call_id
+
+
+ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"].get("description"),
+                    "input_schema": t["function"]["parameters"]} for t in TOOLS]  # fmt: skip
+
+
+def anthropic_client(server):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def test_messages_api_tool_use_with_thinking(server):
+    message = anthropic_client(server).messages.create(model=MODEL, max_tokens=64, messages=ASK, tools=ANTHROPIC_TOOLS)
+    thinking, tool_use = message.content
+    assert thinking.type == "thinking" and thinking.thinking == "Paris needs a forecast."
+    assert (tool_use.type, tool_use.name, tool_use.input) == ("tool_use", "get_weather", {"city": "Paris"})
+    assert tool_use.id.startswith("toolu_") and message.stop_reason == "tool_use"
+    # The tool's result sent back: a tool_use block, then a tool_result block (the model ignores it).
+    followup = anthropic_client(server).messages.create(model=MODEL, max_tokens=64, tools=ANTHROPIC_TOOLS, messages=[
+        *ASK,
+        {"role": "assistant", "content": [{"type": "tool_use", "id": tool_use.id, "name": tool_use.name,
+                                           "input": tool_use.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": "21 C"}]},
+    ])  # fmt: skip
+    assert followup.content[-1].name == "get_weather"
+    assert followup.usage.input_tokens + followup.usage.cache_read_input_tokens > message.usage.input_tokens
+    counted = anthropic_client(server).messages.count_tokens(model=MODEL, messages=ASK, tools=ANTHROPIC_TOOLS)
+    assert counted.input_tokens == message.usage.input_tokens + message.usage.cache_read_input_tokens
+
+
+def test_messages_api_streams_tool_use_as_input_json_deltas(server):
+    client = anthropic_client(server)
+    options = dict(model=MODEL, max_tokens=64, messages=ASK, tools=ANTHROPIC_TOOLS)
+    events = list(client.messages.create(**options, stream=True))
+    starts = [e.content_block for e in events if e.type == "content_block_start"]
+    assert [block.type for block in starts] == ["thinking", "tool_use"] and starts[1].name == "get_weather"
+    partial = "".join(e.delta.partial_json for e in events if e.type == "content_block_delta"
+                      and e.delta.type == "input_json_delta")  # fmt: skip
+    assert json.loads(partial) == {"city": "Paris"}
+    assert events[-2].delta.stop_reason == "tool_use" and events[-1].type == "message_stop"
+    # The SDK's helper assembles the blocks; a named tool_choice writes the call's start into the prompt.
+    with client.messages.stream(**options, tool_choice={"type": "tool", "name": "get_weather"}) as stream:
+        final = stream.get_final_message()
+    [tool_use] = final.content
+    assert (tool_use.name, tool_use.input, final.stop_reason) == ("get_weather", {"city": "Paris"}, "tool_use")

@@ -18,9 +18,10 @@ from jax.sharding import PartitionSpec as P
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
-from model.loader import init_random_params, load_params, param_shapes
-from model.sharding import LOGICAL_AXES, logical_axes, make_mesh, param_shardings
-from tests.checkpoints import llama_checkpoint_fixture, make_checkpoint
+from model.llama import AttentionBatch, CausalLM
+from model.loader import init_random_params, load_params, param_shapes, param_shardings, param_spec, param_specs
+from model.sharding import make_mesh
+from tests.checkpoints import FAMILIES, llama_checkpoint_fixture, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,8 +265,46 @@ def test_qwen3_head_norms_are_loaded_and_sharded(tmp_path):
     np.testing.assert_array_equal(params["layers_1"]["attn"]["k_norm"]["scale"],
                                   hf["model.layers.1.self_attn.k_norm.weight"])
     assert "bo" not in params["layers_0"]["attn"] and "bqkv" not in params["layers_0"]["attn"]
-    shardings = flat_paths(param_shardings(param_shapes(config), make_mesh(1)))
+    shardings = flat_paths(param_shardings(config, make_mesh(1)))
     assert shardings["layers_0/attn/q_norm/scale"].spec == P(None)
+
+
+# ----- the declaration -----------------------------------------------------------------------------------
+
+
+def family_config(family: str, tied: bool, biased: bool) -> ModelConfig:
+    """A tiny config of `family` as its config.json would be read; Hq * D != E, so a swapped dimension shows."""
+    return ModelConfig.from_hf_dict({
+        "model_type": family, "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "max_position_embeddings": 64, "tie_word_embeddings": tied, "attention_bias": biased, "bias": biased,
+        "mlp_bias": biased,
+    })
+
+
+@pytest.mark.parametrize("biased", [False, True], ids=["plain", "biased"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flax_model_asks_for_exactly_the_declared_parameters(family, tied, biased):
+    """The Flax decoder's own `init` (traced, never run) builds the declared pytree, path for path and
+    shape for shape, and each declaration's fuse turns its checkpoint views into its declared shape."""
+    config = family_config(family, tied, biased)
+    assert config.qk_norm == (family == "qwen3")
+    assert config.attention_bias == (biased or family == "qwen2")
+    assert config.tie_word_embeddings == tied
+    num_pages, page_size = 4, 4
+    pages = jax.ShapeDtypeStruct((config.num_kv_heads, num_pages, page_size, config.head_dim), jnp.bfloat16)
+    batch = AttentionBatch(positions=jnp.zeros((1, 3), jnp.int32), valid=jnp.ones((1, 3), bool),
+                           kv_lens=jnp.full((1,), 3, jnp.int32), block_tables=jnp.zeros((1, num_pages), jnp.int32))
+    model = CausalLM(config, dtype=jnp.bfloat16)
+    flax_params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32), batch,
+                                 [(pages, pages)] * config.num_layers)["params"]
+    assert flax_params == param_shapes(config, jnp.bfloat16)
+    for spec in param_specs(config):
+        views = [jax.ShapeDtypeStruct(source.view, jnp.float32) for source in spec.sources]
+        assert all(np.prod(source.view) == np.prod(source.shape) for source in spec.sources), spec.path
+        assert jax.eval_shape(spec.fuse, *views).shape == spec.shape, spec.path
+        assert len(spec.axes) == len(spec.shape), spec.path
 
 
 # ----- sharding ------------------------------------------------------------------------------------------
@@ -289,17 +328,20 @@ EXPECTED_SPECS = {
 }
 
 
-def test_logical_axes_cover_the_interface_table():
-    assert logical_axes("layers_17/attn/wqkv") == ("embed", "kv_heads", None, "head_dim")
-    assert logical_axes("lm_head/kernel") == ("embed", "vocab")
-    assert len(LOGICAL_AXES) == len(EXPECTED_SPECS)
-    with pytest.raises(ValueError, match="no logical axes declared for parameter 'layers_0/attn/q_proj'"):
-        logical_axes("layers_0/attn/q_proj")
+def test_every_parameter_declares_its_logical_axes(biased):
+    config = dataclasses.replace(ModelConfig.from_pretrained(biased), num_layers=18, qk_norm=True)
+    assert param_spec(config, "layers_17/attn/wqkv").axes == ("embed", "kv_heads", None, "head_dim")
+    assert param_spec(config, "lm_head/kernel").axes == ("embed", "vocab")
+    declared = {spec.path.split("/", 1)[1] if spec.path.startswith("layers_") else spec.path
+                for spec in param_specs(config)}
+    assert len(declared) == len(EXPECTED_SPECS)
+    with pytest.raises(ValueError, match="no parameter 'layers_0/attn/q_proj' is declared"):
+        param_spec(config, "layers_0/attn/q_proj")
 
 
 def test_param_shardings_on_one_device(biased):
     config = ModelConfig.from_pretrained(biased)
-    shardings = flat_paths(param_shardings(param_shapes(config), make_mesh(1)))
+    shardings = flat_paths(param_shardings(config, make_mesh(1)))
     for path, sharding in shardings.items():
         assert sharding.spec == EXPECTED_SPECS[path.split("/", 1)[1] if path.startswith("layers_") else path]
     with pytest.raises(ValueError, match="tp=2 needs between 1 and 1 devices"):

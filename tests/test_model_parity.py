@@ -27,6 +27,8 @@ from model.llama import AttentionBatch, CausalLM, empty_cache
 from model.loader import load_params
 from tests.checkpoints import make_checkpoint
 
+pytestmark = pytest.mark.slow  # the long tier: `pytest -m "not slow"` leaves it out
+
 PAGE_SIZE = 4
 NUM_TOKENS = 23
 PROMPT_CHUNKS = [(0, 7), (7, 13)]  # a prompt of 13 in two chunks crossing page boundaries

@@ -17,7 +17,8 @@ import pytest
 from serving import GenerationConfig
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
-from serving.engine.pages import ROOT_KEY, OutOfPages, PageAllocator, PageContent, page_key
+from serving.engine.page_hash import ROOT_KEY, page_key, page_keys
+from serving.engine.pages import OutOfPages, PageAllocator, PageContent
 from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
 PAGE = 16
@@ -106,12 +107,12 @@ def run(engine: Engine, prompts: list[list[int]], config: GenerationConfig = GRE
 @contextlib.contextmanager
 def caching(engine: Engine, enabled: bool):
     """Switch the scheduler's reuse rule for one test (the same attribute the engine option sets)."""
-    saved = engine.scheduler.prefix_caching
-    engine.scheduler.prefix_caching = enabled
+    saved = engine.scheduler.kv.prefix_caching
+    engine.scheduler.kv.prefix_caching = enabled
     try:
         yield
     finally:
-        engine.scheduler.prefix_caching = saved
+        engine.scheduler.kv.prefix_caching = saved
 
 
 def drop_cache(engine: Engine) -> None:
@@ -127,9 +128,9 @@ def engine(tiny_pipe):
     drop_cache(engine)
     yield engine
     assert engine.wait_idle(), "requests still running after the test"
-    for session in list(engine.scheduler.pins):
+    for session in list(engine.scheduler.kv.pins):
         engine.end_session(session)
-    assert wait_until(lambda: not engine.scheduler.pins), "sessions still pinned after the test"
+    assert wait_until(lambda: not engine.scheduler.kv.pins), "sessions still pinned after the test"
     assert engine.allocator.num_used == 0, "KV pages leaked"
 
 
@@ -139,18 +140,31 @@ def test_the_engine_option_sets_the_scheduler_rule(tiny_pipe):
     for enabled in (True, False):
         other = Engine(base.model_config, base.runner.params, None,
                        EngineConfig(enable_prefix_caching=enabled, **options), mesh=base.mesh)
-        assert other.scheduler.prefix_caching is enabled
+        assert other.scheduler.kv.prefix_caching is enabled
     assert EngineConfig().enable_prefix_caching, "prefix caching is on by default"
 
 
 def test_a_repeated_prompt_reuses_its_full_pages_and_computes_only_the_rest(engine):
     prompt = random_prompt(53, seed=1)  # 3 full pages + 5 tokens
     (cold, cold_cached), = run(engine, [prompt])
-    computed = engine.stats()["prompt_tokens_computed"]
+    computed = engine.stats().prompt_tokens_computed
     (warm, warm_cached), = run(engine, [prompt])
     assert (cold_cached, warm_cached) == (0, 48)
-    assert engine.stats()["prompt_tokens_computed"] - computed == 53 - 48
+    assert engine.stats().prompt_tokens_computed - computed == 53 - 48
     assert warm == cold
+
+
+def test_page_keys_names_the_pages_the_engine_registers(engine):
+    """The proxy's cache-aware routing names a prompt's pages with `page_keys`: they must be the
+    names under which the engine's prefix cache holds them."""
+    prompt = random_prompt(53, seed=8)  # 3 full pages + 5 tokens
+    run(engine, [prompt])
+    keys = page_keys(prompt, PAGE)
+    assert len(keys) == 3
+    for index, key in enumerate(keys):
+        parent = keys[index - 1] if index else ROOT_KEY
+        content = PageContent(parent, tuple(prompt[index * PAGE : (index + 1) * PAGE]))
+        assert engine.allocator.lookup(key, content) is not None, f"page {index} is not cached under its key"
 
 
 def test_a_page_aligned_prompt_still_computes_its_last_token(engine):
@@ -217,12 +231,12 @@ def test_a_session_pins_its_pages_until_it_ends(engine):
     prompt = random_prompt(40, seed=8)
     (reply, _), = run(engine, [prompt], session_id="s1")
     stats = engine.stats()
-    assert stats["num_pinned_sessions"] == 1 and stats["num_pages_used"] == 2  # 47 tokens in KV: 2 full pages
+    assert stats.num_pinned_sessions == 1 and stats.num_pages_used == 2  # 47 tokens in KV: 2 full pages
     (_, cached), = run(engine, [prompt + reply + [5, 6, 7]], session_id="s1")
     assert cached == 32
-    assert engine.stats()["num_pinned_sessions"] == 1 and engine.stats()["num_pages_used"] == 3
+    assert engine.stats().num_pinned_sessions == 1 and engine.stats().num_pages_used == 3
     engine.end_session("s1")
-    assert wait_until(lambda: engine.stats()["num_pinned_sessions"] == 0)
+    assert wait_until(lambda: engine.stats().num_pinned_sessions == 0)
     assert engine.allocator.num_used == 0 and engine.allocator.num_cached == 3, "an ended session's pages stay cached"
 
 
@@ -241,11 +255,11 @@ def test_page_pressure_unpins_idle_sessions_before_preempting_and_the_next_turn_
     turn = history + reply + random_prompt(6, seed=12)
     with caching(engine, False):
         (expected, _), = run(engine, [turn])
-    assert engine.stats()["num_pinned_sessions"] == 1
+    assert engine.stats().num_pinned_sessions == 1
     preemptions = engine.scheduler.num_preemptions
     run(engine, [random_prompt(120, seed=13 + i) for i in range(3)], GenerationConfig(max_new_tokens=4,
                                                                                        ignore_eos=True))
-    assert engine.stats()["num_pinned_sessions"] == 0, "three 8-page sequences need every page"
+    assert engine.stats().num_pinned_sessions == 0, "three 8-page sequences need every page"
     assert engine.scheduler.num_preemptions == preemptions, "unpinning comes before preemption"
     (again, cached), = run(engine, [turn], session_id="s3")
     assert cached == 0 and again == expected

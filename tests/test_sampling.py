@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,8 @@ from transformers import (
 )
 
 import serving.engine.sampling as sampling
-from serving.engine.request import MAX_STOP_TOKEN_IDS, EngineRequest, GenerationConfig
-from serving.engine.sampling import RowParams, SamplingBatch, adjust_logits, filter_logits, sample
+from serving.engine.sampling import SEARCH, RowParams, SamplingBatch, adjust_logits, filter_logits, sample
+from serving.request import MAX_STOP_TOKEN_IDS, EngineRequest, GenerationConfig
 
 # Large enough that a flat row's top-p or top-k set holds thousands of tokens.
 VOCAB = 16384
@@ -77,11 +79,12 @@ def seen_from(token_ids: list[list[int]], vocab: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def compiled_sample():
-    """`sample` compiled once for [BATCH, VOCAB]; every test below calls this one executable."""
+    """`sample` compiled once for [BATCH, VOCAB], on the branch that searches every row (the one that covers
+    any mix of rows); every test below calls this one executable."""
     params = SamplingBatch.from_rows([], BATCH)
     logits = jnp.zeros((BATCH, VOCAB), jnp.float32)
     seen = jnp.zeros((BATCH, VOCAB), bool)
-    return jax.jit(sample).lower(logits, params, seen).compile()
+    return jax.jit(functools.partial(sample, mode=SEARCH)).lower(logits, params, seen).compile()
 
 
 def test_one_compile_serves_mixed_rows(compiled_sample):
@@ -189,8 +192,10 @@ def test_gathered_search_matches_the_search_of_every_row():
 
 def test_sample_mode_gathers_only_when_few_rows_of_a_large_batch_search():
     def mode(rows: list[RowParams], batch: int) -> int:
-        p = SamplingBatch.from_rows(rows, batch)
-        return sampling.sample_mode(*(np.asarray(a) for a in (p.temperature, p.top_k, p.top_p)))
+        ints, floats = sampling.empty_sampling(batch)  # the packing the engine's steps use
+        for i, row in enumerate(rows):
+            row.write(ints, floats, i)
+        return sampling.sample_mode(ints, floats)
 
     top_p = RowParams(temperature=1.0, top_p=0.9)
     assert mode([RowParams()] * 4, 32) == sampling.ALL_GREEDY
@@ -242,7 +247,8 @@ def test_draws_follow_the_filtered_distribution(row):
     draws = 4096
     rows = [RowParams(**{**vars(row), "seed": seed}) for seed in range(draws)]
     tokens = np.asarray(
-        jax.jit(sample)(np.tile(logits, (draws, 1)), SamplingBatch.from_rows(rows, draws), np.zeros((draws, 8), bool))
+        jax.jit(functools.partial(sample, mode=SEARCH))(
+            np.tile(logits, (draws, 1)), SamplingBatch.from_rows(rows, draws), np.zeros((draws, 8), bool))
     )
     allowed = reference_allowed(logits, row)
     assert allowed[tokens].all()
@@ -285,7 +291,7 @@ def test_same_seed_and_step_give_the_same_token_in_any_row_or_batch(compiled_sam
         kept = [i for i in range(BATCH) if i not in changed]
         np.testing.assert_array_equal(other[kept], tokens[kept])
     # A batch of one.
-    alone = jax.jit(sample)
+    alone = jax.jit(functools.partial(sample, mode=SEARCH))
     for i, row in enumerate(ROWS):
         token = alone(logits[i : i + 1], SamplingBatch.from_rows([row], 1), seen[i : i + 1])
         assert int(token[0]) == tokens[i], i

@@ -173,7 +173,7 @@ def test_the_plan_needs_a_pallas_backend_the_option_and_a_decode_bucket_of_two_t
 
 def test_decode_rows_sharing_cached_pages_run_planned_steps_with_unchanged_outputs(tiny_llama, pallas_engine):
     engine = pallas_engine
-    compilations = engine.stats()["compilations_after_warmup"]
+    compilations = engine.stats().compilations_after_warmup
     systems = [random_prompt(3 * PAGE, seed=1), random_prompt(3 * PAGE, seed=2)]  # 3 full pages each
     for system in systems:  # cache each system prompt's pages, as a first request would
         generate(engine, [system + [11]])
@@ -182,27 +182,27 @@ def test_decode_rows_sharing_cached_pages_run_planned_steps_with_unchanged_outpu
     before = engine.stats()
     planned = generate(engine, prompts)
     stats = engine.stats()
-    assert stats["shared_prefix_steps"] > before["shared_prefix_steps"], "the decode steps must carry a plan"
-    rows = stats["shared_prefix_rows"] - before["shared_prefix_rows"]
-    assert MIN_TILE_ROWS <= rows <= 8 * (stats["shared_prefix_steps"] - before["shared_prefix_steps"])
-    assert stats["prefix_cache_hits"] - before["prefix_cache_hits"] == 8 * 3 * PAGE
+    assert stats.shared_prefix_steps > before.shared_prefix_steps, "the decode steps must carry a plan"
+    rows = stats.shared_prefix_rows - before.shared_prefix_rows
+    assert MIN_TILE_ROWS <= rows <= 8 * (stats.shared_prefix_steps - before.shared_prefix_steps)
+    assert stats.prefix_cache_hits - before.prefix_cache_hits == 8 * 3 * PAGE
 
     engine.runner.shared_prefix = False  # the same engine without plans (the engine option sets this at start)
     try:
         plain = generate(engine, prompts)
     finally:
         engine.runner.shared_prefix = True
-    assert engine.stats()["shared_prefix_steps"] == stats["shared_prefix_steps"]
+    assert engine.stats().shared_prefix_steps == stats.shared_prefix_steps
     assert planned == plain
     # Counted process-wide: checked before the XLA engine below compiles its own steps.
-    assert engine.stats()["compilations_after_warmup"] == compilations
-    assert engine.stats()["num_pages_used"] == 0, "KV pages leaked"
+    assert engine.stats().compilations_after_warmup == compilations
+    assert engine.stats().num_pages_used == 0, "KV pages leaked"
 
     xla = start_engine(tiny_llama, attention_backend="xla")
     try:
         for system in systems:
             generate(xla, [system + [11]])
         assert generate(xla, prompts) == planned
-        assert xla.stats()["shared_prefix_steps"] == 0
+        assert xla.stats().shared_prefix_steps == 0
     finally:
         xla.shutdown()

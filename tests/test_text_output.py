@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.engine.request import EngineOutput, FinishReason, GenerationConfig
+from serving.request import EngineOutput, FinishReason, GenerationConfig
 from serving.text.output import OutputProcessor, TextDelta
 from serving.text.tokenizer import Tokenizer
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from serving.text.tokenizer import Tokenizer
+from serving.text.tokenizer import PromptTooLong, TemplateVariableError, Tokenizer
 from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
 CONVERSATIONS = [
@@ -75,3 +76,37 @@ def test_missing_chat_template_is_a_clear_error(llama_dir, tmp_path):
     # A template passed in explicitly is used instead.
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     assert tok.apply_chat_template(CONVERSATIONS[0], chat_template=template) == "[user] Hello!\n"
+
+
+def test_encode_at_most_encodes_what_fits_and_refuses_the_rest_without_tokenizing_it(llama_dir):
+    tokenizer = Tokenizer.from_pretrained(str(llama_dir))
+    text = "Once upon a time, a fox read a book. " * 3
+    fits = len(tokenizer.encode(text, add_special_tokens=False))
+    assert tokenizer.encode_at_most(text, fits) == tokenizer.encode(text)  # exactly at the limit, BOS aside
+    assert tokenizer.encode_at_most(text, fits, add_special_tokens=False) == tokenizer.encode(text, False)
+    with pytest.raises(PromptTooLong) as over:
+        tokenizer.encode_at_most(text, fits - 1)
+    assert over.value.at_least == fits
+    # Past the character bound (limit × the longest token), refused before any tokenizing.
+    assert tokenizer.max_token_chars == 12  # "▁development", in this vocabulary
+    huge = "Once upon a time. " * 220_000  # 4 MB
+    began = time.perf_counter()
+    with pytest.raises(PromptTooLong):
+        tokenizer.encode_at_most(huge, 127)
+    assert time.perf_counter() - began < 0.05
+    # Within the bound, at 2 characters a token: a prefix shows it too long.
+    short_tokens = "a " * 2000
+    with pytest.raises(PromptTooLong) as prefix:
+        tokenizer.encode_at_most(short_tokens, 500)
+    assert 500 < prefix.value.at_least <= len(tokenizer.encode(short_tokens, add_special_tokens=False))
+
+
+def test_template_variables_are_variables_only(llama_dir):
+    tokenizer = Tokenizer.from_pretrained(str(llama_dir))
+    messages = [{"role": "user", "content": "hi"}]
+    plain = tokenizer.apply_chat_template(messages)
+    assert tokenizer.apply_chat_template(messages, variables={"enable_thinking": False}) == plain
+    for name in ("tokenize", "documents", "return_dict", "padding", "messages", "raise_exception", "range", "1x"):
+        with pytest.raises(TemplateVariableError) as refused:
+            tokenizer.apply_chat_template(messages, variables={name: 5})
+        assert refused.value.name == name

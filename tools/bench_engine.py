@@ -28,7 +28,7 @@ import numpy as np
 
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine, TurnRecord, resolve_dtype
-from serving.engine.request import EngineOutput, GenerationConfig
+from serving.request import EngineOutput, GenerationConfig
 from tools.bench_serving import sharegpt_like_dataset
 from tools.timing import copy_bandwidth
 
@@ -209,7 +209,7 @@ def main() -> None:
         top_k=args.top_k,
         random_seed=0,
     )
-    compiles_before = engine.stats()["compilations_after_warmup"]
+    compiles_before = engine.stats().compilations_after_warmup
     result: dict = {
         "mode": args.mode,
         "device": jax.devices()[0].device_kind,
@@ -263,7 +263,7 @@ def main() -> None:
             f"throughput: {len(prompts)} x {shape}: {out_tokens / elapsed:.0f} "
             f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s"
         )
-    result["compilations_after_warmup"] = engine.stats()["compilations_after_warmup"] - compiles_before
+    result["compilations_after_warmup"] = engine.stats().compilations_after_warmup - compiles_before
     print(f"compilations after warm-up: {result['compilations_after_warmup']}")
     engine.shutdown()
     if args.baseline:

@@ -5,6 +5,7 @@
         --num-prompts 1000 --request-rate inf --ignore-eos --result-json b2.json --plot b2.png
     python -m tools.bench_serving --dataset random --input-len 1024 --output-len 1024 --max-concurrency 64
     python -m tools.bench_serving --dataset shared-prefix --prefix-len 1024 --prompts-per-group 16 ...
+    python -m tools.bench_serving --dataset sharegpt-like --max-concurrency 1 8 64 256 --plot sweep.png
     python -m tools.bench_serving --num-prompts 16 --input-len 64 --output-len 128 --ignore-eos \
         --vocab-size 49152 --baseline transformers --baseline-model SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -517,6 +518,48 @@ def transformers_baseline(args: argparse.Namespace, requests: list[BenchRequest]
     return baseline
 
 
+def plot_sweep(reports: list[dict[str, Any]], swept: str, path: str) -> None:
+    """One figure: output throughput, TTFT and TPOT percentiles, each against the load level of each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Levels as evenly spaced categories: a rate sweep may end at inf, which no numeric axis holds.
+    levels = [_level_label(report["config"][swept]) for report in reports]
+    x = np.arange(len(reports))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    throughput = axes[0]
+    throughput.plot(x, [r["metrics"]["output_throughput"] for r in reports], marker="o", label="output tok/s")
+    throughput.set_ylabel("output tok/s")
+    requests = throughput.twinx()
+    requests.plot(x, [r["metrics"]["request_throughput"] for r in reports], marker="s", linestyle="--",
+                  color="tab:green", label="req/s")
+    requests.set_ylabel("req/s")
+    throughput.set_title("throughput")
+    throughput.legend(handles=[*throughput.get_lines(), *requests.get_lines()], fontsize=8)
+    for ax, name in ((axes[1], "ttft"), (axes[2], "tpot")):
+        for stat in reports[0]["metrics"][f"{name}_ms"]:
+            values = [r["metrics"][f"{name}_ms"][stat] for r in reports]
+            ax.plot(x, [math.nan if v is None else v for v in values], marker="o", label=stat)
+        ax.set_ylabel("ms")
+        ax.set_title(name.upper())
+        ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xticks(x, levels)
+        ax.set_xlabel("max concurrency" if swept == "max_concurrency" else "request rate (req/s)")
+    config = reports[0]["config"]
+    fig.suptitle(f"{config['model']} at {config['base_url']}{config['endpoint']}; {config['dataset']} "
+                 f"x{config['num_prompts']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _level_label(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -539,9 +582,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: system prompt tokens")
     parser.add_argument("--prompts-per-group", type=int, default=16, help="shared-prefix: prompts per prefix")
     parser.add_argument("--vocab-size", type=int, default=32000, help=f"prompt ids are drawn from [{MIN_TOKEN_ID}, V)")
-    parser.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all at once")
+    parser.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
+                        help="requests/s (Poisson); inf = all at once. Several values: a sweep, one run each")
     parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1 = Poisson")
-    parser.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
+    parser.add_argument("--max-concurrency", type=int, nargs="+", default=[None],
+                        help="at most this many requests in flight. Several values: a sweep, one run each")
     parser.add_argument("--num-warmups", type=int, default=0, help="requests sent and discarded before timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly max_tokens (ignore_eos: true)")
@@ -551,7 +596,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-duration", type=float, default=3600.0, help="seconds for the whole run")
     parser.add_argument("--result-json", help="write config and metrics here")
     parser.add_argument("--save-detail", action="store_true", help="add per-request arrays to the JSON")
-    parser.add_argument("--plot", help="PNG of the TTFT/TPOT/ITL distributions and throughput over time")
+    parser.add_argument("--plot", help="PNG of the TTFT/TPOT/ITL distributions and throughput over time; in a "
+                        "sweep, of throughput and TTFT/TPOT percentiles against the load")
     parser.add_argument("--baseline", choices=["transformers"],
                         help="also generate the prompts with transformers as one static batch (--baseline-model)")
     parser.add_argument("--baseline-model", help="--baseline: the served checkpoint (folder or .gguf file)")
@@ -570,11 +616,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--vocab-size must exceed {MIN_TOKEN_ID}")
     if not 0 <= args.range_ratio < 1:
         parser.error("--range-ratio must be in [0, 1)")
-    if args.request_rate <= 0 or args.burstiness <= 0:
+    if min(args.request_rate) <= 0 or args.burstiness <= 0:
         parser.error("--request-rate and --burstiness must be positive")
     if args.baseline and (not args.baseline_model or args.dataset != "random" or args.range_ratio
                           or args.endpoint != "/v1/completions"):
         parser.error("--baseline needs --baseline-model and fixed-length random prompts to /v1/completions")
+    if any(c is not None and c < 1 for c in args.max_concurrency):
+        parser.error("--max-concurrency must be positive")
+    if len(args.request_rate) > 1 and len(args.max_concurrency) > 1:
+        parser.error("sweep one of --request-rate and --max-concurrency; give the other one value")
+    # One run per load level: the swept option and its values (a single run is a sweep of one level).
+    args.sweep = "max_concurrency" if len(args.max_concurrency) > 1 else "request_rate"
+    args.levels = getattr(args, args.sweep)
+    args.request_rate, args.max_concurrency = args.request_rate[0], args.max_concurrency[0]
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -604,13 +658,30 @@ def make_dataset(args: argparse.Namespace) -> list[BenchRequest]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """One run, or with several --request-rate or --max-concurrency values a sweep: one run per value, each
+    with its table; the JSON then holds every run's report under `sweep`, and the plot the load curves."""
     args = parse_args(argv)
+    if len(args.levels) == 1:
+        return run(args)
+    reports = [run(argparse.Namespace(**{**vars(args), args.sweep: level, "result_json": None, "plot": None}))
+               for level in args.levels]
+    sweep = {"swept": args.sweep, "levels": [str(level) for level in args.levels], "sweep": reports}
+    if args.result_json:
+        with open(args.result_json, "w") as f:
+            json.dump(sweep, f, indent=2)
+    if args.plot:
+        plot_sweep(reports, args.sweep, args.plot)
+    return sweep
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     requests = make_dataset(args)
     offsets = arrival_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
     results, duration, peak, model, cpu = asyncio.run(benchmark(args, requests, offsets))
     metrics = compute_metrics(results, duration, args.percentiles, peak)
     metrics["client_cpu_s"] = cpu
-    config = {k: v for k, v in vars(args).items() if k != "api_key"}  # keys stay out of result files
+    # Keys stay out of result files; the sweep's levels are in the sweep's own JSON (inf is no JSON number).
+    config = {k: v for k, v in vars(args).items() if k not in ("api_key", "levels")}
     config.update(
         model=model,
         request_rate=str(args.request_rate),

@@ -42,7 +42,7 @@ from model.rope import inv_frequencies
 from model.sharding import make_mesh
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine, resolve_dtype
-from serving.engine.request import GenerationConfig
+from serving.request import GenerationConfig
 from tools.bench_engine import run_requests
 
 PAGE_SIZE = 64

@@ -26,10 +26,10 @@ from configs.shapes import SHAPES
 from model.loader import init_random_params
 from model.sharding import make_mesh
 from serving.engine.config import BucketSet
-from serving.engine.request import EngineRequest, GenerationConfig
 from serving.engine.runner import ModelRunner
-from serving.engine.sampling import RowParams, SamplingBatch, sample
-from serving.engine.scheduler import Chunk, Sequence
+from serving.engine.sampling import ALL_GREEDY, RowParams, SamplingBatch, sample
+from serving.engine.scheduler import Chunk
+from serving.request import EngineRequest, GenerationConfig
 from tools.timing import copy_bandwidth, timed
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     shared_pages = min(args.prefix_len // args.page_size, pages_per_seq - 1) if args.prefix_groups else 0
     own_pages = pages_per_seq - shared_pages
     buckets = BucketSet(decode_batch=tuple(batches), prefill_rows=(1,), prefill_tokens=(64,),
-                        max_prefill_tokens=PRESETS["gpu"].max_prefill_tokens)
+                        max_prefill_tokens=PRESETS["gpu"]["max_prefill_tokens"])
     num_pages = args.prefix_groups * shared_pages + max(batches) * own_pages + 1
     runner = ModelRunner(config, params, dtype, num_pages, args.page_size, pages_per_seq, buckets,
                          num_slots=max(batches), mesh=make_mesh(1), attention_backend=args.attention_backend)
@@ -97,16 +97,15 @@ def main() -> None:
             if args.prefix_groups:
                 group = 1 + (i % args.prefix_groups) * shared_pages
                 pages = list(range(group, group + shared_pages)) + pages
-            seq = Sequence(request=request, sink=lambda out: None, arrival=i, token_ids=[1] * args.context,
-                           num_prompt_tokens=args.context, num_computed=args.context - 1, pages=pages, slot=i)
-            chunks.append(Chunk(seq, args.context - 1, 1))
+            chunks.append(Chunk(request=request, slot=i, admission=1, start=args.context - 1, length=1,
+                                token_ids=[1], pages=pages, step=0, samples=True, first=False))
         step_ms = timed(lambda chunks=chunks, batch=batch: runner.run(chunks, batch, 1))
-        token_ids, packed_rows, _, _, tiled_rows = runner._inputs(chunks, batch, 1)
-        token_ids, packed_rows = jax.device_put((token_ids, packed_rows))
+        token_ids, row_table, _, _, tiled_rows = runner._inputs(chunks, batch, 1)
+        token_ids, row_table = jax.device_put((token_ids, row_table))
 
-        def model_only(run_step, token_ids=token_ids, packed_rows=packed_rows):
+        def model_only(run_step, token_ids=token_ids, row_table=row_table):
             runner.cache, runner.seen, logits, _ = run_step(runner.params, runner.cache, runner.seen,
-                                                            runner.last_tokens, token_ids, packed_rows)
+                                                            runner.last_tokens, token_ids, row_table)
             return logits
 
         model_ms = timed(functools.partial(model_only, runner._step))
@@ -119,7 +118,7 @@ def main() -> None:
         logits = jnp.asarray(np.random.default_rng(0).standard_normal((batch, config.vocab_size)), jnp.float32)
         seen = jnp.zeros((batch, config.vocab_size), bool)
         sampling = SamplingBatch.from_rows([RowParams()] * batch, batch)
-        sampler_ms = timed(functools.partial(jax.jit(sample), logits, sampling, seen))
+        sampler_ms = timed(functools.partial(jax.jit(sample, static_argnums=3), logits, sampling, seen, ALL_GREEDY))
         ours = gemm_floor(params, batch, hf_layout=False)
         hf = gemm_floor(params, batch, hf_layout=True)
         rows.append((batch, step_ms, model_ms, shared_ms, tiled_rows, sampler_ms, host_ms, ours, hf))

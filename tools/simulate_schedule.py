@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from serving.engine.config import BucketSet
 from serving.engine.pages import PageAllocator
-from serving.engine.request import EngineRequest, GenerationConfig
-from serving.engine.scheduler import Chunk, Scheduler, Sequence
+from serving.engine.scheduler import Chunk, Scheduler
+from serving.request import EngineRequest, GenerationConfig
 from tools.bench_serving import BenchRequest, sharegpt_like_dataset
 
 WEIGHT_STREAM_MS = 5.04  # 15.01 GB at 2.98 TB/s (docs/benchmarks.md)
@@ -63,11 +63,9 @@ def simulate(requests: list[BenchRequest], buckets: BucketSet, num_pages: int = 
              page_size: int = 64) -> Prediction:
     """Run the scheduler over `requests` (all arriving at once) and add up the modelled step times."""
     scheduler = Scheduler(PageAllocator(num_pages), buckets, page_size, buckets.max_decode_batch,
-                          prefix_caching=False)
+                          max_session_len=num_pages * page_size, prefix_caching=False)
     for i, r in enumerate(requests):
-        request = EngineRequest(str(i), r.prompt, GenerationConfig(max_new_tokens=r.output_len), frozenset(), 0)
-        scheduler.add(Sequence(request=request, sink=lambda out: None, arrival=i, token_ids=list(r.prompt),
-                               num_prompt_tokens=len(r.prompt), max_new_tokens=r.output_len))
+        scheduler.add_request(EngineRequest(str(i), r.prompt, GenerationConfig(max_new_tokens=r.output_len)))
     ms = decode_total = prefill_total = 0.0
     turns = prefill_steps = out = real = padded = 0
     while scheduler.has_work:
@@ -86,14 +84,9 @@ def simulate(requests: list[BenchRequest], buckets: BucketSet, num_pages: int = 
             prefill_steps += 1
             real += total
             padded += shape.packed
-        for chunk in plan.decode + plan.prefill:  # the step's effect, as the engine's dispatch and read-back
-            seq = chunk.seq
-            seq.num_computed = chunk.start + chunk.length
-            if chunk.samples:
-                seq.token_ids.append(0)
-                out += 1
-                if seq.num_read >= seq.max_new_tokens:
-                    scheduler.finish(seq)
+        for chunks in (plan.decode, plan.prefill):  # the step's effect: the scheduler's own update
+            out += sum(chunk.samples for chunk in chunks)
+            scheduler.update_from_output(chunks, [0] * len(chunks))
     return Prediction(ms / 1e3, out, turns, decode_total / 1e3, prefill_total / 1e3, prefill_steps, real, padded)
 
 

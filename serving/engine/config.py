@@ -17,7 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from serving.engine.request import InvalidRequestError
+from configs.presets import PRESETS
+from serving.request import InvalidRequestError
 
 
 class StepShape(NamedTuple):
@@ -138,6 +139,12 @@ class EngineConfig:
     # JAX's persistent compilation cache (serving/engine/compile_cache.py): auto (a per-user directory
     # on accelerators, off on CPU), off, or a directory
     compilation_cache_dir: str = "auto"
+    # Several hosts (serving/engine/multihost.py): unset ones come from LeaderWorkerSet's or JAX's variables
+    nnodes: int | None = None
+    node_rank: int | None = None
+    dist_init_addr: str | None = None  # HOST:PORT of rank 0's JAX coordinator; its plan channel is PORT + 1
+    dist_timeout: float = 15.0  # seconds of silence after which a peer is lost and every process exits
+    dist_init_timeout: float = 300.0  # seconds to wait for every process to join
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -173,8 +180,6 @@ class EngineConfig:
 
     def buckets(self, platform: str) -> BucketSet:
         """The bucket set for this platform, with explicit options overriding the preset."""
-        from configs.presets import preset_buckets
-
         preset = preset_buckets(self.preset, platform)
         max_tokens = self.max_prefill_token_num or preset.max_prefill_tokens
         decode = self.decode_batch_buckets or preset.decode_batch
@@ -186,3 +191,12 @@ class EngineConfig:
         return BucketSet(decode_batch=tuple(decode), prefill_rows=tuple(r for r in rows if r <= decode[-1]) or (1,),
                          prefill_tokens=tuple(tokens), max_prefill_tokens=max_tokens,
                          packed_prefill=tuple(n for n in packed if n <= max_tokens))
+
+
+def preset_buckets(name: str, platform: str) -> BucketSet:
+    """The named preset of `configs.presets`; `auto` picks `gpu` on accelerators and `cpu` elsewhere."""
+    if name == "auto":
+        name = "cpu" if platform == "cpu" else "gpu"
+    if name not in PRESETS:
+        raise ValueError(f"unknown bucket preset {name!r}; choose one of auto, {', '.join(PRESETS)}")
+    return BucketSet(**PRESETS[name])  # type: ignore[arg-type]

@@ -40,12 +40,15 @@ from model.config import ModelConfig
 from model.llama import kv_bytes_per_token
 from model.loader import init_random_params, load_params
 from model.sharding import make_mesh
+from serving.engine.client import EngineStats
 from serving.engine.compile_cache import enable_compilation_cache
 from serving.engine.config import EngineConfig
+from serving.engine.multihost import PeerLost, PlanBroadcaster, exit_after_grace, join, resolve_group
 from serving.engine.pages import PageAllocator
-from serving.engine.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
+from serving.engine.progress import StartupListener, buckets_reporter, weights_reporter
 from serving.engine.runner import ModelRunner
-from serving.engine.scheduler import Chunk, Scheduler, SeqStatus, Sequence
+from serving.engine.scheduler import Chunk, Scheduler
+from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -138,10 +141,13 @@ class Engine:
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | tokenizer_eos
         self.ready = False
         self.compile_seconds = 0.0
+        # time.monotonic() of the loop's last turn (an idle loop turns every half second): a server that
+        # sees it stand still while it waits on the engine knows the engine is stuck (`EngineClient`).
+        self.heartbeat = time.monotonic()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._arrivals = 0
+        self._sinks: dict[str, Callable[[EngineOutput], None]] = {}  # request id -> where its outputs go
         self._compilations_at_warmup = 0
         self._error: BaseException | None = None
         # `submit` and the thread's exit agree under this lock on whether the inbox is still read.
@@ -150,9 +156,12 @@ class Engine:
         self._step_failures = 0
         self.fault_hook: Callable[[list[Chunk]], None] | None = None  # tests only; see the module docstring
         self.timeline: list[TurnRecord] | None = None  # see the module docstring
+        self.on_startup: StartupListener | None = None  # hears of each bucket `start` compiles
         # Called on the engine thread after each loop turn has reported its outputs, and once more as
         # the thread ends: a consumer whose sinks only buffer wakes its reader once per step, not per token.
         self.step_listeners: list[Callable[[], None]] = []
+        # Several hosts: the leader sends each step's plan to the followers before running it (`multihost`).
+        self.plan: PlanBroadcaster | None = None
 
         self.buckets = self.engine_config.buckets(self.platform)
         self.max_batch_size = self.buckets.max_decode_batch
@@ -164,9 +173,8 @@ class Engine:
         self.max_session_len = min(session_len, (self.num_pages - 1) * page_size)
         self.page_size = page_size
         self.allocator = PageAllocator(self.num_pages)
-        self.scheduler = Scheduler(self.allocator, self.buckets, page_size, self.max_batch_size,
+        self.scheduler = Scheduler(self.allocator, self.buckets, page_size, self.max_batch_size, self.max_session_len,
                                    prefix_caching=self.engine_config.enable_prefix_caching)
-        self.num_prompt_tokens_computed = 0  # prefilled, i.e. not taken from the prefix cache
         self.runner = ModelRunner(
             model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
@@ -174,18 +182,25 @@ class Engine:
         )
 
     @classmethod
-    def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None) -> Engine:
-        """Load a local Hugging Face checkpoint directory or GGUF file (None: the built-in demo model)."""
+    def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None,
+                        on_startup: StartupListener | None = None) -> Engine:
+        """Load a local Hugging Face checkpoint directory or GGUF file (None: the built-in demo model).
+        `on_startup` hears of each tensor loaded, and later of each bucket `start` compiles
+        (serving.engine.progress)."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
             model_path = ensure_demo_checkpoint()
         if not (os.path.isdir(model_path) or os.path.isfile(model_path)):
             raise FileNotFoundError(
-                f"model path {model_path!r} is not a local directory or GGUF file; xlserve loads Hugging Face "
-                "checkpoints and GGUF files from disk and cannot download them"
+                f"model path {model_path!r} is not a local directory or GGUF file (a hub id is downloaded by "
+                "model.source.resolve_model first)"
             )
         config = config or EngineConfig()
+        group = resolve_group(config.nnodes, config.node_rank, config.dist_init_addr, config.dist_timeout,
+                              config.dist_init_timeout)
+        if group is not None:
+            join(group)  # before anything touches JAX: the devices of every host then make one mesh
         model_config = ModelConfig.from_pretrained(model_path)
         tokenizer = Tokenizer.from_pretrained(model_path)
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
@@ -194,8 +209,13 @@ class Engine:
             logger.warning("load_format=dummy: serving RANDOM weights at %s's shapes (benchmarks only)", model_path)
             params = init_random_params(model_config, dtype, config.seed, mesh)
         else:
-            params = load_params(model_path, model_config, dtype, mesh)
-        return cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
+            params = load_params(model_path, model_config, dtype, mesh, on_loaded=weights_reporter(on_startup))
+        engine = cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
+        engine.on_startup = on_startup
+        if group is not None and group.is_leader:
+            engine.plan = PlanBroadcaster(group)  # listening already: followers may connect while it compiles
+            engine.plan.on_lost = engine._lose_follower
+        return engine
 
     # ----- set-up -----------------------------------------------------------------------------------
     def _num_pages(self, pages_per_seq: int) -> int:
@@ -212,20 +232,31 @@ class Engine:
             budget = free * cfg.cache_max_entry_count
         useful = self.max_batch_size * pages_per_seq + 1  # more could never be used at once
         pages = min(int(budget // page_bytes), useful)
+        if jax.process_count() > 1:  # every host must build the same cache: the smallest one's
+            from jax.experimental import multihost_utils
+
+            pages = int(multihost_utils.process_allgather(np.int64(pages)).min())
         if pages < 2:
             raise MemoryError(f"KV cache budget of {budget / 2**20:.0f} MiB holds fewer than 2 pages")
         return pages
 
     def start(self) -> None:
         """Compile every bucket, then start the engine thread. Returns when the engine is ready."""
-        CompilationCounter.install()
-        self.compile_seconds = self.runner.compile_all()
-        logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
-        self._compilations_at_warmup = CompilationCounter.count()
+        self.warm_up()
+        if self.plan is not None:
+            self.plan.accept()
         self._thread = threading.Thread(target=self._loop, name="xlserve-engine", daemon=True)
+        self.heartbeat = time.monotonic()
         self._accepting = True
         self._thread.start()
         self.ready = True
+
+    def warm_up(self) -> None:
+        """Compile every bucket; compilations from here on count as after warm-up."""
+        CompilationCounter.install()
+        self.compile_seconds = self.runner.compile_all(on_compiled=buckets_reporter(self.on_startup))
+        logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
+        self._compilations_at_warmup = CompilationCounter.count()
 
     def shutdown(self) -> None:
         self.ready = False
@@ -233,10 +264,25 @@ class Engine:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.plan is not None:
+            self.plan.close()
+
+    def _lose_follower(self, why: str) -> None:
+        """A follower is gone: the group cannot run another step (its collectives would wait forever), so
+        fail the probes now and end the process shortly (`multihost.exit_after_grace`)."""
+        self._error = PeerLost(why)
+        self.ready = False
+        with self._inbox_lock:
+            self._accepting = False
+        exit_after_grace(why)
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def dtype_name(self) -> str:
+        return jnp.dtype(self.dtype).name
 
     @property
     def error(self) -> BaseException | None:
@@ -256,8 +302,8 @@ class Engine:
         """Start a JAX profiler trace of this process (the engine's host work and device kernels)."""
         options = jax.profiler.ProfileOptions()
         # Tracing every Python call slows the host loop several-fold, so a trace of a loaded server would
-        # show a host-bound engine that is not (the B2 trace of 2026-11-26: device 55% busy). Dispatches
-        # and transfers still show, from JAX's own host annotations.
+        # show a host-bound engine that is not (docs/perf-notes.md). Dispatches and transfers still show,
+        # from JAX's own host annotations.
         options.python_tracer_level = 0
         jax.profiler.start_trace(directory, create_perfetto_trace=True, profiler_options=options)
 
@@ -272,27 +318,29 @@ class Engine:
             self._inbox.put(("add", request, sink))
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id, None))
+        if self._accepting:  # an engine that has stopped holds nothing to abort
+            self._inbox.put(("abort", request_id, None))
 
     def end_session(self, session_id: str) -> None:
         """Unpin an interactive session's pages (they stay cached until evicted)."""
-        self._inbox.put(("end_session", session_id, None))
+        if self._accepting:
+            self._inbox.put(("end_session", session_id, None))
 
-    def stats(self) -> dict:
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "num_pages_total": self.allocator.num_usable,
-            "num_pages_used": self.allocator.num_used,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_cached_pages": self.allocator.num_cached,
-            "num_pinned_sessions": len(self.scheduler.pins),
-            "prefix_cache_hits": self.scheduler.num_reused_tokens,
-            "prompt_tokens_computed": self.num_prompt_tokens_computed,
-            "shared_prefix_steps": self.runner.shared_prefix_steps,
-            "shared_prefix_rows": self.runner.shared_prefix_rows,
-            "compilations_after_warmup": CompilationCounter.count() - self._compilations_at_warmup,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_pages_total=self.allocator.num_usable,
+            num_pages_used=self.allocator.num_used,
+            num_cached_pages=self.allocator.num_cached,
+            num_pinned_sessions=len(self.scheduler.kv.pins),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hits=self.scheduler.num_reused_tokens,
+            prompt_tokens_computed=self.scheduler.num_prompt_tokens_computed,
+            shared_prefix_steps=self.runner.shared_prefix_steps,
+            shared_prefix_rows=self.runner.shared_prefix_rows,
+            compilations_after_warmup=CompilationCounter.count() - self._compilations_at_warmup,
+        )
 
     # ----- the engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -321,17 +369,18 @@ class Engine:
             logger.exception("engine thread crashed")
             self._error = exc
             self.ready = False
-            for seq in (*self.scheduler.running, *self.scheduler.waiting):
-                self._finish(seq, FinishReason.ERROR, error=f"engine failure: {exc}")
+            for output in self.scheduler.abort_all(FinishReason.ERROR, error=f"engine failure: {exc}"):
+                self._emit(output)
         finally:
             with self._inbox_lock:
                 self._accepting = False
-            for seq in (*self.scheduler.running, *self.scheduler.waiting):
-                self._finish(seq, FinishReason.ABORT)
+            for output in self.scheduler.abort_all(FinishReason.ABORT):
+                self._emit(output)
             self._refuse_inbox()
             self._end_step()
 
     def _end_step(self) -> None:
+        self.heartbeat = time.monotonic()
         for listener in tuple(self.step_listeners):  # a copy: another thread may add one meanwhile
             try:
                 listener()
@@ -363,31 +412,16 @@ class Engine:
         while item is not None:
             kind, payload, sink = item
             if kind == "add":
-                self._add(payload, sink)
+                self._sinks[payload.request_id] = sink
+                self._emit(self.scheduler.add_request(payload))
             elif kind == "end_session":
                 self.scheduler.end_session(payload)
             else:
-                seq = self.scheduler.find(payload)
-                if seq is not None:
-                    self._finish(seq, FinishReason.ABORT)
+                self._emit(self.scheduler.abort(payload))
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-
-    def _add(self, request: EngineRequest, sink: Callable[[EngineOutput], None]) -> None:
-        prompt_len = len(request.prompt_token_ids)
-        room = self.max_session_len - prompt_len
-        max_new = request.config.max_new_tokens
-        seq = Sequence(
-            request=request, sink=sink, arrival=self._arrivals, token_ids=list(request.prompt_token_ids),
-            num_prompt_tokens=prompt_len, max_new_tokens=room if max_new is None else min(max_new, room),
-        )
-        self._arrivals += 1
-        if seq.max_new_tokens <= 0:
-            self._emit(seq, [], FinishReason.LENGTH)
-            return
-        self.scheduler.add(seq)
 
     def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
         """`_dispatch`, the decode and the prefill batch each on its own, so a failure fails only its batch."""
@@ -419,67 +453,44 @@ class Engine:
         if self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
             raise RuntimeError(f"{self._step_failures} steps failed in a row; the last: {exc!r}") from exc
         logger.exception("a step failed; failing its %d requests", len(chunks))
-        for chunk in chunks:
-            if chunk.seq.status is not SeqStatus.FINISHED:
-                self._finish(chunk.seq, FinishReason.ERROR, error=f"the step running this request failed: {exc!r}")
+        for request_id in dict.fromkeys(c.request_id for c in chunks):
+            self._emit(self.scheduler.abort(request_id, FinishReason.ERROR,
+                                            error=f"the step running this request failed: {exc!r}"))
 
     def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
         """Queue the decode and prefill steps on the device without waiting for them."""
         dispatched = []
         if decode:
             rows = self.buckets.decode_bucket(len(decode))
-            dispatched.append((decode, self.runner.run(decode, rows, 1)))
+            dispatched.append((decode, self._run(decode, rows, 1)))
         if prefill:
             shape = self.buckets.prefill_bucket(len(prefill), max(c.length for c in prefill),
                                                 sum(c.length for c in prefill))
             assert shape is not None, "the scheduler only plans chunks that fit a bucket"
-            dispatched.append((prefill, self.runner.run(prefill, *shape)))
-        for chunks, _ in dispatched:
-            for chunk in chunks:
-                chunk.seq.num_computed = chunk.start + chunk.length
-                chunk.seq.num_pending += chunk.samples
-        # Every chunk but a decoding sequence's freshly sampled token is prompt (or recompute) work.
-        self.num_prompt_tokens_computed += sum(c.length for c in prefill) + sum(c.first for c in decode)
+            dispatched.append((prefill, self._run(prefill, *shape)))
         return dispatched
 
+    def _run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> jax.Array:
+        if self.plan is not None:
+            self.plan.send_step(chunks, rows, tokens, packed)
+        return self.runner.run(chunks, rows, tokens, packed)
+
     def _read_back(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
-        """Read a dispatched step's tokens and hand each sequence its new token."""
+        """Read a dispatched step's tokens and report what they did to each sequence."""
         for chunks, tokens in dispatched:
-            host_tokens = np.asarray(tokens)
-            for row, chunk in enumerate(chunks):
-                seq = chunk.seq
-                self.scheduler.register_pages(chunk)  # its step has completed: the pages hold their tokens
-                if not chunk.samples:
-                    continue
-                seq.num_pending -= 1
-                if seq.status is not SeqStatus.FINISHED:  # else: stopped meanwhile, the token is moot
-                    self._append(seq, int(host_tokens[row]))
+            for output in self.scheduler.update_from_output(chunks, np.asarray(tokens).tolist()):
+                self._emit(output)
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        seq.token_ids.append(token)
-        if token in seq.request.stop_token_ids:
-            self._finish(seq, FinishReason.STOP, [token])
-        elif seq.num_read >= seq.max_new_tokens:
-            self._finish(seq, FinishReason.LENGTH, [token])
-        else:
-            self._emit(seq, [token])
-
-    def _finish(self, seq: Sequence, reason: FinishReason, new_tokens: list[int] | None = None,
-                error: str | None = None) -> None:
-        self.scheduler.finish(seq)
-        self._emit(seq, new_tokens or [], reason, error)
-
-    def _emit(self, seq: Sequence, new_tokens: list[int], reason: FinishReason | None = None,
-              error: str | None = None) -> None:
-        output = EngineOutput(
-            request_id=seq.request_id, new_token_ids=new_tokens, finished=reason is not None,
-            finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens, error=error,
-        )
+    def _emit(self, output: EngineOutput | None) -> None:
+        if output is None:
+            return
+        sink = self._sinks.pop(output.request_id, None) if output.finished else self._sinks.get(output.request_id)
+        if sink is None:
+            return
         try:
-            seq.sink(output)
+            sink(output)
         except Exception:  # a broken consumer must not take the engine down with it
-            logger.exception("sink of request %s failed", seq.request_id)
+            logger.exception("sink of request %s failed", output.request_id)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until no request is running or waiting (tests use it to check nothing leaked)."""

@@ -5,7 +5,7 @@ lands on harmless data and writes from padding are dropped before they reach any
 counts let several sequences share a page and make a double free loud.
 
 Prefix caching. A page full of keys/values is a pure function of the tokens up to its end, so it is
-named by a key chained over the pages before it: `page_key(parent, tokens)`. A registered page that
+named by a key chained over the pages before it (`page_hash.page_key`). A registered page that
 drops to zero references is not freed but *cached*: it keeps its keys/values and its name, and a
 later prompt that starts with the same tokens takes a reference on it instead of computing it again.
 Cached pages are evicted least-recently-released first, and only when `allocate` finds no free page.
@@ -19,16 +19,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 NULL_PAGE = 0
-ROOT_KEY = 0  # the parent key of a sequence's first page
 
 
 class OutOfPages(RuntimeError):
     """Not enough free pages for an allocation; the scheduler preempts or waits."""
-
-
-def page_key(parent: int, tokens: tuple[int, ...]) -> int:
-    """The name of a full page holding `tokens` after the pages named up to `parent`."""
-    return hash((parent, tokens))
 
 
 @dataclass(frozen=True)

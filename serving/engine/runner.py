@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -26,11 +27,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
+from serving.engine.columns import Columns
 from serving.engine.config import BucketSet
 from serving.engine.pages import NULL_PAGE
-from serving.engine.request import MAX_STOP_TOKEN_IDS
-from serving.engine.sampling import RowParams, SamplingBatch, sample, sample_mode, sample_modes
-from serving.engine.scheduler import Chunk, Sequence
+from serving.engine.sampling import (
+    SAMPLING_INTS,
+    RowParams,
+    empty_sampling,
+    sample,
+    sample_mode,
+    sample_modes,
+    unpack_sampling,
+)
+from serving.engine.scheduler import Chunk
+from serving.request import EngineRequest
 from xlkernels import is_pallas
 from xlkernels.shared_prefix import MIN_PLAN_BATCH, SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for
 
@@ -49,43 +59,36 @@ class StepInputs:
     samples: jax.Array  # bool[B] the row reaches its sequence's end: its sampled token is real
 
 
-# Host -> device, per step, as few arrays as possible: each transfer costs host time on the dispatch
-# path, so the per-row fields travel packed in one i32 matrix and are unpacked inside the jit.
-# Columns of the packed row matrix, then the row's block table. _TILE, _TILE_SLOT and _TILE_START are a decode
-# row's shared-prefix plan (row_tile, row_slot, row_start of `xlkernels.shared_prefix`), read only by the
-# shared-prefix variant of the step:
-_SLOT, _START, _LENGTH, _FROM_DEVICE, _SAMPLES, _RESET, _TILE, _TILE_SLOT, _TILE_START, _ROW_FIELDS = range(10)
-# Sampling columns: i32 [top_k, seed_hi, seed_lo, step, banned...] and f32 [temperature, top_p, min_p, penalty].
-_TOP_K, _SEED_HI, _SEED_LO, _STEP, _BANNED = range(5)
+# A step's rows cross to the device as one i32 matrix (see `columns`): these fields, then the row's block
+# table. `tile`, `tile_slot` and `tile_start` are a decode row's shared-prefix plan (row_tile, row_slot,
+# row_start of `xlkernels.shared_prefix`), read only by the shared-prefix variant of the step.
+ROW_FIELDS = Columns(slot=1, start=1, length=1, from_device=1, samples=1, reset=1, tile=1, tile_slot=1, tile_start=1)
+_SLOT, _SAMPLES = ROW_FIELDS.index("slot"), ROW_FIELDS.index("samples")
+# The fields a chunk sets, one slice for the hot loop of `ModelRunner._inputs`.
+_PER_CHUNK = slice(_SLOT, ROW_FIELDS.index("reset") + 1)
 
 
-def unpack_step(tokens: jax.Array, rows: jax.Array, tile_size: int | None = None,
+def unpack_step(token_grid: jax.Array, row_table: jax.Array, tile_size: int | None = None,
                 packed: int | None = None) -> StepInputs:
-    """StepInputs from the packed i32[B, T] tokens and i32[B, _ROW_FIELDS + pages_per_seq] rows.
+    """StepInputs from the i32[B, T] token grid and the i32[B, ROW_FIELDS.width + pages_per_seq] row table.
 
     tile_size: also unpack the rows' shared-prefix plan (decode only), in tiles of up to this many rows.
     packed: the model computes this many tokens, the valid ones end to end (see `AttentionBatch.packed_index`).
     """
-    starts, lengths = rows[:, _START], rows[:, _LENGTH]
-    offsets = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    row = ROW_FIELDS.unpack(row_table)
+    starts, lengths = row["start"], row["length"]
+    offsets = jnp.arange(token_grid.shape[1], dtype=jnp.int32)
     valid = offsets < lengths[:, None]
     shared = packed_index = None
     if tile_size is not None:
-        shared = SharedPrefix.from_rows(rows[:, _TILE], rows[:, _TILE_SLOT], rows[:, _TILE_START],
-                                        num_tiles=max_tiles_for(tokens.shape[0]), tile_size=tile_size)
+        shared = SharedPrefix.from_rows(row["tile"], row["tile_slot"], row["tile_start"],
+                                        num_tiles=max_tiles_for(token_grid.shape[0]), tile_size=tile_size)
     if packed is not None:
         packed_index = jnp.nonzero(valid.reshape(-1), size=packed, fill_value=valid.size)[0].astype(jnp.int32)
     attn = AttentionBatch(positions=starts[:, None] + offsets, valid=valid, kv_lens=starts + lengths,
-                          block_tables=rows[:, _ROW_FIELDS:], shared=shared, packed_index=packed_index)
-    return StepInputs(tokens=tokens, attn=attn, last_index=jnp.maximum(lengths - 1, 0), slots=rows[:, _SLOT],
-                      reset=rows[:, _RESET] > 0, from_device=rows[:, _FROM_DEVICE] > 0,
-                      samples=rows[:, _SAMPLES] > 0)
-
-
-def unpack_sampling(ints: jax.Array, floats: jax.Array) -> SamplingBatch:
-    seed = jax.lax.bitcast_convert_type(ints[:, _SEED_HI:_STEP], jnp.uint32)
-    return SamplingBatch(temperature=floats[:, 0], top_p=floats[:, 1], top_k=ints[:, _TOP_K], min_p=floats[:, 2],
-                         repetition_penalty=floats[:, 3], seed=seed, step=ints[:, _STEP], banned=ints[:, _BANNED:])
+                          block_tables=row_table[:, ROW_FIELDS.width:], shared=shared, packed_index=packed_index)
+    return StepInputs(tokens=token_grid, attn=attn, last_index=jnp.maximum(lengths - 1, 0), slots=row["slot"],
+                      reset=row["reset"] > 0, from_device=row["from_device"] > 0, samples=row["samples"] > 0)
 
 
 def step(
@@ -94,8 +97,8 @@ def step(
     cache: list[LayerCache],
     seen: jax.Array,  # bool[num_slots, V] tokens each running sequence has had (repetition penalty)
     last_tokens: jax.Array,  # i32[num_slots] each sequence's latest sampled token
-    packed_tokens: jax.Array,  # i32[B, T]
-    packed_rows: jax.Array,  # i32[B, _ROW_FIELDS + pages_per_seq]
+    token_grid: jax.Array,  # i32[B, T]
+    row_table: jax.Array,  # i32[B, ROW_FIELDS.width + pages_per_seq]
     *,
     shared_prefix: bool = False,  # static: a decode step whose rows carry a shared-prefix plan
     packed: int | None = None,  # static: the model computes this many packed tokens (unpack_step)
@@ -107,8 +110,8 @@ def step(
     Returns the new cache, the new seen table, f32[B, V] logits at each row's last token and each
     row's bool[B, V] seen tokens (the sampler's repetition-penalty input).
     """
-    tile_size = tile_size_for(model.config.q_per_kv, packed_tokens.shape[0]) if shared_prefix else None
-    inputs = unpack_step(packed_tokens, packed_rows, tile_size, packed)
+    tile_size = tile_size_for(model.config.q_per_kv, token_grid.shape[0]) if shared_prefix else None
+    inputs = unpack_step(token_grid, row_table, tile_size, packed)
     num_slots = seen.shape[0]
     slots = jnp.minimum(inputs.slots, num_slots - 1)
     first = jnp.where(inputs.from_device, last_tokens[slots], inputs.tokens[:, 0])
@@ -122,16 +125,16 @@ def step(
 
 def sample_and_record(
     logits: jax.Array,  # f32[B, V]
-    sampling_ints: jax.Array,  # i32[B, _BANNED + MAX_STOP_TOKEN_IDS]
-    sampling_floats: jax.Array,  # f32[B, 4]
+    sampling_ints: jax.Array,  # i32[B, SAMPLING_INTS.width]
+    sampling_floats: jax.Array,  # f32[B, SAMPLING_FLOATS.width]
     seen_rows: jax.Array,  # bool[B, V]
     last_tokens: jax.Array,  # i32[num_slots]
-    packed_rows: jax.Array,  # i32[B, _ROW_FIELDS + pages_per_seq]
+    row_table: jax.Array,  # i32[B, ROW_FIELDS.width + pages_per_seq]
     mode: int,  # static: the sampler branch (sampling.sample_mode)
 ) -> tuple[jax.Array, jax.Array]:  # i32[B] sampled tokens, updated last_tokens
     tokens = sample(logits, unpack_sampling(sampling_ints, sampling_floats), seen_rows, mode)
     # Only rows that reach their sequence's end record a token; prompt chunks and padding drop.
-    target = jnp.where(packed_rows[:, _SAMPLES] > 0, packed_rows[:, _SLOT], last_tokens.shape[0])
+    target = jnp.where(row_table[:, _SAMPLES] > 0, row_table[:, _SLOT], last_tokens.shape[0])
     return tokens, last_tokens.at[target].set(tokens, mode="drop")
 
 
@@ -147,44 +150,34 @@ class SlotTables:
 
     def __init__(self, num_slots: int, pages_per_seq: int):
         rows = num_slots + 1
-        self.owner: list[tuple[Sequence, int] | None] = [None] * rows  # (sequence, its admission)
+        self.owner: list[tuple[EngineRequest, int] | None] = [None] * rows  # (request, its admission)
         self.block_tables = np.full((rows, pages_per_seq), NULL_PAGE, np.int32)
         self.num_pages = np.zeros(rows, np.int32)
-        self.temperature = np.zeros(rows, np.float32)
-        self.top_p = np.ones(rows, np.float32)
-        self.top_k = np.zeros(rows, np.int32)
-        self.min_p = np.zeros(rows, np.float32)
-        self.repetition_penalty = np.ones(rows, np.float32)
-        self.seed = np.zeros((rows, 2), np.uint32)
+        self.sampling_ints, self.sampling_floats = empty_sampling(rows)  # each slot's row at step 0
         self.min_new_tokens = np.zeros(rows, np.int32)
-        self.banned = np.full((rows, MAX_STOP_TOKEN_IDS), -1, np.int32)
 
-    def sync(self, seq: Sequence) -> None:
-        """Bring the slot's row up to date with `seq` (a new owner, or pages added since)."""
-        slot, owner = seq.slot, (seq, seq.admissions)
-        if self.owner[slot] != owner:
-            self.owner[slot] = owner
+    def sync(self, chunk: Chunk) -> None:
+        """Bring the slot's row up to date with `chunk`'s sequence (a new owner, or pages added since)."""
+        slot, owner = chunk.slot, self.owner[chunk.slot]
+        if owner is None or owner[0] is not chunk.request or owner[1] != chunk.admission:
+            self.owner[slot] = (chunk.request, chunk.admission)
             self.num_pages[slot] = 0
-            row = RowParams.for_request(seq.request, step=0)
-            self.temperature[slot], self.top_p[slot], self.top_k[slot] = row.temperature, row.top_p, row.top_k
-            self.min_p[slot], self.repetition_penalty[slot] = row.min_p, row.repetition_penalty
-            self.seed[slot] = (row.seed >> 32, row.seed & 0xFFFFFFFF)
-            self.min_new_tokens[slot] = seq.request.config.min_new_tokens
-            self.banned[slot] = -1
-            self.banned[slot, : len(row.banned)] = row.banned  # stop ids, held back below min_new_tokens
-        have, pages = self.num_pages[slot], seq.pages
+            # Step 0's row: its banned ids are the stop ids, held back below min_new_tokens (`sampling`).
+            RowParams.for_request(chunk.request, step=0).write(self.sampling_ints, self.sampling_floats, slot)
+            self.min_new_tokens[slot] = chunk.request.config.min_new_tokens
+        have, pages = self.num_pages[slot], chunk.pages
         if have != len(pages):
             self.block_tables[slot, have : len(pages)] = pages[have:]
             self.num_pages[slot] = len(pages)
 
     def sampling(self, slots: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The packed sampling inputs (see `unpack_sampling`) of a batch's slots at these steps."""
+        """The packed sampling inputs (see `sampling.unpack_sampling`) of a batch's slots at these steps."""
+        ints = self.sampling_ints[slots]  # a copy: the gather
+        ints[:, SAMPLING_INTS["step"]] = steps[:, None]
         held = (steps < self.min_new_tokens[slots])[:, None]
-        ints = np.concatenate([self.top_k[slots, None], self.seed[slots].view(np.int32), steps[:, None],
-                               np.where(held, self.banned[slots], -1)], axis=1)
-        floats = np.stack([self.temperature[slots], self.top_p[slots], self.min_p[slots],
-                           self.repetition_penalty[slots]], axis=1)
-        return ints, floats
+        banned = SAMPLING_INTS["banned"]
+        ints[:, banned] = np.where(held, ints[:, banned], -1)
+        return ints, self.sampling_floats[slots]
 
 
 class ModelRunner:
@@ -234,8 +227,10 @@ class ModelRunner:
                                donate_argnums=(4,))  # last_tokens
 
     # ----- start-up ---------------------------------------------------------------------------------
-    def compile_all(self, progress: bool = True) -> float:
+    def compile_all(self, progress: bool = True,
+                    on_compiled: Callable[[int, int, str, float], None] | None = None) -> float:
         """Compile every bucket shape by running it once on an all-padding batch; returns the seconds.
+        `on_compiled` is called after each program with its number, the count, its shape and its seconds.
 
         Running (rather than only lowering) fills the jitted functions' own caches, so serving calls
         them through JAX's C++ dispatch path, several milliseconds a step cheaper than calling compiled
@@ -250,17 +245,21 @@ class ModelRunner:
         start = time.perf_counter()
         sampler_rows = set()
         for i, ((rows, tokens, packed), shared_prefix) in enumerate(programs, 1):
-            token_ids, packed_rows, ints, floats, _ = self._inputs([], rows, tokens)
+            began = time.perf_counter()
+            token_ids, row_table, ints, floats, _ = self._inputs([], rows, tokens)
             run_step = self._shared_step if shared_prefix else self._step
             self.cache, self.seen, logits, seen_rows = run_step(
-                self.params, self.cache, self.seen, self.last_tokens, token_ids, packed_rows,
+                self.params, self.cache, self.seen, self.last_tokens, token_ids, row_table,
                 packed=_packed(rows, tokens, packed))
             if rows not in sampler_rows:  # every sampler branch, once per row count
                 sampler_rows.add(rows)
                 for mode in sample_modes(rows):
                     _, self.last_tokens = self._sample(logits, ints, floats, seen_rows, self.last_tokens,
-                                                       packed_rows, mode)
+                                                       row_table, mode)
             jax.block_until_ready(self.last_tokens)
+            if on_compiled is not None:
+                on_compiled(i, len(programs), f"[{rows} x {tokens}]{' shared-prefix' if shared_prefix else ''}",
+                            time.perf_counter() - began)
             if progress:
                 logger.info("compiled step %d/%d [%d x %d]%s%s (%.1fs)", i, len(programs), rows, tokens,
                             f" packed to {packed} tokens" if _packed(rows, tokens, packed) else "",
@@ -281,17 +280,17 @@ class ModelRunner:
         The result is not waited for: the caller reads it when it needs the tokens, so the next
         dispatch can go out first.
         """
-        token_ids, packed_rows, sampling_ints, sampling_floats, tiled_rows = self._inputs(chunks, rows, tokens)
+        token_ids, row_table, sampling_ints, sampling_floats, tiled_rows = self._inputs(chunks, rows, tokens)
         if tiled_rows:
             self.shared_prefix_steps += 1
             self.shared_prefix_rows += tiled_rows
         run_step = self._shared_step if tiled_rows else self._step
         self.cache, self.seen, logits, seen_rows = run_step(self.params, self.cache, self.seen, self.last_tokens,
-                                                            token_ids, packed_rows,
+                                                            token_ids, row_table,
                                                             packed=_packed(rows, tokens, packed))
-        mode = sample_mode(sampling_floats[:, 0], sampling_ints[:, _TOP_K], sampling_floats[:, 1])
+        mode = sample_mode(sampling_ints, sampling_floats)
         next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
-                                                     self.last_tokens, packed_rows, mode)
+                                                     self.last_tokens, row_table, mode)
         next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
         return next_tokens
 
@@ -301,28 +300,29 @@ class ModelRunner:
         """The padded, packed inputs of one step: tokens, rows, the sampling ints and floats, and how many
         rows the shared-prefix plan put in a tile (0: run the plain step)."""
         n = len(chunks)
-        fields = np.zeros((rows, _ROW_FIELDS), np.int32)
+        fields = np.zeros((rows, ROW_FIELDS.width), np.int32)
         fields[:, _SLOT] = self.num_slots  # padding rows point past every per-slot table
         steps = np.zeros(rows, np.int32)
         token_ids = np.zeros((rows, tokens), np.int32)
         for r, chunk in enumerate(chunks):
-            seq = chunk.seq
-            self.slots.sync(seq)
-            known = seq.token_ids[chunk.start : chunk.start + chunk.length]  # [] for a token on the device
+            self.slots.sync(chunk)
+            known = chunk.token_ids  # [] for a token on the device
             if known:
                 assert len(known) == chunk.length, "only a lone decode token can still be on the device"
                 token_ids[r, : chunk.length] = known
-            fields[r, :_TILE] = (seq.slot, chunk.start, chunk.length, not known, chunk.samples, chunk.first)
-            steps[r] = seq.num_generated
+            fields[r, _PER_CHUNK] = (chunk.slot, chunk.start, chunk.length, not known, chunk.samples, chunk.first)
+            steps[r] = chunk.step
         table_rows = np.where(np.arange(rows) < n, fields[:, _SLOT], self.num_slots)  # padding -> the null row
         tables = self.slots.block_tables[table_rows]
         tiled_rows = 0
         if self.plans_shared_prefix(rows, tokens):
             num_tiles = max_tiles_for(rows)
-            fields[:, _TILE] = num_tiles  # padding rows are in no tile
-            plan = plan_shared_prefix(tables[:n], fields[:n, _START] + fields[:n, _LENGTH], page_size=self.page_size,
+            tile = ROW_FIELDS.index("tile")
+            fields[:, tile] = num_tiles  # padding rows are in no tile
+            kv_lens = fields[:n, ROW_FIELDS.index("start")] + fields[:n, ROW_FIELDS.index("length")]
+            plan = plan_shared_prefix(tables[:n], kv_lens, page_size=self.page_size,
                                       tile_size=tile_size_for(self.config.q_per_kv, rows), max_tiles=num_tiles)
-            fields[:n, _TILE], fields[:n, _TILE_SLOT], fields[:n, _TILE_START] = plan
+            fields[:n, tile : tile + 3] = np.stack(plan, axis=1)  # tile, tile_slot, tile_start
             tiled_rows = int(np.count_nonzero(plan[0] < num_tiles))
-        packed_rows = np.concatenate([fields, tables], axis=1)
-        return (token_ids, packed_rows, *self.slots.sampling(table_rows, steps), tiled_rows)
+        row_table = np.concatenate([fields, tables], axis=1)
+        return (token_ids, row_table, *self.slots.sampling(table_rows, steps), tiled_rows)

@@ -15,11 +15,8 @@ trace time: a device-side conditional or a loop with a data-dependent trip count
 value back to the host every step, which stalls the dispatch of the next step (docs/perf-notes.md).
 Its cost grows with the rows searched, so the host picks how many: every row (`SEARCH`), or, when few
 rows of a large batch use top-k or top-p, only those rows gathered into `_FEW_ROWS` rows (`SEARCH_FEW`).
-Measured on an H100 (jax 0.11.2, B=256, V=128256, LM-like logits): a full sort of the batch takes
-2.3 ms, and so does `lax.top_k` for any k above 16 (XLA sorts; k <= 16 has a fast kernel, too small a
-cap for top-p, whose set can hold thousands of tokens). The T5X binary search of tpu-inference reads
-the whole batch 32 times per threshold; testing 15 thresholds per pass cuts that to 8, but the passes
-are bound by compute, so searching all 256 rows costs about 2.3 ms as well; 16 rows take about 0.4 ms.
+Sorting the vocabulary (or `lax.top_k` for k above 16) costs as much as searching every row, and
+searching a few gathered rows costs a fraction of it (docs/perf-notes.md, "Sampler: threshold search").
 
 Ties: a threshold keeps every token equal to it. Top-k keeps all tokens tied with the k-th largest
 logit (more than k when they tie); top-p keeps the smallest set of the largest tokens whose mass
@@ -37,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from serving.engine.request import MAX_STOP_TOKEN_IDS, EngineRequest
+from serving.engine.columns import Columns
+from serving.request import MAX_STOP_TOKEN_IDS, EngineRequest
 
 # Bits fixed per pass of a threshold search: 2**bits - 1 thresholds are tested per row and pass.
 _DIGIT_BITS = 4
@@ -68,29 +66,14 @@ class SamplingBatch:
 
     @classmethod
     def from_rows(cls, rows: Sequence[RowParams], batch_size: int) -> SamplingBatch:
-        """Stack host rows into device arrays; rows past `len(rows)` are greedy padding."""
+        """Host rows as device arrays, through the same packing as the engine's steps; rows past
+        `len(rows)` are greedy padding."""
         if len(rows) > batch_size:
             raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
-        temperature = np.zeros(batch_size, np.float32)
-        top_p = np.ones(batch_size, np.float32)
-        top_k = np.zeros(batch_size, np.int32)
-        min_p = np.zeros(batch_size, np.float32)
-        repetition_penalty = np.ones(batch_size, np.float32)
-        seed = np.zeros((batch_size, 2), np.uint32)
-        step = np.zeros(batch_size, np.int32)
-        banned = np.full((batch_size, MAX_STOP_TOKEN_IDS), -1, np.int32)
+        ints, floats = empty_sampling(batch_size)
         for i, row in enumerate(rows):
-            temperature[i] = row.temperature
-            top_p[i] = row.top_p
-            top_k[i] = row.top_k
-            min_p[i] = row.min_p
-            repetition_penalty[i] = row.repetition_penalty
-            seed[i] = (row.seed >> 32, row.seed & 0xFFFFFFFF)
-            step[i] = row.step
-            banned[i, : len(row.banned)] = row.banned
-        return cls(
-            *(jnp.asarray(a) for a in (temperature, top_p, top_k, min_p, repetition_penalty, seed, step, banned))
-        )
+            row.write(ints, floats, i)
+        return unpack_sampling(jnp.asarray(ints), jnp.asarray(floats))
 
 
 @dataclass(frozen=True)
@@ -130,6 +113,37 @@ class RowParams:
             step=step,
             banned=tuple(sorted(request.stop_token_ids)) if step < config.min_new_tokens else (),
         )
+
+    def write(self, ints: np.ndarray, floats: np.ndarray, row: int) -> None:
+        """Put this row into the packed sampling matrices (`SAMPLING_INTS`, `SAMPLING_FLOATS`)."""
+        banned = np.full(MAX_STOP_TOKEN_IDS, -1, np.int32)
+        banned[: len(self.banned)] = self.banned
+        seed = np.array([self.seed >> 32, self.seed & 0xFFFFFFFF], np.uint32).view(np.int32)
+        SAMPLING_INTS.write(ints, row, {"top_k": self.top_k, "seed": seed, "step": self.step, "banned": banned})
+        SAMPLING_FLOATS.write(floats, row, {name: getattr(self, name) for name in SAMPLING_FLOATS.widths})
+
+
+# A step's sampling options cross to the device as two matrices, one row per sequence: each option is
+# a field of `RowParams` and `SamplingBatch` of the same name, and a column here.
+SAMPLING_INTS = Columns(top_k=1, seed=2, step=1, banned=MAX_STOP_TOKEN_IDS)  # seed: two u32 words
+SAMPLING_FLOATS = Columns(temperature=1, top_p=1, min_p=1, repetition_penalty=1)
+
+
+def empty_sampling(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """i32[rows, SAMPLING_INTS.width] and f32[rows, SAMPLING_FLOATS.width] of greedy padding rows."""
+    ints = np.zeros((rows, SAMPLING_INTS.width), np.int32)
+    floats = np.zeros((rows, SAMPLING_FLOATS.width), np.float32)
+    padding = RowParams()
+    for row in range(rows):
+        padding.write(ints, floats, row)
+    return ints, floats
+
+
+def unpack_sampling(ints: jax.Array, floats: jax.Array) -> SamplingBatch:
+    """The `SamplingBatch` of packed sampling matrices (inside jit)."""
+    fields = {**SAMPLING_INTS.unpack(ints), **SAMPLING_FLOATS.unpack(floats)}
+    fields["seed"] = lax.bitcast_convert_type(fields["seed"], jnp.uint32)
+    return SamplingBatch(**fields)
 
 
 def adjust_logits(logits: jax.Array, params: SamplingBatch, seen: jax.Array) -> jax.Array:
@@ -175,8 +189,12 @@ def sample_modes(batch: int) -> tuple[int, ...]:
     return (ALL_GREEDY, NO_SEARCH, SEARCH, SEARCH_FEW) if batch > _FEW_ROWS else (ALL_GREEDY, NO_SEARCH, SEARCH)
 
 
-def sample_mode(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> int:
-    """The cheapest branch of `sample` that covers every row, from the rows' host-side parameters."""
+def sample_mode(ints: np.ndarray, floats: np.ndarray) -> int:
+    """The cheapest branch of `sample` that covers every row, from the rows' packed host-side parameters
+    (`SAMPLING_INTS`, `SAMPLING_FLOATS`)."""
+    temperature = floats[:, SAMPLING_FLOATS.index("temperature")]
+    top_p = floats[:, SAMPLING_FLOATS.index("top_p")]
+    top_k = ints[:, SAMPLING_INTS.index("top_k")]
     sampled = temperature > 0
     searching = int(np.count_nonzero(sampled & ((top_k > 0) | (top_p < 1.0))))
     if searching:
@@ -184,19 +202,18 @@ def sample_mode(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -
     return NO_SEARCH if np.any(sampled) else ALL_GREEDY
 
 
-def sample(logits: jax.Array, params: SamplingBatch, seen: jax.Array, mode: int | None = None) -> jax.Array:
+def sample(logits: jax.Array, params: SamplingBatch, seen: jax.Array, mode: int) -> jax.Array:
     """Next token per row: f32[B, V] logits, bool[B, V] seen (prompt + output) -> i32[B].
 
     The batch takes the cheapest branch that covers all its rows: argmax only when every row is
     greedy, temperature and min-p when no sampled row uses top-k or top-p, the threshold search of
     every row, or of the few rows that use top-k or top-p. Each row's result is the same in all
-    branches that cover it. `mode` (static, from `sample_mode`) names the branch; without it the device
-    picks among the first three, through a conditional.
+    branches that cover it. `mode` (static, from `sample_mode`) names the branch: the host picks it, so
+    the program holds no device conditional.
     """
     x = adjust_logits(logits, params, seen)
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
     sampled_rows = params.temperature > 0
-    searching = sampled_rows & ((params.top_k > 0) | (params.top_p < 1.0))
 
     def no_search(x: jax.Array, params: SamplingBatch) -> jax.Array:
         z = _scale(x, params.temperature)
@@ -210,12 +227,7 @@ def sample(logits: jax.Array, params: SamplingBatch, seen: jax.Array, mode: int 
         lambda x, params: _draw(filter_logits(x, params), params),
         lambda x, params: _draw(filter_logits(x, params, rows=_FEW_ROWS), params),
     ]
-    if mode is not None:
-        tokens = branches[mode](x, params)
-    else:
-        branch = jnp.where(jnp.any(searching), SEARCH, jnp.where(jnp.any(sampled_rows), NO_SEARCH, ALL_GREEDY))
-        tokens = lax.switch(branch, branches[:3], x, params)
-    return jnp.where(sampled_rows, tokens, greedy)
+    return jnp.where(sampled_rows, branches[mode](x, params), greedy)
 
 
 def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:

@@ -20,29 +20,22 @@ Policy, per step:
    With packed prefill (`config.BucketSet`) the matmuls skip even that padding, and a step that passes
    a packed bucket by a little leaves the tail of its last prompt to the next step.
 
-Prefix caching (see `pages`). A sequence that starts (or restarts after preemption) first takes the
-cached pages of the longest cached prefix of its tokens and computes only the rest; at least one
-token is always computed, since its logits are what the first sample needs. Pages are registered once
-the step that filled them has been read back, so a page whose step failed is never shared. A request
-with a repetition penalty computes its whole prompt (the penalty's seen-tokens table is filled by the
-tokens a step processes), but still registers its pages for others.
-
-Sessions (`/v1/chat/interactive`): when a sequence with a `session_id` finishes, its registered pages
-stay referenced ("pinned") under that id until the session's next turn finishes, the session ends,
-or pages run short: then the least recently pinned session is unpinned before any running sequence is
-preempted, and its next turn recomputes whatever was evicted meanwhile.
+The scheduler owns each request's state machine, as vLLM's: `add_request` -> `schedule` (plans a step
+and counts its tokens as computed) -> `update_from_output` (the step's sampled tokens: append, stop,
+finish). The runner sees only the plain `Chunk`s of a plan, never a `SequenceState`. Page arithmetic,
+prefix caching and session pins live in the KV cache manager (`kv_cache`); this module keeps policy.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import deque
 from dataclasses import dataclass, field
 
 from serving.engine.config import BucketSet
-from serving.engine.pages import ROOT_KEY, OutOfPages, PageAllocator, PageContent, page_key
-from serving.engine.request import EngineOutput, EngineRequest
+from serving.engine.kv_cache import KVCacheManager, SeqPages
+from serving.engine.pages import PageAllocator
+from serving.request import EngineOutput, EngineRequest, FinishReason
 
 
 class SeqStatus(enum.Enum):
@@ -52,24 +45,22 @@ class SeqStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class SequenceState:
+    """The scheduler's record of one request: where it stands in the state machine."""
+
     request: EngineRequest
-    sink: Callable[[EngineOutput], None]
     arrival: int
     token_ids: list[int]  # the prompt, then every generated token the host has read back
     num_prompt_tokens: int
+    max_new_tokens: int  # already capped by the session length
     num_computed: int = 0  # tokens whose keys/values are in (or on their way to) the cache
     # Tokens sampled by dispatched steps but not read back yet (0 or 1): the engine reads each step's
     # tokens only after dispatching the next, which takes its input token from the device.
     num_pending: int = 0
-    pages: list[int] = field(default_factory=list)
+    held: SeqPages = field(default_factory=SeqPages)  # its pages (the KV cache manager's)
     slot: int = -1  # row of the engine's per-sequence device state while running
     admissions: int = 0  # times it has started running (preemption restarts it): keys per-slot state
     status: SeqStatus = SeqStatus.WAITING
-    max_new_tokens: int = 0  # already capped by the session length
-    # Prefix-cache (key, content) of its full pages so far: named once, however often it is looked up.
-    page_names: list[tuple[int, PageContent]] = field(default_factory=list)
-    num_registered: int = 0  # leading pages registered in (or taken from) the prefix cache
     num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
 
     @property
@@ -106,87 +97,136 @@ class Sequence:
         return self.num_generated >= self.max_new_tokens
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
-    """`length` tokens of `seq` starting at token `start`; `samples` when they reach its end; `first`
-    when it is the first chunk since the sequence was admitted (its seen-tokens row starts over).
+    """One row of a step, as plain data for the runner: `length` tokens of a request from token `start`.
 
-    `samples` and `admission` are fixed when the chunk is planned: by the time its tokens are read
-    back, later dispatches have grown the sequence, and it may even have been preempted and restarted.
+    All of it is fixed when the chunk is planned: by the time its tokens are read back, later steps have
+    grown the sequence, and it may even have been preempted and restarted (`admission` tells).
     """
 
-    seq: Sequence
+    request: EngineRequest  # the immutable request (its sampling options fill the slot's row)
+    slot: int  # row of the per-sequence device state
+    admission: int  # the sequence's admission count: a new one means the slot's row starts over
     start: int
     length: int
-    first: bool = False
-    samples: bool = field(init=False)
-    admission: int = field(init=False)
+    token_ids: list[int]  # the chunk's tokens; [] for a lone decode token still on the device
+    pages: list[int]  # the sequence's pages (read at dispatch: the runner copies those it lacks)
+    step: int  # tokens generated before this row's sample: its sampler step
+    samples: bool  # the chunk reaches the sequence's end: the step samples its next token
+    first: bool  # the first chunk since admission: its seen-tokens row starts over
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", self.start + self.length == self.seq.length)
-        object.__setattr__(self, "admission", self.seq.admissions)
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 @dataclass
 class Schedule:
     decode: list[Chunk] = field(default_factory=list)
     prefill: list[Chunk] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not self.decode and not self.prefill
 
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, buckets: BucketSet, page_size: int, max_batch_size: int,
-                 prefix_caching: bool = True):
-        self.allocator = allocator
+                 max_session_len: int, prefix_caching: bool = True):
+        self.kv = KVCacheManager(allocator, page_size, prefix_caching)
         self.buckets = buckets
         self.page_size = page_size
         self.max_batch_size = max_batch_size
-        self.prefix_caching = prefix_caching  # off: only sessions use the cache, for their own history
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in arrival order, oldest first
+        self.max_session_len = max_session_len
+        self.waiting: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []  # in arrival order, oldest first
+        self._by_id: dict[str, SequenceState] = {}  # every waiting or running sequence
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
-        self.pins: OrderedDict[str, list[int]] = OrderedDict()  # session id -> its pinned pages, oldest first
+        self._arrivals = 0
         self.num_preemptions = 0
         self.num_reused_tokens = 0  # prompt tokens taken from the prefix cache, over all admissions
+        self.num_prompt_tokens_computed = 0  # prefilled (or recomputed), i.e. not taken from the cache
 
-    # ----- membership -----------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    # ----- the request's life -------------------------------------------------------------------------
+    def add_request(self, request: EngineRequest) -> EngineOutput | None:
+        """Queue a request; an output when it is over at once (no room left in the session length)."""
+        prompt_len = len(request.prompt_token_ids)
+        room = self.max_session_len - prompt_len
+        max_new = request.config.max_new_tokens
+        seq = SequenceState(request=request, arrival=self._arrivals, token_ids=list(request.prompt_token_ids),
+                            num_prompt_tokens=prompt_len,
+                            max_new_tokens=room if max_new is None else min(max_new, room))
+        self._arrivals += 1
+        if seq.max_new_tokens <= 0:
+            seq.status = SeqStatus.FINISHED
+            return _output(seq, [], FinishReason.LENGTH)
         self.waiting.append(seq)
-
-    def find(self, request_id: str) -> Sequence | None:
-        for seq in (*self.running, *self.waiting):
-            if seq.request_id == request_id:
-                return seq
+        self._by_id[request.request_id] = seq
         return None
 
-    def finish(self, seq: Sequence) -> None:
+    def update_from_output(self, chunks: list[Chunk], tokens: list[int]) -> list[EngineOutput]:
+        """A read-back step: register the pages it filled, and append each sampled token to its sequence,
+        finishing the sequence on a stop id or at its length limit. Returns the outputs to report."""
+        outputs = []
+        for chunk, token in zip(chunks, tokens, strict=False):
+            seq = self._by_id.get(chunk.request_id)
+            if seq is None:
+                continue  # finished meanwhile (aborted, failed): its token is moot
+            if seq.status is SeqStatus.RUNNING and chunk.admission == seq.admissions:
+                # its step has completed, so the pages hold their tokens (unless preempted since)
+                self.kv.commit(seq.held, seq.token_ids, chunk.start + chunk.length, seq.session_id)
+            if not chunk.samples:
+                continue
+            seq.num_pending -= 1
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self._remove(seq)
+            outputs.append(_output(seq, [token], reason))
+        return outputs
+
+    def _finish_reason(self, seq: SequenceState, token: int) -> FinishReason | None:
+        """What ends a request in the engine: a stop id (EOS, the request's own, a template's end of
+        turn), or its length limit (max_new_tokens or the session length). Stop strings are text, and
+        the text layer matches them."""
+        if token in seq.request.stop_token_ids:
+            return FinishReason.STOP
+        if seq.num_read >= seq.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
+              error: str | None = None) -> EngineOutput | None:
+        """End a waiting or running request now, freeing its pages and slot; its final output, if it was here."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return None
+        self._remove(seq)
+        return _output(seq, [], reason, error)
+
+    def abort_all(self, reason: FinishReason, error: str | None = None) -> list[EngineOutput]:
+        return [self.abort(seq.request_id, reason, error) for seq in (*self.running, *self.waiting)]
+
+    def end_session(self, session_id: str) -> None:
+        """Unpin an interactive session's pages: they stay cached until evicted."""
+        self.kv.end_session(session_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def _remove(self, seq: SequenceState) -> None:
         """Remove a sequence for good and free its pages and slot at once (a session's sequence first
         pins its registered pages)."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
-        if seq.session_id is not None and seq.num_registered:  # else the session keeps its previous pin
-            self._pin(seq.session_id, self._cached_prefix(seq, seq.num_registered))
-        self._drop_resources(seq)
+        self._drop_resources(seq, pin_session=seq.session_id)
         seq.status = SeqStatus.FINISHED
-
-    def end_session(self, session_id: str) -> None:
-        """Unpin a session's pages: they stay cached until evicted."""
-        pages = self.pins.pop(session_id, None)
-        if pages:
-            self.allocator.release(pages[::-1])
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        del self._by_id[seq.request_id]
 
     # ----- the per-step decision ------------------------------------------------------------------
     def schedule(self) -> Schedule:
+        """Plan the next step and count its tokens as computed (and its samples as pending): the engine
+        dispatches the plan at once, and a plan whose dispatch fails has its requests aborted."""
         plan = Schedule()
         budget = self.buckets.prefill_budget
         for seq in list(self.running):
@@ -194,7 +234,7 @@ class Scheduler:
                 continue
             if seq.num_remaining == 1:
                 if self._reserve_or_preempt(seq, 1, plan):
-                    plan.decode.append(Chunk(seq, seq.num_computed, 1))
+                    plan.decode.append(self._chunk(seq, seq.num_computed, 1))
                 continue
             rows = self._prefill_rows(plan, seq, budget)
             if not rows:
@@ -205,9 +245,23 @@ class Scheduler:
         self._admit(plan, budget)
         if plan.prefill and self.buckets.packed_prefill:
             self._trim_to_packed_bucket(plan)
+        self._mark_dispatched(plan)
         return plan
 
-    def _prefill_rows(self, plan: Schedule, seq: Sequence, budget: int) -> list[int]:
+    def _mark_dispatched(self, plan: Schedule) -> None:
+        for chunk in (*plan.decode, *plan.prefill):
+            seq = self._by_id[chunk.request_id]
+            seq.num_computed = chunk.start + chunk.length
+            seq.num_pending += chunk.samples
+        # Every chunk but a decoding sequence's freshly sampled token is prompt (or recompute) work.
+        self.num_prompt_tokens_computed += sum(c.length for c in plan.prefill) + sum(c.first for c in plan.decode)
+
+    def _chunk(self, seq: SequenceState, start: int, length: int, first: bool = False) -> Chunk:
+        return Chunk(request=seq.request, slot=seq.slot, admission=seq.admissions, start=start, length=length,
+                     token_ids=seq.token_ids[start : start + length], pages=seq.held.pages,
+                     step=seq.num_generated, samples=start + length == seq.length, first=first)
+
+    def _prefill_rows(self, plan: Schedule, seq: SequenceState, budget: int) -> list[int]:
         """Lengths of the consecutive chunks (one row each) `seq` can prefill in this step: as many rows
         of up to `max_chunk` tokens as the budget and the compiled buckets allow."""
         rows: list[int] = []
@@ -220,11 +274,10 @@ class Scheduler:
             todo -= length
         return rows
 
-    @staticmethod
-    def _plan_prefill(plan: Schedule, seq: Sequence, rows: list[int], first: bool) -> None:
+    def _plan_prefill(self, plan: Schedule, seq: SequenceState, rows: list[int], first: bool) -> None:
         start = seq.num_computed
         for i, length in enumerate(rows):
-            plan.prefill.append(Chunk(seq, start, length, first=first and i == 0))
+            plan.prefill.append(self._chunk(seq, start, length, first=first and i == 0))
             start += length
 
     def _admit(self, plan: Schedule, budget: int) -> None:
@@ -232,14 +285,15 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 return  # preempted with a token in flight: recompute once it is read back
-            self._reuse_prefix(seq)
+            seq.num_computed = self.kv.get_computed(seq.held, seq.token_ids[: seq.length], seq.session_id,
+                                                    may_reuse=seq.request.config.repetition_penalty == 1.0)
             decoding = seq.num_remaining == 1
             rows = [1] if decoding else self._prefill_rows(plan, seq, budget)
             # A prefill that cannot do at least a page (or the whole rest) now waits for a fuller budget.
             fits = decoding or sum(rows) >= min(seq.num_remaining, self.page_size)
-            if not fits or not self._reserve(seq, sum(rows)):
+            if not fits or not self.kv.allocate(seq.held, seq.num_computed + sum(rows)):
                 self._drop_resources(seq)  # give the reused pages back: it retries from scratch
-                seq.num_computed = seq.num_registered = 0
+                seq.num_computed = 0
                 return
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -250,7 +304,7 @@ class Scheduler:
             seq.admissions += 1
             self.running.append(seq)
             if decoding:
-                plan.decode.append(Chunk(seq, seq.num_computed, 1, first=True))
+                plan.decode.append(self._chunk(seq, seq.num_computed, 1, first=True))
             else:
                 self._plan_prefill(plan, seq, rows, first=True)
                 budget -= sum(rows)
@@ -270,111 +324,48 @@ class Scheduler:
             return
         above = self.buckets.prefill_bucket(len(plan.prefill), max(c.length for c in plan.prefill), total)
         excess = total - below
-        last = plan.prefill[-1].seq  # its rows are the plan's last ones
-        if excess >= above.packed - total or excess >= sum(c.length for c in plan.prefill if c.seq is last):
+        last = plan.prefill[-1].request_id  # its rows are the plan's last ones
+        if excess >= above.packed - total or excess >= sum(c.length for c in plan.prefill if c.request_id == last):
             return  # padding up wastes less, or the cut would take the whole prompt
         trimmed = list(plan.prefill)
         while excess:
             chunk = trimmed.pop()
             if chunk.length > excess:
-                trimmed.append(Chunk(last, chunk.start, chunk.length - excess, first=chunk.first))
+                trimmed.append(self._chunk(self._by_id[last], chunk.start, chunk.length - excess, first=chunk.first))
                 break
             excess -= chunk.length
         if self.buckets.prefill_bucket(len(trimmed), max(c.length for c in trimmed), below) is not None:
             plan.prefill[:] = trimmed
 
-    def _reserve(self, seq: Sequence, length: int) -> bool:
-        """Give `seq` the pages it needs to hold `length` more tokens, unpinning idle sessions' pages
-        if need be; False if there are still not enough."""
-        needed = -(-(seq.num_computed + length) // self.page_size) - len(seq.pages)
-        if needed <= 0:
-            return True
-        while True:
-            try:
-                seq.pages.extend(self.allocator.allocate(needed))
-                return True
-            except OutOfPages:
-                if not self.pins:
-                    return False
-                self.end_session(next(iter(self.pins)))  # the least recently pinned gives way
-
-    def _reserve_or_preempt(self, seq: Sequence, length: int, plan: Schedule) -> bool:
-        while not self._reserve(seq, length):
+    def _reserve_or_preempt(self, seq: SequenceState, length: int, plan: Schedule) -> bool:
+        while not self.kv.allocate(seq.held, seq.num_computed + length):
             victim = self.running[-1]  # the newest running sequence gives way
             self._preempt(victim, plan)
             if victim is seq:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence, plan: Schedule) -> None:
+    def _preempt(self, seq: SequenceState, plan: Schedule) -> None:
         self.running.remove(seq)
         for chunks in (plan.decode, plan.prefill):
-            chunks[:] = [c for c in chunks if c.seq is not seq]
+            chunks[:] = [c for c in chunks if c.request_id != seq.request_id]
         self._drop_resources(seq)
-        seq.num_computed = seq.num_registered = 0
+        seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         # Back to the head of the queue, still ahead of everything that arrived after it.
         index = next((i for i, s in enumerate(self.waiting) if s.arrival > seq.arrival), len(self.waiting))
         self.waiting.insert(index, seq)
-        plan.preempted.append(seq)
         self.num_preemptions += 1
 
-    def _drop_resources(self, seq: Sequence) -> None:
-        if seq.pages:
-            self.allocator.release(seq.pages[::-1])  # tail first: evicted before the shared head
-            seq.pages = []
+    def _drop_resources(self, seq: SequenceState, pin_session: str | None = None) -> None:
+        self.kv.free(seq.held, seq.token_ids, pin_session)
         if seq.slot >= 0:
             self._free_slots.append(seq.slot)
             seq.slot = -1
 
-    # ----- prefix caching ---------------------------------------------------------------------------
-    def register_pages(self, chunk: Chunk) -> None:
-        """Enter the pages that `chunk`'s step (now read back) filled into the prefix cache."""
-        seq = chunk.seq
-        full = min(chunk.start + chunk.length, len(seq.token_ids)) // self.page_size
-        if full <= seq.num_registered:
-            return  # no page filled up: the common case, once per decoding sequence per step
-        if not self._uses_cache(seq) or seq.status is not SeqStatus.RUNNING or chunk.admission != seq.admissions:
-            return  # preempted (or restarted) since: these pages are no longer its own
-        for index in range(seq.num_registered, full):
-            key, content = self._page_name(seq, index)
-            self.allocator.register(seq.pages[index], key, content)
-        seq.num_registered = max(seq.num_registered, full)
 
-    def _reuse_prefix(self, seq: Sequence) -> None:
-        """Start a sequence on the cached pages of its longest cached prefix."""
-        if not self._uses_cache(seq) or seq.request.config.repetition_penalty != 1.0:
-            return
-        pages = self._cached_prefix(seq, (seq.length - 1) // self.page_size)  # leave a token to compute
-        if pages:
-            self.allocator.share(pages)
-            seq.pages = pages
-            seq.num_computed = len(pages) * self.page_size
-            seq.num_registered = len(pages)
-
-    def _cached_prefix(self, seq: Sequence, max_pages: int) -> list[int]:
-        """The cached pages holding the longest prefix of `seq`'s first `max_pages` full pages."""
-        pages = []
-        for index in range(max_pages):
-            page = self.allocator.lookup(*self._page_name(seq, index))
-            if page is None:
-                break
-            pages.append(page)
-        return pages
-
-    def _page_name(self, seq: Sequence, index: int) -> tuple[int, PageContent]:
-        """Key and content of `seq`'s full page `index` (its tokens must be known; pages are named in order)."""
-        if index == len(seq.page_names):
-            start = index * self.page_size
-            tokens = tuple(seq.token_ids[start : start + self.page_size])
-            parent = seq.page_names[-1][0] if index else ROOT_KEY
-            seq.page_names.append((page_key(parent, tokens), PageContent(parent, tokens)))
-        return seq.page_names[index]
-
-    def _uses_cache(self, seq: Sequence) -> bool:
-        return self.prefix_caching or seq.session_id is not None
-
-    def _pin(self, session_id: str, pages: list[int]) -> None:
-        self.allocator.share(pages)  # before the old pin goes, so pages in both are never evicted
-        self.end_session(session_id)
-        self.pins[session_id] = pages
+def _output(seq: SequenceState, new_tokens: list[int], reason: FinishReason | None = None,
+            error: str | None = None) -> EngineOutput:
+    return EngineOutput(request_id=seq.request_id, new_token_ids=new_tokens, finished=reason is not None,
+                        finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
+                        num_cached_tokens=seq.num_cached_tokens, error=error)

@@ -15,15 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from serving.http.errors import APIError
-
-# Seconds a refused client is told to wait. Slots free up as fast as requests finish (typically well
-# under a second), and the openai SDK honours the header, so a short wait keeps retries cheap.
-RETRY_AFTER_S = 1
-
-
-def overloaded(message: str, code: str) -> APIError:
-    return APIError(503, message, code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+from serving.http.errors import APIError, unavailable
 
 
 class Ticket:
@@ -46,7 +38,7 @@ class Ticket:
                 await self._turn
         except TimeoutError:
             self.release()
-            raise overloaded(
+            raise unavailable(
                 "the request timed out waiting for a free slot; the server is overloaded", "queue_timeout"
             ) from None
 
@@ -87,7 +79,7 @@ class Admission:
             self.running += slots
             return Ticket(self, slots, admitted=True)
         if self.queued + slots > self.max_queued:
-            raise overloaded(
+            raise unavailable(
                 f"the server is at capacity ({self.running} choices running, {self.queued} queued); retry later",
                 "server_overloaded",
             )

@@ -2,7 +2,8 @@
 
 One parse (`model_validate_json`) checks the content type's promise, the JSON syntax and every field,
 so a bad body can never reach a route as a half-valid dict. Bodies over `MAX_CONTENT_LENGTH` are
-refused with 413 by Quart while reading, before any parsing.
+refused with 413 by Quart while reading, before any parsing; a body still arriving when a graceful
+shutdown begins is refused with 503 (`Exchange.reading_body`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from quart import request
 
 from serving.http.errors import APIError
+from serving.http.exchange import current_exchange
 from serving.http.protocol import UNION_TAGS
 
 M = TypeVar("M", bound=BaseModel)
@@ -29,7 +31,12 @@ async def read_body(model: type[M]) -> M:
             f"(got {request.mimetype or 'no content type'})",
             code="invalid_content_type",
         )
-    data = await request.get_data(cache=False)
+    exchange = current_exchange()
+    if exchange is None:
+        data = await request.get_data(cache=False)
+    else:
+        async with exchange.reading_body():  # a graceful shutdown does not wait for a stalled upload
+            data = await request.get_data(cache=False)
     try:
         return model.model_validate_json(data)
     except ValidationError as error:

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
-from serving.engine.process import AnyEngine
-from serving.engine.request import EngineRequest
-from serving.http.async_engine import cached_prompt_tokens, collect, fan_out, generate
 from serving.http.body import read_body
+from serving.http.chat_run import ChatRun, run_streamed, run_whole, start_chat
+from serving.http.choices import cached_prompt_tokens
+from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
 from serving.http.openapi import streams
-from serving.http.params import check_context_length, generation_config
-from serving.http.prompts import chat_prompt
 from serving.http.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -36,11 +33,8 @@ from serving.http.protocol import (
 )
 from serving.http.sse import TextEvents, sse_response
 from serving.http.state import server_state
-from serving.http.tools import ToolPlan, plan_tools
-from serving.text.chat_output import ChatOutputParser, OutputEvent, collect_text
-from serving.text.reasoning import ReasoningParser, starts_in_reasoning
-from serving.text.templates import ChatTemplate, end_of_turn_words
-from serving.text.tokenizer import Tokenizer
+from serving.text.chat_output import OutputEvent
+from serving.text.tool_parsers import ToolCall
 
 blueprint = Blueprint("chat", __name__)
 
@@ -59,9 +53,9 @@ blueprint = Blueprint("chat", __name__)
 async def chat_completions() -> Response | dict[str, Any]:
     """Create a chat completion.
 
-    With `stream: true` the answer is `text/event-stream`: `data: {ChatCompletionChunk}` events (the
-    first of each choice carries the role, the last its finish_reason), an optional usage chunk
-    (`stream_options.include_usage`), then `data: [DONE]`. With the server's `--reasoning-parser`,
+    With `stream: true` the answer is `text/event-stream`: `data: {ChatCompletionChunk}` events (every
+    delta carries the role; each choice's last, with empty content, its finish_reason), an optional usage
+    chunk (`stream_options.include_usage`), then `data: [DONE]`. With the server's `--reasoning-parser`,
     `<think>` text comes as `reasoning_content`; with `--tool-call-parser` and `tools`, calls come as
     `tool_calls` (streamed: the name first, then argument fragments) and finish_reason `tool_calls`.
     """
@@ -70,79 +64,34 @@ async def chat_completions() -> Response | dict[str, Any]:
     state.require_model(body.model)
     if body.logprobs or body.top_logprobs:
         raise APIError(400, "logprobs are not supported by this server", param="logprobs")
-    state.require_ready()
-    engine = state.engine
-    settings = state.settings
-    plan = plan_tools(body, settings.tool_call_parser)
-    prompt = await asyncio.to_thread(
-        chat_prompt,
-        engine.tokenizer,
-        body.messages,
-        body.chat_template_kwargs,
-        settings.chat_template,
-        plan.tools,
-        plan.call_prefix,
-    )
-    config = generation_config(body, state.generation_defaults)
-    if not config.ignore_eos:  # the template's end of turn ends the answer like an EOS
-        stops = set(config.stop_token_ids or []) | turn_end_ids(engine.tokenizer, settings.chat_template)
-        config.stop_token_ids = sorted(stops) or None
-    if plan.format is not None and plan.format.special_tokens:
-        config.skip_special_tokens = False  # the call tags are special tokens
-    in_reasoning: bool | None = None  # None: no reasoning parser
-    if settings.reasoning_parser is not None and not plan.call_prefix:
-        enable_thinking = (body.chat_template_kwargs or {}).get("enable_thinking")
-        in_reasoning = starts_in_reasoning(settings.reasoning_parser, prompt.text, enable_thinking)
-
-    def output_parser() -> ChatOutputParser:
-        reasoning = ReasoningParser(in_reasoning) if in_reasoning is not None else None
-        return ChatOutputParser(reasoning, plan.format, plan.call_prefix, plan.max_calls)
-
-    prompt_ids = prompt.token_ids
-    check_context_length([prompt_ids], config.max_new_tokens, engine.max_session_len, "messages")
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    requests = fan_out(engine, [prompt_ids], config, body.n or 1, completion_id, settings.max_log_len)
+    run = await start_chat(body, completion_id)
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
     if body.stream:
-        return sse_response(_chunks(engine, requests, header, len(prompt_ids), body.include_usage, output_parser, plan))
-    results = await collect(engine, requests)
-    choices = []
-    for i, result in enumerate(results):
-        parser = output_parser()
-        events = parser.feed(result.text) + parser.finish()
-        plan.check(parser.calls, bool(events) and events[0].kind == "call")
-        content, reasoning = collect_text(events)
-        calls = [
-            ResponseToolCall(id=_call_id(), function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
-            for c in parser.calls
-        ]
-        choices.append(
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None),
-                finish_reason=_finish_reason(result.finish_reason, bool(calls)),
-            )
+        return sse_response(_chunks(state.engine_client, run, header, body.include_usage))
+    outputs = await run_whole(state.engine_client, run)
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=out.content, reasoning_content=out.reasoning,
+                                     tool_calls=[_tool_call(c) for c in out.calls] or None),
+            finish_reason=out.finish_reason,
         )
-    completion_tokens = sum(r.num_completion_tokens for r in results)
-    cached_tokens = cached_prompt_tokens([r.num_cached_tokens for r in results], len(results))
+        for i, out in enumerate(outputs)
+    ]  # fmt: skip
+    completion_tokens = sum(out.completion_tokens for out in outputs)
+    cached_tokens = cached_prompt_tokens([out.cached_tokens for out in outputs], len(outputs))
     return ChatCompletionResponse(
-        **header, choices=choices, usage=Usage.of(len(prompt_ids), completion_tokens, cached_tokens)
+        **header, choices=choices, usage=Usage.of(run.prompt_tokens, completion_tokens, cached_tokens)
     ).model_dump()
-
-
-def turn_end_ids(tokenizer: Tokenizer, template: ChatTemplate | None) -> set[int]:
-    """Token ids that end an assistant turn in this template: they stop a chat answer like an EOS."""
-    words = template.stop_words if template is not None else end_of_turn_words(tokenizer.chat_template or "")
-    return {token for token in map(tokenizer.token_id, words) if token is not None}
 
 
 def _call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _finish_reason(reason: str | None, called: bool) -> str | None:
-    """`tool_calls` when the model stopped after calling; a length cut stays `length`."""
-    return "tool_calls" if called and reason == "stop" else reason
+def _tool_call(call: ToolCall) -> ResponseToolCall:
+    return ResponseToolCall(id=_call_id(), function=ResponseFunctionCall(name=call.name, arguments=call.arguments))
 
 
 def _call_delta(event: OutputEvent, call_ids: list[str]) -> ChatDelta:
@@ -155,13 +104,7 @@ def _call_delta(event: OutputEvent, call_ids: list[str]) -> ChatDelta:
 
 
 async def _chunks(
-    engine: AnyEngine,
-    requests: Sequence[EngineRequest],
-    header: dict[str, Any],
-    prompt_tokens: int,
-    include_usage: bool,
-    output_parser: Callable[[], ChatOutputParser],
-    plan: ToolPlan,
+    client: AsyncEngineClient, run: ChatRun, header: dict[str, Any], include_usage: bool
 ) -> AsyncGenerator[dict[str, Any] | bytes, None]:
     # OpenAI sends `"usage": null` on every chunk only when usage was asked for.
     exclude = None if include_usage else {"usage"}
@@ -176,31 +119,23 @@ async def _chunks(
         ),
     }
 
-    for index in range(len(requests)):
-        yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
-    completion_tokens = [0] * len(requests)
-    cached_tokens = [0] * len(requests)
-    parsers = [output_parser() for _ in requests]
-    call_ids: list[list[str]] = [[] for _ in requests]
-    first_kind: list[str | None] = [None] * len(requests)
-    async with aclosing(generate(engine, requests)) as deltas:
-        async for index, delta in deltas:
-            completion_tokens[index] = delta.num_completion_tokens
-            cached_tokens[index] = delta.num_cached_tokens
-            parser = parsers[index]
-            events = parser.feed(delta.text) + (parser.finish() if delta.finished else [])
-            for event in events:
-                first_kind[index] = first_kind[index] or event.kind
-                if plan.allowed is not None:  # enforced: the first thing out must be an allowed call
-                    plan.check(parser.calls, first_kind[index] == "call")
-                if event.kind in text_events:
-                    yield text_events[event.kind](index, event.text)
-                else:
-                    yield chunk([ChatChunkChoice(index=index, delta=_call_delta(event, call_ids[index]))])
-            if delta.finished:
-                plan.check(parser.calls, first_kind[index] == "call")
-                reason = _finish_reason(delta.finish_reason, bool(parser.calls))
-                yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)])
+    choices = len(run.requests)
+    for index in range(choices):
+        yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=""))])
+    completion_tokens = [0] * choices
+    cached_tokens = [0] * choices
+    call_ids: list[list[str]] = [[] for _ in range(choices)]
+    async with aclosing(run_streamed(client, run)) as pieces:
+        async for piece in pieces:
+            index, event = piece.index, piece.event
+            completion_tokens[index], cached_tokens[index] = piece.completion_tokens, piece.cached_tokens
+            if event is None:
+                yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=""),
+                                             finish_reason=piece.finish_reason)])  # fmt: skip
+            elif event.kind in text_events:
+                yield text_events[event.kind](index, event.text)
+            else:
+                yield chunk([ChatChunkChoice(index=index, delta=_call_delta(event, call_ids[index]))])
     if include_usage:
-        cached = cached_prompt_tokens(cached_tokens, len(requests))  # one prompt, all its choices
-        yield chunk([], Usage.of(prompt_tokens, sum(completion_tokens), cached))
+        cached = cached_prompt_tokens(cached_tokens, choices)  # one prompt, all its choices
+        yield chunk([], Usage.of(run.prompt_tokens, sum(completion_tokens), cached))

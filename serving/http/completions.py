@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
@@ -12,14 +12,13 @@ from typing import Any
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
-from serving.engine.process import AnyEngine
-from serving.engine.request import EngineRequest
-from serving.http.async_engine import cached_prompt_tokens, collect, fan_out, generate
 from serving.http.body import read_body
+from serving.http.choices import cached_prompt_tokens, fan_out, generate
+from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
 from serving.http.openapi import streams
-from serving.http.params import check_context_length, generation_config
-from serving.http.prompts import completion_prompt_ids
+from serving.http.params import fit_context_length, generation_config, prompt_too_long
+from serving.http.prompts import completion_prompt_chars, completion_prompt_ids
 from serving.http.protocol import (
     MAX_N,
     CompletionChoice,
@@ -30,6 +29,8 @@ from serving.http.protocol import (
 )
 from serving.http.sse import TextEvents, sse_response
 from serving.http.state import server_state
+from serving.request import EngineRequest
+from serving.text.tokenizer import PromptTooLong
 
 blueprint = Blueprint("completions", __name__)
 
@@ -48,7 +49,8 @@ async def completions() -> Response | dict[str, Any]:
     """Create a completion.
 
     Each prompt (a string, or token ids) gets `n` choices; prompt p's choice i has index p*n+i. With
-    `stream: true` the answer is `text/event-stream`: `data: {CompletionResponse}` chunks, an optional
+    `stream: true` the answer is `text/event-stream`: `data: {CompletionResponse}` chunks (each choice's
+last with empty text and its finish_reason), an optional
     usage chunk (`stream_options.include_usage`), then `data: [DONE]`.
     """
     body = await read_body(CompletionRequest)
@@ -57,18 +59,25 @@ async def completions() -> Response | dict[str, Any]:
     _refuse_unsupported(body)
     state.require_ready()
     engine = state.engine
-    prompts = await asyncio.to_thread(completion_prompt_ids, engine.tokenizer, body.prompt)
+    prepare = functools.partial(completion_prompt_ids, engine.tokenizer, body.prompt, engine.max_session_len - 1)
+    try:
+        prompts = await state.prepare_prompt(completion_prompt_chars(body.prompt), prepare)
+    except PromptTooLong as error:
+        raise prompt_too_long(error, engine.max_session_len, "prompt") from None
     if len(prompts) * (body.n or 1) > MAX_N:
         raise APIError(400, f"at most {MAX_N} choices per request (prompts × n)", param="n")
     config = generation_config(body, state.generation_defaults)
-    check_context_length(prompts, config.max_new_tokens, engine.max_session_len, "prompt")
+    config.max_new_tokens = fit_context_length(
+        prompts, config.max_new_tokens, engine.max_session_len, "prompt", state.settings.strict_context_length
+    )
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     requests = fan_out(engine, prompts, config, body.n or 1, completion_id, state.settings.max_log_len)
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
     prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
-        return sse_response(_chunks(engine, requests, header, prompt_tokens, body.include_usage, body.n or 1))
-    results = await collect(engine, requests)
+        return sse_response(_chunks(state.engine_client, requests, header, prompt_tokens, body.include_usage,
+                                    body.n or 1))
+    results = await collect(generate(state.engine_client, requests), len(requests))
     completion_tokens = sum(r.num_completion_tokens for r in results)
     cached_tokens = cached_prompt_tokens([r.num_cached_tokens for r in results], body.n or 1)
     return CompletionResponse(
@@ -91,7 +100,7 @@ def _refuse_unsupported(body: CompletionRequest) -> None:
 
 
 async def _chunks(
-    engine: AnyEngine,
+    client: AsyncEngineClient,
     requests: Sequence[EngineRequest],
     header: dict[str, Any],
     prompt_tokens: int,
@@ -106,13 +115,13 @@ async def _chunks(
     text_events = TextEvents(lambda index, text: chunk([CompletionChoice(index=index, text=text, finish_reason=None)]))
     completion_tokens = [0] * len(requests)
     cached_tokens = [0] * len(requests)
-    async with aclosing(generate(engine, requests)) as deltas:
+    async with aclosing(generate(client, requests)) as deltas:
         async for index, delta in deltas:
             completion_tokens[index] = delta.num_completion_tokens
             cached_tokens[index] = delta.num_cached_tokens
-            if delta.finished:
-                yield chunk([CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason)])
-            elif delta.text:
+            if delta.text:
                 yield text_events(index, delta.text)
+            if delta.finished:  # in a chunk of its own, as chat's and /generate's streams end a choice
+                yield chunk([CompletionChoice(index=index, text="", finish_reason=delta.finish_reason)])
     if include_usage:
         yield chunk([], Usage.of(prompt_tokens, sum(completion_tokens), cached_prompt_tokens(cached_tokens, n)))

@@ -11,22 +11,29 @@ of requests in flight (`ServerState.enter`/`leave`), which a graceful shutdown w
 
 Handlers and the engine bridge find their exchange with `current_exchange()`: the middleware sets a
 context variable, which the handler's task (and its streamed body) inherit.
+
+The middleware also watches the request body arrive. An answer that starts before the whole body was
+read (a 401, 405 or 413, or a refusal while the body still trickles in) says `Connection: close`: the
+unread rest would otherwise be taken for the next request on a kept-alive connection, or the server
+would close the connection under a client that had already sent its next request on it. And a body
+still being read when a graceful shutdown begins is not waited for (`Exchange.refuse_body`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serving.http.admission import Admission, Ticket
-from serving.http.errors import APIError
+from serving.http.errors import APIError, server_shutting_down
 
 if TYPE_CHECKING:
     from serving.http.metrics import ServerMetrics
@@ -55,16 +62,20 @@ class Exchange:
     client: str
     started: float  # event-loop time of arrival
     deadline: float | None  # event-loop time by which generation must end (--request-timeout)
+    first_token_deadline: float | None  # event-loop time by which a first token must come (--first-token-timeout)
     admission: Admission
     metrics: ServerMetrics
     ticket: Ticket | None = None
     status: int | None = None
     bytes_sent: int = 0
     completed: bool = False  # the last byte went out; False at the end means the client hung up
+    body_received: bool = True  # the whole request body has reached the app (False while one is on its way)
     # Filled in by the engine bridge, for the access log.
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
+    _body_refused: bool = False
+    _body_scope: asyncio.Timeout | None = None
 
     def admit(self, slots: int) -> None:
         """Reserve `slots` admission slots for this request (400 if it could never run, 503 if the
@@ -80,6 +91,34 @@ class Exchange:
         if self.ticket is not None:
             self.ticket.release()
 
+    @contextlib.asynccontextmanager
+    async def reading_body(self) -> AsyncIterator[None]:
+        """Around reading the request body: raises 503 `server_shutting_down` if a graceful shutdown
+        begins (`refuse_body`) before the body is whole, so a client that never finishes its upload
+        cannot hold the shutdown open."""
+        if self._body_refused:
+            raise self._shutting_down()
+        try:
+            async with asyncio.timeout(None) as scope:
+                self._body_scope = scope
+                yield
+        except TimeoutError:
+            if scope.expired() and self._body_refused:
+                raise self._shutting_down() from None
+            raise
+        finally:
+            self._body_scope = None
+
+    def _shutting_down(self) -> APIError:
+        self.metrics.reject("server_shutting_down")
+        return server_shutting_down()
+
+    def refuse_body(self) -> None:
+        """A graceful shutdown began: a body still being read (or not yet read) is no longer waited for."""
+        self._body_refused = True
+        if self._body_scope is not None:
+            self._body_scope.reschedule(asyncio.get_running_loop().time())
+
 
 class ExchangeMiddleware:
     def __init__(self, app: ASGIApp, state: ServerState):
@@ -91,24 +130,38 @@ class ExchangeMiddleware:
             await self.app(scope, receive, send)
             return
         state = self.state
-        timeout = state.settings.request_timeout
+        settings = state.settings
         now = asyncio.get_running_loop().time()
+        request_id, has_body = _read_headers(scope)
         exchange = Exchange(
-            request_id=_request_id(scope),
+            request_id=request_id,
             method=scope["method"],
             path=scope["path"],
             client=(scope.get("client") or ("-",))[0],
             started=now,
-            deadline=None if timeout is None else now + timeout,
+            deadline=None if settings.request_timeout is None else now + settings.request_timeout,
+            first_token_deadline=now + settings.first_token_timeout if settings.first_token_timeout else None,
             admission=state.admission,
             metrics=state.metrics,
+            body_received=not has_body,
         )
         header = (b"x-request-id", exchange.request_id.encode())
+        # HTTP/2 and 3 end a request's stream without ending the connection (and forbid the header).
+        may_close = scope.get("http_version") in ("1.0", "1.1")
+
+        async def receive_and_note() -> dict:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                exchange.body_received = True
+            return message
 
         async def send_and_note(message: dict) -> None:
             if message["type"] == "http.response.start":
                 exchange.status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), header]}
+                headers = [*message.get("headers", []), header]
+                if may_close and not exchange.body_received and not _says_close(headers):
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             elif message["type"] == "http.response.body":
                 exchange.bytes_sent += len(message.get("body", b""))
                 exchange.completed = not message.get("more_body", False)
@@ -117,7 +170,7 @@ class ExchangeMiddleware:
         token = _current.set(exchange)
         state.enter(exchange)
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive_and_note if has_body else receive, send_and_note)
         finally:
             _current.reset(token)
             exchange.close()
@@ -126,14 +179,23 @@ class ExchangeMiddleware:
                 access_logger.info(_access_line(exchange, asyncio.get_running_loop().time()))
 
 
-def _request_id(scope: dict) -> str:
+def _read_headers(scope: dict) -> tuple[str, bool]:
+    """The request's id (see the module docstring) and whether a body follows its headers."""
+    request_id = None
+    has_body = False
     for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
+        if name == b"x-request-id" and request_id is None:
             candidate = value.decode("latin-1")
-            if _CLIENT_REQUEST_ID.fullmatch(candidate):
-                return candidate
-            break
-    return uuid.uuid4().hex
+            request_id = candidate if _CLIENT_REQUEST_ID.fullmatch(candidate) else ""
+        elif name == b"content-length":
+            has_body = value.strip() not in (b"0", b"")
+        elif name == b"transfer-encoding":
+            has_body = True
+    return request_id or uuid.uuid4().hex, has_body
+
+
+def _says_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == b"connection" and value.lower() == b"close" for name, value in headers)
 
 
 def _access_line(exchange: Exchange, now: float) -> str:

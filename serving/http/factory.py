@@ -1,4 +1,4 @@
-"""The Quart app factory: routes, OpenAPI + Swagger UI, errors, API keys, CORS, the per-request
+"""The Quart app factory: routes, OpenAPI + Swagger UI, the chat page, errors, API keys, CORS, the per-request
 middleware (ids, access log, admission clean-up), the profiling routes and the engine's lifecycle."""
 
 from __future__ import annotations
@@ -9,33 +9,51 @@ import multiprocessing
 from quart import Quart, request
 from quart_schema import Info, QuartSchema
 
-from serving.engine.process import AnyEngine, EngineProcess
-from serving.http import chat, completions, interactive, service
+from model.source import resolve_model
+from serving.engine.client import EngineClient
+from serving.engine.multihost import resolve_group
+from serving.engine.process import EngineProcess
+from serving.engine.progress import StartupListener
+from serving.http import chat, completions, encode, generate, interactive, messages, responses, service
 from serving.http.auth import install_api_keys
-from serving.http.errors import install_error_handlers
+from serving.http.errors import APIError, install_error_handlers
 from serving.http.exchange import ExchangeMiddleware
 from serving.http.openapi import NamedSchemaProvider
 from serving.http.options import Launch
 from serving.http.profiling import install_profiler
 from serving.http.settings import ServerSettings
 from serving.http.state import ServerState
+from serving.http.swagger import install_swagger_ui
+from serving.http.webui import install_webui
 
 API_TITLE = "xlserve"
 API_VERSION = "0.1.0"
 
 
-def load_engine(launch: Launch) -> AnyEngine:
+def load_engine(launch: Launch, on_startup: StartupListener | None = None) -> EngineClient:
     """The launch's engine, its weights loaded: in a child process of its own unless
     `--no-engine-process` (serving.engine.process says why), or unless this process is itself a
-    daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children."""
+    daemonic worker (`hypercorn serving.app:app`), which multiprocessing does not let start children.
+    A hub id is downloaded here, in this process, so its progress and errors show where it was started.
+    `on_startup` hears of the load's progress, and of the buckets' compilation once the engine starts."""
+    config = launch.engine_config
+    group = resolve_group(config.nnodes, config.node_rank, config.dist_init_addr, config.dist_timeout,
+                          config.dist_init_timeout)
+    if group is not None and not group.is_leader:
+        raise ValueError(f"rank {group.node_rank} follows rank 0 and serves no API: start it with "
+                         "`xlserve serve api_server` (docs/multi-host.md)")
+    model_path = None
+    if launch.model is not None:
+        weights = launch.engine_config.load_format != "dummy"
+        model_path = resolve_model(launch.model, launch.revision, launch.download_dir, weights=weights)
     if launch.settings.engine_process and not multiprocessing.current_process().daemon:
-        return EngineProcess.from_pretrained(launch.model_path, launch.engine_config, launch.log_level)
+        return EngineProcess.from_pretrained(model_path, launch.engine_config, launch.log_level, on_startup)
     from serving.engine.engine import Engine
 
-    return Engine.from_pretrained(launch.model_path, launch.engine_config)
+    return Engine.from_pretrained(model_path, launch.engine_config, on_startup)
 
 
-def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
+def create_app(engine: EngineClient, settings: ServerSettings) -> Quart:
     """An app serving `engine`, which it starts when serving begins and shuts down at the end."""
     # No static folder: Quart would otherwise serve ./static of whatever directory the server runs in.
     app = Quart("xlserve", static_folder=None)
@@ -48,7 +66,7 @@ def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
     QuartSchema(
         app,
         openapi_path="/openapi.json",
-        swagger_ui_path="/",
+        swagger_ui_path=None,  # its page loads Swagger UI from a CDN: ours is served from this server
         redoc_ui_path=None,
         scalar_ui_path=None,
         info=Info(
@@ -60,7 +78,7 @@ def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
         security=[{"bearer": []}] if bearer else None,
         openapi_provider_class=NamedSchemaProvider,
     )
-    for module in (service, chat, completions, interactive):
+    for module in (service, chat, completions, interactive, encode, generate, responses, messages):
         app.register_blueprint(module.blueprint)
     install_profiler(app, engine, settings.profile_dir)
     install_error_handlers(app)
@@ -69,7 +87,16 @@ def create_app(engine: AnyEngine, settings: ServerSettings) -> Quart:
     async def refuse_while_draining() -> None:
         state.refuse_while_draining(request.path)
 
-    install_api_keys(app, settings.api_keys, settings.public_metrics)
+    install_swagger_ui(app, "/docs" if settings.webui and settings.chat_at_root else "/")
+    page_paths = install_webui(app, settings.chat_at_root) if settings.webui else frozenset()
+    install_api_keys(app, settings.api_keys, settings.public_metrics, open_paths=page_paths,
+                     cors=bool(settings.allow_origins))
+
+    @app.before_websocket
+    async def refuse_websockets() -> None:  # after the key check: without a key, a 401 like any route's
+        raise APIError(400, "this server has no WebSocket routes; send plain HTTP requests",
+                       code="websocket_not_supported")
+
     if settings.allow_origins:
         # Imported only here: CORS is off unless asked for, and a server without it needs no quart-cors.
         from quart_cors import cors

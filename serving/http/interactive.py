@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -29,18 +30,18 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from quart import Blueprint, Response
 from quart_schema import document_request, document_response
 
-from serving.engine.process import AnyEngine
-from serving.engine.request import MAX_INT32, MAX_SEED, EngineRequest, GenerationConfig
-from serving.http.async_engine import fan_out, generate
 from serving.http.body import read_body
-from serving.http.chat import turn_end_ids
+from serving.http.choices import fan_out, generate
+from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
 from serving.http.openapi import ndjson_stream
-from serving.http.protocol import MAX_MESSAGES, ChatMessage, ErrorResponse, Stop
+from serving.http.prompts import messages_chars
+from serving.http.protocol import MAX_MESSAGES, ChatMessage, ErrorResponse, Stop, lax
 from serving.http.sessions import Session, Turn, turn_tokens
 from serving.http.sse import ndjson_response
 from serving.http.state import ServerState, server_state
-from serving.text.templates import ChatTemplate
+from serving.request import MAX_INT32, MAX_SEED, EngineRequest, GenerationConfig
+from serving.text.tokenizer import PromptTooLong
 
 blueprint = Blueprint("interactive", __name__)
 
@@ -50,7 +51,8 @@ CANCEL_WAIT_S = 10.0
 
 
 class InteractiveRequest(BaseModel):
-    # As the OpenAI routes: strict types, unknown fields ignored, null accepted for every option.
+    # As the OpenAI routes: strict types (booleans and numbers also spelled as strings, `protocol.lax`),
+    # unknown fields ignored, null accepted for every option.
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     # The branch tags are ones error paths leave out (protocol.UNION_TAGS): `prompt[0].role`, not `prompt.parts[0]...`
@@ -59,28 +61,28 @@ class InteractiveRequest(BaseModel):
         | Annotated[list[ChatMessage], Tag("parts"), Field(min_length=1, max_length=MAX_MESSAGES)],
         Discriminator(lambda v: "string" if isinstance(v, str) else "parts"),
     ] = Field(description="A user message, or a list of chat messages (the new turns, or a whole conversation).")
-    session_id: int | None = Field(
-        ONE_OFF_SESSION, ge=-1, le=MAX_SEED, description="The session's id; -1 is a one-off request, never kept."
+    session_id: lax(int, ge=-1, le=MAX_SEED) | None = Field(
+        ONE_OFF_SESSION, description="The session's id; -1 is a one-off request, never kept."
     )
-    interactive_mode: bool | None = Field(
+    interactive_mode: lax(bool) | None = Field(
         False, description="true: keep the history for the next turn; false: end the session after this turn."
     )
-    stream: bool | None = Field(False, description="Answer as NDJSON lines, one per piece of text.")
+    stream: lax(bool) | None = Field(False, description="Answer as NDJSON lines, one per piece of text.")
     stop: Stop | None = Field(None, description="Strings that end the answer (not included in the text).")
-    request_output_len: int | None = Field(
-        None, ge=0, le=MAX_INT32, description="Most tokens to generate; null means up to the session length."
+    request_output_len: lax(int, ge=0, le=MAX_INT32) | None = Field(
+        None, description="Most tokens to generate; null means up to the session length."
     )
-    top_p: float | None = Field(0.8, gt=0, le=1)
-    top_k: int | None = Field(40, ge=0, le=MAX_INT32, description="0 switches top-k off.")
-    temperature: float | None = Field(0.8, ge=0, le=2, description="0 is greedy.")
-    repetition_penalty: float | None = Field(1.0, gt=0, le=10)
-    min_p: float | None = Field(0.0, ge=0, le=1)
-    min_new_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    ignore_eos: bool | None = False
-    skip_special_tokens: bool | None = True
-    spaces_between_special_tokens: bool | None = True
-    cancel: bool | None = Field(False, description="Abort the session's running turn.")
+    top_p: lax(float, gt=0, le=1) | None = 0.8
+    top_k: lax(int, ge=0, le=MAX_INT32) | None = Field(40, description="0 switches top-k off.")
+    temperature: lax(float, ge=0, le=2) | None = Field(0.8, description="0 is greedy.")
+    repetition_penalty: lax(float, gt=0, le=10) | None = 1.0
+    min_p: lax(float, ge=0, le=1) | None = 0.0
+    min_new_tokens: lax(int, ge=0, le=MAX_INT32) | None = None
+    seed: lax(int, ge=0, le=MAX_SEED) | None = None
+    ignore_eos: lax(bool) | None = False
+    skip_special_tokens: lax(bool) | None = True
+    spaces_between_special_tokens: lax(bool) | None = True
+    cancel: lax(bool) | None = Field(False, description="Abort the session's running turn.")
     adapter_name: str | None = Field(None, description="Not supported (no LoRA adapters): only null.")
     image_url: str | list[str] | None = Field(None, description="Not supported (text only): only null.")
 
@@ -196,11 +198,8 @@ class _Plan:
 
     prompt_ids: list[int]
     history_tokens: int
+    input_tokens: int  # this turn's tokens; a lower bound for a turn too long to tokenize in full
     full: bool  # no room in the session length for a single new token
-
-    @property
-    def input_tokens(self) -> int:
-        return len(self.prompt_ids) - self.history_tokens
 
 
 @dataclass
@@ -222,7 +221,8 @@ async def _start_turn(
         # gone before the stream began); in every other case the lines free it first, before the
         # client has read the end of the answer, so its next request never finds the session busy.
         asyncio.current_task().add_done_callback(lambda _: sessions.finish(session, turn))
-    plan = await asyncio.to_thread(_plan, state, body, session)
+    chars = len(body.prompt) if isinstance(body.prompt, str) else messages_chars(body.prompt)
+    plan = await state.prepare_prompt(chars, functools.partial(_plan, state, body, session))
     runs = not plan.full and body.request_output_len != 0
     request = _request(state, body, plan, session, turn) if runs else None
     return _turn_lines(state, body, plan, request, session, turn)
@@ -231,15 +231,20 @@ async def _start_turn(
 def _plan(state: ServerState, body: InteractiveRequest, session: Session | None) -> _Plan:
     messages = [ChatMessage(role="user", content=body.prompt)] if isinstance(body.prompt, str) else body.prompt
     history = session.history if session is not None else []
-    prompt_ids = history + turn_tokens(state.engine.tokenizer, session, messages, state.settings.chat_template)
-    return _Plan(prompt_ids, len(history), full=len(prompt_ids) >= state.engine.max_session_len)
+    session_len = state.engine.max_session_len
+    room = max(session_len - len(history) - 1, 0)  # the turn's tokens, leaving one for the answer
+    try:
+        turn = turn_tokens(state.engine.tokenizer, session, messages, state.settings.chat_template, room)
+    except PromptTooLong as error:
+        return _Plan(history, len(history), error.at_least, full=True)
+    return _Plan(history + turn, len(history), len(turn), full=len(history) + len(turn) >= session_len)
 
 
 def _request(
     state: ServerState, body: InteractiveRequest, plan: _Plan, session: Session | None, turn: Turn | None
 ) -> EngineRequest:
     engine = state.engine
-    config = _generation_config(body, engine, state.settings.chat_template)
+    config = _generation_config(body, state.turn_end_ids)
     request_id = f"interactive-{uuid.uuid4().hex}"
     # A session's turn keeps its pages pinned when it finishes, for the next turn's prefill to reuse.
     session_id = str(session.session_id) if session is not None else None
@@ -249,11 +254,11 @@ def _request(
     return request
 
 
-def _generation_config(body: InteractiveRequest, engine: AnyEngine, template: ChatTemplate | None) -> GenerationConfig:
+def _generation_config(body: InteractiveRequest, turn_end_ids: frozenset[int]) -> GenerationConfig:
     ignore_eos = body.option("ignore_eos")
     stop = body.stop
     # The template's end of turn ends the answer like an EOS, as on /v1/chat/completions.
-    turn_ends = set() if ignore_eos else turn_end_ids(engine.tokenizer, template)
+    turn_ends = frozenset() if ignore_eos else turn_end_ids
     return GenerationConfig(
         max_new_tokens=body.request_output_len,
         min_new_tokens=body.option("min_new_tokens") or 0,
@@ -293,7 +298,7 @@ async def _turn_lines(
             outcome.finish_reason = "length"
             yield _line("", 0, plan.input_tokens, plan.history_tokens, "length")
         else:
-            async with aclosing(_engine_lines(state.engine, request, plan, turn, outcome)) as lines:
+            async with aclosing(_engine_lines(state.engine_client, request, plan, turn, outcome)) as lines:
                 async for line in lines:
                     yield line
         if session is not None and interactive and outcome.finish_reason is not None:
@@ -306,11 +311,11 @@ async def _turn_lines(
 
 
 async def _engine_lines(
-    engine: AnyEngine, request: EngineRequest, plan: _Plan, turn: Turn | None, outcome: _Outcome
+    client: AsyncEngineClient, request: EngineRequest, plan: _Plan, turn: Turn | None, outcome: _Outcome
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Run the request; a cancelled turn ends with an `abort` line instead of an error."""
     try:
-        async with aclosing(generate(engine, [request])) as deltas:
+        async with aclosing(generate(client, [request])) as deltas:
             async for _, delta in deltas:
                 outcome.generated += delta.token_ids
                 if turn is not None and turn.cancelled:
@@ -341,12 +346,12 @@ def _record(session: Session, plan: _Plan, outcome: _Outcome, request: EngineReq
 def _full_message(session_id: int, plan: _Plan, session_len: int) -> str:
     if session_id == ONE_OFF_SESSION:
         return (
-            f"the prompt has {plan.input_tokens} tokens, which leaves no room for an answer in the session length "
-            f"of {session_len}; send a shorter prompt"
+            f"the prompt has at least {plan.input_tokens} tokens, which leaves no room for an answer in the session "
+            f"length of {session_len}; send a shorter prompt"
         )
     return (
         f"session {session_id} is full: its {plan.history_tokens} tokens of history and this turn's "
-        f"{plan.input_tokens} leave no room for an answer in the session length of {session_len}. End it with "
+        f"{plan.input_tokens} or more leave no room for an answer in the session length of {session_len}. End it with "
         f'{{"session_id": {session_id}, "interactive_mode": false, "prompt": "", "request_output_len": 0}} '
         "and start a new conversation"
     )

@@ -22,7 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
 if TYPE_CHECKING:
-    from serving.engine.process import AnyEngine
+    from serving.engine.client import EngineClient
     from serving.http.admission import Admission
 
 # vLLM's buckets, so histograms from both servers can be compared and aggregated.
@@ -85,7 +85,7 @@ class ServerMetrics:
         )
         ProcessCollector(registry=self.registry)
 
-    def watch(self, engine: AnyEngine, admission: Admission, in_flight: Collection[object], sessions: Sized) -> None:
+    def watch(self, engine: EngineClient, admission: Admission, in_flight: Collection[object], sessions: Sized) -> None:
         """Export the live state of these as gauges read at scrape time."""
         self.registry.register(_LiveState(self.model_name, engine, admission, in_flight, sessions))
 
@@ -136,7 +136,8 @@ class _LiveState:
     """A custom collector: gauges computed from the live objects at every scrape."""
 
     def __init__(
-        self, model_name: str, engine: AnyEngine, admission: Admission, in_flight: Collection[object], sessions: Sized
+        self, model_name: str, engine: EngineClient, admission: Admission, in_flight: Collection[object],
+        sessions: Sized,
     ):
         self.model_name = model_name
         self.engine = engine
@@ -157,44 +158,56 @@ class _LiveState:
             family.add_metric([self.model_name], value)
             return family
 
-        yield gauge("vllm:num_requests_running", "Choices in the engine's running batch.", stats["num_running"])
+        yield gauge("vllm:num_requests_running", "Choices in the engine's running batch.", stats.num_running)
         yield gauge(
             "vllm:num_requests_waiting",
             "Choices waiting: in the engine's queue or for an admission slot.",
-            stats["num_waiting"] + self.admission.queued,
+            stats.num_waiting + self.admission.queued,
         )
         yield gauge(
             "vllm:kv_cache_usage_perc",
             "Fraction of KV-cache pages in use (1 = full).",
-            stats["num_pages_used"] / max(stats["num_pages_total"], 1),
+            stats.num_pages_used / max(stats.num_pages_total, 1),
         )
-        yield counter("vllm:num_preemptions", "Sequences preempted for lack of KV pages.", stats["num_preemptions"])
+        # vLLM's info gauge, by which the Gateway API Inference Extension (llm-d) sizes its prefix-cache
+        # scorer and our proxy learns a node's page size; vLLM's label values are strings.
+        config_info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "KV-cache configuration: page size in tokens, usable pages, whether prefix caching is on.",
+            labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"],
+        )
+        prefix_caching = self.engine.engine_config.enable_prefix_caching
+        config_info.add_metric(
+            [self.model_name, str(self.engine.page_size), str(stats.num_pages_total), str(prefix_caching)], 1
+        )
+        yield config_info
+        yield counter("vllm:num_preemptions", "Sequences preempted for lack of KV pages.", stats.num_preemptions)
         # vllm:prompt_tokens counts every prompt token; this, only those not taken from the cache.
         yield counter(
             "xlserve:prompt_tokens_computed",
             "Prompt tokens prefilled (including recomputation after preemption), i.e. not found in the KV cache.",
-            stats["prompt_tokens_computed"],
+            stats.prompt_tokens_computed,
         )
         yield gauge(
             "xlserve:interactive_sessions", "Sessions /v1/chat/interactive keeps a history for.", len(self.sessions)
         )
         yield gauge(
-            "xlserve:pinned_sessions", "Sessions whose KV pages the engine keeps pinned.", stats["num_pinned_sessions"]
+            "xlserve:pinned_sessions", "Sessions whose KV pages the engine keeps pinned.", stats.num_pinned_sessions
         )
         yield counter(
             "xlserve:shared_prefix_steps",
             "Decode steps that read shared prefix pages once per tile of rows (shared-prefix attention).",
-            stats["shared_prefix_steps"],
+            stats.shared_prefix_steps,
         )
         yield counter(
             "xlserve:shared_prefix_rows",
             "Decode rows that read their shared prefix with a tile, summed over steps.",
-            stats["shared_prefix_rows"],
+            stats.shared_prefix_rows,
         )
         yield counter(
             "xlserve:compilations_after_warmup",
             "XLA compilations after start-up; anything but 0 is a bug.",
-            stats["compilations_after_warmup"],
+            stats.compilations_after_warmup,
         )
         yield gauge("xlserve:admission_slots_running", "Admission slots held by running requests.",
                     self.admission.running)

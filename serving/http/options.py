@@ -12,13 +12,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from configs.demo import DEMO_MODEL_NAME
 from serving.engine.config import EngineConfig
-from serving.http.settings import DEFAULT_MAX_QUEUE_LEN, DEFAULT_MAX_REQUEST_BYTES, ServerSettings
+from serving.http.settings import (
+    DEFAULT_ENGINE_STALL_TIMEOUT,
+    DEFAULT_FIRST_TOKEN_TIMEOUT,
+    DEFAULT_MAX_QUEUE_LEN,
+    DEFAULT_MAX_REQUEST_BYTES,
+    ServerSettings,
+)
 from serving.text.reasoning import ALIASES as REASONING_ALIASES
 from serving.text.reasoning import REASONING_PARSERS, parser_name
 from serving.text.templates import ChatTemplate, resolve_chat_template
@@ -29,7 +36,7 @@ from xlkernels import BACKENDS
 MODEL_ENV = "XLSERVE_MODEL"
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
-Target = Literal["engine", "server", "cli", "refused"]
+Target = Literal["engine", "server", "cli"]
 
 
 class OptionError(ValueError):
@@ -46,6 +53,8 @@ class Option:
     default: Any = None  # for cli options; engine and server defaults live in their dataclasses
     choices: tuple[str, ...] | None = None
     kind: Literal["value", "switch", "list"] = "value"
+    # A key: the command line shows in `ps`, so the CLI also reads it from the XLSERVE_* variable.
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -74,6 +83,7 @@ OPTIONS: tuple[Option, ...] = (
         "None given (here, in XLSERVE_API_KEYS or in --api-key-file): no authentication. XLSERVE_API_KEYS "
         "(comma-separated) or --api-key-file keep keys out of the process list.",
         kind="list",
+        secret=True,
     ),
     Option(
         "--api-key-file",
@@ -90,6 +100,15 @@ OPTIONS: tuple[Option, ...] = (
         kind="switch",
     ),
     Option(
+        "--strict-context-length",
+        "server",
+        "strict_context_length",
+        "Refuse with 400 (context_length_exceeded, as OpenAI does) a request whose max_tokens does not fit in the "
+        "session length after its prompt. Default: generate up to the session length and finish with `length`, "
+        "as LMDeploy does. A prompt that alone fills the session is a 400 either way.",
+        kind="switch",
+    ),
+    Option(
         "--profile-dir",
         "server",
         "profile_dir",
@@ -102,6 +121,21 @@ OPTIONS: tuple[Option, ...] = (
         "engine_process",
         "Run the engine in a child process of its own, so the server's HTTP work never competes with it for "
         "Python's GIL (on by default; --no-engine-process keeps it on a thread of the server process).",
+        kind="switch",
+    ),
+    Option(
+        "--webui",
+        "server",
+        "webui",
+        "Serve the chat page at /chat (on by default; --no-webui turns it off). The page needs no key; the API "
+        "calls it makes do.",
+        kind="switch",
+    ),
+    Option(
+        "--chat-at-root",
+        "server",
+        "chat_at_root",
+        "GET / redirects to the chat page, and Swagger UI moves to /docs (default: Swagger UI at /).",
         kind="switch",
     ),
     Option(
@@ -185,6 +219,23 @@ OPTIONS: tuple[Option, ...] = (
         type=float,
     ),
     Option(
+        "--first-token-timeout",
+        "server",
+        "first_token_timeout",
+        "Seconds a request may wait for its first token (queued, then prefilled); past it the request is "
+        f"aborted with a 503 the client may retry (default: {DEFAULT_FIRST_TOKEN_TIMEOUT:.0f}; 0: no limit).",
+        type=float,
+    ),
+    Option(
+        "--engine-stall-timeout",
+        "server",
+        "engine_stall_timeout",
+        "Seconds the engine may make no progress while requests wait on it; past it the engine counts as "
+        "stuck: /health and /v1/ready answer 503 and its requests fail with a 503 the client may retry, until "
+        f"it moves again (default: {DEFAULT_ENGINE_STALL_TIMEOUT:.0f}; 0: no watch).",
+        type=float,
+    ),
+    Option(
         "--shutdown-timeout",
         "cli",
         "shutdown_timeout",
@@ -200,6 +251,19 @@ OPTIONS: tuple[Option, ...] = (
         "trust_remote_code",
         "Accepted for LMDeploy compatibility; xlserve never runs code shipped with a checkpoint.",
         kind="switch",
+    ),
+    Option(
+        "--revision",
+        "cli",
+        "revision",
+        "The branch, tag or commit of a hub id MODEL to serve (default: its main branch).",
+    ),
+    Option(
+        "--download-dir",
+        "cli",
+        "download_dir",
+        "The Hugging Face cache folder a hub id MODEL is downloaded into and served from (default: "
+        "huggingface_hub's, ~/.cache/huggingface/hub, or $HF_HOME/hub).",
     ),
     # ---- engine ----
     Option("--tp", "engine", "tp", f"Tensor-parallel degree (default: {_engine_default('tp')}).", type=int),
@@ -337,20 +401,70 @@ OPTIONS: tuple[Option, ...] = (
         "JAX's persistent compilation cache, so restarts skip compiling: auto (~/.cache/xlserve/jax on GPU, "
         "off on CPU), off, or a directory.",
     ),
-    # ---- refused: each would need the network or a part not built yet ----
+    # ---- several hosts (docs/multi-host.md) ----
     Option(
-        "--revision",
-        "refused",
-        "revision",
-        "Refused: xlserve cannot download from a model hub; download the revision yourself and pass its directory.",
+        "--nnodes",
+        "engine",
+        "nnodes",
+        "Hosts serving this one model, one process each, --tp counting the devices of all (default: "
+        "LWS_GROUP_SIZE, else JAX_NUM_PROCESSES, else 1).",
+        type=int,
     ),
     Option(
-        "--download-dir",
-        "refused",
-        "download_dir",
-        "Refused: xlserve cannot download from a model hub; pass a local checkpoint directory.",
+        "--node-rank",
+        "engine",
+        "node_rank",
+        "This host's rank: 0 serves the API, the others follow it (default: LWS_WORKER_INDEX, else "
+        "JAX_PROCESS_ID, else 0).",
+        type=int,
     ),
-    Option("--proxy-url", "refused", "proxy_url", "Refused for now: the proxy is not part of this release."),
+    Option(
+        "--dist-init-addr",
+        "engine",
+        "dist_init_addr",
+        "HOST:PORT of rank 0's JAX coordinator; rank 0 also listens for its followers on PORT + 1 (default: "
+        "JAX_COORDINATOR_ADDRESS, else LWS_LEADER_ADDRESS:29500).",
+    ),
+    Option(
+        "--dist-timeout",
+        "engine",
+        "dist_timeout",
+        f"Seconds of silence after which a host is lost: every process then exits non-zero (default: "
+        f"{_engine_default('dist_timeout')}).",
+        type=float,
+    ),
+    Option(
+        "--dist-init-timeout",
+        "engine",
+        "dist_init_timeout",
+        f"Seconds to wait for every host to join before giving up (default: {_engine_default('dist_init_timeout')}).",
+        type=float,
+    ),
+    # ---- several servers behind `xlserve serve proxy` ----
+    Option(
+        "--proxy-url",
+        "cli",
+        "proxy_url",
+        "Register with the proxy (`xlserve serve proxy`) at this URL once GET /v1/ready answers 200, and "
+        "deregister on SIGTERM before draining. The server registers as http://HOST:PORT, HOST being "
+        "--server-name, or the address that reaches the proxy when that is 0.0.0.0.",
+    ),
+    Option(
+        "--proxy-api-key",
+        "cli",
+        "proxy_api_key",
+        "One of the proxy's --admin-api-keys, sent when registering (or XLSERVE_PROXY_API_KEY).",
+        secret=True,
+    ),
+    Option(
+        "--dp",
+        "cli",
+        "dp",
+        "Data-parallel replicas on this host: N servers of --tp devices each, in child processes, behind "
+        "one proxy on --server-port (more devices than the host has is an error).",
+        type=int,
+        default=1,
+    ),
 )
 
 
@@ -358,25 +472,36 @@ OPTIONS: tuple[Option, ...] = (
 class Launch:
     """Everything needed to start a server: the model, the engine's options, the app's and the socket's."""
 
-    model_path: str | None
+    model: str | None  # MODEL as given: a local folder or a hub id (model.source resolves it); None: the demo
     engine_config: EngineConfig
     settings: ServerSettings
     host: str = "0.0.0.0"
     port: int = 23333
     log_level: str = "WARNING"
     shutdown_timeout: float = 30.0
+    revision: str | None = None  # of a hub id
+    download_dir: str | None = None  # where a hub id is downloaded
+    proxy_url: str | None = None  # register with this proxy once ready (--proxy-url)
+    proxy_api_key: str | None = field(default=None, repr=False)
+    dp: int = 1  # replicas behind one proxy (--dp)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model_path",
+        "model",
         nargs="?",
         default=None,
         metavar="MODEL",
-        help="A local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer). "
-        "Omitted: the built-in demo model.",
+        help="A local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer), or a Hugging "
+        "Face hub id (org/name), downloaded first (HF_TOKEN for gated models, HF_ENDPOINT for a mirror, "
+        "HF_HUB_OFFLINE=1 to use only the cache). Omitted: the built-in demo model.",
     )
-    for option in OPTIONS:
+    add_options(parser, OPTIONS)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Declare `options` as flags of `parser` (also used by `xlserve serve proxy`)."""
+    for option in options:
         kwargs: dict[str, Any] = {"dest": option.field, "help": option.help, "default": option.default}
         if option.kind == "switch":
             # A switch may default to on, so it also takes a --no- form; unset stays None.
@@ -394,11 +519,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_arguments(namespace: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Launch:
     values = {o.field: getattr(namespace, o.field) for o in OPTIONS}
-    keys = _option("api_keys")
-    if values["api_keys"] is None and environ.get(keys.env):
-        # Keys are secrets: the command line shows in `ps`, so the CLI takes them from the environment too.
-        values["api_keys"] = _parse_env(keys, environ[keys.env])
-    return _resolve(namespace.model_path, values, source=lambda o: o.flag)
+    read_secrets(values, OPTIONS, environ)
+    return _resolve(namespace.model, values, source=lambda o: o.flag)
+
+
+def read_secrets(values: dict[str, Any], options: Sequence[Option], environ: Mapping[str, str]) -> None:
+    """Fill the secret options not given as flags from their XLSERVE_* variables."""
+    for option in options:
+        if option.secret and values[option.field] is None and environ.get(option.env):
+            values[option.field] = _parse_env(option, environ[option.env])
 
 
 def from_environment(environ: Mapping[str, str] = os.environ) -> Launch:
@@ -426,16 +555,11 @@ def _parse_env(option: Option, raw: str) -> Any:
     return value
 
 
-def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[Option], str]) -> Launch:
-    for option in OPTIONS:
-        if option.target == "refused" and values[option.field] is not None:
-            raise OptionError(f"{source(option)}: {option.help}")
-    if model_path is not None and not (os.path.isdir(model_path) or os.path.isfile(model_path)):
-        raise OptionError(
-            f"model path {model_path!r} is not a local directory or GGUF file. xlserve cannot download from a "
-            "model hub: download the checkpoint (config.json, *.safetensors, tokenizer files) and pass its "
-            "directory, or a .gguf file, or pass no model to serve the built-in demo model."
-        )
+def _resolve(model: str | None, values: dict[str, Any], source: Callable[[Option], str]) -> Launch:
+    if model is None:
+        for option in (_option("revision"), _option("download_dir")):
+            if values[option.field] is not None:
+                raise OptionError(f"{source(option)} applies to a hub id MODEL; none was given (the demo model)")
     given = {o.field: values[o.field] for o in OPTIONS if values[o.field] is not None}
     engine_options = {o.field: given[o.field] for o in OPTIONS if o.target == "engine" and o.field in given}
     for name in ("decode_batch_buckets", "prefill_row_buckets", "prefill_token_buckets", "packed_prefill_buckets"):
@@ -457,23 +581,38 @@ def _resolve(model_path: str | None, values: dict[str, Any], source: Callable[[O
         server_options["chat_template"] = _read_template(server_options["chat_template"], source)
     if "reasoning_parser" in server_options:
         server_options["reasoning_parser"] = parser_name(server_options["reasoning_parser"])
-    server_options.setdefault("model_name", model_path if model_path is not None else DEMO_MODEL_NAME)
+    server_options.setdefault("model_name", model if model is not None else DEMO_MODEL_NAME)
     try:
-        settings = ServerSettings(model_path=model_path, **server_options)
+        settings = ServerSettings(model_path=model, **server_options)
     except ValueError as error:
         flag = next((source(o) for o in OPTIONS if o.field == getattr(error, "param", None)), None)
         raise OptionError(f"{flag}: {error}" if flag else str(error)) from error
     if values["shutdown_timeout"] < 0:
         raise OptionError(f"{source(_option('shutdown_timeout'))} must be >= 0, got {values['shutdown_timeout']}")
+    if values["dp"] < 1:
+        raise OptionError(f"{source(_option('dp'))} must be at least 1, got {values['dp']}")
+    if values["proxy_url"] is not None and not _is_http_url(values["proxy_url"]):
+        raise OptionError(f"{source(_option('proxy_url'))} must be an http:// or https:// URL with a host, "
+                          f"got {values['proxy_url']!r}")
     return Launch(
-        model_path,
+        model,
         engine_config,
         settings,
         host=values["server_name"],
         port=values["server_port"],
         log_level=values["log_level"],
         shutdown_timeout=values["shutdown_timeout"],
+        revision=values["revision"],
+        download_dir=values["download_dir"],
+        proxy_url=values["proxy_url"],
+        proxy_api_key=values["proxy_api_key"],
+        dp=values["dp"],
     )
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _option(field: str) -> Option:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from serving.engine.request import GenerationConfig
 from serving.http.errors import APIError
 from serving.http.protocol import SamplingFields
+from serving.request import GenerationConfig
+from serving.text.tokenizer import PromptTooLong
 
 OPENAI_DEFAULTS: dict[str, float | int] = {
     "temperature": 1.0,
@@ -31,7 +32,6 @@ def generation_config(body: SamplingFields, model_defaults: Mapping[str, float |
     top_k = int(pick("top_k"))
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return GenerationConfig(
-        n=1,  # the HTTP layer fans n out into one engine request per choice
         max_new_tokens=max_new_tokens(body),
         min_new_tokens=body.min_new_tokens or 0,
         do_sample=True,  # temperature 0 is what asks for greedy decoding here
@@ -55,17 +55,36 @@ def max_new_tokens(body: SamplingFields) -> int | None:
     return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
 
-def check_context_length(prompts: Sequence[list[int]], requested: int | None, session_len: int, param: str) -> None:
-    """Refuse, as OpenAI does, a prompt that leaves no room or a completion that could not fit."""
+def fit_context_length(
+    prompts: Sequence[list[int]], requested: int | None, session_len: int, param: str, strict: bool
+) -> int | None:
+    """The completion limit to run with: a prompt that leaves no room is a 400; a `max_tokens` beyond
+    the room left is, with `strict` (`--strict-context-length`), a 400 as OpenAI answers, else capped so
+    that the completion runs up to the session length and finishes with `length`, as LMDeploy's guide says."""
+    counted = strict and requested is not None  # else only one new token must fit
     for prompt_ids in prompts:
-        completion = requested if requested is not None else 1
+        completion = requested if counted else 1
         if len(prompt_ids) + completion > session_len:
             raise APIError(
                 400,
                 f"This model's maximum context length is {session_len} tokens. However, you requested "
                 f"{len(prompt_ids) + completion} tokens ({len(prompt_ids)} in the {param}, "
-                f"{completion if requested is not None else 'at least 1'} in the completion). "
+                f"{completion if counted else 'at least 1'} in the completion). "
                 f"Please reduce the length of the {param} or of the completion.",
                 param=param if len(prompt_ids) >= session_len else "max_tokens",
                 code="context_length_exceeded",
             )
+    # The engine caps each choice at its own prompt's room; any count past the session length means the same.
+    return None if requested is None else min(requested, session_len)
+
+
+def prompt_too_long(error: PromptTooLong, session_len: int, param: str) -> APIError:
+    """A prompt found too long before it was tokenized in full: a 400 as `fit_context_length`'s."""
+    return APIError(
+        400,
+        f"This model's maximum context length is {session_len} tokens. However, your {param} has more than "
+        f"{error.limit} tokens (at least {error.at_least}; it was not tokenized in full), leaving no room for "
+        f"the completion. Please reduce the length of the {param}.",
+        param=param,
+        code="context_length_exceeded",
+    )

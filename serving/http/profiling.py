@@ -18,7 +18,7 @@ from typing import Any
 from quart import Quart
 from quart_schema import document_response
 
-from serving.engine.process import AnyEngine
+from serving.engine.client import EngineClient
 from serving.http.errors import APIError
 from serving.http.protocol import ErrorResponse, ProfileStatus
 
@@ -26,7 +26,7 @@ from serving.http.protocol import ErrorResponse, ProfileStatus
 class Profiler:
     """The process's one trace (JAX runs at most one), started and stopped by one request at a time."""
 
-    def __init__(self, engine: AnyEngine, directory: str):
+    def __init__(self, engine: EngineClient, directory: str):
         self.engine = engine
         # Absolute, so the answer tells where the files are whatever the server's working directory.
         self.directory = os.path.abspath(directory)
@@ -56,7 +56,7 @@ class Profiler:
         return ProfileStatus(status="stopped", dir=self.directory)
 
 
-def install_profiler(app: Quart, engine: AnyEngine, directory: str | None) -> None:
+def install_profiler(app: Quart, engine: EngineClient, directory: str | None) -> None:
     if directory is None:
         return
     profiler = Profiler(engine, directory)

@@ -1,9 +1,17 @@
 """The OpenAI wire format: request and response bodies as pydantic models.
 
-Requests are validated strictly (a string where a number belongs is a 400, as OpenAI answers) but
-unknown fields are ignored, because clients such as LangChain and the openai SDK send fields this
-server has no use for (`user`, `parallel_tool_calls`, ...). Optional fields also accept `null`, which
-several clients send instead of leaving a field out. The same models are the OpenAPI schemas.
+Requests are validated strictly, with one leniency LMDeploy's clients rely on (its server's pydantic
+is lax): a boolean or number field also takes its JSON spelled as a string (`"stream": "true"`,
+`"max_tokens": "16"`, `"temperature": "0.5"`), nothing looser (`"yes"`, `2.5` for an integer and
+`true` for a number stay a 400). Unknown fields are ignored, because clients such as LangChain and the
+openai SDK send fields this server has no use for (`user`, `parallel_tool_calls`, ...). Optional fields
+also accept `null`, which several clients send instead of leaving a field out. The same models are the
+OpenAPI schemas.
+
+Fields that change what a request means but are not implemented yet (`logit_bias`, `response_format`,
+the penalties, vLLM's guided decoding, ...) are declared, so that any value other than the ones that
+change nothing is a 400 naming the field: a client that bans tokens or asks for JSON is told, not
+silently served something else (`UNSUPPORTED_FIELDS`).
 
 Fields that are a union of JSON shapes (`prompt`, `stop`, message `content`) pick their branch by the
 value's JSON type, so an error names only the shape the client meant; `UNION_TAGS` lists the branch
@@ -12,6 +20,9 @@ names pydantic puts in an error's location, which the error formatter leaves out
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -19,13 +30,17 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     SerializerFunctionWrapHandler,
     Tag,
+    ValidationInfo,
     field_validator,
     model_serializer,
 )
+from pydantic_core import core_schema
 
-from serving.engine.request import MAX_SEED
+from serving.request import MAX_SEED
 
 MAX_N = 128  # OpenAI's own bound on `n`; each choice is one engine request
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; stop-string matching costs per emitted character, so bound it
@@ -34,7 +49,7 @@ MAX_STOP_LENGTH = 256
 # seconds of CPU before its length is even checked.
 MAX_MESSAGES = 4096
 
-UNION_TAGS = frozenset({"string", "strings", "tokens", "token_lists", "parts", "named"})
+UNION_TAGS = frozenset({"string", "strings", "tokens", "token_lists", "parts", "named", "items"})
 
 
 def _json_shape(value: Any) -> str:
@@ -49,12 +64,94 @@ def _json_shape(value: Any) -> str:
     return "strings"
 
 
+# A boolean or number spelled as a JSON string (LMDeploy's lax pydantic reads these), as regular expressions
+# that both the validation and the OpenAPI document use.
+_SPELLINGS = {
+    bool: r"\s*([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee])\s*",
+    int: r"\s*[+-]?[0-9]+\s*",
+    float: r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*",
+}
+MAX_SPELLED_LENGTH = 64  # past it no value is in range; int() of thousands of digits is slow and refuses
+
+
+@dataclass(frozen=True)
+class _AlsoSpelled:
+    """Lets a bool, int or float field also take its value spelled as a string, and documents that."""
+
+    kind: type
+
+    def coerce(self, value: Any) -> Any:
+        if isinstance(value, str) and len(value) <= MAX_SPELLED_LENGTH and re.fullmatch(_SPELLINGS[self.kind], value):
+            text = value.strip()
+            return text.lower() == "true" if self.kind is bool else self.kind(text)
+        return value  # for strict validation to accept or refuse
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_before_validator_function(self.coerce, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+        spelled = {"type": "string", "pattern": f"^{_SPELLINGS[self.kind]}$", "maxLength": MAX_SPELLED_LENGTH}
+        return {"anyOf": [handler(schema), spelled]}
+
+
+def lax(kind: type, **constraints: Any) -> Any:
+    """`kind` with `Field` constraints (checked after the string is read), also taking its string spelling."""
+    return Annotated[kind, Field(**constraints), _AlsoSpelled(kind)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+def _is(harmless: object) -> Callable[[Any], bool]:
+    return lambda value: value == harmless and type(value) is type(harmless)
+
+
+def _is_zero(value: Any) -> bool:
+    return type(value) in (int, float) and value == 0
+
+
+# Not implemented yet, each with the values that change nothing (besides null) and what to do instead.
+_SAMPLING_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "logit_bias": (_is({}), "leave it out"),
+    "presence_penalty": (_is_zero, "leave it out or send 0; repetition_penalty is supported"),
+    "frequency_penalty": (_is_zero, "leave it out or send 0; repetition_penalty is supported"),
+    "response_format": (_is({"type": "text"}), 'structured output is not supported; only {"type": "text"}'),
+    "min_tokens": (_is_zero, "min_new_tokens is supported"),
+    "bad_words": (_is([]), "leave it out"),
+    "allowed_token_ids": (_is([]), "leave it out"),
+    "guided_json": (_is(None), "structured output is not supported"),
+    "guided_regex": (_is(None), "structured output is not supported"),
+    "guided_choice": (_is(None), "structured output is not supported"),
+    "guided_grammar": (_is(None), "structured output is not supported"),
+    "structured_outputs": (_is(None), "structured output is not supported"),
+    "prompt_logprobs": (_is(None), "logprobs are not supported"),
+    "use_beam_search": (_is(False), "only sampling is supported"),
+    "truncate_prompt_tokens": (_is(None), "send the prompt you want read"),
+}
+_CHAT_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "functions": (_is([]), "use tools"),
+    "function_call": (_is(None), "use tools and tool_choice"),
+    "audio": (_is(None), "this server reads and writes text only"),
+    "modalities": (_is(["text"]), "this server writes text only"),
+    "web_search_options": (_is(None), "this server does not search the web"),
+}
+UNSUPPORTED_FIELDS = {**_SAMPLING_UNSUPPORTED, **_CHAT_UNSUPPORTED}
+
+
+def _unsupported() -> Any:
+    return Field(None, description="Not supported yet: only null or a value that changes nothing (else a 400).")
+
+
+def _refuse_unsupported(value: Any, info: ValidationInfo) -> Any:
+    harmless, instead = UNSUPPORTED_FIELDS[info.field_name]
+    if value is not None and not harmless(value):
+        raise ValueError(f"this server does not support {info.field_name} yet ({instead})")
+    return value
+
+
 class StreamOptions(_Request):
-    include_usage: bool | None = Field(None, description="Send a last chunk with `usage` and no choices.")
+    include_usage: lax(bool) | None = Field(None, description="Send a last chunk with `usage` and no choices.")
 
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
@@ -69,29 +166,46 @@ class SamplingFields(_Request):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str = Field(description="The served model name, as listed by GET /v1/models.")
-    max_tokens: int | None = Field(
-        None, ge=1, description="Most tokens to generate; null means up to the session length."
+    max_tokens: lax(int, ge=1) | None = Field(
+        None, description="Most tokens to generate; null means up to the session length."
     )
-    max_completion_tokens: int | None = Field(None, ge=1, description="Same as `max_tokens` (newer name).")
-    temperature: float | None = Field(
-        None, ge=0, le=2, description="0 is greedy; null takes the model's generation_config default, else 1."
+    max_completion_tokens: lax(int, ge=1) | None = Field(None, description="Same as `max_tokens` (newer name).")
+    temperature: lax(float, ge=0, le=2) | None = Field(
+        None, description="0 is greedy; null takes the model's generation_config default, else 1."
     )
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="0 or -1 switch top-k off.")
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    n: int | None = Field(None, ge=1, le=MAX_N, description="Choices to generate for each prompt.")
+    top_p: lax(float, gt=0, le=1) | None = None
+    top_k: lax(int, ge=-1) | None = Field(None, description="0 or -1 switch top-k off.")
+    min_p: lax(float, ge=0, le=1) | None = None
+    repetition_penalty: lax(float, gt=0, le=10) | None = None
+    n: lax(int, ge=1, le=MAX_N) | None = Field(None, description="Choices to generate for each prompt.")
     stop: Stop | None = Field(None, description="Strings that end the generation (not included in the text).")
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end the generation.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Choice i samples with seed + i.")
-    stream: bool | None = False
+    seed: lax(int, ge=0, le=MAX_SEED) | None = Field(None, description="Choice i samples with seed + i.")
+    stream: lax(bool) | None = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool | None = False
-    min_new_tokens: int | None = Field(None, ge=0, description="Tokens to generate before EOS may end.")
-    skip_special_tokens: bool | None = True
-    spaces_between_special_tokens: bool | None = True
-    include_stop_str_in_output: bool | None = False
+    ignore_eos: lax(bool) | None = False
+    min_new_tokens: lax(int, ge=0) | None = Field(None, description="Tokens to generate before EOS may end.")
+    skip_special_tokens: lax(bool) | None = True
+    spaces_between_special_tokens: lax(bool) | None = True
+    include_stop_str_in_output: lax(bool) | None = False
     user: str | None = Field(None, description="Accepted and ignored.")
+    logit_bias: Any = _unsupported()
+    presence_penalty: Any = _unsupported()
+    frequency_penalty: Any = _unsupported()
+    response_format: Any = _unsupported()
+    min_tokens: Any = _unsupported()
+    bad_words: Any = _unsupported()
+    allowed_token_ids: Any = _unsupported()
+    guided_json: Any = _unsupported()
+    guided_regex: Any = _unsupported()
+    guided_choice: Any = _unsupported()
+    guided_grammar: Any = _unsupported()
+    structured_outputs: Any = _unsupported()
+    prompt_logprobs: Any = _unsupported()
+    use_beam_search: Any = _unsupported()
+    truncate_prompt_tokens: Any = _unsupported()
+
+    _refuse_unsupported = field_validator(*_SAMPLING_UNSUPPORTED)(_refuse_unsupported)
 
     @property
     def include_usage(self) -> bool:
@@ -187,6 +301,13 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = Field(None, description="false keeps only the first call.")
     logprobs: bool | None = Field(None, description="Not supported: only false or null.")
     top_logprobs: int | None = Field(None, description="Not supported: only 0 or null.")
+    functions: Any = _unsupported()
+    function_call: Any = _unsupported()
+    audio: Any = _unsupported()
+    modalities: Any = _unsupported()
+    web_search_options: Any = _unsupported()
+
+    _refuse_unsupported_chat = field_validator(*_CHAT_UNSUPPORTED)(_refuse_unsupported)
 
 
 PromptField = Annotated[
@@ -294,9 +415,10 @@ class ToolCallDelta(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    """A streamed piece of a message; fields that did not change are left out, as OpenAI does."""
+    """A streamed piece of a message; fields that did not change are left out, as OpenAI does, except
+    `role`, which every delta carries (LMDeploy's clients read it on each chunk; OpenAI's schema allows it)."""
 
-    role: Literal["assistant"] | None = None
+    role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None

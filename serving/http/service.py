@@ -8,7 +8,6 @@ from typing import Any
 from quart import Blueprint, Response, request
 from quart_schema import document_response
 
-from serving.http.errors import APIError
 from serving.http.openapi import text_response
 from serving.http.protocol import ErrorResponse, Health, ModelCard, ModelList, Readiness
 from serving.http.state import server_state
@@ -20,12 +19,11 @@ blueprint = Blueprint("service", __name__)
 @document_response(Health, 200)
 @document_response(ErrorResponse, 503)
 async def health() -> dict[str, Any]:
-    """Liveness: 200 while the process can serve or is still loading; 503 once the engine has failed."""
-    state = server_state()
-    if not state.healthy:
-        raise APIError(
-            503, f"the engine is down: {state.load_error or 'its thread has stopped'}", code="engine_stopped"
-        )
+    """Liveness: 200 while the process can serve or is still loading; 503 once the engine has failed, or
+    while it is stuck (--engine-stall-timeout)."""
+    error = server_state().health_error()
+    if error is not None:
+        raise error
     return Health().model_dump()
 
 

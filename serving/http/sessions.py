@@ -166,21 +166,24 @@ def busy_error(session_id: int) -> APIError:
 
 
 def turn_tokens(
-    tokenizer: Tokenizer, session: Session | None, messages: list[ChatMessage], template: ChatTemplate | None
+    tokenizer: Tokenizer, session: Session | None, messages: list[ChatMessage], template: ChatTemplate | None,
+    max_tokens: int | None = None,
 ) -> list[int]:
     """The tokens this turn adds to the session's history: the whole rendered prompt for a first turn,
-    else the continuation (see the module's docstring)."""
+    else the continuation (see the module's docstring). PromptTooLong past `max_tokens` (give or take
+    the end-of-turn token the continuation may share with the history)."""
     if session is None or not session.history:
-        return chat_prompt(tokenizer, messages, None, template).token_ids
-    ids = continuation_ids(tokenizer, messages, template)
+        return chat_prompt(tokenizer, messages, None, template, max_tokens=max_tokens).token_ids
+    ids = continuation_ids(tokenizer, messages, template, None if max_tokens is None else max_tokens + 1)
     if session.ends_on_stop and ids and ids[0] == session.history[-1]:
         ids = ids[1:]
     return ids
 
 
-def continuation_ids(tokenizer: Tokenizer, messages: list[ChatMessage], template: ChatTemplate | None) -> list[int]:
+def continuation_ids(tokenizer: Tokenizer, messages: list[ChatMessage], template: ChatTemplate | None,
+                     max_tokens: int | None = None) -> list[int]:
     """`messages` rendered as a continuation after an assistant answer: from the template's end of that
-    answer to the generation prompt, without BOS."""
+    answer to the generation prompt, without BOS (PromptTooLong past `max_tokens`)."""
     placeholder = [ChatMessage(role="user", content="-"), ChatMessage(role="assistant", content=TURN_MARK)]
     text = chat_prompt(tokenizer, placeholder + messages, None, template).text
     _, mark, after = text.partition(TURN_MARK)
@@ -192,4 +195,6 @@ def continuation_ids(tokenizer: Tokenizer, messages: list[ChatMessage], template
             param="interactive_mode",
             code="template_cannot_continue",
         )
-    return tokenizer.encode(after, add_special_tokens=False)
+    if max_tokens is None:
+        return tokenizer.encode(after, add_special_tokens=False)
+    return tokenizer.encode_at_most(after, max_tokens, add_special_tokens=False)

@@ -1,8 +1,11 @@
-"""Streamed answers: server-sent events as OpenAI streams them (`data: {json}` events, then
-`data: [DONE]`), and NDJSON lines as LMDeploy's interactive route does (`{json}\n`).
+"""Streamed answers: server-sent events as OpenAI's chat and completions stream them (`data: {json}`
+events, then `data: [DONE]`); events named by their payload's `type` (`event: <type>`, no `[DONE]`), as
+OpenAI's Responses and Anthropic's Messages APIs stream them; and NDJSON lines as LMDeploy's
+interactive route does (`{json}\n`).
 
 A failure after the stream has begun can no longer change the HTTP status, so it is sent as one more
-payload, `{"error": {...}}` (before `[DONE]` in SSE, which the openai SDK raises as an APIError).
+payload, `{"error": {...}}` (before `[DONE]` in SSE, which the openai SDK raises as an APIError), or
+in the protocol's own error event.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ def _dump(payload: dict[str, Any]) -> bytes:
 
 def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + _dump(payload) + b"\n\n"
+
+
+def typed_event(payload: dict[str, Any]) -> bytes:
+    return b"event: " + payload["type"].encode() + b"\n" + event(payload)
 
 
 def ndjson_line(payload: dict[str, Any]) -> bytes:
@@ -64,6 +71,13 @@ def sse_response(events: AsyncGenerator[dict[str, Any] | bytes, None]) -> Respon
     return _streamed(events, event, "text/event-stream", DONE)
 
 
+def typed_sse_response(
+    events: AsyncGenerator[dict[str, Any], None], error_payload: Callable[[APIError], dict[str, Any]]
+) -> Response:
+    """A streamed answer of events named by their `type`; a failure after the start as `error_payload`'s."""
+    return _streamed(events, typed_event, "text/event-stream", error_payload=error_payload)
+
+
 def ndjson_response(lines: AsyncGenerator[dict[str, Any], None]) -> Response:
     """A streamed answer of one JSON object per line."""
     return _streamed(lines, ndjson_line, "application/x-ndjson")
@@ -74,6 +88,7 @@ def _streamed(
     encode: Callable[[dict[str, Any]], bytes],
     mimetype: str,
     end: bytes = b"",
+    error_payload: Callable[[APIError], dict[str, Any]] = APIError.body,
 ) -> Response:
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -83,10 +98,10 @@ def _streamed(
                 async for payload in payloads:
                     yield payload if isinstance(payload, bytes) else encode(payload)
         except APIError as error:
-            yield encode(error.body())
+            yield encode(error_payload(error))
         except Exception as error:
             logger.exception("a stream failed")
-            yield encode(APIError(500, f"internal server error: {type(error).__name__}: {error}").body())
+            yield encode(error_payload(APIError(500, f"internal server error: {type(error).__name__}: {error}")))
         if end:
             yield end
 

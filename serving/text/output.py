@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.engine.request import EngineOutput, FinishReason, GenerationConfig
+from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig
 from serving.text.detokenizer import IncrementalDetokenizer
 from serving.text.stop import StopStringMatcher
 from serving.text.tokenizer import Tokenizer
@@ -80,3 +80,47 @@ class OutputProcessor:
             self._finish_reason = FinishReason(out.finish_reason).value
         finished = self._finish_reason is not None
         return TextDelta("".join(pieces), ids, finished, self._finish_reason, self._num_tokens, self._num_cached)
+
+
+class RequestFailed(RuntimeError):
+    """The engine ended a request with an error (the step running it failed, or the engine did)."""
+
+    def __init__(self, request_id: str, error: str | None):
+        super().__init__(f"the engine failed request {request_id}: {error}")
+        self.request_id = request_id
+        self.error = error
+
+
+class RequestTracker:
+    """The client side of several engine requests at once (a request's `n` choices, a pipeline batch):
+    each output to text through its request's `OutputProcessor`, shared by the HTTP routes and `pipeline()`.
+
+    `process` answers `(delta, request id to abort)`: the delta is None for what follows a request's end
+    (the engine's echo of an abort), and a stop string ends a request on the text side while the engine
+    still runs it, so the caller must abort that id. Requests still `pending` when the caller stops
+    (a disconnect, an error, an early break) are the caller's to abort.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, requests: list[EngineRequest]):
+        self.requests = requests
+        self._processors = [OutputProcessor(tokenizer, r.prompt_token_ids, r.config) for r in requests]
+        self._pending = set(range(len(requests)))
+
+    @property
+    def pending(self) -> list[int]:
+        """Indices of the requests not finished yet."""
+        return sorted(self._pending)
+
+    def process(self, index: int, output: EngineOutput) -> tuple[TextDelta | None, str | None]:
+        """Raises RequestFailed when the engine failed the request."""
+        if index not in self._pending:
+            return None, None
+        request = self.requests[index]
+        if output.finish_reason is FinishReason.ERROR or output.error is not None:
+            self._pending.discard(index)
+            raise RequestFailed(request.request_id, output.error)
+        delta = self._processors[index].process(output)
+        if not delta.finished:
+            return delta, None
+        self._pending.discard(index)
+        return delta, None if output.finished else request.request_id

@@ -2,20 +2,60 @@
 
 It pins down the few things the server needs (ids of special tokens, encode, decode, chat template) so
 the rest of the code never touches transformers' wide and version-dependent tokenizer API.
+
+Prompts come from clients, so their cost is bounded before it is paid: `encode_at_most` refuses a text
+that must have more tokens than allowed without tokenizing all of it (`PromptTooLong`), and a chat
+template sees a request's variables only as variables, never as options of the rendering call.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+import jinja2.defaults
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from model.gguf import find_gguf_file
 
 logger = logging.getLogger(__name__)
+
+# Names a chat template sees that a request's variables may not take: apply_chat_template's own
+# parameters (it would read them as options: `tokenize`, `padding`, `documents`...) and the names the
+# renderer gives the template (the messages, its helper functions, Jinja's globals).
+RESERVED_TEMPLATE_NAMES = (
+    frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+) | {"messages", "raise_exception", "strftime_now"} | frozenset(jinja2.defaults.DEFAULT_NAMESPACE)
+
+# `encode_at_most` first reads a prefix of this many characters per allowed token: more than nearly any
+# text spends on a token (prose and code average 3 to 5), so a text too long for the limit is usually
+# found out there; texts of longer tokens are read in longer prefixes.
+PREFIX_CHARS_PER_TOKEN = 4
+# Tokens that cutting a text may add at the cut (a word split in two tokenizes into more pieces): a
+# prefix is over the limit only if it is over by more than this.
+CUT_MARGIN_TOKENS = 64
+
+
+class PromptTooLong(ValueError):
+    """A text has more tokens than allowed, found out without tokenizing all of it."""
+
+    def __init__(self, at_least: int, limit: int):
+        super().__init__(f"more than {limit} tokens (at least {at_least})")
+        self.at_least = at_least
+        self.limit = limit
+
+
+class TemplateVariableError(ValueError):
+    """A request's chat template variable that cannot be one (a reserved name or not an identifier)."""
+
+    def __init__(self, name: str, why: str):
+        super().__init__(f"{name!r} {why}")
+        self.name = name
 
 # Tokenizer classes that live in a checkpoint's remote code but are plain SentencePiece BPE models
 # (byte fallback, dummy prefix, BOS added) that transformers' Llama tokenizer reads from
@@ -89,6 +129,38 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._hf.encode(text, add_special_tokens=add_special_tokens)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: its vocabulary string's length bounds that (a
+        byte-level piece is one character a byte, a SentencePiece `▁` one space, a byte-fallback piece
+        `<0xE3>` six characters for less than one)."""
+        return max(map(len, self._hf.get_vocab()))
+
+    def encode_at_most(self, text: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
+        """`encode(text)`, unless the text has more than `max_tokens` tokens (special tokens aside): then
+        PromptTooLong, found out with work bounded by `max_tokens`, not by the text's length. A text of
+        more than `max_tokens * max_token_chars` characters is refused before any tokenizing; a longer
+        one than `PREFIX_CHARS_PER_TOKEN` characters a token is first judged by prefixes of growing length.
+        Assumes the normalizer deletes no characters, as those of Llama, Qwen, Mistral and InternLM do."""
+        if len(text) > max_tokens * self.max_token_chars:
+            raise PromptTooLong(len(text) // self.max_token_chars, max_tokens)
+        span = PREFIX_CHARS_PER_TOKEN * max(max_tokens, 1)
+        while span < len(text):
+            found = len(self._hf.encode(text[:span], add_special_tokens=False)) - CUT_MARGIN_TOKENS
+            if found > max_tokens:
+                raise PromptTooLong(found, max_tokens)
+            span *= PREFIX_CHARS_PER_TOKEN
+        ids = self.encode(text, add_special_tokens)
+        found = len(ids) - (self._num_added_tokens if add_special_tokens else 0)
+        if found > max_tokens:
+            raise PromptTooLong(found, max_tokens)
+        return ids
+
+    @functools.cached_property
+    def _num_added_tokens(self) -> int:
+        """The special tokens `encode` adds to any text (a BOS, say)."""
+        return len(self._hf.encode("", add_special_tokens=True))
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # No clean-up of tokenization spaces: it rewrites text across token boundaries, so streamed
         # text could then differ from a one-shot decode of the same ids.
@@ -99,22 +171,32 @@ class Tokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list | None = None,
-        **kwargs: Any,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        variables: Mapping[str, Any] | None = None,
     ) -> str:
         """Render `messages` to prompt text (encode it with `add_special_tokens=False`: templates
-        write their own BOS). `kwargs` reach the template (e.g. `chat_template=` to override it,
-        `continue_final_message=True` to leave a final assistant message open)."""
-        if self.chat_template is None and kwargs.get("chat_template") is None:
+        write their own BOS). `chat_template` overrides the tokenizer's; `continue_final_message` leaves
+        a final assistant message open; `variables` are extra template variables (`enable_thinking`),
+        TemplateVariableError if one is named like anything in RESERVED_TEMPLATE_NAMES."""
+        if chat_template is None and self.chat_template is None:
             raise ValueError(
                 "this tokenizer has no chat template (no chat_template in tokenizer_config.json and no "
                 "chat_template.jinja); pass a chat template explicitly or use the completions API"
             )
+        for name in variables or {}:
+            if name in RESERVED_TEMPLATE_NAMES:
+                raise TemplateVariableError(name, "is reserved: the template or its renderer already uses it")
+            if not name.isidentifier():
+                raise TemplateVariableError(name, "is not a template variable name")
         return self._hf.apply_chat_template(
             messages,
             tools=tools,
+            chat_template=chat_template,  # None: the tokenizer's own (or its `tool_use` one, given tools)
             add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
             tokenize=False,
-            **kwargs,
+            **(variables or {}),
         )
 
 

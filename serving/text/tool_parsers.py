@@ -268,10 +268,3 @@ def _whole_call(block: str) -> ToolCall | None:
     if not isinstance(arguments, dict):
         return None
     return ToolCall(data["name"], json.dumps(arguments, ensure_ascii=False))
-
-
-def parse_tool_calls(fmt: ToolFormat, text: str) -> tuple[str, list[ToolCall]]:
-    """The whole output at once: (content, calls)."""
-    stream = ToolCallStream(fmt)
-    events = stream.feed(text) + stream.finish()
-    return "".join(e[1] for e in events if e[0] == "content"), stream.calls

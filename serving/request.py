@@ -7,7 +7,6 @@ at the boundary so the engine never sees a nonsensical value. `EngineRequest` is
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import secrets
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ class GenerationConfig:
     temperature; `temperature=0` is greedy as well. `top_k=0` and `top_p=1` switch those filters off.
     """
 
-    n: int = 1
     max_new_tokens: int | None = 512
     min_new_tokens: int = 0
     do_sample: bool = False
@@ -73,10 +71,9 @@ class GenerationConfig:
 
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             number(name)
-        for name in ("n", "min_new_tokens", "top_k"):
+        for name in ("min_new_tokens", "top_k"):
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   name, "must be an integer")
-        check(self.n >= 1, "n", "must be at least 1")
         if self.max_new_tokens is not None:
             check(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool),
                   "max_new_tokens", "must be an integer")
@@ -103,15 +100,6 @@ class GenerationConfig:
             if vocab_size is not None:
                 check(all(0 <= i < vocab_size for i in ids), "stop_token_ids",
                       f"must be token ids in [0, {vocab_size})")
-
-
-def generation_config_from_kwargs(**options: object) -> GenerationConfig:
-    """Build a GenerationConfig, naming any option it does not know instead of ignoring it."""
-    known = {f.name for f in dataclasses.fields(GenerationConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise InvalidRequestError(f"unknown generation option(s): {', '.join(unknown)}", param=unknown[0])
-    return GenerationConfig(**options)  # type: ignore[arg-type]
 
 
 class FinishReason(enum.StrEnum):
