@@ -184,15 +184,16 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None,
                         on_startup: StartupListener | None = None) -> Engine:
-        """Load a local Hugging Face checkpoint directory (None: the built-in demo model). `on_startup`
-        hears of each tensor loaded, and later of each bucket `start` compiles (serving.engine.progress)."""
+        """Load a local Hugging Face checkpoint directory or GGUF file (None: the built-in demo model).
+        `on_startup` hears of each tensor loaded, and later of each bucket `start` compiles
+        (serving.engine.progress)."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
             model_path = ensure_demo_checkpoint()
-        if not os.path.isdir(model_path):
+        if not (os.path.isdir(model_path) or os.path.isfile(model_path)):
             raise FileNotFoundError(
-                f"model path {model_path!r} is not a local directory (a hub id is downloaded by "
+                f"model path {model_path!r} is not a local directory or GGUF file (a hub id is downloaded by "
                 "model.source.resolve_model first)"
             )
         config = config or EngineConfig()
