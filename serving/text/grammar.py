@@ -66,18 +66,31 @@ class GuideError(ValueError):
 class GuideCompiler:
     """Compiles `GuideSpec`s for one tokenizer, with an LRU cache; thread-safe."""
 
-    def __init__(self, tokenizer: Tokenizer, cache_size: int = CACHE_SIZE):
-        self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer.hf_tokenizer)
-        self.vocab_size = tokenizer.vocab_size
-        # The bytes of every token a constraint may use: special tokens and tokens of no text never.
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, cache_size: int = CACHE_SIZE):
+        """vocab_size: the model's (its logits' width), at least the tokenizer's. Cheap: the vocabulary's
+        bytes are read on the first compile, on the caller's thread."""
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._ll_tokenizer: Any = None
         self._token_bytes: dict[bytes, list[int]] = {}
-        for token in range(self.ll_tokenizer.vocab_size):
-            text = self.ll_tokenizer.decode_bytes([token])
-            if text and not self.ll_tokenizer.is_special_token(token):
-                self._token_bytes.setdefault(text, []).append(token)
         self._cache: OrderedDict[str, Guide] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+
+    @property
+    def ll_tokenizer(self) -> Any:
+        """llguidance's view of the tokenizer, and the bytes of every token a constraint may use (special
+        tokens and tokens of no text never; added tokens that are not special, such as `</tool_call>`, do),
+        read once."""
+        with self._lock:
+            if self._ll_tokenizer is None:
+                ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer.hf_tokenizer, n_vocab=self.vocab_size)
+                for token in range(self.tokenizer.vocab_size):
+                    text = ll_tokenizer.decode_bytes([token])
+                    if text and token not in self.tokenizer.all_special_ids:
+                        self._token_bytes.setdefault(text, []).append(token)
+                self._ll_tokenizer = ll_tokenizer
+            return self._ll_tokenizer
 
     def compile(self, spec: GuideSpec, end_ids: frozenset[int]) -> Guide:
         """The guide of `spec` for a request that ends at any of `end_ids`; raises GuideError."""
@@ -110,6 +123,7 @@ class GuideCompiler:
 
     def automaton(self, regex: str, end_ids: frozenset[int], key: str, param: str) -> TokenAutomaton:
         """outlines-core's index of `regex`, folded into token classes."""
+        self.ll_tokenizer  # noqa: B018 (reads the vocabulary's bytes once)
         vocabulary = outlines_core.Vocabulary(
             min(end_ids), {text: ids for text, ids in self._token_bytes.items() if not end_ids.intersection(ids)})
         try:
@@ -122,6 +136,11 @@ class GuideCompiler:
         if spec.kind in ("json_schema", "json_object"):
             schema = {"type": "object"} if spec.kind == "json_object" else spec.source
             kind, text = "json_schema", json.dumps({**schema, "x-guidance": _COMPACT_JSON})
+        elif spec.kind == "tool_call":
+            kind = "lark"
+            text = "start: " + _tool_call_parts(
+                spec.source, lambda schema: f"%json {json.dumps({**schema, 'x-guidance': _COMPACT_JSON})}",
+                json.dumps, either=" | ", then=" ")
         elif spec.kind == "grammar":
             kind, text = "grammar", spec.source  # Lark or GBNF, told apart by llguidance
         else:
@@ -148,7 +167,20 @@ def _regex(spec: GuideSpec) -> str:
         return "(" + "|".join(escape(choice) for choice in spec.source) + ")"
     if spec.kind == "json_schema":
         return schema_regex(spec.source)
+    if spec.kind == "tool_call":
+        return _tool_call_parts(spec.source, schema_regex, escape)
     raise NotRegular(spec.kind)
+
+
+def _tool_call_parts(source: dict, arguments: Any, literal: Any, either: str = "|", then: str = "") -> str:
+    """A constrained tool call's rest (`serving.http.guided`): [name, arguments key,] arguments, close; in
+    regex (`schema_regex`, `escape`) or Lark (`%json`, a quoted string) pieces."""
+    key = source["arguments_key"]
+    options = []
+    for name, schema in source["calls"]:
+        head = "" if source["named"] else literal(f'{json.dumps(name)[1:-1]}", "{key}": ') + then
+        options.append(head + arguments(schema))
+    return "(" + either.join(options) + ")" + then + literal(source["close"])
 
 
 def fold_index(index: Any, vocab_size: int, end_ids: frozenset[int], key: str) -> TokenAutomaton:

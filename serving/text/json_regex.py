@@ -164,7 +164,7 @@ class _Builder:
         properties = schema.get("properties", {})
         if not isinstance(properties, dict):
             raise Unsupported("properties", "it must be an object")
-        extra = schema.get("additionalProperties", False if properties else True)
+        extra = schema.get("additionalProperties", "properties" not in schema)
         if extra is not False and not properties:
             raise NotRegular("an object with free-form properties")
         required = schema.get("required", [])
