@@ -28,7 +28,8 @@ import numpy as np
 
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine, TurnRecord, resolve_dtype
-from serving.request import EngineOutput, GenerationConfig
+from serving.request import EngineOutput, GenerationConfig, Guide
+from serving.text.grammar import GuideCompiler, GuideSpec
 from tools.bench_serving import sharegpt_like_dataset
 from tools.timing import copy_bandwidth
 
@@ -77,8 +78,10 @@ def streamed_weight_bytes(params: dict) -> int:
     return total - (0 if "lm_head" not in params else embed.nbytes)
 
 
-def run_requests(engine: Engine, prompts: list[list[int]], configs: list[GenerationConfig]) -> list[dict]:
-    """Submit all prompts at once; record each request's tokens and their arrival times."""
+def run_requests(engine: Engine, prompts: list[list[int]], configs: list[GenerationConfig],
+                 guide: Guide | None = None) -> list[dict]:
+    """Submit all prompts at once (each constrained by `guide`, if any); record each request's tokens and
+    their arrival times."""
     records = [{"times": [], "tokens": []} for _ in prompts]
     done = threading.Semaphore(0)
 
@@ -95,7 +98,9 @@ def run_requests(engine: Engine, prompts: list[list[int]], configs: list[Generat
 
     start = time.perf_counter()
     for i, (prompt, config) in enumerate(zip(prompts, configs, strict=True)):
-        engine.submit(engine.make_request(prompt, config, f"bench-{i}-{start}"), sink_for(i))
+        request = engine.make_request(prompt, config, f"bench-{i}-{start}")
+        request.guide = guide
+        engine.submit(request, sink_for(i))
     for _ in prompts:
         done.acquire()
     for record in records:
@@ -163,6 +168,10 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled requests")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--guided-regex", help="constrain every request to this regex (structured output); "
+                        "make it one that never ends, as requests run to --output-len")
+    parser.add_argument("--guided-backend", choices=["device", "host"], default="device",
+                        help="where the --guided-regex automaton runs")
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the roofline (default: measure)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--baseline", choices=["transformers"], help="also run the prompts through transformers "
@@ -209,6 +218,11 @@ def main() -> None:
         top_k=args.top_k,
         random_seed=0,
     )
+    guide = None
+    if args.guided_regex:  # the engine's EOS ends it: requests still run to --output-len (ignore_eos)
+        compiler = GuideCompiler(engine.tokenizer, vocab)
+        guide = compiler.compile(GuideSpec("regex", args.guided_regex, "--guided-regex", args.guided_backend),
+                                 engine.eos_token_ids)
     compiles_before = engine.stats().compilations_after_warmup
     result: dict = {
         "mode": args.mode,
@@ -221,7 +235,7 @@ def main() -> None:
         rates = []
         for _ in range(args.repeats):
             prompt = rng.integers(0, vocab, size=args.input_len).tolist()
-            (record,) = run_requests(engine, [prompt], [config])
+            (record,) = run_requests(engine, [prompt], [config], guide)
             times = record["times"]
             ms_per_token = (times[-1] - times[0]) / (len(times) - 1) * 1e3
             rates.append(ms_per_token)
@@ -252,7 +266,7 @@ def main() -> None:
             shape = f"{args.input_len}/{args.output_len}"
         engine.timeline = [] if args.timeline else None
         start = time.perf_counter()
-        records = run_requests(engine, prompts, configs)
+        records = run_requests(engine, prompts, configs, guide)
         elapsed = time.perf_counter() - start
         if args.timeline:
             report_timeline(args.timeline, engine.timeline, records, prompts)

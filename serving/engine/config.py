@@ -134,6 +134,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # xlkernels.BACKENDS: auto = our Pallas kernels on GPU, XLA elsewhere
     # Decode rows that share leading KV pages (prefix-cache hits) read them once per tile of rows; Pallas only
     enable_shared_prefix_attention: bool = True
+    # States of the device pool of regular structured-output constraints (serving/engine/guided.py)
+    guided_decoding_states: int = 2048
     tp: int = 1
     seed: int = 0  # base for the seeds of requests that bring none
     # JAX's persistent compilation cache (serving/engine/compile_cache.py): auto (a per-user directory
@@ -165,6 +167,8 @@ class EngineConfig:
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype",
               "must be auto, bfloat16, float16 or float32")
         check(isinstance(self.tp, int) and self.tp >= 1, "tp", "must be at least 1")
+        check(isinstance(self.guided_decoding_states, int) and self.guided_decoding_states >= 1,
+              "guided_decoding_states", "must be at least 1")
         check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
         check(isinstance(self.compilation_cache_dir, str) and self.compilation_cache_dir != "",
               "compilation_cache_dir", "must be auto, off or a directory")

@@ -179,6 +179,7 @@ class Engine:
             model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
             shared_prefix_attention=self.engine_config.enable_shared_prefix_attention,
+            guided_states=self.engine_config.guided_decoding_states, tokenizer=tokenizer,
         )
 
     @classmethod
@@ -478,7 +479,9 @@ class Engine:
     def _read_back(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
         """Read a dispatched step's tokens and report what they did to each sequence."""
         for chunks, tokens in dispatched:
-            for output in self.scheduler.update_from_output(chunks, np.asarray(tokens).tolist()):
+            tokens = np.asarray(tokens).tolist()
+            self.runner.guided.observe(chunks, tokens)
+            for output in self.scheduler.update_from_output(chunks, tokens):
                 self._emit(output)
 
     def _emit(self, output: EngineOutput | None) -> None:

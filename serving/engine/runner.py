@@ -29,6 +29,7 @@ from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.columns import Columns
 from serving.engine.config import BucketSet
+from serving.engine.guided import GuidedDecoding, RowColumns
 from serving.engine.pages import NULL_PAGE
 from serving.engine.sampling import (
     SAMPLING_INTS,
@@ -62,8 +63,10 @@ class StepInputs:
 # A step's rows cross to the device as one i32 matrix (see `columns`): these fields, then the row's block
 # table. `tile`, `tile_slot` and `tile_start` are a decode row's shared-prefix plan (row_tile, row_slot,
 # row_start of `xlkernels.shared_prefix`), read only by the shared-prefix variant of the step.
-ROW_FIELDS = Columns(slot=1, start=1, length=1, from_device=1, samples=1, reset=1, tile=1, tile_slot=1, tile_start=1)
+ROW_FIELDS = Columns(slot=1, start=1, length=1, from_device=1, samples=1, reset=1, tile=1, tile_slot=1, tile_start=1,
+                     guide=1)  # guide: the row's structured-output state (`guided.GuidedDecoding.column`)
 _SLOT, _SAMPLES = ROW_FIELDS.index("slot"), ROW_FIELDS.index("samples")
+_GUIDE_COLUMNS = RowColumns(slot=_SLOT, samples=_SAMPLES, guide=ROW_FIELDS.index("guide"))
 # The fields a chunk sets, one slice for the hot loop of `ModelRunner._inputs`.
 _PER_CHUNK = slice(_SLOT, ROW_FIELDS.index("reset") + 1)
 
@@ -194,6 +197,8 @@ class ModelRunner:
         mesh: Mesh,
         attention_backend: str = "xla",
         shared_prefix_attention: bool = True,
+        guided_states: int = 2048,  # EngineConfig.guided_decoding_states
+        tokenizer: object = None,
     ):
         self.config = config
         self.params = params
@@ -212,6 +217,7 @@ class ModelRunner:
         self.seen = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.bool_),
                             out_shardings=replicated)()
         self.last_tokens = jax.jit(lambda: jnp.zeros((num_slots,), jnp.int32), out_shardings=replicated)()
+        self.guided = GuidedDecoding(config.vocab_size, num_slots, _GUIDE_COLUMNS, replicated, guided_states, tokenizer)
         # Logits leave the step whole (gathered across a vocab-split LM head) for the sampler, which is
         # a program of its own: it compiles once per row count instead of once per [rows, tokens] shape.
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
@@ -254,8 +260,9 @@ class ModelRunner:
             if rows not in sampler_rows:  # every sampler branch, once per row count
                 sampler_rows.add(rows)
                 for mode in sample_modes(rows):
-                    _, self.last_tokens = self._sample(logits, ints, floats, seen_rows, self.last_tokens,
-                                                       row_table, mode)
+                    sampled, self.last_tokens = self._sample(logits, ints, floats, seen_rows, self.last_tokens,
+                                                             row_table, mode)
+                self.guided.warm_up(logits, row_table, sampled)
             jax.block_until_ready(self.last_tokens)
             if on_compiled is not None:
                 on_compiled(i, len(programs), f"[{rows} x {tokens}]{' shared-prefix' if shared_prefix else ''}",
@@ -289,8 +296,10 @@ class ModelRunner:
                                                             token_ids, row_table,
                                                             packed=_packed(rows, tokens, packed))
         mode = sample_mode(sampling_ints, sampling_floats)
+        logits = self.guided.mask(logits, row_table)
         next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
                                                      self.last_tokens, row_table, mode)
+        self.guided.advance(next_tokens, row_table)
         next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
         return next_tokens
 
@@ -324,5 +333,6 @@ class ModelRunner:
                                       tile_size=tile_size_for(self.config.q_per_kv, rows), max_tiles=num_tiles)
             fields[:n, tile : tile + 3] = np.stack(plan, axis=1)  # tile, tile_slot, tile_start
             tiled_rows = int(np.count_nonzero(plan[0] < num_tiles))
+        fields[:, ROW_FIELDS.index("guide")] = self.guided.column(chunks, rows)
         row_table = np.concatenate([fields, tables], axis=1)
         return (token_ids, row_table, *self.slots.sampling(table_rows, steps), tiled_rows)

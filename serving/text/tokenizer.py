@@ -122,6 +122,11 @@ class Tokenizer:
         hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         return cls(hf)
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The transformers tokenizer underneath, for libraries that read one (llguidance's token bytes)."""
+        return self._hf
+
     def token_id(self, token: str) -> int | None:
         """The id of `token` when it is one whole token of the vocabulary (e.g. `<|im_end|>`), else None."""
         return self._backend.token_to_id(token)
