@@ -48,8 +48,8 @@ def _remaining(client: httpx.Client, base: str) -> int | None:
         text = client.get(f"{base}/metrics", timeout=2).text
     except httpx.HTTPError:
         return None
-    match = re.search(r"^xlserve:startup_buckets_remaining (\d+)", text, re.M)
-    return int(match.group(1)) if match else None
+    match = re.search(r"^xlserve:startup_buckets_remaining(?:\{[^}]*\})? ([\d.]+)", text, re.M)
+    return int(float(match.group(1))) if match else None
 
 
 def time_start(command: list[str], timeout: float) -> dict:
