@@ -3,7 +3,8 @@
 A step takes a padded `[B, T]` batch of token chunks (see `scheduler.Chunk`), writes their keys and
 values into the cache, and samples one token per row from the logits at each row's last token. The
 same function serves decode (`T == 1`) and prefill; it is compiled ahead of time for every bucket shape
-at start-up and called through the compiled executables, so serving can never trigger a compilation.
+at start-up (`startup_units`, compiled by `warmup` without running them, which leaves each executable in
+its jitted function's cache), so serving never triggers a compilation.
 With the Pallas kernels, decode buckets also get a shared-prefix variant: the host groups rows that share
 leading pages into tiles (`xlkernels.shared_prefix`), and a step with at least one tile runs that variant.
 Only the per-sequence device state is donated — the cache, the "seen tokens" table (repetition
