@@ -25,10 +25,10 @@ for i in $(seq "$REPEATS"); do
   "$PYTHON" -m serving.cli serve api_server "$GGUF" --server-name 127.0.0.1 --server-port "$PORT" \
     ${SERVER_FLAGS:-} > "$OUT/server-$i.log" 2>&1 &
   server=$!
-  for _ in $(seq 600); do
-    remaining=$(curl -sf "http://127.0.0.1:$PORT/metrics" | grep -E "^xlserve:startup_buckets_remaining" \
-      | awk '{print $2}')
-    [ "$remaining" = "0.0" ] || [ "$remaining" = "0" ] && break
+  for _ in $(seq 1200); do  # ready, then every bucket compiled
+    remaining=$(curl -sf "http://127.0.0.1:$PORT/v1/ready" > /dev/null && curl -sf "http://127.0.0.1:$PORT/metrics" \
+      | awk '/^xlserve:startup_buckets_remaining/ {print $2}')
+    case "$remaining" in 0|0.0) break ;; esac
     kill -0 $server 2> /dev/null || { tail -20 "$OUT/server-$i.log"; exit 1; }
     sleep 0.5
   done

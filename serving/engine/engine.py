@@ -270,7 +270,21 @@ class Engine:
         serve_early: serve once the essential buckets are compiled (`BucketSet.essential_shapes`), while the
         others compile in the background and the scheduler takes each as it becomes ready; otherwise (and
         for a leader of several hosts, whose followers compile everything first) once every bucket is."""
-        early = serve_early and self.plan is None
+        self._compile_buckets(early=serve_early and self.plan is None)
+        if self.plan is not None:
+            self.plan.accept()
+        self._thread = threading.Thread(target=self._loop, name="xlserve-engine", daemon=True)
+        self.heartbeat = time.monotonic()
+        self._accepting = True
+        self._thread.start()
+        self.ready = True
+
+    def warm_up(self) -> None:
+        """Compile every bucket (blocking); compilations from here on count as after warm-up."""
+        self._compile_buckets(early=False)
+
+    def _compile_buckets(self, early: bool) -> None:
+        """Compile on `warmup`'s threads until the essential buckets (early) or all of them are done."""
         CompilationCounter.install()
         self._compiler = BucketCompiler(self.runner.startup_units(), essential=len(self.buckets.essential_shapes()),
                                         on_done=self._bucket_compiled)
@@ -280,13 +294,6 @@ class Engine:
         self._compiler.wait(essential_only=early)
         self.compile_seconds = self._compiler.seconds
         self._compilations_at_warmup = CompilationCounter.serving_count()
-        if self.plan is not None:
-            self.plan.accept()
-        self._thread = threading.Thread(target=self._loop, name="xlserve-engine", daemon=True)
-        self.heartbeat = time.monotonic()
-        self._accepting = True
-        self._thread.start()
-        self.ready = True
 
     def _bucket_compiled(self, unit: CompileUnit, done: int, total: int, seconds: float) -> None:
         """A compile thread's news: `unit`'s programs are compiled, so steps may now use its bucket."""
@@ -304,15 +311,9 @@ class Engine:
 
     @property
     def buckets_remaining(self) -> int:
-        """Units of start-up compilation not done yet (`warmup.CompileUnit`): 0 once everything is compiled."""
-        return self._compiler.remaining if self._compiler is not None else 0
-
-    def warm_up(self) -> None:
-        """Compile every bucket (blocking); compilations from here on count as after warm-up."""
-        CompilationCounter.install()
-        self.compile_seconds = self.runner.compile_all(on_compiled=buckets_reporter(self.on_startup))
-        logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
-        self._compilations_at_warmup = CompilationCounter.serving_count()
+        """Units of start-up compilation not done yet (`warmup.CompileUnit`): all of them before `start`, 0 once
+        everything is compiled."""
+        return self._compiler.remaining if self._compiler is not None else len(self.runner.startup_units())
 
     def shutdown(self) -> None:
         self.ready = False
