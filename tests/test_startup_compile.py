@@ -5,6 +5,7 @@ after the background compilation ends."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from serving.engine.config import BucketSet, StepShape
+from serving.engine.warmup import BucketCompiler, CompileUnit, on_startup_thread
 from tests.http_fixtures import FEW_BUCKETS, serve_in_thread
 
 BACKGROUND_TIMEOUT_S = 300
@@ -45,6 +47,28 @@ def test_the_buckets_choose_only_among_compiled_shapes():
     assert first.prefill_budget == 128 and first.packed_bucket_below(300) == 128
     assert first.prefill_bucket(2, 64, 100).packed == 128 and first.prefill_bucket(3, 64, 200) is None
     assert packed.prefill_budget == 512 and packed.packed_bucket_below(300) == 256
+
+
+def test_the_compiler_waits_for_the_essential_units_and_announces_each_in_order():
+    gate, later_started, ran_on_startup_thread = threading.Event(), threading.Event(), []
+    units = [CompileUnit(shape(1, 1), "decode", (lambda: ran_on_startup_thread.append(on_startup_thread()),)),
+             CompileUnit(shape(1, 16), "prefill", (lambda: None, lambda: None)),
+             CompileUnit(None, "later", (lambda: (later_started.set(), gate.wait()),)),
+             CompileUnit(shape(4, 1), "never", (lambda: None,))]
+    announced = []
+    compiler = BucketCompiler(units, essential=2, threads=1,
+                              on_done=lambda unit, done, total, _: announced.append((unit.label, done, total)))
+    compiler.start()
+    compiler.wait(essential_only=True)
+    assert announced == [("decode", 1, 4), ("prefill", 2, 4)] and compiler.remaining == 2
+    assert ran_on_startup_thread == [True] and not on_startup_thread()
+    assert later_started.wait(10)
+    compiler.cancel()  # "never" has not started: it is dropped; "later" is running and finishes
+    gate.set()
+    deadline = time.monotonic() + 10
+    while len(announced) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert announced[2] == ("later", 3, 4) and compiler.remaining == 1
 
 
 def metric(base_url: str, name: str) -> int:

@@ -14,6 +14,7 @@ the matmuls, which cost 15 GFLOP a token at 8B, never compute a padded row's tai
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -73,19 +74,21 @@ class BucketSet:
     def usable(self, shape: StepShape) -> bool:
         return self.compiled is None or shape in self.compiled
 
-    @property
+    @functools.cached_property
     def decode_capacity(self) -> int:
         """The largest decode batch a compiled bucket holds (0: none is compiled yet)."""
         return max((b for b in self.decode_batch if self.usable(StepShape(b, 1, b))), default=0)
 
-    @property
+    @functools.cached_property
     def max_chunk(self) -> int:
         """The most prompt tokens one row may prefill in one step (0: no prefill bucket is compiled yet)."""
         if self.packed_prefill:
             return self.prefill_tokens[0] if self.prefill_budget else 0
+        if self.compiled is None:
+            return max(t for t in self.prefill_tokens if self.prefill_rows[0] * t <= self.max_prefill_tokens)
         return max((s.tokens for s in self.prefill_shapes() if self.usable(s)), default=0)
 
-    @property
+    @functools.cached_property
     def prefill_budget(self) -> int:
         """The most prompt tokens one prefill step may compute."""
         if self.packed_prefill:

@@ -317,6 +317,8 @@ class Engine:
 
     def shutdown(self) -> None:
         self.ready = False
+        if self._compiler is not None:
+            self._compiler.cancel()  # buckets still compiling in the background would only cost CPU now
         self._stopping.set()
         self._inbox.put(None)
         if self._thread is not None:

@@ -90,6 +90,12 @@ class BucketCompiler:
             self._futures.append(futures)
         self._pool.shutdown(wait=False)  # its threads end once the queue is done
 
+    def cancel(self) -> None:
+        """Drop the programs not started yet (an engine shutting down while its buckets compile)."""
+        for futures in self._futures:
+            for future in futures:
+                future.cancel()
+
     def wait(self, essential_only: bool = False) -> None:
         """Block until the essential units (or all) are compiled; raises the first failure among them."""
         for futures in self._futures[: self.essential] if essential_only else self._futures:
