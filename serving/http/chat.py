@@ -16,7 +16,7 @@ from serving.http.chat_run import ChatRun, run_streamed, run_whole, start_chat
 from serving.http.choices import cached_prompt_tokens
 from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
-from serving.http.openapi import streams
+from serving.http.openapi import document_errors, streams
 from serving.http.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -25,7 +25,6 @@ from serving.http.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
-    ErrorResponse,
     ResponseFunctionCall,
     ResponseToolCall,
     ToolCallDelta,
@@ -42,13 +41,7 @@ blueprint = Blueprint("chat", __name__)
 @blueprint.post("/v1/chat/completions")
 @document_request(ChatCompletionRequest)
 @document_response(ChatCompletionResponse, 200)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 408)
-@document_response(ErrorResponse, 413)
-@document_response(ErrorResponse, 422)
-@document_response(ErrorResponse, 500)
-@document_response(ErrorResponse, 503)
+@document_errors(400, 404, 408, 413, 422, 500, 503)
 @streams(ChatCompletionChunk)
 async def chat_completions() -> Response | dict[str, Any]:
     """Create a chat completion.

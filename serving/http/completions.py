@@ -17,7 +17,7 @@ from serving.http.choices import cached_prompt_tokens, fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
 from serving.http.guided import compile_guide, guide_spec
-from serving.http.openapi import streams
+from serving.http.openapi import document_errors, streams
 from serving.http.params import fit_context_length, generation_config, prompt_too_long
 from serving.http.prompts import completion_prompt_chars, completion_prompt_ids
 from serving.http.protocol import (
@@ -25,7 +25,6 @@ from serving.http.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     Usage,
 )
 from serving.http.sse import TextEvents, sse_response
@@ -39,12 +38,7 @@ blueprint = Blueprint("completions", __name__)
 @blueprint.post("/v1/completions")
 @document_request(CompletionRequest)
 @document_response(CompletionResponse, 200)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 408)
-@document_response(ErrorResponse, 413)
-@document_response(ErrorResponse, 500)
-@document_response(ErrorResponse, 503)
+@document_errors(400, 404, 408, 413, 500, 503)
 @streams(CompletionResponse)
 async def completions() -> Response | dict[str, Any]:
     """Create a completion.
