@@ -46,7 +46,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.multihost import PeerLost, PlanBroadcaster, exit_after_grace, join, resolve_group
 from serving.engine.pages import PageAllocator
 from serving.engine.progress import StartupListener, buckets_reporter, weights_reporter
-from serving.engine.runner import ModelRunner
+from serving.engine.runner import ModelRunner, StepOutput
 from serving.engine.scheduler import Chunk, Scheduler
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.text.tokenizer import Tokenizer
@@ -76,10 +76,10 @@ class TurnRecord:
     prefill_tokens: int
 
 
-def _wait_quietly(dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+def _wait_quietly(dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
     """Block until dispatched steps are done on the device; a failed one is left to the read-back to report."""
     try:
-        jax.block_until_ready([tokens for _, tokens in dispatched])
+        jax.block_until_ready([output.tokens for _, output in dispatched])
     except Exception:
         pass
 
@@ -179,6 +179,7 @@ class Engine:
             model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
             shared_prefix_attention=self.engine_config.enable_shared_prefix_attention,
+            logprobs_mode=self.engine_config.logprobs_mode,
         )
 
     @classmethod
@@ -345,7 +346,7 @@ class Engine:
     def _loop(self) -> None:
         # The step dispatched last turn, whose tokens are read only after this turn's dispatch: the
         # device always has the next step queued while the host reads, detokenizes and schedules.
-        in_flight: list[tuple[list[Chunk], jax.Array]] = []
+        in_flight: list[tuple[list[Chunk], StepOutput]] = []
         try:
             while not self._stopping.is_set():
                 self._take_inbox(block=not self.scheduler.has_work and not in_flight)
@@ -422,7 +423,7 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
+    def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
         """`_dispatch`, the decode and the prefill batch each on its own, so a failure fails only its batch."""
         dispatched = []
         for decode_part, prefill_part in ((decode, []), ([], prefill)):
@@ -437,7 +438,7 @@ class Engine:
                 self._fail_step(chunks, exc)
         return dispatched
 
-    def _read_back_or_fail(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+    def _read_back_or_fail(self, dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
         for batch in dispatched:
             try:
                 self._read_back([batch])
@@ -456,7 +457,7 @@ class Engine:
             self._emit(self.scheduler.abort(request_id, FinishReason.ERROR,
                                             error=f"the step running this request failed: {exc!r}"))
 
-    def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
+    def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
         """Queue the decode and prefill steps on the device without waiting for them."""
         dispatched = []
         if decode:
@@ -469,15 +470,16 @@ class Engine:
             dispatched.append((prefill, self._run(prefill, *shape)))
         return dispatched
 
-    def _run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> jax.Array:
+    def _run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> StepOutput:
         if self.plan is not None:
             self.plan.send_step(chunks, rows, tokens, packed)
         return self.runner.run(chunks, rows, tokens, packed)
 
-    def _read_back(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+    def _read_back(self, dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
         """Read a dispatched step's tokens and report what they did to each sequence."""
-        for chunks, tokens in dispatched:
-            for output in self.scheduler.update_from_output(chunks, np.asarray(tokens).tolist()):
+        for chunks, step in dispatched:
+            logprobs = jax.device_get(step.logprobs) if step.logprobs is not None else None
+            for output in self.scheduler.update_from_output(chunks, np.asarray(step.tokens).tolist(), logprobs):
                 self._emit(output)
 
     def _emit(self, output: EngineOutput | None) -> None:
