@@ -111,7 +111,8 @@ class GenerationConfig:
         entries = len(self.logit_bias or {}) + len(set(self.bad_token_ids or []))
         if entries > MAX_LOGIT_BIAS:
             raise InvalidRequestError(f"logit_bias and bad_token_ids may hold at most {MAX_LOGIT_BIAS} token ids "
-                                      f"together, got {entries}", param="logit_bias" if self.logit_bias else "bad_words")
+                                      f"together, got {entries}",
+                                      param="logit_bias" if self.logit_bias else "bad_words")
 
 
 def _is_token(value: object, vocab_size: int | None) -> bool:

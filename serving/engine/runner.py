@@ -31,7 +31,6 @@ from serving.engine.columns import Columns
 from serving.engine.config import BucketSet
 from serving.engine.pages import NULL_PAGE
 from serving.engine.sampling import (
-    EXTENDED,
     Extended,
     ExtendedRows,
     SamplingTable,

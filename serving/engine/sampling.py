@@ -135,7 +135,7 @@ class SamplingTable:
         self.ints = np.zeros((rows, SAMPLING_INTS.width), np.int32)
         self.floats = np.zeros((rows, SAMPLING_FLOATS.width), np.float32)
         for column in ROW_COLUMNS:
-            matrix, columns = (self.ints, SAMPLING_INTS) if column.dtype == "i32" else (self.floats, SAMPLING_FLOATS)
+            matrix, columns = self._matrix(column)
             matrix[:, columns[column.name]] = column.padding
         self.min_new_tokens = np.zeros(rows, np.int32)
         self.extended = np.zeros(rows, bool)  # the slot's request uses what only the EXTENDED branch does
@@ -148,7 +148,7 @@ class SamplingTable:
         """Fill `slot`'s row from `request`, as at its step 0."""
         for column in ROW_COLUMNS:
             if column.value is not None:
-                matrix, columns = (self.ints, SAMPLING_INTS) if column.dtype == "i32" else (self.floats, SAMPLING_FLOATS)
+                matrix, columns = self._matrix(column)
                 matrix[slot, columns[column.name]] = column.value(request)
         config = request.config
         self.min_new_tokens[slot] = config.min_new_tokens
@@ -157,6 +157,9 @@ class SamplingTable:
         ids, values = logit_bias_row(config)
         self.bias_ids[slot], self.bias_values[slot] = ids, values
         self.extended[slot] = bool(uses_extended(config))
+
+    def _matrix(self, column: RowColumn) -> tuple[np.ndarray, Columns]:
+        return (self.ints, SAMPLING_INTS) if column.dtype == "i32" else (self.floats, SAMPLING_FLOATS)
 
     def gather(self, slots: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The packed sampling inputs (see `unpack_sampling`) of a batch's slots at these steps."""
