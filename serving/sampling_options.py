@@ -3,7 +3,7 @@
 A numeric option is a field of `GenerationConfig` declared with `option(...)`: its name, type (from the
 annotation), default and valid range live there and nowhere else. From that declaration come
 `GenerationConfig.validate` (type and range, the engine's own check), the HTTP fields' bounds
-(`serving.http.protocol.option_field`, which may be narrower, as OpenAI's are) and, for options the
+(`serving.http.protocol.option_type`, which may be narrower, as OpenAI's are) and, for options the
 sampler reads (`column=True`), a column of the packed per-row matrices the host sends each step
 (`serving.engine.sampling.SAMPLING_INTS` / `SAMPLING_FLOATS`) and the field of the same name that
 `unpack_sampling` gives the jitted sampler. A column that is not an option (a request's seed words, its
@@ -14,7 +14,7 @@ To add a per-row option:
 1. Declare it on `GenerationConfig` (serving/request.py): `my_option: float = option(0.0, low=-1, high=1,
    column=True)`; `neutral` is the value of a row that does not use it (padding rows), if not the default.
 2. Map the HTTP field onto it in `serving/http/params.py` and declare the field in `serving/http/protocol.py`
-   with `option_field("my_option")`.
+   with `option_type("my_option")`.
 3. Read `params.my_option` (f32[B] or i32[B]) in `serving/engine/sampling.py`. Nothing else: the column,
    the packing, the unpacking, the padding rows and the validation follow from the declaration.
 A per-row column computed from the request rather than given by the user (a grammar id, say) is one
