@@ -136,15 +136,10 @@ def test_template_variables_reach_the_template_and_ill_typed_ones_are_400s(serve
 
 
 @pytest.mark.parametrize("route, field, value", [
-    ("chat", "logit_bias", {"5": -100}),
-    ("completions", "logit_bias", {"5": 100}),
     ("chat", "response_format", {"type": "json_object"}),
     ("completions", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-    ("chat", "presence_penalty", 0.5),
-    ("completions", "frequency_penalty", -1),
     ("chat", "guided_json", {"type": "object"}),
     ("completions", "guided_choice", ["a", "b"]),
-    ("chat", "min_tokens", 3),
     ("chat", "functions", [{"name": "f", "parameters": {}}]),
     ("chat", "modalities", ["text", "audio"]),
 ])  # fmt: skip
