@@ -160,13 +160,13 @@ class EngineOutput:
 
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None
     finished: bool = False
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 def build_request(
@@ -187,9 +187,6 @@ def build_request(
         raise InvalidRequestError("the prompt is empty", param="prompt")
     if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in prompt_token_ids):
         raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
-    if config.max_new_tokens == 0 and config.prompt_logprobs is None:
-        raise InvalidRequestError("max_new_tokens may be 0 only with prompt_logprobs (what else would it return?)",
-                                  param="max_new_tokens")
     if len(prompt_token_ids) >= max_session_len:
         raise InvalidRequestError(
             f"the prompt has {len(prompt_token_ids)} tokens, but the session length is {max_session_len} "
