@@ -132,7 +132,13 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> ModelConfig:
-        """Read `config.json` and, when present, `generation_config.json` from a local checkpoint folder."""
+        """Read `config.json` and, when present, `generation_config.json` from a local checkpoint folder;
+        or a GGUF file's metadata (`model.gguf`)."""
+        from model.gguf import find_gguf_file, gguf_model_config  # imported here: model.gguf builds on this module
+
+        gguf_file = find_gguf_file(path)
+        if gguf_file is not None:
+            return gguf_model_config(gguf_file)
         directory = Path(path)
         config_file = directory / "config.json"
         if not config_file.is_file():

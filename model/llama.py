@@ -34,7 +34,7 @@ from model.config import ModelConfig
 from model.loader import INITIALIZERS, param_spec
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, make_mesh, shard_by_kv_head, sharding_for
-from xlkernels import get_paged_attention, is_pallas, write_kv_pages
+from xlkernels import get_paged_attention, write_kv_pages
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
 from xlkernels.shared_prefix import SharedPrefix
 
@@ -153,13 +153,15 @@ class Attention(nn.Module):
 
         k_pages, v_pages = write_kv_pages(*cache, k, v, batch.block_tables, batch.positions, batch.valid)
         attend = get_paged_attention(self.attention_backend)
-        if self.mesh is not None and self.mesh.size > 1 and is_pallas(self.attention_backend):
+        if self.mesh is not None and self.mesh.size > 1:
             attend = shard_by_kv_head(attend, self.mesh)
         out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
                      scale=head_dim**-0.5, shared=batch.shared)
         if batch.packed_index is not None:
             out = pack(out, batch.packed_index)
-        out = jnp.einsum("bthd,hde->bte", out, wo)
+        # As one [Hq * D, E] matrix (a free reshape of both): contracting (h, d) in the einsum let XLA:CPU copy
+        # the whole weight into another layout every step.
+        out = out.reshape(*out.shape[:2], -1) @ wo.reshape(-1, wo.shape[-1])
         if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
             out = out + declared_param(self, "bo")
         return out, (k_pages, v_pages)

@@ -1,4 +1,5 @@
-"""The decoder's parameters, declared once, and Hugging Face safetensors checkpoints loaded into them.
+"""The decoder's parameters, declared once, and Hugging Face checkpoints loaded into them (safetensors
+here; GGUF files reach the same path through `model.gguf`, which names and lays out their tensors as HF does).
 
 Each parameter is one `ParamSpec` (jax-llm-examples' `ArrayInfo`, plus where the checkpoint keeps it):
 its path in the pytree, its shape, its logical axes, its random initializer, the HF tensors it is built
@@ -26,10 +27,10 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,22 @@ INITIALIZERS: dict[str, jax.nn.initializers.Initializer] = {
 Init = Literal["normal", "ones"]
 
 
+class CheckpointTensor(Protocol):
+    """One tensor of a checkpoint under its Hugging Face name and in its HF layout, read on demand."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in the file (start-up progress counts them)."""
+        ...
+
+    def read(self) -> np.ndarray:
+        """The tensor as a host array (float32, bfloat16 or float16); the device casts it."""
+        ...
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor's bytes lie in a safetensors file."""
@@ -67,6 +84,14 @@ class TensorInfo:
     dtype: str  # safetensors' code: BF16, F16, F32, ...
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in `file`
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
+
+    def read(self) -> np.ndarray:
+        """A read-only view of the mapped file: no copy until a device asks for its bytes."""
+        return np.memmap(self.file, SAFETENSORS_DTYPES[self.dtype], mode="r", offset=self.offset, shape=self.shape)
 
 
 @dataclass(frozen=True)
@@ -319,23 +344,37 @@ def load_params(
     mesh: Mesh | None = None,
     on_loaded: Callable[[int, int, int, int], None] | None = None,
 ) -> Params:
-    """Read a local safetensors checkpoint into the fused layout, cast to `dtype`, placed on `mesh`
-    (one device when None). Everything is checked against `config` before the first byte is read.
+    """Read a local checkpoint (safetensors, or a GGUF file) into the fused layout, cast to `dtype`, placed
+    on `mesh` (one device when None). Everything is checked against `config` before the first byte is read.
 
     on_loaded: called after each parameter is on the device with the checkpoint tensors read so far, of
     how many, and their bytes so far, of how many (start-up progress).
     """
+    from model.gguf import find_gguf_file, gguf_tensors  # imported here: model.gguf builds on this module
+
+    gguf_file = find_gguf_file(path)
+    tensors = gguf_tensors(gguf_file) if gguf_file is not None else checkpoint_tensors(path)
+    return place_params(tensors, config, dtype, mesh, on_loaded)
+
+
+def place_params(
+    tensors: Mapping[str, CheckpointTensor],
+    config: ModelConfig,
+    dtype: jax.typing.DTypeLike,
+    mesh: Mesh | None = None,
+    on_loaded: Callable[[int, int, int, int], None] | None = None,
+) -> Params:
+    """`load_params` from a checkpoint's tensors, whatever file format holds them."""
     dtype = _float_dtype(dtype)
     mesh = mesh or make_mesh(1)
     specs = param_specs(config)
-    tensors = checkpoint_tensors(path)
     _check_tensors(tensors, specs, config)
     shardings = _flatten(param_shardings(config, mesh))
-    sizes = {s.name: _nbytes(tensors[s.name]) for spec in specs for s in spec.sources}
+    sizes = {s.name: tensors[s.name].nbytes for spec in specs for s in spec.sources}
     done, done_bytes = 0, 0
     flat = {}
     for spec in specs:
-        raw = [_place(_read(tensors[s.name]).reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
+        raw = [_place(tensors[s.name].read().reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
                for s in spec.sources]
         flat[spec.path] = _assembler(spec.fuse, dtype, shardings[spec.path])(raw)
         # Transfers are asynchronous: without this wait every raw tensor could be in flight at once,
@@ -400,17 +439,7 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
     }
 
 
-def _nbytes(info: TensorInfo) -> int:
-    return math.prod(info.shape) * SAFETENSORS_DTYPES[info.dtype].itemsize
-
-
-def _read(info: TensorInfo) -> np.ndarray:
-    """The tensor as a read-only view of the mapped file: no copy until a device asks for its bytes."""
-    dtype = SAFETENSORS_DTYPES[info.dtype]
-    return np.memmap(info.file, dtype, mode="r", offset=info.offset, shape=info.shape)
-
-
-def _check_tensors(tensors: dict[str, TensorInfo], specs: list[ParamSpec], config: ModelConfig) -> None:
+def _check_tensors(tensors: Mapping[str, CheckpointTensor], specs: list[ParamSpec], config: ModelConfig) -> None:
     """Refuse a checkpoint that does not match `config`, listing every problem at once."""
     expected = {source.name: source for spec in specs for source in spec.sources}
     # A tied checkpoint may still carry its LM head; transformers ignores it then, and so do we.
@@ -424,8 +453,8 @@ def _check_tensors(tensors: dict[str, TensorInfo], specs: list[ParamSpec], confi
     for name in sorted(expected.keys() & present):
         info, shape = tensors[name], expected[name].shape
         if info.shape != shape:
-            problems.append(f"{name} has shape {list(info.shape)}, config.json implies {list(shape)}")
-        if info.dtype not in SAFETENSORS_DTYPES:
+            problems.append(f"{name} has shape {list(info.shape)}, the model config implies {list(shape)}")
+        if isinstance(info, TensorInfo) and info.dtype not in SAFETENSORS_DTYPES:
             problems.append(f"{name} is {info.dtype}; only {', '.join(SAFETENSORS_DTYPES)} checkpoints load")
     if problems:
         raise ValueError("checkpoint does not match its config:\n  " + "\n  ".join(problems))

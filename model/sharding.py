@@ -83,7 +83,9 @@ def shard_by_kv_head(attend: Callable[..., jax.Array], mesh: Mesh) -> Callable[.
 
     XLA's partitioner cannot look inside a custom kernel (a Pallas call), so given sharded pages it
     would gather every device's KV cache around each call; per device, attention needs only its own
-    heads, which is what this runs. XLA's reference attention needs no wrapper (it is partitioned).
+    heads, which is what this runs. The XLA attention runs under it too: it gathers one KV head at a
+    time (`xlkernels.xla_attention`), which the partitioner would otherwise serve by moving each head's
+    pages between devices.
     """
     q_spec, kv_spec = logical_to_spec(ATTENTION_Q_AXES), logical_to_spec(KV_CACHE_AXES)
     replicated = PartitionSpec()

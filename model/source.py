@@ -1,8 +1,10 @@
 """Where a served model comes from: MODEL, as given to `xlserve serve api_server`, in XLSERVE_MODEL or to
-`pipeline()`, turned into the local checkpoint folder that the loader reads.
+`pipeline()`, turned into the local checkpoint folder or file that the loader reads.
 
 MODEL is either
-- a local folder (a Hugging Face checkpoint: config.json, *.safetensors, tokenizer files), used as it is, or
+- a local folder (a Hugging Face checkpoint: config.json, *.safetensors, tokenizer files, or a folder holding
+  one GGUF file), used as it is,
+- a local GGUF file (llama.cpp's and Ollama's format, read by model/gguf.py), used as it is, or
 - a Hugging Face hub id `org/name`, downloaded with huggingface_hub into its cache, or into `download_dir`
   (LMDeploy's `--download-dir`, which is a cache folder of the same layout), at `revision` (a branch, tag or
   commit; default: the main branch). A cached snapshot is not fetched again.
@@ -65,20 +67,26 @@ class ModelSourceError(ValueError):
 def resolve_model(
     model: str, revision: str | None = None, download_dir: str | None = None, *, weights: bool = True
 ) -> str:
-    """The local checkpoint folder MODEL names, downloading a hub id's files first (see the module's docstring).
+    """The local checkpoint folder or GGUF file MODEL names, downloading a hub id's files first (see the
+    module's docstring).
 
     `download_dir` only says where downloads go, so it changes nothing for a local folder; a `revision`
     cannot be honoured there and is an error. `weights=False` fetches no weights (`--load-format dummy`
     serves random ones at the checkpoint's shapes).
     """
+    local = os.path.isdir(model) or os.path.isfile(model)
+    if local and revision is not None:
+        raise ModelSourceError(f"{model!r} is local: a revision applies to a Hugging Face hub id only")
     if os.path.isdir(model):
-        if revision is not None:
-            raise ModelSourceError(f"{model!r} is a local folder: a revision applies to a Hugging Face hub id only")
+        return model
+    if os.path.isfile(model):
+        if not model.endswith(".gguf"):
+            raise ModelSourceError(f"{model!r} is a file but not a GGUF file (.gguf); a checkpoint is a folder")
         return model
     if _is_hub_id(model):
         return _from_hub(model, revision, download_dir, weights)
     raise ModelSourceError(
-        f"model {model!r} is neither a local folder nor a Hugging Face hub id (org/name, e.g. "
+        f"model {model!r} is neither a local folder, a GGUF file nor a Hugging Face hub id (org/name, e.g. "
         "internlm/internlm2_5-7b-chat)"
     )
 

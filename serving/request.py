@@ -11,6 +11,8 @@ import enum
 import secrets
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from serving.sampling_options import declared_options, option
 
 # Fixed width of the per-row "stop token" table handed to the jitted sampler (min_new_tokens bans
@@ -127,6 +129,52 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # the engine failed this request
 
 
+@dataclass(frozen=True, eq=False)
+class TokenAutomaton:
+    """A regular constraint compiled to tokens (`serving.text.grammar`), which the engine runs on the device.
+
+    Tokens that act alike in every state share a class, so the tables stay small whatever the vocabulary:
+    `transitions[state, token_class[token]]` is the next state, -1 where the token is not allowed. The
+    end tokens (the request's stop ids) have a class of their own, allowed (and looping) exactly in final
+    states. `key` names the constraint and the end ids: equal keys mean equal tables.
+    """
+
+    key: str
+    token_class: np.ndarray  # i32[V]
+    transitions: np.ndarray  # i32[S, C]
+    initial: int
+
+    @property
+    def num_states(self) -> int:
+        return self.transitions.shape[0]
+
+    def walk(self, tokens: list[int]) -> int:
+        """The state after `tokens` from the initial one (-1 once a token is not allowed)."""
+        state = self.initial
+        for token in tokens:
+            if state < 0:
+                break
+            state = int(self.transitions[state, self.token_class[token]])
+        return state
+
+
+@dataclass(frozen=True)
+class HostGrammar:
+    """A constraint the engine runs on the host with llguidance: a grammar that is not regular (recursive
+    JSON schemas, Lark/EBNF), or any constraint a request sent to the host path. `kind` is llguidance's
+    (`json_schema`, `regex`, `lark`); `automaton` is set instead for a regular constraint run on the host
+    from the same tables as the device path (`guided_decoding_backend: host`)."""
+
+    key: str
+    kind: str
+    source: str
+    end_ids: frozenset[int]
+    automaton: TokenAutomaton | None = None
+
+
+Guide = TokenAutomaton | HostGrammar
+
+
 @dataclass
 class EngineRequest:
     """One sequence for the engine. `n>1` fan-out happens above the engine (one request per choice)."""
@@ -141,6 +189,15 @@ class EngineRequest:
     # An interactive session this request is a turn of: its KV pages stay pinned under this id when
     # it finishes, and it reuses cached pages even with prefix caching off (see scheduler).
     session_id: str | None = None
+    # A structured-output constraint on every generated token (None: unconstrained).
+    guide: Guide | None = None
+    # Set by the engine when an automaton that should run on the device runs on the host (a full pool).
+    masked_on_host: bool = False
+
+    @property
+    def guided_on_host(self) -> bool:
+        """Its masks come from the host, which must have read its last token before the next step."""
+        return isinstance(self.guide, HostGrammar) or self.masked_on_host
 
 
 @dataclass(frozen=True, slots=True)

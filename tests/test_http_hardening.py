@@ -136,12 +136,9 @@ def test_template_variables_reach_the_template_and_ill_typed_ones_are_400s(serve
 
 
 @pytest.mark.parametrize("route, field, value", [
-    ("chat", "response_format", {"type": "json_object"}),
-    ("completions", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-    ("chat", "guided_json", {"type": "object"}),
-    ("completions", "guided_choice", ["a", "b"]),
     ("chat", "functions", [{"name": "f", "parameters": {}}]),
     ("chat", "modalities", ["text", "audio"]),
+    ("completions", "prompt_logprobs", 1),
 ])  # fmt: skip
 def test_fields_that_change_a_requests_meaning_are_refused_not_ignored(server: Server, route: str, field: str,
                                                                         value: Any) -> None:

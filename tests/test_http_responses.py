@@ -81,7 +81,7 @@ def test_the_sdk_stream_helper_reads_it(http_server: LiveServer) -> None:
 @pytest.mark.parametrize("fields, param", [
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"background": True}, "background"),
-    ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format"),
     ({"input": []}, "input"),
     ({"input": [{"type": "image", "url": "x"}]}, "input[0]"),
     ({"max_output_tokens": 0}, "max_output_tokens"),

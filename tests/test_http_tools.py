@@ -158,14 +158,18 @@ def test_named_and_required_choices_are_written_into_the_prompt(server, stream):
         assert names == ["get_weather"] and json.loads(arguments) == {"city": "Paris"}
 
 
-def test_required_choice_the_model_cannot_satisfy_is_an_error_not_text(server):
+def test_required_choice_is_constrained_even_against_the_model(server):
+    """The model only ever calls get_weather; constrained to get_time (which takes no arguments), it calls that."""
     only_time = [TOOLS[1]]
-    with pytest.raises(openai.UnprocessableEntityError, match="tool_choice required a call to get_time"):
-        server.client().chat.completions.create(model=MODEL, messages=ASK, tools=only_time, tool_choice="required")
+    reply = server.client().chat.completions.create(model=MODEL, messages=ASK, tools=only_time,
+                                                    tool_choice="required")  # fmt: skip
+    (call,) = reply.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {})
+    assert reply.choices[0].finish_reason == "tool_calls"
     stream = server.client().chat.completions.create(model=MODEL, messages=ASK, tools=only_time,
                                                      tool_choice="required", stream=True)  # fmt: skip
-    with pytest.raises(openai.APIError, match="tool_choice required"):
-        list(stream)
+    names = [c.function.name for ch in stream for c in ch.choices[0].delta.tool_calls or [] if c.function.name]
+    assert names == ["get_time"]
 
 
 def test_tool_results_and_tool_choice_none(server):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlkernels import get_paged_attention, paged_attention_reference, resolve_backend
+from xlkernels import get_paged_attention, paged_attention_reference, paged_attention_xla, resolve_backend
 from xlkernels.pallas_decode import merge_splits, merge_splits_pallas, paged_decode_attention
 from xlkernels.pallas_prefill import paged_prefill_attention
 from xlkernels.pallas_rms_norm import add_rms_norm_pallas
@@ -190,7 +190,7 @@ def test_backend_switch_dispatches_on_num_tokens():
         )
         check(attend(*args, scale=64**-0.5), args, real, jnp.float32)
     assert resolve_backend("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
-    assert get_paged_attention("xla") is paged_attention_reference
+    assert get_paged_attention("xla") is paged_attention_xla
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_paged_attention("triton-magic")
 

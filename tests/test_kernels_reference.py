@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlkernels import get_paged_attention, paged_attention_reference, write_kv_pages
+from xlkernels import get_paged_attention, paged_attention_reference, paged_attention_xla, write_kv_pages
 
 
 def dense_attention(q, k, v, q_pos, kv_len, scale):
@@ -72,6 +72,6 @@ def test_write_kv_pages_scatters_valid_tokens_and_drops_padding():
 
 
 def test_backend_switch():
-    assert get_paged_attention("xla") is paged_attention_reference
+    assert get_paged_attention("xla") is paged_attention_xla
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_paged_attention("cuda-magic")

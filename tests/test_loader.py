@@ -212,7 +212,7 @@ def test_checkpoint_that_disagrees_with_its_config_is_refused(biased):
     config = ModelConfig.from_pretrained(biased)
     wider = dataclasses.replace(config, intermediate_size=128)
     with pytest.raises(
-        ValueError, match=r"gate_proj.weight has shape \[96, 64\], config.json implies \[128, 64\]"
+        ValueError, match=r"gate_proj.weight has shape \[96, 64\], the model config implies \[128, 64\]"
     ):
         load_params(biased, wider, jnp.float32)
     no_bias = dataclasses.replace(config, mlp_bias=False)

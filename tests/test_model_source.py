@@ -295,5 +295,5 @@ def test_what_model_may_be(tiny_llama: Path) -> None:
     with pytest.raises(ModelSourceError, match="a revision applies to a Hugging Face hub id only"):
         resolve_model(str(tiny_llama), revision="main")
     for neither in ("/no/such/checkpoint", "no-such-folder", "a/b/c", "org/bad--name"):
-        with pytest.raises(ModelSourceError, match="is neither a local folder nor a Hugging Face hub id"):
+        with pytest.raises(ModelSourceError, match="is neither a local folder, a GGUF file nor a Hugging Face hub id"):
             resolve_model(neither)

@@ -4,10 +4,15 @@
     python -m tools.bench_engine --shape llama3-8b throughput --num-prompts 1000 --input-len 256 --output-len 256
     python -m tools.bench_engine --shape llama3-8b throughput --dataset sharegpt-like  # B2's requests, no HTTP
     python -m tools.bench_engine --model /models/Llama-3.1-8B throughput ...
+    python -m tools.bench_engine --model SmolLM2-135M-Instruct.Q4_1.gguf --session-len 8192 \
+        --baseline transformers single --input-len 64 --output-len 128
 
 `--shape` runs random weights at a named model shape (configs/shapes.py), where checkpoints cannot be
 downloaded. The roofline is the time to stream the weights once per decode step (the input embedding
 is gathered, not streamed) at the measured copy bandwidth; `--bandwidth` overrides the measurement.
+`--baseline transformers` then runs the same prompts through transformers' `generate` in this process,
+after the engine has stopped (tools/transformers_baseline.py: one stream's decode rate for `single`, the
+prompts as one static batch for `throughput`), and prints xlserve's figure over transformers'.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import numpy as np
 
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine, TurnRecord, resolve_dtype
-from serving.request import EngineOutput, GenerationConfig
+from serving.request import EngineOutput, GenerationConfig, Guide
+from serving.text.grammar import GuideCompiler, GuideSpec
 from tools.bench_serving import sharegpt_like_dataset
 from tools.timing import copy_bandwidth
 
@@ -72,8 +78,10 @@ def streamed_weight_bytes(params: dict) -> int:
     return total - (0 if "lm_head" not in params else embed.nbytes)
 
 
-def run_requests(engine: Engine, prompts: list[list[int]], configs: list[GenerationConfig]) -> list[dict]:
-    """Submit all prompts at once; record each request's tokens and their arrival times."""
+def run_requests(engine: Engine, prompts: list[list[int]], configs: list[GenerationConfig],
+                 guide: Guide | None = None) -> list[dict]:
+    """Submit all prompts at once (each constrained by `guide`, if any); record each request's tokens and
+    their arrival times."""
     records = [{"times": [], "tokens": []} for _ in prompts]
     done = threading.Semaphore(0)
 
@@ -90,7 +98,9 @@ def run_requests(engine: Engine, prompts: list[list[int]], configs: list[Generat
 
     start = time.perf_counter()
     for i, (prompt, config) in enumerate(zip(prompts, configs, strict=True)):
-        engine.submit(engine.make_request(prompt, config, f"bench-{i}-{start}"), sink_for(i))
+        request = engine.make_request(prompt, config, f"bench-{i}-{start}")
+        request.guide = guide
+        engine.submit(request, sink_for(i))
     for _ in prompts:
         done.acquire()
     for record in records:
@@ -158,8 +168,15 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled requests")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--guided-regex", help="constrain every request to this regex (structured output); "
+                        "make it one that never ends, as requests run to --output-len")
+    parser.add_argument("--guided-backend", choices=["device", "host"], default="device",
+                        help="where the --guided-regex automaton runs")
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the roofline (default: measure)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--baseline", choices=["transformers"], help="also run the prompts through transformers "
+                        "(--model only) and report the ratio")
+    parser.add_argument("--baseline-dtype", default="float32", help="the transformers run's dtype")
     sub = parser.add_subparsers(dest="mode", required=True)
     single = sub.add_parser("single", help="one stream: decode tokens per second")
     single.add_argument("--input-len", type=int, default=128)
@@ -174,15 +191,18 @@ def main() -> None:
                          help="sharegpt-like: B2's prompts and output lengths (tools.bench_serving), offline")
     through.add_argument("--timeline", help="record every loop turn; write them and a per-phase table here (JSON)")
     args = parser.parse_args()
+    if args.baseline and not args.model:
+        parser.error("--baseline needs --model: transformers cannot load a --shape")
 
     engine = build_engine(args)
     t0 = time.perf_counter()
     engine.start()
+    started = time.perf_counter() - t0
     weight_bytes = streamed_weight_bytes(engine.runner.params)
     bandwidth = args.bandwidth or copy_bandwidth()
     floor_ms = weight_bytes / bandwidth * 1e3
     print(
-        f"device {jax.devices()[0].device_kind}; started in {time.perf_counter() - t0:.1f}s "
+        f"device {jax.devices()[0].device_kind}; started in {started:.1f}s "
         f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "
         f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token",
         flush=True,
@@ -198,6 +218,11 @@ def main() -> None:
         top_k=args.top_k,
         random_seed=0,
     )
+    guide = None
+    if args.guided_regex:  # the engine's EOS ends it: requests still run to --output-len (ignore_eos)
+        compiler = GuideCompiler(engine.tokenizer, vocab)
+        guide = compiler.compile(GuideSpec("regex", args.guided_regex, "--guided-regex", args.guided_backend),
+                                 engine.eos_token_ids)
     compiles_before = engine.stats().compilations_after_warmup
     result: dict = {
         "mode": args.mode,
@@ -210,7 +235,7 @@ def main() -> None:
         rates = []
         for _ in range(args.repeats):
             prompt = rng.integers(0, vocab, size=args.input_len).tolist()
-            (record,) = run_requests(engine, [prompt], [config])
+            (record,) = run_requests(engine, [prompt], [config], guide)
             times = record["times"]
             ms_per_token = (times[-1] - times[0]) / (len(times) - 1) * 1e3
             rates.append(ms_per_token)
@@ -224,6 +249,7 @@ def main() -> None:
                 run_requests(engine, [prompt], [GenerationConfig(max_new_tokens=32, ignore_eos=True)])
         best = min(rates)
         result.update(ms_per_token=best, tok_s=1e3 / best, roofline_ratio=floor_ms / best)
+        baseline_prompts = [prompt]
         print(
             f"single stream: {1e3 / best:.1f} tok/s ({best:.2f} ms/token), {floor_ms / best:.0%} of the "
             f"HBM roofline ({floor_ms:.2f} ms)"
@@ -240,22 +266,42 @@ def main() -> None:
             shape = f"{args.input_len}/{args.output_len}"
         engine.timeline = [] if args.timeline else None
         start = time.perf_counter()
-        records = run_requests(engine, prompts, configs)
+        records = run_requests(engine, prompts, configs, guide)
         elapsed = time.perf_counter() - start
         if args.timeline:
             report_timeline(args.timeline, engine.timeline, records, prompts)
         out_tokens = sum(len(r["times"]) for r in records)
         result.update(output_tok_s=out_tokens / elapsed, req_s=len(prompts) / elapsed, seconds=elapsed)
+        baseline_prompts = prompts
         print(
             f"throughput: {len(prompts)} x {shape}: {out_tokens / elapsed:.0f} "
             f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s"
         )
     result["compilations_after_warmup"] = engine.stats().compilations_after_warmup - compiles_before
     print(f"compilations after warm-up: {result['compilations_after_warmup']}")
+    engine.shutdown()
+    if args.baseline:
+        result["baseline"] = run_baseline(args, result, baseline_prompts)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-    engine.shutdown()
+
+
+def run_baseline(args: argparse.Namespace, result: dict, prompts: list[list[int]]) -> dict:
+    """The same prompts through transformers (tools/transformers_baseline.py), against this run's figure."""
+    from tools import transformers_baseline as hf
+
+    model = hf.load_model(args.model, args.baseline_dtype)
+    if args.mode == "single":
+        baseline = hf.decode_rate(model, prompts[0], args.output_len, repeats=args.repeats)
+        ratio = result["tok_s"] / baseline["decode_tok_s"]
+    else:
+        baseline = hf.batch_throughput(model, prompts, args.output_len)
+        ratio = result["output_tok_s"] / baseline["output_tok_s"]
+    baseline.update(dtype=args.baseline_dtype, threads=hf.threads(), ratio=ratio)
+    print(f"transformers generate ({args.baseline_dtype}, {baseline['threads']} threads): {hf.describe(baseline)}; "
+          f"xlserve / transformers = {ratio:.2f}x")
+    return baseline
 
 
 if __name__ == "__main__":

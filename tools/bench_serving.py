@@ -6,6 +6,12 @@
     python -m tools.bench_serving --dataset random --input-len 1024 --output-len 1024 --max-concurrency 64
     python -m tools.bench_serving --dataset shared-prefix --prefix-len 1024 --prompts-per-group 16 ...
     python -m tools.bench_serving --dataset sharegpt-like --max-concurrency 1 8 64 256 --plot sweep.png
+    python -m tools.bench_serving --num-prompts 16 --input-len 64 --output-len 128 --ignore-eos \
+        --vocab-size 49152 --baseline transformers --baseline-model SmolLM2-135M-Instruct.Q4_1.gguf
+
+`--baseline transformers` then generates the same prompts with transformers in this process, as one static
+batch of `--num-prompts` (tools/transformers_baseline.py: `--baseline-model`, the checkpoint the server
+serves, loaded by transformers itself), while the server idles, and reports the output throughput ratio.
 
 Prompts are generated offline, with no tokenizer on either side: `/v1/completions` gets token-id
 lists drawn from [100, --vocab-size), so prompt lengths are exact. `/v1/chat/completions` gets text
@@ -459,6 +465,11 @@ def table(metrics: dict[str, Any], header: str) -> str:
         ttft = "-" if speedup["ttft_median"] is None else f"x{speedup['ttft_median']:.2f}"
         lines.append(f"vs baseline {speedup['baseline']}: output throughput x{speedup['output_throughput']:.2f}, "
                      f"median TTFT {ttft} shorter")
+    if "transformers" in metrics:
+        base = metrics["transformers"]
+        lines.append(f"transformers generate, one static batch ({base['dtype']}, {base['threads']} threads): "
+                     f"{base['output_tok_s']:.1f} output tok/s in {base['seconds']:.1f} s; "
+                     f"this server x{base['ratio']:.2f}")
     if "client_cpu_s" in metrics:  # a load generator that keeps a core busy measures itself, not the server
         busy = metrics["client_cpu_s"] / metrics["duration_s"]
         warning = " - near saturation: it may limit the result" if busy > LOADGEN_BUSY else ""
@@ -494,6 +505,17 @@ def plot(results: list[RequestResult], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def transformers_baseline(args: argparse.Namespace, requests: list[BenchRequest], metrics: dict[str, Any]) -> dict:
+    """The same prompts through transformers' `generate` as one static batch, against this run's output tok/s."""
+    from tools import transformers_baseline as hf
+
+    model = hf.load_model(args.baseline_model, args.baseline_dtype)
+    baseline = hf.batch_throughput(model, [r.prompt for r in requests], args.output_len)
+    baseline.update(dtype=args.baseline_dtype, threads=hf.threads(),
+                    ratio=metrics["output_throughput"] / baseline["output_tok_s"])
+    return baseline
 
 
 def plot_sweep(reports: list[dict[str, Any]], swept: str, path: str) -> None:
@@ -576,6 +598,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-detail", action="store_true", help="add per-request arrays to the JSON")
     parser.add_argument("--plot", help="PNG of the TTFT/TPOT/ITL distributions and throughput over time; in a "
                         "sweep, of throughput and TTFT/TPOT percentiles against the load")
+    parser.add_argument("--baseline", choices=["transformers"],
+                        help="also generate the prompts with transformers as one static batch (--baseline-model)")
+    parser.add_argument("--baseline-model", help="--baseline: the served checkpoint (folder or .gguf file)")
+    parser.add_argument("--baseline-dtype", default="float32", help="--baseline: transformers' dtype")
     parser.add_argument(
         "--baseline-json",
         help="a --result-json of an earlier run (e.g. the same workload with --no-enable-prefix-caching): "
@@ -592,6 +618,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--range-ratio must be in [0, 1)")
     if min(args.request_rate) <= 0 or args.burstiness <= 0:
         parser.error("--request-rate and --burstiness must be positive")
+    if args.baseline and (not args.baseline_model or args.dataset != "random" or args.range_ratio
+                          or args.endpoint != "/v1/completions"):
+        parser.error("--baseline needs --baseline-model and fixed-length random prompts to /v1/completions")
     if any(c is not None and c < 1 for c in args.max_concurrency):
         parser.error("--max-concurrency must be positive")
     if len(args.request_rate) > 1 and len(args.max_concurrency) > 1:
@@ -662,6 +691,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.baseline_json:
         metrics["speedup"] = speedup(metrics, args.baseline_json)
+    if args.baseline:
+        metrics["transformers"] = transformers_baseline(args, requests, metrics)
     header = (
         f"{model} at {args.base_url}{args.endpoint}; {args.dataset} x{len(requests)}; rate "
         f"{args.request_rate:g}/s, max concurrency {args.max_concurrency or '-'}; ignore_eos {args.ignore_eos}"

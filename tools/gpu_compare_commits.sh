@@ -5,10 +5,8 @@
 #   OLD=.old bash tools/gpu_compare_commits.sh      # Llama-3.1-8B shapes, random bf16 weights
 set -uo pipefail
 old=${OLD:-.old}
-out=${OUT:-out}
-mkdir -p "$out"
+out=$(mkdir -p "${OUT:-out}" && cd "${OUT:-out}" && pwd)  # absolute: each run cds into its tree
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-here=$(pwd)
 b1=(--attention-backend pallas --session-len 2048 --decode-buckets 1 --prefill-rows 1 --prefill-tokens 128
     single --input-len 128 --output-len 1024 --repeats 2)
 b3=(--attention-backend pallas --session-len 1024 --decode-buckets 64,128,256 --prefill-rows 8,16,32
@@ -16,8 +14,8 @@ b3=(--attention-backend pallas --session-len 1024 --decode-buckets 64,128,256 --
 run() {  # tree name bench-args...
   tree=$1; name=$2; shift 2
   echo "== $name ($tree)"
-  (cd "$tree" && python -m tools.bench_engine --shape llama3-8b --json "$here/$out/$name.json" "$@" 2>&1 \
-    | grep -v -i warn | tail -4)
+  (cd "$tree" && python -m tools.bench_engine --shape llama3-8b --json "$out/$name.json" "$@" 2>&1 \
+    | grep -v -i warn | tail -8)
 }
 for round in $(seq 1 "${ROUNDS:-1}"); do
   run "$old" "b1-before-$round" "${b1[@]}"

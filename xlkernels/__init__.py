@@ -1,7 +1,8 @@
 """Attention kernels over the paged KV cache, behind one backend switch.
 
-Backends (all with the signature of `paged_attention_reference`):
-    "xla"     the portable reference (CPU, tests, any GPU).
+Backends (all with the signature of `paged_attention_reference`, the XLA oracle tests check them against):
+    "xla"     portable XLA (CPU, tests, any accelerator): `paged_attention_xla`, which reads the cache only
+              up to the batch's longest context.
     "pallas"  our Pallas GPU kernels (Triton lowering): T == 1 runs the split-K decode kernel, T > 1 the
               paged prefill kernel. T is static under jit, so the choice costs nothing at run time.
     "auto"    "pallas" when JAX's default backend is a GPU, else "xla".
@@ -21,6 +22,7 @@ import jax
 
 from xlkernels.paged_attention import paged_attention_reference, write_kv_pages
 from xlkernels.shared_prefix import SharedPrefix
+from xlkernels.xla_attention import paged_attention_xla
 
 BACKENDS = ("xla", "pallas", "auto", "pallas-interpret")
 
@@ -73,7 +75,7 @@ def get_paged_attention(backend: str = "xla", *, interpret: bool = False) -> Cal
     """
     resolved = resolve_backend(backend)
     if resolved == "xla":
-        return paged_attention_reference
+        return paged_attention_xla
     return functools.partial(paged_attention_pallas, interpret=interpret or resolved == "pallas-interpret")
 
 
@@ -83,6 +85,7 @@ __all__ = [
     "is_pallas",
     "paged_attention_pallas",
     "paged_attention_reference",
+    "paged_attention_xla",
     "resolve_backend",
     "write_kv_pages",
 ]

@@ -137,6 +137,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # xlkernels.BACKENDS: auto = our Pallas kernels on GPU, XLA elsewhere
     # Decode rows that share leading KV pages (prefix-cache hits) read them once per tile of rows; Pallas only
     enable_shared_prefix_attention: bool = True
+    # States of the device pool of regular structured-output constraints (serving/engine/guided.py)
+    guided_decoding_states: int = 2048
     tp: int = 1
     # raw: log probabilities are the log-softmax of the model's logits (vLLM's default); processed: of the
     # logits each row samples from, after penalties, bias, temperature and filters
@@ -171,6 +173,8 @@ class EngineConfig:
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype",
               "must be auto, bfloat16, float16 or float32")
         check(isinstance(self.tp, int) and self.tp >= 1, "tp", "must be at least 1")
+        check(isinstance(self.guided_decoding_states, int) and self.guided_decoding_states >= 1,
+              "guided_decoding_states", "must be at least 1")
         check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
         check(self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode", "must be raw or processed")
         check(isinstance(self.compilation_cache_dir, str) and self.compilation_cache_dir != "",

@@ -180,20 +180,22 @@ class Engine:
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
             shared_prefix_attention=self.engine_config.enable_shared_prefix_attention,
             logprobs_mode=self.engine_config.logprobs_mode,
+            guided_states=self.engine_config.guided_decoding_states, tokenizer=tokenizer,
         )
 
     @classmethod
     def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None,
                         on_startup: StartupListener | None = None) -> Engine:
-        """Load a local Hugging Face checkpoint directory (None: the built-in demo model). `on_startup`
-        hears of each tensor loaded, and later of each bucket `start` compiles (serving.engine.progress)."""
+        """Load a local Hugging Face checkpoint directory or GGUF file (None: the built-in demo model).
+        `on_startup` hears of each tensor loaded, and later of each bucket `start` compiles
+        (serving.engine.progress)."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
             model_path = ensure_demo_checkpoint()
-        if not os.path.isdir(model_path):
+        if not (os.path.isdir(model_path) or os.path.isfile(model_path)):
             raise FileNotFoundError(
-                f"model path {model_path!r} is not a local directory (a hub id is downloaded by "
+                f"model path {model_path!r} is not a local directory or GGUF file (a hub id is downloaded by "
                 "model.source.resolve_model first)"
             )
         config = config or EngineConfig()
@@ -479,7 +481,9 @@ class Engine:
         """Read a dispatched step's tokens and report what they did to each sequence."""
         for chunks, step in dispatched:
             logprobs = jax.device_get(step.logprobs) if step.logprobs is not None else None
-            for output in self.scheduler.update_from_output(chunks, np.asarray(step.tokens).tolist(), logprobs):
+            tokens = np.asarray(step.tokens).tolist()
+            self.runner.guided.observe(chunks, tokens)
+            for output in self.scheduler.update_from_output(chunks, tokens, logprobs):
                 self._emit(output)
 
     def _emit(self, output: EngineOutput | None) -> None:

@@ -80,8 +80,6 @@ class EngineProcess:
         self.model_path = model_path
         self.on_startup = on_startup
         self.engine_config = config
-        self.model_config = ModelConfig.from_pretrained(model_path)
-        self.tokenizer = Tokenizer.from_pretrained(model_path)
         self.step_listeners: list[Callable[[], None]] = []
         self.ready = False
         self.compile_seconds = 0.0
@@ -94,6 +92,13 @@ class EngineProcess:
         self._process.start()
         child_commands.close()  # the child's ends: once it exits, reads here see EOF instead of hanging
         child_events.close()
+        try:  # while the child starts: its imports and weights take seconds, this a second or two more
+            self.model_config = ModelConfig.from_pretrained(model_path)
+            self.tokenizer = Tokenizer.from_pretrained(model_path)
+        except BaseException:
+            self._process.kill()
+            self._process.join(timeout=SHUTDOWN_TIMEOUT_S)
+            raise
         # `submit` and the reader's refusal of new work when the child ends agree under this lock.
         self._submit_lock = threading.Lock()
         # request key -> (request, sink); keys, not request ids, so equal ids from callers never mix

@@ -29,6 +29,7 @@ from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.columns import Columns
 from serving.engine.config import BucketSet
+from serving.engine.guided import GuidedDecoding, RowColumns
 from serving.engine.pages import NULL_PAGE
 from serving.engine.sampling import (
     Extended,
@@ -65,8 +66,10 @@ class StepInputs:
 # A step's rows cross to the device as one i32 matrix (see `columns`): these fields, then the row's block
 # table. `tile`, `tile_slot` and `tile_start` are a decode row's shared-prefix plan (row_tile, row_slot,
 # row_start of `xlkernels.shared_prefix`), read only by the shared-prefix variant of the step.
-ROW_FIELDS = Columns(slot=1, start=1, length=1, from_device=1, samples=1, reset=1, tile=1, tile_slot=1, tile_start=1)
+ROW_FIELDS = Columns(slot=1, start=1, length=1, from_device=1, samples=1, reset=1, tile=1, tile_slot=1, tile_start=1,
+                     guide=1)  # guide: the row's structured-output state (`guided.GuidedDecoding.column`)
 _SLOT, _SAMPLES = ROW_FIELDS.index("slot"), ROW_FIELDS.index("samples")
+_GUIDE_COLUMNS = RowColumns(slot=_SLOT, samples=_SAMPLES, guide=ROW_FIELDS.index("guide"))
 # The fields a chunk sets, one slice for the hot loop of `ModelRunner._inputs`.
 _PER_CHUNK = slice(_SLOT, ROW_FIELDS.index("reset") + 1)
 
@@ -226,6 +229,8 @@ class ModelRunner:
         attention_backend: str = "xla",
         shared_prefix_attention: bool = True,
         logprobs_mode: str = "raw",
+        guided_states: int = 2048,  # EngineConfig.guided_decoding_states
+        tokenizer: object = None,
     ):
         self.config = config
         self.params = params
@@ -248,6 +253,7 @@ class ModelRunner:
         # run the EXTENDED sampler (`sampling.count_generated`).
         self.counts = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.int32),
                               out_shardings=replicated)()
+        self.guided = GuidedDecoding(config.vocab_size, num_slots, _GUIDE_COLUMNS, replicated, guided_states, tokenizer)
         # Logits leave the step whole (gathered across a vocab-split LM head) for the sampler, which is
         # a program of its own: it compiles once per row count instead of once per [rows, tokens] shape.
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
@@ -293,11 +299,12 @@ class ModelRunner:
             if rows not in sampler_rows:  # every sampler branch, once per row count
                 sampler_rows.add(rows)
                 for mode in sample_modes(rows):
-                    _, self.last_tokens = self._sample(logits, ints, floats, seen_rows, self.last_tokens,
-                                                       row_table, mode)
+                    sampled, self.last_tokens = self._sample(logits, ints, floats, seen_rows, self.last_tokens,
+                                                             row_table, mode)
                 _, self.last_tokens, self.counts, _ = self._sample_extended(
                     logits, ints, floats, seen_rows, self.last_tokens, self.counts, row_table,
                     extended_rows, token_ids[:, 0])
+                self.guided.warm_up(logits, row_table, sampled)
             jax.block_until_ready(self.last_tokens)
             if on_compiled is not None:
                 on_compiled(i, len(programs), f"[{rows} x {tokens}]{' shared-prefix' if shared_prefix else ''}",
@@ -331,10 +338,12 @@ class ModelRunner:
         self.cache, self.seen, logits, seen_rows = run_step(self.params, self.cache, self.seen, self.last_tokens,
                                                             token_ids, row_table,
                                                             packed=_packed(rows, tokens, packed))
+        logits = self.guided.mask(logits, row_table)
         if extended_rows is None:
             mode = sample_mode(sampling_ints, sampling_floats)
             next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
                                                          self.last_tokens, row_table, mode)
+            self.guided.advance(next_tokens, row_table)
             next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
             return StepOutput(next_tokens)
         return self._run_extended(chunks, logits, sampling_ints, sampling_floats, seen_rows, row_table,
@@ -343,10 +352,12 @@ class ModelRunner:
     def _run_extended(self, chunks: list[Chunk], logits: jax.Array, sampling_ints: np.ndarray,
                       sampling_floats: np.ndarray, seen_rows: jax.Array, row_table: np.ndarray,
                       extended_rows: ExtendedRows, first_tokens: np.ndarray) -> StepOutput:
-        """The sampler of a step with a row that needs `sampling.EXTENDED`."""
+        """The sampler of a step with a row that needs `sampling.EXTENDED` (logits already masked by any
+        structured-output constraint, so log probabilities are those of the constrained distribution)."""
         next_tokens, self.last_tokens, self.counts, logprobs = self._sample_extended(
             logits, sampling_ints, sampling_floats, seen_rows, self.last_tokens, self.counts, row_table,
             extended_rows, first_tokens)
+        self.guided.advance(next_tokens, row_table)
         next_tokens.copy_to_host_async()
         if not any(wants_logprobs(chunk) for chunk in chunks):
             return StepOutput(next_tokens)  # penalties or bias only: the log probabilities stay on the device
@@ -385,6 +396,7 @@ class ModelRunner:
                                       tile_size=tile_size_for(self.config.q_per_kv, rows), max_tiles=num_tiles)
             fields[:n, tile : tile + 3] = np.stack(plan, axis=1)  # tile, tile_slot, tile_start
             tiled_rows = int(np.count_nonzero(plan[0] < num_tiles))
+        fields[:, ROW_FIELDS.index("guide")] = self.guided.column(chunks, rows)
         row_table = np.concatenate([fields, tables], axis=1)
         sampling = self.slots.sampling
         extended = None

@@ -255,6 +255,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING or seq.done_sampling:  # preempted, or only awaiting read-back
                 continue
+            if seq.num_pending and seq.request.guided_on_host:  # its next mask needs the token in flight
+                continue
             if seq.num_remaining == 1:
                 if self._reserve_or_preempt(seq, 1, plan):
                     plan.decode.append(self._chunk(seq, seq.num_computed, 1))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from serving.http.choices import fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
+from serving.http.guided import compile_guide, guide_spec
 from serving.http.params import fit_context_length, generation_config, prompt_too_long
 from serving.http.prompts import ChatPrompt, chat_prompt, messages_chars
 from serving.http.protocol import ChatCompletionRequest
@@ -90,7 +91,8 @@ async def start_chat(body: ChatCompletionRequest, request_id: str) -> ChatRun:
     config.max_new_tokens = fit_context_length(
         [prompt_ids], config.max_new_tokens, engine.max_session_len, "messages", settings.strict_context_length
     )
-    requests = fan_out(engine, [prompt_ids], config, body.n or 1, request_id, settings.max_log_len)
+    guide = await compile_guide(state.guides, guide_spec(body, plan), config, engine.eos_token_ids)
+    requests = fan_out(engine, [prompt_ids], config, body.n or 1, request_id, settings.max_log_len, guide=guide)
     think_ids = (engine.tokenizer.token_id("<think>"), engine.tokenizer.token_id("</think>"))
     return ChatRun(requests, len(prompt_ids), plan, in_reasoning, think_ids)
 

@@ -22,7 +22,7 @@ from serving.engine.client import EngineClient
 from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
 from serving.http.exchange import Exchange, current_exchange
-from serving.request import MAX_SEED, EngineRequest, GenerationConfig
+from serving.request import MAX_SEED, EngineRequest, GenerationConfig, Guide
 from serving.text.output import TextDelta
 
 logger = logging.getLogger(__name__)
@@ -36,9 +36,11 @@ def fan_out(
     request_id: str,
     max_log_len: int | None = None,
     session_id: str | None = None,
+    guide: Guide | None = None,
 ) -> list[EngineRequest]:
     """One engine request per choice: prompt p's choice i has index p*n+i and, with a seed, seed+index.
-    `session_id` makes them turns of that interactive session (see `Engine.make_request`).
+    `session_id` makes them turns of that interactive session (see `Engine.make_request`); `guide`
+    constrains every choice (`serving.http.guided`).
 
     Raises the engine's InvalidRequestError before anything is submitted, and APIError 400/503 if
     admission refuses the choices.
@@ -50,7 +52,9 @@ def fan_out(
             choice_config = config
             if config.random_seed is not None:
                 choice_config = dataclasses.replace(config, random_seed=(config.random_seed + index) % (MAX_SEED + 1))
-            requests.append(engine.make_request(prompt_ids, choice_config, f"{request_id}-{index}", session_id))
+            request = engine.make_request(prompt_ids, choice_config, f"{request_id}-{index}", session_id)
+            request.guide = guide
+            requests.append(request)
     exchange = current_exchange()
     if exchange is not None:
         exchange.admit(len(requests))

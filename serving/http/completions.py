@@ -17,6 +17,7 @@ from serving.http.body import read_body
 from serving.http.choices import cached_prompt_tokens, fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, ChoiceResult, collect
 from serving.http.errors import APIError
+from serving.http.guided import compile_guide, guide_spec
 from serving.http.logprobs import completion_logprobs, cumulative_logprob, prompt_texts
 from serving.http.openapi import streams
 from serving.http.params import fit_context_length, generation_config, prompt_too_long
@@ -81,7 +82,8 @@ last with empty text and its finish_reason), an optional
         prompts, config.max_new_tokens, engine.max_session_len, "prompt", state.settings.strict_context_length
     )
     completion_id = f"cmpl-{uuid.uuid4().hex}"
-    requests = fan_out(engine, prompts, config, best_of, completion_id, state.settings.max_log_len)
+    guide = await compile_guide(state.guides, guide_spec(body), config, engine.eos_token_ids)
+    requests = fan_out(engine, prompts, config, best_of, completion_id, state.settings.max_log_len, guide=guide)
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
     prompt_tokens = sum(len(p) for p in prompts)
     echo = Echo(engine.tokenizer, bool(body.echo), body.logprobs is not None)

@@ -397,6 +397,15 @@ OPTIONS: tuple[Option, ...] = (
         choices=LOGPROBS_MODES,
     ),
     Option(
+        "--guided-decoding-states",
+        "engine",
+        "guided_decoding_states",
+        "Automaton states of regular structured-output constraints kept on the device at once (a pool shared "
+        "by every grammar in use; a bitmask of the vocabulary each); a constraint that does not fit runs on "
+        f"the host (default: {_engine_default('guided_decoding_states')}).",
+        type=int,
+    ),
+    Option(
         "--engine-seed",
         "engine",
         "seed",

@@ -8,9 +8,9 @@ openai SDK send fields this server has no use for (`user`, `parallel_tool_calls`
 also accept `null`, which several clients send instead of leaving a field out. The same models are the
 OpenAPI schemas.
 
-Fields that change what a request means but are not implemented yet (`response_format`, vLLM's guided
-decoding, ...) are declared, so that any value other than the ones that change nothing is a 400 naming
-the field: a client that asks for JSON is told, not silently served something else (`UNSUPPORTED_FIELDS`).
+Fields that change what a request means but are not implemented yet (`allowed_token_ids`,
+`prompt_logprobs`, ...) are declared, so that any value other than the ones that change nothing is a 400
+naming the field: a client is told, not silently served something else (`UNSUPPORTED_FIELDS`).
 Numeric sampling fields take their bounds from the engine's one declaration of each option
 (`option_type`, from `GenerationConfig`), narrowed where OpenAI's API is narrower.
 
@@ -139,13 +139,7 @@ LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field
 
 # Not implemented yet, each with the values that change nothing (besides null) and what to do instead.
 _SAMPLING_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (_is({"type": "text"}), 'structured output is not supported; only {"type": "text"}'),
     "allowed_token_ids": (_is([]), "leave it out"),
-    "guided_json": (_is(None), "structured output is not supported"),
-    "guided_regex": (_is(None), "structured output is not supported"),
-    "guided_choice": (_is(None), "structured output is not supported"),
-    "guided_grammar": (_is(None), "structured output is not supported"),
-    "structured_outputs": (_is(None), "structured output is not supported"),
     "prompt_logprobs": (_is(None), "use echo with logprobs on /v1/completions"),
     "use_beam_search": (_is(False), "only sampling is supported"),
     "truncate_prompt_tokens": (_is(None), "send the prompt you want read"),
@@ -227,13 +221,19 @@ class SamplingFields(_Request):
     spaces_between_special_tokens: lax(bool) | None = True
     include_stop_str_in_output: lax(bool) | None = False
     user: str | None = Field(None, description="Accepted and ignored.")
-    response_format: Any = _unsupported()
+    response_format: dict[str, Any] | None = Field(
+        None, description="`{type: json_object}`, `{type: json_schema, json_schema: {name, schema, strict}}` or "
+        "LMDeploy's `{type: regex_schema, regex_schema: PATTERN}`: the answer is constrained to it (a schema "
+        "keyword that cannot be enforced is a 400 naming it).")
     allowed_token_ids: Any = _unsupported()
-    guided_json: Any = _unsupported()
-    guided_regex: Any = _unsupported()
-    guided_choice: Any = _unsupported()
-    guided_grammar: Any = _unsupported()
-    structured_outputs: Any = _unsupported()
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's: a JSON schema the answer follows.")
+    guided_regex: str | None = Field(None, description="vLLM's: a regular expression the answer matches.")
+    guided_choice: list[str] | None = Field(None, description="vLLM's: the answer is one of these strings.")
+    guided_grammar: str | None = Field(None, description="vLLM's: a Lark or GBNF grammar the answer follows.")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's newer spelling: `{json | regex | choice | grammar: ...}` or `{json_object: true}`.")
+    guided_decoding_backend: str | None = Field(
+        None, description="`device` or `host`: where a regular constraint runs (default: the device when regular).")
     prompt_logprobs: Any = _unsupported()
     use_beam_search: Any = _unsupported()
     truncate_prompt_tokens: Any = _unsupported()
@@ -329,8 +329,8 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: ToolChoice | None = Field(
         None,
         description="`auto` (the default with tools), `none`, `required`, or `{type: function, function: {name}}`. "
-        "`required` and a named function are enforced: the call's start is written into the prompt, and an "
-        "answer that is not such a call is an error, never plain text.",
+        "`required` and a named function are enforced: the call's start is written into the prompt and the rest "
+        "is constrained to a tool's name and parameters' schema.",
     )
     parallel_tool_calls: bool | None = Field(None, description="false keeps only the first call.")
     logprobs: lax(bool) | None = Field(None, description="Return each generated token's log probability.")

@@ -114,7 +114,8 @@ class ResponsesRequest(_Request):
     previous_response_id: str | None = Field(None, description="Not supported: this server stores nothing.")
     background: lax(bool) | None = Field(None, description="Not supported: only false or null.")
     store: lax(bool) | None = Field(None, description="Accepted; nothing is ever stored.")
-    text: dict[str, Any] | None = Field(None, description="Only `{format: {type: text}}`.")
+    text: dict[str, Any] | None = Field(
+        None, description="`{format: {type: text | json_object | json_schema (name, schema, strict)}}`.")
 
 
 class OutputText(BaseModel):
@@ -242,8 +243,15 @@ def _refuse_unsupported(body: ResponsesRequest) -> None:
     if body.background:
         raise APIError(400, "background responses are not supported", param="background")
     text_format = (body.text or {}).get("format") or {"type": "text"}
-    if text_format.get("type") != "text":
-        raise APIError(400, "only text output is supported (text.format.type: text)", param="text.format")
+    if text_format.get("type") not in ("text", "json_object", "json_schema"):
+        raise APIError(400, "text.format.type must be text, json_object or json_schema", param="text.format")
+
+
+def _response_format(text_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The Responses API's `text.format` (its json_schema fields sit flat) as chat's `response_format`."""
+    if not text_format or text_format.get("type") != "json_schema":
+        return text_format
+    return {"type": "json_schema", "json_schema": {k: v for k, v in text_format.items() if k != "type"}}
 
 
 def _chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
@@ -275,6 +283,7 @@ def _chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
                   for tool in body.tools] if body.tools else None,
         "tool_choice": {"type": "function", "function": {"name": choice.name}}
         if isinstance(choice, NamedFunctionChoice) else choice,
+        "response_format": _response_format((body.text or {}).get("format")),
     }  # fmt: skip
     try:
         return ChatCompletionRequest.model_validate(fields)

@@ -42,6 +42,7 @@ from serving.http.prompts import turn_end_ids
 from serving.http.protocol import MAX_N
 from serving.http.sessions import SessionRegistry
 from serving.http.settings import ServerSettings
+from serving.text.grammar import GuideCompiler
 
 if TYPE_CHECKING:
     from serving.http.exchange import Exchange
@@ -91,6 +92,11 @@ class ServerState:
         self.metrics = ServerMetrics(self.settings.model_name, self.engine.max_session_len)
         self.metrics.watch(self.engine, self.admission, self.in_flight, self.sessions)
         self._idle.set()
+
+    @functools.cached_property
+    def guides(self) -> GuideCompiler:
+        """Structured-output constraints compiled for the served tokenizer, cached (serving.http.guided)."""
+        return GuideCompiler(self.engine.tokenizer, self.engine.model_config.vocab_size)
 
     @functools.cached_property
     def turn_end_ids(self) -> frozenset[int]:

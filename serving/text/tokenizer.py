@@ -20,7 +20,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jinja2.defaults
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from model.gguf import find_gguf_file
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +105,14 @@ class Tokenizer:
         """Load from a local directory; never downloads and never runs code shipped with a model.
 
         A tokenizer whose class exists only in the checkpoint's remote code (InternLM2's) is read
-        from its `tokenizer.model` by transformers' SentencePiece-backed Llama tokenizer instead.
+        from its `tokenizer.model` by transformers' SentencePiece-backed Llama tokenizer instead. A GGUF
+        checkpoint (`model.gguf`) carries its vocabulary, merges, special tokens and chat template in its
+        metadata, which transformers' GGUF converter turns into a fast tokenizer.
         """
+        gguf_file = find_gguf_file(path)
+        if gguf_file is not None:
+            return cls(PreTrainedTokenizerFast.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                               local_files_only=True))
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer path {path!r} is not a local directory")
         remote_class = _remote_tokenizer_class(path)
@@ -115,6 +123,11 @@ class Tokenizer:
             return cls(LlamaTokenizer.from_pretrained(path, local_files_only=True, add_bos_token=add_bos))
         hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         return cls(hf)
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The transformers tokenizer underneath, for libraries that read one (llguidance's token bytes)."""
+        return self._hf
 
     def token_id(self, token: str) -> int | None:
         """The id of `token` when it is one whole token of the vocabulary (e.g. `<|im_end|>`), else None."""

@@ -1,0 +1,119 @@
+"""The real-model tier: a trained model (SmolLM2-135M-Instruct, Q4_1 GGUF) served end to end.
+
+Every other test model has random weights, so nothing else can see whether a served model answers: here
+one `xlserve serve api_server FILE.gguf` process is asked, through the HTTP API and the openai SDK, for
+what only a trained model shows: a factual answer, a turn its chat template ends (the model writes
+`<|im_end|>`, which stops it), a stop string that cuts a known answer where it says, and a streamed
+answer equal to the same answer in one piece. Greedy tokens must equal transformers' `generate` on the
+same file's dequantized weights in float32, and so must the logits of one prefill. The file is fetched
+once into `.models/` (tests/real_model.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from serving.text.tokenizer import Tokenizer
+from tests.gguf_files import our_logits, transformers_logits
+from tests.http_fixtures import ServerProcess, console_script, free_port
+from tests.real_model import smollm2_gguf
+
+pytestmark = pytest.mark.slow  # a 93 MB download on a fresh checkout, and a 30-layer model to compile
+
+MODEL_NAME = "smollm2"
+# One prefill row of 64 tokens (the prompts are 30-50 tokens) and decode batches of 1 and 4: few programs
+# to compile; the session is the model's own 8192 tokens, as a user's server would have it.
+FLAGS = ["--decode-batch-buckets", "1", "4", "--prefill-row-buckets", "1", "--prefill-token-buckets", "64"]
+CAPITAL = "What is the capital of France?"
+NUMBERS = "List the numbers from 1 to 10, separated by commas."
+PLANETS = "Name the first three planets of the solar system, in order from the Sun."
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def model_file() -> Path:
+    try:
+        return smollm2_gguf()
+    except RuntimeError as error:
+        pytest.fail(f"the real model is missing and could not be fetched ({error}); fetch it with "
+                    "`python -m tests.real_model`, or put the file in .models/ by hand")
+
+
+@pytest.fixture(scope="module")
+def client(model_file: Path) -> Iterator[openai.OpenAI]:
+    port = free_port()
+    server = ServerProcess([console_script("xlserve"), "serve", "api_server", str(model_file), "--server-name",
+                            "127.0.0.1", "--server-port", str(port), "--model-name", MODEL_NAME, *FLAGS])
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_ready(base_url)
+        yield openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_file: Path):  # transformers' own GGUF loader, float32
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_file.parent, gguf_file=model_file.name,
+                                                dtype=torch.float32).eval()
+
+
+def ask(client: openai.OpenAI, question: str, **options):
+    return client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": question}],
+                                          temperature=0, max_tokens=MAX_TOKENS, **options)
+
+
+def test_a_factual_answer_in_a_turn_the_template_ends(client):
+    reply = ask(client, CAPITAL)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content, choice.message.content
+    # The model closed its turn with <|im_end|> long before max_tokens; the marker itself is not text.
+    assert choice.finish_reason == "stop" and reply.usage.completion_tokens < MAX_TOKENS // 2
+    assert "<|im_end|>" not in choice.message.content and "<|im_start|>" not in choice.message.content
+
+
+def test_a_stop_string_cuts_the_answer_where_it_says(client):
+    whole = ask(client, NUMBERS).choices[0]
+    assert whole.message.content.startswith("1, 2, 3, 4, 5, 6, 7"), whole.message.content
+    cut = ask(client, NUMBERS, stop=[", 6"]).choices[0]
+    assert cut.message.content == whole.message.content.split(", 6")[0] == "1, 2, 3, 4, 5"
+    assert cut.finish_reason == "stop"
+
+
+def test_a_streamed_answer_equals_the_answer_in_one_piece(client):
+    whole = ask(client, PLANETS).choices[0]
+    chunks = list(ask(client, PLANETS, stream=True))
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert text == whole.message.content and "Mercury" in text
+    assert finish == [whole.finish_reason] == ["stop"]
+
+
+@pytest.mark.parametrize("question", [NUMBERS, PLANETS])
+def test_greedy_tokens_equal_transformers_on_the_same_weights(client, hf_model, model_file, question):
+    tokenizer = Tokenizer.from_pretrained(str(model_file))
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]),
+                              add_special_tokens=False)
+    reply = client.completions.create(model=MODEL_NAME, prompt=prompt, temperature=0, max_tokens=MAX_TOKENS)
+    with torch.inference_mode():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False)
+    theirs = out[0, len(prompt):].tolist()
+    assert reply.choices[0].text == tokenizer.decode(theirs)
+    assert reply.usage.completion_tokens == len(theirs)
+
+
+def test_logits_equal_transformers_loading_the_same_file(hf_model, model_file):
+    tokenizer = Tokenizer.from_pretrained(str(model_file))
+    tokens = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": CAPITAL}]),
+                              add_special_tokens=False)
+    ours, theirs = our_logits(model_file, tokens), transformers_logits(model_file, tokens, hf_model)
+    np.testing.assert_allclose(ours, theirs, atol=2e-3, rtol=0)  # logits of about +-40; float32 sums differ
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
