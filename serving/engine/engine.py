@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
+from model.gguf import find_gguf_file
 from model.llama import kv_bytes_per_token
 from model.loader import init_random_params, load_params
 from model.sharding import make_mesh
@@ -204,7 +205,7 @@ class Engine:
         if group is not None:
             join(group)  # before anything touches JAX: the devices of every host then make one mesh
         model_config = ModelConfig.from_pretrained(model_path)
-        tokenizer = Tokenizer.from_pretrained(model_path)
+        tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
         mesh = make_mesh(config.tp)
         if config.load_format == "dummy":

@@ -17,12 +17,11 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jinja2.defaults
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-from model.gguf import find_gguf_file
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +100,19 @@ class Tokenizer:
         self._pieces: dict[int, tuple[str, bytes]] = {}  # token_piece's cache
 
     @classmethod
-    def from_pretrained(cls, path: str) -> Tokenizer:
+    def from_pretrained(cls, path: str, gguf_file: str | os.PathLike[str] | None = None) -> Tokenizer:
         """Load from a local directory; never downloads and never runs code shipped with a model.
 
         A tokenizer whose class exists only in the checkpoint's remote code (InternLM2's) is read
         from its `tokenizer.model` by transformers' SentencePiece-backed Llama tokenizer instead. A GGUF
         checkpoint (`model.gguf`) carries its vocabulary, merges, special tokens and chat template in its
-        metadata, which transformers' GGUF converter turns into a fast tokenizer.
+        metadata, which transformers' GGUF converter turns into a fast tokenizer: `path` is then that file, or
+        `gguf_file` names it (`model.gguf.find_gguf_file` finds it in a folder; the text layer does not look).
         """
-        gguf_file = find_gguf_file(path)
+        if gguf_file is None and os.path.isfile(path):
+            gguf_file = path
         if gguf_file is not None:
+            gguf_file = Path(gguf_file)
             return cls(PreTrainedTokenizerFast.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
                                                                local_files_only=True))
         if not os.path.isdir(path):
