@@ -107,6 +107,9 @@ class BucketSet:
         return decode + prefill
 
 
+LOGPROBS_MODES = ("raw", "processed")
+
+
 @dataclass
 class EngineConfig:
     """Options of the engine; the CLI flags and `pipeline(**options)` map onto these names."""
@@ -137,6 +140,9 @@ class EngineConfig:
     # States of the device pool of regular structured-output constraints (serving/engine/guided.py)
     guided_decoding_states: int = 2048
     tp: int = 1
+    # raw: log probabilities are the log-softmax of the model's logits (vLLM's default); processed: of the
+    # logits each row samples from, after penalties, bias, temperature and filters
+    logprobs_mode: str = "raw"
     seed: int = 0  # base for the seeds of requests that bring none
     # JAX's persistent compilation cache (serving/engine/compile_cache.py): auto (a per-user directory
     # on accelerators, off on CPU), off, or a directory
@@ -170,6 +176,7 @@ class EngineConfig:
         check(isinstance(self.guided_decoding_states, int) and self.guided_decoding_states >= 1,
               "guided_decoding_states", "must be at least 1")
         check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
+        check(self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode", "must be raw or processed")
         check(isinstance(self.compilation_cache_dir, str) and self.compilation_cache_dir != "",
               "compilation_cache_dir", "must be auto, off or a directory")
 

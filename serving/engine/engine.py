@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
+from model.gguf import find_gguf_file
 from model.llama import kv_bytes_per_token
 from model.loader import init_random_params, load_params
 from model.sharding import make_mesh
@@ -46,7 +47,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.multihost import PeerLost, PlanBroadcaster, exit_after_grace, join, resolve_group
 from serving.engine.pages import PageAllocator
 from serving.engine.progress import StartupListener, buckets_reporter, weights_reporter
-from serving.engine.runner import ModelRunner
+from serving.engine.runner import ModelRunner, StepOutput
 from serving.engine.scheduler import Chunk, Scheduler
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.text.tokenizer import Tokenizer
@@ -76,10 +77,10 @@ class TurnRecord:
     prefill_tokens: int
 
 
-def _wait_quietly(dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+def _wait_quietly(dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
     """Block until dispatched steps are done on the device; a failed one is left to the read-back to report."""
     try:
-        jax.block_until_ready([tokens for _, tokens in dispatched])
+        jax.block_until_ready([output.tokens for _, output in dispatched])
     except Exception:
         pass
 
@@ -179,6 +180,7 @@ class Engine:
             model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
             shared_prefix_attention=self.engine_config.enable_shared_prefix_attention,
+            logprobs_mode=self.engine_config.logprobs_mode,
             guided_states=self.engine_config.guided_decoding_states, tokenizer=tokenizer,
         )
 
@@ -203,7 +205,7 @@ class Engine:
         if group is not None:
             join(group)  # before anything touches JAX: the devices of every host then make one mesh
         model_config = ModelConfig.from_pretrained(model_path)
-        tokenizer = Tokenizer.from_pretrained(model_path)
+        tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
         mesh = make_mesh(config.tp)
         if config.load_format == "dummy":
@@ -347,7 +349,7 @@ class Engine:
     def _loop(self) -> None:
         # The step dispatched last turn, whose tokens are read only after this turn's dispatch: the
         # device always has the next step queued while the host reads, detokenizes and schedules.
-        in_flight: list[tuple[list[Chunk], jax.Array]] = []
+        in_flight: list[tuple[list[Chunk], StepOutput]] = []
         try:
             while not self._stopping.is_set():
                 self._take_inbox(block=not self.scheduler.has_work and not in_flight)
@@ -424,7 +426,7 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
+    def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
         """`_dispatch`, the decode and the prefill batch each on its own, so a failure fails only its batch."""
         dispatched = []
         for decode_part, prefill_part in ((decode, []), ([], prefill)):
@@ -439,7 +441,7 @@ class Engine:
                 self._fail_step(chunks, exc)
         return dispatched
 
-    def _read_back_or_fail(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+    def _read_back_or_fail(self, dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
         for batch in dispatched:
             try:
                 self._read_back([batch])
@@ -458,7 +460,7 @@ class Engine:
             self._emit(self.scheduler.abort(request_id, FinishReason.ERROR,
                                             error=f"the step running this request failed: {exc!r}"))
 
-    def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
+    def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
         """Queue the decode and prefill steps on the device without waiting for them."""
         dispatched = []
         if decode:
@@ -471,17 +473,18 @@ class Engine:
             dispatched.append((prefill, self._run(prefill, *shape)))
         return dispatched
 
-    def _run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> jax.Array:
+    def _run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> StepOutput:
         if self.plan is not None:
             self.plan.send_step(chunks, rows, tokens, packed)
         return self.runner.run(chunks, rows, tokens, packed)
 
-    def _read_back(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+    def _read_back(self, dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
         """Read a dispatched step's tokens and report what they did to each sequence."""
-        for chunks, tokens in dispatched:
-            tokens = np.asarray(tokens).tolist()
+        for chunks, step in dispatched:
+            logprobs = jax.device_get(step.logprobs) if step.logprobs is not None else None
+            tokens = np.asarray(step.tokens).tolist()
             self.runner.guided.observe(chunks, tokens)
-            for output in self.scheduler.update_from_output(chunks, tokens):
+            for output in self.scheduler.update_from_output(chunks, tokens, logprobs):
                 self._emit(output)
 
     def _emit(self, output: EngineOutput | None) -> None:

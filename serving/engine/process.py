@@ -44,6 +44,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from model.config import ModelConfig
+from model.gguf import find_gguf_file
 from serving.engine.client import EngineStats
 from serving.engine.config import EngineConfig
 from serving.engine.progress import StartupEvent, StartupListener
@@ -94,7 +95,7 @@ class EngineProcess:
         child_events.close()
         try:  # while the child starts: its imports and weights take seconds, this a second or two more
             self.model_config = ModelConfig.from_pretrained(model_path)
-            self.tokenizer = Tokenizer.from_pretrained(model_path)
+            self.tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
         except BaseException:
             self._process.kill()
             self._process.join(timeout=SHUTDOWN_TIMEOUT_S)

@@ -84,7 +84,7 @@ async def generate_route() -> Response | dict[str, Any]:
         prompt_ids = await asyncio.to_thread(engine.tokenizer.encode, body.prompt)
     else:
         prompt_ids = list(body.input_ids or [])
-    config = generation_config(body, state.generation_defaults)
+    config = generation_config(body, state.generation_defaults, engine.tokenizer)
     config.max_new_tokens = fit_context_length(
         [prompt_ids], config.max_new_tokens, engine.max_session_len, param, state.settings.strict_context_length
     )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from configs.demo import DEMO_MODEL_NAME
-from serving.engine.config import EngineConfig
+from serving.engine.config import LOGPROBS_MODES, EngineConfig
 from serving.http.settings import (
     DEFAULT_ENGINE_STALL_TIMEOUT,
     DEFAULT_FIRST_TOKEN_TIMEOUT,
@@ -386,6 +386,15 @@ OPTIONS: tuple[Option, ...] = (
         "Decode rows sharing cached prefix pages read them once per tile of rows, with the Pallas kernels "
         "(on by default; --no-enable-shared-prefix-attention turns it off).",
         kind="switch",
+    ),
+    Option(
+        "--logprobs-mode",
+        "engine",
+        "logprobs_mode",
+        "What log probabilities report: raw is the log-softmax of the model's logits, before any sampling "
+        "transform (vLLM's default); processed is that of the logits each row samples from, after penalties, "
+        f"logit bias, temperature and top-k/top-p/min-p (default: {_engine_default('logprobs_mode')}).",
+        choices=LOGPROBS_MODES,
     ),
     Option(
         "--guided-decoding-states",

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from serving.http.errors import APIError
 from serving.http.protocol import SamplingFields
 from serving.request import GenerationConfig
-from serving.text.tokenizer import PromptTooLong
+from serving.text.tokenizer import PromptTooLong, Tokenizer
 
 OPENAI_DEFAULTS: dict[str, float | int] = {
     "temperature": 1.0,
@@ -22,7 +22,8 @@ OPENAI_DEFAULTS: dict[str, float | int] = {
 }
 
 
-def generation_config(body: SamplingFields, model_defaults: Mapping[str, float | int]) -> GenerationConfig:
+def generation_config(body: SamplingFields, model_defaults: Mapping[str, float | int],
+                      tokenizer: Tokenizer) -> GenerationConfig:
     def pick(name: str) -> float | int:
         value = getattr(body, name)
         if value is not None:
@@ -33,13 +34,18 @@ def generation_config(body: SamplingFields, model_defaults: Mapping[str, float |
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return GenerationConfig(
         max_new_tokens=max_new_tokens(body),
-        min_new_tokens=body.min_new_tokens or 0,
+        min_new_tokens=body.min_new_tokens or body.min_tokens or 0,
         do_sample=True,  # temperature 0 is what asks for greedy decoding here
         temperature=float(pick("temperature")),
         top_p=float(pick("top_p")),
         top_k=0 if top_k == -1 else top_k,  # -1 is vLLM's spelling of "off"
         min_p=body.min_p or 0.0,
         repetition_penalty=float(pick("repetition_penalty")),
+        presence_penalty=float(body.presence_penalty or 0.0),
+        frequency_penalty=float(body.frequency_penalty or 0.0),
+        logit_bias={int(token): float(value) for token, value in body.logit_bias.items()} or None
+        if body.logit_bias else None,
+        bad_token_ids=bad_token_ids(tokenizer, body.bad_words) if body.bad_words else None,
         random_seed=body.seed,
         ignore_eos=bool(body.ignore_eos),
         stop_words=stop or None,
@@ -48,6 +54,21 @@ def generation_config(body: SamplingFields, model_defaults: Mapping[str, float |
         spaces_between_special_tokens=body.spaces_between_special_tokens is not False,
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
     )
+
+
+def bad_token_ids(tokenizer: Tokenizer, words: Sequence[str]) -> list[int]:
+    """The ids of `bad_words`, each word as it starts a text and after a space (vLLM's two spellings). A word
+    is banned only where it is one token: a word that is several tokens in both spellings is a 400 naming
+    it, rather than a ban that would not hold."""
+    ids: set[int] = set()
+    for word in words:
+        spellings = [tokenizer.encode(text, add_special_tokens=False) for text in (word, " " + word.lstrip())]
+        found = {spelled[0] for spelled in spellings if len(spelled) == 1}
+        if not found:
+            raise APIError(400, f"bad_words: {word!r} is more than one token; only single-token words can be banned",
+                           param="bad_words")
+        ids |= found
+    return sorted(ids)
 
 
 def max_new_tokens(body: SamplingFields) -> int | None:
