@@ -255,7 +255,7 @@ def test_responses_messages_generate_and_encode_are_relayed_as_a_node_answers_th
     def claude(url: str) -> anthropic.Anthropic:
         return anthropic.Anthropic(base_url=url, api_key=USER, max_retries=0, timeout=120)
 
-    said = dict(model=MODEL, max_tokens=8, temperature=0, system="Be brief.",
+    said = dict(model=MODEL, max_tokens=8, extra_body={"temperature": 0}, system="Be brief.",
                 messages=[{"role": "user", "content": "Tell me about the world"}])
     assert claude(cluster.proxy_url).messages.create(**said).content[0].text == \
         claude(node).messages.create(**said).content[0].text
