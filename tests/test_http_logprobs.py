@@ -208,3 +208,39 @@ def test_openai_sdk_accepts_the_answers(http_server):
     client = http_server.client()
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=http_server.model_name, prompt="hi", max_tokens=2, best_of=2, stream=True)
+
+
+def test_log_probabilities_leave_the_device_only_for_steps_whose_rows_ask(http_server, monkeypatch):
+    """A step returns log probabilities (which the engine then copies to the host) only when a row of it
+    asked for them: plain rows and rows with penalties only (which run the extended sampler) return the
+    sampled tokens alone, and no request compiles anything."""
+    runner = http_server.engine.runner
+    run, run_extended = runner.run, runner._run_extended
+    steps: list[tuple[bool, bool]] = []  # (the step ran the extended sampler, it returned log probabilities)
+    extended: list[bool] = []
+
+    def recorded(*args, **kwargs):
+        extended.clear()
+        output = run(*args, **kwargs)
+        steps.append((bool(extended), output.logprobs is not None))
+        return output
+
+    def recorded_extended(*args, **kwargs):
+        extended.append(True)
+        return run_extended(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run", recorded)
+    monkeypatch.setattr(runner, "_run_extended", recorded_extended)
+    client = http_server.client()
+
+    def ask(**fields) -> list[tuple[bool, bool]]:
+        steps.clear()
+        client.completions.create(model=http_server.model_name, prompt=PROMPT, max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True}, **fields)
+        return list(steps)
+
+    assert ask() and all(step == (False, False) for step in ask())
+    assert all(step == (True, False) for step in ask(presence_penalty=1.5, frequency_penalty=0.5))
+    with_logprobs = ask(logprobs=2)
+    assert sum(step == (True, True) for step in with_logprobs) >= 5, with_logprobs
+    assert http_server.engine.stats().compilations_after_warmup == 0
