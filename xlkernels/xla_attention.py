@@ -23,9 +23,8 @@ from xlkernels.paged_attention import NEG_INF
 from xlkernels.shared_prefix import SharedPrefix
 
 # Tokens of context one loop iteration reads (rounded to whole pages): the width the block table is read
-# in. On CPU an iteration costs what its tokens cost and hardly more (16 decode rows of SmolLM2-135M's
-# attention, 30 layers: 8 ms for one 64-token chunk, 30 ms for one of 256; at a context of 4000, 4 layers:
-# 61 ms in 64-token chunks, 63 ms in 256-token ones), so one page of the usual 64 tokens wastes least.
+# in. On CPU an iteration costs what its tokens cost and hardly more, so one page of the usual 64 tokens
+# wastes least (docs/perf-notes.md, "CPU: the XLA attention loop and the cpu preset").
 CHUNK_TOKENS = 64
 
 
