@@ -172,6 +172,10 @@ def main() -> None:
                         "make it one that never ends, as requests run to --output-len")
     parser.add_argument("--guided-backend", choices=["device", "host"], default="device",
                         help="where the --guided-regex automaton runs")
+    parser.add_argument("--logprobs", type=int, default=None,
+                        help="every request asks for this many top log probabilities (the extended sampler)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="every request's presence penalty (the extended sampler, no log probabilities)")
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the roofline (default: measure)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--baseline", choices=["transformers"], help="also run the prompts through transformers "
@@ -217,6 +221,8 @@ def main() -> None:
         top_p=args.top_p,
         top_k=args.top_k,
         random_seed=0,
+        logprobs=args.logprobs,
+        presence_penalty=args.presence_penalty,
     )
     guide = None
     if args.guided_regex:  # the engine's EOS ends it: requests still run to --output-len (ignore_eos)
