@@ -12,6 +12,7 @@ import openai
 import pytest
 import torch
 
+from serving.text.bad_words import bad_word_spellings
 from tests.http_fixtures import shared_http_server  # noqa: F401 (the `http_server` fixture)
 
 PROMPT = [1, 450, 1996, 1354, 701, 1916, 432, 1204, 975]  # token ids (the prompt is given as ids)
@@ -171,6 +172,33 @@ def test_penalties_logit_bias_and_min_tokens_match_a_numpy_reference(http_server
     assert answer.choices[0].logprobs.tokens == _pieces(tokenizer, want) and len(want) == 4 and want[-1] == eos
 
 
+def test_bad_words_of_several_tokens_are_never_completed(http_server, hf_tiny):
+    """A word the greedy answer spells with two tokens, banned: the answer turns away at its last token
+    exactly where a NumPy reference that bans completing it does (vLLM's rule), on the device path."""
+    tokenizer = http_server.engine.tokenizer
+    plain = reference_greedy(hf_tiny, PROMPT, 12)
+    for at in range(len(plain) - 1):
+        word = tokenizer.decode(plain[at:at + 2]).strip()
+        single, several = bad_word_spellings(tokenizer, [word])
+        if word and tuple(plain[at:at + 2]) in several:
+            break
+    else:
+        raise AssertionError(f"no two-token word in {plain}")
+    out: list[int] = []
+    for _ in range(12):
+        x = hf_logits(hf_tiny, PROMPT + out)
+        x[single] = -np.inf
+        for spelled in several:
+            if len(spelled) - 1 <= len(out) and tuple(out[len(out) - len(spelled) + 1:]) == spelled[:-1]:
+                x[spelled[-1]] = -np.inf
+        out.append(int(np.argmax(x)))
+    assert out != plain
+    answer = http_server.client().completions.create(model=http_server.model_name, prompt=PROMPT, max_tokens=12,
+                                                     temperature=0, logprobs=0,
+                                                     extra_body={"ignore_eos": True, "bad_words": [word]})
+    assert answer.choices[0].logprobs.tokens == _pieces(tokenizer, out)
+
+
 def _pieces(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.token_piece(i)[0] for i in ids]
 
@@ -193,7 +221,7 @@ def test_best_of_returns_the_n_of_highest_cumulative_logprob(http_server):
     ("completions", {"best_of": 1, "n": 2}, "best_of"),
     ("completions", {"presence_penalty": 2.5}, "presence_penalty"),
     ("completions", {"max_tokens": 0}, "max_tokens"),
-    ("completions", {"bad_words": ["a whole sentence of many tokens"]}, "bad_words"),
+    ("completions", {"bad_words": [""]}, "bad_words"),
 ])
 def test_bad_input_is_a_400_in_the_openai_format(http_server, route, body, param):
     base = {"model": http_server.model_name, "max_tokens": 2}

@@ -91,7 +91,7 @@ async def start_chat(body: ChatCompletionRequest, request_id: str) -> ChatRun:
     config.max_new_tokens = fit_context_length(
         [prompt_ids], config.max_new_tokens, engine.max_session_len, "messages", settings.strict_context_length
     )
-    guide = await compile_guide(state.guides, guide_spec(body, plan), config, engine.eos_token_ids)
+    guide = await compile_guide(state.guides, guide_spec(body, engine.tokenizer, plan), config, engine.eos_token_ids)
     requests = fan_out(engine, [prompt_ids], config, body.n or 1, request_id, settings.max_log_len, guide=guide)
     think_ids = (engine.tokenizer.token_id("<think>"), engine.tokenizer.token_id("</think>"))
     return ChatRun(requests, len(prompt_ids), plan, in_reasoning, think_ids)

@@ -76,7 +76,7 @@ last with empty text and its finish_reason), an optional
         prompts, config.max_new_tokens, engine.max_session_len, "prompt", state.settings.strict_context_length
     )
     completion_id = f"cmpl-{uuid.uuid4().hex}"
-    guide = await compile_guide(state.guides, guide_spec(body), config, engine.eos_token_ids)
+    guide = await compile_guide(state.guides, guide_spec(body, engine.tokenizer), config, engine.eos_token_ids)
     requests = fan_out(engine, prompts, config, best_of, completion_id, state.settings.max_log_len, guide=guide)
     header = {"id": completion_id, "created": int(time.time()), "model": body.model}
     prompt_tokens = sum(len(p) for p in prompts)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from serving.http.errors import APIError
 from serving.http.protocol import SamplingFields
 from serving.request import GenerationConfig
+from serving.text.bad_words import bad_word_spellings
 from serving.text.tokenizer import PromptTooLong, Tokenizer
 
 OPENAI_DEFAULTS: dict[str, float | int] = {
@@ -45,7 +46,7 @@ def generation_config(body: SamplingFields, model_defaults: Mapping[str, float |
         frequency_penalty=float(body.frequency_penalty or 0.0),
         logit_bias={int(token): float(value) for token, value in body.logit_bias.items()} or None
         if body.logit_bias else None,
-        bad_token_ids=bad_token_ids(tokenizer, body.bad_words) if body.bad_words else None,
+        bad_token_ids=bad_word_spellings(tokenizer, body.bad_words)[0] or None if body.bad_words else None,
         random_seed=body.seed,
         ignore_eos=bool(body.ignore_eos),
         stop_words=stop or None,
@@ -54,21 +55,6 @@ def generation_config(body: SamplingFields, model_defaults: Mapping[str, float |
         spaces_between_special_tokens=body.spaces_between_special_tokens is not False,
         include_stop_str_in_output=bool(body.include_stop_str_in_output),
     )
-
-
-def bad_token_ids(tokenizer: Tokenizer, words: Sequence[str]) -> list[int]:
-    """The ids of `bad_words`, each word as it starts a text and after a space (vLLM's two spellings). A word
-    is banned only where it is one token: a word that is several tokens in both spellings is a 400 naming
-    it, rather than a ban that would not hold."""
-    ids: set[int] = set()
-    for word in words:
-        spellings = [tokenizer.encode(text, add_special_tokens=False) for text in (word, " " + word.lstrip())]
-        found = {spelled[0] for spelled in spellings if len(spelled) == 1}
-        if not found:
-            raise APIError(400, f"bad_words: {word!r} is more than one token; only single-token words can be banned",
-                           param="bad_words")
-        ids |= found
-    return sorted(ids)
 
 
 def max_new_tokens(body: SamplingFields) -> int | None:
