@@ -1,5 +1,5 @@
-"""Tensor parallelism is a mesh change: tp=2 on two emulated CPU devices gives tp=1's tokens, and no
-step gathers the KV cache across devices."""
+"""Tensor parallelism is a mesh change: tp=2 on two emulated CPU devices gives tp=1's tokens, no step
+gathers the KV cache across devices, and each step's collectives are exactly Megatron's (read from its HLO)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.conftest import REPO, TINY_ENGINE_OPTIONS
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import collections, json, re, sys
     import jax
     from serving import GenerationConfig, pipeline
 
@@ -36,6 +36,13 @@ SCRIPT = textwrap.dedent(
                                          *inputs).compile().as_text()
                 gathers = [line for line in hlo.splitlines() if "all-gather(" in line and pool in line]
                 assert not gathers, gathers[0]
+                # Megatron's plan and nothing more: one all-reduce after attention's output projection and
+                # one after the MLP's down projection in each layer, one all-gather of the vocab-sharded logits.
+                collectives = collections.Counter(re.findall(
+                    r"= \\S+ (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\\(", hlo))
+                layers = pipe.engine.model_config.num_layers
+                want = {"all-reduce": 2 * layers, "all-gather": 1} if tp == 2 else {}
+                assert collectives == want, (tp, rows, tokens, collectives)
     print(json.dumps(outputs))
     """
 )
