@@ -27,19 +27,20 @@ from dataclasses import dataclass
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.loader import INITIALIZERS, param_spec
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
-from model.sharding import KV_CACHE_AXES, make_mesh, shard_by_kv_head, sharding_for
+from model.sharding import KV_CACHE_AXES, KV_SCALE_AXES, make_mesh, shard_by_kv_head, sharding_for
 from xlkernels import get_paged_attention, write_kv_pages
+from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
 from xlkernels.shared_prefix import SharedPrefix
 
-# Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D]. The whole cache is a list over layers.
-LayerCache = tuple[jax.Array, jax.Array]
+# Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D], or quantized per token and KV head
+# (`--quant-policy`, xlkernels.kv_quant). The whole cache is a list over layers.
+LayerCache = tuple[Pages, Pages]
 
 
 @jax.tree_util.register_dataclass
@@ -280,16 +281,24 @@ class LMHead(nn.Module):
 
 
 def empty_cache(
-    config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype, mesh: Mesh | None = None
+    config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype, mesh: Mesh | None = None,
+    kv_format: str | None = None,
 ) -> list[LayerCache]:
-    """The preallocated paged cache: one (k, v) pair of zeroed [Hkv, P, PS, D] arrays per layer,
-    created on the devices already split by KV head (never materialised on the host)."""
+    """The preallocated paged cache: one (k, v) pair of zeroed [Hkv, P, PS, D] pools per layer (in `dtype`,
+    or quantized: `kv_format` int8, int4 or fp8), created on the devices already split by KV head (never
+    materialised on the host)."""
     shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-    sharding = sharding_for("kv_cache", shape, mesh or make_mesh(1), KV_CACHE_AXES)
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    mesh = mesh or make_mesh(1)
+    layout = jax.eval_shape(lambda: empty_pages(kv_format, shape, dtype))
+    if isinstance(layout, QuantizedPages):
+        sharding = QuantizedPages(sharding_for("kv_cache", layout.data.shape, mesh, KV_CACHE_AXES),
+                                  sharding_for("kv_cache_scale", layout.scale.shape, mesh, KV_SCALE_AXES), kv_format)
+    else:
+        sharding = sharding_for("kv_cache", shape, mesh, KV_CACHE_AXES)
+    zeros = jax.jit(lambda: empty_pages(kv_format, shape, dtype), out_shardings=sharding)
     return [(zeros(), zeros()) for _ in range(config.num_layers)]
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: jnp.dtype) -> int:
-    """Cache bytes one token occupies across all layers (K and V)."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * np.dtype(dtype).itemsize
+def kv_bytes_per_token(config: ModelConfig, dtype: jnp.dtype, kv_format: str | None = None) -> int:
+    """Cache bytes one token occupies across all layers (K and V), scales included when quantized."""
+    return 2 * config.num_layers * config.num_kv_heads * token_head_bytes(kv_format, config.head_dim, dtype)

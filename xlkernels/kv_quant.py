@@ -81,11 +81,11 @@ jax.tree_util.register_dataclass(QuantizedPages, data_fields=["data", "scale"], 
 Pages = jax.Array | QuantizedPages
 
 
-def token_head_bytes(kind: str | None, head_dim: int, dtype: jnp.dtype) -> float:
+def token_head_bytes(kind: str | None, head_dim: int, dtype: jnp.dtype) -> int:
     """Bytes one token's K (or V) takes per KV head in a pool of this format (scale included)."""
     if kind is None:
         return head_dim * np.dtype(dtype).itemsize
-    values = head_dim / halves_of(kind) * np.dtype(_STORAGE[kind]).itemsize
+    values = head_dim // halves_of(kind) * np.dtype(_STORAGE[kind]).itemsize
     return values + np.dtype(SCALE_DTYPE).itemsize
 
 
