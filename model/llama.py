@@ -30,9 +30,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
-from model.loader import INITIALIZERS, param_spec
+from model.loader import INITIALIZERS, SCALE_SUFFIX, param_spec
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, KV_SCALE_AXES, make_mesh, shard_by_kv_head, sharding_for
+from model.weight_quant import QuantizedWeight, Weight, linear
 from xlkernels import get_paged_attention, write_kv_pages
 from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
@@ -92,12 +93,17 @@ def rope_tables(batch: AttentionBatch, config: ModelConfig) -> tuple[jax.Array, 
     return (jnp.cos(angles) * scaling)[:, :, None, :], (jnp.sin(angles) * scaling)[:, :, None, :]
 
 
-def declared_param(module: nn.Module, name: str) -> jax.Array:
+def declared_param(module: nn.Module, name: str) -> Weight:
     """The parameter `name` of `module` (which has `config` and `dtype`), with the shape and initializer that
     model/loader.py's `param_specs` declares for its path. Flax checks each parameter it is given against
-    that shape whenever the model is traced; the values come from the loader or `init_random_params`."""
+    that shape whenever the model is traced; the values come from the loader or `init_random_params`.
+    A parameter stored quantized comes back as a `QuantizedWeight` (its values and scales), for `linear`."""
     spec = param_spec(module.config, "/".join((*module.path, name)))
-    return module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
+    values = module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
+    if spec.quant is None:
+        return values
+    scale = module.param(name + SCALE_SUFFIX, INITIALIZERS["ones"], spec.shape[spec.in_dims:], jnp.float32)
+    return QuantizedWeight(values, scale, spec.in_dims)
 
 
 class RMSNorm(nn.Module):
@@ -138,7 +144,7 @@ class Attention(nn.Module):
         wqkv = declared_param(self, "wqkv")  # [E, Hkv, G+2, D]
         wo = declared_param(self, "wo")  # [Hq, D, E]
 
-        qkv = jnp.einsum("bte,ekgd->btkgd", x, wqkv)  # [B, T, Hkv, G+2, D]
+        qkv = linear(x, wqkv)  # [B, T, Hkv, G+2, D]
         if cfg.attention_bias:
             qkv = qkv + declared_param(self, "bqkv")
         batch_size, num_tokens = x.shape[:2]
@@ -160,9 +166,7 @@ class Attention(nn.Module):
                      scale=head_dim**-0.5, shared=batch.shared)
         if batch.packed_index is not None:
             out = pack(out, batch.packed_index)
-        # As one [Hq * D, E] matrix (a free reshape of both): contracting (h, d) in the einsum let XLA:CPU copy
-        # the whole weight into another layout every step.
-        out = out.reshape(*out.shape[:2], -1) @ wo.reshape(-1, wo.shape[-1])
+        out = linear(out.reshape(*out.shape[:2], -1), wo, in_dims=2)  # contracts (Hq, D) as one [Hq * D] dim
         if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
             out = out + declared_param(self, "bo")
         return out, (k_pages, v_pages)
@@ -175,11 +179,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         w_gate_up = declared_param(self, "w_gate_up")  # [E, 2, F]
-        gate_up = jnp.einsum("bte,ecf->btcf", x, w_gate_up)  # one GEMM streams both weights
+        gate_up = linear(x, w_gate_up)  # [B, T, 2, F]: one GEMM streams both weights
         if self.config.mlp_bias:
             gate_up = gate_up + declared_param(self, "b_gate_up")
         hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-        out = hidden @ declared_param(self, "w_down")  # [F, E]
+        out = linear(hidden, declared_param(self, "w_down"))  # [F, E]
         if self.config.mlp_bias:
             out = out + declared_param(self, "b_down")
         return out
