@@ -4,8 +4,9 @@ build a dequantized copy of a weight.
 A quantizable weight contracts its leading `in_dims` dimensions with the activation's last one and keeps
 the rest as output channels (model/loader.py declares `in_dims` for each). Quantized, it is `values` of
 the same shape and an f32 `scale` over the output channels, symmetric: w = values * scale. int8 values are
-int8; fp8 (e4m3) values are kept as their bytes (uint8) and reinterpreted where they are used, because
-XLA:CPU, which has no fp8 arithmetic, converts every fp8 array to f16 as a whole on entry.
+int8; fp8 values are float8_e4m3fn, except on CPU, where they are kept as their bytes (uint8) and
+reinterpreted where they are used: XLA:CPU, which has no fp8 arithmetic, converts every fp8 array to f16
+as a whole on entry, whatever uses it.
 
 Since the scale is per output channel, it multiplies the matmul's *output*: x @ w = (x @ values) * scale,
 so only the conversion of `values` to the activation dtype is left, and where it runs decides whether a
@@ -27,13 +28,16 @@ import jax
 import jax.numpy as jnp
 
 WEIGHT_FORMATS = ("int8", "fp8")
-_STORAGE = {"int8": jnp.int8, "fp8": jnp.uint8}  # fp8: e4m3 bit patterns (see the module docstring)
+_STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}
 # Weight elements converted per iteration of the CPU loop: 256 KiB of f32, far below any matrix worth quantizing.
 BLOCK_ELEMENTS = 1 << 16
 
 
 def storage_dtype(kind: str) -> jnp.dtype:
+    """The dtype quantized values are stored in on this backend (see the module docstring for fp8 on CPU)."""
+    if kind == "fp8" and jax.default_backend() == "cpu":
+        return jnp.dtype(jnp.uint8)
     return jnp.dtype(_STORAGE[kind])
 
 
@@ -54,13 +58,16 @@ def quantize_weight(w: jax.Array, kind: str, in_dims: int) -> tuple[jax.Array, j
     w = w.astype(jnp.float32)
     scale = jnp.max(jnp.abs(w), axis=tuple(range(in_dims))) / _QMAX[kind]
     scaled = jnp.clip(w / jnp.where(scale > 0, scale, 1.0), -_QMAX[kind], _QMAX[kind])
-    if kind == "fp8":
-        return jax.lax.bitcast_convert_type(scaled.astype(jnp.float8_e4m3fn), jnp.uint8), scale
-    return jnp.round(scaled).astype(jnp.int8), scale
+    if kind == "int8":
+        return jnp.round(scaled).astype(jnp.int8), scale
+    values = scaled.astype(jnp.float8_e4m3fn)
+    if storage_dtype(kind) == jnp.uint8:
+        values = jax.lax.bitcast_convert_type(values, jnp.uint8)
+    return values, scale
 
 
 def decode(values: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Stored values (int8, or e4m3 bytes) as `dtype`: exact, both formats fit bf16's significand."""
+    """Stored values (int8, e4m3, or e4m3's bytes) as `dtype`: exact, every format fits bf16's significand."""
     if values.dtype == jnp.uint8:
         values = jax.lax.bitcast_convert_type(values, jnp.float8_e4m3fn)
     return values.astype(dtype)

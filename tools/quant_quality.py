@@ -8,7 +8,8 @@ and combinations such as w-int8+kv8. For each:
   logits   one prefill of a fixed text (tools/quant_text.txt, its first `--text-tokens` tokens; random
            tokens for a tiny checkpoint) through the model over a paged cache of the variant's format: the
            max and mean |logit - unquantized logit|, the mean KL(unquantized || variant) per position,
-           and the text's perplexity;
+           the text's perplexity, the share of positions whose top token is unchanged ("top-1 same") and
+           the widest top-1/top-2 margin of the unquantized logits among those where it changed;
   greedy   `--prompts` prompts (slices of that text, `--prompt-len` tokens each) generating `--tokens`
            greedy tokens each through the engine (the serving path: cache writes, decode and prefill
            attention, the compiled steps), EOS ignored: per prompt, the tokens before the first one that
@@ -42,7 +43,7 @@ from serving.request import EngineOutput, GenerationConfig
 from xlkernels.kv_quant import kv_format
 
 TEXT_FILE = Path(__file__).with_name("quant_text.txt")
-DEFAULT_VARIANTS = ("kv8", "kvfp8", "kv4", "w-int8", "w-fp8", "w-int8+kv8")
+DEFAULT_VARIANTS = ("bf16", "kv8", "kvfp8", "kv4", "w-int8", "w-fp8", "w-int8+kv8")
 PAGE_SIZE = 16
 
 
@@ -51,20 +52,23 @@ class Variant:
     name: str
     quant_policy: str = "0"
     weight_quant: str | None = None
+    bf16: bool = False  # the model computed in bfloat16 instead of --dtype: the yardstick of a rounding change
 
     @classmethod
     def parse(cls, name: str) -> Variant:
-        """"kv8" -> KV policy 8; "w-fp8" -> fp8 weights; "+" joins both."""
-        policy, weights = "0", None
+        """"kv8" -> KV policy 8; "w-fp8" -> fp8 weights; "bf16" -> unquantized in bfloat16; "+" joins them."""
+        policy, weights, bf16 = "0", None, False
         for part in name.split("+"):
             if part.startswith("kv"):
                 policy = part.removeprefix("kv")
                 kv_format(policy)  # refuse unknown policies by name
             elif part in ("w-int8", "w-fp8"):
                 weights = part.removeprefix("w-")
+            elif part == "bf16":
+                bf16 = True
             else:
-                raise ValueError(f"unknown variant part {part!r} (kv8, kv4, kvfp8, w-int8, w-fp8)")
-        return cls(name, policy, weights)
+                raise ValueError(f"unknown variant part {part!r} (kv8, kv4, kvfp8, w-int8, w-fp8, bf16)")
+        return cls(name, policy, weights, bf16)
 
 
 def text_logits(config: ModelConfig, params: dict, dtype: jnp.dtype, tokens: np.ndarray, policy: str) -> jax.Array:
@@ -81,13 +85,18 @@ def text_logits(config: ModelConfig, params: dict, dtype: jnp.dtype, tokens: np.
 
 
 def logit_metrics(base: jax.Array, other: jax.Array, tokens: np.ndarray) -> dict:
-    """|Δlogit| max and mean, mean KL(base || other) and other's perplexity on the text."""
+    """|Δlogit| max and mean, mean KL(base || other), other's perplexity on the text, the share of positions
+    whose top token is base's ("top1"), and the widest base margin (top-1 minus top-2 logit) among the
+    positions where it is not ("flip_margin": small means only near-ties flip)."""
+    top2 = jax.lax.top_k(base, 2)[0]
+    flipped = jnp.argmax(other, axis=-1) != jnp.argmax(base, axis=-1)
     log_base, log_other = jax.nn.log_softmax(base, axis=-1), jax.nn.log_softmax(other, axis=-1)
     kl = jnp.sum(jnp.exp(log_base) * (log_base - log_other), axis=-1)
     nll = -jnp.take_along_axis(log_other[:-1], jnp.asarray(tokens[1:], jnp.int32)[:, None], axis=-1)
     delta = jnp.abs(other - base)
     return {"max_abs_dlogit": float(delta.max()), "mean_abs_dlogit": float(delta.mean()), "kl": float(kl.mean()),
-            "ppl": float(jnp.exp(nll.mean()))}
+            "ppl": float(jnp.exp(nll.mean())), "top1": float(1 - flipped.mean()),
+            "flip_margin": float(jnp.where(flipped, top2[:, 0] - top2[:, 1], 0.0).max())}
 
 
 def greedy_tokens(config: ModelConfig, params: dict, tokenizer, variant: Variant, prompts: list[list[int]],
@@ -143,36 +152,40 @@ def evaluate(name: str, path: Path, variants: list[Variant], args: argparse.Name
     text = np.asarray(text[: args.text_tokens])
     stride = max(1, (len(text) - args.prompt_len) // args.prompts)
     prompts = [text[i * stride : i * stride + args.prompt_len].tolist() for i in range(args.prompts)]
-    params_by_weights: dict[str | None, dict] = {}
+    loaded: dict[tuple[str | None, jnp.dtype], dict] = {}
 
-    def params_for(weights: str | None) -> tuple[ModelConfig, dict]:
-        config = with_weight_quant(base_config, weights)
-        if weights not in params_by_weights:
-            params_by_weights[weights] = load_params(path, config, dtype)
-        return config, params_by_weights[weights]
+    def params_for(variant: Variant) -> tuple[ModelConfig, dict, jnp.dtype]:
+        config = with_weight_quant(base_config, variant.weight_quant)
+        run_dtype = jnp.dtype(jnp.bfloat16 if variant.bf16 else dtype)
+        if (variant.weight_quant, run_dtype) not in loaded:
+            loaded[variant.weight_quant, run_dtype] = load_params(path, config, run_dtype)
+        return config, loaded[variant.weight_quant, run_dtype], run_dtype
 
     base = Variant("none")
-    config, params = params_for(None)
+    config, params, _ = params_for(base)
     base_logits = text_logits(config, params, dtype, text, "0")
     base_tokens = greedy_tokens(config, params, tokenizer, base, prompts, args.tokens, jnp.dtype(dtype).name)
     rows = [{"model": name, "variant": "none", **logit_metrics(base_logits, base_logits, text), "agree": 1.0,
              "whole": 1.0}]
     for variant in variants:
         began = time.perf_counter()
-        config, params = params_for(variant.weight_quant)
-        metrics = logit_metrics(base_logits, text_logits(config, params, dtype, text, variant.quant_policy), text)
-        tokens = greedy_tokens(config, params, tokenizer, variant, prompts, args.tokens, jnp.dtype(dtype).name)
+        config, params, run_dtype = params_for(variant)
+        logits = text_logits(config, params, run_dtype, text, variant.quant_policy).astype(jnp.float32)
+        metrics = logit_metrics(base_logits, logits, text)
+        tokens = greedy_tokens(config, params, tokenizer, variant, prompts, args.tokens, run_dtype.name)
         rows.append({"model": name, "variant": variant.name, **metrics, **agreement(base_tokens, tokens)})
         print(f"{name} {variant.name}: {rows[-1]} ({time.perf_counter() - began:.0f}s)", flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | variant | max abs Δlogit | mean abs Δlogit | KL | perplexity | greedy agree | whole prompts |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | variant | max abs Δlogit | mean abs Δlogit | KL | perplexity | top-1 same | widest flipped "
+             "margin | greedy agree | whole prompts |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['variant']} | {r['max_abs_dlogit']:.4f} | {r['mean_abs_dlogit']:.5f} | "
-                     f"{r['kl']:.2e} | {r['ppl']:.3f} | {100 * r['agree']:.1f}% | {100 * r['whole']:.0f}% |")
+                     f"{r['kl']:.2e} | {r['ppl']:.3f} | {100 * r['top1']:.1f}% | {r['flip_margin']:.3f} | "
+                     f"{100 * r['agree']:.1f}% | {100 * r['whole']:.0f}% |")
     return "\n".join(lines)
 
 
