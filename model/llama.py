@@ -35,7 +35,7 @@ from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequenci
 from model.sharding import KV_CACHE_AXES, KV_SCALE_AXES, make_mesh, shard_by_kv_head, sharding_for
 from model.weight_quant import QuantizedWeight, Weight, linear
 from xlkernels import get_paged_attention, write_kv_pages
-from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, token_head_bytes
+from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, rotation, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
 from xlkernels.shared_prefix import SharedPrefix
 
@@ -158,12 +158,19 @@ class Attention(nn.Module):
         if batch.packed_index is not None:  # attention reads rows: lay the packed tokens out as [B, T]
             q, k, v = (unpack(a, batch.packed_index, batch.positions.shape) for a in (q, k, v))
 
+        # Quantized pages hold keys and values turned by a Hadamard rotation (xlkernels.kv_quant, "Outlier
+        # channels"); the query turns with them and the output turns back, so attention is unchanged.
+        turn = rotation(head_dim) if isinstance(cache[0], QuantizedPages) else None
+        if turn is not None:
+            q, k, v = (jnp.einsum("...d,de->...e", a, turn.astype(a.dtype)) for a in (q, k, v))
         k_pages, v_pages = write_kv_pages(*cache, k, v, batch.block_tables, batch.positions, batch.valid)
         attend = get_paged_attention(self.attention_backend)
         if self.mesh is not None and self.mesh.size > 1:
             attend = shard_by_kv_head(attend, self.mesh)
         out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
                      scale=head_dim**-0.5, shared=batch.shared)
+        if turn is not None:
+            out = jnp.einsum("...d,de->...e", out, turn.astype(out.dtype))
         if batch.packed_index is not None:
             out = pack(out, batch.packed_index)
         out = linear(out.reshape(*out.shape[:2], -1), wo, in_dims=2)  # contracts (Hq, D) as one [Hq * D] dim
