@@ -27,8 +27,7 @@ which spreads every channel's energy over all of them; the query is multiplied b
 attention output by H again (H is symmetric and its own inverse), so q.k and p.v are unchanged and only
 the rounding sees the flattened channels (QuaRot's incoherence processing, applied to the cache alone).
 On SmolLM2-135M it takes int4's perplexity cost from +48% to +11% and int8's KL from 6.2e-4 to 1.6e-4
-(docs/benchmarks.md, "Quantization quality"). Head
-sizes that are not a power of two are left unrotated.
+(docs/benchmarks.md, "Quantization quality"). Head sizes that are not a power of two are left unrotated.
 
 Kernels keep the scales out of the inner products: q.k = scale_k * (q . k_q) and
 p.v = (p * scale_v) . v_q, so each key or value is converted once, in registers, right after its load.
