@@ -16,7 +16,7 @@ def test_a_server_with_int8_kv_pages_and_int8_weights_serves_the_openai_api(tiny
     base = f"http://127.0.0.1:{port}"
     command = [console_script("xlserve"), "serve", "api_server", str(tiny_llama), "--server-name", "127.0.0.1",
                "--server-port", str(port), "--model-name", "tiny", "--quant-policy", "8", "--weight-quant", "int8",
-               "--no-engine-process", *SMALL_BUCKET_FLAGS]
+               *SMALL_BUCKET_FLAGS]
     server = ServerProcess(command)
     try:
         server.wait_ready(base)
