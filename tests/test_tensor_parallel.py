@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent(
     for tp in (1, 2):
         with pipeline(sys.argv[1], tp=tp, **json.loads(sys.argv[2])) as pipe:
             runner = pipe.engine.runner
-            cache_k = runner.cache[0][0]
-            assert len(cache_k.sharding.device_set) == tp
+            cache_k = jax.tree.leaves(runner.cache[0][0])[0]  # the pool's values, plain or quantized
+            assert all(len(leaf.sharding.device_set) == tp for leaf in jax.tree.leaves(runner.cache))
             outputs[tp] = [r.token_ids for r in pipe(prompts, config)]
             # Each device attends over its own heads' pages: no step gathers a whole page pool.
             pool = "[" + ",".join(map(str, cache_k.shape)) + "]"
@@ -48,14 +48,17 @@ SCRIPT = textwrap.dedent(
 )
 
 
-# pallas-interpret: our kernels' code path, where XLA cannot partition the kernel calls itself.
-@pytest.mark.parametrize("backend", ["xla", "pallas-interpret"])
-def test_tp2_matches_tp1_token_for_token(tiny_llama, backend):
+# pallas-interpret: our kernels' code path, where XLA cannot partition the kernel calls itself. With int4 KV
+# pages (values and scales split by KV head) and int8 weights (scales split with their output channels).
+@pytest.mark.parametrize("backend, quantized", [("xla", {}), ("pallas-interpret", {}),
+                                                ("xla", {"quant_policy": "4", "weight_quant": "int8"})],
+                         ids=["xla", "pallas-interpret", "xla-int4-kv-int8-weights"])
+def test_tp2_matches_tp1_token_for_token(tiny_llama, backend, quantized):
     import json
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     options = dict(TINY_ENGINE_OPTIONS, preset="test", decode_batch_buckets=(4,), prefill_row_buckets=(1, 2),
-                   prefill_token_buckets=(64,), attention_backend=backend)
+                   prefill_token_buckets=(64,), attention_backend=backend, **quantized)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_llama), json.dumps(options)],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=600,

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from serving.engine.config import EngineConfig
-from serving.engine.engine import Engine, TurnRecord, resolve_dtype
+from serving.engine.engine import Engine, TurnRecord, resolve_dtype, with_weight_quant
 from serving.request import EngineOutput, GenerationConfig, Guide
 from serving.text.grammar import GuideCompiler, GuideSpec
 from tools.bench_serving import sharegpt_like_dataset
@@ -44,6 +44,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
         tp=args.tp,
         compilation_cache_dir=args.compilation_cache_dir,
         load_format=args.load_format,
+        num_pages=args.num_pages,
+        quant_policy=args.quant_policy,
+        weight_quant=args.weight_quant,
     )
     if args.max_batch_size:
         options["max_batch_size"] = args.max_batch_size
@@ -63,7 +66,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     from model.loader import init_random_params
     from model.sharding import make_mesh
 
-    model_config = SHAPES[args.shape]
+    model_config = with_weight_quant(SHAPES[args.shape], config.weight_quant)
     dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
     mesh = make_mesh(config.tp)
     params = init_random_params(model_config, dtype, seed=0, mesh=mesh)
@@ -155,6 +158,9 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto", help="dummy: random weights at --model's shapes")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
     parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--quant-policy", default="0", choices=["0", "4", "8", "fp8"], help="KV cache quantization")
+    parser.add_argument("--weight-quant", choices=["int8", "fp8"], help="weights quantized at load")
+    parser.add_argument("--num-pages", type=int, help="explicit KV page count (default: the memory budget's)")
     parser.add_argument("--session-len", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--preset", default="auto")
@@ -187,6 +193,7 @@ def main() -> None:
     single.add_argument("--output-len", type=int, default=1024)
     single.add_argument("--repeats", type=int, default=2)
     single.add_argument("--trace", help="after timing, profile a 32-token stream into this folder (perfetto)")
+    sub.add_parser("capacity", help="only the KV cache the memory budget holds (pages, tokens); compiles nothing")
     through = sub.add_parser("throughput", help="many fixed-length requests at once: output tokens per second")
     through.add_argument("--num-prompts", type=int, default=1000)
     through.add_argument("--input-len", type=int, default=256)
@@ -199,6 +206,9 @@ def main() -> None:
         parser.error("--baseline needs --model: transformers cannot load a --shape")
 
     engine = build_engine(args)
+    if args.mode == "capacity":
+        report_capacity(engine, args)
+        return
     t0 = time.perf_counter()
     engine.start()
     started = time.perf_counter() - t0
@@ -208,7 +218,9 @@ def main() -> None:
     print(
         f"device {jax.devices()[0].device_kind}; started in {started:.1f}s "
         f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "
-        f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token",
+        f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token; "
+        f"KV cache {engine.num_pages} pages of {engine.page_size} tokens ({engine.num_pages * engine.page_size} "
+        f"tokens, quant policy {args.quant_policy}, weights {args.weight_quant or engine.dtype_name})",
         flush=True,
     )
     rng = np.random.default_rng(0)
@@ -284,10 +296,25 @@ def main() -> None:
             f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s"
         )
     result["compilations_after_warmup"] = engine.stats().compilations_after_warmup - compiles_before
+    result.update(kv_pages=engine.num_pages, kv_tokens=engine.num_pages * engine.page_size,
+                  quant_policy=args.quant_policy, weight_quant=args.weight_quant)
     print(f"compilations after warm-up: {result['compilations_after_warmup']}")
     engine.shutdown()
     if args.baseline:
         result["baseline"] = run_baseline(args, result, baseline_prompts)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def report_capacity(engine: Engine, args: argparse.Namespace) -> None:
+    """The KV pages the budget (--cache-max-entry-count of what the weights leave) holds with this policy."""
+    result = {"kv_pages": engine.num_pages, "kv_tokens": engine.num_pages * engine.page_size,
+              "quant_policy": args.quant_policy, "weight_quant": args.weight_quant,
+              "weight_bytes": streamed_weight_bytes(engine.runner.params)}
+    print(f"capacity: {result['kv_pages']} KV pages of {engine.page_size} tokens ({result['kv_tokens']} tokens), "
+          f"quant policy {args.quant_policy}, weights {args.weight_quant or engine.dtype_name} "
+          f"({result['weight_bytes'] / 1e9:.2f} GB)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -23,6 +23,7 @@ plain attribute, set in-process; no flag, variable or request can set it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -51,6 +52,7 @@ from serving.engine.runner import ModelRunner, StepOutput
 from serving.engine.scheduler import Chunk, Scheduler
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from serving.text.tokenizer import Tokenizer
+from xlkernels.kv_quant import kv_format
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,12 @@ def resolve_dtype(name: str, model_config: ModelConfig, platform: str) -> jnp.dt
         name = "float32" if platform == "cpu" else model_config.torch_dtype
         name = name if name in _DTYPES else "bfloat16"
     return _DTYPES[name]
+
+
+def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> ModelConfig:
+    """The model as it will be stored: --weight-quant overrides the checkpoint's own format (an FP8
+    checkpoint's weights are read back at full precision, then quantized like any other)."""
+    return dataclasses.replace(model_config, weight_quant=weight_quant) if weight_quant else model_config
 
 
 class CompilationCounter:
@@ -138,6 +146,7 @@ class Engine:
         self.platform = jax.devices()[0].platform
         enable_compilation_cache(self.engine_config.compilation_cache_dir, self.platform)  # before any compile
         self.dtype = resolve_dtype(self.engine_config.dtype, model_config, self.platform)
+        self.kv_format = kv_format(self.engine_config.quant_policy)  # None: pages in `dtype`
         tokenizer_eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | tokenizer_eos
         self.ready = False
@@ -181,7 +190,7 @@ class Engine:
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
             shared_prefix_attention=self.engine_config.enable_shared_prefix_attention,
             logprobs_mode=self.engine_config.logprobs_mode,
-            guided_states=self.engine_config.guided_decoding_states, tokenizer=tokenizer,
+            guided_states=self.engine_config.guided_decoding_states, tokenizer=tokenizer, kv_format=self.kv_format,
         )
 
     @classmethod
@@ -204,7 +213,7 @@ class Engine:
                               config.dist_init_timeout)
         if group is not None:
             join(group)  # before anything touches JAX: the devices of every host then make one mesh
-        model_config = ModelConfig.from_pretrained(model_path)
+        model_config = with_weight_quant(ModelConfig.from_pretrained(model_path), config.weight_quant)
         tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
         mesh = make_mesh(config.tp)
@@ -226,7 +235,8 @@ class Engine:
         if cfg.num_pages is not None:
             return cfg.num_pages
         # Per device: tensor parallelism splits every page by KV head.
-        page_bytes = kv_bytes_per_token(self.model_config, self.dtype) * cfg.page_size // cfg.tp
+        # Quantized pages (--quant-policy) take fewer bytes: the same budget holds more of them.
+        page_bytes = kv_bytes_per_token(self.model_config, self.dtype, self.kv_format) * cfg.page_size // cfg.tp
         if self.platform == "cpu":
             budget = CPU_KV_CACHE_BYTES * cfg.cache_max_entry_count
         else:
@@ -286,6 +296,12 @@ class Engine:
     @property
     def dtype_name(self) -> str:
         return jnp.dtype(self.dtype).name
+
+    @property
+    def quantization_name(self) -> str:
+        """What is stored quantized, for the start-up line: "int8 weights, int4 KV" (empty: nothing)."""
+        parts = [f"{self.model_config.weight_quant} weights"] if self.model_config.weight_quant else []
+        return ", ".join(parts + ([f"{self.kv_format} KV"] if self.kv_format else []))
 
     @property
     def error(self) -> BaseException | None:

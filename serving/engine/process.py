@@ -69,6 +69,7 @@ class EngineFacts:
     max_batch_size: int
     page_size: int
     dtype_name: str
+    quantization_name: str
 
 
 class EngineProcess:
@@ -127,6 +128,7 @@ class EngineProcess:
         self.max_batch_size = facts.max_batch_size
         self.page_size = facts.page_size
         self.dtype_name = facts.dtype_name
+        self.quantization_name = facts.quantization_name
         self._reader = threading.Thread(target=self._read_events, name="xlserve-engine-events", daemon=True)
         self._reader.start()
         self._writer = threading.Thread(target=self._write_commands, name="xlserve-engine-commands", daemon=True)
@@ -332,7 +334,7 @@ def run_engine_process(model_path: str, config: EngineConfig, commands: Connecti
         send(("failed", _portable(error)))
         return
     facts = EngineFacts(engine.eos_token_ids, engine.max_session_len, engine.max_batch_size, engine.page_size,
-                        engine.dtype_name)
+                        engine.dtype_name, engine.quantization_name)
     send(("built", (facts, _stats_fields(engine))))
     report = _StepReport(engine, send)
     engine.step_listeners.append(report)

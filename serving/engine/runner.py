@@ -231,6 +231,7 @@ class ModelRunner:
         logprobs_mode: str = "raw",
         guided_states: int = 2048,  # EngineConfig.guided_decoding_states
         tokenizer: object = None,
+        kv_format: str | None = None,  # quantized KV pages (xlkernels.kv_quant): int8, int4, fp8; None: `dtype`
     ):
         self.config = config
         self.params = params
@@ -244,7 +245,7 @@ class ModelRunner:
         self.shared_prefix_steps = 0  # decode steps dispatched with at least one tile
         self.shared_prefix_rows = 0  # rows in a tile, summed over those steps
         self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
-        self.cache = empty_cache(config, num_pages, page_size, dtype, mesh)
+        self.cache = empty_cache(config, num_pages, page_size, dtype, mesh, kv_format)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.seen = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.bool_),
                             out_shardings=replicated)()

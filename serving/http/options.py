@@ -311,6 +311,23 @@ OPTIONS: tuple[Option, ...] = (
         type=int,
     ),
     Option(
+        "--quant-policy",
+        "engine",
+        "quant_policy",
+        "KV cache quantization, per token and KV head: 0 (none), 8 (int8), 4 (int4), fp8 (e4m3); the same "
+        "--cache-max-entry-count then holds about 1.9x (8, fp8) or 3.8x (4) the pages "
+        f"(default: {_engine_default('quant_policy')}).",
+        choices=("0", "4", "8", "fp8"),
+    ),
+    Option(
+        "--weight-quant",
+        "engine",
+        "weight_quant",
+        "Quantize the linear layers' weights at load, per output channel: int8 or fp8 (e4m3) (default: none; "
+        "a Hugging Face FP8 checkpoint serves as fp8).",
+        choices=("int8", "fp8"),
+    ),
+    Option(
         "--num-pages",
         "engine",
         "num_pages",
