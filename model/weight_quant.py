@@ -87,13 +87,15 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
             return jnp.tensordot(x, w, axes=1)
         # As one [K, N] matrix (a free reshape): contracting several dims let XLA:CPU copy the weight's layout.
         return (x @ w.reshape(math.prod(w.shape[:in_dims]), -1)).reshape(*x.shape[:-1], *out_shape)
-    values = w.values.reshape(math.prod(w.values.shape[:in_dims]), -1)  # [K, N], free
-    scale = w.scale.reshape(-1)
+    # [K, *out]: only the input dims are merged. Merging the output dims too would cost nothing on one
+    # device, but under tensor parallelism [2, F] with F split (w_gate_up) is no contiguous split of 2F,
+    # and GSPMD would gather the whole weight onto every device (tests/test_tensor_parallel.py).
+    values = w.values.reshape(math.prod(w.values.shape[:in_dims]), *out_shape)
     rows = x.reshape(-1, x.shape[-1])
     if (strategy or matmul_strategy()) == "fused":
-        y = jnp.dot(rows, decode(values, x.dtype), preferred_element_type=jnp.float32) * scale
-    else:
-        y = _blocked(rows, values, scale)
+        y = jnp.tensordot(rows, decode(values, x.dtype), axes=1, preferred_element_type=jnp.float32) * w.scale
+    else:  # CPU: one device in practice (its loop slices the output columns, which GSPMD would gather)
+        y = _blocked(rows, values.reshape(values.shape[0], -1), w.scale.reshape(-1))
     return y.astype(x.dtype).reshape(*x.shape[:-1], *out_shape)
 
 
