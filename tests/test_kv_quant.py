@@ -1,5 +1,6 @@
-"""Quantized KV pages (`--quant-policy`): the cache write, the page budget, and every attention path over
-quantized pages (XLA, the reference, and the Pallas kernels in interpret mode).
+"""Quantized KV pages (`--quant-policy`): the cache write, the page budget, every attention path over
+quantized pages (XLA, the reference, and the Pallas kernels in interpret mode), and an engine on int4 pages
+(prefix caching and preemption give the tokens a fresh computation gives).
 
 Two comparisons per path. Against the reference over the *same* quantized pages the kernels must agree to
 float rounding: they dequantize through the scores and probabilities, the reference element by element.
@@ -11,6 +12,7 @@ random keys and values, so these are worst cases: real keys are smoother):
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,9 @@ import pytest
 
 from model.config import ModelConfig
 from model.llama import kv_bytes_per_token
+from serving import pipeline
+from serving.request import GenerationConfig
+from tests.conftest import TINY_ENGINE_OPTIONS
 from tests.test_kernels_pallas import make_problem, make_shared_problem, reference_f32
 from xlkernels import paged_attention_reference, paged_attention_xla
 from xlkernels.kv_quant import (
@@ -155,3 +160,46 @@ def test_a_plain_pool_passes_through():
     pages = jnp.ones((1, 2, 4, 8))
     assert quantize_pages(pages, None) is pages and as_float(pages) is pages
     assert dataclasses.is_dataclass(quantize_pages(pages, "fp8"))
+
+
+@pytest.fixture(scope="module")
+def int4_pipe(tiny_llama):
+    """The tiny model serving int4 pages (the read-modify-write cache path) from 24 pages of 16 tokens."""
+    pipe = pipeline(str(tiny_llama), **TINY_ENGINE_OPTIONS, quant_policy="4")
+    yield pipe
+    pipe.close()
+
+
+def generate(engine, prompt: list[int], request_id: str) -> tuple[list[int], int]:
+    """Greedy tokens of one request and the prompt tokens it took from the prefix cache."""
+    tokens, cached, done = [], [0], threading.Event()
+
+    def sink(out):
+        tokens.extend(out.new_token_ids)
+        cached[0] = max(cached[0], out.num_cached_tokens)
+        if out.finished:
+            done.set()
+
+    engine.submit(engine.make_request(prompt, GenerationConfig(max_new_tokens=12, ignore_eos=True), request_id), sink)
+    assert done.wait(60)
+    return tokens, cached[0]
+
+
+def test_prefix_caching_and_preemption_are_unchanged_over_int4_pages(int4_pipe):
+    """A page is quantized token by token when written, so reusing a cached page, or recomputing a
+    preempted sequence into other pages, gives the same tokens as computing it afresh."""
+    engine = int4_pipe.engine
+    assert engine.kv_format == "int4" and engine.quantization_name == "int4 KV"
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(3, 500, 40).tolist()  # two full pages of 16, then 8 tokens
+    first, cached_first = generate(engine, prompt, "int4-first")
+    again, cached_again = generate(engine, prompt, "int4-again")
+    assert cached_first == 0 and cached_again == 32 and again == first
+
+    prompts = [rng.integers(3, 500, 40).tolist() for _ in range(8)]  # 8 x (40 + 40) tokens > 24 pages
+    greedy = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    solo = [int4_pipe(p, greedy).token_ids for p in prompts]
+    before = engine.scheduler.num_preemptions
+    together = int4_pipe(prompts, [greedy] * 8)
+    assert engine.scheduler.num_preemptions > before, "the test must actually preempt"
+    assert [r.token_ids for r in together] == solo

@@ -193,7 +193,9 @@ def main() -> None:
     single.add_argument("--output-len", type=int, default=1024)
     single.add_argument("--repeats", type=int, default=2)
     single.add_argument("--trace", help="after timing, profile a 32-token stream into this folder (perfetto)")
-    sub.add_parser("capacity", help="only the KV cache the memory budget holds (pages, tokens); compiles nothing")
+    capacity = sub.add_parser("capacity", help="only the KV cache the memory budget holds (pages, tokens) with "
+                              "each --policies; compiles nothing")
+    capacity.add_argument("--policies", nargs="+", default=["0", "8", "fp8", "4"], help="--quant-policy values")
     through = sub.add_parser("throughput", help="many fixed-length requests at once: output tokens per second")
     through.add_argument("--num-prompts", type=int, default=1000)
     through.add_argument("--input-len", type=int, default=256)
@@ -308,16 +310,25 @@ def main() -> None:
 
 
 def report_capacity(engine: Engine, args: argparse.Namespace) -> None:
-    """The KV pages the budget (--cache-max-entry-count of what the weights leave) holds with this policy."""
-    result = {"kv_pages": engine.num_pages, "kv_tokens": engine.num_pages * engine.page_size,
-              "quant_policy": args.quant_policy, "weight_quant": args.weight_quant,
-              "weight_bytes": streamed_weight_bytes(engine.runner.params)}
-    print(f"capacity: {result['kv_pages']} KV pages of {engine.page_size} tokens ({result['kv_tokens']} tokens), "
-          f"quant policy {args.quant_policy}, weights {args.weight_quant or engine.dtype_name} "
-          f"({result['weight_bytes'] / 1e9:.2f} GB)")
+    """The KV pages the budget (--cache-max-entry-count of what the weights leave) holds with each of
+    --policies, over the same weights: each engine's cache is dropped before the next is sized."""
+    weights = args.weight_quant or engine.dtype_name
+    results = []
+    for policy in args.policies:
+        config = dataclasses.replace(engine.engine_config, quant_policy=policy)
+        params, model_config, mesh = engine.runner.params, engine.model_config, engine.mesh
+        engine.runner.cache = None  # its pages go back to the allocator before the next engine is sized
+        del engine
+        engine = Engine(model_config, params, tokenizer=None, config=config, mesh=mesh)
+        results.append({"kv_pages": engine.num_pages, "kv_tokens": engine.num_pages * engine.page_size,
+                        "quant_policy": policy, "weight_quant": args.weight_quant,
+                        "weight_bytes": streamed_weight_bytes(params)})
+        print(f"capacity: {engine.num_pages} KV pages of {engine.page_size} tokens "
+              f"({engine.num_pages * engine.page_size} tokens), quant policy {policy}, weights {weights} "
+              f"({results[-1]['weight_bytes'] / 1e9:.2f} GB)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(results, f, indent=2)
 
 
 def run_baseline(args: argparse.Namespace, result: dict, prompts: list[list[int]]) -> dict:
