@@ -2,12 +2,11 @@
 
 GPU: decode batches in powers of two up to 256 and prefill chunks up to 8192 tokens (LMDeploy's
 --max-prefill-token-num default). CPU: few programs, because XLA:CPU takes seconds to compile each one
-(SmolLM2-135M's decode step: ~3.7 s of CPU; each row count adds 3 sampler programs) and start-up compiles
-them all: decode at 1, 4 and 16 rows (padding a partial batch up to the next costs less than compiling
-every power of two), prefill in one or four rows of 64 tokens (a longer prompt takes several rows of a
-step). A CPU prefill step costs what its tokens cost, padding included: 16 prompts of 64 tokens took
-1.2 s in [4 x 64] steps and 2.1 s in [4 x 128] (2 cores, quiet). Test: the fewest shapes that still
-exercise chunking, batching and padding, to keep the CI run short.
+and start-up compiles them all: decode at 1, 4 and 16 rows (padding a partial batch up to the next costs
+less than compiling every power of two), prefill in one or four rows of 64 tokens (a longer prompt takes
+several rows of a step; a CPU prefill step costs what its tokens cost, padding included). The
+measurements behind it: docs/perf-notes.md, "CPU: the XLA attention loop and the cpu preset". Test: the
+fewest shapes that still exercise chunking, batching and padding, to keep the CI run short.
 
 Plain data: `serving.engine.config.preset_buckets` turns a preset into a `BucketSet`, so configs never
 import the engine.

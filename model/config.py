@@ -106,6 +106,9 @@ class ModelConfig:
     # The checkpoint's sliding attention window when some layer uses one; `max_position_embeddings`
     # is then capped to it, where full attention (what the decoder runs) is the same model.
     sliding_window: int | None = None
+    # The layers' matmul weights stored quantized with per-output-channel scales (model/weight_quant.py):
+    # "int8" or "fp8"; set by a checkpoint in Hugging Face's FP8 format, or by --weight-quant
+    weight_quant: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -121,6 +124,8 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.torch_dtype not in DTYPES:
             raise ValueError(f"dtype {self.torch_dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+        if self.weight_quant not in (None, "int8", "fp8"):
+            raise ValueError(f"weight_quant must be int8 or fp8, got {self.weight_quant!r}")
         if self.hidden_act not in ACTIVATIONS:
             supported = ", ".join(sorted(ACTIVATIONS))
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {supported})")
@@ -186,7 +191,23 @@ class ModelConfig:
             hidden_act=config_dict.get("hidden_act") or "silu",
             generation_defaults=generation_defaults(generation),
             sliding_window=window,
+            weight_quant=_checkpoint_quantization(config_dict),
         )
+
+
+def _checkpoint_quantization(config: Json) -> str | None:
+    """The weight format a checkpoint is saved in: "fp8" for Hugging Face's FP8 format (`quant_method: fp8`,
+    e4m3 weights with `weight_scale_inv`), None for a plain one; other methods are refused by name."""
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
+    if method != "fp8":
+        raise ValueError(f"quantization_config quant_method {method!r} is not supported (fp8 is: Hugging Face's "
+                         "FP8 checkpoints; or serve a bf16 checkpoint with --weight-quant int8|fp8)")
+    if quantization.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"FP8 checkpoints in {quantization['fmt']!r} are not supported (e4m3 is)")
+    return "fp8"
 
 
 def rope_from_hf(config: Json) -> RopeConfig:

@@ -27,19 +27,21 @@ from dataclasses import dataclass
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
-from model.loader import INITIALIZERS, param_spec
+from model.loader import INITIALIZERS, SCALE_SUFFIX, param_spec
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
-from model.sharding import KV_CACHE_AXES, make_mesh, shard_by_kv_head, sharding_for
+from model.sharding import KV_CACHE_AXES, KV_SCALE_AXES, make_mesh, shard_by_kv_head, sharding_for
+from model.weight_quant import QuantizedWeight, Weight, linear
 from xlkernels import get_paged_attention, write_kv_pages
+from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, rotation, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
 from xlkernels.shared_prefix import SharedPrefix
 
-# Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D]. The whole cache is a list over layers.
-LayerCache = tuple[jax.Array, jax.Array]
+# Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D], or quantized per token and KV head
+# (`--quant-policy`, xlkernels.kv_quant). The whole cache is a list over layers.
+LayerCache = tuple[Pages, Pages]
 
 
 @jax.tree_util.register_dataclass
@@ -91,12 +93,17 @@ def rope_tables(batch: AttentionBatch, config: ModelConfig) -> tuple[jax.Array, 
     return (jnp.cos(angles) * scaling)[:, :, None, :], (jnp.sin(angles) * scaling)[:, :, None, :]
 
 
-def declared_param(module: nn.Module, name: str) -> jax.Array:
+def declared_param(module: nn.Module, name: str) -> Weight:
     """The parameter `name` of `module` (which has `config` and `dtype`), with the shape and initializer that
     model/loader.py's `param_specs` declares for its path. Flax checks each parameter it is given against
-    that shape whenever the model is traced; the values come from the loader or `init_random_params`."""
+    that shape whenever the model is traced; the values come from the loader or `init_random_params`.
+    A parameter stored quantized comes back as a `QuantizedWeight` (its values and scales), for `linear`."""
     spec = param_spec(module.config, "/".join((*module.path, name)))
-    return module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
+    values = module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
+    if spec.quant is None:
+        return values
+    scale = module.param(name + SCALE_SUFFIX, INITIALIZERS["ones"], spec.shape[spec.in_dims:], jnp.float32)
+    return QuantizedWeight(values, scale, spec.in_dims)
 
 
 class RMSNorm(nn.Module):
@@ -137,7 +144,7 @@ class Attention(nn.Module):
         wqkv = declared_param(self, "wqkv")  # [E, Hkv, G+2, D]
         wo = declared_param(self, "wo")  # [Hq, D, E]
 
-        qkv = jnp.einsum("bte,ekgd->btkgd", x, wqkv)  # [B, T, Hkv, G+2, D]
+        qkv = linear(x, wqkv)  # [B, T, Hkv, G+2, D]
         if cfg.attention_bias:
             qkv = qkv + declared_param(self, "bqkv")
         batch_size, num_tokens = x.shape[:2]
@@ -151,17 +158,22 @@ class Attention(nn.Module):
         if batch.packed_index is not None:  # attention reads rows: lay the packed tokens out as [B, T]
             q, k, v = (unpack(a, batch.packed_index, batch.positions.shape) for a in (q, k, v))
 
+        # Quantized pages hold keys and values turned by a Hadamard rotation (xlkernels.kv_quant, "Outlier
+        # channels"); the query turns with them and the output turns back, so attention is unchanged.
+        turn = rotation(head_dim) if isinstance(cache[0], QuantizedPages) else None
+        if turn is not None:
+            q, k, v = (jnp.einsum("...d,de->...e", a, turn.astype(a.dtype)) for a in (q, k, v))
         k_pages, v_pages = write_kv_pages(*cache, k, v, batch.block_tables, batch.positions, batch.valid)
         attend = get_paged_attention(self.attention_backend)
         if self.mesh is not None and self.mesh.size > 1:
             attend = shard_by_kv_head(attend, self.mesh)
         out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
                      scale=head_dim**-0.5, shared=batch.shared)
+        if turn is not None:
+            out = jnp.einsum("...d,de->...e", out, turn.astype(out.dtype))
         if batch.packed_index is not None:
             out = pack(out, batch.packed_index)
-        # As one [Hq * D, E] matrix (a free reshape of both): contracting (h, d) in the einsum let XLA:CPU copy
-        # the whole weight into another layout every step.
-        out = out.reshape(*out.shape[:2], -1) @ wo.reshape(-1, wo.shape[-1])
+        out = linear(out.reshape(*out.shape[:2], -1), wo, in_dims=2)  # contracts (Hq, D) as one [Hq * D] dim
         if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
             out = out + declared_param(self, "bo")
         return out, (k_pages, v_pages)
@@ -174,11 +186,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         w_gate_up = declared_param(self, "w_gate_up")  # [E, 2, F]
-        gate_up = jnp.einsum("bte,ecf->btcf", x, w_gate_up)  # one GEMM streams both weights
+        gate_up = linear(x, w_gate_up)  # [B, T, 2, F]: one GEMM streams both weights
         if self.config.mlp_bias:
             gate_up = gate_up + declared_param(self, "b_gate_up")
         hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-        out = hidden @ declared_param(self, "w_down")  # [F, E]
+        out = linear(hidden, declared_param(self, "w_down"))  # [F, E]
         if self.config.mlp_bias:
             out = out + declared_param(self, "b_down")
         return out
@@ -280,16 +292,24 @@ class LMHead(nn.Module):
 
 
 def empty_cache(
-    config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype, mesh: Mesh | None = None
+    config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype, mesh: Mesh | None = None,
+    kv_format: str | None = None,
 ) -> list[LayerCache]:
-    """The preallocated paged cache: one (k, v) pair of zeroed [Hkv, P, PS, D] arrays per layer,
-    created on the devices already split by KV head (never materialised on the host)."""
+    """The preallocated paged cache: one (k, v) pair of zeroed [Hkv, P, PS, D] pools per layer (in `dtype`,
+    or quantized: `kv_format` int8, int4 or fp8), created on the devices already split by KV head (never
+    materialised on the host)."""
     shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-    sharding = sharding_for("kv_cache", shape, mesh or make_mesh(1), KV_CACHE_AXES)
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    mesh = mesh or make_mesh(1)
+    layout = jax.eval_shape(lambda: empty_pages(kv_format, shape, dtype))
+    if isinstance(layout, QuantizedPages):
+        sharding = QuantizedPages(sharding_for("kv_cache", layout.data.shape, mesh, KV_CACHE_AXES),
+                                  sharding_for("kv_cache_scale", layout.scale.shape, mesh, KV_SCALE_AXES), kv_format)
+    else:
+        sharding = sharding_for("kv_cache", shape, mesh, KV_CACHE_AXES)
+    zeros = jax.jit(lambda: empty_pages(kv_format, shape, dtype), out_shardings=sharding)
     return [(zeros(), zeros()) for _ in range(config.num_layers)]
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: jnp.dtype) -> int:
-    """Cache bytes one token occupies across all layers (K and V)."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * np.dtype(dtype).itemsize
+def kv_bytes_per_token(config: ModelConfig, dtype: jnp.dtype, kv_format: str | None = None) -> int:
+    """Cache bytes one token occupies across all layers (K and V), scales included when quantized."""
+    return 2 * config.num_layers * config.num_kv_heads * token_head_bytes(kv_format, config.head_dim, dtype)

@@ -21,6 +21,7 @@ the raw little-endian bytes, which numpy maps in place (bfloat16 through `ml_dty
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -40,12 +41,17 @@ from jax.sharding import Mesh, NamedSharding
 
 from model.config import ModelConfig
 from model.sharding import Axes, make_mesh, sharding_for
+from model.weight_quant import quantize_weight, storage_dtype
 
 Params = dict[str, Any]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+# Stored values that mean something only with their scale (Hugging Face FP8 checkpoints, `fp8_checkpoint`).
+SCALED_DTYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
+# A quantized parameter's scales live beside it in the pytree under its name plus this.
+SCALE_SUFFIX = "_scale"
 # Buffers some older checkpoints saved although transformers recomputes them.
 IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # How many names an error message lists before it only counts the rest.
@@ -87,11 +93,75 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * self.numpy_dtype.itemsize
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return {**SAFETENSORS_DTYPES, **SCALED_DTYPES}[self.dtype]
 
     def read(self) -> np.ndarray:
         """A read-only view of the mapped file: no copy until a device asks for its bytes."""
-        return np.memmap(self.file, SAFETENSORS_DTYPES[self.dtype], mode="r", offset=self.offset, shape=self.shape)
+        return np.memmap(self.file, self.numpy_dtype, mode="r", offset=self.offset, shape=self.shape)
+
+
+def _expand_scale(scale: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A stored FP8 scale broadcast to its weight: one for the tensor, one per row, or one per block of
+    [ceil(rows / scale rows), ceil(cols / scale cols)] (Hugging Face's `weight_block_size`)."""
+    if scale.size == 1:
+        return scale.reshape(())
+    if scale.shape in ((shape[0],), (shape[0], 1)):
+        return scale.reshape(shape[0], *([1] * (len(shape) - 1)))
+    if scale.ndim == 2 and len(shape) == 2:
+        rows, cols = -(-shape[0] // scale.shape[0]), -(-shape[1] // scale.shape[1])
+        return np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)[: shape[0], : shape[1]]
+    raise ValueError(f"an FP8 scale of shape {list(scale.shape)} does not fit a weight of shape {list(shape)}")
+
+
+@dataclass(frozen=True)
+class ScaledTensor:
+    """An e4m3 weight of a Hugging Face FP8 checkpoint and its scale, read back as f32 (on the host, one
+    tensor at a time): the loader then quantizes it per output channel like any other weight."""
+
+    values: TensorInfo
+    scale: TensorInfo
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.scale.nbytes
+
+    def read(self) -> np.ndarray:
+        values = np.asarray(self.values.read(), np.float32)
+        return values * _expand_scale(np.asarray(self.scale.read(), np.float32), values.shape)
+
+
+# Scales of an FP8 checkpoint: of a weight (`weight_scale_inv`: Hugging Face's FP8 format, which multiplies
+# despite its name; `weight_scale`: compressed-tensors'), and static activation scales, which weight-only
+# serving does not use.
+FP8_SCALE_NAMES = ("weight_scale_inv", "weight_scale")
+IGNORED_FP8_TENSORS = ("input_scale",)
+
+
+def fp8_checkpoint(tensors: Mapping[str, CheckpointTensor]) -> dict[str, CheckpointTensor]:
+    """The checkpoint's tensors with each e4m3 weight paired with its scale (`ScaledTensor`) and the scale
+    tensors themselves left out; a checkpoint with no e4m3 tensor comes back as it is."""
+    if not any(isinstance(t, TensorInfo) and t.dtype in SCALED_DTYPES for t in tensors.values()):
+        return dict(tensors)
+    paired: dict[str, CheckpointTensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(FP8_SCALE_NAMES + IGNORED_FP8_TENSORS):
+            continue
+        if isinstance(tensor, TensorInfo) and tensor.dtype in SCALED_DTYPES:
+            base = name.removesuffix("weight")
+            scale = next((tensors[base + s] for s in FP8_SCALE_NAMES if base + s in tensors), None)
+            if scale is None or not isinstance(scale, TensorInfo):
+                raise ValueError(f"{name} is {tensor.dtype} but the checkpoint has no {base}weight_scale_inv")
+            tensor = ScaledTensor(tensor, scale)
+        paired[name] = tensor
+    return paired
 
 
 @dataclass(frozen=True)
@@ -112,7 +182,9 @@ def _same(x: jax.Array) -> jax.Array:
 class ParamSpec:
     """One parameter, declared once: everything the model, the sharding, random init and loading need.
 
-    Every parameter has the serving dtype, which is an argument of loading, not a declaration.
+    Every parameter has the serving dtype, which is an argument of loading, not a declaration, unless it
+    is stored quantized (`quant`): then it is int8 or fp8 values of `shape` plus f32 scales, one per output
+    channel, at `scale_path` (model/weight_quant.py), split over the mesh like the channels they scale.
     """
 
     path: str  # in the pytree, which is the Flax modules' path: "layers_3/attn/wqkv"
@@ -121,6 +193,19 @@ class ParamSpec:
     init: Init  # how `init_random_params` (and flax's `init`) draw it: a key of INITIALIZERS
     sources: tuple[Source, ...]  # the HF tensors it is built from
     fuse: Callable[..., jax.Array] = _same  # the sources' views -> `shape`, on the device
+    in_dims: int = 0  # a matmul weight: its leading dims are the inputs it contracts (0: not quantizable)
+    quant: str | None = None  # stored quantized: int8 or fp8 (ModelConfig.weight_quant)
+
+    @property
+    def scale_path(self) -> str:
+        return self.path + SCALE_SUFFIX
+
+    def leaves(self, dtype: np.dtype) -> list[tuple[str, tuple[int, ...], Axes, np.dtype]]:
+        """(path, shape, axes, dtype) of each array the parameter is stored as: itself, or values and scales."""
+        if self.quant is None:
+            return [(self.path, self.shape, self.axes, dtype)]
+        return [(self.path, self.shape, self.axes, storage_dtype(self.quant)),
+                (self.scale_path, self.shape[self.in_dims:], self.axes[self.in_dims:], np.dtype(np.float32))]
 
 
 # ----- fusing, on the device ---------------------------------------------------------------------------
@@ -161,14 +246,18 @@ def _stack(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 @functools.cache
 def _assembler(
-    fuse: Callable[..., jax.Array], dtype: np.dtype, sharding: NamedSharding
-) -> Callable[[Sequence[jax.Array]], jax.Array]:
-    """fuse + cast as one jitted function whose output lands exactly in `sharding`.
+    fuse: Callable[..., jax.Array], dtype: np.dtype, shardings: tuple[NamedSharding, ...], quant: str | None,
+    in_dims: int,
+) -> Callable[[Sequence[jax.Array]], tuple[jax.Array, ...]]:
+    """fuse + cast (or quantize, into values and scales) as one jitted function whose outputs land exactly in
+    `shardings`: the weight is quantized as it is placed, never held at full precision beside its values.
 
-    Cached so each distinct (fuse, dtype, sharding) is built once; jit then compiles once per shape, so
-    all layers share a handful of compilations.
+    Cached so each distinct (fuse, dtype, shardings, quant) is built once; jit then compiles once per shape,
+    so all layers share a handful of compilations.
     """
-    return jax.jit(lambda raw: fuse(*raw).astype(dtype), out_shardings=sharding)
+    if quant is None:
+        return jax.jit(lambda raw: (fuse(*raw).astype(dtype),), out_shardings=shardings)
+    return jax.jit(lambda raw: quantize_weight(fuse(*raw), quant, in_dims), out_shardings=shardings)
 
 
 # ----- the layout --------------------------------------------------------------------------------------
@@ -260,12 +349,14 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
         if names.qkv:
             packed = Source(names.qkv.format(i=i, p=suffix), ((Hq + 2 * Hkv) * D, *tail), (Hkv, G + 2, D, *tail),
                             view_axes)
-            return ParamSpec(path, shape, axes, "normal", (packed,), _packed_qkv if weight else _same)
+            return ParamSpec(path, shape, axes, "normal", (packed,), _packed_qkv if weight else _same,
+                             in_dims=int(weight))
         sources = tuple(
             Source(template.format(i=i, p=suffix), (heads * D, *tail), (Hkv, heads // Hkv, D, *tail), view_axes)
             for template, heads in ((names.q, Hq), (names.k, Hkv), (names.v, Hkv))
         )
-        return ParamSpec(path, shape, axes, "normal", sources, _fuse_qkv if weight else _fuse_qkv_bias)
+        return ParamSpec(path, shape, axes, "normal", sources, _fuse_qkv if weight else _fuse_qkv_bias,
+                         in_dims=int(weight))
 
     def gate_up(path: str, i: int, suffix: str) -> ParamSpec:
         weight = suffix == "weight"
@@ -273,7 +364,8 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
         shape, axes = ((E, 2, F), ("embed", None, "ffn")) if weight else ((2, F), (None, "ffn"))
         sources = tuple(Source(template.format(i=i, p=suffix), view, view, view_axes)
                         for template in (names.gate, names.up))
-        return ParamSpec(path, shape, axes, "normal", sources, _stack_gate_up if weight else _stack)
+        return ParamSpec(path, shape, axes, "normal", sources, _stack_gate_up if weight else _stack,
+                         in_dims=int(weight))
 
     def layer(i: int) -> list[ParamSpec]:
         ours = f"layers_{i}"
@@ -284,10 +376,11 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
             qkv(f"{ours}/attn/wqkv", i, "weight"),
             ParamSpec(f"{ours}/attn/wo", (Hq, D, E), ("q_heads", "head_dim", "embed"), "normal",
                       (Source(weight(names.o), (E, Hq * D), (E, Hq, D), ("embed", "q_heads", "head_dim")),),
-                      _heads_first),
+                      _heads_first, in_dims=2),
             stored(f"{ours}/mlp_norm/scale", weight(names.mlp_norm), (E,), ("norm",), "ones"),
             gate_up(f"{ours}/mlp/w_gate_up", i, "weight"),
-            transposed(f"{ours}/mlp/w_down", weight(names.down), (F, E), ("ffn", "embed")),
+            dataclasses.replace(transposed(f"{ours}/mlp/w_down", weight(names.down), (F, E), ("ffn", "embed")),
+                                in_dims=1),
         ]
         if config.qk_norm:
             specs.append(stored(f"{ours}/attn/q_norm/scale", weight(names.q_norm), (D,), ("head_dim",), "ones"))
@@ -307,6 +400,11 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
     specs.append(stored("final_norm/scale", names.final_norm, (E,), ("norm",), "ones"))
     if not config.tie_word_embeddings:
         specs.append(transposed("lm_head/kernel", names.lm_head, (E, V), ("embed", "vocab")))
+    # --weight-quant: the layers' matmul weights (the embedding and the LM head stay in the serving dtype,
+    # as in Hugging Face's FP8 checkpoints: they hold a few percent of an 8B model's bytes and most of its
+    # sensitivity to rounding).
+    if config.weight_quant:
+        specs = [dataclasses.replace(s, quant=config.weight_quant) if s.in_dims else s for s in specs]
     return specs
 
 
@@ -326,12 +424,14 @@ def param_spec(config: ModelConfig, path: str) -> ParamSpec:
 def param_shapes(config: ModelConfig, dtype: jax.typing.DTypeLike = jnp.float32) -> Params:
     """The parameter pytree as `jax.ShapeDtypeStruct`s (no memory)."""
     dtype = _float_dtype(dtype)
-    return _nest((spec.path, jax.ShapeDtypeStruct(spec.shape, dtype)) for spec in param_specs(config))
+    return _nest((path, jax.ShapeDtypeStruct(shape, leaf_dtype))
+                 for spec in param_specs(config) for path, shape, _, leaf_dtype in spec.leaves(dtype))
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
     """The parameter pytree as the `NamedSharding` each parameter's logical axes give on `mesh`."""
-    return _nest((spec.path, sharding_for(spec.path, spec.shape, mesh, spec.axes)) for spec in param_specs(config))
+    return _nest((path, sharding_for(path, shape, mesh, axes))
+                 for spec in param_specs(config) for path, shape, axes, _ in spec.leaves(np.dtype(np.float32)))
 
 
 # ----- loading -----------------------------------------------------------------------------------------
@@ -353,7 +453,7 @@ def load_params(
     from model.gguf import find_gguf_file, gguf_tensors  # imported here: model.gguf builds on this module
 
     gguf_file = find_gguf_file(path)
-    tensors = gguf_tensors(gguf_file) if gguf_file is not None else checkpoint_tensors(path)
+    tensors = gguf_tensors(gguf_file) if gguf_file is not None else fp8_checkpoint(checkpoint_tensors(path))
     return place_params(tensors, config, dtype, mesh, on_loaded)
 
 
@@ -376,10 +476,12 @@ def place_params(
     for spec in specs:
         raw = [_place(tensors[s.name].read().reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
                for s in spec.sources]
-        flat[spec.path] = _assembler(spec.fuse, dtype, shardings[spec.path])(raw)
+        paths = [path for path, *_ in spec.leaves(dtype)]
+        placed = _assembler(spec.fuse, dtype, tuple(shardings[p] for p in paths), spec.quant, spec.in_dims)(raw)
+        flat.update(zip(paths, placed, strict=True))
         # Transfers are asynchronous: without this wait every raw tensor could be in flight at once,
         # doubling device memory; with it the extra is one parameter's raw copy.
-        flat[spec.path].block_until_ready()
+        jax.block_until_ready(placed)
         if on_loaded is not None:
             done += len(spec.sources)
             done_bytes += sum(sizes[s.name] for s in spec.sources)
@@ -470,24 +572,33 @@ def init_random_params(
     real shapes without a download), each drawn by its declared initializer."""
     dtype = _float_dtype(dtype)
     shardings = _flatten(param_shardings(config, mesh or make_mesh(1)))
-    specs = _specs_by_path(config)
+    specs = param_specs(config)
     # XLA's RngBitGenerator compiles in a fraction of threefry's time; these weights need no quality.
-    # One key per parameter, in the pytree's leaf order.
-    keys = jax.random.split(jax.random.key(seed, impl="rbg"), len(shardings))
+    # One key per parameter, in the pytree's leaf order (so a seed gives the same weights, quantized or not).
+    keys = jax.random.split(jax.random.key(seed, impl="rbg"), len(specs))
+    leaf_order = list(_flatten(_nest((spec.path, 0) for spec in specs)))
     flat = {}
-    for key, (path, sharding) in zip(keys, shardings.items(), strict=True):
-        spec = specs[path]
-        flat[path] = _generator(spec.init, spec.shape, dtype, sharding)(key)
+    for spec in specs:
+        key = keys[leaf_order.index(spec.path)]
+        paths = [path for path, *_ in spec.leaves(dtype)]
+        generate = _generator(spec.init, spec.shape, dtype, tuple(shardings[p] for p in paths), spec.quant,
+                              spec.in_dims)
+        flat.update(zip(paths, generate(key), strict=True))
     return _nest(flat.items())
 
 
-# One compiled generator per distinct (initializer, shape, dtype, sharding): a handful, however many layers.
+# One compiled generator per distinct (initializer, shape, dtype, shardings, quant): a handful, however many
+# layers. A quantized parameter is drawn and quantized on the device, like a loaded one.
 @functools.cache
 def _generator(
-    init: Init, shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding
-) -> Callable[[jax.Array], jax.Array]:
+    init: Init, shape: tuple[int, ...], dtype: np.dtype, shardings: tuple[NamedSharding, ...], quant: str | None,
+    in_dims: int,
+) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
     initializer = INITIALIZERS[init]
-    return jax.jit(lambda key: initializer(key, shape, dtype), out_shardings=sharding)
+    if quant is None:
+        return jax.jit(lambda key: (initializer(key, shape, dtype),), out_shardings=shardings)
+    return jax.jit(lambda key: quantize_weight(initializer(key, shape, jnp.float32), quant, in_dims),
+                   out_shardings=shardings)
 
 
 # ----- small helpers -------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from xlkernels.kv_quant import Pages, QuantizedPages
+
 TP_AXIS = "tp"
 
 Axes = tuple[str | None, ...]
@@ -22,6 +24,8 @@ Axes = tuple[str | None, ...]
 # The paged KV cache, [Hkv, P, PS, D] per layer: split by KV head like the attention weights, so each
 # device attends over its own heads' pages.
 KV_CACHE_AXES: Axes = ("kv_heads", None, None, "head_dim")
+# Scales of quantized pages, [Hkv, halves, P, PS / halves] (xlkernels.kv_quant): split with their pages.
+KV_SCALE_AXES: Axes = ("kv_heads", None, None, None)
 
 # Logical axis -> mesh axis (None = replicated), in flax's `logical_axis_rules` format. The embedding
 # table stays whole ("vocab_in") so a token lookup is a local gather, not a collective.
@@ -87,16 +91,24 @@ def shard_by_kv_head(attend: Callable[..., jax.Array], mesh: Mesh) -> Callable[.
     time (`xlkernels.xla_attention`), which the partitioner would otherwise serve by moving each head's
     pages between devices.
     """
-    q_spec, kv_spec = logical_to_spec(ATTENTION_Q_AXES), logical_to_spec(KV_CACHE_AXES)
+    q_spec = logical_to_spec(ATTENTION_Q_AXES)
     replicated = PartitionSpec()
 
     def sharded(q, k_pages, v_pages, block_tables, q_positions, kv_lens, *, scale: float, shared=None):
         def local(q, k_pages, v_pages, block_tables, q_positions, kv_lens, shared):
             return attend(q, k_pages, v_pages, block_tables, q_positions, kv_lens, scale=scale, shared=shared)
 
+        kv_spec = pool_spec(k_pages)
         return jax.shard_map(
             local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, replicated, replicated, replicated, replicated),
             out_specs=q_spec, check_vma=False,
         )(q, k_pages, v_pages, block_tables, q_positions, kv_lens, shared)
 
     return sharded
+
+
+def pool_spec(pages: Pages) -> PartitionSpec | QuantizedPages:
+    """The PartitionSpec (a pytree of them, for quantized pages) that splits a page pool by KV head."""
+    if isinstance(pages, QuantizedPages):
+        return QuantizedPages(logical_to_spec(KV_CACHE_AXES), logical_to_spec(KV_SCALE_AXES), pages.kind)
+    return logical_to_spec(KV_CACHE_AXES)

@@ -117,8 +117,8 @@ class APIClient:
         **kwargs: Any,
     ) -> Iterator[dict[str, Any]]:
         """POST /v1/chat/completions (a string `messages` is one user message). Everything is sent as given:
-        the server applies `repetition_penalty`, `top_k`, `min_p` and `min_new_tokens`, and refuses non-zero
-        `presence_penalty`/`frequency_penalty` and a non-empty `logit_bias` with a 400 until it implements them."""
+        the server applies `repetition_penalty`, `top_k`, `min_p`, `min_new_tokens`, `presence_penalty`,
+        `frequency_penalty`, `logit_bias` and `logprobs`/`top_logprobs` (as in the README's field list)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         yield from self._post("/v1/chat/completions", _body(locals()), stream, sse=True)

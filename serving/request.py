@@ -13,12 +13,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.sampling_options import declared_options, option
+
 # Fixed width of the per-row "stop token" table handed to the jitted sampler (min_new_tokens bans
 # these ids until enough tokens exist). More distinct stop ids than this are refused up front.
 MAX_STOP_TOKEN_IDS = 16
 MAX_SEED = 2**63 - 1
 # Integer options travel to the device as int32; anything larger is refused, never silently wrapped.
 MAX_INT32 = 2**31 - 1
+# The sampler computes this many most likely tokens' log probabilities for every row that asks (a fixed
+# width, so no request recompiles anything); OpenAI's chat allows up to 20 `top_logprobs`.
+MAX_LOGPROBS = 20
+# OpenAI's limit on logit_bias entries; bad_token_ids share the same per-row table.
+MAX_LOGIT_BIAS = 300
 
 
 class InvalidRequestError(ValueError):
@@ -37,20 +44,33 @@ class GenerationConfig:
 
     `do_sample=False` (the default, as in LMDeploy's pipeline) means greedy decoding whatever the
     temperature; `temperature=0` is greedy as well. `top_k=0` and `top_p=1` switch those filters off.
+    Numeric options are declared with `option(...)` (serving/sampling_options.py says how to add one):
+    their range is checked by `validate`, and those with `column=True` reach the sampler per row.
     """
 
-    max_new_tokens: int | None = 512
-    min_new_tokens: int = 0
+    max_new_tokens: int | None = option(512, low=0, high=MAX_INT32)
+    min_new_tokens: int = option(0, low=0, high=MAX_INT32)
     do_sample: bool = False
-    temperature: float = 0.8
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    random_seed: int | None = None
+    temperature: float = option(0.8, low=0.0, high=100.0, api_high=2.0, column=True, neutral=0.0,
+                                 row=lambda config: 0.0 if config.greedy else config.temperature)
+    top_p: float = option(1.0, low=0.0, high=1.0, low_open=True, column=True)
+    top_k: int = option(0, low=0, high=MAX_INT32, column=True, why="0 disables it")
+    min_p: float = option(0.0, low=0.0, high=1.0, column=True)
+    repetition_penalty: float = option(1.0, low=0.0, high=100.0, low_open=True, api_high=10.0, column=True)
+    # OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0), over generated tokens
+    presence_penalty: float = option(0.0, low=-2.0, high=2.0, column=True)
+    frequency_penalty: float = option(0.0, low=-2.0, high=2.0, column=True)
+    # Log probabilities of each generated token and of this many most likely ones (None: none at all)
+    logprobs: int | None = option(None, low=0, high=MAX_LOGPROBS, column=True, neutral=-1)
+    # The same at every prompt position but the first (None: none; the prompt is prefilled a token a row)
+    prompt_logprobs: int | None = option(None, low=0, high=MAX_LOGPROBS)
+    random_seed: int | None = option(None, low=0, high=MAX_SEED)
     ignore_eos: bool = False
     stop_words: list[str] | None = None
     stop_token_ids: list[int] | None = None
+    # token id -> value added to its logit, OpenAI's logit_bias (at most MAX_LOGIT_BIAS entries)
+    logit_bias: dict[int, float] | None = None
+    bad_token_ids: list[int] | None = None  # never generated (LMDeploy's name); share logit_bias's table
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -66,42 +86,40 @@ class GenerationConfig:
             if not ok:
                 raise InvalidRequestError(f"{param} {why}, got {getattr(self, param)!r}", param=param)
 
-        def number(param: str) -> None:
-            value = getattr(self, param)
-            check(isinstance(value, int | float) and not isinstance(value, bool), param, "must be a number")
-            check(value == value and abs(value) != float("inf"), param, "must be finite")
-
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            number(name)
-        for name in ("min_new_tokens", "top_k"):
-            check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
-                  name, "must be an integer")
-        if self.max_new_tokens is not None:
-            check(isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool),
-                  "max_new_tokens", "must be an integer")
-            check(0 <= self.max_new_tokens <= MAX_INT32, "max_new_tokens", f"must be in [0, {MAX_INT32}]")
-        check(0 <= self.min_new_tokens <= MAX_INT32, "min_new_tokens", f"must be in [0, {MAX_INT32}]")
-        check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
-        check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        check(0 <= self.top_k <= MAX_INT32, "top_k", f"must be in [0, {MAX_INT32}] (0 disables it)")
-        check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
-        check(0.0 < self.repetition_penalty <= 100.0, "repetition_penalty", "must be in (0, 100]")
-        if self.random_seed is not None:
-            check(isinstance(self.random_seed, int) and not isinstance(self.random_seed, bool),
-                  "random_seed", "must be an integer")
-            check(0 <= self.random_seed <= MAX_SEED, "random_seed", f"must be in [0, {MAX_SEED}]")
+        for declared in declared_options(GenerationConfig):
+            value = getattr(self, declared.name)
+            if value is None and declared.nullable:
+                continue
+            problem = declared.spec.problem(value, declared.kind)
+            check(problem is None, declared.name, problem or "")
         if self.stop_words is not None:
             check(isinstance(self.stop_words, list) and all(isinstance(s, str) and s for s in self.stop_words),
                   "stop_words", "must be a list of non-empty strings")
+        in_vocab = "" if vocab_size is None else f" in [0, {vocab_size})"
+        for name in ("stop_token_ids", "bad_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None:
+                check(isinstance(ids, list) and all(_is_token(i, vocab_size) for i in ids), name,
+                      f"must be a list of token ids{in_vocab}")
         if self.stop_token_ids is not None:
-            ids = self.stop_token_ids
-            check(isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids),
-                  "stop_token_ids", "must be a list of integers")
-            check(len(set(ids)) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+            check(len(set(self.stop_token_ids)) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
                   f"may hold at most {MAX_STOP_TOKEN_IDS} ids")
-            if vocab_size is not None:
-                check(all(0 <= i < vocab_size for i in ids), "stop_token_ids",
-                      f"must be token ids in [0, {vocab_size})")
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            check(isinstance(bias, dict) and all(_is_token(i, vocab_size) for i in bias), "logit_bias",
+                  f"must map token ids{in_vocab} to numbers")
+            check(all(isinstance(v, int | float) and not isinstance(v, bool) and -100 <= v <= 100
+                      for v in bias.values()), "logit_bias", "values must be numbers in [-100, 100]")
+        entries = len(self.logit_bias or {}) + len(set(self.bad_token_ids or []))
+        if entries > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias and bad_token_ids may hold at most {MAX_LOGIT_BIAS} token ids "
+                                      f"together, got {entries}",
+                                      param="logit_bias" if self.logit_bias else "bad_words")
+
+
+def _is_token(value: object, vocab_size: int | None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (
+        vocab_size is None or 0 <= value < vocab_size)
 
 
 class FinishReason(enum.StrEnum):
@@ -182,9 +200,20 @@ class EngineRequest:
         return isinstance(self.guide, HostGrammar) or self.masked_on_host
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log probability at its position, and the most likely tokens there (as many as asked),
+    most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class EngineOutput:
-    """What one engine step produced for one request."""
+    """What one engine step produced for one request. `logprobs`, when the request asked for them, has
+    one entry per new token; `prompt_logprobs` continues the prompt's (from its second token on)."""
 
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
@@ -193,6 +222,8 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 def build_request(

@@ -273,13 +273,13 @@ def test_generation_defaults_come_from_the_checkpoint(http_server: LiveServer) -
     defaults = http_server.engine.model_config.generation_defaults
     assert dict(defaults)["temperature"] == 0.6  # tests/checkpoints.py writes this generation_config
     body = ChatCompletionRequest.model_validate_json('{"model": "m", "messages": [{"role": "user", "content": "x"}]}')
-    config = generation_config(body, dict(defaults))
+    config = generation_config(body, dict(defaults), http_server.engine.tokenizer)
     assert (config.temperature, config.top_p, config.do_sample) == (0.6, 0.9, True)
     explicit = ChatCompletionRequest.model_validate_json(
         '{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0, "top_k": -1}'
     )
-    assert generation_config(explicit, dict(defaults)).greedy
-    assert generation_config(explicit, {}).top_k == 0
+    assert generation_config(explicit, dict(defaults), http_server.engine.tokenizer).greedy
+    assert generation_config(explicit, {}, http_server.engine.tokenizer).top_k == 0
 
 
 def test_unknown_model_is_404(http_server: LiveServer) -> None:

@@ -141,9 +141,9 @@ MALFORMED: list[tuple[str, str, str, bytes | None, dict[str, str], int, str | No
         400,
         "messages",
     ),
-    ("logprobs", "POST", CHAT, chat(logprobs=True), JSON, 400, "logprobs"),
-    ("echo", "POST", COMPLETIONS, completion(echo=True), JSON, 400, "echo"),
-    ("best_of", "POST", COMPLETIONS, completion(best_of=3), JSON, 400, "best_of"),
+    ("top_logprobs without logprobs", "POST", CHAT, chat(top_logprobs=3), JSON, 400, "top_logprobs"),
+    ("max_tokens 0 without echo", "POST", COMPLETIONS, completion(max_tokens=0), JSON, 400, "max_tokens"),
+    ("best_of below n", "POST", COMPLETIONS, completion(best_of=1, n=2), JSON, 400, "best_of"),
     (
         "reserved chat_template_kwargs",
         "POST",

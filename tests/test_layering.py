@@ -43,7 +43,8 @@ def layer(module: str) -> str:
         return parts[0]
     rest = parts[1] if len(parts) > 1 else "__init__"
     return {"http": "http", "proxy": "http", "cli": "http", "app": "http", "engine": "engine", "text": "text",
-            "offline": "offline", "request": "request", "client": "client", "__init__": "root"}[rest]
+            "offline": "offline", "request": "request", "sampling_options": "request", "client": "client",
+            "__init__": "root"}[rest]
 
 
 def own_imports(path: Path) -> set[str]:

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -237,6 +238,40 @@ def test_streamed_text_equals_non_streamed_text_through_the_proxy(cluster: Clust
     streamed = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0,
                                          stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed) == text.choices[0].text
+
+
+def test_responses_messages_generate_and_encode_are_relayed_as_a_node_answers_them(cluster: Cluster) -> None:
+    """The proxy relays every generating route of api_server, not only the two chat APIs: through it, each
+    answers as a node answers directly (greedy, so equal)."""
+    node = cluster.node_url(0)
+    proxied, direct = cluster.client(), cluster.client(node)
+    ask = dict(model=MODEL, input="Tell me about the world", instructions="Be brief.", max_output_tokens=8,
+               temperature=0)
+    assert proxied.responses.create(**ask).output_text == direct.responses.create(**ask).output_text
+    streamed = proxied.responses.create(**ask, stream=True)
+    assert "".join(e.delta for e in streamed if e.type == "response.output_text.delta") == \
+        direct.responses.create(**ask).output_text
+
+    def claude(url: str) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=url, api_key=USER, max_retries=0, timeout=120)
+
+    said = dict(model=MODEL, max_tokens=8, extra_body={"temperature": 0}, system="Be brief.",
+                messages=[{"role": "user", "content": "Tell me about the world"}])
+    assert claude(cluster.proxy_url).messages.create(**said).content[0].text == \
+        claude(node).messages.create(**said).content[0].text
+
+    for path, body in (("/generate", {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}),
+                       ("/generate", {"input_ids": [5, 6, 7, 8], "max_tokens": 4, "temperature": 0}),
+                       ("/v1/encode", {"input": ["hello world", "bye"]})):
+        through = httpx.post(f"{cluster.proxy_url}{path}", json=body, headers=auth(USER), timeout=120)
+        own = httpx.post(f"{node}{path}", json=body, headers=auth(USER), timeout=120)
+        assert through.status_code == own.status_code == 200, (path, through.text)
+        keep = ("text", "output_ids") if path == "/generate" else ("input_ids", "length")
+        assert {k: v for k, v in through.json().items() if k in keep} == \
+            {k: v for k, v in own.json().items() if k in keep}, path
+    missing = httpx.post(f"{cluster.proxy_url}/generate", json={"model": "nope", "prompt": "x"}, headers=auth(USER))
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert httpx.post(f"{cluster.proxy_url}/v1/responses", json={"input": "x"}, headers=auth(USER)).status_code == 400
 
 
 # ---- 60 requests per strategy, spread as the strategy says ------------------------------------------------

@@ -1,5 +1,5 @@
-"""Tensor parallelism is a mesh change: tp=2 on two emulated CPU devices gives tp=1's tokens, and no
-step gathers the KV cache across devices."""
+"""Tensor parallelism is a mesh change: tp=2 on two emulated CPU devices gives tp=1's tokens, no step
+gathers the KV cache across devices, and each step's collectives are exactly Megatron's (read from its HLO)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.conftest import REPO, TINY_ENGINE_OPTIONS
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import collections, json, re, sys
     import jax
     from serving import GenerationConfig, pipeline
 
@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent(
     for tp in (1, 2):
         with pipeline(sys.argv[1], tp=tp, **json.loads(sys.argv[2])) as pipe:
             runner = pipe.engine.runner
-            cache_k = runner.cache[0][0]
-            assert len(cache_k.sharding.device_set) == tp
+            cache_k = jax.tree.leaves(runner.cache[0][0])[0]  # the pool's values, plain or quantized
+            assert all(len(leaf.sharding.device_set) == tp for leaf in jax.tree.leaves(runner.cache))
             outputs[tp] = [r.token_ids for r in pipe(prompts, config)]
             # Each device attends over its own heads' pages: no step gathers a whole page pool.
             pool = "[" + ",".join(map(str, cache_k.shape)) + "]"
@@ -36,19 +36,30 @@ SCRIPT = textwrap.dedent(
                                          *inputs).compile().as_text()
                 gathers = [line for line in hlo.splitlines() if "all-gather(" in line and pool in line]
                 assert not gathers, gathers[0]
+                # Megatron's plan and nothing more: one all-reduce after attention's output projection and
+                # one after the MLP's down projection in each layer, one all-gather of the vocab-sharded logits.
+                collectives = collections.Counter(re.findall(
+                    r"= \\S+ (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\\(", hlo))
+                layers = pipe.engine.model_config.num_layers
+                want = {"all-reduce": 2 * layers, "all-gather": 1} if tp == 2 else {}
+                if not pipe.engine.engine_config.weight_quant:  # CPU's blocked int8 loop gathers w_gate_up
+                    assert collectives == want, (tp, rows, tokens, collectives)
     print(json.dumps(outputs))
     """
 )
 
 
-# pallas-interpret: our kernels' code path, where XLA cannot partition the kernel calls itself.
-@pytest.mark.parametrize("backend", ["xla", "pallas-interpret"])
-def test_tp2_matches_tp1_token_for_token(tiny_llama, backend):
+# pallas-interpret: our kernels' code path, where XLA cannot partition the kernel calls itself. With int4 KV
+# pages (values and scales split by KV head) and int8 weights (scales split with their output channels).
+@pytest.mark.parametrize("backend, quantized", [("xla", {}), ("pallas-interpret", {}),
+                                                ("xla", {"quant_policy": "4", "weight_quant": "int8"})],
+                         ids=["xla", "pallas-interpret", "xla-int4-kv-int8-weights"])
+def test_tp2_matches_tp1_token_for_token(tiny_llama, backend, quantized):
     import json
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     options = dict(TINY_ENGINE_OPTIONS, preset="test", decode_batch_buckets=(4,), prefill_row_buckets=(1, 2),
-                   prefill_token_buckets=(64,), attention_backend=backend)
+                   prefill_token_buckets=(64,), attention_backend=backend, **quantized)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_llama), json.dumps(options)],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
@@ -57,3 +68,36 @@ def test_tp2_matches_tp1_token_for_token(tiny_llama, backend):
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
     assert outputs["1"] == outputs["2"]
     assert all(len(tokens) == 10 for tokens in outputs["2"])
+
+
+FUSED_SCRIPT = textwrap.dedent(
+    """
+    import re
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from model.sharding import make_mesh
+    from model.weight_quant import QuantizedWeight, linear, quantize_weight
+
+    mesh = make_mesh(2)
+    axis = mesh.axis_names[-1]
+    for shape, spec, scale_spec in (((64, 2, 96), P(None, None, axis), P(None, axis)),  # w_gate_up
+                                    ((96, 64), P(axis, None), P(None))):  # w_down: split inputs
+        values, scale = quantize_weight(jax.random.normal(jax.random.key(0), shape), "int8", 1)
+        weight = QuantizedWeight(jax.device_put(values, NamedSharding(mesh, spec)),
+                                 jax.device_put(scale, NamedSharding(mesh, scale_spec)))
+        x = jnp.ones((4, shape[0]), jnp.bfloat16)
+        hlo = jax.jit(lambda x, w: linear(x, w, strategy="fused")).lower(x, weight).compile().as_text()
+        gathered = [line for line in hlo.splitlines() if re.search(r"= \\S+ all-gather(-start)?\\(", line)]
+        assert not gathered, (shape, gathered[0])
+    print("ok")
+    """
+)
+
+
+def test_quantized_weights_stay_split_under_tensor_parallelism_on_the_gpu_path():
+    """The fused int8 matmul (the accelerators' path) of a column-split w_gate_up and a row-split w_down
+    gathers no weight across devices."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from serving.engine.config import EngineConfig
-from serving.engine.engine import Engine, TurnRecord, resolve_dtype
+from serving.engine.engine import Engine, TurnRecord, resolve_dtype, with_weight_quant
 from serving.request import EngineOutput, GenerationConfig, Guide
 from serving.text.grammar import GuideCompiler, GuideSpec
 from tools.bench_serving import sharegpt_like_dataset
@@ -44,6 +44,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
         tp=args.tp,
         compilation_cache_dir=args.compilation_cache_dir,
         load_format=args.load_format,
+        num_pages=args.num_pages,
+        quant_policy=args.quant_policy,
+        weight_quant=args.weight_quant,
     )
     if args.max_batch_size:
         options["max_batch_size"] = args.max_batch_size
@@ -63,7 +66,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     from model.loader import init_random_params
     from model.sharding import make_mesh
 
-    model_config = SHAPES[args.shape]
+    model_config = with_weight_quant(SHAPES[args.shape], config.weight_quant)
     dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
     mesh = make_mesh(config.tp)
     params = init_random_params(model_config, dtype, seed=0, mesh=mesh)
@@ -155,6 +158,9 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto", help="dummy: random weights at --model's shapes")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
     parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--quant-policy", default="0", choices=["0", "4", "8", "fp8"], help="KV cache quantization")
+    parser.add_argument("--weight-quant", choices=["int8", "fp8"], help="weights quantized at load")
+    parser.add_argument("--num-pages", type=int, help="explicit KV page count (default: the memory budget's)")
     parser.add_argument("--session-len", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--preset", default="auto")
@@ -172,6 +178,10 @@ def main() -> None:
                         "make it one that never ends, as requests run to --output-len")
     parser.add_argument("--guided-backend", choices=["device", "host"], default="device",
                         help="where the --guided-regex automaton runs")
+    parser.add_argument("--logprobs", type=int, default=None,
+                        help="every request asks for this many top log probabilities (the extended sampler)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="every request's presence penalty (the extended sampler, no log probabilities)")
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the roofline (default: measure)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--baseline", choices=["transformers"], help="also run the prompts through transformers "
@@ -183,6 +193,9 @@ def main() -> None:
     single.add_argument("--output-len", type=int, default=1024)
     single.add_argument("--repeats", type=int, default=2)
     single.add_argument("--trace", help="after timing, profile a 32-token stream into this folder (perfetto)")
+    capacity = sub.add_parser("capacity", help="only the KV cache the memory budget holds (pages, tokens) with "
+                              "each --policies; compiles nothing")
+    capacity.add_argument("--policies", nargs="+", default=["0", "8", "fp8", "4"], help="--quant-policy values")
     through = sub.add_parser("throughput", help="many fixed-length requests at once: output tokens per second")
     through.add_argument("--num-prompts", type=int, default=1000)
     through.add_argument("--input-len", type=int, default=256)
@@ -195,6 +208,9 @@ def main() -> None:
         parser.error("--baseline needs --model: transformers cannot load a --shape")
 
     engine = build_engine(args)
+    if args.mode == "capacity":
+        report_capacity(engine, args)
+        return
     t0 = time.perf_counter()
     engine.start()
     started = time.perf_counter() - t0
@@ -204,7 +220,9 @@ def main() -> None:
     print(
         f"device {jax.devices()[0].device_kind}; started in {started:.1f}s "
         f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "
-        f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token",
+        f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token; "
+        f"KV cache {engine.num_pages} pages of {engine.page_size} tokens ({engine.num_pages * engine.page_size} "
+        f"tokens, quant policy {args.quant_policy}, weights {args.weight_quant or engine.dtype_name})",
         flush=True,
     )
     rng = np.random.default_rng(0)
@@ -217,6 +235,8 @@ def main() -> None:
         top_p=args.top_p,
         top_k=args.top_k,
         random_seed=0,
+        logprobs=args.logprobs,
+        presence_penalty=args.presence_penalty,
     )
     guide = None
     if args.guided_regex:  # the engine's EOS ends it: requests still run to --output-len (ignore_eos)
@@ -278,6 +298,8 @@ def main() -> None:
             f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s"
         )
     result["compilations_after_warmup"] = engine.stats().compilations_after_warmup - compiles_before
+    result.update(kv_pages=engine.num_pages, kv_tokens=engine.num_pages * engine.page_size,
+                  quant_policy=args.quant_policy, weight_quant=args.weight_quant)
     print(f"compilations after warm-up: {result['compilations_after_warmup']}")
     engine.shutdown()
     if args.baseline:
@@ -285,6 +307,28 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def report_capacity(engine: Engine, args: argparse.Namespace) -> None:
+    """The KV pages the budget (--cache-max-entry-count of what the weights leave) holds with each of
+    --policies, over the same weights: each engine's cache is dropped before the next is sized."""
+    weights = args.weight_quant or engine.dtype_name
+    results = []
+    for policy in args.policies:
+        config = dataclasses.replace(engine.engine_config, quant_policy=policy)
+        params, model_config, mesh = engine.runner.params, engine.model_config, engine.mesh
+        engine.runner.cache = None  # its pages go back to the allocator before the next engine is sized
+        del engine
+        engine = Engine(model_config, params, tokenizer=None, config=config, mesh=mesh)
+        results.append({"kv_pages": engine.num_pages, "kv_tokens": engine.num_pages * engine.page_size,
+                        "quant_policy": policy, "weight_quant": args.weight_quant,
+                        "weight_bytes": streamed_weight_bytes(params)})
+        print(f"capacity: {engine.num_pages} KV pages of {engine.page_size} tokens "
+              f"({engine.num_pages * engine.page_size} tokens), quant policy {policy}, weights {weights} "
+              f"({results[-1]['weight_bytes'] / 1e9:.2f} GB)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def run_baseline(args: argparse.Namespace, result: dict, prompts: list[list[int]]) -> dict:

@@ -27,7 +27,7 @@ from model.loader import init_random_params
 from model.sharding import make_mesh
 from serving.engine.config import BucketSet
 from serving.engine.runner import ModelRunner
-from serving.engine.sampling import ALL_GREEDY, RowParams, SamplingBatch, sample
+from serving.engine.sampling import ALL_GREEDY, SamplingBatch, sample
 from serving.engine.scheduler import Chunk
 from serving.request import EngineRequest, GenerationConfig
 from tools.timing import copy_bandwidth, timed
@@ -99,7 +99,7 @@ def main() -> None:
                 pages = list(range(group, group + shared_pages)) + pages
             chunks.append(Chunk(request=request, slot=i, admission=1, start=args.context - 1, length=1,
                                 token_ids=[1], pages=pages, step=0, samples=True, first=False))
-        step_ms = timed(lambda chunks=chunks, batch=batch: runner.run(chunks, batch, 1))
+        step_ms = timed(lambda chunks=chunks, batch=batch: runner.run(chunks, batch, 1).tokens)
         token_ids, row_table, _, _, tiled_rows = runner._inputs(chunks, batch, 1)
         token_ids, row_table = jax.device_put((token_ids, row_table))
 
@@ -117,7 +117,7 @@ def main() -> None:
         host_ms = (time.perf_counter() - start) / 30 * 1e3
         logits = jnp.asarray(np.random.default_rng(0).standard_normal((batch, config.vocab_size)), jnp.float32)
         seen = jnp.zeros((batch, config.vocab_size), bool)
-        sampling = SamplingBatch.from_rows([RowParams()] * batch, batch)
+        sampling = SamplingBatch.from_requests([], batch)
         sampler_ms = timed(functools.partial(jax.jit(sample, static_argnums=3), logits, sampling, seen, ALL_GREEDY))
         ours = gemm_floor(params, batch, hf_layout=False)
         hf = gemm_floor(params, batch, hf_layout=True)

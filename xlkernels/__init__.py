@@ -8,6 +8,7 @@ Backends (all with the signature of `paged_attention_reference`, the XLA oracle 
     "auto"    "pallas" when JAX's default backend is a GPU, else "xla".
     "pallas-interpret"  the Pallas kernels in interpret mode: runs anywhere (slowly); for CPU tests of the
               engine on the kernels' code path.
+Every backend reads plain page pools or quantized ones (`xlkernels.kv_quant.QuantizedPages`, `--quant-policy`).
 Every backend also takes `shared`, an optional `SharedPrefix` plan for decode batches (see
 `xlkernels.shared_prefix`): a hint about how to compute, never a change to what is computed.
 Nothing here imports `model` or `serving`: a kernel is usable on its own.

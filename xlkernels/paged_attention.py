@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xlkernels.kv_quant import Pages, as_float, write_tokens
 from xlkernels.shared_prefix import SharedPrefix
 
 NEG_INF = -1e30
@@ -19,8 +20,8 @@ NEG_INF = -1e30
 
 def paged_attention_reference(
     q: jax.Array,  # [B, T, Hq, D]
-    k_pages: jax.Array,  # [Hkv, P, PS, D]
-    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    k_pages: Pages,  # [Hkv, P, PS, D], or quantized (xlkernels.kv_quant)
+    v_pages: Pages,  # [Hkv, P, PS, D]
     block_tables: jax.Array,  # i32[B, pages_per_seq]
     q_positions: jax.Array,  # i32[B, T]
     kv_lens: jax.Array,  # i32[B]
@@ -29,9 +30,11 @@ def paged_attention_reference(
     shared: SharedPrefix | None = None,
 ) -> jax.Array:  # [B, T, Hq, D] in q.dtype
     """Gather each row's pages into a contiguous context, then masked softmax attention in f32.
+    Quantized pools are dequantized whole first: the oracle, not a fast path.
 
     `shared` is ignored: a shared-prefix plan changes how attention is computed, never what.
     """
+    k_pages, v_pages = as_float(k_pages), as_float(v_pages)
     batch, num_q, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
@@ -53,14 +56,14 @@ def paged_attention_reference(
 
 
 def write_kv_pages(
-    k_pages: jax.Array,  # [Hkv, P, PS, D]
-    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    k_pages: Pages,  # [Hkv, P, PS, D], or quantized (xlkernels.kv_quant: quantized as it is written)
+    v_pages: Pages,  # [Hkv, P, PS, D]
     k: jax.Array,  # [B, T, Hkv, D]
     v: jax.Array,  # [B, T, Hkv, D]
     block_tables: jax.Array,  # i32[B, pages_per_seq]
     positions: jax.Array,  # i32[B, T]
     valid: jax.Array,  # bool[B, T]; padding tokens are dropped, never written
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Pages, Pages]:
     """Scatter new keys/values into their pages; padded tokens go to an out-of-range page and drop."""
     num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
     page_idx = jnp.take_along_axis(block_tables, positions // page_size, axis=1, mode="clip")
@@ -68,8 +71,8 @@ def write_kv_pages(
     offset = positions % page_size
     flat_pages, flat_offsets = page_idx.reshape(-1), offset.reshape(-1)
 
-    def scatter(pages: jax.Array, new: jax.Array) -> jax.Array:
+    def scatter(pages: Pages, new: jax.Array) -> Pages:
         new = new.reshape(-1, new.shape[2], new.shape[3]).transpose(1, 0, 2)  # [Hkv, B*T, D]
-        return pages.at[:, flat_pages, flat_offsets].set(new.astype(pages.dtype), mode="drop")
+        return write_tokens(pages, new, flat_pages, flat_offsets)
 
     return scatter(k_pages, k), scatter(v_pages, v)

@@ -30,6 +30,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from xlkernels.kv_quant import Pages
+from xlkernels.pallas_kv import block_scores, block_values, load_block, pool_inputs, pool_specs
+
 # A finite "minus infinity": exp2 of (NEG_INF - NEG_INF) is 1, not NaN, so empty rows stay finite.
 NEG_INF = -1e30
 LOG2_E = math.log2(math.e)
@@ -90,20 +93,20 @@ def split_pages(start_page: jax.Array, num_pages: jax.Array, splits: int,
 
 def attend_pages(
     q: jax.Array,  # [rows, D]
-    k_ref,  # [P, PS, D] one KV head's page pool
-    v_ref,  # [P, PS, D]
+    pool_refs,  # one KV head's page pools: k, v [P, PS, D] (plus their scales when quantized, `pallas_kv`)
     table_ref,  # i32[pps_padded] the block table the pages come from
     first_page: jax.Array,
     end_page: jax.Array,
     num_blocks: jax.Array,
     key_limit: jax.Array,  # keys at or past this position are masked
     *,
+    kind: str | None,  # the pools' quantized format (None: plain)
+    page_size: int,
     pages_per_block: int,
     scale_log2: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # f32 acc[rows, D] (unnormalised), m and l [rows]
     """Online softmax of `q` over the table's pages [first_page, end_page), `pages_per_block` at a time."""
     rows, head_dim = q.shape
-    block_k = pages_per_block * k_ref.shape[1]
 
     def body(i, carry):
         acc, m_prev, l_prev = carry  # f32[rows, D], f32[rows], f32[rows]
@@ -112,18 +115,17 @@ def attend_pages(
         # Slots past the live pages load page 0 (always a valid page; its keys are masked below), so a
         # stale or out-of-range table entry is never dereferenced.
         pages = plgpu.load(table_ref.at[pl.ds(page0, pages_per_block)], mask=slot < end_page, other=0)
-        k = k_ref[pages].reshape(block_k, head_dim)  # [block_k, D] gathered page by page
-        v = v_ref[pages].reshape(block_k, head_dim)
-        s = plgpu.dot(q, k, trans_b=True) * scale_log2  # f32[rows, block_k], log2 domain
-        key_pos = page0 * k_ref.shape[1] + jnp.arange(block_k, dtype=jnp.int32)
-        s = jnp.where((key_pos < key_limit)[None, :], s, NEG_INF)
-        # Every block holds at least one visible key (it starts below end_page), so m_next is a real
-        # score and masked keys get exp2(NEG_INF - m_next) == 0.
-        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        blocks = load_block(pool_refs, kind, pages, page0, pages_per_block=pages_per_block, page_size=page_size)
+        # f32[rows, n] per sub-block, log2 domain
+        scores = [jnp.where((b.key_pos < key_limit)[None, :], block_scores(q, b, scale_log2), NEG_INF)
+                  for b in blocks]
+        # Every block holds at least one visible key (its first, as it starts below end_page), so m_next is
+        # a real score and masked keys get exp2(NEG_INF - m_next) == 0.
+        m_next = functools.reduce(jnp.maximum, [s.max(axis=1) for s in scores], m_prev)
         correction = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next[:, None])
-        l_next = l_prev * correction + p.sum(axis=1)
-        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        probs = [jnp.exp2(s - m_next[:, None]) for s in scores]
+        l_next = l_prev * correction + sum(p.sum(axis=1) for p in probs)
+        acc = acc * correction[:, None] + sum(block_values(p, b, q.dtype) for p, b in zip(probs, blocks, strict=True))
         return acc, m_next, l_next
 
     init = (
@@ -136,14 +138,14 @@ def attend_pages(
 
 def _decode_kernel(
     q_ref,  # [G, D] the query heads of one KV head of one row
-    k_ref,  # [P, PS, D] this KV head's whole page pool
-    v_ref,  # [P, PS, D]
-    table_ref,  # i32[pps_padded] this row's block table
-    pos_ref,  # i32[1] the query's position
-    len_ref,  # i32[1] kv_lens of the row
-    start_ref,  # i32[1] first key of the row to attend to (a multiple of the page size)
-    o_ref,  # [G, D] this split's output (normalised by its own l)
-    *stats_refs,  # (l f32[G], m f32[G]) when the splits are merged afterwards, else empty
+    *refs,  # this KV head's whole page pools (`pallas_kv.pool_inputs`, `num_pool` refs), then:
+    # table_ref i32[pps_padded] this row's block table; pos_ref i32[1] the query's position; len_ref i32[1]
+    # kv_lens of the row; start_ref i32[1] first key of the row to attend to (a multiple of the page size);
+    # o_ref [G, D] this split's output (normalised by its own l); then (l f32[G], m f32[G]) when the splits
+    # are merged afterwards
+    num_pool: int,
+    kind: str | None,
+    page_size: int,
     group: int,
     rows: int,
     pages_per_seq: int,
@@ -151,7 +153,9 @@ def _decode_kernel(
     k_splits: int,
     scale_log2: float,
 ):
-    page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
+    pool_refs = refs[:num_pool]
+    table_ref, pos_ref, len_ref, start_ref, o_ref, *stats_refs = refs[num_pool:]
+    head_dim = q_ref.shape[-1]
 
     # Keys this query may see: causal (0..pos) and inside the cache (< kv_len).
     visible = jnp.minimum(len_ref[0], pos_ref[0] + 1)
@@ -161,8 +165,8 @@ def _decode_kernel(
 
     row_ids = jnp.minimum(jnp.arange(rows, dtype=jnp.int32), group - 1)  # spare rows repeat head G-1
     q = q_ref[row_ids]  # [rows, D]
-    acc, m, l = attend_pages(q, k_ref, v_ref, table_ref, first_page, end_page, num_blocks, visible,
-                             pages_per_block=pages_per_block, scale_log2=scale_log2)
+    acc, m, l = attend_pages(q, pool_refs, table_ref, first_page, end_page, num_blocks, visible, kind=kind,
+                             page_size=page_size, pages_per_block=pages_per_block, scale_log2=scale_log2)
     # A padding row (kv_len 0) has l == 0: write zeros, never 0/0.
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
     # Store only the G real heads: row indices past G point outside the block, but their lanes are
@@ -184,8 +188,8 @@ def _decode_kernel(
 )
 def paged_decode_attention(
     q: jax.Array,  # [B, 1, Hq, D]
-    k_pages: jax.Array,  # [Hkv, P, PS, D]
-    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    k_pages: Pages,  # [Hkv, P, PS, D], or quantized (xlkernels.kv_quant)
+    v_pages: Pages,  # [Hkv, P, PS, D]
     block_tables: jax.Array,  # i32[B, pages_per_seq]
     q_positions: jax.Array,  # i32[B, 1]
     kv_lens: jax.Array,  # i32[B]
@@ -216,8 +220,8 @@ def paged_decode_attention(
 
 def paged_decode_partials(
     q: jax.Array,  # [B, 1, Hq, D]
-    k_pages: jax.Array,  # [Hkv, P, PS, D]
-    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    k_pages: Pages,  # [Hkv, P, PS, D], or quantized (xlkernels.kv_quant)
+    v_pages: Pages,  # [Hkv, P, PS, D]
     block_tables: jax.Array,  # i32[B, pages_per_seq]
     q_positions: jax.Array,  # i32[B, 1]
     kv_lens: jax.Array,  # i32[B]
@@ -236,6 +240,7 @@ def paged_decode_partials(
     q.dtype. Keys before `kv_starts` are left out, for a caller that attends to them another way."""
     batch, num_q, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
+    pool = pool_inputs(k_pages, v_pages)
     pages_per_seq = block_tables.shape[1]
     if num_q != 1:
         raise ValueError(f"decode kernel takes one query token per row, got T={num_q}")
@@ -262,6 +267,9 @@ def paged_decode_partials(
     q_grouped = q.reshape(batch, num_kv_heads, group, head_dim)  # head h*G + g -> [h, g]
     kernel = functools.partial(
         _decode_kernel,
+        num_pool=len(pool.arrays),
+        kind=pool.kind,
+        page_size=page_size,
         group=group,
         rows=rows,
         pages_per_seq=pages_per_seq,
@@ -269,12 +277,10 @@ def paged_decode_partials(
         k_splits=k_splits,
         scale_log2=scale * LOG2_E,
     )
-    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     row_scalar = pl.BlockSpec((1,), lambda b, h, s: (b,))
     in_specs = [
         pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
-        pool_spec,
-        pool_spec,
+        *pool_specs(pool, lambda b, h, s: h),
         pl.BlockSpec((None, padded_pps), lambda b, h, s: (b, 0)),
         pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
         row_scalar,
@@ -301,7 +307,7 @@ def paged_decode_partials(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"xlserve_paged_decode_ppb{pages_per_block}_ks{k_splits}",
-    )(q_grouped, k_pages, v_pages, block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
+    )(q_grouped, *pool.arrays, block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
       kv_lens.astype(jnp.int32), kv_starts.astype(jnp.int32))
 
 

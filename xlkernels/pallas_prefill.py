@@ -23,24 +23,26 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from xlkernels.kv_quant import Pages
 from xlkernels.pallas_decode import H100_NUM_SMS, LOG2_E, MIN_DOT_ROWS, NEG_INF, is_pow2, next_pow2
+from xlkernels.pallas_kv import block_scores, block_values, load_block, pool_inputs, pool_specs
 
 
 def _prefill_kernel(
     q_ref,  # [block_q, G, D] block_q query tokens x the G heads of one KV head
-    k_ref,  # [P, PS, D] this KV head's whole page pool
-    v_ref,  # [P, PS, D]
-    table_ref,  # i32[pps_padded] this row's block table
-    pos_ref,  # i32[block_q] the query tokens' positions (-1 for padding tokens: they see nothing)
-    len_ref,  # i32[1] kv_lens of the row
-    o_ref,  # [block_q, G, D]
-    *,
+    *refs,  # this KV head's whole page pools (`pallas_kv.pool_inputs`, `num_pool` refs), then:
+    # table_ref i32[pps_padded] this row's block table; pos_ref i32[block_q] the query tokens' positions
+    # (-1 for padding tokens: they see nothing); len_ref i32[1] kv_lens of the row; o_ref [block_q, G, D]
+    num_pool: int,
+    kind: str | None,
+    page_size: int,
     pages_per_seq: int,
     pages_per_block: int,
     scale_log2: float,
 ):
+    pool_refs = refs[:num_pool]
+    table_ref, pos_ref, len_ref, o_ref = refs[num_pool:]
     block_q, group, head_dim = q_ref.shape
-    page_size = k_ref.shape[1]
     block_k = pages_per_block * page_size
     rows = block_q * group
 
@@ -55,35 +57,34 @@ def _prefill_kernel(
     num_blocks = pl.cdiv(num_pages, pages_per_block)
     num_full_blocks = jnp.minimum(lo // block_k, num_blocks)
 
-    def load_block(i):  # -> k, v [block_k, D] and the keys' positions i32[block_k]
+    def blocks_of(i):  # -> whole-token sub-blocks of compute block i (`pallas_kv.load_block`)
         page0 = i * pages_per_block
         slot = page0 + jnp.arange(pages_per_block, dtype=jnp.int32)
         # Slots past the live pages read page 0 (always valid; masked below), never a stale entry.
         pages = plgpu.load(table_ref.at[pl.ds(page0, pages_per_block)], mask=slot < num_pages, other=0)
-        k = k_ref[pages].reshape(block_k, head_dim)
-        v = v_ref[pages].reshape(block_k, head_dim)
-        return k, v, page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
+        return load_block(pool_refs, kind, pages, page0, pages_per_block=pages_per_block, page_size=page_size)
 
-    def step(carry, s, v, visible):
+    def step(carry, scores, blocks, visible):  # scores f32[rows, n] and visible bool[rows, n] per sub-block
         acc, m_prev, l_prev = carry  # f32[rows, D], f32[rows], f32[rows]
-        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        m_next = functools.reduce(jnp.maximum, [s.max(axis=1) for s in scores], m_prev)
         correction = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - m_next[:, None])
+        probs = [jnp.exp2(s - m_next[:, None]) for s in scores]
         if visible is not None:  # a row with nothing visible yet has m == NEG_INF: p would be 1
-            p = jnp.where(visible, p, 0.0)
-        l_next = l_prev * correction + p.sum(axis=1)
-        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+            probs = [jnp.where(seen, p, 0.0) for seen, p in zip(visible, probs, strict=True)]
+        l_next = l_prev * correction + sum(p.sum(axis=1) for p in probs)
+        acc = acc * correction[:, None] + sum(block_values(p, b, q.dtype) for p, b in zip(probs, blocks, strict=True))
         return acc, m_next, l_next
 
     def full_body(i, carry):
-        k, v, _ = load_block(i)
-        return step(carry, plgpu.dot(q, k, trans_b=True) * scale_log2, v, None)
+        blocks = blocks_of(i)
+        return step(carry, [block_scores(q, b, scale_log2) for b in blocks], blocks, None)
 
     def masked_body(i, carry):
-        k, v, key_pos = load_block(i)
-        visible = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < kv_len)
-        s = jnp.where(visible, plgpu.dot(q, k, trans_b=True) * scale_log2, NEG_INF)
-        return step(carry, s, v, visible)
+        blocks = blocks_of(i)
+        visible = [(b.key_pos[None, :] <= row_pos[:, None]) & (b.key_pos[None, :] < kv_len) for b in blocks]
+        scores = [jnp.where(seen, block_scores(q, b, scale_log2), NEG_INF)
+                  for seen, b in zip(visible, blocks, strict=True)]
+        return step(carry, scores, blocks, visible)
 
     carry = (
         jnp.zeros((rows, head_dim), jnp.float32),
@@ -102,8 +103,8 @@ def _prefill_kernel(
 )
 def paged_prefill_attention(
     q: jax.Array,  # [B, T, Hq, D]
-    k_pages: jax.Array,  # [Hkv, P, PS, D]
-    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    k_pages: Pages,  # [Hkv, P, PS, D], or quantized (xlkernels.kv_quant)
+    v_pages: Pages,  # [Hkv, P, PS, D]
     block_tables: jax.Array,  # i32[B, pages_per_seq]
     q_positions: jax.Array,  # i32[B, T]
     kv_lens: jax.Array,  # i32[B]
@@ -124,6 +125,7 @@ def paged_prefill_attention(
     """
     batch, num_q, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
+    pool = pool_inputs(k_pages, v_pages)
     pages_per_seq = block_tables.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}")
@@ -154,6 +156,9 @@ def paged_prefill_attention(
 
     kernel = functools.partial(
         _prefill_kernel,
+        num_pool=len(pool.arrays),
+        kind=pool.kind,
+        page_size=page_size,
         pages_per_seq=pages_per_seq,
         pages_per_block=pages_per_block,
         scale_log2=scale * LOG2_E,
@@ -163,15 +168,13 @@ def paged_prefill_attention(
     # programs start early and the short ones fill the tail.
     q_spec = pl.BlockSpec((None, block_q, None, group_p, head_dim),
                           lambda b, h, i: (b, num_q_blocks - 1 - i, h, 0, 0))
-    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, i: (h, 0, 0, 0))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(batch, num_kv_heads, num_q_blocks),
         in_specs=[
             q_spec,
-            pool_spec,
-            pool_spec,
+            *pool_specs(pool, lambda b, h, i: h),
             pl.BlockSpec((None, padded_pps), lambda b, h, i: (b, 0)),
             pl.BlockSpec((None, block_q), lambda b, h, i: (b, num_q_blocks - 1 - i)),
             pl.BlockSpec((1,), lambda b, h, i: (b,)),
@@ -180,6 +183,6 @@ def paged_prefill_attention(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"xlserve_paged_prefill_bq{block_q}_ppb{pages_per_block}",
-    )(q, k_pages, v_pages, block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
+    )(q, *pool.arrays, block_tables.astype(jnp.int32), q_positions.astype(jnp.int32),
       kv_lens.astype(jnp.int32))
     return out[:, :num_q, :, :group].reshape(batch, num_q, num_heads, head_dim)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from xlkernels.kv_quant import Pages
 from xlkernels.pallas_decode import (
     LOG2_E,
     MIN_DOT_ROWS,
@@ -40,6 +41,7 @@ from xlkernels.pallas_decode import (
     paged_decode_partials,
     split_pages,
 )
+from xlkernels.pallas_kv import pool_inputs, pool_specs
 from xlkernels.shared_prefix import SharedPrefix
 
 # Slices of each tile's prefix. B4's step on the H100 (16 tiles x 8 KV heads, 2048 shared tokens):
@@ -49,22 +51,24 @@ DEFAULT_PREFIX_SPLITS = 2
 
 def _prefix_kernel(
     q_ref,  # [M, D] the tile's rows x the G query heads of one KV head (M padded to a power of two)
-    k_ref,  # [P, PS, D] this KV head's whole page pool
-    v_ref,  # [P, PS, D]
-    table_ref,  # i32[pps_padded] the block table of the tile's first row (all rows agree on the prefix)
-    len_ref,  # i32[1] shared tokens of the tile (whole pages; 0 for an unused tile)
-    o_ref,  # f32[M, D] this slice's output, normalised by its own l
-    l_ref,  # f32[M]
-    m_ref,  # f32[M] running max, log2 domain
-    *,
+    *refs,  # this KV head's whole page pools (`pallas_kv.pool_inputs`, `num_pool` refs), then:
+    # table_ref i32[pps_padded] the block table of the tile's first row (all rows agree on the prefix);
+    # len_ref i32[1] shared tokens of the tile (whole pages; 0 for an unused tile); o_ref f32[M, D] this
+    # slice's output, normalised by its own l; l_ref f32[M]; m_ref f32[M] running max, log2 domain
+    num_pool: int,
+    kind: str | None,
+    page_size: int,
     pages_per_block: int,
     prefix_splits: int,
     scale_log2: float,
 ):
-    num_pages = len_ref[0] // k_ref.shape[1]
+    pool_refs = refs[:num_pool]
+    table_ref, len_ref, o_ref, l_ref, m_ref = refs[num_pool:]
+    num_pages = len_ref[0] // page_size
     first_page, end_page, num_blocks = split_pages(0, num_pages, prefix_splits, pages_per_block)
-    acc, m, l = attend_pages(q_ref[...], k_ref, v_ref, table_ref, first_page, end_page, num_blocks,
-                             end_page * k_ref.shape[1], pages_per_block=pages_per_block, scale_log2=scale_log2)
+    acc, m, l = attend_pages(q_ref[...], pool_refs, table_ref, first_page, end_page, num_blocks,
+                             end_page * page_size, kind=kind, page_size=page_size,
+                             pages_per_block=pages_per_block, scale_log2=scale_log2)
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
 
     @pl.when(num_blocks > 0)  # an empty slice skips its output store: the merge gives it weight 0 (l == 0)
@@ -77,8 +81,8 @@ def _prefix_kernel(
 
 def shared_prefix_partials(
     q: jax.Array,  # [B, 1, Hq, D]
-    k_pages: jax.Array,  # [Hkv, P, PS, D]
-    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    k_pages: Pages,  # [Hkv, P, PS, D], or quantized (xlkernels.kv_quant)
+    v_pages: Pages,  # [Hkv, P, PS, D]
     block_tables: jax.Array,  # i32[B, pages_per_seq]
     shared: SharedPrefix,
     *,
@@ -93,6 +97,7 @@ def shared_prefix_partials(
     for a row in no tile), ready to be merged with its own pass's splits."""
     batch, _, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
+    pool = pool_inputs(k_pages, v_pages)
     num_tiles, tile_size = shared.tile_rows.shape
     group = num_heads // num_kv_heads
     if pages_per_block is None:
@@ -113,9 +118,9 @@ def shared_prefix_partials(
     if padded_pps != pages_per_seq:
         tables = jnp.pad(tables, ((0, 0), (0, padded_pps - pages_per_seq)))
 
-    kernel = functools.partial(_prefix_kernel, pages_per_block=pages_per_block, prefix_splits=prefix_splits,
+    kernel = functools.partial(_prefix_kernel, num_pool=len(pool.arrays), kind=pool.kind, page_size=page_size,
+                               pages_per_block=pages_per_block, prefix_splits=prefix_splits,
                                scale_log2=scale * LOG2_E)
-    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda t, h, s: (h, 0, 0, 0))
     stat_shape = jax.ShapeDtypeStruct((num_tiles, num_kv_heads, prefix_splits, rows), jnp.float32)
     stat_spec = pl.BlockSpec((None, None, None, rows), lambda t, h, s: (t, h, s, 0))
     o, l, m = pl.pallas_call(
@@ -125,8 +130,7 @@ def shared_prefix_partials(
         grid=(num_tiles, num_kv_heads, prefix_splits),
         in_specs=[
             pl.BlockSpec((None, None, rows, head_dim), lambda t, h, s: (t, h, 0, 0)),
-            pool_spec,
-            pool_spec,
+            *pool_specs(pool, lambda t, h, s: h),
             pl.BlockSpec((None, padded_pps), lambda t, h, s: (t, 0)),
             pl.BlockSpec((1,), lambda t, h, s: (t,)),
         ],
@@ -135,7 +139,7 @@ def shared_prefix_partials(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"xlserve_shared_prefix_ppb{pages_per_block}_ps{prefix_splits}",
-    )(q_tiles, k_pages, v_pages, tables, shared.tile_len.astype(jnp.int32))
+    )(q_tiles, *pool.arrays, tables, shared.tile_len.astype(jnp.int32))
 
     # Back to rows: row b takes query rows [slot * G, slot * G + G) of its tile.
     def per_row(x: jax.Array) -> jax.Array:  # [tiles, Hkv, S, M, ...] -> [B, Hkv, S, G, ...]
@@ -154,8 +158,8 @@ def shared_prefix_partials(
 )
 def shared_prefix_decode_attention(
     q: jax.Array,  # [B, 1, Hq, D]
-    k_pages: jax.Array,  # [Hkv, P, PS, D]
-    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    k_pages: Pages,  # [Hkv, P, PS, D], or quantized (xlkernels.kv_quant)
+    v_pages: Pages,  # [Hkv, P, PS, D]
     block_tables: jax.Array,  # i32[B, pages_per_seq]
     q_positions: jax.Array,  # i32[B, 1]
     kv_lens: jax.Array,  # i32[B]

@@ -19,13 +19,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xlkernels.kv_quant import Pages, QuantizedPages, unpack_int4
 from xlkernels.paged_attention import NEG_INF
 from xlkernels.shared_prefix import SharedPrefix
 
 # Tokens of context one loop iteration reads (rounded to whole pages): the width the block table is read
-# in. On CPU an iteration costs what its tokens cost and hardly more (16 decode rows of SmolLM2-135M's
-# attention, 30 layers: 8 ms for one 64-token chunk, 30 ms for one of 256; at a context of 4000, 4 layers:
-# 61 ms in 64-token chunks, 63 ms in 256-token ones), so one page of the usual 64 tokens wastes least.
+# in. On CPU an iteration costs what its tokens cost and hardly more, so one page of the usual 64 tokens
+# wastes least (docs/perf-notes.md, "CPU: the XLA attention loop and the cpu preset").
 CHUNK_TOKENS = 64
 
 
@@ -43,8 +43,8 @@ def context_chunks(kv_lens: jax.Array, chunk_tokens: int, max_chunks: int) -> ja
 
 def paged_attention_xla(
     q: jax.Array,  # [B, T, Hq, D]
-    k_pages: jax.Array,  # [Hkv, P, PS, D]
-    v_pages: jax.Array,  # [Hkv, P, PS, D]
+    k_pages: Pages,  # [Hkv, P, PS, D], or quantized (xlkernels.kv_quant)
+    v_pages: Pages,  # [Hkv, P, PS, D]
     block_tables: jax.Array,  # i32[B, pages_per_seq]
     q_positions: jax.Array,  # i32[B, T]
     kv_lens: jax.Array,  # i32[B]
@@ -56,6 +56,8 @@ def paged_attention_xla(
     """`paged_attention_reference`'s contract, reading pages only up to the batch's longest context.
 
     `shared` is ignored, as by the reference: a shared-prefix plan is a hint for the Pallas kernels.
+    Quantized pages are converted chunk by chunk after the gather, their scales applied to the scores
+    (keys) and to the probabilities (values) rather than to every element.
     """
     batch, num_q, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
@@ -70,16 +72,30 @@ def paged_attention_xla(
     # gathered key and value (on CPU, a 16-row decode step spent a third of its time copying them).
     qg = q.reshape(batch, num_q, num_kv_heads, group, head_dim).transpose(2, 0, 3, 1, 4)  # [Hkv, B, G, T, D]
 
-    def gather(cache: jax.Array, chunk_tables: jax.Array) -> jax.Array:  # -> [Hkv, B, tokens, D]
+    def gather(cache: Pages, chunk_tables: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """The chunk's values [Hkv, B, tokens, D] (converted to q's dtype) and scales f32[Hkv, B, tokens]
+        (None for a plain pool)."""
         # One gather per KV head: XLA lays a gather's result out index dimensions first, so `cache[:, tables]`
         # lands page-major and then costs a transpose of every key and value (~9% of a 16-row CPU decode step).
-        return jnp.stack([cache[h][chunk_tables].reshape(batch, tokens, head_dim) for h in range(num_kv_heads)])
+        if not isinstance(cache, QuantizedPages):
+            heads = [cache[h][chunk_tables].reshape(batch, tokens, head_dim) for h in range(num_kv_heads)]
+            return jnp.stack(heads), None
+        values, scales = [], []
+        for h in range(num_kv_heads):
+            data = cache.data[h][chunk_tables]  # [B, pages, PS / halves, D]
+            if cache.kind == "int4":  # low nibbles hold each page's first half of tokens, high ones the second
+                data = jnp.stack(unpack_int4(data), axis=2)
+            values.append(data.reshape(batch, tokens, head_dim))
+            scales.append(cache.scale[h][:, chunk_tables].transpose(1, 2, 0, 3).reshape(batch, tokens))
+        return jnp.stack(values).astype(qg.dtype), jnp.stack(scales).astype(jnp.float32)
 
     def attend_chunk(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         running_max, denominator, acc = carry  # [Hkv, B, G, T], [Hkv, B, G, T], [Hkv, B, G, T, D]
         chunk_tables = jax.lax.dynamic_slice_in_dim(tables, i * pages, pages, axis=1)
-        k, v = gather(k_pages, chunk_tables), gather(v_pages, chunk_tables)
+        (k, k_scale), (v, v_scale) = gather(k_pages, chunk_tables), gather(v_pages, chunk_tables)
         scores = jnp.einsum("kbgtd,kbsd->kbgts", qg, k, preferred_element_type=jnp.float32) * scale
+        if k_scale is not None:
+            scores = scores * k_scale[:, :, None, None, :]
         kv_pos = i * tokens + jnp.arange(tokens, dtype=jnp.int32)
         visible = (kv_pos[None, None, :] <= q_positions[:, :, None]) & (kv_pos[None, None, :] < kv_lens[:, None, None])
         scores = jnp.where(visible[None, :, None, :, :], scores, NEG_INF)
@@ -87,7 +103,8 @@ def paged_attention_xla(
         probs = jnp.exp(scores - new_max[..., None])
         rescale = jnp.exp(running_max - new_max)  # earlier chunks' sums were taken against a smaller max
         denominator = denominator * rescale + probs.sum(axis=-1)
-        values = jnp.einsum("kbgts,kbsd->kbgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        weights = probs if v_scale is None else probs * v_scale[:, :, None, None, :]
+        values = jnp.einsum("kbgts,kbsd->kbgtd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return new_max, denominator, acc * rescale[..., None] + values
 
     stats_shape = (num_kv_heads, batch, group, num_q)

@@ -51,6 +51,7 @@ class EngineClient(Protocol):
     max_batch_size: int
     page_size: int
     dtype_name: str  # the serving dtype, e.g. "bfloat16"
+    quantization_name: str  # what is stored quantized, e.g. "int8 weights, int8 KV" ("" for nothing)
     ready: bool
     compile_seconds: float
     on_startup: StartupListener | None  # hears of start-up progress (serving.engine.progress)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from configs.presets import PRESETS
 from serving.request import InvalidRequestError
+from xlkernels.kv_quant import KV_FORMATS
 
 
 class StepShape(NamedTuple):
@@ -138,6 +139,9 @@ class BucketSet:
                 if r * t <= self.max_prefill_tokens]
 
 
+LOGPROBS_MODES = ("raw", "processed")
+
+
 @dataclass
 class EngineConfig:
     """Options of the engine; the CLI flags and `pipeline(**options)` map onto these names."""
@@ -148,6 +152,9 @@ class EngineConfig:
     cache_max_entry_count: float = 0.8  # fraction of free accelerator memory after weights
     session_len: int | None = None  # max tokens of one sequence; default: the model's max positions
     enable_prefix_caching: bool = True
+    # KV pages quantized per token and KV head (LMDeploy's --quant-policy): 0 (the serving dtype), 8 (int8),
+    # 4 (int4, two per byte) or fp8 (e4m3); the same memory then holds proportionally more pages
+    quant_policy: str = "0"
     # batching
     max_batch_size: int | None = None  # running sequences; default: the preset's largest decode bucket
     max_prefill_token_num: int | None = None  # tokens one prefill step may process
@@ -159,6 +166,9 @@ class EngineConfig:
     packed_prefill_buckets: tuple[int, ...] | None = None
     # model
     dtype: str = "auto"  # auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32
+    # Linear layers' weights quantized at load with per-output-channel scales: int8 or fp8 (e4m3); None keeps
+    # `dtype`, or the checkpoint's own quantization (a Hugging Face FP8 checkpoint serves as fp8)
+    weight_quant: str | None = None
     # auto: the checkpoint's safetensors; dummy: random weights at the checkpoint's shapes, for
     # benchmarks where only config.json and the tokenizer are at hand (vLLM's --load-format dummy)
     load_format: str = "auto"
@@ -168,6 +178,9 @@ class EngineConfig:
     # States of the device pool of regular structured-output constraints (serving/engine/guided.py)
     guided_decoding_states: int = 2048
     tp: int = 1
+    # raw: log probabilities are the log-softmax of the model's logits (vLLM's default); processed: of the
+    # logits each row samples from, after penalties, bias, temperature and filters
+    logprobs_mode: str = "raw"
     seed: int = 0  # base for the seeds of requests that bring none
     # JAX's persistent compilation cache (serving/engine/compile_cache.py): auto (a per-user directory
     # on accelerators, off on CPU), off, or a directory
@@ -197,10 +210,14 @@ class EngineConfig:
               "max_batch_size", "must be at least 1")
         check(self.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype",
               "must be auto, bfloat16, float16 or float32")
+        self.quant_policy = str(self.quant_policy)  # LMDeploy's API takes 0/4/8 as ints
+        check(self.quant_policy in KV_FORMATS, "quant_policy", f"must be one of {', '.join(KV_FORMATS)}")
+        check(self.weight_quant in (None, "int8", "fp8"), "weight_quant", "must be int8 or fp8")
         check(isinstance(self.tp, int) and self.tp >= 1, "tp", "must be at least 1")
         check(isinstance(self.guided_decoding_states, int) and self.guided_decoding_states >= 1,
               "guided_decoding_states", "must be at least 1")
         check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")
+        check(self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode", "must be raw or processed")
         check(isinstance(self.compilation_cache_dir, str) and self.compilation_cache_dir != "",
               "compilation_cache_dir", "must be auto, off or a directory")
 

@@ -23,6 +23,7 @@ plain attribute, set in-process; no flag, variable or request can set it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -39,6 +40,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
+from model.gguf import find_gguf_file
 from model.llama import kv_bytes_per_token
 from model.loader import init_random_params, load_params
 from model.sharding import make_mesh
@@ -48,10 +50,11 @@ from serving.engine.config import EngineConfig
 from serving.engine.multihost import PeerLost, PlanBroadcaster, exit_after_grace, join, resolve_group
 from serving.engine.pages import PageAllocator
 from serving.engine.progress import StartupListener, buckets_reporter, weights_reporter
-from serving.engine.runner import ModelRunner
+from serving.engine.runner import ModelRunner, StepOutput
 from serving.engine.scheduler import Chunk, Scheduler
 from serving.engine.warmup import BucketCompiler, CompileUnit, on_startup_thread
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
+from xlkernels.kv_quant import kv_format
 
 if TYPE_CHECKING:
     from serving.text.tokenizer import Tokenizer
@@ -81,10 +84,10 @@ class TurnRecord:
     prefill_tokens: int
 
 
-def _wait_quietly(dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+def _wait_quietly(dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
     """Block until dispatched steps are done on the device; a failed one is left to the read-back to report."""
     try:
-        jax.block_until_ready([tokens for _, tokens in dispatched])
+        jax.block_until_ready([output.tokens for _, output in dispatched])
     except Exception:
         pass
 
@@ -96,6 +99,12 @@ def resolve_dtype(name: str, model_config: ModelConfig, platform: str) -> jnp.dt
         name = "float32" if platform == "cpu" else model_config.torch_dtype
         name = name if name in _DTYPES else "bfloat16"
     return _DTYPES[name]
+
+
+def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> ModelConfig:
+    """The model as it will be stored: --weight-quant overrides the checkpoint's own format (an FP8
+    checkpoint's weights are read back at full precision, then quantized like any other)."""
+    return dataclasses.replace(model_config, weight_quant=weight_quant) if weight_quant else model_config
 
 
 class CompilationCounter:
@@ -152,6 +161,7 @@ class Engine:
         self.platform = jax.devices()[0].platform
         enable_compilation_cache(self.engine_config.compilation_cache_dir, self.platform)  # before any compile
         self.dtype = resolve_dtype(self.engine_config.dtype, model_config, self.platform)
+        self.kv_format = kv_format(self.engine_config.quant_policy)  # None: pages in `dtype`
         self.ready = False
         self.compile_seconds = 0.0
         # time.monotonic() of the loop's last turn (an idle loop turns every half second): a server that
@@ -198,7 +208,8 @@ class Engine:
             model_config, params, self.dtype, self.num_pages, page_size, pages_per_seq, self.buckets,
             num_slots=self.max_batch_size, mesh=self.mesh, attention_backend=self.engine_config.attention_backend,
             shared_prefix_attention=self.engine_config.enable_shared_prefix_attention,
-            guided_states=self.engine_config.guided_decoding_states, tokenizer=tokenizer,
+            logprobs_mode=self.engine_config.logprobs_mode,
+            guided_states=self.engine_config.guided_decoding_states, tokenizer=tokenizer, kv_format=self.kv_format,
         )
 
     @classmethod
@@ -222,11 +233,11 @@ class Engine:
                               config.dist_init_timeout)
         if group is not None:
             join(group)  # before anything touches JAX: the devices of every host then make one mesh
-        model_config = ModelConfig.from_pretrained(model_path)
+        model_config = with_weight_quant(ModelConfig.from_pretrained(model_path), config.weight_quant)
         if tokenizer is None:
             from serving.text.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.from_pretrained(model_path)
+            tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
         mesh = make_mesh(config.tp)
         if config.load_format == "dummy":
@@ -247,7 +258,8 @@ class Engine:
         if cfg.num_pages is not None:
             return cfg.num_pages
         # Per device: tensor parallelism splits every page by KV head.
-        page_bytes = kv_bytes_per_token(self.model_config, self.dtype) * cfg.page_size // cfg.tp
+        # Quantized pages (--quant-policy) take fewer bytes: the same budget holds more of them.
+        page_bytes = kv_bytes_per_token(self.model_config, self.dtype, self.kv_format) * cfg.page_size // cfg.tp
         if self.platform == "cpu":
             budget = CPU_KV_CACHE_BYTES * cfg.cache_max_entry_count
         else:
@@ -351,6 +363,12 @@ class Engine:
         return jnp.dtype(self.dtype).name
 
     @property
+    def quantization_name(self) -> str:
+        """What is stored quantized, for the start-up line: "int8 weights, int4 KV" (empty: nothing)."""
+        parts = [f"{self.model_config.weight_quant} weights"] if self.model_config.weight_quant else []
+        return ", ".join(parts + ([f"{self.kv_format} KV"] if self.kv_format else []))
+
+    @property
     def error(self) -> BaseException | None:
         """Why the engine thread ended, if it failed."""
         return self._error
@@ -413,7 +431,7 @@ class Engine:
     def _loop(self) -> None:
         # The step dispatched last turn, whose tokens are read only after this turn's dispatch: the
         # device always has the next step queued while the host reads, detokenizes and schedules.
-        in_flight: list[tuple[list[Chunk], jax.Array]] = []
+        in_flight: list[tuple[list[Chunk], StepOutput]] = []
         try:
             while not self._stopping.is_set():
                 self._take_inbox(block=not self.scheduler.has_work and not in_flight)
@@ -491,7 +509,7 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
+    def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
         """`_dispatch`, the decode and the prefill batch each on its own, so a failure fails only its batch."""
         dispatched = []
         for decode_part, prefill_part in ((decode, []), ([], prefill)):
@@ -506,7 +524,7 @@ class Engine:
                 self._fail_step(chunks, exc)
         return dispatched
 
-    def _read_back_or_fail(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+    def _read_back_or_fail(self, dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
         for batch in dispatched:
             try:
                 self._read_back([batch])
@@ -525,7 +543,7 @@ class Engine:
             self._emit(self.scheduler.abort(request_id, FinishReason.ERROR,
                                             error=f"the step running this request failed: {exc!r}"))
 
-    def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], jax.Array]]:
+    def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
         """Queue the decode and prefill steps on the device without waiting for them."""
         dispatched = []
         buckets = self.scheduler.buckets  # what the plan was made with: only compiled buckets
@@ -539,17 +557,18 @@ class Engine:
             dispatched.append((prefill, self._run(prefill, *shape)))
         return dispatched
 
-    def _run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> jax.Array:
+    def _run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> StepOutput:
         if self.plan is not None:
             self.plan.send_step(chunks, rows, tokens, packed)
         return self.runner.run(chunks, rows, tokens, packed)
 
-    def _read_back(self, dispatched: list[tuple[list[Chunk], jax.Array]]) -> None:
+    def _read_back(self, dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
         """Read a dispatched step's tokens and report what they did to each sequence."""
-        for chunks, tokens in dispatched:
-            tokens = np.asarray(tokens).tolist()
+        for chunks, step in dispatched:
+            logprobs = jax.device_get(step.logprobs) if step.logprobs is not None else None
+            tokens = np.asarray(step.tokens).tolist()
             self.runner.guided.observe(chunks, tokens)
-            for output in self.scheduler.update_from_output(chunks, tokens):
+            for output in self.scheduler.update_from_output(chunks, tokens, logprobs):
                 self._emit(output)
 
     def _emit(self, output: EngineOutput | None) -> None:

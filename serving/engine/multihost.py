@@ -37,10 +37,11 @@ from dataclasses import dataclass
 
 from serving.engine.scheduler import Chunk
 from serving.request import EngineRequest, GenerationConfig
+from serving.sampling_options import declared_options
 
 logger = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 _MAGIC = b"XLSP"
 _HEADER = struct.Struct("!4sHQII")  # magic, version, sequence number, CRC-32 of the payload, payload length
 MAX_PAYLOAD = 64 << 20  # a step plan is kilobytes; anything near this is a corrupt length
@@ -164,17 +165,22 @@ def _give_up_unless(joined: threading.Event, timeout: float, why: str) -> None:
 # ----- the wire format -------------------------------------------------------------------------------------
 
 
+_OPTIONS = tuple(d.name for d in declared_options(GenerationConfig))
+
+
 def _sampling(request: EngineRequest) -> tuple:
+    """What the runner reads of a request (`sampling.SamplingTable.write`), as plain values."""
     config = request.config
-    return (config.do_sample, config.temperature, config.top_p, config.top_k, config.min_p,
-            config.repetition_penalty, config.min_new_tokens, request.seed, tuple(sorted(request.stop_token_ids)))
+    return (config.do_sample, tuple(getattr(config, name) for name in _OPTIONS), request.seed,
+            tuple(sorted(request.stop_token_ids)), tuple((config.logit_bias or {}).items()),
+            tuple(config.bad_token_ids or ()), len(request.prompt_token_ids))
 
 
 def encode_step(seq: int, chunks: list[Chunk], rows: int, tokens: int, packed: int | None) -> bytes:
     """The frame of one runner step: what `ModelRunner.run` needs of each chunk, as plain values."""
     plan = (rows, tokens, packed, [
         (c.request.request_id, _sampling(c.request), c.slot, c.admission, c.start, c.length, c.token_ids,
-         c.pages, c.step, c.samples, c.first) for c in chunks])
+         c.pages, c.step, c.samples, c.first, c.target) for c in chunks])
     return encode_frame(seq, (STEP, plan))
 
 
@@ -224,22 +230,23 @@ class StepReplay:
 
     def chunks(self, plan_chunks: list[tuple]) -> list[Chunk]:
         out = []
-        for request_id, sampling, slot, admission, start, length, token_ids, pages, step, samples, first in plan_chunks:
+        for (request_id, sampling, slot, admission, start, length, token_ids, pages, step, samples, first,
+             target) in plan_chunks:
             held = self._by_slot.get(slot)
             if held is None or held[0] != request_id or held[1] != sampling:
                 held = (request_id, sampling, _request(request_id, sampling))
                 self._by_slot[slot] = held
             out.append(Chunk(held[2], slot, admission, start, length, list(token_ids), list(pages), step, samples,
-                             first))
+                             first, target))
         return out
 
 
 def _request(request_id: str, sampling: tuple) -> EngineRequest:
-    do_sample, temperature, top_p, top_k, min_p, repetition_penalty, min_new_tokens, seed, stop_ids = sampling
-    config = GenerationConfig(max_new_tokens=None, min_new_tokens=min_new_tokens, do_sample=do_sample,
-                              temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                              repetition_penalty=repetition_penalty)
-    return EngineRequest(request_id, [], config, frozenset(stop_ids), seed)
+    do_sample, options, seed, stop_ids, logit_bias, bad_token_ids, prompt_len = sampling
+    config = GenerationConfig(do_sample=do_sample, **dict(zip(_OPTIONS, options, strict=True)),
+                              logit_bias=dict(logit_bias) or None, bad_token_ids=list(bad_token_ids) or None)
+    # The runner reads only the prompt's length (where generated tokens start, for penalties).
+    return EngineRequest(request_id, [0] * prompt_len, config, frozenset(stop_ids), seed)
 
 
 # ----- the channel -----------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from model.config import ModelConfig
+from model.gguf import find_gguf_file
 from serving.engine.client import EngineStats
 from serving.engine.config import EngineConfig
 from serving.engine.progress import StartupEvent, StartupListener
@@ -66,6 +67,7 @@ class EngineFacts:
     max_batch_size: int
     page_size: int
     dtype_name: str
+    quantization_name: str
 
 
 class EngineProcess:
@@ -94,7 +96,7 @@ class EngineProcess:
             from serving.text.tokenizer import Tokenizer  # transformers: only once the child is on its way
 
             self.model_config = ModelConfig.from_pretrained(model_path)
-            self.tokenizer = Tokenizer.from_pretrained(model_path)
+            self.tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
             # As `Engine.eos_token_ids`: the child, which loads its tokenizer only on demand, never reads it.
             self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         except BaseException:
@@ -127,6 +129,7 @@ class EngineProcess:
         self.max_batch_size = facts.max_batch_size
         self.page_size = facts.page_size
         self.dtype_name = facts.dtype_name
+        self.quantization_name = facts.quantization_name
         self._reader = threading.Thread(target=self._read_events, name="xlserve-engine-events", daemon=True)
         self._reader.start()
         self._writer = threading.Thread(target=self._write_commands, name="xlserve-engine-commands", daemon=True)
@@ -332,8 +335,8 @@ def run_engine_process(model_path: str, config: EngineConfig, commands: Connecti
     except BaseException as error:
         send(("failed", _portable(error)))
         return
-    facts = EngineFacts(engine.max_session_len, engine.max_batch_size, engine.page_size,
-                        engine.dtype_name)
+    facts = EngineFacts(engine.max_session_len, engine.max_batch_size, engine.page_size, engine.dtype_name,
+                        engine.quantization_name)
     send(("built", (facts, _stats_fields(engine))))
     report = _StepReport(engine, send)
     engine.step_listeners.append(report)
@@ -364,7 +367,7 @@ class TokenizerOnDemand:
             if self._tokenizer is None:
                 from serving.text.tokenizer import Tokenizer
 
-                self._tokenizer = Tokenizer.from_pretrained(self.model_path)
+                self._tokenizer = Tokenizer.from_pretrained(self.model_path, find_gguf_file(self.model_path))
         return getattr(self._tokenizer, name)
 
 

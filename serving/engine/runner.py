@@ -33,11 +33,14 @@ from serving.engine.config import BucketSet, StepShape
 from serving.engine.guided import GuidedDecoding, RowColumns
 from serving.engine.pages import NULL_PAGE
 from serving.engine.sampling import (
-    SAMPLING_INTS,
     SEARCH,
-    RowParams,
-    empty_sampling,
+    Extended,
+    ExtendedRows,
+    SamplingTable,
+    StepLogprobs,
+    count_generated,
     sample,
+    sample_extended,
     sample_mode,
     sample_modes,
     unpack_sampling,
@@ -148,6 +151,46 @@ def sample_and_record(
     return tokens, last_tokens.at[target].set(tokens, mode="drop")
 
 
+def sample_extended_and_record(
+    logits: jax.Array,  # f32[B, V]
+    sampling_ints: jax.Array,  # i32[B, SAMPLING_INTS.width]
+    sampling_floats: jax.Array,  # f32[B, SAMPLING_FLOATS.width]
+    seen_rows: jax.Array,  # bool[B, V]
+    last_tokens: jax.Array,  # i32[num_slots]
+    counts: jax.Array,  # i32[num_slots, V] generated-token counts
+    row_table: jax.Array,  # i32[B, ROW_FIELDS.width + pages_per_seq]
+    rows: ExtendedRows,  # of jax arrays: bias, prompt lengths, targets
+    first_tokens: jax.Array,  # i32[B] each row's first input token (when it came from the host)
+    raw_logprobs: bool,  # static: --logprobs-mode raw
+) -> tuple[jax.Array, jax.Array, jax.Array, StepLogprobs]:
+    """`sample_and_record` for a step with a row that uses penalties over generated tokens, logit bias or
+    log probabilities (`sampling.EXTENDED`): also updates the counts, and returns the step's log probabilities."""
+    row = ROW_FIELDS.unpack(row_table[:, : ROW_FIELDS.width])
+    num_slots = last_tokens.shape[0]
+    slots = row["slot"]
+    first = jnp.where(row["from_device"] > 0, last_tokens[jnp.minimum(slots, num_slots - 1)], first_tokens)
+    counts = count_generated(counts, slots, row["reset"] > 0, first, row["start"], row["length"], rows.prompt_len)
+    extended = Extended(counts[jnp.minimum(slots, num_slots - 1)], rows.bias_ids, rows.bias_values, rows.targets)
+    tokens, logprobs = sample_extended(logits, unpack_sampling(sampling_ints, sampling_floats), seen_rows, extended,
+                                       raw_logprobs)
+    target = jnp.where(row["samples"] > 0, slots, num_slots)
+    return tokens, last_tokens.at[target].set(tokens, mode="drop"), counts, logprobs
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """A dispatched step's results, still on the device: the sampled tokens, and the log probabilities when
+    a row of the step asked for them (None otherwise: nothing more is copied to the host)."""
+
+    tokens: jax.Array  # i32[rows]
+    logprobs: StepLogprobs | None = None
+
+
+def wants_logprobs(chunk: Chunk) -> bool:
+    """Whether a chunk's row reports a log probability: a prompt position's, or its sampled token's."""
+    return chunk.target >= 0 or (chunk.samples and chunk.request.config.logprobs is not None)
+
+
 def _packed(rows: int, tokens: int, packed: int | None) -> int | None:
     """The step's static `packed` argument: None when its matmuls run over the whole [rows, tokens] layout."""
     return None if packed is None or packed == rows * tokens else packed
@@ -163,8 +206,7 @@ class SlotTables:
         self.owner: list[tuple[EngineRequest, int] | None] = [None] * rows  # (request, its admission)
         self.block_tables = np.full((rows, pages_per_seq), NULL_PAGE, np.int32)
         self.num_pages = np.zeros(rows, np.int32)
-        self.sampling_ints, self.sampling_floats = empty_sampling(rows)  # each slot's row at step 0
-        self.min_new_tokens = np.zeros(rows, np.int32)
+        self.sampling = SamplingTable(rows)  # each slot's sampling row at step 0
 
     def sync(self, chunk: Chunk) -> None:
         """Bring the slot's row up to date with `chunk`'s sequence (a new owner, or pages added since)."""
@@ -172,22 +214,11 @@ class SlotTables:
         if owner is None or owner[0] is not chunk.request or owner[1] != chunk.admission:
             self.owner[slot] = (chunk.request, chunk.admission)
             self.num_pages[slot] = 0
-            # Step 0's row: its banned ids are the stop ids, held back below min_new_tokens (`sampling`).
-            RowParams.for_request(chunk.request, step=0).write(self.sampling_ints, self.sampling_floats, slot)
-            self.min_new_tokens[slot] = chunk.request.config.min_new_tokens
+            self.sampling.write(slot, chunk.request)
         have, pages = self.num_pages[slot], chunk.pages
         if have != len(pages):
             self.block_tables[slot, have : len(pages)] = pages[have:]
             self.num_pages[slot] = len(pages)
-
-    def sampling(self, slots: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The packed sampling inputs (see `sampling.unpack_sampling`) of a batch's slots at these steps."""
-        ints = self.sampling_ints[slots]  # a copy: the gather
-        ints[:, SAMPLING_INTS["step"]] = steps[:, None]
-        held = (steps < self.min_new_tokens[slots])[:, None]
-        banned = SAMPLING_INTS["banned"]
-        ints[:, banned] = np.where(held, ints[:, banned], -1)
-        return ints, self.sampling_floats[slots]
 
 
 class ModelRunner:
@@ -204,8 +235,10 @@ class ModelRunner:
         mesh: Mesh,
         attention_backend: str = "xla",
         shared_prefix_attention: bool = True,
+        logprobs_mode: str = "raw",
         guided_states: int = 2048,  # EngineConfig.guided_decoding_states
         tokenizer: object = None,
+        kv_format: str | None = None,  # quantized KV pages (xlkernels.kv_quant): int8, int4, fp8; None: `dtype`
     ):
         self.config = config
         self.params = params
@@ -219,11 +252,15 @@ class ModelRunner:
         self.shared_prefix_steps = 0  # decode steps dispatched with at least one tile
         self.shared_prefix_rows = 0  # rows in a tile, summed over those steps
         self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
-        self.cache = empty_cache(config, num_pages, page_size, dtype, mesh)
+        self.cache = empty_cache(config, num_pages, page_size, dtype, mesh, kv_format)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.seen = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.bool_),
                             out_shardings=replicated)()
         self.last_tokens = jax.jit(lambda: jnp.zeros((num_slots,), jnp.int32), out_shardings=replicated)()
+        # Generated-token counts for presence and frequency penalties: read and written only by steps that
+        # run the EXTENDED sampler (`sampling.count_generated`).
+        self.counts = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.int32),
+                              out_shardings=replicated)()
         self.guided = GuidedDecoding(config.vocab_size, num_slots, _GUIDE_COLUMNS, replicated, guided_states, tokenizer)
         # Logits leave the step whole (gathered across a vocab-split LM head) for the sampler, which is
         # a program of its own: it compiles once per row count instead of once per [rows, tokens] shape.
@@ -238,19 +275,23 @@ class ModelRunner:
         self._sample = jax.jit(sample_and_record, static_argnums=(6,), in_shardings=replicated,
                                out_shardings=replicated,
                                donate_argnums=(4,))  # last_tokens
+        self._sample_extended = jax.jit(
+            functools.partial(sample_extended_and_record, raw_logprobs=logprobs_mode == "raw"),
+            in_shardings=replicated, out_shardings=replicated, donate_argnums=(4, 5))  # last_tokens, counts
         self._replicated = replicated
         # What start-up compiles from (`startup_units`): the shapes and placements of the device state, so
         # compiling never touches the state itself, which steps donate and rebind meanwhile.
         self._state_specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                         (self.params, self.cache, self.seen, self.last_tokens))
+                                         (self.params, self.cache, self.seen, self.last_tokens, self.counts))
         self._sampler_modes: dict[int, frozenset[int]] = {}  # row count -> sampler branches compiled for it
         self._modes_lock = threading.Lock()
 
     # ----- start-up ---------------------------------------------------------------------------------
     def startup_units(self) -> list[CompileUnit]:
         """What start-up compiles, one unit per bucket, the essential ones first (`BucketSet.essential_shapes`):
-        a bucket's step (and its shared-prefix variant), the general sampler branch for its row count and the
-        structured-output programs for it; then the other sampler branches, which steps take once compiled
+        a bucket's step (and its shared-prefix variant), the general sampler branch and the extended sampler for
+        its row count (a step needs one of them) and the structured-output programs for it; then the other
+        sampler branches, which steps take once compiled
         (each row's token is the same in every branch that covers it, `sampling.sample`)."""
         essential = self.buckets.essential_shapes()
         shapes = essential + [s for s in self.buckets.shapes() if s not in essential]
@@ -262,6 +303,7 @@ class ModelRunner:
             if shape.rows not in row_counts:
                 row_counts.append(shape.rows)
                 programs.append(functools.partial(self._compile_sampler, shape.rows, GENERAL_MODE))
+                programs.append(functools.partial(self._compile_extended_sampler, shape.rows))
                 programs.append(functools.partial(self.guided.compile_for, shape.rows,
                                                   self._padding_inputs(shape.rows, 1)[1]))
             label = f"[{shape.rows} x {shape.tokens}]" + (f" packed to {shape.packed}" if _packed(*shape) else "")
@@ -294,48 +336,62 @@ class ModelRunner:
 
     def _compile_step(self, shape: StepShape, shared_prefix: bool) -> None:
         rows, tokens, packed = shape
-        token_ids, row_table, _, _ = self._padding_inputs(rows, tokens)
+        token_ids, row_table, *_ = self._padding_inputs(rows, tokens)
         run_step = self._shared_step if shared_prefix else self._step
-        run_step.lower(*self._state_specs, token_ids, row_table, packed=_packed(rows, tokens, packed)).compile()
+        run_step.lower(*self._state_specs[:4], token_ids, row_table, packed=_packed(rows, tokens, packed)).compile()
+
+    def _sampler_specs(self, rows: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """The step's outputs a sampler reads: f32[rows, V] logits and bool[rows, V] seen tokens."""
+        vocab = self.config.vocab_size
+        return (jax.ShapeDtypeStruct((rows, vocab), jnp.float32, sharding=self._replicated),
+                jax.ShapeDtypeStruct((rows, vocab), jnp.bool_, sharding=self._replicated))
 
     def _compile_sampler(self, rows: int, mode: int) -> None:
-        _, row_table, ints, floats = self._padding_inputs(rows, 1)
-        vocab = self.config.vocab_size
-        logits = jax.ShapeDtypeStruct((rows, vocab), jnp.float32, sharding=self._replicated)
-        seen_rows = jax.ShapeDtypeStruct((rows, vocab), jnp.bool_, sharding=self._replicated)
+        _, row_table, ints, floats, _ = self._padding_inputs(rows, 1)
+        logits, seen_rows = self._sampler_specs(rows)
         self._sample.lower(logits, ints, floats, seen_rows, self._state_specs[3], row_table, mode).compile()
         with self._modes_lock:
             self._sampler_modes = {**self._sampler_modes, rows: self._sampler_modes.get(rows, frozenset()) | {mode}}
+
+    def _compile_extended_sampler(self, rows: int) -> None:
+        token_ids, row_table, ints, floats, extended_rows = self._padding_inputs(rows, 1)
+        logits, seen_rows = self._sampler_specs(rows)
+        self._sample_extended.lower(logits, ints, floats, seen_rows, self._state_specs[3], self._state_specs[4],
+                                    row_table, extended_rows, token_ids[:, 0]).compile()
 
     def _sampler_mode(self, rows: int, mode: int) -> int:
         """`mode` if its program is compiled for this row count, else the general branch, which covers it."""
         return mode if mode in self._sampler_modes.get(rows, ()) else GENERAL_MODE
 
-    def _padding_inputs(self, rows: int, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """A step of padding rows only (token grid, row table, sampling ints and floats), built without touching
-        any per-step state: only its shapes matter, for compiling."""
+    def _padding_inputs(self, rows: int, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                               ExtendedRows]:
+        """A step of padding rows only (token grid, row table, sampling ints and floats, the extended sampler's
+        rows), built without touching any per-step state: only its shapes matter, for compiling."""
         fields = np.zeros((rows, ROW_FIELDS.width), np.int32)
         fields[:, _SLOT] = self.num_slots
         fields[:, ROW_FIELDS.index("guide")] = self.guided.none
         tables = np.full((rows, self.pages_per_seq), NULL_PAGE, np.int32)
-        ints, floats = self.slots.sampling(np.full(rows, self.num_slots), np.zeros(rows, np.int32))
-        return np.zeros((rows, tokens), np.int32), np.concatenate([fields, tables], axis=1), ints, floats
+        padding = np.full(rows, self.num_slots)
+        ints, floats = self.slots.sampling.gather(padding, np.zeros(rows, np.int32))
+        extended = self.slots.sampling.gather_extended(padding, np.full(rows, -1, np.int32))
+        return np.zeros((rows, tokens), np.int32), np.concatenate([fields, tables], axis=1), ints, floats, extended
 
     def plans_shared_prefix(self, rows: int, tokens: int) -> bool:
         """Whether steps of this bucket get a shared-prefix plan: decode buckets of MIN_PLAN_BATCH rows or more."""
         return self.shared_prefix and tokens == 1 and rows >= MIN_PLAN_BATCH
 
     # ----- one step ---------------------------------------------------------------------------------
-    def run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> jax.Array:
-        """Dispatch one step for `chunks` padded to the `[rows, tokens]` bucket; returns i32[rows] on device.
+    def run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> StepOutput:
+        """Dispatch one step for `chunks` padded to the `[rows, tokens]` bucket; returns its results on device.
 
         packed: the step's compiled packed token count (`config.StepShape.packed`); None or rows * tokens
         for a step whose matmuls run over the whole layout.
 
         The result is not waited for: the caller reads it when it needs the tokens, so the next
-        dispatch can go out first.
+        dispatch can go out first. Its log probabilities are copied to the host only when a row asked.
         """
-        token_ids, row_table, sampling_ints, sampling_floats, tiled_rows = self._inputs(chunks, rows, tokens)
+        token_ids, row_table, sampling_ints, sampling_floats, tiled_rows, extended_rows = self._inputs(
+            chunks, rows, tokens)
         if tiled_rows:
             self.shared_prefix_steps += 1
             self.shared_prefix_rows += tiled_rows
@@ -343,19 +399,39 @@ class ModelRunner:
         self.cache, self.seen, logits, seen_rows = run_step(self.params, self.cache, self.seen, self.last_tokens,
                                                             token_ids, row_table,
                                                             packed=_packed(rows, tokens, packed))
-        mode = self._sampler_mode(rows, sample_mode(sampling_ints, sampling_floats))
         logits = self.guided.mask(logits, row_table)
-        next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
-                                                     self.last_tokens, row_table, mode)
+        if extended_rows is None:
+            mode = self._sampler_mode(rows, sample_mode(sampling_ints, sampling_floats))
+            next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
+                                                         self.last_tokens, row_table, mode)
+            self.guided.advance(next_tokens, row_table)
+            next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
+            return StepOutput(next_tokens)
+        return self._run_extended(chunks, logits, sampling_ints, sampling_floats, seen_rows, row_table,
+                                  extended_rows, token_ids[:, 0])
+
+    def _run_extended(self, chunks: list[Chunk], logits: jax.Array, sampling_ints: np.ndarray,
+                      sampling_floats: np.ndarray, seen_rows: jax.Array, row_table: np.ndarray,
+                      extended_rows: ExtendedRows, first_tokens: np.ndarray) -> StepOutput:
+        """The sampler of a step with a row that needs `sampling.EXTENDED` (logits already masked by any
+        structured-output constraint, so log probabilities are those of the constrained distribution)."""
+        next_tokens, self.last_tokens, self.counts, logprobs = self._sample_extended(
+            logits, sampling_ints, sampling_floats, seen_rows, self.last_tokens, self.counts, row_table,
+            extended_rows, first_tokens)
         self.guided.advance(next_tokens, row_table)
-        next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
-        return next_tokens
+        next_tokens.copy_to_host_async()
+        if not any(wants_logprobs(chunk) for chunk in chunks):
+            return StepOutput(next_tokens)  # penalties or bias only: the log probabilities stay on the device
+        for array in jax.tree.leaves(logprobs):
+            array.copy_to_host_async()
+        return StepOutput(next_tokens, logprobs)
 
     def _inputs(
         self, chunks: list[Chunk], rows: int, tokens: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-        """The padded, packed inputs of one step: tokens, rows, the sampling ints and floats, and how many
-        rows the shared-prefix plan put in a tile (0: run the plain step)."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, ExtendedRows | None]:
+        """The padded, packed inputs of one step: tokens, rows, the sampling ints and floats, how many
+        rows the shared-prefix plan put in a tile (0: run the plain step), and the extended sampler's rows
+        when a row needs it (None otherwise; always for a step without chunks, which compiles them)."""
         n = len(chunks)
         fields = np.zeros((rows, ROW_FIELDS.width), np.int32)
         fields[:, _SLOT] = self.num_slots  # padding rows point past every per-slot table
@@ -383,4 +459,10 @@ class ModelRunner:
             tiled_rows = int(np.count_nonzero(plan[0] < num_tiles))
         fields[:, ROW_FIELDS.index("guide")] = self.guided.column(chunks, rows)
         row_table = np.concatenate([fields, tables], axis=1)
-        return (token_ids, row_table, *self.slots.sampling(table_rows, steps), tiled_rows)
+        sampling = self.slots.sampling
+        extended = None
+        if not chunks or sampling.extended[table_rows[:n]].any():
+            targets = np.full(rows, -1, np.int32)
+            targets[:n] = [chunk.target for chunk in chunks]
+            extended = sampling.gather_extended(table_rows, targets)
+        return (token_ids, row_table, *sampling.gather(table_rows, steps), tiled_rows, extended)

@@ -35,7 +35,8 @@ import numpy as np
 from jax import lax
 
 from serving.engine.columns import Columns
-from serving.request import MAX_STOP_TOKEN_IDS, EngineRequest
+from serving.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, EngineRequest, GenerationConfig
+from serving.sampling_options import Declared, RowColumn, declared_options
 
 # Bits fixed per pass of a threshold search: 2**bits - 1 thresholds are tested per row and pass.
 _DIGIT_BITS = 4
@@ -47,96 +48,155 @@ _NEG_INF_KEY = np.uint32(0x007FFFFF)  # order key of -inf: its bits 0xFF800000, 
 # The branches of `sample`. The engine picks one on the host from the rows' parameters (a static
 # argument): a branch chosen on the device is a conditional, which XLA:GPU resolves by reading the
 # predicate back to the host, stalling the dispatch of the next step.
-ALL_GREEDY, NO_SEARCH, SEARCH, SEARCH_FEW = 0, 1, 2, 3
+# EXTENDED is `sample_extended`: the SEARCH branch plus what rows that ask for them need (penalties over
+# generated tokens, logit bias, log probabilities); only steps with such a row run it.
+ALL_GREEDY, NO_SEARCH, SEARCH, SEARCH_FEW, EXTENDED = 0, 1, 2, 3, 4
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
+def _option_column(declared: Declared) -> RowColumn:
+    row = declared.spec.row or (lambda config: getattr(config, declared.name))
+
+    def value(request: EngineRequest) -> float | int:
+        got = row(request.config)
+        return declared.neutral if got is None else got
+
+    return RowColumn(declared.name, "f32" if declared.kind is float else "i32", 1, declared.neutral, value)
+
+
+def _seed_words(request: EngineRequest) -> np.ndarray:
+    """The 64-bit seed as two u32 words (high, low), stored in i32 columns."""
+    return np.array([request.seed >> 32, request.seed & 0xFFFFFFFF], np.uint32).view(np.int32)
+
+
+def _held_stop_ids(request: EngineRequest) -> np.ndarray:
+    """The stop ids banned while fewer than `min_new_tokens` tokens exist (`SamplingTable.gather` lifts it)."""
+    banned = np.full(MAX_STOP_TOKEN_IDS, -1, np.int32)
+    if request.config.min_new_tokens:
+        ids = sorted(request.stop_token_ids)
+        banned[: len(ids)] = ids  # build_request refuses more than fit
+    return banned
+
+
+# The sampler's per-row columns that are not options (sampling_options says how to add one).
+DERIVED_COLUMNS = (
+    RowColumn("seed", "i32", 2, 0, _seed_words),
+    RowColumn("step", "i32", 1, 0, None),  # the index of the token being sampled: set per step
+    RowColumn("banned", "i32", MAX_STOP_TOKEN_IDS, -1, _held_stop_ids),
+)
+ROW_COLUMNS = tuple(_option_column(d) for d in declared_options(GenerationConfig) if d.spec.column) + DERIVED_COLUMNS
+# A step's sampling options cross to the device as two matrices, one row per sequence, one column per
+# `ROW_COLUMNS` entry, each a field of `SamplingBatch` of the same name.
+SAMPLING_INTS = Columns(**{c.name: c.width for c in ROW_COLUMNS if c.dtype == "i32"})
+SAMPLING_FLOATS = Columns(**{c.name: c.width for c in ROW_COLUMNS if c.dtype == "f32"})
+
+
 class SamplingBatch:
-    """Sampling parameters of every row of a step's batch, as device arrays (one row per sequence)."""
+    """Sampling parameters of every row of a step's batch, as device arrays: one attribute per
+    `ROW_COLUMNS` entry (f32[B] / i32[B], or [B, width]), `seed` as u32[B, 2]. A pytree, so it passes
+    through jit."""
 
-    temperature: jax.Array  # f32[B]; 0 => greedy
-    top_p: jax.Array  # f32[B]; 1 => off
-    top_k: jax.Array  # i32[B]; 0 => off
-    min_p: jax.Array  # f32[B]; 0 => off
-    repetition_penalty: jax.Array  # f32[B]; 1 => off
-    seed: jax.Array  # u32[B, 2]: high and low word of the 64-bit seed
-    step: jax.Array  # i32[B]: index of the token being sampled within its request (0 = first output token)
-    banned: jax.Array  # i32[B, MAX_STOP_TOKEN_IDS]: ids forced to -inf this step; -1 = unused slot
+    def __init__(self, **fields: jax.Array):
+        self.__dict__.update(fields)
+
+    def __getattr__(self, name: str) -> jax.Array:  # declared columns only; typos fail loudly
+        raise AttributeError(f"SamplingBatch has no column {name!r}")
 
     @classmethod
-    def from_rows(cls, rows: Sequence[RowParams], batch_size: int) -> SamplingBatch:
-        """Host rows as device arrays, through the same packing as the engine's steps; rows past
-        `len(rows)` are greedy padding."""
-        if len(rows) > batch_size:
-            raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
-        ints, floats = empty_sampling(batch_size)
-        for i, row in enumerate(rows):
-            row.write(ints, floats, i)
+    def from_requests(cls, requests: Sequence[EngineRequest], batch_size: int,
+                      steps: Sequence[int] | None = None) -> SamplingBatch:
+        """The rows of `requests` at `steps` (default 0) as device arrays, through the packing the engine's
+        steps use (`SamplingTable`); rows past `len(requests)` are greedy padding."""
+        if len(requests) > batch_size:
+            raise ValueError(f"{len(requests)} rows do not fit a batch of {batch_size}")
+        table = SamplingTable(len(requests) + 1)  # the last row is padding, as the runner's
+        for slot, request in enumerate(requests):
+            table.write(slot, request)
+        slots = np.minimum(np.arange(batch_size), len(requests))
+        step = np.zeros(batch_size, np.int32)
+        step[: len(requests)] = steps if steps is not None else 0
+        ints, floats = table.gather(slots, step)
         return unpack_sampling(jnp.asarray(ints), jnp.asarray(floats))
 
 
-@dataclass(frozen=True)
-class RowParams:
-    """One row of a `SamplingBatch` on the host. The defaults are those of a greedy padding row."""
+jax.tree_util.register_pytree_node(
+    SamplingBatch,
+    lambda batch: (tuple(batch.__dict__.values()), tuple(batch.__dict__)),
+    lambda names, values: SamplingBatch(**dict(zip(names, values, strict=True))),
+)
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int = 0  # 64-bit
-    step: int = 0
-    banned: tuple[int, ...] = ()
 
-    def __post_init__(self) -> None:
-        # A silently dropped id would let a stop token through before min_new_tokens, so refuse.
-        if len(self.banned) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} banned ids per row, got {len(self.banned)}")
-        if not 0 <= self.seed < 2**64:
-            raise ValueError(f"seed must fit 64 bits unsigned, got {self.seed}")
+class SamplingTable:
+    """Host copies of every slot's sampling row, written once when a request takes the slot, so a step's
+    sampling inputs are numpy gathers over its slots. The extended inputs (`Extended`: penalties over
+    generated tokens, logit bias, log probabilities) are kept beside them and sent only for steps that
+    have a row using them."""
 
-    @classmethod
-    def for_request(cls, request: EngineRequest, step: int) -> RowParams:
-        """The row that samples output token `step` of `request`.
+    def __init__(self, rows: int):
+        self.ints = np.zeros((rows, SAMPLING_INTS.width), np.int32)
+        self.floats = np.zeros((rows, SAMPLING_FLOATS.width), np.float32)
+        for column in ROW_COLUMNS:
+            matrix, columns = self._matrix(column)
+            matrix[:, columns[column.name]] = column.padding
+        self.min_new_tokens = np.zeros(rows, np.int32)
+        self.extended = np.zeros(rows, bool)  # the slot's request uses what only the EXTENDED branch does
+        self.logprobs = np.full(rows, -1, np.int32)  # top logprobs the request wants; -1: none
+        self.prompt_len = np.zeros(rows, np.int32)
+        self.bias_ids = np.full((rows, MAX_LOGIT_BIAS), -1, np.int32)
+        self.bias_values = np.zeros((rows, MAX_LOGIT_BIAS), np.float32)
 
-        Its stop ids are banned until `min_new_tokens` tokens exist, so the sequence cannot end early.
-        """
+    def write(self, slot: int, request: EngineRequest) -> None:
+        """Fill `slot`'s row from `request`, as at its step 0."""
+        for column in ROW_COLUMNS:
+            if column.value is not None:
+                matrix, columns = self._matrix(column)
+                matrix[slot, columns[column.name]] = column.value(request)
         config = request.config
-        return cls(
-            temperature=0.0 if config.greedy else config.temperature,
-            top_p=config.top_p,
-            top_k=config.top_k,
-            min_p=config.min_p,
-            repetition_penalty=config.repetition_penalty,
-            seed=request.seed,
-            step=step,
-            banned=tuple(sorted(request.stop_token_ids)) if step < config.min_new_tokens else (),
-        )
+        self.min_new_tokens[slot] = config.min_new_tokens
+        self.logprobs[slot] = -1 if config.logprobs is None else config.logprobs
+        self.prompt_len[slot] = len(request.prompt_token_ids)
+        ids, values = logit_bias_row(config)
+        self.bias_ids[slot], self.bias_values[slot] = ids, values
+        self.extended[slot] = bool(uses_extended(config))
 
-    def write(self, ints: np.ndarray, floats: np.ndarray, row: int) -> None:
-        """Put this row into the packed sampling matrices (`SAMPLING_INTS`, `SAMPLING_FLOATS`)."""
-        banned = np.full(MAX_STOP_TOKEN_IDS, -1, np.int32)
-        banned[: len(self.banned)] = self.banned
-        seed = np.array([self.seed >> 32, self.seed & 0xFFFFFFFF], np.uint32).view(np.int32)
-        SAMPLING_INTS.write(ints, row, {"top_k": self.top_k, "seed": seed, "step": self.step, "banned": banned})
-        SAMPLING_FLOATS.write(floats, row, {name: getattr(self, name) for name in SAMPLING_FLOATS.widths})
+    def _matrix(self, column: RowColumn) -> tuple[np.ndarray, Columns]:
+        return (self.ints, SAMPLING_INTS) if column.dtype == "i32" else (self.floats, SAMPLING_FLOATS)
+
+    def gather(self, slots: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The packed sampling inputs (see `unpack_sampling`) of a batch's slots at these steps."""
+        ints = self.ints[slots]  # a copy: the gather
+        ints[:, SAMPLING_INTS["step"]] = steps[:, None]
+        held = (steps < self.min_new_tokens[slots])[:, None]
+        banned = SAMPLING_INTS["banned"]
+        ints[:, banned] = np.where(held, ints[:, banned], -1)
+        return ints, self.floats[slots]
+
+    def gather_extended(self, slots: np.ndarray, targets: np.ndarray) -> ExtendedRows:
+        """The host half of `Extended` for a batch's slots; `targets` as `Extended.targets`."""
+        return ExtendedRows(self.bias_ids[slots], self.bias_values[slots], self.prompt_len[slots], targets)
 
 
-# A step's sampling options cross to the device as two matrices, one row per sequence: each option is
-# a field of `RowParams` and `SamplingBatch` of the same name, and a column here.
-SAMPLING_INTS = Columns(top_k=1, seed=2, step=1, banned=MAX_STOP_TOKEN_IDS)  # seed: two u32 words
-SAMPLING_FLOATS = Columns(temperature=1, top_p=1, min_p=1, repetition_penalty=1)
+def uses_extended(config: GenerationConfig) -> bool:
+    """Whether a request needs the EXTENDED branch of the sampler (and its steps the extended inputs)."""
+    return (config.logprobs is not None or config.prompt_logprobs is not None or config.presence_penalty != 0
+            or config.frequency_penalty != 0 or bool(config.logit_bias) or bool(config.bad_token_ids))
+
+
+def logit_bias_row(config: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A request's logit bias as (ids i32[MAX_LOGIT_BIAS], values f32[...]); -1 marks unused entries, and
+    each bad token id is an entry of -inf."""
+    ids = np.full(MAX_LOGIT_BIAS, -1, np.int32)
+    values = np.zeros(MAX_LOGIT_BIAS, np.float32)
+    entries = {int(k): float(v) for k, v in (config.logit_bias or {}).items()}
+    entries.update({int(i): -np.inf for i in config.bad_token_ids or ()})
+    ids[: len(entries)] = list(entries)
+    values[: len(entries)] = list(entries.values())
+    return ids, values
 
 
 def empty_sampling(rows: int) -> tuple[np.ndarray, np.ndarray]:
     """i32[rows, SAMPLING_INTS.width] and f32[rows, SAMPLING_FLOATS.width] of greedy padding rows."""
-    ints = np.zeros((rows, SAMPLING_INTS.width), np.int32)
-    floats = np.zeros((rows, SAMPLING_FLOATS.width), np.float32)
-    padding = RowParams()
-    for row in range(rows):
-        padding.write(ints, floats, row)
-    return ints, floats
+    table = SamplingTable(1)
+    return table.gather(np.zeros(rows, np.int64), np.zeros(rows, np.int32))
 
 
 def unpack_sampling(ints: jax.Array, floats: jax.Array) -> SamplingBatch:
@@ -146,8 +206,43 @@ def unpack_sampling(ints: jax.Array, floats: jax.Array) -> SamplingBatch:
     return SamplingBatch(**fields)
 
 
-def adjust_logits(logits: jax.Array, params: SamplingBatch, seen: jax.Array) -> jax.Array:
-    """Repetition penalty over `seen` tokens (transformers' rule), then banned ids to -inf.
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class ExtendedRows:
+    """The per-step host inputs of the EXTENDED branch, one row per batch row."""
+
+    bias_ids: np.ndarray  # i32[B, MAX_LOGIT_BIAS]; -1: unused entry
+    bias_values: np.ndarray  # f32[B, MAX_LOGIT_BIAS]
+    prompt_len: np.ndarray  # i32[B]: tokens from this position on are generated (they count for penalties)
+    targets: np.ndarray  # i32[B]: the token whose log probability a row reports; -1: the one it samples
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Extended:
+    """What the EXTENDED branch reads besides the logits: each row's generated-token counts and bias."""
+
+    counts: jax.Array  # i32[B, V]: how often each token was generated so far (penalties)
+    bias_ids: jax.Array  # i32[B, MAX_LOGIT_BIAS]
+    bias_values: jax.Array  # f32[B, MAX_LOGIT_BIAS]
+    targets: jax.Array  # i32[B]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepLogprobs:
+    """Log probabilities from an EXTENDED step, one row per batch row (`MAX_LOGPROBS` wide)."""
+
+    token_ids: jax.Array  # i32[B]: the row's target, else its sampled token
+    logprobs: jax.Array  # f32[B]: that token's log probability
+    top_ids: jax.Array  # i32[B, K]: the K most likely tokens, most likely first
+    top_logprobs: jax.Array  # f32[B, K]
+
+
+def adjust_logits(logits: jax.Array, params: SamplingBatch, seen: jax.Array,
+                  extended: Extended | None = None) -> jax.Array:
+    """Repetition penalty over `seen` tokens (transformers' rule), then (EXTENDED branch only) presence and
+    frequency penalties over generated tokens and the logit bias, then banned ids to -inf.
 
     logits f32[B, V] (any float dtype, computed in f32), seen bool[B, V] -> f32[B, V]. Greedy rows
     take the argmax of this.
@@ -156,11 +251,29 @@ def adjust_logits(logits: jax.Array, params: SamplingBatch, seen: jax.Array) -> 
     penalty = params.repetition_penalty[:, None]
     # A penalty of 1 divides or multiplies by exactly 1, so rows without one need no extra mask.
     x = jnp.where(seen, jnp.where(x < 0, x * penalty, x / penalty), x)
+    if extended is not None:
+        x = penalize_and_bias(x, params, extended)
+    return _set_at(x, params.banned, -jnp.inf)
+
+
+def penalize_and_bias(x: jax.Array, params: SamplingBatch, extended: Extended) -> jax.Array:
+    """OpenAI's presence and frequency penalties over each row's generated-token counts, then its logit bias
+    (bad token ids are entries of -inf): x - frequency * count - presence * (count > 0) + bias."""
+    counts = extended.counts.astype(jnp.float32)
+    x = x - params.frequency_penalty[:, None] * counts - params.presence_penalty[:, None] * (counts > 0)
+    batch, vocab = x.shape
+    columns = jnp.where(extended.bias_ids < 0, vocab, extended.bias_ids)
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], columns.shape)
+    return x.at[rows, columns].add(extended.bias_values, mode="drop")
+
+
+def _set_at(x: jax.Array, ids: jax.Array, value: float) -> jax.Array:
+    """x with `value` at each row's ids (i32[B, N]; -1 = unused slot)."""
     batch, vocab = x.shape
     # Unused slots (-1) point past the vocabulary and are dropped; a negative index would wrap.
-    columns = jnp.where(params.banned < 0, vocab, params.banned)
+    columns = jnp.where(ids < 0, vocab, ids)
     rows = jnp.broadcast_to(jnp.arange(batch)[:, None], columns.shape)
-    return x.at[rows, columns].set(-jnp.inf, mode="drop")
+    return x.at[rows, columns].set(value, mode="drop")
 
 
 def filter_logits(x: jax.Array, params: SamplingBatch, rows: int | None = None) -> jax.Array:
@@ -185,13 +298,16 @@ def filter_logits(x: jax.Array, params: SamplingBatch, rows: int | None = None) 
 
 
 def sample_modes(batch: int) -> tuple[int, ...]:
-    """Every branch `sample_mode` may pick for a batch of `batch` rows: the ones to compile."""
+    """Every branch of `sample` that `sample_mode` may pick for a batch of `batch` rows: the ones to compile
+    (EXTENDED is `sample_extended`, compiled beside them)."""
     return (ALL_GREEDY, NO_SEARCH, SEARCH, SEARCH_FEW) if batch > _FEW_ROWS else (ALL_GREEDY, NO_SEARCH, SEARCH)
 
 
-def sample_mode(ints: np.ndarray, floats: np.ndarray) -> int:
+def sample_mode(ints: np.ndarray, floats: np.ndarray, extended: bool = False) -> int:
     """The cheapest branch of `sample` that covers every row, from the rows' packed host-side parameters
-    (`SAMPLING_INTS`, `SAMPLING_FLOATS`)."""
+    (`SAMPLING_INTS`, `SAMPLING_FLOATS`); EXTENDED when a row needs it (`SamplingTable.extended`)."""
+    if extended:
+        return EXTENDED
     temperature = floats[:, SAMPLING_FLOATS.index("temperature")]
     top_p = floats[:, SAMPLING_FLOATS.index("top_p")]
     top_k = ints[:, SAMPLING_INTS.index("top_k")]
@@ -228,6 +344,42 @@ def sample(logits: jax.Array, params: SamplingBatch, seen: jax.Array, mode: int)
         lambda x, params: _draw(filter_logits(x, params, rows=_FEW_ROWS), params),
     ]
     return jnp.where(sampled_rows, branches[mode](x, params), greedy)
+
+
+def sample_extended(logits: jax.Array, params: SamplingBatch, seen: jax.Array, extended: Extended,
+                    raw_logprobs: bool = True) -> tuple[jax.Array, StepLogprobs]:
+    """The EXTENDED branch: `sample`'s SEARCH branch over logits adjusted also by `penalize_and_bias`, and
+    each row's log probabilities: that of its target (`Extended.targets`, else its sampled token) and the
+    `MAX_LOGPROBS` largest. raw_logprobs (static): log-softmax of the model's logits, before any sampling
+    transform (vLLM's default); else of the logits the row draws from (penalties, bias, bans, and for a
+    sampled row temperature and filters; -inf where a filter removed a token).
+
+    Each row's token is the one `sample` would draw for it if it used no extended option."""
+    x = adjust_logits(logits, params, seen, extended)
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    sampled_rows = params.temperature > 0
+    z = filter_logits(x, params)
+    tokens = jnp.where(sampled_rows, _draw(z, params), greedy)
+    source = logits.astype(jnp.float32) if raw_logprobs else jnp.where(sampled_rows[:, None], z, x)
+    logprobs = jax.nn.log_softmax(source, axis=-1)
+    targets = jnp.where(extended.targets >= 0, extended.targets, tokens)
+    top_logprobs, top_ids = lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[-1]))
+    chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    return tokens, StepLogprobs(targets, chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def count_generated(counts: jax.Array, slots: jax.Array, reset: jax.Array, first_tokens: jax.Array,
+                    starts: jax.Array, lengths: jax.Array, prompt_len: jax.Array) -> jax.Array:
+    """The per-slot generated-token counts i32[num_slots, V] after a step: a row's first chunk since
+    admission (`reset`) clears its slot's counts, then a row whose first token i32[B] sits at a position
+    from `prompt_len` on (a generated token fed back, or recomputed after preemption) counts it. The
+    scheduler gives every generated position of a request with penalties a row of its own
+    (`Scheduler._row_limit`), so a row's first token is the only generated one it can hold. Padding rows'
+    slots are out of range and drop."""
+    num_slots = counts.shape[0]
+    counts = counts.at[jnp.where(reset, slots, num_slots)].set(0, mode="drop")
+    generated = (lengths > 0) & (starts >= prompt_len)
+    return counts.at[jnp.where(generated, slots, num_slots), first_tokens].add(1, mode="drop")
 
 
 def _scale(x: jax.Array, temperature: jax.Array) -> jax.Array:

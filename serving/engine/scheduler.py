@@ -31,11 +31,14 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
 
 from serving.engine.config import BucketSet
 from serving.engine.kv_cache import KVCacheManager, SeqPages
 from serving.engine.pages import PageAllocator
-from serving.request import EngineOutput, EngineRequest, FinishReason
+from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -62,6 +65,8 @@ class SequenceState:
     admissions: int = 0  # times it has started running (preemption restarts it): keys per-slot state
     status: SeqStatus = SeqStatus.WAITING
     num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
+    num_prompt_logprobs: int = 0  # prompt positions whose log probability has been reported (from the second)
+    reports_tokens: bool = True  # False: max_new_tokens 0, run only for its prompt logprobs
 
     @property
     def request_id(self) -> str:
@@ -115,6 +120,7 @@ class Chunk:
     step: int  # tokens generated before this row's sample: its sampler step
     samples: bool  # the chunk reaches the sequence's end: the step samples its next token
     first: bool  # the first chunk since admission: its seen-tokens row starts over
+    target: int = -1  # a one-token prompt row's next prompt token, whose log probability it reports
 
     @property
     def request_id(self) -> str:
@@ -154,6 +160,8 @@ class Scheduler:
                             num_prompt_tokens=prompt_len,
                             max_new_tokens=room if max_new is None else min(max_new, room))
         self._arrivals += 1
+        if max_new == 0 and request.config.prompt_logprobs is not None and room > 0:
+            seq.max_new_tokens, seq.reports_tokens = 1, False  # prefill for the logprobs, drop the token
         if seq.max_new_tokens <= 0:
             seq.status = SeqStatus.FINISHED
             return _output(seq, [], FinishReason.LENGTH)
@@ -161,25 +169,40 @@ class Scheduler:
         self._by_id[request.request_id] = seq
         return None
 
-    def update_from_output(self, chunks: list[Chunk], tokens: list[int]) -> list[EngineOutput]:
+    def update_from_output(self, chunks: list[Chunk], tokens: list[int],
+                           logprobs: StepLogprobsHost | None = None) -> list[EngineOutput]:
         """A read-back step: register the pages it filled, and append each sampled token to its sequence,
-        finishing the sequence on a stop id or at its length limit. Returns the outputs to report."""
+        finishing the sequence on a stop id or at its length limit. Returns the outputs to report.
+        `logprobs` (host arrays of `sampling.StepLogprobs`) when a row of the step asked for them."""
         outputs = []
-        for chunk, token in zip(chunks, tokens, strict=False):
+        for row, (chunk, token) in enumerate(zip(chunks, tokens, strict=False)):
             seq = self._by_id.get(chunk.request_id)
             if seq is None:
                 continue  # finished meanwhile (aborted, failed): its token is moot
             if seq.status is SeqStatus.RUNNING and chunk.admission == seq.admissions:
                 # its step has completed, so the pages hold their tokens (unless preempted since)
                 self.kv.commit(seq.held, seq.token_ids, chunk.start + chunk.length, seq.session_id)
+            config = seq.request.config
+            if chunk.target >= 0 and chunk.start == seq.num_prompt_logprobs and logprobs is not None:
+                seq.num_prompt_logprobs += 1  # once, even when preemption recomputed the position
+                output = _output(seq, [])
+                output.prompt_logprobs = [_logprob(logprobs, row, config.prompt_logprobs)]
+                outputs.append(output)
             if not chunk.samples:
                 continue
             seq.num_pending -= 1
+            if not seq.reports_tokens:
+                self._remove(seq)
+                outputs.append(_output(seq, [], FinishReason.LENGTH))
+                continue
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self._remove(seq)
-            outputs.append(_output(seq, [token], reason))
+            output = _output(seq, [token], reason)
+            if config.logprobs is not None and logprobs is not None:
+                output.logprobs = [_logprob(logprobs, row, config.logprobs)]
+            outputs.append(output)
         return outputs
 
     def _finish_reason(self, seq: SequenceState, token: int) -> FinishReason | None:
@@ -265,17 +288,32 @@ class Scheduler:
         self.num_prompt_tokens_computed += sum(c.length for c in plan.prefill) + sum(c.first for c in plan.decode)
 
     def _chunk(self, seq: SequenceState, start: int, length: int, first: bool = False) -> Chunk:
+        wants_target = (seq.request.config.prompt_logprobs is not None and length == 1
+                        and seq.num_prompt_logprobs <= start < seq.num_prompt_tokens - 1)
         return Chunk(request=seq.request, slot=seq.slot, admission=seq.admissions, start=start, length=length,
                      token_ids=seq.token_ids[start : start + length], pages=seq.held.pages,
-                     step=seq.num_generated, samples=start + length == seq.length, first=first)
+                     step=seq.num_generated, samples=start + length == seq.length, first=first,
+                     target=seq.token_ids[start + 1] if wants_target else -1)
+
+    def _row_limit(self, seq: SequenceState, start: int) -> int:
+        """The longest row `seq` may have from position `start`. A request with prompt logprobs takes its
+        prompt a token a row (the step computes logits only at each row's last token), and one with
+        penalties over generated tokens takes each generated token it recomputes after a preemption in
+        a row of its own (the sampler counts a row's first token: `sampling.count_generated`)."""
+        config = seq.request.config
+        if config.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+            return 1
+        if counts_generated(config):
+            return 1 if start >= seq.num_prompt_tokens else min(self.buckets.max_chunk, seq.num_prompt_tokens - start)
+        return self.buckets.max_chunk
 
     def _prefill_rows(self, plan: Schedule, seq: SequenceState, budget: int) -> list[int]:
         """Lengths of the consecutive chunks (one row each) `seq` can prefill in this step: as many rows
-        of up to `max_chunk` tokens as the budget and the compiled buckets allow."""
+        of up to `max_chunk` tokens (`_row_limit`) as the budget and the compiled buckets allow."""
         rows: list[int] = []
         todo = min(seq.num_remaining, budget)
         while todo > 0:
-            length = min(todo, self.buckets.max_chunk)
+            length = min(todo, self._row_limit(seq, seq.num_computed + sum(rows)))
             if not self._prefill_fits(plan, length, extra_rows=rows):
                 break
             rows.append(length)
@@ -294,11 +332,15 @@ class Scheduler:
             if seq.num_pending:
                 return  # preempted with a token in flight: recompute once it is read back
             seq.num_computed = self.kv.get_computed(seq.held, seq.token_ids[: seq.length], seq.session_id,
-                                                    may_reuse=seq.request.config.repetition_penalty == 1.0)
+                                                    may_reuse=_may_reuse_cache(seq.request.config))
             decoding = seq.num_remaining == 1
             rows = [1] if decoding else self._prefill_rows(plan, seq, budget)
-            # A prefill that cannot do at least a page (or the whole rest) now waits for a fuller budget.
-            fits = decoding or sum(rows) >= min(seq.num_remaining, self.page_size)
+            # A prefill that cannot do at least a page (or the whole rest, or a token in each of the most
+            # rows a step has when it goes a token a row) now waits for a fuller budget.
+            needed = min(seq.num_remaining, self.page_size)
+            if self._row_limit(seq, seq.num_computed) == 1:
+                needed = min(needed, self.buckets.prefill_rows[-1])
+            fits = decoding or sum(rows) >= needed
             if not fits or not self.kv.allocate(seq.held, seq.num_computed + sum(rows)):
                 self._drop_resources(seq)  # give the reused pages back: it retries from scratch
                 seq.num_computed = 0
@@ -370,6 +412,34 @@ class Scheduler:
         if seq.slot >= 0:
             self._free_slots.append(seq.slot)
             seq.slot = -1
+
+
+def counts_generated(config: GenerationConfig) -> bool:
+    """Whether a request's sampler rows need its generated-token counts (presence or frequency penalty)."""
+    return config.presence_penalty != 0 or config.frequency_penalty != 0
+
+
+def _may_reuse_cache(config: GenerationConfig) -> bool:
+    """Cached pages skip the step, so a request whose sampler must see every token it has (repetition
+    penalty: prompt and output; presence and frequency penalties: output after a preemption) or whose
+    prompt positions each need logits (prompt logprobs) computes its prompt in full."""
+    return config.repetition_penalty == 1.0 and not counts_generated(config) and config.prompt_logprobs is None
+
+
+def _logprob(logprobs: StepLogprobsHost, row: int, top: int) -> TokenLogprob:
+    """Row `row`'s entry of a step's log probabilities, with its `top` most likely tokens."""
+    top_ids, top_values = logprobs.top_ids[row, :top].tolist(), logprobs.top_logprobs[row, :top].tolist()
+    return TokenLogprob(int(logprobs.token_ids[row]), float(logprobs.logprobs[row]),
+                        tuple(zip(top_ids, top_values, strict=True)))
+
+
+class StepLogprobsHost(Protocol):
+    """`sampling.StepLogprobs` read back to the host (numpy arrays)."""
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
 
 
 def _output(seq: SequenceState, new_tokens: list[int], reason: FinishReason | None = None,

@@ -16,8 +16,9 @@ from quart import Blueprint
 from quart_schema import document_request, document_response
 
 from serving.http.body import read_body
+from serving.http.openapi import document_errors
 from serving.http.prompts import chat_prompt
-from serving.http.protocol import MAX_N, ChatMessage, ErrorResponse, lax
+from serving.http.protocol import MAX_N, ChatMessage, lax
 from serving.http.state import server_state
 from serving.text.templates import ChatTemplate
 from serving.text.tokenizer import Tokenizer
@@ -44,9 +45,7 @@ class EncodeResponse(BaseModel):
 @blueprint.post("/v1/encode")
 @document_request(EncodeRequest)
 @document_response(EncodeResponse, 200)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 413)
-@document_response(ErrorResponse, 503)
+@document_errors(400, 413, 503)
 async def encode() -> dict[str, Any]:
     """Token ids of a text (or of each of a list of texts) and their count."""
     body = await read_body(EncodeRequest)

@@ -20,7 +20,7 @@ from contextlib import aclosing
 
 from serving.engine.client import EngineClient
 from serving.http.errors import APIError, unavailable
-from serving.request import EngineOutput, EngineRequest, FinishReason
+from serving.request import EngineOutput, EngineRequest, FinishReason, TokenLogprob
 from serving.text.output import RequestFailed, RequestTracker, TextDelta
 
 
@@ -214,8 +214,14 @@ def _with_queued(
                 output,
                 new_token_ids=earlier.new_token_ids + output.new_token_ids,
                 num_cached_tokens=max(earlier.num_cached_tokens, output.num_cached_tokens),
+                logprobs=_joined(earlier.logprobs, output.logprobs),
+                prompt_logprobs=_joined(earlier.prompt_logprobs, output.prompt_logprobs),
             )
     return list(merged.items())
+
+
+def _joined(first: list | None, second: list | None) -> list | None:
+    return first if second is None else second if first is None else first + second
 
 
 async def collect(deltas: AsyncGenerator[tuple[int, TextDelta], None], num_choices: int) -> list[ChoiceResult]:
@@ -228,6 +234,10 @@ async def collect(deltas: AsyncGenerator[tuple[int, TextDelta], None], num_choic
             result.token_ids += delta.token_ids
             result.num_completion_tokens = delta.num_completion_tokens
             result.num_cached_tokens = delta.num_cached_tokens
+            if delta.logprobs is not None:
+                result.logprobs += delta.logprobs
+                result.token_texts += delta.token_texts
+            result.prompt_logprobs += delta.prompt_logprobs or []
             if delta.finished:
                 result.finish_reason = delta.finish_reason
     return results
@@ -242,3 +252,6 @@ class ChoiceResult:
     finish_reason: str | None = None
     num_completion_tokens: int = 0
     num_cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # when asked for
+    token_texts: list[str] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)

@@ -24,9 +24,9 @@ from serving.http.body import read_body
 from serving.http.choices import fan_out, generate
 from serving.http.engine_client import AsyncEngineClient, collect
 from serving.http.errors import APIError
-from serving.http.openapi import streams
+from serving.http.openapi import document_errors, streams
 from serving.http.params import fit_context_length, generation_config
-from serving.http.protocol import ErrorResponse, SamplingFields, lax
+from serving.http.protocol import SamplingFields, lax
 from serving.http.sse import sse_response
 from serving.http.state import server_state
 from serving.request import EngineRequest
@@ -69,12 +69,7 @@ class GenerateResponse(BaseModel):
 @blueprint.post("/generate")
 @document_request(GenerateRequest)
 @document_response(GenerateResponse, 200)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 408)
-@document_response(ErrorResponse, 413)
-@document_response(ErrorResponse, 500)
-@document_response(ErrorResponse, 503)
+@document_errors(400, 404, 408, 413, 500, 503)
 @streams(GenerateResponse)
 async def generate_route() -> Response | dict[str, Any]:
     """Generate from a text or token-id prompt (LMDeploy's /generate)."""
@@ -89,7 +84,7 @@ async def generate_route() -> Response | dict[str, Any]:
         prompt_ids = await asyncio.to_thread(engine.tokenizer.encode, body.prompt)
     else:
         prompt_ids = list(body.input_ids or [])
-    config = generation_config(body, state.generation_defaults)
+    config = generation_config(body, state.generation_defaults, engine.tokenizer)
     config.max_new_tokens = fit_context_length(
         [prompt_ids], config.max_new_tokens, engine.max_session_len, param, state.settings.strict_context_length
     )

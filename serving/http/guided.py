@@ -7,6 +7,8 @@ The fields (one constraint per request; two are a 400):
 - vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark or GBNF) and its newer
   `structured_outputs: {"json" | "regex" | "choice" | "grammar": ...}`; `guided_decoding_backend`:
   `device` / `host` sends a regular constraint to one path (default: the device when it is regular);
+- `bad_words` whose spellings are several tokens (`serving.text.bad_words`), as an automaton that bans
+  the token completing one;
 - chat's `tool_choice: "required"` or a named function (with `--tool-call-parser`): the call that the
   prompt's call prefix opens is constrained to a tool's name and its parameters' schema.
 
@@ -25,16 +27,21 @@ from serving.http.errors import APIError
 from serving.http.protocol import SamplingFields
 from serving.http.tools import ToolPlan
 from serving.request import GenerationConfig, Guide
+from serving.text.bad_words import bad_word_spellings
 from serving.text.grammar import GuideCompiler, GuideError, GuideSpec
+from serving.text.tokenizer import Tokenizer
 
 COMPILE_TIMEOUT_S = 20.0
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="xlserve-grammar")
 _STRUCTURED_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 
 
-def guide_spec(body: SamplingFields, plan: ToolPlan | None = None) -> GuideSpec | None:
+def guide_spec(body: SamplingFields, tokenizer: Tokenizer, plan: ToolPlan | None = None) -> GuideSpec | None:
     """The constraint `body` asks for, if any; 400 for a malformed or doubled one."""
     specs = []
+    if body.bad_words:  # the spellings of several tokens (one-token ones are sampler bans: params.py)
+        several = bad_word_spellings(tokenizer, body.bad_words)[1]
+        specs += [GuideSpec("bad_words", [list(ids) for ids in several], "bad_words")] if several else []
     backend = body.guided_decoding_backend or "auto"
     if backend not in ("auto", "device", "host"):
         raise APIError(400, "guided_decoding_backend must be auto, device or host", param="guided_decoding_backend")
@@ -65,7 +72,7 @@ async def compile_guide(compiler: GuideCompiler, spec: GuideSpec | None, config:
     """`spec` compiled (on the grammar pool) for requests of `config`, which end at its stop ids."""
     if spec is None:
         return None
-    if config.min_new_tokens:
+    if config.min_new_tokens and spec.kind != "bad_words":
         raise APIError(400, "min_tokens (min_new_tokens) cannot be combined with structured output: the end "
                        "token must stay allowed where the constraint is complete", param="min_tokens")
     end_ids = frozenset(config.stop_token_ids or []) | (frozenset() if config.ignore_eos else eos_token_ids)

@@ -34,9 +34,9 @@ from serving.http.body import read_body
 from serving.http.choices import fan_out, generate
 from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
-from serving.http.openapi import ndjson_stream
+from serving.http.openapi import document_errors, ndjson_stream
 from serving.http.prompts import messages_chars
-from serving.http.protocol import MAX_MESSAGES, ChatMessage, ErrorResponse, Stop, lax
+from serving.http.protocol import MAX_MESSAGES, ChatMessage, Stop, lax
 from serving.http.sessions import Session, Turn, turn_tokens
 from serving.http.sse import ndjson_response
 from serving.http.state import ServerState, server_state
@@ -108,11 +108,7 @@ class InteractiveResponse(BaseModel):
 @blueprint.post("/v1/chat/interactive")
 @document_request(InteractiveRequest)
 @document_response(InteractiveResponse, 200)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 408)
-@document_response(ErrorResponse, 413)
-@document_response(ErrorResponse, 500)
-@document_response(ErrorResponse, 503)
+@document_errors(400, 408, 413, 500, 503)
 @ndjson_stream(InteractiveResponse)
 async def chat_interactive() -> Response | dict[str, Any]:
     """Chat with the history kept on the server (LMDeploy's interactive API).

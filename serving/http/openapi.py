@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from quart_schema import OpenAPIProvider
+from quart_schema import OpenAPIProvider, document_response
 from quart_schema.validation import DataSource
 from werkzeug.routing import Rule
 
@@ -24,6 +24,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 _STREAM_ATTRIBUTE = "_xlserve_stream_model"
 _NDJSON_ATTRIBUTE = "_xlserve_ndjson_model"
 _TEXT_ATTRIBUTE = "_xlserve_text_media_type"
+
+
+def document_errors(*statuses: int) -> Callable[[F], F]:
+    """Document OpenAI's error envelope (`ErrorResponse`) as the answer of each of these statuses."""
+
+    def decorate(func: F) -> F:
+        for status in statuses:
+            func = document_response(ErrorResponse, status)(func)
+        return func
+
+    return decorate
 
 
 def streams(chunk_model: type[BaseModel]) -> Callable[[F], F]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from configs.demo import DEMO_MODEL_NAME
-from serving.engine.config import EngineConfig
+from serving.engine.config import LOGPROBS_MODES, EngineConfig
 from serving.http.settings import (
     DEFAULT_ENGINE_STALL_TIMEOUT,
     DEFAULT_FIRST_TOKEN_TIMEOUT,
@@ -311,6 +311,23 @@ OPTIONS: tuple[Option, ...] = (
         type=int,
     ),
     Option(
+        "--quant-policy",
+        "engine",
+        "quant_policy",
+        "KV cache quantization, per token and KV head: 0 (none), 8 (int8), 4 (int4), fp8 (e4m3); the same "
+        "--cache-max-entry-count then holds about 1.9x (8, fp8) or 3.8x (4) the pages "
+        f"(default: {_engine_default('quant_policy')}).",
+        choices=("0", "4", "8", "fp8"),
+    ),
+    Option(
+        "--weight-quant",
+        "engine",
+        "weight_quant",
+        "Quantize the linear layers' weights at load, per output channel: int8 or fp8 (e4m3) (default: none; "
+        "a Hugging Face FP8 checkpoint serves as fp8).",
+        choices=("int8", "fp8"),
+    ),
+    Option(
         "--num-pages",
         "engine",
         "num_pages",
@@ -386,6 +403,15 @@ OPTIONS: tuple[Option, ...] = (
         "Decode rows sharing cached prefix pages read them once per tile of rows, with the Pallas kernels "
         "(on by default; --no-enable-shared-prefix-attention turns it off).",
         kind="switch",
+    ),
+    Option(
+        "--logprobs-mode",
+        "engine",
+        "logprobs_mode",
+        "What log probabilities report: raw is the log-softmax of the model's logits, before any sampling "
+        "transform (vLLM's default); processed is that of the logits each row samples from, after penalties, "
+        f"logit bias, temperature and top-k/top-p/min-p (default: {_engine_default('logprobs_mode')}).",
+        choices=LOGPROBS_MODES,
     ),
     Option(
         "--guided-decoding-states",

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from serving.http.errors import APIError
 from serving.http.protocol import SamplingFields
 from serving.request import GenerationConfig
-from serving.text.tokenizer import PromptTooLong
+from serving.text.bad_words import bad_word_spellings
+from serving.text.tokenizer import PromptTooLong, Tokenizer
 
 OPENAI_DEFAULTS: dict[str, float | int] = {
     "temperature": 1.0,
@@ -22,7 +23,8 @@ OPENAI_DEFAULTS: dict[str, float | int] = {
 }
 
 
-def generation_config(body: SamplingFields, model_defaults: Mapping[str, float | int]) -> GenerationConfig:
+def generation_config(body: SamplingFields, model_defaults: Mapping[str, float | int],
+                      tokenizer: Tokenizer) -> GenerationConfig:
     def pick(name: str) -> float | int:
         value = getattr(body, name)
         if value is not None:
@@ -33,13 +35,18 @@ def generation_config(body: SamplingFields, model_defaults: Mapping[str, float |
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return GenerationConfig(
         max_new_tokens=max_new_tokens(body),
-        min_new_tokens=body.min_new_tokens or 0,
+        min_new_tokens=body.min_new_tokens or body.min_tokens or 0,
         do_sample=True,  # temperature 0 is what asks for greedy decoding here
         temperature=float(pick("temperature")),
         top_p=float(pick("top_p")),
         top_k=0 if top_k == -1 else top_k,  # -1 is vLLM's spelling of "off"
         min_p=body.min_p or 0.0,
         repetition_penalty=float(pick("repetition_penalty")),
+        presence_penalty=float(body.presence_penalty or 0.0),
+        frequency_penalty=float(body.frequency_penalty or 0.0),
+        logit_bias={int(token): float(value) for token, value in body.logit_bias.items()} or None
+        if body.logit_bias else None,
+        bad_token_ids=bad_word_spellings(tokenizer, body.bad_words)[0] or None if body.bad_words else None,
         random_seed=body.seed,
         ignore_eos=bool(body.ignore_eos),
         stop_words=stop or None,

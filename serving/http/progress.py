@@ -87,6 +87,7 @@ class StartupDisplay:
         """The ready line: model, dtype, TP, KV cache, buckets, time to ready, and where to go."""
         engine, settings = state.engine, state.settings
         pages = engine.stats().num_pages_total
+        quantized = f" ({engine.quantization_name})" if engine.quantization_name else ""
         where = [f"OpenAI API at {url}/v1"]
         if settings.webui:
             where.append(f"chat at {url}/chat")
@@ -98,7 +99,8 @@ class StartupDisplay:
                         f"{self.buckets} of {self.total} buckets compiled (the rest compile while it serves)")
         return (
             f"{PREFIX} {settings.model_name} ready after {time.monotonic() - self.began:.1f}s: "
-            f"{engine.dtype_name}, TP {engine.engine_config.tp}, {pages} KV pages of {engine.page_size} tokens "
+            f"{engine.dtype_name}{quantized}, TP {engine.engine_config.tp}, "
+            f"{pages} KV pages of {engine.page_size} tokens "
             f"({pages * engine.page_size} tokens), {compiled}; " + ", ".join(where)
         )
 

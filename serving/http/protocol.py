@@ -8,10 +8,11 @@ openai SDK send fields this server has no use for (`user`, `parallel_tool_calls`
 also accept `null`, which several clients send instead of leaving a field out. The same models are the
 OpenAPI schemas.
 
-Fields that change what a request means but are not implemented yet (`logit_bias`, the penalties, ...)
-are declared, so that any value other than the ones that
-change nothing is a 400 naming the field: a client that bans tokens or asks for JSON is told, not
-silently served something else (`UNSUPPORTED_FIELDS`).
+Fields that change what a request means but are not implemented yet (`allowed_token_ids`,
+`prompt_logprobs`, ...) are declared, so that any value other than the ones that change nothing is a 400
+naming the field: a client is told, not silently served something else (`UNSUPPORTED_FIELDS`).
+Numeric sampling fields take their bounds from the engine's one declaration of each option
+(`option_type`, from `GenerationConfig`), narrowed where OpenAI's API is narrower.
 
 Fields that are a union of JSON shapes (`prompt`, `stop`, message `content`) pick their branch by the
 value's JSON type, so an error names only the shape the client meant; `UNION_TAGS` lists the branch
@@ -40,9 +41,11 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
-from serving.request import MAX_SEED
+from serving.request import MAX_LOGIT_BIAS, MAX_SEED, GenerationConfig
+from serving.sampling_options import declared_options
 
 MAX_N = 128  # OpenAI's own bound on `n`; each choice is one engine request
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound on the legacy completions' `logprobs`
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; stop-string matching costs per emitted character, so bound it
 MAX_STOP_LENGTH = 256
 # Chat templates run in Python per message: bound the count so a body of tiny messages cannot buy
@@ -107,19 +110,37 @@ def _is(harmless: object) -> Callable[[Any], bool]:
     return lambda value: value == harmless and type(value) is type(harmless)
 
 
-def _is_zero(value: Any) -> bool:
-    return type(value) in (int, float) and value == 0
+_OPTIONS = {declared.name: declared for declared in declared_options(GenerationConfig)}
+
+
+def option_type(name: str, high: float | None = None) -> Any:
+    """The type of an HTTP field for the declared option `name` (`GenerationConfig`): its kind and range,
+    with OpenAI's narrower upper bound where the declaration has one (or `high`)."""
+    declared = _OPTIONS[name]
+    spec = declared.spec
+    upper = high if high is not None else spec.api_high if spec.api_high is not None else spec.high
+    bounds = {"gt" if spec.low_open else "ge": spec.low, "lt" if spec.high_open else "le": upper}
+    return lax(declared.kind, **{key: declared.kind(value) for key, value in bounds.items()})
+
+
+def _logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+    for key in value:
+        if not re.fullmatch(r"[0-9]+", key):
+            raise ValueError(f"keys must be token ids written as strings (e.g. \"50256\"), got {key!r}")
+    return value
+
+
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)]
 
 
 # Not implemented yet, each with the values that change nothing (besides null) and what to do instead.
 _SAMPLING_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "logit_bias": (_is({}), "leave it out"),
-    "presence_penalty": (_is_zero, "leave it out or send 0; repetition_penalty is supported"),
-    "frequency_penalty": (_is_zero, "leave it out or send 0; repetition_penalty is supported"),
-    "min_tokens": (_is_zero, "min_new_tokens is supported"),
-    "bad_words": (_is([]), "leave it out"),
     "allowed_token_ids": (_is([]), "leave it out"),
-    "prompt_logprobs": (_is(None), "logprobs are not supported"),
+    "prompt_logprobs": (_is(None), "use echo with logprobs on /v1/completions"),
     "use_beam_search": (_is(False), "only sampling is supported"),
     "truncate_prompt_tokens": (_is(None), "send the prompt you want read"),
 }
@@ -164,13 +185,27 @@ class SamplingFields(_Request):
         None, description="Most tokens to generate; null means up to the session length."
     )
     max_completion_tokens: lax(int, ge=1) | None = Field(None, description="Same as `max_tokens` (newer name).")
-    temperature: lax(float, ge=0, le=2) | None = Field(
+    temperature: option_type("temperature") | None = Field(
         None, description="0 is greedy; null takes the model's generation_config default, else 1."
     )
-    top_p: lax(float, gt=0, le=1) | None = None
+    top_p: option_type("top_p") | None = None
     top_k: lax(int, ge=-1) | None = Field(None, description="0 or -1 switch top-k off.")
-    min_p: lax(float, ge=0, le=1) | None = None
-    repetition_penalty: lax(float, gt=0, le=10) | None = None
+    min_p: option_type("min_p") | None = None
+    repetition_penalty: option_type("repetition_penalty") | None = None
+    presence_penalty: option_type("presence_penalty") | None = Field(
+        None, description="Subtracted from the logit of every token generated so far (OpenAI's)."
+    )
+    frequency_penalty: option_type("frequency_penalty") | None = Field(
+        None, description="Times how often a token was generated so far, subtracted from its logit (OpenAI's)."
+    )
+    logit_bias: LogitBias | None = Field(
+        None, description=f"Token id (as a string) -> a value in [-100, 100] added to its logit; "
+        f"at most {MAX_LOGIT_BIAS} entries."
+    )
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="Words never generated; each must be one token "
+        "(with or without a leading space)."
+    )
     n: lax(int, ge=1, le=MAX_N) | None = Field(None, description="Choices to generate for each prompt.")
     stop: Stop | None = Field(None, description="Strings that end the generation (not included in the text).")
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end the generation.")
@@ -178,20 +213,18 @@ class SamplingFields(_Request):
     stream: lax(bool) | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: lax(bool) | None = False
-    min_new_tokens: lax(int, ge=0) | None = Field(None, description="Tokens to generate before EOS may end.")
+    min_new_tokens: option_type("min_new_tokens") | None = Field(
+        None, description="Tokens to generate before EOS may end."
+    )
+    min_tokens: option_type("min_new_tokens") | None = Field(None, description="Same as `min_new_tokens` (vLLM's).")
     skip_special_tokens: lax(bool) | None = True
     spaces_between_special_tokens: lax(bool) | None = True
     include_stop_str_in_output: lax(bool) | None = False
     user: str | None = Field(None, description="Accepted and ignored.")
-    logit_bias: Any = _unsupported()
-    presence_penalty: Any = _unsupported()
-    frequency_penalty: Any = _unsupported()
     response_format: dict[str, Any] | None = Field(
         None, description="`{type: json_object}`, `{type: json_schema, json_schema: {name, schema, strict}}` or "
         "LMDeploy's `{type: regex_schema, regex_schema: PATTERN}`: the answer is constrained to it (a schema "
         "keyword that cannot be enforced is a 400 naming it).")
-    min_tokens: Any = _unsupported()
-    bad_words: Any = _unsupported()
     allowed_token_ids: Any = _unsupported()
     guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's: a JSON schema the answer follows.")
     guided_regex: str | None = Field(None, description="vLLM's: a regular expression the answer matches.")
@@ -206,6 +239,7 @@ class SamplingFields(_Request):
     truncate_prompt_tokens: Any = _unsupported()
 
     _refuse_unsupported = field_validator(*_SAMPLING_UNSUPPORTED)(_refuse_unsupported)
+    _check_logit_bias = field_validator("logit_bias")(_logit_bias)
 
     @property
     def include_usage(self) -> bool:
@@ -299,8 +333,10 @@ class ChatCompletionRequest(SamplingFields):
         "is constrained to a tool's name and parameters' schema.",
     )
     parallel_tool_calls: bool | None = Field(None, description="false keeps only the first call.")
-    logprobs: bool | None = Field(None, description="Not supported: only false or null.")
-    top_logprobs: int | None = Field(None, description="Not supported: only 0 or null.")
+    logprobs: lax(bool) | None = Field(None, description="Return each generated token's log probability.")
+    top_logprobs: option_type("logprobs") | None = Field(
+        None, description="With logprobs: also this many most likely tokens at each position."
+    )
     functions: Any = _unsupported()
     function_call: Any = _unsupported()
     audio: Any = _unsupported()
@@ -328,10 +364,19 @@ class CompletionRequest(SamplingFields):
         description="A string, a list of strings, a list of token ids, or a list of token-id lists; "
         "each prompt gets `n` choices."
     )
-    echo: bool | None = Field(None, description="Not supported: only false or null.")
+    max_tokens: lax(int, ge=0) | None = Field(
+        None, description="Most tokens to generate; null means up to the session length; 0 only with `echo`."
+    )
+    echo: lax(bool) | None = Field(None, description="Return the prompt before the completion (with its log "
+                                   "probabilities when `logprobs` is set; the first token's is null).")
     suffix: str | None = Field(None, description="Not supported: only null or empty.")
-    logprobs: int | None = Field(None, description="Not supported: only 0 or null.")
-    best_of: int | None = Field(None, description="Only null or equal to `n`.")
+    logprobs: option_type("logprobs", high=MAX_COMPLETION_LOGPROBS) | None = Field(
+        None, description="Return each token's log probability and this many most likely tokens'."
+    )
+    best_of: lax(int, ge=1, le=MAX_N) | None = Field(
+        None, description="Generate this many choices per prompt and return the `n` of the highest cumulative "
+        "log probability (not with `stream`)."
+    )
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -341,20 +386,60 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(description="Prompt tokens taken from the prefix cache instead of computed.")
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = Field(description="Completion tokens of the reasoning (with --reasoning-parser).")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+           reasoning_tokens: int | None = None) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+            completion_tokens_details=None if reasoning_tokens is None else CompletionTokensDetails(
+                reasoning_tokens=reasoning_tokens),
         )
+
+    # No return annotation: pydantic would document it as the schema instead of the fields.
+    @model_serializer(mode="wrap")
+    def _leave_out_absent_details(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        if data.get("completion_tokens_details") is None:
+            data.pop("completion_tokens_details", None)
+        return data
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="The token's UTF-8 bytes.")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="The most likely tokens at this position (top_logprobs).")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' log probabilities: four lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="null for an echoed prompt's first token.")
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int] = Field(description="Where each token's text starts in `text`.")
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -387,7 +472,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -432,7 +517,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -449,7 +534,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = Field(description="null in stream chunks until the choice ends.")
 
 

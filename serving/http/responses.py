@@ -25,8 +25,8 @@ from serving.http.body import read_body, validation_error
 from serving.http.chat_run import ChatRun, ChoiceOutput, run_streamed, run_whole, start_chat
 from serving.http.engine_client import AsyncEngineClient
 from serving.http.errors import APIError
-from serving.http.openapi import streams
-from serving.http.protocol import MAX_MESSAGES, ChatCompletionRequest, ErrorResponse, lax
+from serving.http.openapi import document_errors, streams
+from serving.http.protocol import MAX_MESSAGES, ChatCompletionRequest, lax
 from serving.http.sse import typed_sse_response
 from serving.http.state import server_state
 
@@ -206,13 +206,7 @@ class ResponseStreamEvent(BaseModel):
 @blueprint.post("/v1/responses")
 @document_request(ResponsesRequest)
 @document_response(ResponseObject, 200)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 408)
-@document_response(ErrorResponse, 413)
-@document_response(ErrorResponse, 422)
-@document_response(ErrorResponse, 500)
-@document_response(ErrorResponse, 503)
+@document_errors(400, 404, 408, 413, 422, 500, 503)
 @streams(ResponseStreamEvent)
 async def responses() -> Response | dict[str, Any]:
     """Create a model response (OpenAI's Responses API; stateless)."""

@@ -8,8 +8,8 @@ from typing import Any
 from quart import Blueprint, Response, request
 from quart_schema import document_response
 
-from serving.http.openapi import text_response
-from serving.http.protocol import ErrorResponse, Health, ModelCard, ModelList, Readiness
+from serving.http.openapi import document_errors, text_response
+from serving.http.protocol import Health, ModelCard, ModelList, Readiness
 from serving.http.state import server_state
 
 blueprint = Blueprint("service", __name__)
@@ -17,7 +17,7 @@ blueprint = Blueprint("service", __name__)
 
 @blueprint.get("/health")
 @document_response(Health, 200)
-@document_response(ErrorResponse, 503)
+@document_errors(503)
 async def health() -> dict[str, Any]:
     """Liveness: 200 while the process can serve or is still loading; 503 once the engine has failed, or
     while it is stuck (--engine-stall-timeout)."""
@@ -29,7 +29,7 @@ async def health() -> dict[str, Any]:
 
 @blueprint.get("/v1/ready")
 @document_response(Readiness, 200)
-@document_response(ErrorResponse, 503)
+@document_errors(503)
 async def ready() -> dict[str, Any]:
     """Readiness: 200 once the model is loaded and every bucket compiled; 503 before (and after a failure)."""
     state = server_state()

@@ -17,7 +17,7 @@ from quart_schema import document_request, document_response
 
 from serving.http.body import validation_error
 from serving.http.errors import APIError
-from serving.http.protocol import ErrorResponse
+from serving.http.openapi import document_errors
 from serving.proxy.nodes import HYBRID, normalize_url
 from serving.proxy.probe import ProbeError, probe_node
 from serving.proxy.protocol import NodeRemoved, NodeRequest, NodesStatus, NodeStatus
@@ -48,8 +48,7 @@ async def status() -> dict[str, Any]:
 @blueprint.post("/nodes/add")
 @document_request(NodeRequest)
 @document_response(NodeStatus, 200)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 502)
+@document_errors(400, 502)
 async def add() -> dict[str, Any]:
     """Add (or refresh) a node: `{url, status?: {models, speed, role}}`. Its /v1/models is checked
     first, and must list any `status.models` given; it takes requests once its /v1/ready answers 200."""
@@ -74,7 +73,7 @@ async def add() -> dict[str, Any]:
 @blueprint.post("/nodes/remove")
 @document_request(NodeRequest)
 @document_response(NodeRemoved, 200)
-@document_response(ErrorResponse, 404)
+@document_errors(404)
 async def remove() -> dict[str, Any]:
     """Remove a node (`{url}`, as a JSON body): it gets no new requests; those in flight finish."""
     _, url = await _node_request()

@@ -58,7 +58,24 @@ class PromptPages:
         if path == "/v1/chat/interactive":
             prompt = body.get("prompt")
             return cls.text(prompt if isinstance(prompt, str) else _chat_text(None, prompt))
-        return cls.text(_chat_text(body.get("tools"), body.get("messages")))
+        if path == "/generate":
+            ids = body.get("input_ids")
+            if isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                return cls(ids, tokens=True)
+            prompt = body.get("prompt")
+            return cls.text(prompt if isinstance(prompt, str) else "")
+        if path == "/v1/responses":  # instructions first, as the system message they become
+            items = body.get("input")
+            items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+            system = [{"role": "system", "content": body["instructions"]}] if body.get("instructions") else []
+            return cls.text(_chat_text(body.get("tools"), system + (items if isinstance(items, list) else [])))
+        if path == "/v1/messages":  # Anthropic's: the system prompt is a field of its own
+            system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+            messages = body.get("messages")
+            return cls.text(_chat_text(body.get("tools"), system + (messages if isinstance(messages, list) else [])))
+        if path == "/v1/chat/completions":
+            return cls.text(_chat_text(body.get("tools"), body.get("messages")))
+        return cls.text("")  # nothing a cache could reuse (/v1/encode)
 
     @classmethod
     def text(cls, text: str) -> PromptPages:

@@ -1,7 +1,8 @@
 """The proxy's OpenAI routes, relayed to a node, and its own probes and metrics.
 
-`/v1/chat/completions` and `/v1/completions` go where the routing strategy says, among the healthy
-nodes serving the body's `model`; `/v1/chat/interactive` goes to the node that holds its session
+`/v1/chat/completions`, `/v1/completions`, `/v1/responses` and `/v1/messages` go where the routing strategy
+says, among the healthy nodes serving the body's `model`, and so do LMDeploy's `/generate` and `/v1/encode`
+(whose `model` is optional); `/v1/chat/interactive` goes to the node that holds its session
 (placed by the strategy on its first turn). The body is relayed as the client sent it, byte for byte;
 the proxy reads only what routing needs and leaves validation to the node, so a node's 400 is the
 answer the client gets. `/v1/models` is the union of the nodes' models.
@@ -17,14 +18,13 @@ from quart_schema import document_request, document_response
 
 from serving.http.body import validation_error
 from serving.http.errors import APIError
-from serving.http.openapi import streams, text_response
+from serving.http.openapi import document_errors, streams, text_response
 from serving.http.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     Health,
     ModelList,
 )
@@ -72,10 +72,13 @@ def _session_key(body: dict[str, Any], state: ProxyState) -> str | None:
     return user if isinstance(user, str) and user else None
 
 
-async def _relay_openai(path: str) -> Response:
+# The bodies of /v1/responses, /v1/messages, /generate and /v1/encode are documented by api_server's own
+# schema; the proxy does not import those routes (they pull in the engine) and documents only its errors.
+async def _relay(path: str, model_required: bool = True) -> Response:
     state = proxy_state()
     raw, body = await _read_body()
-    routed = RoutedRequest(_model(body, state, required=True), PromptPages.of(path, body), _session_key(body, state))
+    routed = RoutedRequest(_model(body, state, required=model_required), PromptPages.of(path, body),
+                           _session_key(body, state))
     response, _ = await state.relay.send(path, raw, _headers(), routed)
     return response
 
@@ -87,36 +90,56 @@ def _headers() -> dict[str, str]:
 @blueprint.post("/v1/chat/completions")
 @document_request(ChatCompletionRequest)
 @document_response(ChatCompletionResponse, 200)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 502)
-@document_response(ErrorResponse, 503)
+@document_errors(400, 404, 502, 503)
 @streams(ChatCompletionChunk)
 async def chat_completions() -> Response:
     """Relayed to a node serving `model`; streams arrive chunk by chunk. A node's own errors come back
     unchanged; 503 (with Retry-After) when no node is in rotation, 502 when none could answer."""
-    return await _relay_openai("/v1/chat/completions")
+    return await _relay("/v1/chat/completions")
 
 
 @blueprint.post("/v1/completions")
 @document_request(CompletionRequest)
 @document_response(CompletionResponse, 200)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 502)
-@document_response(ErrorResponse, 503)
+@document_errors(400, 404, 502, 503)
 @streams(CompletionResponse)
 async def completions() -> Response:
     """Relayed to a node serving `model`, as /v1/chat/completions."""
-    return await _relay_openai("/v1/completions")
+    return await _relay("/v1/completions")
+
+
+@blueprint.post("/v1/responses")
+@document_errors(400, 404, 502, 503)
+async def responses() -> Response:
+    """OpenAI's Responses API, relayed to a node serving `model`, as /v1/chat/completions."""
+    return await _relay("/v1/responses")
+
+
+@blueprint.post("/v1/messages")
+@document_errors(400, 404, 502, 503)
+async def messages() -> Response:
+    """Anthropic's Messages API, relayed to a node serving `model`; the node's answers (and its errors, in
+    Anthropic's format) come back unchanged."""
+    return await _relay("/v1/messages")
+
+
+@blueprint.post("/generate")
+@document_errors(400, 404, 502, 503)
+async def generate() -> Response:
+    """LMDeploy's /generate, relayed to a node (one serving `model` when it is given)."""
+    return await _relay("/generate", model_required=False)
+
+
+@blueprint.post("/v1/encode")
+@document_errors(400, 404, 502, 503)
+async def encode() -> Response:
+    """LMDeploy's /v1/encode, relayed to a node (one serving `model` when it is given)."""
+    return await _relay("/v1/encode", model_required=False)
 
 
 @blueprint.post("/v1/chat/interactive")
 @document_request(InteractiveFields)
-@document_response(ErrorResponse, 400)
-@document_response(ErrorResponse, 404)
-@document_response(ErrorResponse, 502)
-@document_response(ErrorResponse, 503)
+@document_errors(400, 404, 502, 503)
 async def chat_interactive() -> Response:
     """LMDeploy's interactive chat, relayed to the node holding the session: every turn of a session goes
     to the node that answered its first (if that node left, the next turn starts the session afresh on
@@ -155,7 +178,7 @@ async def health() -> dict[str, Any]:
 
 @blueprint.get("/v1/ready")
 @document_response(ProxyReadiness, 200)
-@document_response(ErrorResponse, 503)
+@document_errors(503)
 async def ready() -> dict[str, Any]:
     """Readiness: 200 while at least one node is in rotation."""
     healthy = sum(node.healthy for node in proxy_state().registry)

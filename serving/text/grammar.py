@@ -32,6 +32,7 @@ import numpy as np
 import outlines_core
 
 from serving.request import Guide, HostGrammar, TokenAutomaton
+from serving.text.bad_words import bad_words_automaton
 from serving.text.json_regex import NotRegular, Unsupported, escape, schema_regex
 from serving.text.tokenizer import Tokenizer
 
@@ -46,7 +47,8 @@ _COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_sepa
 @dataclass(frozen=True)
 class GuideSpec:
     """A request's constraint. kind: json_schema (source: the schema), json_object, regex (source: the
-    pattern), choice (source: the strings), grammar (source: Lark or GBNF text). param: the request field."""
+    pattern), choice (source: the strings), grammar (source: Lark or GBNF text), bad_words (source: the
+    banned spellings of several tokens, as token-id lists). param: the request field."""
 
     kind: str
     source: Any
@@ -94,7 +96,7 @@ class GuideCompiler:
 
     def compile(self, spec: GuideSpec, end_ids: frozenset[int]) -> Guide:
         """The guide of `spec` for a request that ends at any of `end_ids`; raises GuideError."""
-        if not end_ids:
+        if not end_ids and spec.kind != "bad_words":  # a ban needs no end: it holds wherever the answer stops
             raise GuideError("a constrained answer needs a token that ends it (leave ignore_eos off)", "ignore_eos")
         key = hashlib.sha256(json.dumps([spec.kind, spec.source, sorted(end_ids), spec.backend],
                                         sort_keys=True).encode()).hexdigest()
@@ -110,6 +112,10 @@ class GuideCompiler:
         return guide
 
     def _compile(self, spec: GuideSpec, end_ids: frozenset[int], key: str) -> Guide:
+        if spec.kind == "bad_words":
+            automaton = bad_words_automaton(spec.source, self.vocab_size, end_ids, key)
+            return HostGrammar(key, "automaton", "bad_words", end_ids, automaton) if spec.backend == "host" \
+                else automaton
         try:
             regex = _regex(spec)
         except Unsupported as error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig
+from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, TokenLogprob
 from serving.text.detokenizer import IncrementalDetokenizer
 from serving.text.stop import StopStringMatcher
 from serving.text.tokenizer import Tokenizer
@@ -25,6 +25,11 @@ class TextDelta:
     finish_reason: str | None
     num_completion_tokens: int
     num_cached_tokens: int = 0
+    # With logprobs: one entry per token of `token_ids`, and the text each token added to the answer
+    # (`token_texts`; "" for a byte that only completes a character later), for text offsets.
+    logprobs: list[TokenLogprob] | None = None
+    token_texts: list[str] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # new prompt entries (from its second token on)
 
 
 class OutputProcessor:
@@ -53,6 +58,7 @@ class OutputProcessor:
     def process(self, out: EngineOutput) -> TextDelta:
         if self._finish_reason is not None:
             return TextDelta("", [], True, self._finish_reason, self._num_tokens, self._num_cached)
+        texts: list[str] = []
         self._num_cached = max(self._num_cached, out.num_cached_tokens)
         ids = list(out.new_token_ids)
         # The engine stopped on an EOS or stop token id, which is the last new token. Like vLLM, its
@@ -63,7 +69,9 @@ class OutputProcessor:
         stopped = False
         # One token at a time, so a stop string is pinned to the token that completed it.
         for n, token_id in enumerate(text_ids, 1):
-            piece, stopped = self._stop.push(self._detokenizer.push([token_id]))
+            text = self._detokenizer.push([token_id])
+            texts.append(text)
+            piece, stopped = self._stop.push(text)
             pieces.append(piece)
             if stopped:
                 ids = ids[:n]
@@ -79,7 +87,12 @@ class OutputProcessor:
         elif out.finished:
             self._finish_reason = FinishReason(out.finish_reason).value
         finished = self._finish_reason is not None
-        return TextDelta("".join(pieces), ids, finished, self._finish_reason, self._num_tokens, self._num_cached)
+        delta = TextDelta("".join(pieces), ids, finished, self._finish_reason, self._num_tokens, self._num_cached,
+                          prompt_logprobs=out.prompt_logprobs)
+        if out.logprobs is not None:
+            delta.logprobs = out.logprobs[: len(ids)]  # a stop string cuts both
+            delta.token_texts = (texts + [""] * len(ids))[: len(ids)]  # a dropped stop token adds no text
+        return delta
 
 
 class RequestFailed(RuntimeError):

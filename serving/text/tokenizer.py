@@ -15,13 +15,13 @@ import inspect
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jinja2.defaults
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-from model.gguf import find_gguf_file
 
 logger = logging.getLogger(__name__)
 
@@ -97,18 +97,22 @@ class Tokenizer:
         if isinstance(template, dict):
             template = template.get("default")
         self.chat_template: str | None = template
+        self._pieces: dict[int, tuple[str, bytes]] = {}  # token_piece's cache
 
     @classmethod
-    def from_pretrained(cls, path: str) -> Tokenizer:
+    def from_pretrained(cls, path: str, gguf_file: str | os.PathLike[str] | None = None) -> Tokenizer:
         """Load from a local directory; never downloads and never runs code shipped with a model.
 
         A tokenizer whose class exists only in the checkpoint's remote code (InternLM2's) is read
         from its `tokenizer.model` by transformers' SentencePiece-backed Llama tokenizer instead. A GGUF
         checkpoint (`model.gguf`) carries its vocabulary, merges, special tokens and chat template in its
-        metadata, which transformers' GGUF converter turns into a fast tokenizer.
+        metadata, which transformers' GGUF converter turns into a fast tokenizer: `path` is then that file, or
+        `gguf_file` names it (`model.gguf.find_gguf_file` finds it in a folder; the text layer does not look).
         """
-        gguf_file = find_gguf_file(path)
+        if gguf_file is None and os.path.isfile(path):
+            gguf_file = path
         if gguf_file is not None:
+            gguf_file = Path(gguf_file)
             return cls(PreTrainedTokenizerFast.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
                                                                local_files_only=True))
         if not os.path.isdir(path):
@@ -165,6 +169,33 @@ class Tokenizer:
     def _num_added_tokens(self) -> int:
         """The special tokens `encode` adds to any text (a BOS, say)."""
         return len(self._hf.encode("", add_special_tokens=True))
+
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """A token's own text and UTF-8 bytes, as log probabilities show it (OpenAI's `token`, `bytes`).
+
+        Decoding the id after a plain anchor token keeps its leading space (SentencePiece drops a space
+        at the start of a text); a byte-fallback token (`<0xE2>`) is its byte, and its text is the piece's
+        name. Cached: an answer's top logprobs name the same few hundred tokens again and again."""
+        cached = self._pieces.get(token_id)
+        if cached is None:
+            name = self._hf.convert_ids_to_tokens(token_id)
+            byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", name or "")
+            if byte:
+                cached = name, bytes([int(byte.group(1), 16)])
+            else:
+                anchor = self._anchor_text
+                text = self._backend.decode([self._anchor_id, token_id], skip_special_tokens=False)[len(anchor):]
+                cached = text, text.encode()
+            self._pieces[token_id] = cached
+        return cached
+
+    @functools.cached_property
+    def _anchor_id(self) -> int:
+        return self._hf.encode("a", add_special_tokens=False)[-1]
+
+    @functools.cached_property
+    def _anchor_text(self) -> str:
+        return self._backend.decode([self._anchor_id], skip_special_tokens=False)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # No clean-up of tokenization spaces: it rewrites text across token boundaries, so streamed

@@ -1,0 +1,181 @@
+"""Weights quantized at load (`--weight-quant int8|fp8`) and Hugging Face FP8 checkpoints.
+
+The point to prove is that the dequantization never builds a bf16 (or f32) copy of a weight: it is read
+off the compiled decode step's memory analysis (its temporaries stay below the smallest weight matrix's
+bf16 size and below 10% of one layer's bf16 weights) and off its HLO (no float array of a weight's shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.config import ModelConfig
+from model.llama import CausalLM, empty_cache
+from model.loader import (
+    checkpoint_tensors,
+    fp8_checkpoint,
+    init_random_params,
+    load_params,
+    param_shardings,
+    param_specs,
+)
+from model.sharding import logical_to_spec, make_mesh
+from model.weight_quant import QuantizedWeight, column_block, linear, quantize_weight
+from serving.engine.runner import ROW_FIELDS, step
+from tests.checkpoints import make_llama_checkpoint
+
+# Big enough that a weight dwarfs the step's activations: a decode row of E = 1024 against matrices of 1-8M.
+WIDE = ModelConfig(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_layers=2, num_heads=16,
+                   num_kv_heads=4, head_dim=64, max_position_embeddings=64)
+
+
+def compiled_decode_step(config: ModelConfig, dtype: jnp.dtype = jnp.bfloat16):
+    """The engine's step (serving.engine.runner.step) for one decode row, compiled on this backend."""
+    params = init_random_params(config, dtype, 0)
+    cache = empty_cache(config, 4, 16, dtype)
+    seen, last = jnp.zeros((1, config.vocab_size), bool), jnp.zeros((1,), jnp.int32)
+    tokens, rows = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, ROW_FIELDS.width + 2), jnp.int32)
+    run = jax.jit(functools.partial(step, CausalLM(config, dtype=dtype)))
+    return run.lower(params, cache, seen, last, tokens, rows).compile()
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_the_decode_step_builds_no_dequantized_copy_of_a_weight(kind):
+    config = dataclasses.replace(WIDE, weight_quant=kind)
+    compiled = compiled_decode_step(config)
+    layer = [s for s in param_specs(config) if s.path.startswith("layers_0/") and s.quant]
+    assert {s.path.rsplit("/", 1)[1] for s in layer} == {"wqkv", "wo", "w_gate_up", "w_down"}
+    bf16_bytes = {s.path: math.prod(s.shape) * 2 for s in layer}
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < min(bf16_bytes.values()), (temp, bf16_bytes)
+    assert temp < 0.1 * sum(bf16_bytes.values())
+    hlo = compiled.as_text()
+    for spec in layer:  # no float array shaped like a whole weight, as it is declared or as [K, N]
+        k = math.prod(spec.shape[: spec.in_dims])
+        for shape in (spec.shape, (k, math.prod(spec.shape) // k)):
+            dims = ",".join(map(str, shape))
+            assert not re.search(rf"\b(f32|bf16|f16)\[{dims}\]", hlo), f"a float copy of {spec.path} {shape}"
+
+
+def test_the_memory_check_catches_a_weight_sized_temporary():
+    """The control: converting the whole weight before the dot (what XLA:CPU does with the fused form) shows
+    up in the memory analysis as a temporary of at least the weight's bf16 size."""
+    values, scale = quantize_weight(jax.random.normal(jax.random.key(0), (512, 4096)), "int8", 1)
+    weight, x = QuantizedWeight(values, scale, 1), jnp.ones((1, 512), jnp.bfloat16)
+    temp = {strategy: jax.jit(functools.partial(linear, strategy=strategy)).lower(x, weight).compile()
+            .memory_analysis().temp_size_in_bytes for strategy in ("fused", "blocked")}
+    assert temp["fused"] >= 512 * 4096 * 2 > 4 * temp["blocked"]
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantized_matmuls_match_the_float_weights_within_the_formats_rounding(kind):
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((6, 8, 40)), jnp.float32)  # in_dims 2: K = 48 inputs, 40 outputs
+    x = jnp.asarray(rng.standard_normal((3, 48)), jnp.float32)
+    values, scale = quantize_weight(w, kind, 2)
+    assert values.shape == w.shape and scale.shape == (40,)
+    want = x @ w.reshape(48, 40)
+    for strategy in ("fused", "blocked"):
+        got = linear(x, QuantizedWeight(values, scale, 2), in_dims=2, strategy=strategy)
+        relative = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+        assert relative < {"int8": 0.02, "fp8": 0.06}[kind], (strategy, relative)
+    assert column_block(3072, 576) == 96 and column_block(7, 10**9) == 1
+
+
+def test_scales_are_declared_with_their_weights_and_split_like_their_output_channels():
+    config = dataclasses.replace(WIDE, weight_quant="int8")
+    shardings = param_shardings(config, make_mesh(1))["layers_0"]
+    for module, name in (("attn", "wqkv"), ("attn", "wo"), ("mlp", "w_gate_up"), ("mlp", "w_down")):
+        spec = next(s for s in param_specs(config) if s.path == f"layers_0/{module}/{name}")
+        assert shardings[module][name].spec == logical_to_spec(spec.axes)
+        assert shardings[module][name + "_scale"].spec == logical_to_spec(spec.axes[spec.in_dims:])
+    # Column-parallel weights split their scales; row-parallel ones (outputs: the embedding) replicate them.
+    assert "tp" in str(shardings["mlp"]["w_gate_up_scale"].spec) and "tp" in str(shardings["attn"]["wqkv_scale"].spec)
+    assert "tp" not in str(shardings["mlp"]["w_down_scale"].spec)
+    unquantized = {s.path for s in param_specs(config) if not s.quant}
+    assert {"embed/embedding", "lm_head/kernel", "layers_0/attn_norm/scale"} <= unquantized
+
+
+def hf_fp8_checkpoint(source, target, block: int = 16):
+    """`source` re-saved in Hugging Face's FP8 format: e4m3 matmul weights, one `weight_scale_inv` per
+    block x block tile, `quantization_config` in config.json."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    tensors = load_file(source / "model.safetensors")
+    out = {}
+    for name, tensor in tensors.items():
+        if re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", name):
+            rows, cols = -(-tensor.shape[0] // block), -(-tensor.shape[1] // block)
+            padded = torch.zeros(rows * block, cols * block)
+            padded[: tensor.shape[0], : tensor.shape[1]] = tensor.float()
+            tiles = padded.reshape(rows, block, cols, block)
+            scale = tiles.abs().amax(dim=(1, 3)) / 448
+            quantized = (tiles / scale[:, None, :, None]).reshape(rows * block, cols * block)
+            out[name] = quantized[: tensor.shape[0], : tensor.shape[1]].to(torch.float8_e4m3fn).contiguous()
+            out[name.removesuffix("weight") + "weight_scale_inv"] = scale
+        else:
+            out[name] = tensor
+    save_file(out, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_a_hugging_face_fp8_checkpoint_serves_as_fp8(tmp_path):
+    from safetensors.torch import load_file
+
+    source = make_llama_checkpoint(tmp_path / "bf16", vocab_size=96, hidden_size=64, intermediate_size=160)
+    fp8 = hf_fp8_checkpoint(source, tmp_path / "fp8")
+    # Each e4m3 weight is read back times its tile's scale, exactly as transformers dequantizes it.
+    stored = load_file(fp8 / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    tiles = stored[name.removesuffix("weight") + "weight_scale_inv"]
+    want = stored[name].float() * tiles.repeat_interleave(16, 0).repeat_interleave(16, 1)[:64, :160]
+    tensors = fp8_checkpoint(checkpoint_tensors(fp8))
+    assert not any(n.endswith("weight_scale_inv") for n in tensors)
+    np.testing.assert_array_equal(tensors[name].read(), want.numpy())
+
+    config = ModelConfig.from_pretrained(fp8)
+    assert config.weight_quant == "fp8"
+    params = load_params(fp8, config, jnp.float32)
+    attn = params["layers_0"]["attn"]
+    assert attn["wqkv"].dtype == jnp.uint8 and attn["wqkv_scale"].shape == attn["wqkv"].shape[1:]
+    # Against the bf16 model it came from: fp8's rounding, twice (tiles, then channels). A random tiny
+    # model amplifies it (from the bf16 weights directly, per channel: 11% of the largest logit).
+    plain = dataclasses.replace(config, weight_quant=None)
+    error = jnp.abs(forward(params, config) - forward(load_params(source, plain, jnp.float32), plain))
+    assert float(error.max()) < 0.25 * float(jnp.abs(forward(load_params(source, plain, jnp.float32), plain)).max())
+
+
+def forward(params, config: ModelConfig) -> jax.Array:
+    """All-position logits of a fixed 12-token prompt (one row, one page table)."""
+    from model.llama import AttentionBatch
+
+    tokens = (jnp.arange(12, dtype=jnp.int32)[None] * 7) % config.vocab_size
+    batch = AttentionBatch(positions=jnp.arange(12, dtype=jnp.int32)[None], valid=jnp.ones((1, 12), bool),
+                           kv_lens=jnp.array([12], jnp.int32), block_tables=jnp.array([[1]], jnp.int32))
+    logits, _ = CausalLM(config, dtype=jnp.float32).apply({"params": params}, tokens, batch,
+                                                          empty_cache(config, 2, 16, jnp.float32))
+    return logits
+
+
+def test_other_checkpoint_quantizations_are_refused_by_name(tmp_path):
+    source = make_llama_checkpoint(tmp_path / "gptq", vocab_size=96, hidden_size=64, intermediate_size=160)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quant_method 'gptq' is not supported"):
+        ModelConfig.from_pretrained(source)
