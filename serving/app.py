@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from serving.http.factory import create_app, load_engine
+from serving.http.engine_loader import load_engine
+from serving.http.factory import create_app
 from serving.http.options import OptionError, from_environment
 
 launch = from_environment()

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model_path = resolve_model(launch.model, launch.revision, launch.download_dir) if launch.model else None
         return run_follower(model_path, launch.engine_config, launch.host, launch.port)
-    from serving.http.factory import create_app, load_engine
+    from serving.http.engine_loader import load_engine  # the HTTP stack only once the engine process is on its way
 
     display = StartupDisplay(sys.stderr)
     print(f"xlserve: loading {launch.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: the engine process died loading it
         print(f"xlserve: error: cannot load the model: {error}", file=sys.stderr)
         return 1
+    from serving.http.factory import create_app
+
     app = create_app(engine, launch.settings)
     _exit_now(asyncio.run(serve(app, launch, display=display)))
 

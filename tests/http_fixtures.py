@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -264,3 +265,9 @@ def scrape(server: LiveServer) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
+
+
+def all_compiled(output: bytes) -> bool:
+    """The server is ready and every bucket compiled (in the ready line, or in the line after it)."""
+    return b"ready after" in output and (b"buckets compiled after" in output or
+                                         re.search(rb"ready after .*, \d+ buckets compiled in", output) is not None)

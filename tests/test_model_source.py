@@ -27,7 +27,7 @@ from model.loader import INDEX_FILE, checkpoint_tensors
 from model.source import ModelSourceError, resolve_model
 from serving import GenerationConfig, pipeline
 from serving.cli import main
-from serving.http.factory import load_engine
+from serving.http.engine_loader import load_engine
 from serving.http.options import from_environment
 from tests.conftest import REPO
 from tests.http_fixtures import ServerProcess, console_script, free_port

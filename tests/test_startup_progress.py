@@ -17,7 +17,7 @@ import termios
 import time
 from pathlib import Path
 
-from tests.http_fixtures import SMALL_BUCKET_FLAGS, STARTUP_TIMEOUT_S, console_script, free_port
+from tests.http_fixtures import SMALL_BUCKET_FLAGS, STARTUP_TIMEOUT_S, all_compiled, console_script, free_port
 
 
 def read_until(fd: int, output: bytearray, done: callable, timeout: float) -> None:
@@ -45,7 +45,7 @@ def test_start_up_bars_on_a_terminal(tiny_llama: Path) -> None:
     os.close(child_end)
     output = bytearray()
     try:
-        read_until(terminal, output, lambda out: b"ready after" in out, STARTUP_TIMEOUT_S)
+        read_until(terminal, output, all_compiled, STARTUP_TIMEOUT_S)
     finally:
         process.send_signal(signal.SIGTERM)
         read_until(terminal, output, lambda out: False, 60)
@@ -58,5 +58,6 @@ def test_start_up_bars_on_a_terminal(tiny_llama: Path) -> None:
     buckets = re.findall(r"buckets: +\d+%\|.*?\| (\d+)/(\d+) \[", text)
     done, total = buckets[-1]
     assert done == total and int(total) >= 4, text  # the bar reached the bucket count
-    assert re.search(rf"ready after [\d.]+s: float32, TP 1, .* {total} buckets compiled", text), text
+    # Ready once it can serve: the rest of the buckets may still be compiling then, and get a line at the end.
+    assert re.search(rf"ready after [\d.]+s: float32, TP 1, .* (\d+ of )?{total} buckets compiled", text), text
     assert "compiled bucket" not in text  # bars, not the lines written when no terminal is attached

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from model.config import ModelConfig
 from serving.engine.config import EngineConfig
 from serving.engine.progress import StartupListener
 from serving.request import EngineOutput, EngineRequest, GenerationConfig
-from serving.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the tokenizer's module imports transformers (and torch): seconds the engine process saves
+    from serving.text.tokenizer import Tokenizer
 
 Sink = Callable[[EngineOutput], None]
 
@@ -34,6 +36,7 @@ class EngineStats:
     shared_prefix_steps: int  # decode steps with at least one shared-prefix tile
     shared_prefix_rows: int  # rows in a tile, summed over those steps
     compilations_after_warmup: int  # XLA compilations after start-up (anything but 0 is a bug)
+    startup_buckets_remaining: int = 0  # buckets (and sampler branches) still compiling in the background
 
 
 class EngineClient(Protocol):
@@ -60,7 +63,7 @@ class EngineClient(Protocol):
     @property
     def alive(self) -> bool: ...
 
-    def start(self) -> None: ...
+    def start(self, serve_early: bool = False) -> None: ...  # see Engine.start
 
     def shutdown(self) -> None: ...
 

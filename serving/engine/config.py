@@ -14,6 +14,7 @@ the matmuls, which cost 15 GFLOP a token at 8B, never compute a padded row's tai
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -43,6 +44,9 @@ class BucketSet:
     prefill_tokens: tuple[int, ...]
     max_prefill_tokens: int
     packed_prefill: tuple[int, ...] = ()  # N buckets of packed prefill; empty: prefill steps are [R, T] as laid out
+    # The shapes compiled so far while the rest still compile in the background (None: every shape). Every
+    # choice below picks only among these, so a step never runs a shape that is not compiled yet.
+    compiled: frozenset[StepShape] | None = None
 
     def __post_init__(self) -> None:
         for name in ("decode_batch", "prefill_rows", "prefill_tokens", "packed_prefill"):
@@ -64,18 +68,36 @@ class BucketSet:
     def max_decode_batch(self) -> int:
         return self.decode_batch[-1]
 
-    @property
-    def max_chunk(self) -> int:
-        """The most prompt tokens one row may prefill in one step."""
-        return max(t for t in self.prefill_tokens if self.prefill_rows[0] * t <= self.max_prefill_tokens)
+    def with_compiled(self, shapes: frozenset[StepShape] | None) -> BucketSet:
+        """The same buckets, choosing only among `shapes` (None: all of them)."""
+        return dataclasses.replace(self, compiled=shapes)
 
-    @property
+    def usable(self, shape: StepShape) -> bool:
+        return self.compiled is None or shape in self.compiled
+
+    @functools.cached_property
+    def decode_capacity(self) -> int:
+        """The largest decode batch a compiled bucket holds (0: none is compiled yet)."""
+        return max((b for b in self.decode_batch if self.usable(StepShape(b, 1, b))), default=0)
+
+    @functools.cached_property
+    def max_chunk(self) -> int:
+        """The most prompt tokens one row may prefill in one step (0: no prefill bucket is compiled yet)."""
+        if self.packed_prefill:
+            return self.prefill_tokens[0] if self.prefill_budget else 0
+        if self.compiled is None:
+            return max(t for t in self.prefill_tokens if self.prefill_rows[0] * t <= self.max_prefill_tokens)
+        return max((s.tokens for s in self.prefill_shapes() if self.usable(s)), default=0)
+
+    @functools.cached_property
     def prefill_budget(self) -> int:
         """The most prompt tokens one prefill step may compute."""
-        return self.packed_prefill[-1] if self.packed_prefill else self.max_prefill_tokens
+        if self.packed_prefill:
+            return max((n for n in self.packed_prefill if self.usable(self._packed_shape(n))), default=0)
+        return self.max_prefill_tokens
 
     def decode_bucket(self, batch: int) -> int:
-        return next(b for b in self.decode_batch if b >= batch)
+        return next(b for b in self.decode_batch if b >= batch and self.usable(StepShape(b, 1, b)))
 
     def packed_rows(self, packed: int) -> int:
         """Rows of the attention layout of a packed prefill step of `packed` tokens."""
@@ -86,26 +108,35 @@ class BucketSet:
         if self.packed_prefill:
             if longest > self.prefill_tokens[0]:
                 return None
-            packed = next((n for n in self.packed_prefill if n >= total and self.packed_rows(n) >= rows), None)
-            return None if packed is None else StepShape(self.packed_rows(packed), self.prefill_tokens[0], packed)
-        tokens = next((t for t in self.prefill_tokens if t >= longest), None)
-        row_bucket = next((r for r in self.prefill_rows if r >= rows), None)
-        if tokens is None or row_bucket is None or row_bucket * tokens > self.max_prefill_tokens:
-            return None
-        return StepShape(row_bucket, tokens, row_bucket * tokens)
+            return next((self._packed_shape(n) for n in self.packed_prefill
+                         if n >= total and self.packed_rows(n) >= rows and self.usable(self._packed_shape(n))), None)
+        # The fewest tokens a row, then the fewest rows: with every shape compiled, the smallest of each.
+        return next((StepShape(r, t, r * t) for t in self.prefill_tokens if t >= longest
+                     for r in self.prefill_rows if r >= rows and r * t <= self.max_prefill_tokens
+                     and self.usable(StepShape(r, t, r * t))), None)
+
+    def _packed_shape(self, packed: int) -> StepShape:
+        return StepShape(self.packed_rows(packed), self.prefill_tokens[0], packed)
 
     def packed_bucket_below(self, total: int) -> int | None:
         """The largest packed prefill bucket of at most `total` tokens (None: unpacked, or none that small)."""
-        return next((n for n in reversed(self.packed_prefill) if n <= total), None)
+        return next((n for n in reversed(self.packed_prefill) if n <= total and self.usable(self._packed_shape(n))),
+                    None)
 
     def shapes(self) -> list[StepShape]:
         """Every step shape to compile: decode buckets first, then the prefill shapes."""
-        decode = [StepShape(b, 1, b) for b in self.decode_batch]
+        return [StepShape(b, 1, b) for b in self.decode_batch] + self.prefill_shapes()
+
+    def essential_shapes(self) -> list[StepShape]:
+        """The buckets a server needs before it can make progress on any request: the smallest decode bucket
+        and the smallest prefill shape (a prompt then prefills one chunk a step until larger ones compile)."""
+        return [StepShape(self.decode_batch[0], 1, self.decode_batch[0]), self.prefill_shapes()[0]]
+
+    def prefill_shapes(self) -> list[StepShape]:
         if self.packed_prefill:
-            return decode + [StepShape(self.packed_rows(n), self.prefill_tokens[0], n) for n in self.packed_prefill]
-        prefill = [StepShape(r, t, r * t) for r in self.prefill_rows for t in self.prefill_tokens
-                   if r * t <= self.max_prefill_tokens]
-        return decode + prefill
+            return [self._packed_shape(n) for n in self.packed_prefill]
+        return [StepShape(r, t, r * t) for r in self.prefill_rows for t in self.prefill_tokens
+                if r * t <= self.max_prefill_tokens]
 
 
 LOGPROBS_MODES = ("raw", "processed")

@@ -24,6 +24,7 @@ plain attribute, set in-process; no flag, variable or request can set it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -31,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +52,12 @@ from serving.engine.pages import PageAllocator
 from serving.engine.progress import StartupListener, buckets_reporter, weights_reporter
 from serving.engine.runner import ModelRunner, StepOutput
 from serving.engine.scheduler import Chunk, Scheduler
+from serving.engine.warmup import BucketCompiler, CompileUnit, on_startup_thread
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
-from serving.text.tokenizer import Tokenizer
 from xlkernels.kv_quant import kv_format
+
+if TYPE_CHECKING:
+    from serving.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +108,11 @@ def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> Mo
 
 
 class CompilationCounter:
-    """Counts XLA compilations process-wide, so the engine can prove none happen after warm-up."""
+    """Counts XLA compilations process-wide, so the engine can prove none happen after warm-up. Those made on
+    start-up's compile threads (`warmup`), which may still run while the engine serves, are counted apart."""
 
     _count = 0
+    _startup_count = 0
     _installed = False
     _lock = threading.Lock()
 
@@ -118,12 +125,20 @@ class CompilationCounter:
 
     @classmethod
     def _on_event(cls, event: str, duration: float, **_: object) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            cls._count += 1
+        if event == "/jax/core/compile/backend_compile_duration":  # reported on the thread that compiled
+            with cls._lock:
+                cls._count += 1
+                cls._startup_count += on_startup_thread()
 
     @classmethod
     def count(cls) -> int:
+        """Every compilation so far."""
         return cls._count
+
+    @classmethod
+    def serving_count(cls) -> int:
+        """Compilations off start-up's compile threads: once the engine serves, anything here is a bug."""
+        return cls._count - cls._startup_count
 
 
 class Engine:
@@ -147,8 +162,6 @@ class Engine:
         enable_compilation_cache(self.engine_config.compilation_cache_dir, self.platform)  # before any compile
         self.dtype = resolve_dtype(self.engine_config.dtype, model_config, self.platform)
         self.kv_format = kv_format(self.engine_config.quant_policy)  # None: pages in `dtype`
-        tokenizer_eos = tokenizer.eos_token_ids if tokenizer is not None else frozenset()
-        self.eos_token_ids = frozenset(model_config.eos_token_ids) | tokenizer_eos
         self.ready = False
         self.compile_seconds = 0.0
         # time.monotonic() of the loop's last turn (an idle loop turns every half second): a server that
@@ -174,6 +187,12 @@ class Engine:
         self.plan: PlanBroadcaster | None = None
 
         self.buckets = self.engine_config.buckets(self.platform)
+        # The buckets steps may use: all of them once compiled; while some still compile in the background
+        # (`start(serve_early=True)`), those done so far. Set by the compile threads, read by the engine thread.
+        self._usable_buckets = self.buckets
+        self._compiler: BucketCompiler | None = None
+        self._compiled_shapes: set = set()
+        self._compiled_lock = threading.Lock()
         self.max_batch_size = self.buckets.max_decode_batch
         page_size = self.engine_config.page_size
         session_len = self.engine_config.session_len or model_config.max_position_embeddings
@@ -195,10 +214,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_path: str | None = None, config: EngineConfig | None = None,
-                        on_startup: StartupListener | None = None) -> Engine:
+                        on_startup: StartupListener | None = None, tokenizer: Any = None) -> Engine:
         """Load a local Hugging Face checkpoint directory or GGUF file (None: the built-in demo model).
         `on_startup` hears of each tensor loaded, and later of each bucket `start` compiles
-        (serving.engine.progress)."""
+        (serving.engine.progress). `tokenizer`: the checkpoint's, if the caller has it (or one that loads
+        on first use); None: loaded here."""
         if model_path is None:
             from configs.demo import ensure_demo_checkpoint
 
@@ -214,7 +234,10 @@ class Engine:
         if group is not None:
             join(group)  # before anything touches JAX: the devices of every host then make one mesh
         model_config = with_weight_quant(ModelConfig.from_pretrained(model_path), config.weight_quant)
-        tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
+        if tokenizer is None:
+            from serving.text.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
         mesh = make_mesh(config.tp)
         if config.load_format == "dummy":
@@ -253,9 +276,13 @@ class Engine:
             raise MemoryError(f"KV cache budget of {budget / 2**20:.0f} MiB holds fewer than 2 pages")
         return pages
 
-    def start(self) -> None:
-        """Compile every bucket, then start the engine thread. Returns when the engine is ready."""
-        self.warm_up()
+    def start(self, serve_early: bool = False) -> None:
+        """Compile the buckets, then start the engine thread; returns when the engine serves.
+
+        serve_early: serve once the essential buckets are compiled (`BucketSet.essential_shapes`), while the
+        others compile in the background and the scheduler takes each as it becomes ready; otherwise (and
+        for a leader of several hosts, whose followers compile everything first) once every bucket is."""
+        self._compile_buckets(early=serve_early and self.plan is None)
         if self.plan is not None:
             self.plan.accept()
         self._thread = threading.Thread(target=self._loop, name="xlserve-engine", daemon=True)
@@ -265,14 +292,45 @@ class Engine:
         self.ready = True
 
     def warm_up(self) -> None:
-        """Compile every bucket; compilations from here on count as after warm-up."""
+        """Compile every bucket (blocking); compilations from here on count as after warm-up."""
+        self._compile_buckets(early=False)
+
+    def _compile_buckets(self, early: bool) -> None:
+        """Compile on `warmup`'s threads until the essential buckets (early) or all of them are done."""
         CompilationCounter.install()
-        self.compile_seconds = self.runner.compile_all(on_compiled=buckets_reporter(self.on_startup))
-        logger.info("compiled %d step shapes in %.1fs", len(self.buckets.shapes()), self.compile_seconds)
-        self._compilations_at_warmup = CompilationCounter.count()
+        self._compiler = BucketCompiler(self.runner.startup_units(), essential=len(self.buckets.essential_shapes()),
+                                        on_done=self._bucket_compiled)
+        if early:
+            self._usable_buckets = self.buckets.with_compiled(frozenset())
+        self._compiler.start()
+        self._compiler.wait(essential_only=early)
+        self.compile_seconds = self._compiler.seconds
+        self._compilations_at_warmup = CompilationCounter.serving_count()
+
+    def _bucket_compiled(self, unit: CompileUnit, done: int, total: int, seconds: float) -> None:
+        """A compile thread's news: `unit`'s programs are compiled, so steps may now use its bucket."""
+        with self._compiled_lock:
+            if unit.shape is not None:
+                self._compiled_shapes.add(unit.shape)
+            every = self._compiled_shapes >= set(self.buckets.shapes())
+            self._usable_buckets = self.buckets.with_compiled(None if every else frozenset(self._compiled_shapes))
+        if self._compiler is not None and self._compiler.remaining == 0:
+            self.compile_seconds = self._compiler.seconds
+            logger.info("compiled %d buckets' programs in %.1fs", total, self.compile_seconds)
+        reporter = buckets_reporter(self.on_startup)
+        if reporter is not None:
+            reporter(done, total, unit.label, seconds)
+
+    @property
+    def buckets_remaining(self) -> int:
+        """Units of start-up compilation not done yet (`warmup.CompileUnit`): all of them before `start`, 0 once
+        everything is compiled."""
+        return self._compiler.remaining if self._compiler is not None else len(self.runner.startup_units())
 
     def shutdown(self) -> None:
         self.ready = False
+        if self._compiler is not None:
+            self._compiler.cancel()  # buckets still compiling in the background would only cost CPU now
         self._stopping.set()
         self._inbox.put(None)
         if self._thread is not None:
@@ -292,6 +350,13 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @functools.cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The stop ids of every request: config.json's and the tokenizer's (read on first use, so an engine
+        given a tokenizer that loads on demand, as the engine process's, never loads it for this)."""
+        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
+        return frozenset(self.model_config.eos_token_ids) | tokenizer_eos
 
     @property
     def dtype_name(self) -> str:
@@ -358,7 +423,8 @@ class Engine:
             prompt_tokens_computed=self.scheduler.num_prompt_tokens_computed,
             shared_prefix_steps=self.runner.shared_prefix_steps,
             shared_prefix_rows=self.runner.shared_prefix_rows,
-            compilations_after_warmup=CompilationCounter.count() - self._compilations_at_warmup,
+            compilations_after_warmup=CompilationCounter.serving_count() - self._compilations_at_warmup,
+            startup_buckets_remaining=self.buckets_remaining,
         )
 
     # ----- the engine thread ---------------------------------------------------------------------------
@@ -372,6 +438,7 @@ class Engine:
                 if self._stopping.is_set():
                     break
                 timeline, start = self.timeline, time.perf_counter()  # read once: another thread may set it
+                self.scheduler.buckets = self._usable_buckets  # buckets compiled since the last turn join in
                 plan = self.scheduler.schedule()
                 dispatched = self._dispatch_or_fail(plan.decode, plan.prefill)
                 queued = time.perf_counter()
@@ -479,11 +546,12 @@ class Engine:
     def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
         """Queue the decode and prefill steps on the device without waiting for them."""
         dispatched = []
+        buckets = self.scheduler.buckets  # what the plan was made with: only compiled buckets
         if decode:
-            rows = self.buckets.decode_bucket(len(decode))
+            rows = buckets.decode_bucket(len(decode))
             dispatched.append((decode, self._run(decode, rows, 1)))
         if prefill:
-            shape = self.buckets.prefill_bucket(len(prefill), max(c.length for c in prefill),
+            shape = buckets.prefill_bucket(len(prefill), max(c.length for c in prefill),
                                                 sum(c.length for c in prefill))
             assert shape is not None, "the scheduler only plans chunks that fit a bucket"
             dispatched.append((prefill, self._run(prefill, *shape)))

@@ -328,14 +328,20 @@ class GuidedDecoding:
                     guide.request is chunk.request and guide.admission == chunk.admission:
                 guide.matcher.consume(token)
 
-    def warm_up(self, logits: jax.Array, row_table: jax.Array, tokens: jax.Array) -> None:
-        """Compile the mask (both variants) and advance programs for this row count."""
-        rows = logits.shape[0]
-        tables = self.pool.device_tables()
-        self._mask(logits, self.state, row_table, tables[0], None)
-        self._mask(logits, self.state, row_table, tables[0],
-                   np.zeros((rows, bitmask_width(self.vocab_size)), np.uint32))
-        self.state = self._advance(self.state, tokens, row_table, *tables[1:])
+    def compile_for(self, rows: int, row_table: np.ndarray) -> None:
+        """Compile, without running them, the mask (both variants) and advance programs for this row count.
+        Only shapes are read, never the device state: start-up calls this on its own threads while steps run."""
+        def spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype), sharding=self.pool.sharding)
+
+        pool = self.pool
+        tables = [spec(a.shape, a.dtype) for a in (pool.bits, pool.row_start, pool.grammar_of, pool.class_of,
+                                                   pool.transitions)]
+        logits, state = spec((rows, self.vocab_size), np.float32), spec((self.num_slots,), np.int32)
+        self._mask.lower(logits, state, row_table, tables[0], None).compile()
+        self._mask.lower(logits, state, row_table, tables[0],
+                         np.zeros((rows, bitmask_width(self.vocab_size)), np.uint32)).compile()
+        self._advance.lower(state, spec((rows,), np.int32), row_table, *tables[1:]).compile()
 
     def _slot_guide(self, chunk: Any) -> _SlotGuide | None:
         """The slot's guide, set up anew when the slot has a new request or admission."""

@@ -49,7 +49,6 @@ from serving.engine.client import EngineStats
 from serving.engine.config import EngineConfig
 from serving.engine.progress import StartupEvent, StartupListener
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
-from serving.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +63,6 @@ HEARTBEAT_S = 1.0
 class EngineFacts:
     """What the server needs to know of an engine the child built (the sizes depend on device memory)."""
 
-    eos_token_ids: frozenset[int]
     max_session_len: int
     max_batch_size: int
     page_size: int
@@ -95,8 +93,12 @@ class EngineProcess:
         child_commands.close()  # the child's ends: once it exits, reads here see EOF instead of hanging
         child_events.close()
         try:  # while the child starts: its imports and weights take seconds, this a second or two more
+            from serving.text.tokenizer import Tokenizer  # transformers: only once the child is on its way
+
             self.model_config = ModelConfig.from_pretrained(model_path)
             self.tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
+            # As `Engine.eos_token_ids`: the child, which loads its tokenizer only on demand, never reads it.
+            self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         except BaseException:
             self._process.kill()
             self._process.join(timeout=SHUTDOWN_TIMEOUT_S)
@@ -123,7 +125,6 @@ class EngineProcess:
         facts: EngineFacts
         facts, self._stats_fields = payload
         self._last_stats = EngineStats(*self._stats_fields)
-        self.eos_token_ids = facts.eos_token_ids
         self.max_session_len = facts.max_session_len
         self.max_batch_size = facts.max_batch_size
         self.page_size = facts.page_size
@@ -146,9 +147,9 @@ class EngineProcess:
         return cls(model_path, config or EngineConfig(), log_level, on_startup)
 
     # ----- life cycle ------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Compile in the child and wait until it serves; raises what the child's start raised."""
-        self._outbox.put(("start",))
+    def start(self, serve_early: bool = False) -> None:
+        """Compile in the child and wait until it serves (`Engine.start`); raises what the child's start raised."""
+        self._outbox.put(("start", serve_early))
         self._started.wait()
         if self._start_error is not None:
             raise self._start_error
@@ -329,12 +330,13 @@ def run_engine_process(model_path: str, config: EngineConfig, commands: Connecti
             events.send(message)
 
     try:
-        engine = Engine.from_pretrained(model_path, config, on_startup=lambda event: send(("progress", event)))
+        engine = Engine.from_pretrained(model_path, config, on_startup=lambda event: send(("progress", event)),
+                                        tokenizer=TokenizerOnDemand(model_path))
     except BaseException as error:
         send(("failed", _portable(error)))
         return
-    facts = EngineFacts(engine.eos_token_ids, engine.max_session_len, engine.max_batch_size, engine.page_size,
-                        engine.dtype_name, engine.quantization_name)
+    facts = EngineFacts(engine.max_session_len, engine.max_batch_size, engine.page_size, engine.dtype_name,
+                        engine.quantization_name)
     send(("built", (facts, _stats_fields(engine))))
     report = _StepReport(engine, send)
     engine.step_listeners.append(report)
@@ -348,6 +350,25 @@ def run_engine_process(model_path: str, config: EngineConfig, commands: Connecti
     # shutting-down server would wait for; the system frees the process's memory (and device) at once.
     logging.shutdown()
     os._exit(0)
+
+
+class TokenizerOnDemand:
+    """The checkpoint's `Tokenizer`, loaded on first use. The engine process needs one only for grammars
+    matched on the host (llguidance), and loading it (transformers, which imports torch) took 2-4 s of CPU
+    at every start; the server process has its own for everything else."""
+
+    def __init__(self, model_path: str):
+        self.model_path = model_path
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                from serving.text.tokenizer import Tokenizer
+
+                self._tokenizer = Tokenizer.from_pretrained(self.model_path, find_gguf_file(self.model_path))
+        return getattr(self._tokenizer, name)
 
 
 def _stats_fields(engine: Any) -> tuple:
@@ -380,9 +401,9 @@ def _serve_commands(engine: Any, commands: Connection, send: Callable[[tuple], N
                     step_outputs: list[tuple]) -> None:
     started = threading.Event()  # the engine thread runs: from now on, its end ends the child
 
-    def start() -> None:  # off the command loop, so stats are answered while the buckets compile
+    def start(serve_early: bool) -> None:  # off the command loop, so stats are answered while the buckets compile
         try:
-            engine.start()
+            engine.start(serve_early)
         except BaseException as error:
             send(("failed", _portable(error)))
             return
@@ -411,7 +432,7 @@ def _serve_commands(engine: Any, commands: Connection, send: Callable[[tuple], N
         elif command == "end_session":
             engine.end_session(*args)
         elif command == "start":
-            threading.Thread(target=start, name="xlserve-engine-start", daemon=True).start()
+            threading.Thread(target=start, args=args, name="xlserve-engine-start", daemon=True).start()
         elif command == "shutdown":
             return
         else:  # questions: start_profile, stop_profile, with the question's number first

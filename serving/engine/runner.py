@@ -3,7 +3,8 @@
 A step takes a padded `[B, T]` batch of token chunks (see `scheduler.Chunk`), writes their keys and
 values into the cache, and samples one token per row from the logits at each row's last token. The
 same function serves decode (`T == 1`) and prefill; it is compiled ahead of time for every bucket shape
-at start-up and called through the compiled executables, so serving can never trigger a compilation.
+at start-up (`startup_units`, compiled by `warmup` without running them, which leaves each executable in
+its jitted function's cache), so serving never triggers a compilation.
 With the Pallas kernels, decode buckets also get a shared-prefix variant: the host groups rows that share
 leading pages into tiles (`xlkernels.shared_prefix`), and a step with at least one tile runs that variant.
 Only the per-sequence device state is donated — the cache, the "seen tokens" table (repetition
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,10 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
 from serving.engine.columns import Columns
-from serving.engine.config import BucketSet
+from serving.engine.config import BucketSet, StepShape
 from serving.engine.guided import GuidedDecoding, RowColumns
 from serving.engine.pages import NULL_PAGE
 from serving.engine.sampling import (
+    SEARCH,
     Extended,
     ExtendedRows,
     SamplingTable,
@@ -44,11 +46,16 @@ from serving.engine.sampling import (
     unpack_sampling,
 )
 from serving.engine.scheduler import Chunk
+from serving.engine.warmup import BucketCompiler, CompileUnit
 from serving.request import EngineRequest
 from xlkernels import is_pallas
 from xlkernels.shared_prefix import MIN_PLAN_BATCH, SharedPrefix, max_tiles_for, plan_shared_prefix, tile_size_for
 
 logger = logging.getLogger(__name__)
+
+# The sampler branch compiled with each bucket: it covers every row (`sampling.sample`), so a step may take it
+# while the cheaper branches of its row count are still compiling.
+GENERAL_MODE = SEARCH
 
 
 @jax.tree_util.register_dataclass
@@ -271,50 +278,103 @@ class ModelRunner:
         self._sample_extended = jax.jit(
             functools.partial(sample_extended_and_record, raw_logprobs=logprobs_mode == "raw"),
             in_shardings=replicated, out_shardings=replicated, donate_argnums=(4, 5))  # last_tokens, counts
+        self._replicated = replicated
+        # What start-up compiles from (`startup_units`): the shapes and placements of the device state, so
+        # compiling never touches the state itself, which steps donate and rebind meanwhile.
+        self._state_specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                         (self.params, self.cache, self.seen, self.last_tokens, self.counts))
+        self._sampler_modes: dict[int, frozenset[int]] = {}  # row count -> sampler branches compiled for it
+        self._modes_lock = threading.Lock()
 
     # ----- start-up ---------------------------------------------------------------------------------
-    def compile_all(self, progress: bool = True,
-                    on_compiled: Callable[[int, int, str, float], None] | None = None) -> float:
-        """Compile every bucket shape by running it once on an all-padding batch; returns the seconds.
-        `on_compiled` is called after each program with its number, the count, its shape and its seconds.
-
-        Running (rather than only lowering) fills the jitted functions' own caches, so serving calls
-        them through JAX's C++ dispatch path, several milliseconds a step cheaper than calling compiled
-        executables from Python for a model of some 300 arrays. Padding writes nothing: its cache
-        writes, seen tokens and last tokens all land out of range and drop.
-        """
-        programs = []  # (shape, shared_prefix)
-        for shape in self.buckets.shapes():
-            programs.append((shape, False))
+    def startup_units(self) -> list[CompileUnit]:
+        """What start-up compiles, one unit per bucket, the essential ones first (`BucketSet.essential_shapes`):
+        a bucket's step (and its shared-prefix variant), the general sampler branch and the extended sampler for
+        its row count (a step needs one of them) and the structured-output programs for it; then the other
+        sampler branches, which steps take once compiled
+        (each row's token is the same in every branch that covers it, `sampling.sample`)."""
+        essential = self.buckets.essential_shapes()
+        shapes = essential + [s for s in self.buckets.shapes() if s not in essential]
+        units, row_counts = [], []
+        for shape in shapes:
+            programs = [functools.partial(self._compile_step, shape, False)]
             if self.plans_shared_prefix(shape.rows, shape.tokens):
-                programs.append((shape, True))
-        start = time.perf_counter()
-        sampler_rows = set()
-        for i, ((rows, tokens, packed), shared_prefix) in enumerate(programs, 1):
-            began = time.perf_counter()
-            token_ids, row_table, ints, floats, _, extended_rows = self._inputs([], rows, tokens)
-            run_step = self._shared_step if shared_prefix else self._step
-            self.cache, self.seen, logits, seen_rows = run_step(
-                self.params, self.cache, self.seen, self.last_tokens, token_ids, row_table,
-                packed=_packed(rows, tokens, packed))
-            if rows not in sampler_rows:  # every sampler branch, once per row count
-                sampler_rows.add(rows)
-                for mode in sample_modes(rows):
-                    sampled, self.last_tokens = self._sample(logits, ints, floats, seen_rows, self.last_tokens,
-                                                             row_table, mode)
-                _, self.last_tokens, self.counts, _ = self._sample_extended(
-                    logits, ints, floats, seen_rows, self.last_tokens, self.counts, row_table,
-                    extended_rows, token_ids[:, 0])
-                self.guided.warm_up(logits, row_table, sampled)
-            jax.block_until_ready(self.last_tokens)
+                programs.append(functools.partial(self._compile_step, shape, True))
+            if shape.rows not in row_counts:
+                row_counts.append(shape.rows)
+                programs.append(functools.partial(self._compile_sampler, shape.rows, GENERAL_MODE))
+                programs.append(functools.partial(self._compile_extended_sampler, shape.rows))
+                programs.append(functools.partial(self.guided.compile_for, shape.rows,
+                                                  self._padding_inputs(shape.rows, 1)[1]))
+            label = f"[{shape.rows} x {shape.tokens}]" + (f" packed to {shape.packed}" if _packed(*shape) else "")
+            units.append(CompileUnit(shape, label, tuple(programs)))
+        for rows in row_counts:
+            modes = [mode for mode in sample_modes(rows) if mode != GENERAL_MODE]
+            units.append(CompileUnit(None, f"[{rows} x ·] sampler branches",
+                                     tuple(functools.partial(self._compile_sampler, rows, m) for m in modes)))
+        return units
+
+    @property
+    def num_programs(self) -> int:
+        return sum(len(unit.programs) for unit in self.startup_units())
+
+    def compile_all(self, progress: bool = True, on_compiled: Callable[[int, int, str, float], None] | None = None,
+                    threads: int | None = None) -> float:
+        """Compile every bucket's programs (`startup_units`) on `threads` threads (default: one per core) and
+        return the seconds it took. `on_compiled` is called after each unit with its number, the count, its
+        label and its programs' compile seconds."""
+        def done(unit: CompileUnit, number: int, total: int, seconds: float) -> None:
             if on_compiled is not None:
-                on_compiled(i, len(programs), f"[{rows} x {tokens}]{' shared-prefix' if shared_prefix else ''}",
-                            time.perf_counter() - began)
+                on_compiled(number, total, unit.label, seconds)
             if progress:
-                logger.info("compiled step %d/%d [%d x %d]%s%s (%.1fs)", i, len(programs), rows, tokens,
-                            f" packed to {packed} tokens" if _packed(rows, tokens, packed) else "",
-                            " with shared-prefix attention" if shared_prefix else "", time.perf_counter() - start)
-        return time.perf_counter() - start
+                logger.info("compiled %d/%d %s (%.1fs)", number, total, unit.label, seconds)
+
+        compiler = BucketCompiler(self.startup_units(), essential=0, threads=threads, on_done=done)
+        compiler.start()
+        compiler.wait()
+        return compiler.seconds
+
+    def _compile_step(self, shape: StepShape, shared_prefix: bool) -> None:
+        rows, tokens, packed = shape
+        token_ids, row_table, *_ = self._padding_inputs(rows, tokens)
+        run_step = self._shared_step if shared_prefix else self._step
+        run_step.lower(*self._state_specs[:4], token_ids, row_table, packed=_packed(rows, tokens, packed)).compile()
+
+    def _sampler_specs(self, rows: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """The step's outputs a sampler reads: f32[rows, V] logits and bool[rows, V] seen tokens."""
+        vocab = self.config.vocab_size
+        return (jax.ShapeDtypeStruct((rows, vocab), jnp.float32, sharding=self._replicated),
+                jax.ShapeDtypeStruct((rows, vocab), jnp.bool_, sharding=self._replicated))
+
+    def _compile_sampler(self, rows: int, mode: int) -> None:
+        _, row_table, ints, floats, _ = self._padding_inputs(rows, 1)
+        logits, seen_rows = self._sampler_specs(rows)
+        self._sample.lower(logits, ints, floats, seen_rows, self._state_specs[3], row_table, mode).compile()
+        with self._modes_lock:
+            self._sampler_modes = {**self._sampler_modes, rows: self._sampler_modes.get(rows, frozenset()) | {mode}}
+
+    def _compile_extended_sampler(self, rows: int) -> None:
+        token_ids, row_table, ints, floats, extended_rows = self._padding_inputs(rows, 1)
+        logits, seen_rows = self._sampler_specs(rows)
+        self._sample_extended.lower(logits, ints, floats, seen_rows, self._state_specs[3], self._state_specs[4],
+                                    row_table, extended_rows, token_ids[:, 0]).compile()
+
+    def _sampler_mode(self, rows: int, mode: int) -> int:
+        """`mode` if its program is compiled for this row count, else the general branch, which covers it."""
+        return mode if mode in self._sampler_modes.get(rows, ()) else GENERAL_MODE
+
+    def _padding_inputs(self, rows: int, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                               ExtendedRows]:
+        """A step of padding rows only (token grid, row table, sampling ints and floats, the extended sampler's
+        rows), built without touching any per-step state: only its shapes matter, for compiling."""
+        fields = np.zeros((rows, ROW_FIELDS.width), np.int32)
+        fields[:, _SLOT] = self.num_slots
+        fields[:, ROW_FIELDS.index("guide")] = self.guided.none
+        tables = np.full((rows, self.pages_per_seq), NULL_PAGE, np.int32)
+        padding = np.full(rows, self.num_slots)
+        ints, floats = self.slots.sampling.gather(padding, np.zeros(rows, np.int32))
+        extended = self.slots.sampling.gather_extended(padding, np.full(rows, -1, np.int32))
+        return np.zeros((rows, tokens), np.int32), np.concatenate([fields, tables], axis=1), ints, floats, extended
 
     def plans_shared_prefix(self, rows: int, tokens: int) -> bool:
         """Whether steps of this bucket get a shared-prefix plan: decode buckets of MIN_PLAN_BATCH rows or more."""
@@ -341,7 +401,7 @@ class ModelRunner:
                                                             packed=_packed(rows, tokens, packed))
         logits = self.guided.mask(logits, row_table)
         if extended_rows is None:
-            mode = sample_mode(sampling_ints, sampling_floats)
+            mode = self._sampler_mode(rows, sample_mode(sampling_ints, sampling_floats))
             next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
                                                          self.last_tokens, row_table, mode)
             self.guided.advance(next_tokens, row_table)

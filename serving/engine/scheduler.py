@@ -232,6 +232,12 @@ class Scheduler:
         self.kv.end_session(session_id)
 
     @property
+    def batch_limit(self) -> int:
+        """Sequences that may run at once: the slots, and no more than the largest decode bucket compiled so
+        far (while the server serves with its other buckets still compiling, `config.BucketSet.compiled`)."""
+        return min(self.max_batch_size, self.buckets.decode_capacity)
+
+    @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
@@ -321,7 +327,7 @@ class Scheduler:
             start += length
 
     def _admit(self, plan: Schedule, budget: int) -> None:
-        while self.waiting and len(self.running) < self.max_batch_size:
+        while self.waiting and len(self.running) < self.batch_limit:
             seq = self.waiting[0]
             if seq.num_pending:
                 return  # preempted with a token in flight: recompute once it is read back

@@ -204,6 +204,11 @@ class _LiveState:
             "Decode rows that read their shared prefix with a tile, summed over steps.",
             stats.shared_prefix_rows,
         )
+        yield gauge(
+            "xlserve:startup_buckets_remaining",
+            "Buckets (and sampler branches) still compiling in the background after the server became ready.",
+            stats.startup_buckets_remaining,
+        )
         yield counter(
             "xlserve:compilations_after_warmup",
             "XLA compilations after start-up; anything but 0 is a bug.",

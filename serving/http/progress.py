@@ -32,8 +32,10 @@ class StartupDisplay:
         self.stream = stream
         self.terminal = stream.isatty() if terminal is None else terminal
         self.began = time.monotonic()
-        self.buckets = 0  # programs compiled so far
+        self.buckets = 0  # buckets compiled so far
+        self.total = 0  # buckets to compile
         self.compile_seconds = 0.0
+        self._announced = False  # the ready line is out: the last bucket then gets a line of its own
         self._bars: dict[str, tqdm] = {}
         self._weights_tenths = 0  # tenths of the weights already written as lines
         self._lock = threading.Lock()  # weights come on the main thread, buckets on another
@@ -65,7 +67,7 @@ class StartupDisplay:
                        f"{_gib(event.bytes_total)}")
 
     def _bucket(self, event: StartupEvent) -> None:
-        self.buckets = event.done
+        self.buckets, self.total = event.done, event.total
         self.compile_seconds += event.seconds
         if self.terminal:
             bar = self._bar("buckets", event.total, unit="bucket")
@@ -73,8 +75,10 @@ class StartupDisplay:
             bar.update(event.done - bar.n)
             if event.done == event.total:
                 bar.close()
-            return
-        self._line(f"compiled bucket {event.done}/{event.total} {event.label} in {event.seconds:.1f}s")
+        else:
+            self._line(f"compiled bucket {event.done}/{event.total} {event.label} in {event.seconds:.1f}s")
+        if event.done == event.total and self._announced:  # the server became ready before the last bucket
+            self._line(f"all {event.total} buckets compiled after {time.monotonic() - self.began:.1f}s")
 
     def _line(self, text: str) -> None:
         print(PREFIX, text, file=self.stream, flush=True)
@@ -88,12 +92,16 @@ class StartupDisplay:
         if settings.webui:
             where.append(f"chat at {url}/chat")
         where.append(f"Swagger UI at {url}/{'docs' if settings.webui and settings.chat_at_root else ''}")
+        with self._lock:
+            self._announced = True
+            compiled = (f"{self.buckets} buckets compiled in {self.compile_seconds:.1f}s"
+                        if self.buckets == self.total else
+                        f"{self.buckets} of {self.total} buckets compiled (the rest compile while it serves)")
         return (
             f"{PREFIX} {settings.model_name} ready after {time.monotonic() - self.began:.1f}s: "
             f"{engine.dtype_name}{quantized}, TP {engine.engine_config.tp}, "
             f"{pages} KV pages of {engine.page_size} tokens "
-            f"({pages * engine.page_size} tokens), {self.buckets} buckets compiled in {self.compile_seconds:.1f}s; "
-            + ", ".join(where)
+            f"({pages * engine.page_size} tokens), {compiled}; " + ", ".join(where)
         )
 
 

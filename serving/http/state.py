@@ -3,7 +3,8 @@ at the end.
 
 Compiling every bucket takes from seconds (CPU, test buckets) to minutes (GPU), so the engine starts
 on a thread of its own while Hypercorn already answers: `/health` says the process lives, `/v1/ready`
-answers 503 until the engine is compiled, and generation routes answer 503 meanwhile. A load failure
+answers 503 until the engine can serve (its essential buckets compiled; the rest compile in the
+background, `Engine.start`), and generation routes answer 503 meanwhile. A load failure
 is kept and reported by both probes (and ends the CLI's server) rather than leaving a server that
 never becomes ready.
 
@@ -153,7 +154,9 @@ class ServerState:
     def _start(self) -> None:
         began = time.monotonic()
         try:
-            self.engine.start()
+            # Ready as soon as the engine can serve every request (its essential buckets); the other buckets
+            # compile in the background, /metrics counting them down (xlserve:startup_buckets_remaining).
+            self.engine.start(serve_early=True)
         except BaseException as error:  # reported by /health and /v1/ready, and logged with its trace
             logger.exception("the engine failed to start")
             self.load_error = error
