@@ -152,13 +152,20 @@ def serve_in_thread(
     checkpoint: Path,
     engine_options: dict = FEW_BUCKETS,
     shutdown_timeout: float = 5.0,
+    all_buckets: bool = True,
     **settings: Any,
 ) -> Iterator[tuple[LiveServer, _ThreadServer]]:
-    """A server with its own engine and `ServerSettings(**settings)`, stopped on exit."""
+    """A server with its own engine and `ServerSettings(**settings)`, stopped on exit. It serves once its
+    essential buckets are compiled; with `all_buckets` this waits for the rest too, so that a test's steps
+    are batched as a fully started server batches them."""
     server = _ThreadServer(checkpoint, engine_options, shutdown_timeout, **settings)
     try:
         base_url = f"http://127.0.0.1:{server.port}"
         wait_ready(base_url, alive=server._thread.is_alive)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while all_buckets and server.engine.buckets_remaining:
+            assert time.monotonic() < deadline, "the buckets did not all compile"
+            time.sleep(0.05)
         keys = settings.get("api_keys") or ("unused",)
         yield LiveServer(base_url, server.engine, MODEL_NAME, server.app, server.loop, api_key=keys[0]), server
     finally:

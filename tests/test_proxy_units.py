@@ -253,7 +253,11 @@ async def test_every_route_in_the_proxy_url_map_is_guarded_by_the_right_keys(tmp
                 for refused in (None, "wrong"):
                     answer = await call(refused)
                     assert answer.status_code == 401, (method, path, refused)
-                    assert (await answer.get_json())["error"]["code"] == "invalid_api_key"
+                    error = (await answer.get_json())["error"]
+                    if path.startswith("/v1/messages"):  # Anthropic's clients read Anthropic's error format
+                        assert error["type"] == "authentication_error", error
+                    else:
+                        assert error["code"] == "invalid_api_key", (path, error)
                 assert (await call(USER, "Basic")).status_code == 401
                 user, admin = await call(USER), await call(ADMIN, "bearer")
                 assert admin.status_code not in (401, 403), (method, path)

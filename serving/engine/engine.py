@@ -108,11 +108,14 @@ def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> Mo
 
 
 class CompilationCounter:
-    """Counts XLA compilations process-wide, so the engine can prove none happen after warm-up. Those made on
-    start-up's compile threads (`warmup`), which may still run while the engine serves, are counted apart."""
+    """Counts XLA compilations, in all and per thread that triggered them (the listener runs on the thread
+    that compiles), so an engine can prove none happen on its serving path after warm-up: its own thread's
+    count, whatever else the process compiles (tests run engines and models side by side in one process).
+    Those made on start-up's compile threads (`warmup`) are counted apart too."""
 
     _count = 0
     _startup_count = 0
+    _by_thread: dict[int, int] = {}
     _installed = False
     _lock = threading.Lock()
 
@@ -129,6 +132,8 @@ class CompilationCounter:
             with cls._lock:
                 cls._count += 1
                 cls._startup_count += on_startup_thread()
+                ident = threading.get_ident()
+                cls._by_thread[ident] = cls._by_thread.get(ident, 0) + 1
 
     @classmethod
     def count(cls) -> int:
@@ -139,6 +144,12 @@ class CompilationCounter:
     def serving_count(cls) -> int:
         """Compilations off start-up's compile threads: once the engine serves, anything here is a bug."""
         return cls._count - cls._startup_count
+
+    @classmethod
+    def on_thread(cls, ident: int) -> int:
+        """Compilations the thread of this `threading.get_ident()` triggered so far."""
+        with cls._lock:
+            return cls._by_thread.get(ident, 0)
 
 
 class Engine:
@@ -169,6 +180,7 @@ class Engine:
         self.heartbeat = time.monotonic()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._thread_compile_base: tuple[int, int] | None = None  # (engine thread, its compilations then)
         self._stopping = threading.Event()
         self._sinks: dict[str, Callable[[EngineOutput], None]] = {}  # request id -> where its outputs go
         self._compilations_at_warmup = 0
@@ -423,15 +435,25 @@ class Engine:
             prompt_tokens_computed=self.scheduler.num_prompt_tokens_computed,
             shared_prefix_steps=self.runner.shared_prefix_steps,
             shared_prefix_rows=self.runner.shared_prefix_rows,
-            compilations_after_warmup=CompilationCounter.serving_count() - self._compilations_at_warmup,
+            compilations_after_warmup=self._compilations_after_warmup(),
             startup_buckets_remaining=self.buckets_remaining,
         )
+
+    def _compilations_after_warmup(self) -> int:
+        """The engine thread's compilations (its steps are the serving path); an engine stepped by its
+        caller instead, after `warm_up`, counts every compilation in the process since then."""
+        if self._thread_compile_base is not None:
+            ident, base = self._thread_compile_base
+            return CompilationCounter.on_thread(ident) - base
+        return CompilationCounter.serving_count() - self._compilations_at_warmup
 
     # ----- the engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
         # The step dispatched last turn, whose tokens are read only after this turn's dispatch: the
         # device always has the next step queued while the host reads, detokenizes and schedules.
         in_flight: list[tuple[list[Chunk], StepOutput]] = []
+        ident = threading.get_ident()  # an id may be a finished thread's: count from what it had
+        self._thread_compile_base = (ident, CompilationCounter.on_thread(ident))
         try:
             while not self._stopping.is_set():
                 self._take_inbox(block=not self.scheduler.has_work and not in_flight)
