@@ -40,10 +40,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
-from model.gguf import find_gguf_file
 from model.llama import kv_bytes_per_token
 from model.loader import init_random_params, load_params
 from model.sharding import make_mesh
+from serving.engine.checkpoint_text import load_tokenizer, stop_ids
 from serving.engine.client import EngineStats
 from serving.engine.compile_cache import enable_compilation_cache
 from serving.engine.config import EngineConfig
@@ -247,9 +247,7 @@ class Engine:
             join(group)  # before anything touches JAX: the devices of every host then make one mesh
         model_config = with_weight_quant(ModelConfig.from_pretrained(model_path), config.weight_quant)
         if tokenizer is None:
-            from serving.text.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
+            tokenizer = load_tokenizer(model_path)
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
         mesh = make_mesh(config.tp)
         if config.load_format == "dummy":
@@ -367,8 +365,7 @@ class Engine:
     def eos_token_ids(self) -> frozenset[int]:
         """The stop ids of every request: config.json's and the tokenizer's (read on first use, so an engine
         given a tokenizer that loads on demand, as the engine process's, never loads it for this)."""
-        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
-        return frozenset(self.model_config.eos_token_ids) | tokenizer_eos
+        return stop_ids(self.model_config, self.tokenizer)
 
     @property
     def dtype_name(self) -> str:

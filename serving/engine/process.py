@@ -44,7 +44,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from model.config import ModelConfig
-from model.gguf import find_gguf_file
+from serving.engine.checkpoint_text import load_tokenizer, stop_ids
 from serving.engine.client import EngineStats
 from serving.engine.config import EngineConfig
 from serving.engine.progress import StartupEvent, StartupListener
@@ -93,12 +93,10 @@ class EngineProcess:
         child_commands.close()  # the child's ends: once it exits, reads here see EOF instead of hanging
         child_events.close()
         try:  # while the child starts: its imports and weights take seconds, this a second or two more
-            from serving.text.tokenizer import Tokenizer  # transformers: only once the child is on its way
-
             self.model_config = ModelConfig.from_pretrained(model_path)
-            self.tokenizer = Tokenizer.from_pretrained(model_path, find_gguf_file(model_path))
+            self.tokenizer = load_tokenizer(model_path)  # transformers: only once the child is on its way
             # As `Engine.eos_token_ids`: the child, which loads its tokenizer only on demand, never reads it.
-            self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+            self.eos_token_ids = stop_ids(self.model_config, self.tokenizer)
         except BaseException:
             self._process.kill()
             self._process.join(timeout=SHUTDOWN_TIMEOUT_S)
@@ -365,9 +363,7 @@ class TokenizerOnDemand:
     def __getattr__(self, name: str) -> Any:
         with self._lock:
             if self._tokenizer is None:
-                from serving.text.tokenizer import Tokenizer
-
-                self._tokenizer = Tokenizer.from_pretrained(self.model_path, find_gguf_file(self.model_path))
+                self._tokenizer = load_tokenizer(self.model_path)
         return getattr(self._tokenizer, name)
 
 
