@@ -63,7 +63,8 @@ def load_block(pool_refs, kind: str | None, pages: jax.Array, page0: jax.Array, 
         key_pos = slots[:, None] * page_size + half * per_page + jnp.arange(per_page, dtype=jnp.int32)[None, :]
         scales = (None, None)
         if kind is not None:
-            scales = tuple(ref.at[half][pages].reshape(size).astype(jnp.float32) for ref in pool_refs[2:])
+            # One indexer (half, pages): Triton's lowering takes no chain of them (ref.at[half][pages]).
+            scales = tuple(ref[half, pages].reshape(size).astype(jnp.float32) for ref in pool_refs[2:])
         blocks.append(KVBlock(ks[half].reshape(size, head_dim), vs[half].reshape(size, head_dim), *scales,
                               key_pos.reshape(size)))
     return blocks
