@@ -12,6 +12,12 @@ SHAPES: dict[str, ModelConfig] = {
                         original_max_position_embeddings=8192),
         torch_dtype="bfloat16", bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
     ),
+    # SmolLM2-135M-Instruct (the real-model tier's checkpoint): the CPU benchmarks' shape.
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        rope=RopeConfig(100000.0, "default"), tie_word_embeddings=True, torch_dtype="float32", eos_token_ids=(2,),
+    ),
     "tiny": ModelConfig(
         vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
         head_dim=16, max_position_embeddings=2048, torch_dtype="float32", eos_token_ids=(2,),

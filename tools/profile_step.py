@@ -36,25 +36,30 @@ from tools.timing import copy_bandwidth, timed
 def gemm_floor(params: dict, batch: int, hf_layout: bool) -> float:
     """Stream every weight once as a GEMM of `batch` rows (no attention, no norms): the step's floor."""
     layers = [params[k] for k in sorted(params) if k.startswith("layers_")]
-    mats = [params["lm_head"]["kernel"]]  # [in, out] everywhere below
+    mats = [] if "lm_head" not in params else [params["lm_head"]["kernel"]]  # [in, out] everywhere below
     for layer in layers:
         mats += [layer["attn"]["wqkv"].reshape(layer["attn"]["wqkv"].shape[0], -1),
                  layer["attn"]["wo"].reshape(-1, layer["attn"]["wo"].shape[-1]),
                  layer["mlp"]["w_gate_up"].reshape(layer["mlp"]["w_gate_up"].shape[0], -1),
                  layer["mlp"]["w_down"]]
-    weights = [jnp.asarray(m.T) for m in mats] if hf_layout else mats
-    widths = [m.shape[0] for m in mats]  # shapes only: the weights are arguments, never constants
-    inputs = {width: jnp.ones((batch, width), jnp.bfloat16) for width in widths}
+    # (weight, stored [out, in]?): ours as the model holds them; a tied head is the embedding table,
+    # [vocab, hidden], in either layout (the model contracts its hidden dimension as it is).
+    weights = [(jnp.asarray(m.T), True) if hf_layout else (m, False) for m in mats]
+    if "lm_head" not in params:
+        weights.insert(0, (params["embed"]["embedding"], True))
+    widths = [w.shape[1] if out_in else w.shape[0] for w, out_in in weights]  # static: weights are arguments
+    layouts = [out_in for _, out_in in weights]
+    inputs = {width: jnp.ones((batch, width), weights[0][0].dtype) for width in widths}
 
     @jax.jit
     def stream(inputs, weights):
         total = jnp.zeros((batch,), jnp.float32)
-        for width, w in zip(widths, weights, strict=True):
-            y = inputs[width] @ w.T if hf_layout else inputs[width] @ w
+        for width, out_in, w in zip(widths, layouts, weights, strict=True):
+            y = inputs[width] @ w.T if out_in else inputs[width] @ w
             total = total + y[:, 0].astype(jnp.float32)
         return total
 
-    return timed(lambda: stream(inputs, weights))
+    return timed(lambda: stream(inputs, [w for w, _ in weights]))
 
 
 def main() -> None:
@@ -63,6 +68,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,64,256")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--session-len", type=int, default=0,
+                        help="the block table's width in tokens (default: just the context); the XLA attention "
+                             "reads only the context's pages, the reference the whole table")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--prefix-groups", type=int, default=0,
                         help="rows share their first --prefix-len tokens' pages in this many groups (row i in "
@@ -74,10 +82,11 @@ def main() -> None:
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     params = init_random_params(config, dtype, seed=0)
     batches = [int(b) for b in args.batches.split(",")]
-    pages_per_seq = -(-(args.context + 1) // args.page_size)
+    pages_per_seq = -(-max(args.context + 1, args.session_len) // args.page_size)
+    context_pages = -(-(args.context + 1) // args.page_size)
     # Shared prefix pages (the new token's page is always the row's own), then each row's own pages.
-    shared_pages = min(args.prefix_len // args.page_size, pages_per_seq - 1) if args.prefix_groups else 0
-    own_pages = pages_per_seq - shared_pages
+    shared_pages = min(args.prefix_len // args.page_size, context_pages - 1) if args.prefix_groups else 0
+    own_pages = context_pages - shared_pages
     buckets = BucketSet(decode_batch=tuple(batches), prefill_rows=(1,), prefill_tokens=(64,),
                         max_prefill_tokens=PRESETS["gpu"]["max_prefill_tokens"])
     num_pages = args.prefix_groups * shared_pages + max(batches) * own_pages + 1
@@ -100,7 +109,7 @@ def main() -> None:
             chunks.append(Chunk(request=request, slot=i, admission=1, start=args.context - 1, length=1,
                                 token_ids=[1], pages=pages, step=0, samples=True, first=False))
         step_ms = timed(lambda chunks=chunks, batch=batch: runner.run(chunks, batch, 1).tokens)
-        token_ids, row_table, _, _, tiled_rows = runner._inputs(chunks, batch, 1)
+        token_ids, row_table, _, _, tiled_rows, _ = runner._inputs(chunks, batch, 1)
         token_ids, row_table = jax.device_put((token_ids, row_table))
 
         def model_only(run_step, token_ids=token_ids, row_table=row_table):
