@@ -31,7 +31,7 @@ from serving.engine.engine import Engine, TurnRecord, resolve_dtype, with_weight
 from serving.request import EngineOutput, GenerationConfig, Guide
 from serving.text.grammar import GuideCompiler, GuideSpec
 from tools.bench_serving import sharegpt_like_dataset
-from tools.timing import copy_bandwidth
+from tools.timing import copy_bandwidth, format_bandwidth
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -220,7 +220,7 @@ def main() -> None:
     print(
         f"device {jax.devices()[0].device_kind}; started in {started:.1f}s "
         f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "
-        f"bandwidth {bandwidth / 1e12:.2f} TB/s; batch-1 floor {floor_ms:.2f} ms/token; "
+        f"bandwidth {format_bandwidth(bandwidth)}; batch-1 floor {floor_ms:.2f} ms/token; "
         f"KV cache {engine.num_pages} pages of {engine.page_size} tokens ({engine.num_pages * engine.page_size} "
         f"tokens, quant policy {args.quant_policy}, weights {args.weight_quant or engine.dtype_name})",
         flush=True,
@@ -272,7 +272,7 @@ def main() -> None:
         baseline_prompts = [prompt]
         print(
             f"single stream: {1e3 / best:.1f} tok/s ({best:.2f} ms/token), {floor_ms / best:.0%} of the "
-            f"HBM roofline ({floor_ms:.2f} ms)"
+            f"memory roofline ({floor_ms:.2f} ms)"
         )
     else:
         if args.dataset == "sharegpt-like":

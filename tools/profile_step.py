@@ -30,7 +30,7 @@ from serving.engine.runner import ModelRunner
 from serving.engine.sampling import ALL_GREEDY, SamplingBatch, sample
 from serving.engine.scheduler import Chunk
 from serving.request import EngineRequest, GenerationConfig
-from tools.timing import copy_bandwidth, timed
+from tools.timing import copy_bandwidth, format_bandwidth, timed
 
 
 def gemm_floor(params: dict, batch: int, hf_layout: bool) -> float:
@@ -95,7 +95,7 @@ def main() -> None:
     t0 = time.perf_counter()
     runner.compile_all(progress=False)
     print(f"{jax.devices()[0].device_kind}: compiled {len(buckets.shapes())} shapes in "
-          f"{time.perf_counter() - t0:.1f}s; copy bandwidth {copy_bandwidth() / 1e12:.2f} TB/s", flush=True)
+          f"{time.perf_counter() - t0:.1f}s; copy bandwidth {format_bandwidth(copy_bandwidth())}", flush=True)
     request = EngineRequest("p", [1] * args.context, GenerationConfig(max_new_tokens=10**6), frozenset(), 0)
     rows = []
     for batch in batches:
