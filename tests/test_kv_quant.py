@@ -1,6 +1,7 @@
 """Quantized KV pages (`--quant-policy`): the cache write, the page budget, every attention path over
-quantized pages (XLA, the reference, and the Pallas kernels in interpret mode), and an engine on int4 pages
-(prefix caching and preemption give the tokens a fresh computation gives).
+quantized pages (XLA, the reference, and the Pallas kernels in interpret mode; test_gpu_lowering.py lowers
+them for CUDA), and an engine on int4 pages (prefix caching and preemption give the tokens a fresh
+computation gives).
 
 Two comparisons per path. Against the reference over the *same* quantized pages the kernels must agree to
 float rounding: they dequantize through the scores and probabilities, the reference element by element.
@@ -15,7 +16,6 @@ import dataclasses
 import functools
 import threading
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,21 +126,21 @@ def test_xla_attention_over_quantized_pages(kind, num_q):
     check_quantized(out, args, qargs, real, kind)
 
 
-def decode_case(dtype: jnp.dtype) -> tuple:
+def decode_case() -> tuple:
     """(args, real rows, call) of the decode kernel's problem; `call(*args, interpret=...)` runs it."""
     args, real = make_problem(1, starts=[31, 2, 9, -1], num_q=1, num_heads=16, num_kv_heads=4, head_dim=64,
-                              page_size=8, pages_per_seq=8, dtype=dtype)
+                              page_size=8, pages_per_seq=8, dtype=jnp.float32)
     return args, real, functools.partial(paged_decode_attention, scale=64**-0.5, k_splits=2, pages_per_block=2)
 
 
-def prefill_case(dtype: jnp.dtype) -> tuple:
+def prefill_case() -> tuple:
     args, real = make_problem(3, starts=[3, 16, -1], num_q=5, num_heads=8, num_kv_heads=2, head_dim=64, page_size=8,
-                              pages_per_seq=4, dtype=dtype)
+                              pages_per_seq=4, dtype=jnp.float32)
     return args, real, functools.partial(paged_prefill_attention, scale=64**-0.5, pages_per_block=2)
 
 
-def shared_prefix_case(dtype: jnp.dtype) -> tuple:
-    args, real = make_shared_problem(6, [(6, 3)], 1, 8, 2, 64, 8, 6, dtype)
+def shared_prefix_case() -> tuple:
+    args, real = make_shared_problem(6, [(6, 3)], 1, 8, 2, 64, 8, 6, jnp.float32)
     tables, lens = np.asarray(args[3]), np.asarray(args[5])
     plan = plan_shared_prefix(tables[real], lens[real], page_size=8, tile_size=4, max_tiles=2)
     padding = (np.array([2], np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32))
@@ -156,20 +156,9 @@ PALLAS_CASES = {"decode": decode_case, "prefill": prefill_case, "shared_prefix":
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("kernel", PALLAS_CASES)
 def test_pallas_kernels_over_quantized_pages(kernel, kind):
-    args, real, call = PALLAS_CASES[kernel](jnp.float32)
+    args, real, call = PALLAS_CASES[kernel]()
     qargs = quantized(args, kind)
     check_quantized(call(*qargs, interpret=True), args, qargs, real, kind)
-
-
-@pytest.mark.parametrize("kind", [None, *KINDS])
-@pytest.mark.parametrize("kernel", PALLAS_CASES)
-def test_pallas_kernels_lower_for_gpus(kernel, kind):
-    """Interpret mode runs kernels that Triton's lowering refuses: a chain of ref indexers
-    (`ref.at[i][pages]`) passed every CPU test and failed every quantized B3 run on the H100. Lowering for
-    CUDA needs no GPU, so CPU tests catch that class of error (not what only Triton's compiler sees)."""
-    args, _, call = PALLAS_CASES[kernel](jnp.bfloat16)
-    qargs = quantized(args, kind) if kind else args
-    jax.jit(call).trace(*qargs).lower(lowering_platforms=("cuda",))
 
 
 def test_a_plain_pool_passes_through():

@@ -1,0 +1,61 @@
+"""The engine's step with the Pallas kernels lowers for CUDA, on a CPU.
+
+Interpret mode, which runs the Pallas kernels in every other CPU test, accepts programs that Triton's
+lowering refuses: a chain of ref indexers in the quantized-KV kernels passed every CPU test and failed every
+quantized-KV run on the H100. Lowering needs no GPU (only compiling does), so the step the engine runs on a
+GPU is lowered here with every KV page format and weight format, for decode, prefill and a shared-prefix
+decode step: the kernels as the model calls them, the Pallas RMSNorm and the cache writes with them.
+What only Triton's compiler sees (register pressure, unsupported conversions) still needs the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from model.config import ModelConfig
+from model.llama import CausalLM, empty_cache
+from model.loader import init_random_params
+from serving.engine.runner import ROW_FIELDS, step
+
+CONFIG = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
+                     num_kv_heads=2, head_dim=64, max_position_embeddings=256)
+NUM_SLOTS, PAGES_PER_SEQ = 4, 4
+
+
+def lower_step_for_cuda(config: ModelConfig, kv_format: str | None, rows: int, tokens: int,
+                        shared_prefix: bool = False) -> str:
+    """The step's StableHLO, lowered for CUDA from abstract inputs (nothing is allocated or run)."""
+    params = jax.eval_shape(lambda: init_random_params(config, jnp.bfloat16, 0))
+    cache = jax.eval_shape(lambda: empty_cache(config, 8, 16, jnp.bfloat16, kv_format=kv_format))
+    seen = jax.ShapeDtypeStruct((NUM_SLOTS, config.vocab_size), jnp.bool_)
+    last = jax.ShapeDtypeStruct((NUM_SLOTS,), jnp.int32)
+    token_grid = jax.ShapeDtypeStruct((rows, tokens), jnp.int32)
+    row_table = jax.ShapeDtypeStruct((rows, ROW_FIELDS.width + PAGES_PER_SEQ), jnp.int32)
+    model = CausalLM(config, dtype=jnp.bfloat16, attention_backend="pallas")
+    run = jax.jit(functools.partial(step, model, shared_prefix=shared_prefix))
+    return run.trace(params, cache, seen, last, token_grid, row_table).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def triton_calls(text: str) -> int:
+    """Pallas kernels (Triton custom calls) in lowered StableHLO."""
+    return text.count("custom_call @__gpu$xla.gpu.triton")
+
+
+@pytest.mark.parametrize("kv_format", [None, "int8", "int4", "fp8"])
+@pytest.mark.parametrize("weight_quant", [None, "int8", "fp8"])
+def test_decode_and_prefill_steps_lower_for_gpus(kv_format, weight_quant):
+    config = dataclasses.replace(CONFIG, weight_quant=weight_quant)
+    for rows, tokens in ((2, 1), (2, 16)):  # the decode kernel, the prefill kernel
+        text = lower_step_for_cuda(config, kv_format, rows, tokens)
+        assert triton_calls(text) >= config.num_layers  # an attention kernel a layer at least, not an XLA fallback
+
+
+@pytest.mark.parametrize("kv_format", [None, "int8", "int4", "fp8"])
+def test_a_shared_prefix_decode_step_lowers_for_gpus(kv_format):
+    text = lower_step_for_cuda(CONFIG, kv_format, rows=8, tokens=1, shared_prefix=True)
+    assert triton_calls(text) >= CONFIG.num_layers
