@@ -42,24 +42,22 @@ def gemm_floor(params: dict, batch: int, hf_layout: bool) -> float:
                  layer["attn"]["wo"].reshape(-1, layer["attn"]["wo"].shape[-1]),
                  layer["mlp"]["w_gate_up"].reshape(layer["mlp"]["w_gate_up"].shape[0], -1),
                  layer["mlp"]["w_down"]]
-    # (weight, stored [out, in]?): ours as the model holds them; a tied head is the embedding table,
-    # [vocab, hidden], in either layout (the model contracts its hidden dimension as it is).
-    weights = [(jnp.asarray(m.T), True) if hf_layout else (m, False) for m in mats]
-    if "lm_head" not in params:
-        weights.insert(0, (params["embed"]["embedding"], True))
-    widths = [w.shape[1] if out_in else w.shape[0] for w, out_in in weights]  # static: weights are arguments
-    layouts = [out_in for _, out_in in weights]
-    inputs = {width: jnp.ones((batch, width), weights[0][0].dtype) for width in widths}
+    weights = [jnp.asarray(m.T) for m in mats] if hf_layout else mats
+    out_in = [hf_layout] * len(mats)  # per weight: stored [out, in], contracted along its last dimension
+    if "lm_head" not in params:  # a tied head is the embedding table, [vocab, hidden], contracted as it is
+        weights, out_in = [params["embed"]["embedding"], *weights], [True, *out_in]
+    widths = [w.shape[1] if t else w.shape[0] for w, t in zip(weights, out_in, strict=True)]  # static
+    inputs = {width: jnp.ones((batch, width), weights[0].dtype) for width in widths}
 
     @jax.jit
     def stream(inputs, weights):
         total = jnp.zeros((batch,), jnp.float32)
-        for width, out_in, w in zip(widths, layouts, weights, strict=True):
-            y = inputs[width] @ w.T if out_in else inputs[width] @ w
+        for width, transposed, w in zip(widths, out_in, weights, strict=True):
+            y = inputs[width] @ w.T if transposed else inputs[width] @ w
             total = total + y[:, 0].astype(jnp.float32)
         return total
 
-    return timed(lambda: stream(inputs, [w for w, _ in weights]))
+    return timed(lambda: stream(inputs, weights))
 
 
 def main() -> None:
