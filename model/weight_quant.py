@@ -12,9 +12,9 @@ Since the scale is per output channel, it multiplies the matmul's *output*: x @ 
 so only the conversion of `values` to the activation dtype is left, and where it runs decides whether a
 weight-sized temporary exists:
     fused    (GPU) the convert is an operand of the dot: XLA:GPU fuses it into its GEMM fusion, so each
-             tile of the weight is converted after its load from memory. Not at one row: there XLA:GPU
-             rewrites the dot as multiply + reduce, and for weights contracted along their major dimension
-             (w_down, wo) the multiply writes an f32 product of the weight (docs/perf-notes.md).
+             tile of the weight is converted after its load from memory, at one row too (a split-K Triton
+             GEMM at Llama-3.1-8B's shapes on the H100). Only at small shapes (the test models') does XLA turn
+             a one-row dot into multiply + reduce, which can write an f32 product of the weight.
     blocked  (CPU) XLA:CPU runs a dot's operands as buffers of their own (it would convert the whole weight
              first), so the weight is converted and multiplied a block of output columns at a time in a
              loop: the temporary is one block (`BLOCK_ELEMENTS`), never the weight.

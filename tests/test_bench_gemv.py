@@ -1,0 +1,45 @@
+"""tools.bench_gemv, the GPU probe of few-row matmuls over quantized weights, on a CPU.
+
+Its candidate Pallas kernels run in interpret mode at a tiny shape and are checked against an f32
+reference before anything is timed; a wrong product stops the run. Both kernels also lower for CUDA
+here, so a probe sent to a lent GPU does not fail on what a CPU could have caught.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tools import bench_gemv
+
+
+def test_quick_run_checks_and_prints_every_variant(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_gemv", "--quick", "--rows", "1,3"])
+    bench_gemv.main()
+    lines = capsys.readouterr().out.splitlines()
+    for rows in (1, 3):
+        printed = {line.split(": ", 1)[1].split("  ")[0].strip() for line in lines if f"rows {rows}:" in line}
+        labels = {"bf16 dot", "fp8 xla fused", "int8 xla fused", "fp8 pallas n=64 k=256 splits=2",
+                  "int8 pallas n=64 k=256 splits=2"} | ({"fp8 pallas-row n=64 k=256 splits=2"} if rows == 1 else set())
+        assert printed == labels
+
+
+def test_check_stops_a_wrong_product():
+    x = jnp.ones((1, 64), jnp.bfloat16)
+    values, scale = bench_gemv.quantize(jnp.ones((64, 64), jnp.float32), "int8")
+    bench_gemv.check("fused", bench_gemv.fused, x, (values, scale))
+    with pytest.raises(SystemExit, match="relative error"):
+        bench_gemv.check("wrong", lambda x, v, s: bench_gemv.fused(x, v, s) * 1.5, x, (values, scale))
+
+
+@pytest.mark.parametrize("one_row", [False, True])
+def test_candidate_kernels_lower_for_cuda(one_row):
+    args = (jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 512), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((512,), jnp.float32))
+    gemv = jax.jit(lambda x, v, s: bench_gemv.quantized_gemv(x, v, s, block_n=128, block_k=128, k_splits=4,
+                                                             one_row=one_row))
+    text = gemv.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1

@@ -1,0 +1,226 @@
+"""Time few-row matmuls over quantized weights at Llama-3.1-8B shapes on the GPU (issue 21's B1).
+
+    PYTHONUNBUFFERED=1 python -m tools.bench_gemv [--rows 1,4,16] [--sweep] [--hlo DIR] [--quick]
+
+For each weight (wqkv, wo, w_gate_up, w_down as [K, N] matrices) and each row count: bf16 weights through
+XLA's dot, int8 and fp8 weights through XLA's fused convert + dot (`model.weight_quant`'s "fused"), fp8
+through Hopper's native fp8 dot (activations scaled to e4m3 per row), and our Pallas kernel
+(below) with its default blocks, or every block choice with --sweep. Each result is checked against an f32
+reference first. Prints time per call and the weight bytes streamed per second against the device's
+copy bandwidth.
+
+The Pallas kernels here are candidates, not the engine's: measured on the H100 (docs/perf-notes.md) they
+are no faster at one row than XLA's own Triton GEMM fusion of the convert and the dot, which is what the
+engine runs. `_gemv_kernel` pads the rows to 16 (Triton's smallest dot) and converts [block_k, block_n]
+tiles after their load; `_row_kernel` serves one row with products summed in f32, without a dot. Both
+split K over `k_splits` programs whose scaled partial sums XLA adds.
+
+Method: each timed executable applies the matmul to `copies` distinct weights (together over ~3x the
+50 MB L2, so weights come from HBM) and sums the outputs; the per-call time is the total over copies,
+launch gaps included, as in a decode step. --hlo writes XLA's optimized HLO of the fused one-row path.
+--quick runs tiny shapes in interpret mode on CPU to test this script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from tools.timing import copy_bandwidth, format_bandwidth, timed
+
+ROWS = 16  # Triton's smallest dot; the most rows this kernel serves
+
+
+def _gemv_kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int):
+    # x_ref [ROWS, K]; w_ref [K, block_n] int8 or e4m3; scale_ref f32[block_n]; out_ref f32[ROWS, block_n]
+    first = pl.program_id(1) * steps
+
+    def accumulate(i: jax.Array, acc: jax.Array) -> jax.Array:
+        k0 = pl.multiple_of((first + i) * block_k, block_k)
+        x = x_ref[:, pl.ds(k0, block_k)]
+        w = w_ref[pl.ds(k0, block_k), :].astype(x.dtype)
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, steps, accumulate, jnp.zeros(out_ref.shape, jnp.float32))
+    out_ref[...] = acc * scale_ref[...][None, :]
+
+
+def _row_kernel(x_ref, w_ref, scale_ref, out_ref, *, block_k: int, steps: int):
+    # One row without a dot: x_ref [1, K]; out_ref f32[1, block_n]; products summed over K in f32.
+    first = pl.program_id(1) * steps
+
+    def accumulate(i: jax.Array, acc: jax.Array) -> jax.Array:
+        k0 = pl.multiple_of((first + i) * block_k, block_k)
+        x = x_ref[0, pl.ds(k0, block_k)].astype(jnp.float32)
+        w = w_ref[pl.ds(k0, block_k), :].astype(jnp.float32)
+        return acc + jnp.sum(x[:, None] * w, axis=0)
+
+    acc = jax.lax.fori_loop(0, steps, accumulate, jnp.zeros(out_ref.shape[1:], jnp.float32))
+    out_ref[0, :] = acc * scale_ref[...]
+
+
+def supports(rows: int, k: int, n: int, block_n: int, block_k: int, k_splits: int) -> bool:
+    """Whether the kernel covers x [rows, k] @ values [k, n] with these blocks."""
+    return rows <= ROWS and n % block_n == 0 and k % (block_k * k_splits) == 0
+
+
+def gemv_blocks(k: int, n: int, programs: int = 256) -> dict[str, int] | None:
+    """Default blocks for values [k, n]: 64 output channels a program, K split until about `programs`
+    programs run (an H100 has 132 SMs; w_down's 4096 channels alone make only 64). None: no block fits."""
+    block_n, block_k = 64, 256
+    if n % block_n or k % block_k:
+        return None
+    k_splits = 1
+    while (n // block_n) * k_splits < programs and k % (block_k * k_splits * 2) == 0:
+        k_splits *= 2
+    return dict(block_n=block_n, block_k=block_k, k_splits=k_splits)
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "k_splits", "num_warps", "num_stages", "interpret",
+                                             "one_row"))
+def quantized_gemv(
+    x: jax.Array,  # [M, K] activations (bf16 on the GPU), M <= ROWS
+    values: jax.Array,  # [K, N] int8 or float8_e4m3fn
+    scale: jax.Array,  # f32[N] one per output channel
+    *,
+    block_n: int = 64,
+    block_k: int = 256,
+    k_splits: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    interpret: bool = False,
+    one_row: bool = False,
+) -> jax.Array:  # f32[M, N]
+    (m, k), n = x.shape, values.shape[1]
+    assert supports(m, k, n, block_n, block_k, k_splits), (x.shape, values.shape, block_n, block_k, k_splits)
+    rows = 1 if one_row else ROWS
+    padded = x if one_row else jnp.pad(x, ((0, ROWS - m), (0, 0)))
+    partials = pl.pallas_call(
+        functools.partial(_row_kernel if one_row else _gemv_kernel, block_k=block_k, steps=k // (block_k * k_splits)),
+        out_shape=jax.ShapeDtypeStruct((k_splits, rows, n), jnp.float32),
+        grid=(n // block_n, k_splits),
+        in_specs=[
+            pl.BlockSpec((rows, k), lambda j, s: (0, 0)),
+            pl.BlockSpec((k, block_n), lambda j, s: (0, j)),
+            pl.BlockSpec((block_n,), lambda j, s: (j,)),
+        ],
+        out_specs=pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="xlserve_quantized_gemv",
+    )(padded, values, scale.astype(jnp.float32))
+    return partials.sum(axis=0)[:m]
+
+
+LLAMA3_8B = {"wqkv": (4096, 6144), "wo": (4096, 4096), "w_gate_up": (4096, 28672), "w_down": (14336, 4096)}
+QUICK = {"w_small": (512, 256)}
+L2_BYTES = 50e6
+
+
+def quantize(w: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:  # (values [K, N], f32 scale [N])
+    qmax = 127.0 if kind == "int8" else 448.0
+    scale = jnp.max(jnp.abs(w), axis=0) / qmax
+    scaled = w / scale
+    return (jnp.round(scaled).astype(jnp.int8) if kind == "int8" else scaled.astype(jnp.float8_e4m3fn)), scale
+
+
+def native_fp8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
+    """Hopper's fp8 x fp8 dot: each row of x scaled into e4m3's range, both scales on the output."""
+    x_scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 448.0
+    x8 = (x.astype(jnp.float32) / x_scale).astype(jnp.float8_e4m3fn)
+    y = jax.lax.dot_general(x8, values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return y * x_scale * scale
+
+
+def fused(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
+    return jnp.dot(x, values.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+
+
+def time_variant(fn, x: jax.Array, weights: list[tuple[jax.Array, ...]]) -> float:
+    """Milliseconds per matmul: `fn(x, *weight)` over every copy in one executable, outputs summed."""
+    run = jax.jit(lambda x, ws: sum(jnp.sum(fn(x, *w)) for w in ws))
+    return timed(lambda: run(x, weights), repeats=20) / len(weights)
+
+
+def check(label: str, fn, x: jax.Array, weight: tuple[jax.Array, ...]) -> None:
+    """`fn` against the f32 product of x and the weight it stands for (its dequantized values)."""
+    dense = weight[0].astype(jnp.float32) * (weight[1] if len(weight) > 1 else 1.0)
+    want = x.astype(jnp.float32) @ dense
+    error = float(jnp.max(jnp.abs(jax.jit(fn)(x, *weight).astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+    # bf16 outputs and fp8 activations (the native dot) round; a wrong kernel is off by O(1).
+    if error > (0.1 if "native" in label else 0.02):
+        raise SystemExit(f"{label}: relative error {error:.3g} against the f32 reference")
+
+
+def sweep(k: int, n: int) -> list[dict[str, int]]:
+    """Block choices that start between one and ~eight programs per SM of a 132-SM GPU."""
+    choices = itertools.product((64, 128, 256), (64, 128, 256), (1, 2, 4, 8))
+    return [dict(block_n=bn, block_k=bk, k_splits=ks) for bn, bk, ks in choices
+            if 128 <= n // bn * ks <= 1100 or n <= 1024]
+
+
+def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], interpret: bool):
+    """(label, fn(x, *weight), weight kind) for every matmul compared at this shape."""
+    yield "bf16 dot", lambda x, w: x @ w, "bf16"
+    for kind in ("fp8", "int8"):
+        yield f"{kind} xla fused", fused, kind
+        for b in blocks if kind == "fp8" else blocks[:1]:  # int8 takes the first (default) blocks only
+            if b is None or not supports(rows, k, n, b["block_n"], b["block_k"], b["k_splits"]):
+                continue
+            label = " ".join(f"{key.split('_')[-1]}={val}" for key, val in b.items())
+            yield f"{kind} pallas {label}", functools.partial(quantized_gemv, interpret=interpret, **b), kind
+            if rows == 1 and kind == "fp8":
+                row = functools.partial(quantized_gemv, interpret=interpret, one_row=True, **b)
+                yield f"{kind} pallas-row {label}", row, kind
+    if not interpret:  # XLA:CPU has no fp8 dot
+        yield "fp8 native dot", native_fp8, "fp8"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="1,4,16")
+    parser.add_argument("--sweep", action="store_true", help="time every block choice of the Pallas kernels")
+    parser.add_argument("--hlo", help="write the fused one-row path's optimized HLO into this folder")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, interpret mode (CPU self-test)")
+    args = parser.parse_args()
+    shapes, interpret = (QUICK, True) if args.quick else (LLAMA3_8B, False)
+    bandwidth = copy_bandwidth() if not args.quick else float("nan")
+    print(f"{jax.devices()[0].device_kind}: copy bandwidth {format_bandwidth(bandwidth)} (read + write)")
+    rng = np.random.default_rng(0)
+    for name, (k, n) in shapes.items():
+        copies = 1 if args.quick else max(2, math.ceil(3 * L2_BYTES / (k * n)))
+        dense = [jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02, jnp.bfloat16) for _ in range(copies)]
+        weights = {"bf16": [(w,) for w in dense]}
+        weights |= {kind: [quantize(w.astype(jnp.float32), kind) for w in dense] for kind in ("int8", "fp8")}
+        blocks = [gemv_blocks(k, n)] + (sweep(k, n) if args.sweep else [])
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+            results = {}
+            for label, fn, kind in variants(k, n, rows, blocks, interpret):
+                check(label, fn, x, weights[kind][0])
+                results[label] = (time_variant(fn, x, weights[kind]), 2 if kind == "bf16" else 1)
+            if args.hlo and rows == 1:
+                os.makedirs(args.hlo, exist_ok=True)
+                text = jax.jit(fused).lower(x, *weights["fp8"][0]).compile().as_text()
+                open(os.path.join(args.hlo, f"fused-fp8-{name}.hlo.txt"), "w").write(text)
+            shown = sorted(results.items(), key=lambda kv: kv[1][0])
+            for kernel in ("fp8 pallas ", "fp8 pallas-row "):  # each kernel's fastest three blocks only
+                swept = [label for label, _ in shown if label.startswith(kernel)]
+                shown = [(label, r) for label, r in shown if label not in swept[3:]]
+            for label, (ms, bytes_per_weight) in shown:
+                rate = k * n * bytes_per_weight / (ms * 1e-3)
+                print(f"{name} [{k} x {n}] rows {rows}: {label:48s} {ms * 1e3:8.1f} us  "
+                      f"{format_bandwidth(rate)} ({rate / bandwidth:.0%} of copy)")
+
+
+if __name__ == "__main__":
+    main()
