@@ -23,6 +23,10 @@ from typing import Any
 
 from model.rope import RopeConfig, yarn_mscale
 
+# A checkpoint's weights: one safetensors file, or an index naming the files of a sharded one.
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",  # Llama-shaped; some versions attend through a sliding window

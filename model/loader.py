@@ -39,14 +39,12 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from model.config import ModelConfig
+from model.config import INDEX_FILE, SINGLE_FILE, ModelConfig
 from model.sharding import Axes, make_mesh, sharding_for
 from model.weight_quant import quantize_weight, storage_dtype
 
 Params = dict[str, Any]
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 # Stored values that mean something only with their scale (Hugging Face FP8 checkpoints, `fp8_checkpoint`).
 SCALED_DTYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}

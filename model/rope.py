@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    import jax
 
 ROPE_TYPES = frozenset({"default", "linear", "dynamic", "llama3", "yarn"})
 
@@ -141,6 +143,8 @@ def dynamic_inv_frequencies(rope: RopeConfig, head_dim: int, seq_lens: jax.Array
     (factor - 1)) ** (d / (d - 2)); shorter ones with theta itself. Computed in float32, as transformers
     does (its sequence length is a tensor there).
     """
+    import jax.numpy as jnp  # here: the rest of this module is config-time math the server's process reads
+
     if rope.rope_type != "dynamic":
         raise ValueError(f"dynamic_inv_frequencies needs dynamic RoPE, got {rope.rope_type!r}")
     original = rope.original_max_position_embeddings

@@ -40,8 +40,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from model.config import ModelConfig
-from model.loader import INDEX_FILE, SINGLE_FILE
+from model.config import INDEX_FILE, SINGLE_FILE, ModelConfig
 
 CONFIG_FILES = ("config.json", "generation_config.json", INDEX_FILE)
 # What transformers reads to build a fast tokenizer and its chat templates (SentencePiece, BPE vocab +

@@ -23,7 +23,8 @@ import pytest
 from huggingface_hub import constants
 from safetensors.numpy import load_file, save_file
 
-from model.loader import INDEX_FILE, checkpoint_tensors
+from model.config import INDEX_FILE
+from model.loader import checkpoint_tensors
 from model.source import ModelSourceError, resolve_model
 from serving import GenerationConfig, pipeline
 from serving.cli import main

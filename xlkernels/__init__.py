@@ -12,81 +12,37 @@ Every backend reads plain page pools or quantized ones (`xlkernels.kv_quant.Quan
 Every backend also takes `shared`, an optional `SharedPrefix` plan for decode batches (see
 `xlkernels.shared_prefix`): a hint about how to compute, never a change to what is computed.
 Nothing here imports `model` or `serving`: a kernel is usable on its own.
+
+The package itself holds only names (the choices a command line offers) and imports its functions on first
+use: the server's process parses options with them before it spawns the engine's, and importing JAX there
+would delay the engine's start by its ~1.2 s import.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
-import jax
-
-from xlkernels.paged_attention import paged_attention_reference, write_kv_pages
-from xlkernels.shared_prefix import SharedPrefix
-from xlkernels.xla_attention import paged_attention_xla
+import importlib
+from typing import Any
 
 BACKENDS = ("xla", "pallas", "auto", "pallas-interpret")
+# --quant-policy values (LMDeploy's; "fp8" is e4m3) -> the page format; "0" keeps the serving dtype.
+KV_FORMATS: dict[str, str | None] = {"0": None, "8": "int8", "4": "int4", "fp8": "fp8"}
+
+# The functions this package exports -> the module defining them, imported on first use (above).
+_EXPORTS = {
+    "get_paged_attention": "xlkernels.backends",
+    "is_pallas": "xlkernels.backends",
+    "paged_attention_pallas": "xlkernels.backends",
+    "resolve_backend": "xlkernels.backends",
+    "paged_attention_reference": "xlkernels.paged_attention",
+    "write_kv_pages": "xlkernels.paged_attention",
+    "paged_attention_xla": "xlkernels.xla_attention",
+}
 
 
-def paged_attention_pallas(
-    q: jax.Array,  # [B, T, Hq, D]
-    k_pages: jax.Array,  # [Hkv, P, PS, D]
-    v_pages: jax.Array,  # [Hkv, P, PS, D]
-    block_tables: jax.Array,  # i32[B, pages_per_seq]
-    q_positions: jax.Array,  # i32[B, T]
-    kv_lens: jax.Array,  # i32[B]
-    *,
-    scale: float,
-    shared: SharedPrefix | None = None,
-    interpret: bool = False,
-) -> jax.Array:  # [B, T, Hq, D] in q.dtype
-    """Our Pallas kernels with the reference's contract; `interpret=True` runs them on CPU."""
-    # Imported here so `import xlkernels` stays light and never touches the Triton lowering on CPU hosts.
-    from xlkernels.pallas_decode import paged_decode_attention
-    from xlkernels.pallas_prefill import paged_prefill_attention
-    from xlkernels.pallas_shared_prefix import shared_prefix_decode_attention
-
-    args = (q, k_pages, v_pages, block_tables, q_positions, kv_lens)
-    if q.shape[1] > 1:
-        return paged_prefill_attention(*args, scale=scale, interpret=interpret)
-    if shared is not None:
-        return shared_prefix_decode_attention(*args, shared, scale=scale, interpret=interpret)
-    return paged_decode_attention(*args, scale=scale, interpret=interpret)
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'xlkernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
-def resolve_backend(backend: str) -> str:
-    """The concrete backend ("xla", "pallas" or "pallas-interpret") that `backend` stands for on this host."""
-    if backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return backend
-
-
-def is_pallas(backend: str) -> bool:
-    """Whether `backend` runs our Pallas kernels here (natively or interpreted), e.g. to plan for them."""
-    return resolve_backend(backend) in ("pallas", "pallas-interpret")
-
-
-def get_paged_attention(backend: str = "xla", *, interpret: bool = False) -> Callable:
-    """The paged attention function for `backend` (see `paged_attention_reference` for the contract).
-
-    interpret: run the Pallas kernels in interpret mode (CPU tests); ignored by "xla", implied by
-    "pallas-interpret".
-    """
-    resolved = resolve_backend(backend)
-    if resolved == "xla":
-        return paged_attention_xla
-    return functools.partial(paged_attention_pallas, interpret=interpret or resolved == "pallas-interpret")
-
-
-__all__ = [
-    "BACKENDS",
-    "get_paged_attention",
-    "is_pallas",
-    "paged_attention_pallas",
-    "paged_attention_reference",
-    "paged_attention_xla",
-    "resolve_backend",
-    "write_kv_pages",
-]
+__all__ = ["BACKENDS", "KV_FORMATS", *_EXPORTS]

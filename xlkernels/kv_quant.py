@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# --quant-policy values (LMDeploy's; "fp8" is e4m3) -> the page format; "0" keeps the serving dtype.
-KV_FORMATS: dict[str, str | None] = {"0": None, "8": "int8", "4": "int4", "fp8": "fp8"}
+from xlkernels import KV_FORMATS
+
 SCALE_DTYPE = jnp.bfloat16
 # Largest magnitude each format stores: int4 keeps -8 unused, so the grid is symmetric.
 _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from configs.presets import PRESETS
 from serving.request import InvalidRequestError
-from xlkernels.kv_quant import KV_FORMATS
+from xlkernels import KV_FORMATS
 
 
 class StepShape(NamedTuple):
