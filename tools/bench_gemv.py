@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from model.weight_quant import QuantizedWeight, linear, quantize_weight
 from tools.timing import copy_bandwidth, format_bandwidth, timed
 
 ROWS = 16  # Triton's smallest dot; the most rows this kernel serves
@@ -127,10 +128,11 @@ L2_BYTES = 50e6
 
 
 def quantize(w: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:  # (values [K, N], f32 scale [N])
-    qmax = 127.0 if kind == "int8" else 448.0
-    scale = jnp.max(jnp.abs(w), axis=0) / qmax
-    scaled = w / scale
-    return (jnp.round(scaled).astype(jnp.int8) if kind == "int8" else scaled.astype(jnp.float8_e4m3fn)), scale
+    """The engine's quantization (`model.weight_quant`), fp8 as e4m3 on CPU too: the kernels read it."""
+    values, scale = quantize_weight(w, kind, in_dims=1)
+    if values.dtype == jnp.uint8:  # e4m3's bytes, the CPU's storage (quick mode only)
+        values = jax.lax.bitcast_convert_type(values, jnp.float8_e4m3fn)
+    return values, scale
 
 
 def native_fp8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
@@ -142,7 +144,8 @@ def native_fp8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def fused(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
-    return jnp.dot(x, values.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+    """What the engine runs: `model.weight_quant.linear`'s convert inside the dot."""
+    return linear(x, QuantizedWeight(values, scale), strategy="fused")
 
 
 def time_variant(fn, x: jax.Array, weights: list[tuple[jax.Array, ...]]) -> float:
@@ -200,7 +203,7 @@ def main() -> None:
         copies = 1 if args.quick else max(2, math.ceil(3 * L2_BYTES / (k * n)))
         dense = [jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02, jnp.bfloat16) for _ in range(copies)]
         weights = {"bf16": [(w,) for w in dense]}
-        weights |= {kind: [quantize(w.astype(jnp.float32), kind) for w in dense] for kind in ("int8", "fp8")}
+        weights |= {kind: [quantize(w, kind) for w in dense] for kind in ("int8", "fp8")}
         blocks = [gemv_blocks(k, n)] + (sweep(k, n) if args.sweep else [])
         for rows in (int(r) for r in args.rows.split(",")):
             x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)

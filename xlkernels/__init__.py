@@ -15,7 +15,7 @@ Nothing here imports `model` or `serving`: a kernel is usable on its own.
 
 The package itself holds only names (the choices a command line offers) and imports its functions on first
 use: the server's process parses options with them before it spawns the engine's, and importing JAX there
-would delay the engine's start by its ~1.2 s import.
+would delay the engine's start by its ~1.1 s import.
 """
 
 from __future__ import annotations
