@@ -103,6 +103,7 @@ def time_start(command: list[str], timeout: float) -> dict:
             result.setdefault("first_bucket_s", at)
         elif " ready after " in text:
             result["ready_line"] = text
+    result["log"] = [[round(at, 3), text] for at, text in lines]  # the timeline, line by line
     if "ready_s" not in result:
         result["error"] = "\n".join(text for _, text in lines[-20:])
     return result
