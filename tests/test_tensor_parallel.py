@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
             pool = "[" + ",".join(map(str, cache_k.shape)) + "]"
             for rows, tokens, _ in runner.buckets.shapes():
                 inputs = runner._inputs([], rows, tokens)[:2]
-                hlo = runner._step.lower(runner.params, runner.cache, runner.seen, runner.last_tokens,
+                hlo = runner._step.function.lower(runner.params, runner.cache, runner.seen, runner.last_tokens,
                                          *inputs).compile().as_text()
                 gathers = [line for line in hlo.splitlines() if "all-gather(" in line and pool in line]
                 assert not gathers, gathers[0]

@@ -110,9 +110,9 @@ def main() -> None:
         token_ids, row_table, _, _, tiled_rows, _ = runner._inputs(chunks, batch, 1)
         token_ids, row_table = jax.device_put((token_ids, row_table))
 
-        def model_only(run_step, token_ids=token_ids, row_table=row_table):
-            runner.cache, runner.seen, logits, _ = run_step(runner.params, runner.cache, runner.seen,
-                                                            runner.last_tokens, token_ids, row_table)
+        def model_only(run_step, token_ids=token_ids, row_table=row_table, batch=batch):
+            runner.cache, runner.seen, logits, _ = run_step((batch, 1, None), runner.params, runner.cache,
+                                                            runner.seen, runner.last_tokens, token_ids, row_table)
             return logits
 
         model_ms = timed(functools.partial(model_only, runner._step))

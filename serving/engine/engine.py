@@ -170,7 +170,7 @@ class Engine:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.platform = jax.devices()[0].platform
-        enable_compilation_cache(self.engine_config.compilation_cache_dir, self.platform)  # before any compile
+        cache_dir = enable_compilation_cache(self.engine_config.compilation_cache_dir, self.platform)  # first
         self.dtype = resolve_dtype(self.engine_config.dtype, model_config, self.platform)
         self.kv_format = kv_format(self.engine_config.quant_policy)  # None: pages in `dtype`
         self.ready = False
@@ -222,6 +222,7 @@ class Engine:
             shared_prefix_attention=self.engine_config.enable_shared_prefix_attention,
             logprobs_mode=self.engine_config.logprobs_mode,
             guided_states=self.engine_config.guided_decoding_states, tokenizer=tokenizer, kv_format=self.kv_format,
+            program_dir=cache_dir,
         )
 
     @classmethod
@@ -245,6 +246,8 @@ class Engine:
                               config.dist_init_timeout)
         if group is not None:
             join(group)  # before anything touches JAX: the devices of every host then make one mesh
+        # Before the weights: their loading and random initialisation compile programs too.
+        enable_compilation_cache(config.compilation_cache_dir, jax.devices()[0].platform)
         model_config = with_weight_quant(ModelConfig.from_pretrained(model_path), config.weight_quant)
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path)

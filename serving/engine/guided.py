@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from serving.engine.program_store import Programs, ProgramStore
 from serving.request import EngineRequest, HostGrammar, TokenAutomaton
 
 DEVICE, HOST = -1, -2  # column values besides a start state
@@ -259,15 +260,18 @@ class GuidedDecoding:
     compiled mask and advance programs (per row count, compiled at start-up)."""
 
     def __init__(self, vocab_size: int, num_slots: int, cols: RowColumns, sharding: NamedSharding,
-                 max_states: int, tokenizer: Any = None):
+                 max_states: int, tokenizer: Any = None, program_store: ProgramStore | None = None):
         self.vocab_size, self.num_slots, self.cols = vocab_size, num_slots, cols
         self.pool = GuidePool(vocab_size, max_states, sharding)
         self.tokenizer = tokenizer  # serving.text.tokenizer.Tokenizer, for llguidance grammars
         self._ll_tokenizer = None
         self.state = jax.jit(lambda: jnp.full((num_slots,), max_states, jnp.int32), out_shardings=sharding)()
         self.slots: dict[int, _SlotGuide] = {}
-        self._mask = jax.jit(functools.partial(mask_logits, cols=cols), out_shardings=sharding)
-        self._advance = jax.jit(functools.partial(advance, cols=cols), donate_argnums=(0,), out_shardings=sharding)
+        # Called by (rows, whether host bitmasks come) and rows: see `compile_for`.
+        self._mask = Programs(jax.jit(functools.partial(mask_logits, cols=cols), out_shardings=sharding),
+                              "guided_mask", program_store)
+        self._advance = Programs(jax.jit(functools.partial(advance, cols=cols), donate_argnums=(0,),
+                                         out_shardings=sharding), "guided_advance", program_store)
         self._host_bits: np.ndarray | None = None  # this step's, when a row is masked on the host
         self._guided = False  # this step has a constrained row
         self.host_rows = self.device_rows = 0  # constrained rows dispatched, per path
@@ -314,11 +318,12 @@ class GuidedDecoding:
         """The step's logits with its constrained rows masked (unchanged when it has none)."""
         if not self._guided:
             return logits
-        return self._mask(logits, self.state, row_table, self.pool.device_tables()[0], self._host_bits)
+        return self._mask((len(row_table), self._host_bits is not None), logits, self.state, row_table,
+                          self.pool.device_tables()[0], self._host_bits)
 
     def advance(self, tokens: jax.Array, row_table: jax.Array) -> None:
         if self._guided:
-            self.state = self._advance(self.state, tokens, row_table, *self.pool.device_tables()[1:])
+            self.state = self._advance(len(row_table), self.state, tokens, row_table, *self.pool.device_tables()[1:])
 
     def observe(self, chunks: list[Any], tokens: list[int]) -> None:
         """A read-back step's tokens, for the host-side matchers."""
@@ -338,10 +343,10 @@ class GuidedDecoding:
         tables = [spec(a.shape, a.dtype) for a in (pool.bits, pool.row_start, pool.grammar_of, pool.class_of,
                                                    pool.transitions)]
         logits, state = spec((rows, self.vocab_size), np.float32), spec((self.num_slots,), np.int32)
-        self._mask.lower(logits, state, row_table, tables[0], None).compile()
-        self._mask.lower(logits, state, row_table, tables[0],
-                         np.zeros((rows, bitmask_width(self.vocab_size)), np.uint32)).compile()
-        self._advance.lower(state, spec((rows,), np.int32), row_table, *tables[1:]).compile()
+        self._mask.compile((rows, False), logits, state, row_table, tables[0], None)
+        self._mask.compile((rows, True), logits, state, row_table, tables[0],
+                           np.zeros((rows, bitmask_width(self.vocab_size)), np.uint32))
+        self._advance.compile(rows, state, spec((rows,), np.int32), row_table, *tables[1:])
 
     def _slot_guide(self, chunk: Any) -> _SlotGuide | None:
         """The slot's guide, set up anew when the slot has a new request or admission."""

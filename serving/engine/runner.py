@@ -3,8 +3,8 @@
 A step takes a padded `[B, T]` batch of token chunks (see `scheduler.Chunk`), writes their keys and
 values into the cache, and samples one token per row from the logits at each row's last token. The
 same function serves decode (`T == 1`) and prefill; it is compiled ahead of time for every bucket shape
-at start-up (`startup_units`, compiled by `warmup` without running them, which leaves each executable in
-its jitted function's cache), so serving never triggers a compilation.
+at start-up (`startup_units`, compiled by `warmup` without running them, or loaded from disk by
+`program_store`) and called by its bucket's key, so serving never triggers a compilation.
 With the Pallas kernels, decode buckets also get a shared-prefix variant: the host groups rows that share
 leading pages into tiles (`xlkernels.shared_prefix`), and a step with at least one tile runs that variant.
 Only the per-sequence device state is donated — the cache, the "seen tokens" table (repetition
@@ -32,6 +32,7 @@ from serving.engine.columns import Columns
 from serving.engine.config import BucketSet, StepShape
 from serving.engine.guided import GuidedDecoding, RowColumns
 from serving.engine.pages import NULL_PAGE
+from serving.engine.program_store import Programs, ProgramStore
 from serving.engine.sampling import (
     SEARCH,
     Extended,
@@ -239,6 +240,7 @@ class ModelRunner:
         guided_states: int = 2048,  # EngineConfig.guided_decoding_states
         tokenizer: object = None,
         kv_format: str | None = None,  # quantized KV pages (xlkernels.kv_quant): int8, int4, fp8; None: `dtype`
+        program_dir: str | None = None,  # where compiled programs are loaded from and saved to (program_store)
     ):
         self.config = config
         self.params = params
@@ -252,6 +254,11 @@ class ModelRunner:
         self.shared_prefix_steps = 0  # decode steps dispatched with at least one tile
         self.shared_prefix_rows = 0  # rows in a tile, summed over those steps
         self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
+        # Everything the traced functions close over, for the store's key (their arguments' shapes are in it too).
+        program_store = ProgramStore.beside_cache(program_dir, repr((
+            config, jnp.dtype(dtype).name, num_pages, page_size, pages_per_seq, num_slots, mesh, attention_backend,
+            self.shared_prefix, logprobs_mode, guided_states, kv_format)))
+        self.program_store = program_store
         self.cache = empty_cache(config, num_pages, page_size, dtype, mesh, kv_format)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.seen = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.bool_),
@@ -261,23 +268,29 @@ class ModelRunner:
         # run the EXTENDED sampler (`sampling.count_generated`).
         self.counts = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.int32),
                               out_shardings=replicated)()
-        self.guided = GuidedDecoding(config.vocab_size, num_slots, _GUIDE_COLUMNS, replicated, guided_states, tokenizer)
+        self.guided = GuidedDecoding(config.vocab_size, num_slots, _GUIDE_COLUMNS, replicated, guided_states, tokenizer,
+                                     program_store)
         # Logits leave the step whole (gathered across a vocab-split LM head) for the sampler, which is
         # a program of its own: it compiles once per row count instead of once per [rows, tokens] shape.
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
         # Two programs per eligible decode bucket: a step with no tile planned runs the plain kernels,
         # so batches without sharing pay nothing for the prefix pass.
+        # Each program is called by its bucket's key: a step by (rows, tokens, packed), a sampler by its rows
+        # (and branch), so a call looks up its compiled program without tracing anything.
         self._step, self._shared_step = (
-            jax.jit(functools.partial(step, self.model, shared_prefix=shared_prefix), donate_argnums=(1, 2),
-                    static_argnames=("packed",), out_shardings=(cache_shardings, replicated, replicated, replicated))
-            for shared_prefix in (False, True)
+            Programs(jax.jit(functools.partial(step, self.model, shared_prefix=shared_prefix), donate_argnums=(1, 2),
+                             static_argnames=("packed",),
+                             out_shardings=(cache_shardings, replicated, replicated, replicated)),
+                     name, program_store)
+            for shared_prefix, name in ((False, "step"), (True, "shared_prefix_step"))
         )
-        self._sample = jax.jit(sample_and_record, static_argnums=(6,), in_shardings=replicated,
-                               out_shardings=replicated,
-                               donate_argnums=(4,))  # last_tokens
-        self._sample_extended = jax.jit(
+        self._sample = Programs(jax.jit(sample_and_record, static_argnums=(6,), in_shardings=replicated,
+                                        out_shardings=replicated, donate_argnums=(4,)),  # last_tokens
+                                "sample", program_store, static_args=1)
+        self._sample_extended = Programs(jax.jit(
             functools.partial(sample_extended_and_record, raw_logprobs=logprobs_mode == "raw"),
-            in_shardings=replicated, out_shardings=replicated, donate_argnums=(4, 5))  # last_tokens, counts
+            in_shardings=replicated, out_shardings=replicated, donate_argnums=(4, 5)),  # last_tokens, counts
+            "sample_extended", program_store)
         self._replicated = replicated
         # What start-up compiles from (`startup_units`): the shapes and placements of the device state, so
         # compiling never touches the state itself, which steps donate and rebind meanwhile.
@@ -338,7 +351,8 @@ class ModelRunner:
         rows, tokens, packed = shape
         token_ids, row_table, *_ = self._padding_inputs(rows, tokens)
         run_step = self._shared_step if shared_prefix else self._step
-        run_step.lower(*self._state_specs[:4], token_ids, row_table, packed=_packed(rows, tokens, packed)).compile()
+        packed = _packed(rows, tokens, packed)
+        run_step.compile((rows, tokens, packed), *self._state_specs[:4], token_ids, row_table, packed=packed)
 
     def _sampler_specs(self, rows: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
         """The step's outputs a sampler reads: f32[rows, V] logits and bool[rows, V] seen tokens."""
@@ -349,15 +363,15 @@ class ModelRunner:
     def _compile_sampler(self, rows: int, mode: int) -> None:
         _, row_table, ints, floats, _ = self._padding_inputs(rows, 1)
         logits, seen_rows = self._sampler_specs(rows)
-        self._sample.lower(logits, ints, floats, seen_rows, self._state_specs[3], row_table, mode).compile()
+        self._sample.compile((rows, mode), logits, ints, floats, seen_rows, self._state_specs[3], row_table, mode)
         with self._modes_lock:
             self._sampler_modes = {**self._sampler_modes, rows: self._sampler_modes.get(rows, frozenset()) | {mode}}
 
     def _compile_extended_sampler(self, rows: int) -> None:
         token_ids, row_table, ints, floats, extended_rows = self._padding_inputs(rows, 1)
         logits, seen_rows = self._sampler_specs(rows)
-        self._sample_extended.lower(logits, ints, floats, seen_rows, self._state_specs[3], self._state_specs[4],
-                                    row_table, extended_rows, token_ids[:, 0]).compile()
+        self._sample_extended.compile(rows, logits, ints, floats, seen_rows, self._state_specs[3], self._state_specs[4],
+                                      row_table, extended_rows, token_ids[:, 0])
 
     def _sampler_mode(self, rows: int, mode: int) -> int:
         """`mode` if its program is compiled for this row count, else the general branch, which covers it."""
@@ -396,14 +410,14 @@ class ModelRunner:
             self.shared_prefix_steps += 1
             self.shared_prefix_rows += tiled_rows
         run_step = self._shared_step if tiled_rows else self._step
-        self.cache, self.seen, logits, seen_rows = run_step(self.params, self.cache, self.seen, self.last_tokens,
-                                                            token_ids, row_table,
-                                                            packed=_packed(rows, tokens, packed))
+        packed = _packed(rows, tokens, packed)
+        self.cache, self.seen, logits, seen_rows = run_step((rows, tokens, packed), self.params, self.cache, self.seen,
+                                                            self.last_tokens, token_ids, row_table, packed=packed)
         logits = self.guided.mask(logits, row_table)
         if extended_rows is None:
             mode = self._sampler_mode(rows, sample_mode(sampling_ints, sampling_floats))
-            next_tokens, self.last_tokens = self._sample(logits, sampling_ints, sampling_floats, seen_rows,
-                                                         self.last_tokens, row_table, mode)
+            next_tokens, self.last_tokens = self._sample((rows, mode), logits, sampling_ints, sampling_floats,
+                                                         seen_rows, self.last_tokens, row_table, mode)
             self.guided.advance(next_tokens, row_table)
             next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
             return StepOutput(next_tokens)
@@ -416,7 +430,7 @@ class ModelRunner:
         """The sampler of a step with a row that needs `sampling.EXTENDED` (logits already masked by any
         structured-output constraint, so log probabilities are those of the constrained distribution)."""
         next_tokens, self.last_tokens, self.counts, logprobs = self._sample_extended(
-            logits, sampling_ints, sampling_floats, seen_rows, self.last_tokens, self.counts, row_table,
+            len(row_table), logits, sampling_ints, sampling_floats, seen_rows, self.last_tokens, self.counts, row_table,
             extended_rows, first_tokens)
         self.guided.advance(next_tokens, row_table)
         next_tokens.copy_to_host_async()

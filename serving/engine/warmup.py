@@ -2,9 +2,10 @@
 
 XLA's compiler releases the GIL, so programs compile side by side on as many threads as the process has
 cores (tracing and lowering, which are Python, still take turns). A program is compiled without being
-run (`jit(f).lower(...).compile()` leaves the executable in the jitted function's own cache, so the first
-step of that shape calls it without compiling), which is what lets the rest compile while the engine
-already serves: compiling needs only the shapes of the device state, never the state itself.
+run (`program_store.Programs` keeps `jit(f).lower(...).compile()`'s executable, or one loaded from disk, under
+its bucket's key, so the first step of that shape calls it without compiling), which is what lets the rest
+compile while the engine already serves: compiling needs only the shapes of the device state, never the
+state itself.
 
 The work comes as units (`CompileUnit`), one per bucket: the programs a step of that shape needs before it
 may run. The first `essential` units (the smallest decode bucket and a prefill bucket: enough to make

@@ -433,8 +433,8 @@ OPTIONS: tuple[Option, ...] = (
         "--compilation-cache-dir",
         "engine",
         "compilation_cache_dir",
-        "JAX's persistent compilation cache, so restarts skip compiling: auto (~/.cache/xlserve/jax on GPU, "
-        "off on CPU), off, or a directory.",
+        "Where compiled programs are kept, so a restart loads them instead of tracing and compiling them: "
+        "auto (~/.cache/xlserve/jax on GPU, off on CPU), off, or a directory.",
     ),
     # ---- several hosts (docs/multi-host.md) ----
     Option(

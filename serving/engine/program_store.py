@@ -1,0 +1,182 @@
+"""Compiled programs on disk under a key known before tracing: a restarted server loads its buckets' programs
+without tracing or lowering them.
+
+JAX's persistent compilation cache (`compile_cache`) keys an executable by its lowered program, so even a
+start that finds every bucket there first traces and lowers each one in Python, which holds the GIL: the
+compile threads take turns, and on a cached start that is most of the time to ready (docs/perf-notes.md).
+This store keys a program instead by what is known before tracing it:
+
+- a fingerprint of everything the traced functions close over or depend on: the source of every module of
+  the packages that trace (`model`, `xlkernels`, `serving`, `configs`), the versions of JAX and jaxlib,
+  the devices (platform, kind, count, platform version), XLA's and JAX's settings that change a program,
+  and the owner's own description (the model's config, dtypes, page geometry, attention backend, mesh);
+- the program's name and the shapes, dtypes and shardings of its arguments, and its static arguments.
+
+Any difference is a different key, so a stale program is never loaded; the cost of a key that is too
+strict is one compile. A program that fails to load, or loads with other input shardings than asked, is
+compiled instead. Loading an executable runs code from the directory: it is trusted as JAX's cache
+directory is (both live under the same `--compilation-cache-dir`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import serialize_executable
+
+logger = logging.getLogger(__name__)
+
+SUBDIRECTORY = "xlserve-programs"
+_PACKAGES = ("model", "xlkernels", "serving", "configs")
+# JAX settings that change what a traced function lowers to.
+_JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_rank_promotion",
+                 "jax_default_prng_impl", "jax_threefry_partitionable", "jax_use_shardy_partitioner")
+
+
+@functools.cache
+def source_digest() -> str:
+    """SHA-256 over the source of every module of the packages whose functions are traced."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[2]
+    for package in _PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def environment_description() -> str:
+    """What besides our code decides a compiled program: JAX's version and settings, XLA's flags, the devices."""
+    import jaxlib
+
+    devices = jax.devices()
+    settings = {name: getattr(jax.config, name, None) for name in _JAX_SETTINGS}
+    return repr((jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
+                 os.environ.get("LIBTPU_INIT_ARGS", ""), sorted(settings.items()), devices[0].platform,
+                 devices[0].client.platform_version, [d.device_kind for d in devices], jax.process_count()))
+
+
+def _signature(tree: Any) -> str:
+    """The abstract form of a call's arguments: tree structure, then each leaf's shape, dtype and sharding."""
+    leaves, structure = jax.tree.flatten(tree)
+
+    def leaf(x: Any) -> tuple:
+        return (tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__)), repr(getattr(x, "sharding", None)))
+
+    return repr((str(structure), [leaf(x) for x in leaves]))
+
+
+class ProgramStore:
+    """One directory of serialized executables (`jax.experimental.serialize_executable`), by key."""
+
+    def __init__(self, directory: str, description: str):
+        self.directory = Path(directory)
+        self.fingerprint = hashlib.sha256(
+            "\n".join((source_digest(), environment_description(), description)).encode()).hexdigest()
+        self.loaded = self.saved = 0  # programs read back / written, for the start-up summary and tests
+
+    @classmethod
+    def beside_cache(cls, cache_dir: str | None, description: str) -> ProgramStore | None:
+        """The store inside the compilation cache's directory; None without a cache, or on several hosts
+        (their executables span processes, which this store does not serialize)."""
+        if cache_dir is None or jax.process_count() > 1:
+            return None
+        return cls(os.path.join(cache_dir, SUBDIRECTORY), description)
+
+    def _path(self, name: str, args: tuple, static: object) -> Path:
+        key = hashlib.sha256("\n".join((self.fingerprint, name, _signature(args), repr(static)))
+                             .encode()).hexdigest()
+        return self.directory / f"{name}-{key[:40]}.bin"
+
+    def load(self, name: str, args: tuple, static: object) -> jax.stages.Compiled | None:
+        """The stored program for `name` called with dynamic `args` (abstract or real) and the static
+        arguments `static` (whose repr is part of the key), or None."""
+        path = self._path(name, args, static)
+        if not path.exists():
+            return None
+        try:
+            blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+            compiled = serialize_executable.deserialize_and_load(blob, in_tree, out_tree,
+                                                                 execution_devices=_devices(args))
+        except Exception as exc:  # a truncated or foreign file: compile instead, and overwrite it
+            logger.warning("could not load the stored program %s (%s: %s); compiling it", path.name,
+                           type(exc).__name__, exc)
+            return None
+        if not _same_input_shardings(compiled, args):
+            logger.warning("the stored program %s expects other input shardings; compiling it", path.name)
+            return None
+        self.loaded += 1
+        return compiled
+
+    def save(self, name: str, args: tuple, static: object, compiled: jax.stages.Compiled) -> None:
+        """Write `compiled` under its key (atomically: a reader sees the whole file or none)."""
+        try:
+            payload = pickle.dumps(serialize_executable.serialize(compiled))
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            with os.fdopen(handle, "wb") as f:
+                f.write(payload)
+            os.replace(temporary, self._path(name, args, static))
+            self.saved += 1
+        except Exception as exc:  # a full disk or an executable that cannot be serialized: only slower starts
+            logger.warning("could not store the compiled program %s (%s: %s)", name, type(exc).__name__, exc)
+
+
+def _devices(args: tuple) -> list[jax.Device] | None:
+    """The devices the arguments are placed on (a mesh may use fewer than the host has)."""
+    for leaf in jax.tree.leaves(args):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            return sorted(sharding.device_set, key=lambda d: d.id)
+    return None
+
+
+def _same_input_shardings(compiled: jax.stages.Compiled, args: tuple) -> bool:
+    wanted = jax.tree.leaves(args)
+    got = jax.tree.leaves(compiled.input_shardings[0])
+    if len(wanted) != len(got):
+        return False
+    ndims = [np.ndim(x) for x in wanted]
+    return all(getattr(w, "sharding", None) is None or w.sharding.is_equivalent_to(g, n)
+               for w, g, n in zip(wanted, got, ndims, strict=True))
+
+
+class Programs:
+    """One jitted function's compiled programs, by a key its caller computes cheaply on the hot path (a
+    bucket's shape, a sampler branch): compiled at start-up, or loaded from a store, and called directly.
+    A call whose key was never compiled goes through the jitted function (and compiles)."""
+
+    def __init__(self, function: Any, name: str, store: ProgramStore | None, static_args: int = 0):
+        """static_args: how many trailing positional arguments are static (the jitted function's
+        `static_argnums`; a jit with `in_shardings` takes no keyword arguments)."""
+        self.function, self.name, self.store = function, name, store
+        self._static_args = static_args
+        self._compiled: dict[Hashable, jax.stages.Compiled] = {}
+
+    def compile(self, key: Hashable, *args: Any, **static: Any) -> None:
+        """Make the program for `key` from abstract `args` (`jax.ShapeDtypeStruct`s, or arrays whose shapes
+        are all that is read) and `static` keyword arguments; thread-safe for distinct keys."""
+        dynamic = args[: len(args) - self._static_args]
+        static_args = (args[len(dynamic):], static)  # positional, then by name
+        compiled = self.store.load(self.name, dynamic, static_args) if self.store is not None else None
+        if compiled is None:
+            compiled = self.function.lower(*args, **static).compile()
+            if self.store is not None:
+                self.store.save(self.name, dynamic, static_args, compiled)
+        self._compiled[key] = compiled
+
+    def __call__(self, key: Hashable, *args: Any, **static: Any) -> Any:
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            return self.function(*args, **static)
+        return compiled(*args[: len(args) - self._static_args] if self._static_args else args)

@@ -1,0 +1,118 @@
+"""The program store: a restarted engine loads its buckets' compiled programs instead of tracing them, gets
+the same tokens, and never loads a program compiled for anything else."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from serving.engine.program_store import Programs, ProgramStore
+from tests.conftest import REPO, TINY_ENGINE_OPTIONS
+
+# One engine start in a fresh process (JAX reads its cache directory once a process): how many programs the
+# store loaded and saved, how often the runner's functions were traced and compiled, and the tokens.
+SCRIPT = textwrap.dedent(
+    """
+    import collections, json, sys
+    import jax
+    from serving import GenerationConfig, pipeline
+
+    RUNNER_FUNCTIONS = {"step", "sample_and_record", "sample_extended_and_record", "mask_logits", "advance"}
+    events = collections.Counter(traced=0, compiled=0, cache_misses=0)
+
+    def on_duration(event, duration, fun_name="", **_):
+        name = fun_name.removeprefix("jit(").removesuffix(")")
+        if event == "/jax/core/compile/jaxpr_trace_duration" and name in RUNNER_FUNCTIONS:
+            events["traced"] += 1
+        if event == "/jax/core/compile/backend_compile_duration" and name in RUNNER_FUNCTIONS:
+            events["compiled"] += 1  # compiled, or read back from JAX's own cache
+
+    def on_event(event, **_):  # JAX's persistent cache: a request not answered by a hit is a miss
+        events["cache_misses"] += {"/jax/compilation_cache/compile_requests_use_cache": 1,
+                                   "/jax/compilation_cache/cache_hits": -1}.get(event, 0)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    with pipeline(sys.argv[1], **json.loads(sys.argv[2])) as pipe:
+        runner = pipe.engine.runner
+        tokens = [r.token_ids for r in pipe([[5, 17, 300, 41, 9], list(range(100, 140))], config)]
+        print(json.dumps({"loaded": runner.program_store.loaded, "saved": runner.program_store.saved,
+                          "programs": runner.num_programs, "tokens": tokens, **events}))
+    """
+)
+
+
+def start(checkpoint, cache_dir, tp: int = 1, **options) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={tp}", JAX_PLATFORMS="cpu")
+    options = dict(TINY_ENGINE_OPTIONS, decode_batch_buckets=(4,), prefill_row_buckets=(1, 2),
+                   prefill_token_buckets=(64,), compilation_cache_dir=str(cache_dir), tp=tp, **options)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(checkpoint), json.dumps(options)],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_restart_loads_every_program_without_tracing_and_gets_the_same_tokens(tiny_llama, tmp_path, tp):
+    first = start(tiny_llama, tmp_path, tp)
+    assert first["loaded"] == 0 and first["saved"] >= first["programs"] > 0  # a unit may hold several
+    assert first["traced"] >= first["saved"]
+    again = start(tiny_llama, tmp_path, tp)
+    assert again["loaded"] == first["saved"] and again["saved"] == 0
+    assert first["compiled"] == first["saved"]
+    # Not one step, sampler or guided program was traced or compiled; what else the engine compiles
+    # (weights, the KV pool) came from JAX's cache.
+    assert again["traced"] == again["compiled"] == again["cache_misses"] == 0, again
+    assert again["tokens"] == first["tokens"]
+    # A different engine (another KV page format) shares the directory and none of its programs.
+    other = start(tiny_llama, tmp_path, tp, quant_policy="8")
+    assert other["loaded"] == 0 and other["saved"] == first["saved"]
+
+
+def add(x: jax.Array, y: jax.Array) -> jax.Array:
+    return x + y
+
+
+def test_the_key_covers_the_description_shapes_and_static_arguments(tmp_path):
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+    store = ProgramStore(str(tmp_path), "model A")
+    Programs(jax.jit(add), "add", store).compile("k", x, x)
+    assert store.saved == 1
+    for other_store, shape in ((ProgramStore(str(tmp_path), "model B"), (4,)),  # another description
+                               (ProgramStore(str(tmp_path), "model A"), (8,))):  # another shape
+        y = jax.ShapeDtypeStruct(shape, jnp.float32)
+        Programs(jax.jit(add), "add", other_store).compile("k", y, y)
+        assert other_store.loaded == 0 and other_store.saved == 1
+    same = ProgramStore(str(tmp_path), "model A")
+    programs = Programs(jax.jit(add), "add", same)
+    programs.compile("k", x, x)
+    assert same.loaded == 1
+    assert programs("k", jnp.ones(4), jnp.ones(4)).tolist() == [2.0] * 4
+
+
+def test_a_damaged_program_is_compiled_again_and_replaced(tmp_path):
+    x = jax.ShapeDtypeStruct((3,), jnp.float32)
+    Programs(jax.jit(add), "add", ProgramStore(str(tmp_path), "d")).compile("k", x, x)
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
+    store = ProgramStore(str(tmp_path), "d")
+    programs = Programs(jax.jit(add), "add", store)
+    programs.compile("k", x, x)
+    assert store.loaded == 0 and store.saved == 1
+    assert programs("k", jnp.ones(3), jnp.full(3, 2.0)).tolist() == [3.0] * 3
+    again = ProgramStore(str(tmp_path), "d")
+    Programs(jax.jit(add), "add", again).compile("k", x, x)
+    assert again.loaded == 1
+
+
+def test_a_key_never_compiled_goes_through_the_jitted_function():
+    programs = Programs(jax.jit(add), "add", None)
+    assert programs("never compiled", jnp.ones(2), jnp.ones(2)).tolist() == [2.0, 2.0]
