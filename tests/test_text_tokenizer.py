@@ -110,3 +110,26 @@ def test_template_variables_are_variables_only(llama_dir):
         with pytest.raises(TemplateVariableError) as refused:
             tokenizer.apply_chat_template(messages, variables={name: 5})
         assert refused.value.name == name
+
+
+def test_named_classes_load_as_autotokenizer_loads_them_without_importing_torch(llama_dir, tmp_path):
+    """A tokenizer_config.json naming LlamaTokenizer (SentencePiece) or PreTrainedTokenizerFast (byte-level
+    BPE, Llama 3's) is built directly: the same tokenizer AutoTokenizer builds, and no torch in the server's
+    process (AutoTokenizer's module imports it)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.family_tokenizers import llama3_tokenizer
+
+    text = "Hello <|eot_id|> wörld  \n\n 123 <s>"
+    for path in (llama_dir, llama3_tokenizer(tmp_path / "llama3", chat_template=None)):
+        reference = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = Tokenizer.from_pretrained(str(path))
+        assert type(tok.hf_tokenizer) is type(reference)
+        assert tok.encode(text) == reference.encode(text)
+        assert (tok.bos_token_id, tok.vocab_size) == (reference.bos_token_id, len(reference))
+        script = ("import sys; from serving.text.tokenizer import Tokenizer; "
+                  f"Tokenizer.from_pretrained({str(path)!r}); print('torch' in sys.modules)")
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert result.stdout.strip() == "False", result.stderr[-2000:]

@@ -246,19 +246,29 @@ class Engine:
                               config.dist_init_timeout)
         if group is not None:
             join(group)  # before anything touches JAX: the devices of every host then make one mesh
+        # Start-up's timeline at --log-level INFO (tools/bench_startup keeps each line's time).
+        began = time.monotonic()
+        devices = jax.devices()
+        logger.info("%d %s devices up in %.1fs", len(devices), devices[0].device_kind, time.monotonic() - began)
         # Before the weights: their loading and random initialisation compile programs too.
-        enable_compilation_cache(config.compilation_cache_dir, jax.devices()[0].platform)
+        enable_compilation_cache(config.compilation_cache_dir, devices[0].platform)
         model_config = with_weight_quant(ModelConfig.from_pretrained(model_path), config.weight_quant)
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path)
         dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
         mesh = make_mesh(config.tp)
+        began = time.monotonic()
         if config.load_format == "dummy":
             logger.warning("load_format=dummy: serving RANDOM weights at %s's shapes (benchmarks only)", model_path)
             params = init_random_params(model_config, dtype, config.seed, mesh)
         else:
             params = load_params(model_path, model_config, dtype, mesh, on_loaded=weights_reporter(on_startup))
+        jax.block_until_ready(params)
+        logger.info("weights on the devices in %.1fs", time.monotonic() - began)
+        began = time.monotonic()
         engine = cls(model_config, params, tokenizer, config, model_path=model_path, mesh=mesh)
+        logger.info("engine built in %.1fs: %d KV pages, the runner's tables", time.monotonic() - began,
+                    engine.num_pages)
         engine.on_startup = on_startup
         if group is not None and group.is_leader:
             engine.plan = PlanBroadcaster(group)  # listening already: followers may connect while it compiles
@@ -308,14 +318,22 @@ class Engine:
         """Compile every bucket (blocking); compilations from here on count as after warm-up."""
         self._compile_buckets(early=False)
 
-    def _compile_buckets(self, early: bool) -> None:
-        """Compile on `warmup`'s threads until the essential buckets (early) or all of them are done."""
+    def begin_compiling(self) -> None:
+        """Start compiling every bucket on `warmup`'s threads and return at once (again: nothing). An engine in
+        a process of its own begins as soon as it is built, while the server's process still loads its
+        tokenizer and HTTP stack; `start` then waits only for what is left."""
+        if self._compiler is not None:
+            return
         CompilationCounter.install()
         self._compiler = BucketCompiler(self.runner.startup_units(), essential=len(self.buckets.essential_shapes()),
                                         on_done=self._bucket_compiled)
-        if early:
-            self._usable_buckets = self.buckets.with_compiled(frozenset())
+        # Until every bucket is compiled, steps choose among those that are (`_bucket_compiled` widens it).
+        self._usable_buckets = self.buckets.with_compiled(frozenset())
         self._compiler.start()
+
+    def _compile_buckets(self, early: bool) -> None:
+        """Compile on `warmup`'s threads until the essential buckets (early) or all of them are done."""
+        self.begin_compiling()
         self._compiler.wait(essential_only=early)
         self.compile_seconds = self._compiler.seconds
         self._compilations_at_warmup = CompilationCounter.serving_count()

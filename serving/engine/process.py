@@ -336,6 +336,7 @@ def run_engine_process(model_path: str, config: EngineConfig, commands: Connecti
     facts = EngineFacts(engine.max_session_len, engine.max_batch_size, engine.page_size, engine.dtype_name,
                         engine.quantization_name)
     send(("built", (facts, _stats_fields(engine))))
+    engine.begin_compiling()  # while the server's process builds its app; its "start" waits for the rest
     report = _StepReport(engine, send)
     engine.step_listeners.append(report)
     try:

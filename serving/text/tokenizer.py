@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2.defaults
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ PREFIX_CHARS_PER_TOKEN = 4
 # Tokens that cutting a text may add at the cut (a word split in two tokenizes into more pieces): a
 # prefix is over the limit only if it is over by more than this.
 CUT_MARGIN_TOKENS = 64
+
+# Tokenizer classes named in tokenizer_config.json that are built here directly, as AutoTokenizer would
+# build them: AutoTokenizer's module imports transformers' model configuration, which imports torch (1.2 s
+# of the server's start on CPU, and far more where torch is built for CUDA); these two do not.
+DIRECT_CLASSES: dict[str, type] = {"PreTrainedTokenizerFast": PreTrainedTokenizerFast, "LlamaTokenizer": LlamaTokenizer}
 
 
 class PromptTooLong(ValueError):
@@ -123,8 +128,12 @@ class Tokenizer:
             config = _tokenizer_config(path)
             add_bos = config.get("add_bos_token", SENTENCEPIECE_REMOTE_TOKENIZERS[remote_class])
             return cls(LlamaTokenizer.from_pretrained(path, local_files_only=True, add_bos_token=add_bos))
-        hf = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-        return cls(hf)
+        direct = DIRECT_CLASSES.get(_tokenizer_config(path).get("tokenizer_class"))
+        if direct is not None and remote_class is None:
+            return cls(direct.from_pretrained(path, local_files_only=True))
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True))
 
     @property
     def hf_tokenizer(self) -> Any:
