@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve" and args.server == "api_client":
         from serving.client import console
 
+        # Ctrl-C stops an answer even when the console was started with SIGINT ignored (from a background
+        # job of a script: Python then installs no handler of its own and the answer could not be stopped).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return console(args.api_server_url, args.api_key, args.session_id)
     if args.command == "serve" and args.server == "proxy":
         return _serve_proxy(parser, args)
