@@ -255,7 +255,7 @@ class Engine:
         model_config = with_weight_quant(ModelConfig.from_pretrained(model_path), config.weight_quant)
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path)
-        dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
+        dtype = resolve_dtype(config.dtype, model_config, devices[0].platform)
         mesh = make_mesh(config.tp)
         began = time.monotonic()
         if config.load_format == "dummy":

@@ -83,7 +83,7 @@ class ProgramStore:
         self.directory = Path(directory)
         self.fingerprint = hashlib.sha256(
             "\n".join((source_digest(), environment_description(), description)).encode()).hexdigest()
-        self.loaded = self.saved = 0  # programs read back / written, for the start-up summary and tests
+        self.loaded = self.saved = 0  # programs read back / written (tests read them)
 
     @classmethod
     def beside_cache(cls, cache_dir: str | None, description: str) -> ProgramStore | None:
@@ -93,15 +93,15 @@ class ProgramStore:
             return None
         return cls(os.path.join(cache_dir, SUBDIRECTORY), description)
 
-    def _path(self, name: str, args: tuple, static: object) -> Path:
+    def path(self, name: str, args: tuple, static: object) -> Path:
+        """Where the program `name` called with dynamic `args` (abstract or real) and the static arguments
+        `static` (whose repr is part of the key) is stored."""
         key = hashlib.sha256("\n".join((self.fingerprint, name, _signature(args), repr(static)))
                              .encode()).hexdigest()
         return self.directory / f"{name}-{key[:40]}.bin"
 
-    def load(self, name: str, args: tuple, static: object) -> jax.stages.Compiled | None:
-        """The stored program for `name` called with dynamic `args` (abstract or real) and the static
-        arguments `static` (whose repr is part of the key), or None."""
-        path = self._path(name, args, static)
+    def load(self, path: Path, args: tuple) -> jax.stages.Compiled | None:
+        """The program stored at `path` (`ProgramStore.path`), placed as `args` are, or None."""
         if not path.exists():
             return None
         try:
@@ -118,18 +118,18 @@ class ProgramStore:
         self.loaded += 1
         return compiled
 
-    def save(self, name: str, args: tuple, static: object, compiled: jax.stages.Compiled) -> None:
-        """Write `compiled` under its key (atomically: a reader sees the whole file or none)."""
+    def save(self, path: Path, compiled: jax.stages.Compiled) -> None:
+        """Write `compiled` at `path` (atomically: a reader sees the whole file or none)."""
         try:
             payload = pickle.dumps(serialize_executable.serialize(compiled))
             self.directory.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
             with os.fdopen(handle, "wb") as f:
                 f.write(payload)
-            os.replace(temporary, self._path(name, args, static))
+            os.replace(temporary, path)
             self.saved += 1
         except Exception as exc:  # a full disk or an executable that cannot be serialized: only slower starts
-            logger.warning("could not store the compiled program %s (%s: %s)", name, type(exc).__name__, exc)
+            logger.warning("could not store the compiled program %s (%s: %s)", path.name, type(exc).__name__, exc)
 
 
 def _devices(args: tuple) -> list[jax.Device] | None:
@@ -167,12 +167,12 @@ class Programs:
         """Make the program for `key` from abstract `args` (`jax.ShapeDtypeStruct`s, or arrays whose shapes
         are all that is read) and `static` keyword arguments; thread-safe for distinct keys."""
         dynamic = args[: len(args) - self._static_args]
-        static_args = (args[len(dynamic):], static)  # positional, then by name
-        compiled = self.store.load(self.name, dynamic, static_args) if self.store is not None else None
+        path = None if self.store is None else self.store.path(self.name, dynamic, (args[len(dynamic):], static))
+        compiled = None if path is None else self.store.load(path, dynamic)
         if compiled is None:
             compiled = self.function.lower(*args, **static).compile()
-            if self.store is not None:
-                self.store.save(self.name, dynamic, static_args, compiled)
+            if path is not None:
+                self.store.save(path, compiled)
         self._compiled[key] = compiled
 
     def __call__(self, key: Hashable, *args: Any, **static: Any) -> Any:

@@ -122,13 +122,13 @@ class Tokenizer:
                                                                local_files_only=True))
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer path {path!r} is not a local directory")
-        remote_class = _remote_tokenizer_class(path)
+        config = _tokenizer_config(path)
+        remote_class = _remote_tokenizer_class(config)
         if remote_class in SENTENCEPIECE_REMOTE_TOKENIZERS and os.path.isfile(os.path.join(path, "tokenizer.model")):
             logger.info("reading %s's tokenizer.model as a SentencePiece BPE model (no remote code)", remote_class)
-            config = _tokenizer_config(path)
             add_bos = config.get("add_bos_token", SENTENCEPIECE_REMOTE_TOKENIZERS[remote_class])
             return cls(LlamaTokenizer.from_pretrained(path, local_files_only=True, add_bos_token=add_bos))
-        direct = DIRECT_CLASSES.get(_tokenizer_config(path).get("tokenizer_class"))
+        direct = DIRECT_CLASSES.get(config.get("tokenizer_class"))
         if direct is not None and remote_class is None:
             return cls(direct.from_pretrained(path, local_files_only=True))
         from transformers import AutoTokenizer
@@ -254,9 +254,8 @@ def _tokenizer_config(path: str) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _remote_tokenizer_class(path: str) -> str | None:
-    """The tokenizer class a checkpoint names only through remote code (`auto_map`), if any."""
-    config = _tokenizer_config(path)
+def _remote_tokenizer_class(config: dict[str, Any]) -> str | None:
+    """The tokenizer class a tokenizer_config.json names only through remote code (`auto_map`), if any."""
     if "AutoTokenizer" not in (config.get("auto_map") or {}):
         return None
     return config.get("tokenizer_class")
