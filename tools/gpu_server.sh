@@ -1,6 +1,8 @@
 # Sourced by the GPU serving benchmarks: start `xlserve serve api_server` on 127.0.0.1:23333 with
 # random weights at $model's shapes, wait until it is ready, and stop it again.
-# start_server LOG [flags...]: sets $server (its pid); returns 1 if it exits before becoming ready.
+# start_server LOG [flags...]: sets $server (its pid); returns 1 if it exits before becoming ready. The server
+# is ready once its first buckets are compiled and compiles the rest while it serves; a benchmark measures
+# the steady state, so this also waits for the log to say every bucket is compiled.
 start_server() {
   local log=$1
   shift
@@ -13,6 +15,12 @@ start_server() {
     sleep 1
   done
   grep -i "ready after" "$log"
+  for _ in $(seq 900); do
+    grep -qE "buckets compiled in|compiled bucket ([0-9]+)/\1 " "$log" && break
+    kill -0 $server 2> /dev/null || { tail -30 "$log"; return 1; }
+    sleep 1
+  done
+  grep -E "compiled bucket ([0-9]+)/\1 " "$log"
 }
 
 # stop_server: print the compile and prefix-cache counters and the server's CPU time, then stop it.
