@@ -33,7 +33,7 @@ from model.config import ModelConfig
 from model.loader import INITIALIZERS, SCALE_SUFFIX, param_spec
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, KV_SCALE_AXES, make_mesh, shard_by_kv_head, sharding_for
-from model.weight_quant import QuantizedWeight, Weight, linear
+from model.weight_quant import QuantizedWeight, Weight, linear, stored_shape
 from xlkernels import get_paged_attention, write_kv_pages
 from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, rotation, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
@@ -99,9 +99,9 @@ def declared_param(module: nn.Module, name: str) -> Weight:
     that shape whenever the model is traced; the values come from the loader or `init_random_params`.
     A parameter stored quantized comes back as a `QuantizedWeight` (its values and scales), for `linear`."""
     spec = param_spec(module.config, "/".join((*module.path, name)))
-    values = module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
     if spec.quant is None:
-        return values
+        return module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
+    values = module.param(name, INITIALIZERS[spec.init], stored_shape(spec.shape, spec.in_dims), module.dtype)
     scale = module.param(name + SCALE_SUFFIX, INITIALIZERS["ones"], spec.shape[spec.in_dims:], jnp.float32)
     return QuantizedWeight(values, scale, spec.in_dims)
 

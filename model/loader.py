@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from model.config import INDEX_FILE, SINGLE_FILE, ModelConfig
 from model.sharding import Axes, make_mesh, sharding_for
-from model.weight_quant import quantize_weight, storage_dtype
+from model.weight_quant import current_platform, quantize_weight, storage_dtype, stored_shape
 
 Params = dict[str, Any]
 
@@ -202,7 +202,8 @@ class ParamSpec:
         """(path, shape, axes, dtype) of each array the parameter is stored as: itself, or values and scales."""
         if self.quant is None:
             return [(self.path, self.shape, self.axes, dtype)]
-        return [(self.path, self.shape, self.axes, storage_dtype(self.quant)),
+        return [(self.path, stored_shape(self.shape, self.in_dims), stored_shape(self.axes, self.in_dims),
+                 storage_dtype(self.quant)),
                 (self.scale_path, self.shape[self.in_dims:], self.axes[self.in_dims:], np.dtype(np.float32))]
 
 
@@ -245,13 +246,14 @@ def _stack(gate: jax.Array, up: jax.Array) -> jax.Array:
 @functools.cache
 def _assembler(
     fuse: Callable[..., jax.Array], dtype: np.dtype, shardings: tuple[NamedSharding, ...], quant: str | None,
-    in_dims: int,
+    in_dims: int, platform: str,
 ) -> Callable[[Sequence[jax.Array]], tuple[jax.Array, ...]]:
     """fuse + cast (or quantize, into values and scales) as one jitted function whose outputs land exactly in
     `shardings`: the weight is quantized as it is placed, never held at full precision beside its values.
 
     Cached so each distinct (fuse, dtype, shardings, quant) is built once; jit then compiles once per shape,
-    so all layers share a handful of compilations.
+    so all layers share a handful of compilations. `platform` (`weight_quant.current_platform`, which sets the
+    stored dtype) is part of the key: jit's own cache would reuse a trace made for another platform.
     """
     if quant is None:
         return jax.jit(lambda raw: (fuse(*raw).astype(dtype),), out_shardings=shardings)
@@ -475,7 +477,8 @@ def place_params(
         raw = [_place(tensors[s.name].read().reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
                for s in spec.sources]
         paths = [path for path, *_ in spec.leaves(dtype)]
-        placed = _assembler(spec.fuse, dtype, tuple(shardings[p] for p in paths), spec.quant, spec.in_dims)(raw)
+        placed = _assembler(spec.fuse, dtype, tuple(shardings[p] for p in paths), spec.quant, spec.in_dims,
+                            current_platform())(raw)
         flat.update(zip(paths, placed, strict=True))
         # Transfers are asynchronous: without this wait every raw tensor could be in flight at once,
         # doubling device memory; with it the extra is one parameter's raw copy.
@@ -580,17 +583,17 @@ def init_random_params(
         key = keys[leaf_order.index(spec.path)]
         paths = [path for path, *_ in spec.leaves(dtype)]
         generate = _generator(spec.init, spec.shape, dtype, tuple(shardings[p] for p in paths), spec.quant,
-                              spec.in_dims)
+                              spec.in_dims, current_platform())
         flat.update(zip(paths, generate(key), strict=True))
     return _nest(flat.items())
 
 
-# One compiled generator per distinct (initializer, shape, dtype, shardings, quant): a handful, however many
-# layers. A quantized parameter is drawn and quantized on the device, like a loaded one.
+# One compiled generator per distinct (initializer, shape, dtype, shardings, quant, platform: see `_assembler`):
+# a handful, however many layers. A quantized parameter is drawn and quantized on the device, like a loaded one.
 @functools.cache
 def _generator(
     init: Init, shape: tuple[int, ...], dtype: np.dtype, shardings: tuple[NamedSharding, ...], quant: str | None,
-    in_dims: int,
+    in_dims: int, platform: str,
 ) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
     initializer = INITIALIZERS[init]
     if quant is None:

@@ -2,52 +2,94 @@
 build a dequantized copy of a weight.
 
 A quantizable weight contracts its leading `in_dims` dimensions with the activation's last one and keeps
-the rest as output channels (model/loader.py declares `in_dims` for each). Quantized, it is `values` of
-the same shape and an f32 `scale` over the output channels, symmetric: w = values * scale. int8 values are
+the rest as output channels (model/loader.py declares `in_dims` for each). Quantized, it is `values` with
+the same dimensions moved inputs last ([*out, *in], `stored_shape`: each output channel's inputs
+contiguous, the operand layout of Hopper's fp8 GEMM and of Hugging Face's FP8 checkpoints) and an f32
+`scale` over the output channels, symmetric: w = values.T * scale. int8 values are
 int8; fp8 values are float8_e4m3fn, except on CPU, where they are kept as their bytes (uint8) and
 reinterpreted where they are used: XLA:CPU, which has no fp8 arithmetic, converts every fp8 array to f16
 as a whole on entry, whatever uses it.
 
 Since the scale is per output channel, it multiplies the matmul's *output*: x @ w = (x @ values) * scale,
 so only the conversion of `values` to the activation dtype is left, and where it runs decides whether a
-weight-sized temporary exists:
+weight-sized temporary exists (and how fast the product streams the weight):
     fused    (GPU) the convert is an operand of the dot: XLA:GPU fuses it into its GEMM fusion, so each
              tile of the weight is converted after its load from memory, at one row too (a split-K Triton
              GEMM at Llama-3.1-8B's shapes on the H100). Only at small shapes (the test models') does XLA turn
              a one-row dot into multiply + reduce, which can write an f32 product of the weight.
+    native   (GPU, fp8, a product of at least `NATIVE_FP8_MIN_ROWS` rows) each row of the activations is
+             scaled into e4m3's range and the dot runs in fp8 on the tensor cores (cuBLASLt's fp8 GEMM),
+             both scales applied to its f32 output: twice bf16's rate where the product is compute-bound
+             (prefill, large decode batches). Fewer rows stream the weight faster through the fused path.
     blocked  (CPU) XLA:CPU runs a dot's operands as buffers of their own (it would convert the whole weight
-             first), so the weight is converted and multiplied a block of output columns at a time in a
+             first), so the weight is converted and multiplied a block of output channels at a time in a
              loop: the temporary is one block (`BLOCK_ELEMENTS`), never the weight.
 The decode step's memory analysis (tests/test_weight_quant.py) holds the CPU path to that.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
+
+T = TypeVar("T")
 
 WEIGHT_FORMATS = ("int8", "fp8")
 _STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}
 # Weight elements converted per iteration of the CPU loop: 256 KiB of f32, far below any matrix worth quantizing.
 BLOCK_ELEMENTS = 1 << 16
+# Rows from which an fp8 product runs natively in fp8 (docs/perf-notes.md: on the H100 the fused path is
+# faster up to 64 rows, the native dot from 256 and 1.5x bf16 at 2048).
+NATIVE_FP8_MIN_ROWS = 128
+_E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
+
+
+# The platform the weights and matmuls are built for: JAX's default backend, unless a program is lowered
+# for another one (`target_platform`: tests/test_gpu_lowering.py lowers the GPU's step on a CPU).
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(name: str) -> Iterator[None]:
+    """Within it, stored dtypes and matmul strategies are those of platform `name` ("cpu", "cuda", ...)."""
+    token = _TARGET_PLATFORM.set(name)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    """The platform quantized weights are built for now (see `target_platform`)."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def storage_dtype(kind: str) -> jnp.dtype:
     """The dtype quantized values are stored in on this backend (see the module docstring for fp8 on CPU)."""
-    if kind == "fp8" and jax.default_backend() == "cpu":
+    if kind == "fp8" and current_platform() == "cpu":
         return jnp.dtype(jnp.uint8)
     return jnp.dtype(_STORAGE[kind])
 
 
+def stored_shape(dims: tuple[T, ...], in_dims: int) -> tuple[T, ...]:
+    """The values' dimensions (sizes, or logical axes) for a weight's `dims` whose leading `in_dims` are its
+    inputs: the inputs last."""
+    return (*dims[in_dims:], *dims[:in_dims])
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
-    values: jax.Array  # the weight's shape, int8 or float8_e4m3fn
-    scale: jax.Array  # f32[values.shape[in_dims:]]: one per output channel
-    in_dims: int = 1  # static: leading dimensions contracted by the matmul
+    values: jax.Array  # [*out, *in] (`stored_shape`), int8 or float8_e4m3fn (its bytes on CPU)
+    scale: jax.Array  # f32[*out]: one per output channel
+    in_dims: int = 1  # static: trailing dimensions of `values` contracted by the matmul
 
 
 jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["values", "scale"], meta_fields=["in_dims"])
@@ -56,10 +98,11 @@ Weight = jax.Array | QuantizedWeight
 
 
 def quantize_weight(w: jax.Array, kind: str, in_dims: int) -> tuple[jax.Array, jax.Array]:
-    """(values, f32 scale per output channel) of `w`, whose leading `in_dims` dimensions are its inputs."""
-    w = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w), axis=tuple(range(in_dims))) / _QMAX[kind]
-    scaled = jnp.clip(w / jnp.where(scale > 0, scale, 1.0), -_QMAX[kind], _QMAX[kind])
+    """(values [*out, *in], f32 scale per output channel) of `w` [*in, *out], whose leading `in_dims`
+    dimensions are its inputs."""
+    w = jnp.transpose(w.astype(jnp.float32), (*range(in_dims, w.ndim), *range(in_dims)))
+    scale = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - in_dims, w.ndim))) / _QMAX[kind]
+    scaled = jnp.clip(w / jnp.where(scale > 0, scale, 1.0)[(...,) + (None,) * in_dims], -_QMAX[kind], _QMAX[kind])
     if kind == "int8":
         return jnp.round(scaled).astype(jnp.int8), scale
     values = scaled.astype(jnp.float8_e4m3fn)
@@ -75,40 +118,65 @@ def decode(values: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return values.astype(dtype)
 
 
-def matmul_strategy() -> str:
-    """"blocked" on CPU, "fused" elsewhere (see the module docstring)."""
-    return "blocked" if jax.default_backend() == "cpu" else "fused"
+def matmul_strategy(rows: int, values_dtype: jnp.dtype, backend: str | None = None) -> str:
+    """How `linear` multiplies `rows` activation rows by stored values of `values_dtype` on `backend` (default:
+    JAX's): "blocked" on CPU; elsewhere "native" for fp8 from NATIVE_FP8_MIN_ROWS rows, "fused" otherwise
+    (see the module docstring)."""
+    if (backend or current_platform()) == "cpu":
+        return "blocked"
+    return "native" if values_dtype == jnp.float8_e4m3fn and rows >= NATIVE_FP8_MIN_ROWS else "fused"
 
 
 def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = None) -> jax.Array:
-    """x [..., K] times w [*in, *out] with K = prod(in) (the leading `in_dims` dims): [..., *out] in x.dtype
-    (f32 accumulation for a quantized weight)."""
-    out_shape = w.shape[in_dims:] if not isinstance(w, QuantizedWeight) else w.values.shape[in_dims:]
+    """x [..., K] times w [*in, *out] with K = prod(in) (the leading `in_dims` dims; a quantized weight's
+    values are stored [*out, *in]): [..., *out] in x.dtype (f32 accumulation for a quantized weight)."""
     if not isinstance(w, QuantizedWeight):
+        out_shape = w.shape[in_dims:]
         if in_dims == 1:
             return jnp.tensordot(x, w, axes=1)
         # As one [K, N] matrix (a free reshape): contracting several dims let XLA:CPU copy the weight's layout.
         return (x @ w.reshape(math.prod(w.shape[:in_dims]), -1)).reshape(*x.shape[:-1], *out_shape)
-    # [K, *out]: only the input dims are merged. Merging the output dims too would cost nothing on one
+    out_shape = w.values.shape[: w.values.ndim - in_dims]
+    # [*out, K]: only the input dims are merged. Merging the output dims too would cost nothing on one
     # device, but under tensor parallelism [2, F] with F split (w_gate_up) is no contiguous split of 2F,
     # and GSPMD would gather the whole weight onto every device (tests/test_tensor_parallel.py).
-    values = w.values.reshape(math.prod(w.values.shape[:in_dims]), *out_shape)
+    values = w.values.reshape(*out_shape, -1)
     rows = x.reshape(-1, x.shape[-1])
-    if (strategy or matmul_strategy()) == "fused":
-        y = jnp.tensordot(rows, decode(values, x.dtype), axes=1, preferred_element_type=jnp.float32) * w.scale
-    else:  # CPU: one device in practice (its loop slices the output columns, which GSPMD would gather)
-        y = _blocked(rows, values.reshape(values.shape[0], -1), w.scale.reshape(-1))
+    strategy = strategy or matmul_strategy(rows.shape[0], values.dtype)
+    if strategy == "native":
+        y = _native_fp8(rows, values) * w.scale
+    elif strategy == "fused":
+        y = _contract(rows, decode(values, x.dtype)) * w.scale
+    else:  # CPU: one device in practice (its loop slices the output channels, which GSPMD would gather)
+        y = _blocked(rows, values.reshape(-1, values.shape[-1]), w.scale.reshape(-1)).reshape(-1, *out_shape)
     return y.astype(x.dtype).reshape(*x.shape[:-1], *out_shape)
 
 
+def _contract(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
+    """rows [M, K] with values [*out, K], accumulated in f32."""
+    return jax.lax.dot_general(rows, values, (((1,), (values.ndim - 1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _native_fp8(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out], before the weight's scale
+    """rows [M, K] scaled per row into e4m3 and multiplied by the e4m3 values [*out, K] in fp8."""
+    if values.dtype == jnp.uint8:
+        values = jax.lax.bitcast_convert_type(values, jnp.float8_e4m3fn)
+    rows = rows.astype(jnp.float32)
+    row_scale = jnp.max(jnp.abs(rows), axis=1, keepdims=True) / _E4M3_MAX
+    row_scale = jnp.where(row_scale > 0, row_scale, 1.0)
+    y = _contract((rows / row_scale).astype(jnp.float8_e4m3fn), values)
+    return y * row_scale.reshape(-1, *(1,) * (values.ndim - 1))
+
+
 def _blocked(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:  # f32[M, N]
-    """(x @ values) * scale, converting `values` one block of output columns per loop iteration."""
-    k, n = values.shape
+    """(x @ values.T) * scale for values [N, K], converting `values` one block of output channels per loop
+    iteration."""
+    n, k = values.shape
     block = column_block(n, k)
 
     def body(i: jax.Array, out: jax.Array) -> jax.Array:
-        cols = decode(jax.lax.dynamic_slice_in_dim(values, i * block, block, axis=1), x.dtype)
-        part = jnp.dot(x, cols, preferred_element_type=jnp.float32)
+        part = _contract(x, decode(jax.lax.dynamic_slice_in_dim(values, i * block, block, axis=0), x.dtype))
         part = part * jax.lax.dynamic_slice_in_dim(scale, i * block, block)
         return jax.lax.dynamic_update_slice_in_dim(out, part, i * block, axis=1)
 
@@ -116,6 +184,6 @@ def _blocked(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:  #
 
 
 def column_block(n: int, k: int) -> int:
-    """The widest divisor of n whose [k, block] slice holds at most BLOCK_ELEMENTS elements (at least 1)."""
+    """The widest divisor of n whose [block, k] slice holds at most BLOCK_ELEMENTS elements (at least 1)."""
     widest = max(1, min(n, BLOCK_ELEMENTS // max(k, 1)))
     return next(b for b in range(widest, 0, -1) if n % b == 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import pytest
 from model.config import ModelConfig
 from model.llama import CausalLM, empty_cache
 from model.loader import init_random_params
+from model.weight_quant import NATIVE_FP8_MIN_ROWS, target_platform
 from serving.engine.runner import ROW_FIELDS, step
 
 CONFIG = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
@@ -27,10 +29,9 @@ CONFIG = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num
 NUM_SLOTS, PAGES_PER_SEQ = 4, 4
 
 
-def lower_step_for_cuda(config: ModelConfig, kv_format: str | None, rows: int, tokens: int,
+def lower_step_for_cuda(config: ModelConfig, params: dict, kv_format: str | None, rows: int, tokens: int,
                         shared_prefix: bool = False) -> str:
     """The step's StableHLO, lowered for CUDA from abstract inputs (nothing is allocated or run)."""
-    params = jax.eval_shape(lambda: init_random_params(config, jnp.bfloat16, 0))
     cache = jax.eval_shape(lambda: empty_cache(config, 8, 16, jnp.bfloat16, kv_format=kv_format))
     seen = jax.ShapeDtypeStruct((NUM_SLOTS, config.vocab_size), jnp.bool_)
     last = jax.ShapeDtypeStruct((NUM_SLOTS,), jnp.int32)
@@ -39,6 +40,14 @@ def lower_step_for_cuda(config: ModelConfig, kv_format: str | None, rows: int, t
     model = CausalLM(config, dtype=jnp.bfloat16, attention_backend="pallas")
     run = jax.jit(functools.partial(step, model, shared_prefix=shared_prefix))
     return run.trace(params, cache, seen, last, token_grid, row_table).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def lower_gpu_step(config: ModelConfig, kv_format: str | None, rows: int, tokens: int,
+                   shared_prefix: bool = False) -> str:
+    """`lower_step_for_cuda` with the weights and matmuls a GPU has (fp8 stored as e4m3, not the CPU's bytes)."""
+    with target_platform("cuda"):
+        params = jax.eval_shape(lambda: init_random_params(config, jnp.bfloat16, 0))
+        return lower_step_for_cuda(config, params, kv_format, rows, tokens, shared_prefix)
 
 
 def triton_calls(text: str) -> int:
@@ -51,11 +60,21 @@ def triton_calls(text: str) -> int:
 def test_decode_and_prefill_steps_lower_for_gpus(kv_format, weight_quant):
     config = dataclasses.replace(CONFIG, weight_quant=weight_quant)
     for rows, tokens in ((2, 1), (2, 16)):  # the decode kernel, the prefill kernel
-        text = lower_step_for_cuda(config, kv_format, rows, tokens)
+        text = lower_gpu_step(config, kv_format, rows, tokens)
         assert triton_calls(text) >= config.num_layers  # an attention kernel a layer at least, not an XLA fallback
+
+
+def test_a_large_fp8_step_runs_its_layers_matmuls_in_fp8_and_a_small_one_converts_the_weights():
+    """fp8 weights on a GPU: from NATIVE_FP8_MIN_ROWS tokens a step's four matmuls a layer are fp8 x fp8 dots
+    (Hopper's fp8 GEMM); a one-row decode step's convert the weight inside a bf16 dot instead."""
+    config = dataclasses.replace(CONFIG, weight_quant="fp8")
+    fp8_dots = {rows: len(re.findall(r"dot_general.*\(tensor<[0-9x]+xf8E4M3FN>, tensor<[0-9x]+xf8E4M3FN>\)",
+                                     lower_gpu_step(config, None, rows, 1)))
+                for rows in (1, NATIVE_FP8_MIN_ROWS)}
+    assert fp8_dots == {1: 0, NATIVE_FP8_MIN_ROWS: 4 * config.num_layers}
 
 
 @pytest.mark.parametrize("kv_format", [None, "int8", "int4", "fp8"])
 def test_a_shared_prefix_decode_step_lowers_for_gpus(kv_format):
-    text = lower_step_for_cuda(CONFIG, kv_format, rows=8, tokens=1, shared_prefix=True)
+    text = lower_gpu_step(CONFIG, kv_format, rows=8, tokens=1, shared_prefix=True)
     assert triton_calls(text) >= CONFIG.num_layers

@@ -80,8 +80,9 @@ FUSED_SCRIPT = textwrap.dedent(
 
     mesh = make_mesh(2)
     axis = mesh.axis_names[-1]
-    for shape, spec, scale_spec in (((64, 2, 96), P(None, None, axis), P(None, axis)),  # w_gate_up
-                                    ((96, 64), P(axis, None), P(None))):  # w_down: split inputs
+    # specs of the stored values, inputs last: w_gate_up [2, F, E] split F, w_down [E, F] split F (its inputs)
+    for shape, spec, scale_spec in (((64, 2, 96), P(None, axis, None), P(None, axis)),  # w_gate_up
+                                    ((96, 64), P(None, axis), P(None))):  # w_down: split inputs
         values, scale = quantize_weight(jax.random.normal(jax.random.key(0), shape), "int8", 1)
         weight = QuantizedWeight(jax.device_put(values, NamedSharding(mesh, spec)),
                                  jax.device_put(scale, NamedSharding(mesh, scale_spec)))

@@ -29,7 +29,15 @@ from model.loader import (
     param_specs,
 )
 from model.sharding import logical_to_spec, make_mesh
-from model.weight_quant import QuantizedWeight, column_block, linear, quantize_weight
+from model.weight_quant import (
+    NATIVE_FP8_MIN_ROWS,
+    QuantizedWeight,
+    column_block,
+    linear,
+    matmul_strategy,
+    quantize_weight,
+    stored_shape,
+)
 from serving.engine.runner import ROW_FIELDS, step
 from tests.checkpoints import make_llama_checkpoint
 
@@ -82,13 +90,36 @@ def test_quantized_matmuls_match_the_float_weights_within_the_formats_rounding(k
     w = jnp.asarray(rng.standard_normal((6, 8, 40)), jnp.float32)  # in_dims 2: K = 48 inputs, 40 outputs
     x = jnp.asarray(rng.standard_normal((3, 48)), jnp.float32)
     values, scale = quantize_weight(w, kind, 2)
-    assert values.shape == w.shape and scale.shape == (40,)
+    assert values.shape == (40, 6, 8) == stored_shape(w.shape, 2) and scale.shape == (40,)  # inputs last
     want = x @ w.reshape(48, 40)
-    for strategy in ("fused", "blocked"):
+    for strategy in ("fused", "blocked") + (("native",) if kind == "fp8" else ()):
         got = linear(x, QuantizedWeight(values, scale, 2), in_dims=2, strategy=strategy)
         relative = float(jnp.abs(got - want).max() / jnp.abs(want).max())
-        assert relative < {"int8": 0.02, "fp8": 0.06}[kind], (strategy, relative)
+        # the native dot also rounds the activations to e4m3 (3 mantissa bits), row by row
+        assert relative < {"int8": 0.02, "fp8": 0.06, "native": 0.12}[kind if strategy != "native" else strategy], (
+            strategy, relative)
     assert column_block(3072, 576) == 96 and column_block(7, 10**9) == 1
+
+
+def test_large_fp8_products_run_the_dot_in_fp8_and_small_ones_convert_the_weight_inside_it():
+    """The accelerators' choice: from NATIVE_FP8_MIN_ROWS rows an fp8 product runs with both dot operands in
+    e4m3 (Hopper's fp8 GEMM, 1.5x bf16 at 2048 rows on the H100); below, the weight is converted to the
+    activations' dtype inside the dot (the fused GEMM streams it faster at few rows)."""
+    e4m3, rows = jnp.dtype(jnp.float8_e4m3fn), NATIVE_FP8_MIN_ROWS
+    assert matmul_strategy(rows, e4m3, "gpu") == "native" and matmul_strategy(rows - 1, e4m3, "gpu") == "fused"
+    assert matmul_strategy(4096, jnp.dtype(jnp.int8), "gpu") == "fused"
+    assert matmul_strategy(4096, e4m3, "cpu") == "blocked"
+    values, scale = quantize_weight(jax.random.normal(jax.random.key(0), (64, 32)), "fp8", 1)
+    weight = QuantizedWeight(jax.lax.bitcast_convert_type(values, jnp.float8_e4m3fn), scale)  # e4m3, as on a GPU
+    x = jax.random.normal(jax.random.key(1), (rows, 64), jnp.bfloat16)
+    want = x.astype(jnp.float32) @ (weight.values.astype(jnp.float32).T * scale)
+    for strategy, operands in (("native", r"\(tensor<128x64xf8E4M3FN>, tensor<32x64xf8E4M3FN>\)"),
+                               ("fused", r"\(tensor<128x64xbf16>, tensor<32x64xbf16>\)")):
+        hlo = jax.jit(functools.partial(linear, strategy=strategy)).lower(x, weight).as_text()
+        dots = [line for line in hlo.splitlines() if "dot_general" in line and "=" in line]
+        assert len(dots) == 1 and re.search(operands, dots[0]), (strategy, dots)
+        got = linear(x, weight, strategy=strategy).astype(jnp.float32)
+        assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 0.12, strategy
 
 
 def test_scales_are_declared_with_their_weights_and_split_like_their_output_channels():
@@ -96,7 +127,7 @@ def test_scales_are_declared_with_their_weights_and_split_like_their_output_chan
     shardings = param_shardings(config, make_mesh(1))["layers_0"]
     for module, name in (("attn", "wqkv"), ("attn", "wo"), ("mlp", "w_gate_up"), ("mlp", "w_down")):
         spec = next(s for s in param_specs(config) if s.path == f"layers_0/{module}/{name}")
-        assert shardings[module][name].spec == logical_to_spec(spec.axes)
+        assert shardings[module][name].spec == logical_to_spec(stored_shape(spec.axes, spec.in_dims))  # inputs last
         assert shardings[module][name + "_scale"].spec == logical_to_spec(spec.axes[spec.in_dims:])
     # Column-parallel weights split their scales; row-parallel ones (outputs: the embedding) replicate them.
     assert "tp" in str(shardings["mlp"]["w_gate_up_scale"].spec) and "tp" in str(shardings["attn"]["wqkv_scale"].spec)
@@ -152,7 +183,7 @@ def test_a_hugging_face_fp8_checkpoint_serves_as_fp8(tmp_path):
     assert config.weight_quant == "fp8"
     params = load_params(fp8, config, jnp.float32)
     attn = params["layers_0"]["attn"]
-    assert attn["wqkv"].dtype == jnp.uint8 and attn["wqkv_scale"].shape == attn["wqkv"].shape[1:]
+    assert attn["wqkv"].dtype == jnp.uint8 and attn["wqkv_scale"].shape == attn["wqkv"].shape[:-1]  # inputs last
     # Against the bf16 model it came from: fp8's rounding, twice (tiles, then channels). A random tiny
     # model amplifies it (from the bf16 weights directly, per channel: 11% of the largest logit).
     plain = dataclasses.replace(config, weight_quant=None)

@@ -1,11 +1,12 @@
 """Time few-row matmuls over quantized weights at Llama-3.1-8B shapes on the GPU (issue 21's B1).
 
-    PYTHONUNBUFFERED=1 python -m tools.bench_gemv [--rows 1,4,16] [--sweep] [--hlo DIR] [--quick]
+    PYTHONUNBUFFERED=1 python -m tools.bench_gemv [--rows 1,4,16] [--sweep] [--no-pallas] [--hlo DIR] [--quick]
 
-For each weight (wqkv, wo, w_gate_up, w_down as [K, N] matrices) and each row count: bf16 weights through
-XLA's dot, int8 and fp8 weights through XLA's fused convert + dot (`model.weight_quant`'s "fused"), fp8
-through Hopper's native fp8 dot (activations scaled to e4m3 per row), and our Pallas kernel
-(below) with its default blocks, or every block choice with --sweep. Each result is checked against an f32
+For each weight (wqkv, wo, w_gate_up, w_down: [K, N] in bf16, [N, K] quantized as the engine stores them)
+and each row count: bf16 weights through XLA's dot, int8 and fp8 weights through XLA's fused convert + dot
+(`model.weight_quant`'s "fused"; fp8 also over a [K, N] copy, the layout before), fp8 through Hopper's native
+fp8 dot ("native": activations scaled to e4m3 per row), and with Pallas our candidate kernels (below, over
+[K, N] copies) with their default blocks, or every block choice with --sweep. Each result is checked against an f32
 reference first. Prints time per call and the weight bytes streamed per second against the device's
 copy bandwidth.
 
@@ -28,6 +29,7 @@ import functools
 import itertools
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +129,7 @@ QUICK = {"w_small": (512, 256)}
 L2_BYTES = 50e6
 
 
-def quantize(w: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:  # (values [K, N], f32 scale [N])
+def quantize(w: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:  # (values [N, K], f32 scale [N])
     """The engine's quantization (`model.weight_quant`), fp8 as e4m3 on CPU too: the kernels read it."""
     values, scale = quantize_weight(w, kind, in_dims=1)
     if values.dtype == jnp.uint8:  # e4m3's bytes, the CPU's storage (quick mode only)
@@ -136,16 +138,19 @@ def quantize(w: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:  # (values
 
 
 def native_fp8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
-    """Hopper's fp8 x fp8 dot: each row of x scaled into e4m3's range, both scales on the output."""
-    x_scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 448.0
-    x8 = (x.astype(jnp.float32) / x_scale).astype(jnp.float8_e4m3fn)
-    y = jax.lax.dot_general(x8, values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return y * x_scale * scale
+    """The engine's native fp8 dot (`model.weight_quant`'s "native"): rows scaled into e4m3, both operands fp8."""
+    return linear(x, QuantizedWeight(values, scale), strategy="native")
 
 
 def fused(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
-    """What the engine runs: `model.weight_quant.linear`'s convert inside the dot."""
+    """The engine's convert inside the dot (`model.weight_quant`'s "fused")."""
     return linear(x, QuantizedWeight(values, scale), strategy="fused")
+
+
+def fused_kn(x: jax.Array, values_kn: jax.Array, scale: jax.Array) -> jax.Array:
+    """The fused convert + dot over a weight stored [K, N] (the engine's layout before the fp8 GEMM's)."""
+    return (jnp.tensordot(x, values_kn.astype(x.dtype), axes=1, preferred_element_type=jnp.float32) * scale
+            ).astype(x.dtype)
 
 
 def time_variant(fn, x: jax.Array, weights: list[tuple[jax.Array, ...]]) -> float:
@@ -156,7 +161,8 @@ def time_variant(fn, x: jax.Array, weights: list[tuple[jax.Array, ...]]) -> floa
 
 def check(label: str, fn, x: jax.Array, weight: tuple[jax.Array, ...]) -> None:
     """`fn` against the f32 product of x and the weight it stands for (its dequantized values)."""
-    dense = weight[0].astype(jnp.float32) * (weight[1] if len(weight) > 1 else 1.0)
+    values = weight[0].T if kind_of(label) in ("int8", "fp8") else weight[0]  # stored [N, K]: see `quantize`
+    dense = values.astype(jnp.float32) * (weight[1] if len(weight) > 1 else 1.0)
     want = x.astype(jnp.float32) @ dense
     error = float(jnp.max(jnp.abs(jax.jit(fn)(x, *weight).astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
     # bf16 outputs and fp8 activations (the native dot) round; a wrong kernel is off by O(1).
@@ -171,21 +177,29 @@ def sweep(k: int, n: int) -> list[dict[str, int]]:
             if 128 <= n // bn * ks <= 1100 or n <= 1024]
 
 
-def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], interpret: bool):
+def kind_of(label: str) -> str:
+    """The weight kind a variant's label names (its first word; "[K,N]" variants read a [K, N] copy)."""
+    return label.split()[0] + ("kn" if "[K,N]" in label else "")
+
+
+def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], interpret: bool, pallas: bool = True):
     """(label, fn(x, *weight), weight kind) for every matmul compared at this shape."""
     yield "bf16 dot", lambda x, w: x @ w, "bf16"
+    if not interpret:  # XLA:CPU has no fp8 dot
+        yield "fp8 native dot", native_fp8, "fp8"
+    yield "fp8 xla fused [K,N]", fused_kn, "fp8kn"
     for kind in ("fp8", "int8"):
         yield f"{kind} xla fused", fused, kind
+        if not pallas:
+            continue
         for b in blocks if kind == "fp8" else blocks[:1]:  # int8 takes the first (default) blocks only
             if b is None or not supports(rows, k, n, b["block_n"], b["block_k"], b["k_splits"]):
                 continue
             label = " ".join(f"{key.split('_')[-1]}={val}" for key, val in b.items())
-            yield f"{kind} pallas {label}", functools.partial(quantized_gemv, interpret=interpret, **b), kind
+            gemv = functools.partial(quantized_gemv, interpret=interpret, **b)
+            yield f"{kind} pallas {label} [K,N]", gemv, kind + "kn"
             if rows == 1 and kind == "fp8":
-                row = functools.partial(quantized_gemv, interpret=interpret, one_row=True, **b)
-                yield f"{kind} pallas-row {label}", row, kind
-    if not interpret:  # XLA:CPU has no fp8 dot
-        yield "fp8 native dot", native_fp8, "fp8"
+                yield f"{kind} pallas-row {label} [K,N]", functools.partial(gemv, one_row=True), kind + "kn"
 
 
 def main() -> None:
@@ -193,6 +207,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,4,16")
     parser.add_argument("--sweep", action="store_true", help="time every block choice of the Pallas kernels")
     parser.add_argument("--hlo", help="write the fused one-row path's optimized HLO into this folder")
+    parser.add_argument("--no-pallas", action="store_true", help="XLA's paths only (bf16, fused, native fp8)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, interpret mode (CPU self-test)")
     args = parser.parse_args()
     shapes, interpret = (QUICK, True) if args.quick else (LLAMA3_8B, False)
@@ -204,17 +219,22 @@ def main() -> None:
         dense = [jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02, jnp.bfloat16) for _ in range(copies)]
         weights = {"bf16": [(w,) for w in dense]}
         weights |= {kind: [quantize(w, kind) for w in dense] for kind in ("int8", "fp8")}
+        weights |= {kind + "kn": [(jnp.array(v.T), s) for v, s in weights[kind]] for kind in ("int8", "fp8")}
         blocks = [gemv_blocks(k, n)] + (sweep(k, n) if args.sweep else [])
         for rows in (int(r) for r in args.rows.split(",")):
             x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
             results = {}
-            for label, fn, kind in variants(k, n, rows, blocks, interpret):
+            for label, fn, kind in variants(k, n, rows, blocks, interpret, pallas=not args.no_pallas):
                 check(label, fn, x, weights[kind][0])
                 results[label] = (time_variant(fn, x, weights[kind]), 2 if kind == "bf16" else 1)
             if args.hlo and rows == 1:
                 os.makedirs(args.hlo, exist_ok=True)
                 text = jax.jit(fused).lower(x, *weights["fp8"][0]).compile().as_text()
                 open(os.path.join(args.hlo, f"fused-fp8-{name}.hlo.txt"), "w").write(text)
+            if args.hlo and not interpret:  # which library call the native dot became (cuBLASLt's fp8 GEMM?)
+                text = jax.jit(native_fp8).lower(x, *weights["fp8"][0]).compile().as_text()
+                calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+                print(f"{name} rows {rows} native: custom calls {calls}, transposes {text.count(' transpose(')}")
             shown = sorted(results.items(), key=lambda kv: kv[1][0])
             for kernel in ("fp8 pallas ", "fp8 pallas-row "):  # each kernel's fastest three blocks only
                 swept = [label for label, _ in shown if label.startswith(kernel)]
@@ -222,7 +242,8 @@ def main() -> None:
             for label, (ms, bytes_per_weight) in shown:
                 rate = k * n * bytes_per_weight / (ms * 1e-3)
                 print(f"{name} [{k} x {n}] rows {rows}: {label:48s} {ms * 1e3:8.1f} us  "
-                      f"{format_bandwidth(rate)} ({rate / bandwidth:.0%} of copy)")
+                      f"{format_bandwidth(rate)} ({rate / bandwidth:.0%} of copy), "
+                      f"{2 * rows * k * n / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
 
 
 if __name__ == "__main__":
