@@ -30,7 +30,6 @@ The decode step's memory analysis (tests/test_weight_quant.py) holds the CPU pat
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,24 +51,26 @@ NATIVE_FP8_MIN_ROWS = 128
 _E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
 
 
-# The platform the weights and matmuls are built for: JAX's default backend, unless a program is lowered
-# for another one (`target_platform`: tests/test_gpu_lowering.py lowers the GPU's step on a CPU).
-_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+# The platform the weights and matmuls are built for: JAX's default backend, unless set for the whole process
+# by `target_platform` (tests/test_gpu_lowering.py lowers the GPU's step on a CPU; tools/quant_quality.py
+# measures the GPU's arithmetic on a CPU, with the engine's threads).
+_target_platform: str | None = None
 
 
 @contextlib.contextmanager
 def target_platform(name: str) -> Iterator[None]:
     """Within it, stored dtypes and matmul strategies are those of platform `name` ("cpu", "cuda", ...)."""
-    token = _TARGET_PLATFORM.set(name)
+    global _target_platform
+    previous, _target_platform = _target_platform, name
     try:
         yield
     finally:
-        _TARGET_PLATFORM.reset(token)
+        _target_platform = previous
 
 
 def current_platform() -> str:
     """The platform quantized weights are built for now (see `target_platform`)."""
-    return _TARGET_PLATFORM.get() or jax.default_backend()
+    return _target_platform or jax.default_backend()
 
 
 def storage_dtype(kind: str) -> jnp.dtype:

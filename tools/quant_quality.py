@@ -4,7 +4,9 @@
     python -m tools.quant_quality --tiny llama qwen3      # the test tier's tiny checkpoints (random weights)
 
 Variants (`--variants`): kv8, kv4, kvfp8 (`--quant-policy 8|4|fp8`), w-int8, w-fp8 (`--weight-quant`),
-and combinations such as w-int8+kv8. For each:
+w-fp8-gpu (fp8 weights computed as on a GPU: products of `weight_quant.NATIVE_FP8_MIN_ROWS` rows or more
+run as fp8 x fp8 dots, each activation row rounded to e4m3; the CPU's XLA runs the same arithmetic exactly,
+fp8 products accumulated in f32), and combinations such as w-int8+kv8. For each:
   logits   one prefill of a fixed text (tools/quant_text.txt, its first `--text-tokens` tokens; random
            tokens for a tiny checkpoint) through the model over a paged cache of the variant's format: the
            max and mean |logit - unquantized logit|, the mean KL(unquantized || variant) per position,
@@ -22,6 +24,7 @@ quantization's. Prints one table (markdown) and writes it as JSON with `--json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,13 +40,14 @@ import numpy as np
 from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, empty_cache
 from model.loader import load_params
+from model.weight_quant import target_platform
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine, resolve_dtype, with_weight_quant
 from serving.request import EngineOutput, GenerationConfig
 from xlkernels.kv_quant import kv_format
 
 TEXT_FILE = Path(__file__).with_name("quant_text.txt")
-DEFAULT_VARIANTS = ("bf16", "kv8", "kvfp8", "kv4", "w-int8", "w-fp8", "w-int8+kv8")
+DEFAULT_VARIANTS = ("bf16", "kv8", "kvfp8", "kv4", "w-int8", "w-fp8", "w-fp8-gpu", "w-int8+kv8")
 PAGE_SIZE = 16
 
 
@@ -53,22 +57,27 @@ class Variant:
     quant_policy: str = "0"
     weight_quant: str | None = None
     bf16: bool = False  # the model computed in bfloat16 instead of --dtype: the yardstick of a rounding change
+    gpu: bool = False  # the weights built and multiplied as on a GPU (`weight_quant.target_platform`)
 
     @classmethod
     def parse(cls, name: str) -> Variant:
         """"kv8" -> KV policy 8; "w-fp8" -> fp8 weights; "bf16" -> unquantized in bfloat16; "+" joins them."""
-        policy, weights, bf16 = "0", None, False
+        policy, weights, bf16, gpu = "0", None, False, False
         for part in name.split("+"):
             if part.startswith("kv"):
                 policy = part.removeprefix("kv")
                 kv_format(policy)  # refuse unknown policies by name
-            elif part in ("w-int8", "w-fp8"):
-                weights = part.removeprefix("w-")
+            elif part in ("w-int8", "w-fp8", "w-fp8-gpu"):
+                weights, gpu = part.removeprefix("w-").removesuffix("-gpu"), part.endswith("-gpu")
             elif part == "bf16":
                 bf16 = True
             else:
-                raise ValueError(f"unknown variant part {part!r} (kv8, kv4, kvfp8, w-int8, w-fp8, bf16)")
-        return cls(name, policy, weights, bf16)
+                raise ValueError(f"unknown variant part {part!r} (kv8, kv4, kvfp8, w-int8, w-fp8, w-fp8-gpu, bf16)")
+        return cls(name, policy, weights, bf16, gpu)
+
+    def arithmetic(self) -> contextlib.AbstractContextManager:
+        """The context its weights are built and run in: a GPU's (`gpu`), or this machine's."""
+        return target_platform("cuda") if self.gpu else contextlib.nullcontext()
 
 
 def text_logits(config: ModelConfig, params: dict, dtype: jnp.dtype, tokens: np.ndarray, policy: str) -> jax.Array:
@@ -152,14 +161,15 @@ def evaluate(name: str, path: Path, variants: list[Variant], args: argparse.Name
     text = np.asarray(text[: args.text_tokens])
     stride = max(1, (len(text) - args.prompt_len) // args.prompts)
     prompts = [text[i * stride : i * stride + args.prompt_len].tolist() for i in range(args.prompts)]
-    loaded: dict[tuple[str | None, jnp.dtype], dict] = {}
+    loaded: dict[tuple[str | None, jnp.dtype, bool], dict] = {}
 
     def params_for(variant: Variant) -> tuple[ModelConfig, dict, jnp.dtype]:
         config = with_weight_quant(base_config, variant.weight_quant)
         run_dtype = jnp.dtype(jnp.bfloat16 if variant.bf16 else dtype)
-        if (variant.weight_quant, run_dtype) not in loaded:
-            loaded[variant.weight_quant, run_dtype] = load_params(path, config, run_dtype)
-        return config, loaded[variant.weight_quant, run_dtype], run_dtype
+        key = (variant.weight_quant, run_dtype, variant.gpu)
+        if key not in loaded:
+            loaded[key] = load_params(path, config, run_dtype)
+        return config, loaded[key], run_dtype
 
     base = Variant("none")
     config, params, _ = params_for(base)
@@ -169,10 +179,11 @@ def evaluate(name: str, path: Path, variants: list[Variant], args: argparse.Name
              "whole": 1.0}]
     for variant in variants:
         began = time.perf_counter()
-        config, params, run_dtype = params_for(variant)
-        logits = text_logits(config, params, run_dtype, text, variant.quant_policy).astype(jnp.float32)
+        with variant.arithmetic():
+            config, params, run_dtype = params_for(variant)
+            logits = text_logits(config, params, run_dtype, text, variant.quant_policy).astype(jnp.float32)
+            tokens = greedy_tokens(config, params, tokenizer, variant, prompts, args.tokens, run_dtype.name)
         metrics = logit_metrics(base_logits, logits, text)
-        tokens = greedy_tokens(config, params, tokenizer, variant, prompts, args.tokens, run_dtype.name)
         rows.append({"model": name, "variant": variant.name, **metrics, **agreement(base_tokens, tokens)})
         print(f"{name} {variant.name}: {rows[-1]} ({time.perf_counter() - began:.0f}s)", flush=True)
     return rows
