@@ -22,17 +22,21 @@ def test_quick_run_checks_and_prints_every_variant(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     for rows in (1, 3):
         printed = {line.split(": ", 1)[1].split("  ")[0].strip() for line in lines if f"rows {rows}:" in line}
-        labels = {"bf16 dot", "fp8 xla fused", "int8 xla fused", "fp8 pallas n=64 k=256 splits=2",
-                  "int8 pallas n=64 k=256 splits=2"} | ({"fp8 pallas-row n=64 k=256 splits=2"} if rows == 1 else set())
+        labels = {"bf16 dot", "fp8 xla fused", "int8 xla fused", "fp8 xla fused [K,N]",
+                  "fp8 pallas n=64 k=256 splits=2 [K,N]", "int8 pallas n=64 k=256 splits=2 [K,N]"}
+        if rows == 1:
+            labels.add("fp8 pallas-row n=64 k=256 splits=2 [K,N]")
         assert printed == labels
 
 
 def test_check_stops_a_wrong_product():
-    x = jnp.ones((1, 64), jnp.bfloat16)
-    values, scale = bench_gemv.quantize(jnp.ones((64, 64), jnp.float32), "int8")
-    bench_gemv.check("fused", bench_gemv.fused, x, (values, scale))
+    x = jax.random.normal(jax.random.key(0), (1, 64), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (64, 32), jnp.float32)
+    values, scale = bench_gemv.quantize(w, "int8")  # [32, 64]: the engine's layout
+    bench_gemv.check("fused", bench_gemv.fused, x, (values, scale), "int8")
     with pytest.raises(SystemExit, match="relative error"):
-        bench_gemv.check("wrong", lambda x, v, s: bench_gemv.fused(x, v, s) * 1.5, x, (values, scale))
+        bench_gemv.check("wrong", lambda x, v, s: bench_gemv.fused(x, v, s) * 1.5, x, (values, scale), "int8")
+    bench_gemv.check("fused [K,N]", bench_gemv.fused_kn, x, (values.T, scale), "int8kn")
 
 
 @pytest.mark.parametrize("one_row", [False, True])

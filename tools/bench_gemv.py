@@ -159,9 +159,9 @@ def time_variant(fn, x: jax.Array, weights: list[tuple[jax.Array, ...]]) -> floa
     return timed(lambda: run(x, weights), repeats=20) / len(weights)
 
 
-def check(label: str, fn, x: jax.Array, weight: tuple[jax.Array, ...]) -> None:
+def check(label: str, fn, x: jax.Array, weight: tuple[jax.Array, ...], kind: str) -> None:
     """`fn` against the f32 product of x and the weight it stands for (its dequantized values)."""
-    values = weight[0].T if kind_of(label) in ("int8", "fp8") else weight[0]  # stored [N, K]: see `quantize`
+    values = weight[0].T if kind in ("int8", "fp8") else weight[0]  # the engine's [N, K] (`quantize`), or [K, N]
     dense = values.astype(jnp.float32) * (weight[1] if len(weight) > 1 else 1.0)
     want = x.astype(jnp.float32) @ dense
     error = float(jnp.max(jnp.abs(jax.jit(fn)(x, *weight).astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
@@ -175,11 +175,6 @@ def sweep(k: int, n: int) -> list[dict[str, int]]:
     choices = itertools.product((64, 128, 256), (64, 128, 256), (1, 2, 4, 8))
     return [dict(block_n=bn, block_k=bk, k_splits=ks) for bn, bk, ks in choices
             if 128 <= n // bn * ks <= 1100 or n <= 1024]
-
-
-def kind_of(label: str) -> str:
-    """The weight kind a variant's label names (its first word; "[K,N]" variants read a [K, N] copy)."""
-    return label.split()[0] + ("kn" if "[K,N]" in label else "")
 
 
 def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], interpret: bool, pallas: bool = True):
@@ -225,7 +220,7 @@ def main() -> None:
             x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
             results = {}
             for label, fn, kind in variants(k, n, rows, blocks, interpret, pallas=not args.no_pallas):
-                check(label, fn, x, weights[kind][0])
+                check(label, fn, x, weights[kind][0], kind)
                 results[label] = (time_variant(fn, x, weights[kind]), 2 if kind == "bf16" else 1)
             if args.hlo and rows == 1:
                 os.makedirs(args.hlo, exist_ok=True)
