@@ -285,13 +285,54 @@ def test_packed_prefill_equals_transformers(tiny_llama, hf_tiny):
     with pipeline(str(tiny_llama), **options) as pipe:
         engine = pipe.engine
         shapes = engine.buckets.shapes()
-        assert [s for s in shapes if s.tokens > 1] == [(4, 16, 16), (6, 16, 48), (8, 16, 64)]
+        assert [s for s in shapes if s.tokens > 1] == [(4, 16, 16, 0), (6, 16, 48, 0), (8, 16, 64, 0)]
         prompts = random_prompts([5, 17, 33, 70, 3, 40])
         outputs = pipe(prompts, GenerationConfig(**GREEDY))
         for prompt, out in zip(prompts, outputs, strict=True):
             assert out.token_ids == hf_greedy(hf_tiny, prompt, GREEDY["max_new_tokens"])
         assert engine.stats().compilations_after_warmup == 0
         assert engine.wait_idle() and engine.allocator.num_used == 0
+
+
+def test_mixed_steps_equal_transformers(tiny_llama, hf_tiny):
+    """Mixed steps: sequences that are decoding run in the same program as the prompt chunks of sequences
+    that join meanwhile (their tokens at the head of the packed stream, attending as one-token rows). Every
+    sequence still equals transformers token for token; the turns that had both ran as one step."""
+    from serving import pipeline
+    from tests.conftest import TINY_ENGINE_OPTIONS
+
+    options = dict(TINY_ENGINE_OPTIONS, prefill_token_buckets=(16,), packed_prefill_buckets=(16, 48, 64),
+                   mixed_decode_buckets=(2, 4))
+    with pipeline(str(tiny_llama), **options) as pipe:
+        engine = pipe.engine
+        mixed = [s for s in engine.buckets.shapes() if s.decode]
+        assert mixed == [(6, 16, 18, 2), (8, 16, 50, 2), (10, 16, 66, 2), (8, 16, 20, 4), (10, 16, 52, 4),
+                         (12, 16, 68, 4)]
+        prompts = random_prompts([5, 17, 33, 70, 3, 40], seed=3)
+        greedy = GenerationConfig(**GREEDY)
+        # Three decode from the start; the others join while they decode, one long prompt over several steps.
+        jobs = [(prompts[0], greedy, None), (prompts[1], greedy, None), (prompts[4], greedy, None),
+                (prompts[2], greedy, (0, 2)), (prompts[3], greedy, (1, 3)), (prompts[5], greedy, (2, 5))]
+        before = engine.stats().mixed_steps
+        results = run_with_engine(engine, jobs)
+        for (prompt, _, _), tokens in zip(jobs, results, strict=True):
+            assert tokens == hf_greedy(hf_tiny, prompt, GREEDY["max_new_tokens"])
+        assert engine.stats().mixed_steps - before >= 3
+        assert engine.stats().compilations_after_warmup == 0
+        assert engine.wait_idle() and engine.allocator.num_used == 0
+
+
+def test_mixed_buckets_pick_the_fewest_decoding_rows_and_need_packed_prefill():
+    from serving.engine.config import BucketSet, StepShape
+
+    buckets = BucketSet((1, 4), (1,), (16,), 64, packed_prefill=(16, 64), mixed_decode=(2, 4))
+    assert buckets.mixed_bucket(1, 1, 16, 10) == StepShape(6, 16, 18, 2)
+    assert buckets.mixed_bucket(3, 2, 16, 20) == StepShape(12, 16, 68, 4)
+    assert buckets.mixed_bucket(5, 1, 16, 10) is None  # more decoding rows than any mixed bucket: two steps
+    compiled = buckets.with_compiled(frozenset(buckets.shapes()) - {StepShape(6, 16, 18, 2)})
+    assert compiled.mixed_bucket(1, 1, 16, 10) == StepShape(8, 16, 20, 4)  # the next one compiled
+    with pytest.raises(ValueError, match="need packed prefill"):
+        BucketSet((1, 4), (1,), (16,), 64, mixed_decode=(2,))
 
 
 def test_packed_prefill_buckets_are_checked():
@@ -313,6 +354,8 @@ def test_packed_prefill_flag_reaches_the_engine_and_bad_values_name_it():
     argv = ["serve", "api_server", "--prefill-token-buckets", "128", "--packed-prefill-buckets", "256", "1024"]
     buckets = from_arguments(parser.parse_args(argv), environ={}).engine_config.buckets("gpu")
     assert buckets.packed_prefill == (256, 1024) and buckets.prefill_budget == 1024
+    argv += ["--mixed-decode-buckets", "16", "64"]
+    assert from_arguments(parser.parse_args(argv), environ={}).engine_config.buckets("gpu").mixed_decode == (16, 64)
     with pytest.raises((OptionError, ValueError), match="exactly one prefill token bucket"):
         argv = ["serve", "api_server", "--packed-prefill-buckets", "256"]
         from_arguments(parser.parse_args(argv), environ={}).engine_config.buckets("gpu")

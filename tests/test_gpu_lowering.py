@@ -30,7 +30,7 @@ NUM_SLOTS, PAGES_PER_SEQ = 4, 4
 
 
 def lower_step_for_cuda(config: ModelConfig, params: dict, kv_format: str | None, rows: int, tokens: int,
-                        shared_prefix: bool = False) -> str:
+                        shared_prefix: bool = False, packed: int | None = None, decode: int = 0) -> str:
     """The step's StableHLO, lowered for CUDA from abstract inputs (nothing is allocated or run)."""
     cache = jax.eval_shape(lambda: empty_cache(config, 8, 16, jnp.bfloat16, kv_format=kv_format))
     seen = jax.ShapeDtypeStruct((NUM_SLOTS, config.vocab_size), jnp.bool_)
@@ -38,16 +38,15 @@ def lower_step_for_cuda(config: ModelConfig, params: dict, kv_format: str | None
     token_grid = jax.ShapeDtypeStruct((rows, tokens), jnp.int32)
     row_table = jax.ShapeDtypeStruct((rows, ROW_FIELDS.width + PAGES_PER_SEQ), jnp.int32)
     model = CausalLM(config, dtype=jnp.bfloat16, attention_backend="pallas")
-    run = jax.jit(functools.partial(step, model, shared_prefix=shared_prefix))
+    run = jax.jit(functools.partial(step, model, shared_prefix=shared_prefix, packed=packed, decode=decode))
     return run.trace(params, cache, seen, last, token_grid, row_table).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def lower_gpu_step(config: ModelConfig, kv_format: str | None, rows: int, tokens: int,
-                   shared_prefix: bool = False) -> str:
+def lower_gpu_step(config: ModelConfig, kv_format: str | None, rows: int, tokens: int, **step_options) -> str:
     """`lower_step_for_cuda` with the weights and matmuls a GPU has (fp8 stored as e4m3, not the CPU's bytes)."""
     with target_platform("cuda"):
         params = jax.eval_shape(lambda: init_random_params(config, jnp.bfloat16, 0))
-        return lower_step_for_cuda(config, params, kv_format, rows, tokens, shared_prefix)
+        return lower_step_for_cuda(config, params, kv_format, rows, tokens, **step_options)
 
 
 def triton_calls(text: str) -> int:
@@ -72,6 +71,17 @@ def test_a_large_fp8_step_runs_its_layers_matmuls_in_fp8_and_a_small_one_convert
                                      lower_gpu_step(config, None, rows, 1)))
                 for rows in (1, NATIVE_FP8_MIN_ROWS)}
     assert fp8_dots == {1: 0, NATIVE_FP8_MIN_ROWS: 4 * config.num_layers}
+
+
+@pytest.mark.parametrize("kv_format", [None, "int8"])
+def test_a_mixed_step_lowers_with_the_decode_and_the_prefill_kernel(kv_format):
+    """A mixed step (4 decoding rows beside packed prompt rows of 16) runs the decode kernel on its decoding
+    rows and the prefill kernel on its prompt rows."""
+    def kernels(**shape) -> set[str]:
+        return set(re.findall(r'name = "xlserve_paged_(decode|prefill)', lower_gpu_step(CONFIG, kv_format, **shape)))
+
+    assert kernels(rows=8, tokens=16, packed=4 + 32, decode=4) == {"decode", "prefill"}
+    assert kernels(rows=4, tokens=16, packed=32) == {"prefill"}
 
 
 @pytest.mark.parametrize("kv_format", [None, "int8", "int4", "fp8"])

@@ -217,8 +217,8 @@ def _chunk(request_id: str = "r1", slot: int = 2, admission: int = 1) -> Chunk:
 
 def test_a_step_plan_replays_as_the_same_chunks():
     chunk = _chunk()
-    kind, (rows, tokens, packed, plan_chunks) = decode_frame(encode_step(0, [chunk], 4, 16, None), 0)
-    assert (kind, rows, tokens, packed) == ("step", 4, 16, None)
+    kind, (rows, tokens, packed, decode, plan_chunks) = decode_frame(encode_step(0, [chunk], 4, 16, None, 2), 0)
+    assert (kind, rows, tokens, packed, decode) == ("step", 4, 16, None, 2)
     replay = StepReplay()
     (again,) = replay.chunks(plan_chunks)
     for name in ("slot", "admission", "start", "length", "token_ids", "pages", "step", "samples", "first"):
@@ -226,9 +226,9 @@ def test_a_step_plan_replays_as_the_same_chunks():
     assert again.request.seed == 12345 and again.request.stop_token_ids == frozenset({2, 7})
     assert again.request.config.temperature == 0.7 and again.request.config.min_new_tokens == 2
     # The same occupant of the slot keeps its request object, so the runner's slot row is not rebuilt.
-    (next_step,) = replay.chunks(decode_frame(encode_step(1, [chunk], 4, 16, None), 1)[1][3])
+    (next_step,) = replay.chunks(decode_frame(encode_step(1, [chunk], 4, 16, None), 1)[1][4])
     assert next_step.request is again.request
-    (other,) = replay.chunks(decode_frame(encode_step(2, [_chunk("r2")], 4, 16, None), 2)[1][3])
+    (other,) = replay.chunks(decode_frame(encode_step(2, [_chunk("r2")], 4, 16, None), 2)[1][4])
     assert other.request is not again.request
 
 
@@ -330,10 +330,12 @@ def test_a_follower_replays_steps_until_the_leader_stops_it():
     leader.send_step([_chunk()], 4, 16, None)
     time.sleep(1.2)  # longer than the timeout: heartbeats keep both ends alive meanwhile
     leader.send_step([_chunk(slot=3)], 4, 1, None)
+    leader.send_step([_chunk(slot=1)], 6, 16, 18, 2)  # a mixed step: its decoding rows travel too
     leader.close()
     following.join(timeout=5)
     assert not following.is_alive() and not lost
-    assert [(chunks[0].slot, rows, tokens) for chunks, rows, tokens, _ in ran] == [(2, 4, 16), (3, 4, 1)]
+    assert [(chunks[0].slot, *shape) for chunks, *shape in ran] == [(2, 4, 16, None, 0), (3, 4, 1, None, 0),
+                                                                     (1, 6, 16, 18, 2)]
 
 
 def test_a_follower_whose_leader_goes_silent_stops_following():

@@ -36,6 +36,7 @@ class EngineStats:
     shared_prefix_steps: int  # decode steps with at least one shared-prefix tile
     shared_prefix_rows: int  # rows in a tile, summed over those steps
     compilations_after_warmup: int  # XLA compilations after start-up (anything but 0 is a bug)
+    mixed_steps: int = 0  # steps that ran decoding rows and prompt chunks as one program (--mixed-decode-buckets)
     startup_buckets_remaining: int = 0  # buckets (and sampler branches) still compiling in the background
 
 

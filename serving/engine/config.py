@@ -9,6 +9,10 @@ Packed prefill (`packed_prefill_buckets`): a prefill step's matmuls then compute
 packed end to end and padded to one of N buckets, while attention still sees them as rows of T tokens
 (each row one sequence's consecutive chunk). Rows pad only the attention layout, which costs little;
 the matmuls, which cost 15 GFLOP a token at 8B, never compute a padded row's tail. One program per N.
+
+Mixed steps (`mixed_decode_buckets`, with packed prefill): a packed prefill step may also carry up to D
+decoding rows, whose tokens lead its packed stream, so a turn that has both runs one program and streams
+the weights once instead of twice (a decode step's ~5 ms at 8B on an H100). One program per (D, N).
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from xlkernels import KV_FORMATS
 
 class StepShape(NamedTuple):
     """One compiled step: `rows` x `tokens` is the attention layout; `packed` is how many tokens the
-    matmuls compute (rows * tokens unless the step packs its real tokens, see the module docstring)."""
+    matmuls compute (rows * tokens unless the step packs its real tokens, see the module docstring); the
+    first `decode` rows of a mixed step are decoding rows of one token each, whose tokens lead the packed
+    stream (`packed` counts them)."""
 
     rows: int
     tokens: int
     packed: int
+    decode: int = 0
 
 
 # A packed prefill step of N tokens lays them out in max(MIN_PACKED_ROWS, 2 * N / T) rows of T: twice the
@@ -44,14 +51,15 @@ class BucketSet:
     prefill_tokens: tuple[int, ...]
     max_prefill_tokens: int
     packed_prefill: tuple[int, ...] = ()  # N buckets of packed prefill; empty: prefill steps are [R, T] as laid out
+    mixed_decode: tuple[int, ...] = ()  # D buckets of decoding rows a packed prefill step may carry; empty: none
     # The shapes compiled so far while the rest still compile in the background (None: every shape). Every
     # choice below picks only among these, so a step never runs a shape that is not compiled yet.
     compiled: frozenset[StepShape] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("decode_batch", "prefill_rows", "prefill_tokens", "packed_prefill"):
+        for name in ("decode_batch", "prefill_rows", "prefill_tokens", "packed_prefill", "mixed_decode"):
             values = getattr(self, name)
-            if name == "packed_prefill" and not values:
+            if name in ("packed_prefill", "mixed_decode") and not values:
                 continue  # optional
             if not values or list(values) != sorted(set(values)) or values[0] < 1:
                 raise ValueError(f"{name} buckets must be increasing positive integers, got {values}")
@@ -60,6 +68,8 @@ class BucketSet:
         if self.packed_prefill and len(self.prefill_tokens) != 1:
             raise ValueError("packed prefill takes exactly one prefill token bucket (the row length), got "
                              f"{self.prefill_tokens}")
+        if self.mixed_decode and not self.packed_prefill:
+            raise ValueError("mixed decode buckets need packed prefill buckets (their tokens join a packed stream)")
         if self.packed_prefill and self.packed_prefill[-1] > self.max_prefill_tokens:
             raise ValueError(f"packed prefill buckets must not exceed max_prefill_token_num "
                              f"({self.max_prefill_tokens}), got {self.packed_prefill}")
@@ -115,8 +125,21 @@ class BucketSet:
                      for r in self.prefill_rows if r >= rows and r * t <= self.max_prefill_tokens
                      and self.usable(StepShape(r, t, r * t))), None)
 
+    def mixed_bucket(self, decode_rows: int, rows: int, longest: int, total: int) -> StepShape | None:
+        """The smallest compiled mixed step holding `decode_rows` decoding rows beside `rows` prompt chunks of up
+        to `longest` and `total` tokens (None: no mixed bucket holds them)."""
+        prefill = self.prefill_bucket(rows, longest, total) if self.mixed_decode else None
+        if prefill is None:
+            return None
+        return next((shape for d in self.mixed_decode if d >= decode_rows
+                     for shape in (self._mixed_shape(d, prefill),) if self.usable(shape)), None)
+
     def _packed_shape(self, packed: int) -> StepShape:
         return StepShape(self.packed_rows(packed), self.prefill_tokens[0], packed)
+
+    @staticmethod
+    def _mixed_shape(decode_rows: int, prefill: StepShape) -> StepShape:
+        return StepShape(decode_rows + prefill.rows, prefill.tokens, decode_rows + prefill.packed, decode_rows)
 
     def packed_bucket_below(self, total: int) -> int | None:
         """The largest packed prefill bucket of at most `total` tokens (None: unpacked, or none that small)."""
@@ -124,8 +147,9 @@ class BucketSet:
                     None)
 
     def shapes(self) -> list[StepShape]:
-        """Every step shape to compile: decode buckets first, then the prefill shapes."""
-        return [StepShape(b, 1, b) for b in self.decode_batch] + self.prefill_shapes()
+        """Every step shape to compile: decode buckets first, then the prefill shapes, then the mixed ones."""
+        return ([StepShape(b, 1, b) for b in self.decode_batch] + self.prefill_shapes()
+                + [self._mixed_shape(d, s) for d in self.mixed_decode for s in self.prefill_shapes()])
 
     def essential_shapes(self) -> list[StepShape]:
         """The buckets a server needs before it can make progress on any request: the smallest decode bucket
@@ -164,6 +188,8 @@ class EngineConfig:
     prefill_token_buckets: tuple[int, ...] | None = None
     # Prefill steps compute their real tokens packed, padded to one of these counts (config.py's docstring)
     packed_prefill_buckets: tuple[int, ...] | None = None
+    # Decoding rows a packed prefill step may carry (config.py's docstring); None: the preset's (none)
+    mixed_decode_buckets: tuple[int, ...] | None = None
     # model
     dtype: str = "auto"  # auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32
     # Linear layers' weights quantized at load with per-output-channel scales: int8 or fp8 (e4m3); None keeps
@@ -240,9 +266,11 @@ class EngineConfig:
         tokens = self.prefill_token_buckets or tuple(t for t in preset.prefill_tokens if t <= max_tokens)
         rows = self.prefill_row_buckets or preset.prefill_rows
         packed = self.packed_prefill_buckets or preset.packed_prefill
+        mixed = self.mixed_decode_buckets or preset.mixed_decode
         return BucketSet(decode_batch=tuple(decode), prefill_rows=tuple(r for r in rows if r <= decode[-1]) or (1,),
                          prefill_tokens=tuple(tokens), max_prefill_tokens=max_tokens,
-                         packed_prefill=tuple(n for n in packed if n <= max_tokens))
+                         packed_prefill=tuple(n for n in packed if n <= max_tokens),
+                         mixed_decode=tuple(d for d in mixed if d <= decode[-1]))
 
 
 def preset_buckets(name: str, platform: str) -> BucketSet:

@@ -46,7 +46,7 @@ from model.sharding import make_mesh
 from serving.engine.checkpoint_text import load_tokenizer, stop_ids
 from serving.engine.client import EngineStats
 from serving.engine.compile_cache import enable_compilation_cache
-from serving.engine.config import EngineConfig
+from serving.engine.config import EngineConfig, StepShape
 from serving.engine.multihost import PeerLost, PlanBroadcaster, exit_after_grace, join, resolve_group
 from serving.engine.pages import PageAllocator
 from serving.engine.progress import StartupListener, buckets_reporter, weights_reporter
@@ -453,6 +453,7 @@ class Engine:
             prompt_tokens_computed=self.scheduler.num_prompt_tokens_computed,
             shared_prefix_steps=self.runner.shared_prefix_steps,
             shared_prefix_rows=self.runner.shared_prefix_rows,
+            mixed_steps=self.runner.mixed_steps,
             compilations_after_warmup=self._compilations_after_warmup(),
             startup_buckets_remaining=self.buckets_remaining,
         )
@@ -550,19 +551,35 @@ class Engine:
                 return
 
     def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
-        """`_dispatch`, the decode and the prefill batch each on its own, so a failure fails only its batch."""
+        """Queue the plan's steps on the device without waiting for them, each on its own, so a failure fails
+        only its step's requests."""
         dispatched = []
-        for decode_part, prefill_part in ((decode, []), ([], prefill)):
-            chunks = decode_part or prefill_part
-            if not chunks:
-                continue
+        for chunks, shape in self._steps(decode, prefill):
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(chunks)
-                dispatched += self._dispatch(decode_part, prefill_part)
+                dispatched.append((chunks, self._run(chunks, shape)))
             except Exception as exc:
                 self._fail_step(chunks, exc)
         return dispatched
+
+    def _steps(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepShape]]:
+        """The plan as steps: one mixed step when a compiled bucket holds both its decoding rows and its prompt
+        chunks (the decoding rows first: `runner.unpack_step`), else a decode step and a prefill step."""
+        buckets = self.scheduler.buckets  # what the plan was made with: only compiled buckets
+        prompt = (len(prefill), max((c.length for c in prefill), default=0), sum(c.length for c in prefill))
+        mixed = buckets.mixed_bucket(len(decode), *prompt) if decode and prefill else None
+        if mixed is not None:
+            return [(decode + prefill, mixed)]
+        steps = []
+        if decode:
+            rows = buckets.decode_bucket(len(decode))
+            steps.append((decode, StepShape(rows, 1, rows)))
+        if prefill:
+            shape = buckets.prefill_bucket(*prompt)
+            assert shape is not None, "the scheduler only plans chunks that fit a bucket"
+            steps.append((prefill, shape))
+        return steps
 
     def _read_back_or_fail(self, dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
         for batch in dispatched:
@@ -583,24 +600,10 @@ class Engine:
             self._emit(self.scheduler.abort(request_id, FinishReason.ERROR,
                                             error=f"the step running this request failed: {exc!r}"))
 
-    def _dispatch(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
-        """Queue the decode and prefill steps on the device without waiting for them."""
-        dispatched = []
-        buckets = self.scheduler.buckets  # what the plan was made with: only compiled buckets
-        if decode:
-            rows = buckets.decode_bucket(len(decode))
-            dispatched.append((decode, self._run(decode, rows, 1)))
-        if prefill:
-            shape = buckets.prefill_bucket(len(prefill), max(c.length for c in prefill),
-                                                sum(c.length for c in prefill))
-            assert shape is not None, "the scheduler only plans chunks that fit a bucket"
-            dispatched.append((prefill, self._run(prefill, *shape)))
-        return dispatched
-
-    def _run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> StepOutput:
+    def _run(self, chunks: list[Chunk], shape: StepShape) -> StepOutput:
         if self.plan is not None:
-            self.plan.send_step(chunks, rows, tokens, packed)
-        return self.runner.run(chunks, rows, tokens, packed)
+            self.plan.send_step(chunks, *shape)
+        return self.runner.run(chunks, *shape)
 
     def _read_back(self, dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
         """Read a dispatched step's tokens and report what they did to each sequence."""

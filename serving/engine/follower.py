@@ -88,9 +88,9 @@ def run_follower(model_path: str | None, config: EngineConfig, host: str, port: 
           file=sys.stderr, flush=True)
     in_flight = []
 
-    def run(chunks: list, rows: int, tokens: int, packed: int | None) -> None:
+    def run(chunks: list, rows: int, tokens: int, packed: int | None, decode: int) -> None:
         # Waiting for the step before last keeps this host at most one step ahead, as the leader's loop is.
-        tokens_out = engine.runner.run(chunks, rows, tokens, packed).tokens
+        tokens_out = engine.runner.run(chunks, rows, tokens, packed, decode).tokens
         if in_flight:
             in_flight.pop().block_until_ready()
         in_flight.append(tokens_out)

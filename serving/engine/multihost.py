@@ -41,7 +41,7 @@ from serving.sampling_options import declared_options
 
 logger = logging.getLogger(__name__)
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 _MAGIC = b"XLSP"
 _HEADER = struct.Struct("!4sHQII")  # magic, version, sequence number, CRC-32 of the payload, payload length
 MAX_PAYLOAD = 64 << 20  # a step plan is kilobytes; anything near this is a corrupt length
@@ -176,9 +176,9 @@ def _sampling(request: EngineRequest) -> tuple:
             tuple(config.bad_token_ids or ()), len(request.prompt_token_ids))
 
 
-def encode_step(seq: int, chunks: list[Chunk], rows: int, tokens: int, packed: int | None) -> bytes:
-    """The frame of one runner step: what `ModelRunner.run` needs of each chunk, as plain values."""
-    plan = (rows, tokens, packed, [
+def encode_step(seq: int, chunks: list[Chunk], rows: int, tokens: int, packed: int | None, decode: int = 0) -> bytes:
+    """The frame of one runner step: its shape and what `ModelRunner.run` needs of each chunk, as plain values."""
+    plan = (rows, tokens, packed, decode, [
         (c.request.request_id, _sampling(c.request), c.slot, c.admission, c.start, c.length, c.token_ids,
          c.pages, c.step, c.samples, c.first, c.target) for c in chunks])
     return encode_frame(seq, (STEP, plan))
@@ -365,10 +365,10 @@ class PlanBroadcaster:
                              daemon=True).start()
         threading.Thread(target=self._beat, name="xlserve-plan-beat", daemon=True).start()
 
-    def send_step(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None) -> None:
+    def send_step(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None, decode: int = 0) -> None:
         for rank, link in self._links.items():
             try:
-                link.send_frame(lambda seq: encode_step(seq, chunks, rows, tokens, packed))
+                link.send_frame(lambda seq: encode_step(seq, chunks, rows, tokens, packed, decode))
             except PeerLost as error:
                 self._lost(rank, error)
                 raise
@@ -431,7 +431,7 @@ def connect_to_leader(group: Group) -> _Link:
     raise AssertionError("unreachable")
 
 
-def follow(link: _Link, run: Callable[[list[Chunk], int, int, int | None], None], timeout: float) -> None:
+def follow(link: _Link, run: Callable[[list[Chunk], int, int, int | None, int], None], timeout: float) -> None:
     """Replay the leader's steps through `run` until it says stop; raises PeerLost or PlanError otherwise.
 
     A heartbeat thread keeps the leader informed that this follower lives while it waits or computes.
@@ -454,8 +454,8 @@ def follow(link: _Link, run: Callable[[list[Chunk], int, int, int | None], None]
             if kind == STOP:
                 return
             if kind == STEP:
-                rows, tokens, packed, plan_chunks = plan
-                run(replay.chunks(plan_chunks), rows, tokens, packed)
+                *shape, plan_chunks = plan
+                run(replay.chunks(plan_chunks), *shape)
             elif kind != BEAT:
                 raise PlanError(f"unknown step plan message {kind!r}")
     finally:

@@ -15,6 +15,7 @@ dispatch step k+1 before it has read step k's tokens back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -83,26 +84,46 @@ _PER_CHUNK = slice(_SLOT, ROW_FIELDS.index("reset") + 1)
 
 
 def unpack_step(token_grid: jax.Array, row_table: jax.Array, tile_size: int | None = None,
-                packed: int | None = None) -> StepInputs:
+                packed: int | None = None, decode: int = 0) -> StepInputs:
     """StepInputs from the i32[B, T] token grid and the i32[B, ROW_FIELDS.width + pages_per_seq] row table.
 
     tile_size: also unpack the rows' shared-prefix plan (decode only), in tiles of up to this many rows.
     packed: the model computes this many tokens, the valid ones end to end (see `AttentionBatch.packed_index`).
+    decode: a mixed step's decoding rows: of its first `decode` rows, those of one token attend as a [decode, 1]
+    batch of their own (`AttentionBatch.decode`), their tokens leading the `packed` stream; every other row
+    is a prompt row of the batch's own fields. (Any one-token row is a decoding row in all but name: a
+    prompt's last token, or a position whose log probability it reports.)
     """
     row = ROW_FIELDS.unpack(row_table)
     starts, lengths = row["start"], row["length"]
-    offsets = jnp.arange(token_grid.shape[1], dtype=jnp.int32)
-    valid = offsets < lengths[:, None]
-    shared = packed_index = None
+    tables = row_table[:, ROW_FIELDS.width:]
+    shared = None
     if tile_size is not None:
         shared = SharedPrefix.from_rows(row["tile"], row["tile_slot"], row["tile_start"],
                                         num_tiles=max_tiles_for(token_grid.shape[0]), tile_size=tile_size)
-    if packed is not None:
-        packed_index = jnp.nonzero(valid.reshape(-1), size=packed, fill_value=valid.size)[0].astype(jnp.int32)
-    attn = AttentionBatch(positions=starts[:, None] + offsets, valid=valid, kv_lens=starts + lengths,
-                          block_tables=row_table[:, ROW_FIELDS.width:], shared=shared, packed_index=packed_index)
+    # Each row is in one view only; in the other it is empty from position 0, so no kernel reads its pages.
+    decoding = (jnp.arange(lengths.shape[0]) < decode) & (lengths == 1)
+    attn = _rows_batch(jnp.where(decoding, 0, starts), jnp.where(decoding, 0, lengths), tables, token_grid.shape[1],
+                       shared, None if packed is None else packed - decode)
+    if decode:
+        decode_rows = _rows_batch(jnp.where(decoding, starts, 0)[:decode], decoding[:decode].astype(jnp.int32),
+                                  tables[:decode], 1)
+        attn = dataclasses.replace(attn, decode=decode_rows)
     return StepInputs(tokens=token_grid, attn=attn, last_index=jnp.maximum(lengths - 1, 0), slots=row["slot"],
                       reset=row["reset"] > 0, from_device=row["from_device"] > 0, samples=row["samples"] > 0)
+
+
+def _rows_batch(starts: jax.Array, lengths: jax.Array, tables: jax.Array, tokens: int,
+                shared: SharedPrefix | None = None, packed: int | None = None) -> AttentionBatch:
+    """The AttentionBatch of rows of up to `tokens` tokens from `starts`, `lengths` tokens each; `packed`:
+    their valid tokens packed into a stream of this many (`AttentionBatch.packed_index`)."""
+    offsets = jnp.arange(tokens, dtype=jnp.int32)
+    valid = offsets < lengths[:, None]
+    packed_index = None
+    if packed is not None:
+        packed_index = jnp.nonzero(valid.reshape(-1), size=packed, fill_value=valid.size)[0].astype(jnp.int32)
+    return AttentionBatch(positions=starts[:, None] + offsets, valid=valid, kv_lens=starts + lengths,
+                          block_tables=tables, shared=shared, packed_index=packed_index)
 
 
 def step(
@@ -116,6 +137,7 @@ def step(
     *,
     shared_prefix: bool = False,  # static: a decode step whose rows carry a shared-prefix plan
     packed: int | None = None,  # static: the model computes this many packed tokens (unpack_step)
+    decode: int = 0,  # static: a mixed step's leading decoding rows (unpack_step)
 ) -> tuple[list[LayerCache], jax.Array, jax.Array, jax.Array]:
     """Run the model over the batch and record its tokens as seen.
 
@@ -125,7 +147,7 @@ def step(
     row's bool[B, V] seen tokens (the sampler's repetition-penalty input).
     """
     tile_size = tile_size_for(model.config.q_per_kv, token_grid.shape[0]) if shared_prefix else None
-    inputs = unpack_step(token_grid, row_table, tile_size, packed)
+    inputs = unpack_step(token_grid, row_table, tile_size, packed, decode)
     num_slots = seen.shape[0]
     slots = jnp.minimum(inputs.slots, num_slots - 1)
     first = jnp.where(inputs.from_device, last_tokens[slots], inputs.tokens[:, 0])
@@ -192,9 +214,9 @@ def wants_logprobs(chunk: Chunk) -> bool:
     return chunk.target >= 0 or (chunk.samples and chunk.request.config.logprobs is not None)
 
 
-def _packed(rows: int, tokens: int, packed: int | None) -> int | None:
+def _packed(rows: int, tokens: int, packed: int | None, decode: int = 0) -> int | None:
     """The step's static `packed` argument: None when its matmuls run over the whole [rows, tokens] layout."""
-    return None if packed is None or packed == rows * tokens else packed
+    return None if packed is None or (packed == rows * tokens and not decode) else packed
 
 
 class SlotTables:
@@ -253,6 +275,7 @@ class ModelRunner:
         self.shared_prefix = shared_prefix_attention and is_pallas(attention_backend)
         self.shared_prefix_steps = 0  # decode steps dispatched with at least one tile
         self.shared_prefix_rows = 0  # rows in a tile, summed over those steps
+        self.mixed_steps = 0  # steps with decoding rows beside prompt chunks (`unpack_step`'s decode)
         self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
         # Everything the traced functions close over, for the store's key (their arguments' shapes are in it too).
         program_store = ProgramStore.beside_cache(program_dir, repr((
@@ -275,11 +298,11 @@ class ModelRunner:
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.cache)
         # Two programs per eligible decode bucket: a step with no tile planned runs the plain kernels,
         # so batches without sharing pay nothing for the prefix pass.
-        # Each program is called by its bucket's key: a step by (rows, tokens, packed), a sampler by its rows
-        # (and branch), so a call looks up its compiled program without tracing anything.
+        # Each program is called by its bucket's key: a step by (rows, tokens, packed, decode), a sampler by its
+        # rows (and branch), so a call looks up its compiled program without tracing anything.
         self._step, self._shared_step = (
             Programs(jax.jit(functools.partial(step, self.model, shared_prefix=shared_prefix), donate_argnums=(1, 2),
-                             static_argnames=("packed",),
+                             static_argnames=("packed", "decode"),
                              out_shardings=(cache_shardings, replicated, replicated, replicated)),
                      name, program_store)
             for shared_prefix, name in ((False, "step"), (True, "shared_prefix_step"))
@@ -319,7 +342,8 @@ class ModelRunner:
                 programs.append(functools.partial(self._compile_extended_sampler, shape.rows))
                 programs.append(functools.partial(self.guided.compile_for, shape.rows,
                                                   self._padding_inputs(shape.rows, 1)[1]))
-            label = f"[{shape.rows} x {shape.tokens}]" + (f" packed to {shape.packed}" if _packed(*shape) else "")
+            label = (f"[{shape.rows} x {shape.tokens}]" + (f" packed to {shape.packed}" if _packed(*shape) else "")
+                     + (f" with {shape.decode} decoding" if shape.decode else ""))
             units.append(CompileUnit(shape, label, tuple(programs)))
         for rows in row_counts:
             modes = [mode for mode in sample_modes(rows) if mode != GENERAL_MODE]
@@ -348,11 +372,12 @@ class ModelRunner:
         return compiler.seconds
 
     def _compile_step(self, shape: StepShape, shared_prefix: bool) -> None:
-        rows, tokens, packed = shape
+        rows, tokens, packed, decode = shape
         token_ids, row_table, *_ = self._padding_inputs(rows, tokens)
         run_step = self._shared_step if shared_prefix else self._step
-        packed = _packed(rows, tokens, packed)
-        run_step.compile((rows, tokens, packed), *self._state_specs[:4], token_ids, row_table, packed=packed)
+        packed = _packed(*shape)
+        run_step.compile((rows, tokens, packed, decode), *self._state_specs[:4], token_ids, row_table, packed=packed,
+                         decode=decode)
 
     def _sampler_specs(self, rows: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
         """The step's outputs a sampler reads: f32[rows, V] logits and bool[rows, V] seen tokens."""
@@ -395,11 +420,13 @@ class ModelRunner:
         return self.shared_prefix and tokens == 1 and rows >= MIN_PLAN_BATCH
 
     # ----- one step ---------------------------------------------------------------------------------
-    def run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None) -> StepOutput:
+    def run(self, chunks: list[Chunk], rows: int, tokens: int, packed: int | None = None, decode: int = 0
+            ) -> StepOutput:
         """Dispatch one step for `chunks` padded to the `[rows, tokens]` bucket; returns its results on device.
 
         packed: the step's compiled packed token count (`config.StepShape.packed`); None or rows * tokens
-        for a step whose matmuls run over the whole layout.
+        for a step whose matmuls run over the whole layout. decode: a mixed step's decoding rows, which are
+        its first `decode` rows (`config.StepShape.decode`: the chunks' first ones, padded to that many).
 
         The result is not waited for: the caller reads it when it needs the tokens, so the next
         dispatch can go out first. Its log probabilities are copied to the host only when a row asked.
@@ -409,10 +436,12 @@ class ModelRunner:
         if tiled_rows:
             self.shared_prefix_steps += 1
             self.shared_prefix_rows += tiled_rows
+        self.mixed_steps += decode > 0
         run_step = self._shared_step if tiled_rows else self._step
-        packed = _packed(rows, tokens, packed)
-        self.cache, self.seen, logits, seen_rows = run_step((rows, tokens, packed), self.params, self.cache, self.seen,
-                                                            self.last_tokens, token_ids, row_table, packed=packed)
+        packed = _packed(rows, tokens, packed, decode)
+        self.cache, self.seen, logits, seen_rows = run_step(
+            (rows, tokens, packed, decode), self.params, self.cache, self.seen, self.last_tokens, token_ids, row_table,
+            packed=packed, decode=decode)
         logits = self.guided.mask(logits, row_table)
         if extended_rows is None:
             mode = self._sampler_mode(rows, sample_mode(sampling_ints, sampling_floats))

@@ -200,6 +200,11 @@ class _LiveState:
             stats.shared_prefix_steps,
         )
         yield counter(
+            "xlserve:mixed_steps",
+            "Steps that ran decoding rows beside prompt chunks as one program (--mixed-decode-buckets).",
+            stats.mixed_steps,
+        )
+        yield counter(
             "xlserve:shared_prefix_rows",
             "Decode rows that read their shared prefix with a tile, summed over steps.",
             stats.shared_prefix_rows,

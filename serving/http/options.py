@@ -389,6 +389,16 @@ OPTIONS: tuple[Option, ...] = (
         kind="list",
     ),
     Option(
+        "--mixed-decode-buckets",
+        "engine",
+        "mixed_decode_buckets",
+        "Decoding rows a packed prefill step may carry (needs --packed-prefill-buckets): a turn with both "
+        "decoding sequences and prompt chunks then runs one program instead of two; one program per pair of a "
+        "value here and a packed bucket.",
+        type=int,
+        kind="list",
+    ),
+    Option(
         "--attention-backend",
         "engine",
         "attention_backend",
@@ -597,7 +607,8 @@ def _resolve(model: str | None, values: dict[str, Any], source: Callable[[Option
                 raise OptionError(f"{source(option)} applies to a hub id MODEL; none was given (the demo model)")
     given = {o.field: values[o.field] for o in OPTIONS if values[o.field] is not None}
     engine_options = {o.field: given[o.field] for o in OPTIONS if o.target == "engine" and o.field in given}
-    for name in ("decode_batch_buckets", "prefill_row_buckets", "prefill_token_buckets", "packed_prefill_buckets"):
+    for name in ("decode_batch_buckets", "prefill_row_buckets", "prefill_token_buckets", "packed_prefill_buckets",
+                 "mixed_decode_buckets"):
         if name in engine_options:
             engine_options[name] = tuple(engine_options[name])
     try:
