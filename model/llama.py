@@ -60,9 +60,9 @@ class AttentionBatch:
     # step's valid tokens in order, then indices past B * T (padding). The model's activations are then
     # [1, N, ...] and only attention sees the [B, T] layout. None: the activations are [B, T, ...].
     packed_index: jax.Array | None = None
-    # Mixed steps (packed only): the step's first D rows seen as a [D, 1] batch. Those valid in it are
-    # decoding rows (length 0 in the fields above, which describe the prompt rows); the first token of each
-    # of the D rows leads the packed stream ([1, D + N, ...]), used where valid, computed and dropped elsewhere.
+    # Mixed steps (packed only): a [D, 1] batch of decoding rows, which are the model's first D rows; the
+    # fields above are its other rows'. Their tokens (first of each of the D rows) lead the packed stream
+    # ([1, D + N, ...]); a row not valid in it is padding, computed and dropped.
     decode: AttentionBatch | None = None
 
 
@@ -159,42 +159,35 @@ class Attention(nn.Module):
             k = RMSNorm(cfg, self.dtype, name="k_norm")(k)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        # Quantized pages hold keys and values turned by a Hadamard rotation (xlkernels.kv_quant, "Outlier
+        # channels"); the query turns with them and the output turns back, so attention is unchanged.
+        turn = rotation(head_dim) if isinstance(cache[0], QuantizedPages) else None
+        if turn is not None:
+            q, k, v = (jnp.einsum("...d,de->...e", a, turn.astype(a.dtype)) for a in (q, k, v))
         if batch.packed_index is None:
-            out, cache = self._attend_rows(q, k, v, cache, batch)
-        else:  # attention reads rows: lay the packed tokens out as [B, T] (a mixed step's decode tokens as [D, 1])
+            views = [((q, k, v), batch)]
+        else:  # attention reads rows: lay the packed tokens out as [B, T] (a mixed step's decoding rows as [D, 1])
             d = 0 if batch.decode is None else batch.decode.positions.shape[0]
-            parts = []
-            if d:
-                decode_qkv = (a[0, :d, None] for a in (q, k, v))
-                out_d, cache = self._attend_rows(*decode_qkv, cache, batch.decode)
-                parts.append(out_d[None, :, 0])
-            prompt_qkv = (unpack(a[:, d:], batch.packed_index, batch.positions.shape) for a in (q, k, v))
-            # (a decoding row is length 0 in the prompt rows' view: written and attended once, above)
-            out_p, cache = self._attend_rows(*prompt_qkv, cache, batch)
-            out = jnp.concatenate([*parts, pack(out_p, batch.packed_index)], axis=1)
+            views = [(tuple(a[0, :d, None] for a in (q, k, v)), batch.decode)] if d else []
+            views.append((tuple(unpack(a[:, d:], batch.packed_index, batch.positions.shape) for a in (q, k, v)), batch))
+        # Every view writes before any attends: a write after a read of the pages would make XLA copy the pool.
+        for (_, k_rows, v_rows), rows in views:
+            cache = write_kv_pages(*cache, k_rows, v_rows, rows.block_tables, rows.positions, rows.valid)
+        attend = get_paged_attention(self.attention_backend)
+        if self.mesh is not None and self.mesh.size > 1:
+            attend = shard_by_kv_head(attend, self.mesh)
+        outs = [attend(q_rows, *cache, rows.block_tables, rows.positions, rows.kv_lens, scale=head_dim**-0.5,
+                       shared=rows.shared) for (q_rows, _, _), rows in views]
+        if batch.packed_index is None:
+            out = outs[0]
+        else:
+            out = jnp.concatenate([*(o[None, :, 0] for o in outs[:-1]), pack(outs[-1], batch.packed_index)], axis=1)
+        if turn is not None:
+            out = jnp.einsum("...d,de->...e", out, turn.astype(out.dtype))
         out = linear(out.reshape(*out.shape[:2], -1), wo, in_dims=2)  # contracts (Hq, D) as one [Hq * D] dim
         if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
             out = out + declared_param(self, "bo")
         return out, cache
-
-    def _attend_rows(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache, batch: AttentionBatch
-                     ) -> tuple[jax.Array, LayerCache]:
-        """Write the rows' keys/values [B, T, Hkv, D] into their pages, then attend with q [B, T, Hq, D]:
-        ([B, T, Hq, D] out, the cache)."""
-        # Quantized pages hold keys and values turned by a Hadamard rotation (xlkernels.kv_quant, "Outlier
-        # channels"); the query turns with them and the output turns back, so attention is unchanged.
-        turn = rotation(self.config.head_dim) if isinstance(cache[0], QuantizedPages) else None
-        if turn is not None:
-            q, k, v = (jnp.einsum("...d,de->...e", a, turn.astype(a.dtype)) for a in (q, k, v))
-        k_pages, v_pages = write_kv_pages(*cache, k, v, batch.block_tables, batch.positions, batch.valid)
-        attend = get_paged_attention(self.attention_backend)
-        if self.mesh is not None and self.mesh.size > 1:
-            attend = shard_by_kv_head(attend, self.mesh)
-        out = attend(q, k_pages, v_pages, batch.block_tables, batch.positions, batch.kv_lens,
-                     scale=self.config.head_dim**-0.5, shared=batch.shared)
-        if turn is not None:
-            out = jnp.einsum("...d,de->...e", out, turn.astype(out.dtype))
-        return out, (k_pages, v_pages)
 
 
 class MLP(nn.Module):
@@ -259,8 +252,8 @@ class CausalLM(nn.Module):
         rope = rope_tables(batch, cfg)
         if batch.packed_index is not None:  # every layer's matmuls run over the N packed tokens only
             d = 0 if batch.decode is None else batch.decode.positions.shape[0]
-            decode_tokens = tokens[None, :d, 0]  # a mixed step's first rows: their first tokens lead the stream
-            tokens = pack(tokens, batch.packed_index)
+            decode_tokens = tokens[None, :d, 0]  # a mixed step's decoding rows: their tokens lead the stream
+            tokens = pack(tokens[d:], batch.packed_index)
             rope = tuple(pack(table, batch.packed_index) for table in rope)
             if d:
                 tokens = jnp.concatenate([decode_tokens, tokens], axis=1)
@@ -269,10 +262,8 @@ class CausalLM(nn.Module):
             if logits_index is not None:  # each row's sampled token, as an index into the packed tokens
                 packed_position = jnp.cumsum(batch.valid.reshape(-1)) - 1
                 row_starts = jnp.arange(batch.valid.shape[0]) * batch.valid.shape[1]
-                logits_index = jnp.maximum(packed_position[row_starts + logits_index], 0) + d
-                if d:  # a decoding row's token is its row's place at the head of the stream
-                    decoding = jnp.zeros(logits_index.shape, bool).at[:d].set(batch.decode.valid[:, 0])
-                    logits_index = jnp.where(decoding, jnp.arange(logits_index.shape[0]), logits_index)
+                prompt_index = jnp.maximum(packed_position[row_starts + logits_index[d:]], 0) + d
+                logits_index = jnp.concatenate([jnp.arange(d, dtype=prompt_index.dtype), prompt_index])
         x = embed(tokens)
         new_cache = []
         delta = None

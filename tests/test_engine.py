@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -320,6 +321,13 @@ def test_mixed_steps_equal_transformers(tiny_llama, hf_tiny):
         assert engine.stats().mixed_steps - before >= 3
         assert engine.stats().compilations_after_warmup == 0
         assert engine.wait_idle() and engine.allocator.num_used == 0
+        # The KV pool is updated in place: a mixed step needs no more scratch memory than its prefill step
+        # plus a small part of the pool (a pool written after a read of it would be copied whole each step).
+        runner = engine.runner
+        pool = sum(leaf.nbytes for leaf in jax.tree.leaves(runner.cache))
+        temp = {key: runner._step.compiled(key).memory_analysis().temp_size_in_bytes
+                for key in ((4, 16, 16, 0), (6, 16, 18, 2), (8, 16, 20, 4))}
+        assert max(temp[6, 16, 18, 2], temp[8, 16, 20, 4]) < temp[4, 16, 16, 0] + pool / 4, (temp, pool)
 
 
 def test_mixed_buckets_pick_the_fewest_decoding_rows_and_need_packed_prefill():

@@ -175,6 +175,10 @@ class Programs:
                 self.store.save(path, compiled)
         self._compiled[key] = compiled
 
+    def compiled(self, key: Hashable) -> jax.stages.Compiled | None:
+        """The program compiled (or loaded) for `key`, if any."""
+        return self._compiled.get(key)
+
     def __call__(self, key: Hashable, *args: Any, **static: Any) -> Any:
         compiled = self._compiled.get(key)
         if compiled is None:

@@ -64,12 +64,17 @@ GENERAL_MODE = SEARCH
 @dataclass(frozen=True)
 class StepInputs:
     tokens: jax.Array  # i32[B, T]
-    attn: AttentionBatch
+    valid: jax.Array  # bool[B, T] each row's real tokens
+    attn: AttentionBatch  # in the model's row order (`model_rows`)
     last_index: jax.Array  # i32[B] index in T of each row's last real token (its logits are sampled)
     slots: jax.Array  # i32[B] row of the per-sequence tables; padding rows point past their end
     reset: jax.Array  # bool[B] a sequence's first chunk since admission: clear its seen-tokens row first
     from_device: jax.Array  # bool[B] the row's first token is still on the device: last_tokens[slot]
     samples: jax.Array  # bool[B] the row reaches its sequence's end: its sampled token is real
+    # A mixed step's rows reordered for the model (None: the same order): the step's row at each of the model's
+    # rows, and the model's row holding each of the step's rows (`unpack_step`).
+    model_rows: jax.Array | None = None  # i32[B]
+    step_rows: jax.Array | None = None  # i32[B]
 
 
 # A step's rows cross to the device as one i32 matrix (see `columns`): these fields, then the row's block
@@ -89,28 +94,37 @@ def unpack_step(token_grid: jax.Array, row_table: jax.Array, tile_size: int | No
 
     tile_size: also unpack the rows' shared-prefix plan (decode only), in tiles of up to this many rows.
     packed: the model computes this many tokens, the valid ones end to end (see `AttentionBatch.packed_index`).
-    decode: a mixed step's decoding rows: of its first `decode` rows, those of one token attend as a [decode, 1]
-    batch of their own (`AttentionBatch.decode`), their tokens leading the `packed` stream; every other row
-    is a prompt row of the batch's own fields. (Any one-token row is a decoding row in all but name: a
-    prompt's last token, or a position whose log probability it reports.)
+    decode: a mixed step's decoding rows. Its rows are the plan's: decoding rows first, then prompt chunks,
+    then padding. The leading rows of one token (at most `decode`; a prompt's last token or a logprob
+    position is a decoding row in all but name) attend as a [decode, 1] batch of their own
+    (`AttentionBatch.decode`, padded with empty rows), their tokens at the head of the `packed` stream; the
+    model sees the rows after them as its other `B - decode` rows (`model_rows`), so no row is laid out twice.
     """
     row = ROW_FIELDS.unpack(row_table)
     starts, lengths = row["start"], row["length"]
     tables = row_table[:, ROW_FIELDS.width:]
-    shared = None
+    num_rows, tokens = token_grid.shape
+    valid = jnp.arange(tokens, dtype=jnp.int32) < lengths[:, None]
+    shared = model_rows = step_rows = None
     if tile_size is not None:
         shared = SharedPrefix.from_rows(row["tile"], row["tile_slot"], row["tile_start"],
-                                        num_tiles=max_tiles_for(token_grid.shape[0]), tile_size=tile_size)
-    # Each row is in one view only; in the other it is empty from position 0, so no kernel reads its pages.
-    decoding = (jnp.arange(lengths.shape[0]) < decode) & (lengths == 1)
-    attn = _rows_batch(jnp.where(decoding, 0, starts), jnp.where(decoding, 0, lengths), tables, token_grid.shape[1],
-                       shared, None if packed is None else packed - decode)
-    if decode:
+                                        num_tiles=max_tiles_for(num_rows), tile_size=tile_size)
+    if not decode:
+        attn = _rows_batch(starts, lengths, tables, tokens, shared, packed)
+    else:
+        index = jnp.arange(num_rows, dtype=jnp.int32)
+        decoding = jnp.cumprod((index < decode) & (lengths == 1)).astype(bool)  # the leading one-token rows
+        first_prompt = jnp.sum(decoding, dtype=jnp.int32)
+        model_rows = jnp.concatenate([index[:decode], first_prompt + index[: num_rows - decode]])
+        step_rows = jnp.minimum(jnp.where(decoding, index, decode + index - first_prompt), num_rows - 1)
+        prompt = model_rows[decode:]
+        attn = _rows_batch(starts[prompt], lengths[prompt], tables[prompt], tokens, None, packed - decode)
         decode_rows = _rows_batch(jnp.where(decoding, starts, 0)[:decode], decoding[:decode].astype(jnp.int32),
-                                  tables[:decode], 1)
+                                  tables[:decode], 1)  # a row that is not decoding is empty from position 0
         attn = dataclasses.replace(attn, decode=decode_rows)
-    return StepInputs(tokens=token_grid, attn=attn, last_index=jnp.maximum(lengths - 1, 0), slots=row["slot"],
-                      reset=row["reset"] > 0, from_device=row["from_device"] > 0, samples=row["samples"] > 0)
+    return StepInputs(tokens=token_grid, valid=valid, attn=attn, last_index=jnp.maximum(lengths - 1, 0),
+                      slots=row["slot"], reset=row["reset"] > 0, from_device=row["from_device"] > 0,
+                      samples=row["samples"] > 0, model_rows=model_rows, step_rows=step_rows)
 
 
 def _rows_batch(starts: jax.Array, lengths: jax.Array, tables: jax.Array, tokens: int,
@@ -152,9 +166,14 @@ def step(
     slots = jnp.minimum(inputs.slots, num_slots - 1)
     first = jnp.where(inputs.from_device, last_tokens[slots], inputs.tokens[:, 0])
     tokens = inputs.tokens.at[:, 0].set(first)
-    logits, cache = model.apply({"params": params}, tokens, inputs.attn, cache, inputs.last_index)
+    if inputs.model_rows is None:
+        logits, cache = model.apply({"params": params}, tokens, inputs.attn, cache, inputs.last_index)
+    else:  # a mixed step: the model's row order in, the step's out
+        logits, cache = model.apply({"params": params}, tokens[inputs.model_rows], inputs.attn, cache,
+                                    inputs.last_index[inputs.model_rows])
+        logits = logits[inputs.step_rows]
     seen = seen.at[jnp.where(inputs.reset, inputs.slots, num_slots)].set(False, mode="drop")
-    token_slots = jnp.where(inputs.attn.valid, inputs.slots[:, None], num_slots)
+    token_slots = jnp.where(inputs.valid, inputs.slots[:, None], num_slots)
     seen = seen.at[token_slots, tokens].set(True, mode="drop")
     return cache, seen, logits, seen[slots]
 
