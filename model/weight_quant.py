@@ -5,12 +5,12 @@ A quantizable weight contracts its leading `in_dims` dimensions with the activat
 the rest as output channels (model/loader.py declares `in_dims` for each). Quantized, it is `values` with
 the same dimensions moved inputs last ([*out, *in], `stored_shape`: each output channel's inputs
 contiguous, the operand layout of Hopper's fp8 GEMM and of Hugging Face's FP8 checkpoints) and an f32
-`scale` over the output channels, symmetric: w = values.T * scale. int8 values are
-int8; fp8 values are float8_e4m3fn, except on CPU, where they are kept as their bytes (uint8) and
+`scale` over the output channels, symmetric: w = values.T * scale (as matrices). int8 values are int8;
+fp8 values are float8_e4m3fn, except on CPU, where they are kept as their bytes (uint8) and
 reinterpreted where they are used: XLA:CPU, which has no fp8 arithmetic, converts every fp8 array to f16
 as a whole on entry, whatever uses it.
 
-Since the scale is per output channel, it multiplies the matmul's *output*: x @ w = (x @ values) * scale,
+Since the scale is per output channel, it multiplies the matmul's *output*: x @ w = (x @ values.T) * scale,
 so only the conversion of `values` to the activation dtype is left, and where it runs decides whether a
 weight-sized temporary exists (and how fast the product streams the weight):
     fused    (GPU) the convert is an operand of the dot: XLA:GPU fuses it into its GEMM fusion, so each
@@ -19,7 +19,7 @@ weight-sized temporary exists (and how fast the product streams the weight):
              a one-row dot into multiply + reduce, which can write an f32 product of the weight.
     native   (GPU, fp8, a product of at least `NATIVE_FP8_MIN_ROWS` rows) each row of the activations is
              scaled into e4m3's range and the dot runs in fp8 on the tensor cores (cuBLASLt's fp8 GEMM),
-             both scales applied to its f32 output: twice bf16's rate where the product is compute-bound
+             both scales applied to its f32 output: faster than bf16 where the product is compute-bound
              (prefill, large decode batches). Fewer rows stream the weight faster through the fused path.
     blocked  (CPU) XLA:CPU runs a dot's operands as buffers of their own (it would convert the whole weight
              first), so the weight is converted and multiplied a block of output channels at a time in a
