@@ -30,7 +30,8 @@ SCRIPT = textwrap.dedent(
             outputs[tp] = [r.token_ids for r in pipe(prompts, config)]
             # Each device attends over its own heads' pages: no step gathers a whole page pool.
             pool = "[" + ",".join(map(str, cache_k.shape)) + "]"
-            for rows, tokens, _ in runner.buckets.shapes():
+            for shape in runner.buckets.shapes():
+                rows, tokens = shape.rows, shape.tokens
                 inputs = runner._inputs([], rows, tokens)[:2]
                 hlo = runner._step.function.lower(runner.params, runner.cache, runner.seen, runner.last_tokens,
                                          *inputs).compile().as_text()
