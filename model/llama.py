@@ -65,6 +65,11 @@ class AttentionBatch:
     # ([1, D + N, ...]); a row not valid in it is padding, computed and dropped.
     decode: AttentionBatch | None = None
 
+    @property
+    def num_decode_rows(self) -> int:
+        """D: the rows of a mixed step's `decode` batch (0 for any other step)."""
+        return 0 if self.decode is None else self.decode.positions.shape[0]
+
 
 def pack(x: jax.Array, index: jax.Array) -> jax.Array:
     """[B, T, ...] -> [1, N, ...]: the tokens at `index` (flat b * T + t); zeros where it points past B * T."""
@@ -167,7 +172,7 @@ class Attention(nn.Module):
         if batch.packed_index is None:
             views = [((q, k, v), batch)]
         else:  # attention reads rows: lay the packed tokens out as [B, T] (a mixed step's decoding rows as [D, 1])
-            d = 0 if batch.decode is None else batch.decode.positions.shape[0]
+            d = batch.num_decode_rows
             views = [(tuple(a[0, :d, None] for a in (q, k, v)), batch.decode)] if d else []
             views.append((tuple(unpack(a[:, d:], batch.packed_index, batch.positions.shape) for a in (q, k, v)), batch))
         # Every view writes before any attends: a write after a read of the pages would make XLA copy the pool.
@@ -251,7 +256,7 @@ class CausalLM(nn.Module):
         embed = Embed(cfg, self.dtype, name="embed")
         rope = rope_tables(batch, cfg)
         if batch.packed_index is not None:  # every layer's matmuls run over the N packed tokens only
-            d = 0 if batch.decode is None else batch.decode.positions.shape[0]
+            d = batch.num_decode_rows
             decode_tokens = tokens[None, :d, 0]  # a mixed step's decoding rows: their tokens lead the stream
             tokens = pack(tokens[d:], batch.packed_index)
             rope = tuple(pack(table, batch.packed_index) for table in rope)

@@ -48,7 +48,6 @@ BLOCK_ELEMENTS = 1 << 16
 # Rows from which an fp8 product runs natively in fp8 (docs/perf-notes.md: on the H100 the fused path is
 # faster up to 64 rows, the native dot from 256 and 1.5x bf16 at 2048).
 NATIVE_FP8_MIN_ROWS = 128
-_E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
 
 
 # The platform the weights and matmuls are built for: JAX's default backend, unless set for the whole process
@@ -161,12 +160,10 @@ def _contract(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
 
 def _native_fp8(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out], before the weight's scale
     """rows [M, K] scaled per row into e4m3 and multiplied by the e4m3 values [*out, K] in fp8."""
-    if values.dtype == jnp.uint8:
-        values = jax.lax.bitcast_convert_type(values, jnp.float8_e4m3fn)
     rows = rows.astype(jnp.float32)
-    row_scale = jnp.max(jnp.abs(rows), axis=1, keepdims=True) / _E4M3_MAX
+    row_scale = jnp.max(jnp.abs(rows), axis=1, keepdims=True) / _QMAX["fp8"]
     row_scale = jnp.where(row_scale > 0, row_scale, 1.0)
-    y = _contract((rows / row_scale).astype(jnp.float8_e4m3fn), values)
+    y = _contract((rows / row_scale).astype(jnp.float8_e4m3fn), decode(values, jnp.float8_e4m3fn))
     return y * row_scale.reshape(-1, *(1,) * (values.ndim - 1))
 
 

@@ -131,8 +131,8 @@ class BucketSet:
         prefill = self.prefill_bucket(rows, longest, total) if self.mixed_decode else None
         if prefill is None:
             return None
-        return next((shape for d in self.mixed_decode if d >= decode_rows
-                     for shape in (self._mixed_shape(d, prefill),) if self.usable(shape)), None)
+        shapes = (self._mixed_shape(d, prefill) for d in self.mixed_decode if d >= decode_rows)
+        return next((shape for shape in shapes if self.usable(shape)), None)
 
     def _packed_shape(self, packed: int) -> StepShape:
         return StepShape(self.packed_rows(packed), self.prefill_tokens[0], packed)
