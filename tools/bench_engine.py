@@ -56,6 +56,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         ("prefill_token_buckets", args.prefill_tokens),
         ("max_prefill_token_num", args.max_prefill_tokens),
         ("packed_prefill_buckets", args.packed_prefill),
+        ("mixed_decode_buckets", args.mixed_decode),
     ):
         if value:
             options[option] = tuple(int(v) for v in value.split(",")) if isinstance(value, str) else value
@@ -170,6 +171,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", help="comma-separated prefill token buckets")
     parser.add_argument("--max-prefill-tokens", type=int, help="tokens one prefill step may process")
     parser.add_argument("--packed-prefill", help="comma-separated packed prefill buckets (EngineConfig)")
+    parser.add_argument("--mixed-decode", help="comma-separated mixed step decode buckets (EngineConfig)")
     parser.add_argument("--compilation-cache-dir", default="auto", help="auto, off or a directory (EngineConfig)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled requests")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -295,7 +297,8 @@ def main() -> None:
         baseline_prompts = prompts
         print(
             f"throughput: {len(prompts)} x {shape}: {out_tokens / elapsed:.0f} "
-            f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s"
+            f"output tok/s, {len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s, "
+            f"{engine.runner.mixed_steps} mixed steps"
         )
     result["compilations_after_warmup"] = engine.stats().compilations_after_warmup - compiles_before
     result.update(kv_pages=engine.num_pages, kv_tokens=engine.num_pages * engine.page_size,
