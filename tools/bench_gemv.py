@@ -5,7 +5,8 @@
 For each weight (wqkv, wo, w_gate_up, w_down: [K, N] in bf16, [N, K] quantized as the engine stores them)
 and each row count: bf16 weights through XLA's dot, int8 and fp8 weights through XLA's fused convert + dot
 (`model.weight_quant`'s "fused"; fp8 also over a [K, N] copy, the layout before), fp8 through Hopper's native
-fp8 dot ("native": activations scaled to e4m3 per row), and with Pallas our candidate kernels (below, over
+fp8 dot ("native": activations scaled to e4m3 per row), up to 4 rows every format as an XLA reduction without
+a dot ("reduce", a candidate not yet timed on a GPU), and with Pallas our candidate kernels (below, over
 [K, N] copies) with their default blocks, or every block choice with --sweep. Each result is checked against an f32
 reference first. Prints time per call and the weight bytes streamed per second against the device's
 copy bandwidth.
@@ -147,6 +148,18 @@ def fused(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
     return linear(x, QuantizedWeight(values, scale), strategy="fused")
 
 
+def reduced(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
+    """A candidate for one row: f32 products of x and values [N, K] summed over K without a dot (XLA's row
+    reduction over each output channel's contiguous inputs), then scaled."""
+    products = x.astype(jnp.float32)[:, None, :] * values.astype(jnp.float32)[None]
+    return (jnp.sum(products, axis=-1) * scale).astype(x.dtype)
+
+
+def reduced_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
+    """bf16 weights [K, N] the same way: XLA's column reduction."""
+    return jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None], axis=1).astype(x.dtype)
+
+
 def fused_kn(x: jax.Array, values_kn: jax.Array, scale: jax.Array) -> jax.Array:
     """The fused convert + dot over a weight stored [K, N] (the engine's layout before the fp8 GEMM's)."""
     return (jnp.tensordot(x, values_kn.astype(x.dtype), axes=1, preferred_element_type=jnp.float32) * scale
@@ -183,8 +196,12 @@ def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], int
     if not interpret:  # XLA:CPU has no fp8 dot
         yield "fp8 native dot", native_fp8, "fp8"
     yield "fp8 xla fused [K,N]", fused_kn, "fp8kn"
+    if rows <= 4:  # a reduction reads the weight once a row
+        yield "bf16 xla reduce", reduced_bf16, "bf16"
     for kind in ("fp8", "int8"):
         yield f"{kind} xla fused", fused, kind
+        if rows <= 4:
+            yield f"{kind} xla reduce", reduced, kind
         if not pallas:
             continue
         for b in blocks if kind == "fp8" else blocks[:1]:  # int8 takes the first (default) blocks only

@@ -26,7 +26,7 @@ start_server() {
 # stop_server: print the compile and prefix-cache counters and the server's CPU time, then stop it.
 stop_server() {
   curl -s http://127.0.0.1:23333/metrics \
-    | grep -E "^xlserve:compil|^vllm:num_preemptions|^vllm:prefix_cache_(queries|hits)_total|^xlserve:prompt_tokens|^xlserve:shared_prefix" || true
+    | grep -E "^xlserve:compil|^xlserve:mixed|^vllm:num_preemptions|^vllm:prefix_cache_(queries|hits)_total|^xlserve:prompt_tokens|^xlserve:shared_prefix" || true
   echo "server CPU time (engine thread and event loop together): $(ps -o cputime= -p $server)"
   kill -INT $server
   wait $server
