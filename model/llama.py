@@ -33,7 +33,7 @@ from model.config import ModelConfig
 from model.loader import INITIALIZERS, SCALE_SUFFIX, param_spec
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, KV_SCALE_AXES, make_mesh, shard_by_kv_head, sharding_for
-from model.weight_quant import QuantizedWeight, Weight, linear, stored_shape
+from model.weight_quant import InputsLastWeight, Weight, linear, stored_inputs_last, stored_shape
 from xlkernels import get_paged_attention, write_kv_pages
 from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, rotation, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
@@ -106,13 +106,15 @@ def declared_param(module: nn.Module, name: str) -> Weight:
     """The parameter `name` of `module` (which has `config` and `dtype`), with the shape and initializer that
     model/loader.py's `param_specs` declares for its path. Flax checks each parameter it is given against
     that shape whenever the model is traced; the values come from the loader or `init_random_params`.
-    A parameter stored quantized comes back as a `QuantizedWeight` (its values and scales), for `linear`."""
+    A matmul weight stored inputs-last (quantized, or any on CPU: model/weight_quant.py) comes back as an
+    `InputsLastWeight` (its values, and scales if quantized), for `linear`."""
     spec = param_spec(module.config, "/".join((*module.path, name)))
-    if spec.quant is None:
+    if not spec.in_dims or not stored_inputs_last(spec.quant):
         return module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
     values = module.param(name, INITIALIZERS[spec.init], stored_shape(spec.shape, spec.in_dims), module.dtype)
-    scale = module.param(name + SCALE_SUFFIX, INITIALIZERS["ones"], spec.shape[spec.in_dims:], jnp.float32)
-    return QuantizedWeight(values, scale, spec.in_dims)
+    scale = None if spec.quant is None else module.param(
+        name + SCALE_SUFFIX, INITIALIZERS["ones"], spec.shape[spec.in_dims:], jnp.float32)
+    return InputsLastWeight(values, scale, spec.in_dims)
 
 
 class RMSNorm(nn.Module):

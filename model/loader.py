@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from model.config import INDEX_FILE, SINGLE_FILE, ModelConfig
 from model.sharding import Axes, make_mesh, sharding_for
-from model.weight_quant import current_platform, quantize_weight, storage_dtype, stored_shape
+from model.weight_quant import current_platform, storage_dtype, stored_inputs_last, stored_shape, stored_weight
 
 Params = dict[str, Any]
 
@@ -183,6 +183,7 @@ class ParamSpec:
     Every parameter has the serving dtype, which is an argument of loading, not a declaration, unless it
     is stored quantized (`quant`): then it is int8 or fp8 values of `shape` plus f32 scales, one per output
     channel, at `scale_path` (model/weight_quant.py), split over the mesh like the channels they scale.
+    A matmul weight (`in_dims`) is stored inputs-last where `weight_quant.stored_inputs_last` says so.
     """
 
     path: str  # in the pytree, which is the Flax modules' path: "layers_3/attn/wqkv"
@@ -200,11 +201,13 @@ class ParamSpec:
 
     def leaves(self, dtype: np.dtype) -> list[tuple[str, tuple[int, ...], Axes, np.dtype]]:
         """(path, shape, axes, dtype) of each array the parameter is stored as: itself, or values and scales."""
-        if self.quant is None:
+        if not self.in_dims or not stored_inputs_last(self.quant):
             return [(self.path, self.shape, self.axes, dtype)]
-        return [(self.path, stored_shape(self.shape, self.in_dims), stored_shape(self.axes, self.in_dims),
-                 storage_dtype(self.quant)),
-                (self.scale_path, self.shape[self.in_dims:], self.axes[self.in_dims:], np.dtype(np.float32))]
+        values = (self.path, stored_shape(self.shape, self.in_dims), stored_shape(self.axes, self.in_dims),
+                  dtype if self.quant is None else storage_dtype(self.quant))
+        if self.quant is None:
+            return [values]
+        return [values, (self.scale_path, self.shape[self.in_dims:], self.axes[self.in_dims:], np.dtype(np.float32))]
 
 
 # ----- fusing, on the device ---------------------------------------------------------------------------
@@ -255,9 +258,7 @@ def _assembler(
     so all layers share a handful of compilations. `platform` (`weight_quant.current_platform`, which sets the
     stored dtype) is part of the key: jit's own cache would reuse a trace made for another platform.
     """
-    if quant is None:
-        return jax.jit(lambda raw: (fuse(*raw).astype(dtype),), out_shardings=shardings)
-    return jax.jit(lambda raw: quantize_weight(fuse(*raw), quant, in_dims), out_shardings=shardings)
+    return jax.jit(lambda raw: stored_weight(fuse(*raw), dtype, quant, in_dims), out_shardings=shardings)
 
 
 # ----- the layout --------------------------------------------------------------------------------------
@@ -596,9 +597,7 @@ def _generator(
     in_dims: int, platform: str,
 ) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
     initializer = INITIALIZERS[init]
-    if quant is None:
-        return jax.jit(lambda key: (initializer(key, shape, dtype),), out_shardings=shardings)
-    return jax.jit(lambda key: quantize_weight(initializer(key, shape, jnp.float32), quant, in_dims),
+    return jax.jit(lambda key: stored_weight(initializer(key, shape, jnp.float32), dtype, quant, in_dims),
                    out_shardings=shardings)
 
 

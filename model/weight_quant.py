@@ -1,5 +1,5 @@
-"""Weights stored quantized (`--weight-quant int8|fp8`): per-output-channel scales, and matmuls that never
-build a dequantized copy of a weight.
+"""Matmul weights as stored and multiplied: quantized (`--weight-quant int8|fp8`) with per-output-channel
+scales and matmuls that never build a dequantized copy of a weight, and every matmul weight on CPU.
 
 A quantizable weight contracts its leading `in_dims` dimensions with the activation's last one and keeps
 the rest as output channels (model/loader.py declares `in_dims` for each). Quantized, it is `values` with
@@ -25,6 +25,12 @@ weight-sized temporary exists (and how fast the product streams the weight):
              first), so the weight is converted and multiplied a block of output channels at a time in a
              loop: the temporary is one block (`BLOCK_ELEMENTS`), never the weight.
 The decode step's memory analysis (tests/test_weight_quant.py) holds the CPU path to that.
+
+On CPU every matmul weight is stored inputs-last (`stored_inputs_last`), quantized or not, because XLA:CPU
+multiplies a few rows fastest in the other orientation: (values @ x.T).T, the weight as the product's
+left operand, runs a [16, 576] x [576, 3072] product ~1.7x faster than x @ w at 1-64 rows and loses from 128
+(docs/perf-notes.md, "CPU, fifth session"). Elsewhere unquantized weights stay inputs-first ([*in, *out]),
+the layout cuBLAS streams fastest at one row on the H100.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 T = TypeVar("T")
 
@@ -48,6 +55,8 @@ BLOCK_ELEMENTS = 1 << 16
 # Rows from which an fp8 product runs natively in fp8 (docs/perf-notes.md: on the H100 the fused path is
 # faster up to 64 rows, the native dot from 256 and 1.5x bf16 at 2048).
 NATIVE_FP8_MIN_ROWS = 128
+# Rows up to which a CPU product runs as (values @ x.T).T: docs/perf-notes.md ("CPU, fifth session").
+TRANSPOSED_MAX_ROWS = 64
 
 
 # The platform the weights and matmuls are built for: JAX's default backend, unless set for the whole process
@@ -79,6 +88,11 @@ def storage_dtype(kind: str) -> jnp.dtype:
     return jnp.dtype(_STORAGE[kind])
 
 
+def stored_inputs_last(quant: str | None) -> bool:
+    """Whether a matmul weight (quantized as `quant`, or not: None) is stored inputs-last on this platform."""
+    return quant is not None or current_platform() == "cpu"
+
+
 def stored_shape(dims: tuple[T, ...], in_dims: int) -> tuple[T, ...]:
     """The values' dimensions (sizes, or logical axes) for a weight's `dims` whose leading `in_dims` are its
     inputs: the inputs last."""
@@ -86,21 +100,28 @@ def stored_shape(dims: tuple[T, ...], in_dims: int) -> tuple[T, ...]:
 
 
 @dataclass(frozen=True)
-class QuantizedWeight:
-    values: jax.Array  # [*out, *in] (`stored_shape`), int8 or float8_e4m3fn (its bytes on CPU)
-    scale: jax.Array  # f32[*out]: one per output channel
+class InputsLastWeight:
+    """A matmul weight stored inputs-last: quantized (with its scales), or unquantized on CPU (no scales)."""
+
+    values: jax.Array  # [*out, *in] (`stored_shape`): int8, float8_e4m3fn (its bytes on CPU), or the model's dtype
+    scale: jax.Array | None  # f32[*out], one per output channel; None: `values` are the weight itself
     in_dims: int = 1  # static: trailing dimensions of `values` contracted by the matmul
 
 
-jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["values", "scale"], meta_fields=["in_dims"])
+jax.tree_util.register_dataclass(InputsLastWeight, data_fields=["values", "scale"], meta_fields=["in_dims"])
 
-Weight = jax.Array | QuantizedWeight
+Weight = jax.Array | InputsLastWeight
+
+
+def inputs_last(w: jax.Array, in_dims: int) -> jax.Array:
+    """`w` [*in, *out], whose leading `in_dims` dimensions are its inputs, as [*out, *in]."""
+    return jnp.transpose(w, (*range(in_dims, w.ndim), *range(in_dims)))
 
 
 def quantize_weight(w: jax.Array, kind: str, in_dims: int) -> tuple[jax.Array, jax.Array]:
     """(values [*out, *in], f32 scale per output channel) of `w` [*in, *out], whose leading `in_dims`
     dimensions are its inputs."""
-    w = jnp.transpose(w.astype(jnp.float32), (*range(in_dims, w.ndim), *range(in_dims)))
+    w = inputs_last(w.astype(jnp.float32), in_dims)
     scale = jnp.max(jnp.abs(w), axis=tuple(range(w.ndim - in_dims, w.ndim))) / _QMAX[kind]
     scaled = jnp.clip(w / jnp.where(scale > 0, scale, 1.0)[(...,) + (None,) * in_dims], -_QMAX[kind], _QMAX[kind])
     if kind == "int8":
@@ -111,6 +132,16 @@ def quantize_weight(w: jax.Array, kind: str, in_dims: int) -> tuple[jax.Array, j
     return values, scale
 
 
+def stored_weight(w: jax.Array, dtype: np.dtype, quant: str | None, in_dims: int) -> tuple[jax.Array, ...]:
+    """The arrays a parameter `w` (its declared shape; `in_dims` > 0 for a matmul weight) is stored as:
+    itself in `dtype`, inputs-last where `stored_inputs_last` says so, or quantized values and scales."""
+    if quant is not None:
+        return quantize_weight(w, quant, in_dims)
+    if in_dims and stored_inputs_last(None):
+        w = inputs_last(w, in_dims)
+    return (w.astype(dtype),)
+
+
 def decode(values: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Stored values (int8, e4m3, or e4m3's bytes) as `dtype`: exact, every format fits bf16's significand."""
     if values.dtype == jnp.uint8:
@@ -119,18 +150,18 @@ def decode(values: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 
 def matmul_strategy(rows: int, values_dtype: jnp.dtype, backend: str | None = None) -> str:
-    """How `linear` multiplies `rows` activation rows by stored values of `values_dtype` on `backend` (default:
-    JAX's): "blocked" on CPU; elsewhere "native" for fp8 from NATIVE_FP8_MIN_ROWS rows, "fused" otherwise
-    (see the module docstring)."""
+    """How `linear` multiplies `rows` activation rows by quantized values of `values_dtype` on `backend`
+    (default: JAX's): "blocked" on CPU; elsewhere "native" for fp8 from NATIVE_FP8_MIN_ROWS rows, "fused"
+    otherwise (see the module docstring)."""
     if (backend or current_platform()) == "cpu":
         return "blocked"
     return "native" if values_dtype == jnp.float8_e4m3fn and rows >= NATIVE_FP8_MIN_ROWS else "fused"
 
 
 def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = None) -> jax.Array:
-    """x [..., K] times w [*in, *out] with K = prod(in) (the leading `in_dims` dims; a quantized weight's
+    """x [..., K] times w [*in, *out] with K = prod(in) (the leading `in_dims` dims; an `InputsLastWeight`'s
     values are stored [*out, *in]): [..., *out] in x.dtype (f32 accumulation for a quantized weight)."""
-    if not isinstance(w, QuantizedWeight):
+    if not isinstance(w, InputsLastWeight):
         out_shape = w.shape[in_dims:]
         if in_dims == 1:
             return jnp.tensordot(x, w, axes=1)
@@ -142,6 +173,9 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
     # and GSPMD would gather the whole weight onto every device (tests/test_tensor_parallel.py).
     values = w.values.reshape(*out_shape, -1)
     rows = x.reshape(-1, x.shape[-1])
+    if w.scale is None:  # unquantized, on CPU
+        y = _transposed(rows, values) if rows.shape[0] <= TRANSPOSED_MAX_ROWS else _contract(rows, values)
+        return y.astype(x.dtype).reshape(*x.shape[:-1], *out_shape)
     strategy = strategy or matmul_strategy(rows.shape[0], values.dtype)
     if strategy == "native":
         y = _native_fp8(rows, values) * w.scale
@@ -156,6 +190,13 @@ def _contract(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
     """rows [M, K] with values [*out, K], accumulated in f32."""
     return jax.lax.dot_general(rows, values, (((1,), (values.ndim - 1,)), ((), ())),
                                preferred_element_type=jnp.float32)
+
+
+def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
+    """rows [M, K] with values [*out, K] as (values @ rows.T).T. The barrier keeps XLA's simplifier from
+    folding the transpose back into the dot, which would restore the x @ w orientation."""
+    y = jax.lax.dot_general(values, rows, (((values.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0)
 
 
 def _native_fp8(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out], before the weight's scale

@@ -21,6 +21,7 @@ from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM
 from model.loader import init_random_params, load_params, param_shapes, param_shardings, param_spec, param_specs
 from model.sharding import make_mesh
+from model.weight_quant import stored_inputs_last, stored_shape
 from tests.checkpoints import FAMILIES, llama_checkpoint_fixture, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +45,29 @@ def flat_paths(tree) -> dict[str, jax.Array]:
     return {"/".join(entry.key for entry in path): leaf for path, leaf in leaves}
 
 
+def declared_layout(params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """The flat parameters in their declared shapes: the matmul weights stored inputs-last (every one on
+    CPU, model/weight_quant.py) turned back to [*in, *out]."""
+    flat = {path: np.asarray(leaf) for path, leaf in flat_paths(params).items()}
+    for spec in param_specs(config):
+        if spec.in_dims and stored_inputs_last(spec.quant):
+            values = flat[spec.path]
+            outs = values.ndim - spec.in_dims
+            flat[spec.path] = np.transpose(values, (*range(outs, values.ndim), *range(outs)))
+    return flat
+
+
+def stored_spec(name: str, config: ModelConfig) -> P:
+    """EXPECTED_SPECS' entry for parameter `name` in the layout it is stored in (inputs-last on CPU)."""
+    spec = EXPECTED_SPECS[name.split("/", 1)[1] if name.startswith("layers_") else name]
+    in_dims = param_spec(config, name).in_dims
+    return P(*stored_shape(tuple(spec), in_dims)) if in_dims and stored_inputs_last(None) else spec
+
+
 def assert_matches_hf(params, hf: dict[str, np.ndarray], config: ModelConfig) -> None:
     """Check each fused block slice by slice against the HF tensor it came from."""
     G, D = config.q_per_kv, config.head_dim
-    value = {path: np.asarray(leaf, np.float32) for path, leaf in flat_paths(params).items()}
+    value = {path: leaf.astype(np.float32) for path, leaf in declared_layout(params, config).items()}
     np.testing.assert_array_equal(value["embed/embedding"], hf["model.embed_tokens.weight"])
     np.testing.assert_array_equal(value["final_norm/scale"], hf["model.norm.weight"])
     if config.tie_word_embeddings:
@@ -98,7 +118,8 @@ def test_fused_blocks_match_the_hf_tensors(biased):
     config = ModelConfig.from_pretrained(biased)
     params = load_params(biased, config, jnp.float32)
     E, F, V, D, Hq, Hkv = 64, 96, 128, 16, 4, 2
-    shapes = {path: leaf.shape for path, leaf in flat_paths(params).items()}
+    assert params["layers_0"]["mlp"]["w_down"].shape == (E, F), "on CPU, matmul weights are stored inputs-last"
+    shapes = {path: leaf.shape for path, leaf in declared_layout(params, config).items()}
     assert shapes == {
         "embed/embedding": (V, E),
         "final_norm/scale": (E,),
@@ -130,10 +151,10 @@ def test_fused_blocks_match_the_hf_tensors(biased):
 def test_fused_projections_compute_what_hf_computes(biased):
     """x @ wqkv + bqkv gives HF's q/k/v projections: the fused layout is the same linear map."""
     config = ModelConfig.from_pretrained(biased)
-    attn = load_params(biased, config, jnp.float32)["layers_1"]["attn"]
+    params = declared_layout(load_params(biased, config, jnp.float32), config)
     hf = hf_tensors(biased)
     x = np.random.default_rng(0).standard_normal((3, config.hidden_size)).astype(np.float32)
-    qkv = np.einsum("te,ekgd->tkgd", x, attn["wqkv"]) + np.asarray(attn["bqkv"])
+    qkv = np.einsum("te,ekgd->tkgd", x, params["layers_1/attn/wqkv"]) + params["layers_1/attn/bqkv"]
     G, prefix = config.q_per_kv, "model.layers.1.self_attn"
     for part, heads in (("q", qkv[:, :, :G]), ("k", qkv[:, :, G]), ("v", qkv[:, :, G + 1])):
         expected = x @ hf[f"{prefix}.{part}_proj.weight"].T + hf[f"{prefix}.{part}_proj.bias"]
@@ -168,7 +189,7 @@ def test_float16_target_dtype(biased):
     config = ModelConfig.from_pretrained(biased)
     params = load_params(biased, config, jnp.float16)
     expected = hf_tensors(biased)["model.layers.0.mlp.down_proj.weight"].T.astype(np.float16)
-    np.testing.assert_array_equal(params["layers_0"]["mlp"]["w_down"], expected)
+    np.testing.assert_array_equal(declared_layout(params, config)["layers_0/mlp/w_down"], expected)
 
 
 def copy_with_tensors(source: Path, destination: Path, change) -> Path:
@@ -343,7 +364,7 @@ def test_param_shardings_on_one_device(biased):
     config = ModelConfig.from_pretrained(biased)
     shardings = flat_paths(param_shardings(config, make_mesh(1)))
     for path, sharding in shardings.items():
-        assert sharding.spec == EXPECTED_SPECS[path.split("/", 1)[1] if path.startswith("layers_") else path]
+        assert sharding.spec == stored_spec(path, config)
     with pytest.raises(ValueError, match="tp=2 needs between 1 and 1 devices"):
         make_mesh(2)
 
@@ -395,7 +416,7 @@ def test_tensor_parallel_placement_on_two_cpu_devices(biased):
     assert report["devices"] == 2
     assert len(report["params"]) == 3 + 10 * 2
     for name, seen in report["params"].items():
-        spec = EXPECTED_SPECS[name.split("/", 1)[1] if name.startswith("layers_") else name]
+        spec = stored_spec(name, ModelConfig.from_pretrained(biased))
         assert seen["spec"] == list(spec) and seen["random_spec"] == list(spec), name
         split = [n // 2 if axis == "tp" else n for n, axis in zip(seen["shape"], spec, strict=True)]
         assert seen["shards"] == [[0, split], [1, split]], name  # each device holds exactly its half

@@ -77,7 +77,7 @@ FUSED_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     from model.sharding import make_mesh
-    from model.weight_quant import QuantizedWeight, linear, quantize_weight
+    from model.weight_quant import InputsLastWeight, linear, quantize_weight
 
     mesh = make_mesh(2)
     axis = mesh.axis_names[-1]
@@ -85,7 +85,7 @@ FUSED_SCRIPT = textwrap.dedent(
     for shape, spec, scale_spec in (((64, 2, 96), P(None, axis, None), P(None, axis)),  # w_gate_up
                                     ((96, 64), P(None, axis), P(None))):  # w_down: split inputs
         values, scale = quantize_weight(jax.random.normal(jax.random.key(0), shape), "int8", 1)
-        weight = QuantizedWeight(jax.device_put(values, NamedSharding(mesh, spec)),
+        weight = InputsLastWeight(jax.device_put(values, NamedSharding(mesh, spec)),
                                  jax.device_put(scale, NamedSharding(mesh, scale_spec)))
         x = jnp.ones((4, shape[0]), jnp.bfloat16)
         hlo = jax.jit(lambda x, w: linear(x, w, strategy="fused")).lower(x, weight).compile().as_text()

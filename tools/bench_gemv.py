@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.weight_quant import QuantizedWeight, linear, quantize_weight
+from model.weight_quant import InputsLastWeight, linear, quantize_weight
 from tools.timing import copy_bandwidth, format_bandwidth, timed
 
 ROWS = 16  # Triton's smallest dot; the most rows this kernel serves
@@ -140,12 +140,12 @@ def quantize(w: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:  # (values
 
 def native_fp8(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
     """The engine's native fp8 dot (`model.weight_quant`'s "native"): rows scaled into e4m3, both operands fp8."""
-    return linear(x, QuantizedWeight(values, scale), strategy="native")
+    return linear(x, InputsLastWeight(values, scale), strategy="native")
 
 
 def fused(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
     """The engine's convert inside the dot (`model.weight_quant`'s "fused")."""
-    return linear(x, QuantizedWeight(values, scale), strategy="fused")
+    return linear(x, InputsLastWeight(values, scale), strategy="fused")
 
 
 def reduced(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
