@@ -4,6 +4,7 @@ batching, preemption, page accounting, donation, compile discipline and input va
 from __future__ import annotations
 
 import threading
+import time
 
 import jax
 import numpy as np
@@ -127,6 +128,32 @@ def test_no_compilation_while_serving_50_mixed_requests(tiny_pipe):
     results = tiny_pipe(prompts, configs)
     assert len(results) == 50
     assert engine.stats().compilations_after_warmup == before
+
+
+def test_each_compiled_bucket_runs_once_while_idle_and_changes_no_state(tiny_pipe, hf_tiny):
+    """The engine thread runs every compiled bucket once on padding rows while it has nothing to do (a
+    program's first run costs more, which no request should wait through): no page, no row of the
+    per-slot state and no later output changes."""
+    engine, runner = tiny_pipe.engine, tiny_pipe.engine.runner
+    shapes = engine.buckets.shapes()
+    deadline = time.monotonic() + 60
+    while runner.warm_steps < len(shapes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runner.warm_steps == len(shapes) and not engine._unwarmed
+
+    def state() -> list[np.ndarray]:
+        return [np.asarray(a) for a in (*jax.tree.leaves(runner.cache), runner.seen, runner.last_tokens)]
+
+    before = state()
+    for shape in shapes:  # the engine thread is idle, so the test may step its runner
+        runner.warm(shape)
+    after = state()
+    slots = engine.max_batch_size  # the per-slot tables' rows past the slots are padding's scratch
+    for old, new in zip(before, after, strict=True):
+        np.testing.assert_array_equal(old if old.ndim == 4 else old[:slots], new if new.ndim == 4 else new[:slots])
+    assert engine.allocator.num_used == 0
+    prompt = random_prompts([9], seed=5)[0]
+    assert tiny_pipe(prompt, GenerationConfig(**GREEDY)).token_ids == hf_greedy(hf_tiny, prompt, 12)
 
 
 def test_the_timeline_records_every_turn_in_order(tiny_pipe):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import time
 
 import jax
@@ -25,6 +26,7 @@ from configs.presets import PRESETS
 from configs.shapes import SHAPES
 from model.loader import init_random_params
 from model.sharding import make_mesh
+from model.weight_quant import stored_inputs_last
 from serving.engine.config import BucketSet
 from serving.engine.runner import ModelRunner
 from serving.engine.sampling import ALL_GREEDY, SamplingBatch, sample
@@ -37,11 +39,15 @@ def gemm_floor(params: dict, batch: int, hf_layout: bool) -> float:
     """Stream every weight once as a GEMM of `batch` rows (no attention, no norms): the step's floor."""
     layers = [params[k] for k in sorted(params) if k.startswith("layers_")]
     mats = [] if "lm_head" not in params else [params["lm_head"]["kernel"]]  # [in, out] everywhere below
+
+    def in_out(w: jax.Array, in_dims: int) -> jax.Array:  # a layer's matmul weight as [in, out]
+        if stored_inputs_last(None):  # [*out, *in] (every matmul weight on CPU)
+            return jnp.asarray(w.reshape(-1, math.prod(w.shape[w.ndim - in_dims:])).T)
+        return w.reshape(math.prod(w.shape[:in_dims]), -1)
+
     for layer in layers:
-        mats += [layer["attn"]["wqkv"].reshape(layer["attn"]["wqkv"].shape[0], -1),
-                 layer["attn"]["wo"].reshape(-1, layer["attn"]["wo"].shape[-1]),
-                 layer["mlp"]["w_gate_up"].reshape(layer["mlp"]["w_gate_up"].shape[0], -1),
-                 layer["mlp"]["w_down"]]
+        mats += [in_out(layer["attn"]["wqkv"], 1), in_out(layer["attn"]["wo"], 2),
+                 in_out(layer["mlp"]["w_gate_up"], 1), in_out(layer["mlp"]["w_down"], 1)]
     weights = [jnp.asarray(m.T) for m in mats] if hf_layout else mats
     out_in = [hf_layout] * len(mats)  # per weight: stored [out, in], contracted along its last dimension
     if "lm_head" not in params:  # a tied head is the embedding table, [vocab, hidden], contracted as it is

@@ -204,6 +204,9 @@ class Engine:
         self._usable_buckets = self.buckets
         self._compiler: BucketCompiler | None = None
         self._compiled_shapes: set = set()
+        # Compiled buckets not run yet: the engine thread runs each once while it has nothing else to do
+        # (`runner.warm`), so no request waits through a program's costlier first run.
+        self._unwarmed: list[StepShape] = []
         self._compiled_lock = threading.Lock()
         self.max_batch_size = self.buckets.max_decode_batch
         page_size = self.engine_config.page_size
@@ -343,6 +346,7 @@ class Engine:
         with self._compiled_lock:
             if unit.shape is not None:
                 self._compiled_shapes.add(unit.shape)
+                self._unwarmed.append(unit.shape)
             every = self._compiled_shapes >= set(self.buckets.shapes())
             self._usable_buckets = self.buckets.with_compiled(None if every else frozenset(self._compiled_shapes))
         if self._compiler is not None and self._compiler.remaining == 0:
@@ -475,9 +479,15 @@ class Engine:
         self._thread_compile_base = (ident, CompilationCounter.on_thread(ident))
         try:
             while not self._stopping.is_set():
-                self._take_inbox(block=not self.scheduler.has_work and not in_flight)
+                idle = not self.scheduler.has_work and not in_flight
+                # A group of hosts runs no step the followers were not sent: it does not warm.
+                warm = idle and self.plan is None and bool(self._unwarmed)
+                self._take_inbox(block=idle and not warm)
                 if self._stopping.is_set():
                     break
+                if warm and not self.scheduler.has_work:
+                    self._warm_next()
+                    continue
                 timeline, start = self.timeline, time.perf_counter()  # read once: another thread may set it
                 self.scheduler.buckets = self._usable_buckets  # buckets compiled since the last turn join in
                 plan = self.scheduler.schedule()
@@ -505,6 +515,12 @@ class Engine:
                 self._emit(output)
             self._refuse_inbox()
             self._end_step()
+
+    def _warm_next(self) -> None:
+        with self._compiled_lock:
+            shape = self._unwarmed.pop(0)
+        self.runner.warm(shape)
+        self.heartbeat = time.monotonic()
 
     def _end_step(self) -> None:
         self.heartbeat = time.monotonic()

@@ -295,6 +295,7 @@ class ModelRunner:
         self.shared_prefix_steps = 0  # decode steps dispatched with at least one tile
         self.shared_prefix_rows = 0  # rows in a tile, summed over those steps
         self.mixed_steps = 0  # steps with decoding rows beside prompt chunks (`unpack_step`'s decode)
+        self.warm_steps = 0  # padding-only first runs of compiled buckets (`warm`)
         self.model = CausalLM(config, dtype=dtype, attention_backend=attention_backend, mesh=mesh)
         # Everything the traced functions close over, for the store's key (their arguments' shapes are in it too).
         program_store = ProgramStore.beside_cache(program_dir, repr((
@@ -471,6 +472,24 @@ class ModelRunner:
             return StepOutput(next_tokens)
         return self._run_extended(chunks, logits, sampling_ints, sampling_floats, seen_rows, row_table,
                                   extended_rows, token_ids[:, 0])
+
+    def warm(self, shape: StepShape) -> None:
+        """Run one step of padding rows at `shape` (its step program and greedy sampler) and wait for it.
+
+        A program's first run costs more than the next: on XLA:CPU 0.4-0.9 s more for a SmolLM2-135M step
+        (docs/perf-notes.md), which a request would otherwise wait through. Padding rows write no page and
+        sample into the scratch row past every slot's, so the state stays what it was."""
+        rows, tokens, packed, decode = shape
+        token_ids, row_table, ints, floats, _ = self._padding_inputs(rows, tokens)
+        packed = _packed(*shape)
+        self.cache, self.seen, logits, seen_rows = self._step(
+            (rows, tokens, packed, decode), self.params, self.cache, self.seen, self.last_tokens, token_ids, row_table,
+            packed=packed, decode=decode)
+        mode = self._sampler_mode(rows, sample_mode(ints, floats))
+        next_tokens, self.last_tokens = self._sample((rows, mode), logits, ints, floats, seen_rows, self.last_tokens,
+                                                     row_table, mode)
+        next_tokens.block_until_ready()
+        self.warm_steps += 1
 
     def _run_extended(self, chunks: list[Chunk], logits: jax.Array, sampling_ints: np.ndarray,
                       sampling_floats: np.ndarray, seen_rows: jax.Array, row_table: np.ndarray,
