@@ -26,11 +26,11 @@ weight-sized temporary exists (and how fast the product streams the weight):
              loop: the temporary is one block (`BLOCK_ELEMENTS`), never the weight.
 The decode step's memory analysis (tests/test_weight_quant.py) holds the CPU path to that.
 
-On CPU every matmul weight is stored inputs-last (`stored_inputs_last`), quantized or not, because XLA:CPU
-multiplies a few rows fastest in the other orientation: (values @ x.T).T, the weight as the product's
-left operand, runs a [16, 576] x [576, 3072] product ~1.7x faster than x @ w at 1-64 rows and loses from 128
-(docs/perf-notes.md, "CPU, fifth session"). Elsewhere unquantized weights stay inputs-first ([*in, *out]),
-the layout cuBLAS streams fastest at one row on the H100.
+On CPU every matmul weight is stored inputs-last (`stored_inputs_last`), quantized or not, and an unquantized
+one multiplies as (values @ x.T).T, the weight as the dot's left operand: XLA:CPU (its YNNPACK dots) runs
+that orientation ~1.7x faster than x @ w at 4-32 rows, and x @ values.T would copy the weight into [in, out]
+for every call (docs/perf-notes.md, "CPU, fifth session"). Elsewhere unquantized weights stay inputs-first
+([*in, *out]), the layout cuBLAS streams fastest at one row on the H100.
 """
 
 from __future__ import annotations
@@ -55,8 +55,6 @@ BLOCK_ELEMENTS = 1 << 16
 # Rows from which an fp8 product runs natively in fp8 (docs/perf-notes.md: on the H100 the fused path is
 # faster up to 64 rows, the native dot from 256 and 1.5x bf16 at 2048).
 NATIVE_FP8_MIN_ROWS = 128
-# Rows up to which a CPU product runs as (values @ x.T).T: docs/perf-notes.md ("CPU, fifth session").
-TRANSPOSED_MAX_ROWS = 64
 
 
 # The platform the weights and matmuls are built for: JAX's default backend, unless set for the whole process
@@ -174,8 +172,7 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
     values = w.values.reshape(*out_shape, -1)
     rows = x.reshape(-1, x.shape[-1])
     if w.scale is None:  # unquantized, on CPU
-        y = _transposed(rows, values) if rows.shape[0] <= TRANSPOSED_MAX_ROWS else _contract(rows, values)
-        return y.astype(x.dtype).reshape(*x.shape[:-1], *out_shape)
+        return _transposed(rows, values).astype(x.dtype).reshape(*x.shape[:-1], *out_shape)
     strategy = strategy or matmul_strategy(rows.shape[0], values.dtype)
     if strategy == "native":
         y = _native_fp8(rows, values) * w.scale
