@@ -23,7 +23,7 @@ weight-sized temporary exists (and how fast the product streams the weight):
              (prefill, large decode batches). Fewer rows stream the weight faster through the fused path.
     blocked  (CPU) XLA:CPU runs a dot's operands as buffers of their own (it would convert the whole weight
              first), so the weight is converted and multiplied a block of output channels at a time in a
-             loop: the temporary is one block (`BLOCK_ELEMENTS`), never the weight.
+             loop, weight-left (see below): the temporary is one block (`BLOCK_ELEMENTS`), never the weight.
 The decode step's memory analysis (tests/test_weight_quant.py) holds the CPU path to that.
 
 On CPU every matmul weight is stored inputs-last (`stored_inputs_last`), quantized or not, and an unquantized
@@ -207,16 +207,17 @@ def _native_fp8(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out
 
 def _blocked(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:  # f32[M, N]
     """(x @ values.T) * scale for values [N, K], converting `values` one block of output channels per loop
-    iteration."""
+    iteration, each block multiplied weight-left (as `_transposed`) into rows of the transposed output."""
     n, k = values.shape
     block = column_block(n, k)
 
-    def body(i: jax.Array, out: jax.Array) -> jax.Array:
-        part = _contract(x, decode(jax.lax.dynamic_slice_in_dim(values, i * block, block, axis=0), x.dtype))
-        part = part * jax.lax.dynamic_slice_in_dim(scale, i * block, block)
-        return jax.lax.dynamic_update_slice_in_dim(out, part, i * block, axis=1)
+    def body(i: jax.Array, out_t: jax.Array) -> jax.Array:  # out_t f32[N, M]
+        part = jax.lax.dot_general(decode(jax.lax.dynamic_slice_in_dim(values, i * block, block), x.dtype), x,
+                                   (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        part = part * jax.lax.dynamic_slice_in_dim(scale, i * block, block)[:, None]
+        return jax.lax.dynamic_update_slice_in_dim(out_t, part, i * block, axis=0)
 
-    return jax.lax.fori_loop(0, n // block, body, jnp.zeros((x.shape[0], n), jnp.float32))
+    return jax.lax.fori_loop(0, n // block, body, jnp.zeros((n, x.shape[0]), jnp.float32)).T
 
 
 def column_block(n: int, k: int) -> int:
