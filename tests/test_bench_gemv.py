@@ -23,7 +23,8 @@ def test_quick_run_checks_and_prints_every_variant(monkeypatch, capsys):
     for rows in (1, 3):
         printed = {line.split(": ", 1)[1].split("  ")[0].strip() for line in lines if f"rows {rows}:" in line}
         labels = {"bf16 dot", "fp8 xla fused", "int8 xla fused", "fp8 xla fused [K,N]",
-                  "fp8 pallas n=64 k=256 splits=2 [K,N]", "int8 pallas n=64 k=256 splits=2 [K,N]"}
+                  "fp8 pallas n=64 k=256 splits=2 [K,N]", "int8 pallas n=64 k=256 splits=2 [K,N]",
+                  "bf16 xla reduce", "fp8 xla reduce", "int8 xla reduce"}  # reductions: up to 4 rows
         if rows == 1:
             labels.add("fp8 pallas-row n=64 k=256 splits=2 [K,N]")
         assert printed == labels
