@@ -130,6 +130,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             assert proxy.stop(signal.SIGTERM) == 0, proxy.output()
 
 
+@pytest.fixture(autouse=True)
+def node_errors_shown(cluster: Cluster) -> Iterator[None]:
+    """After each test, the end of the log of every node that logged an error: shown with a failing test
+    (a node has failed under the whole suite's load, and its log is gone once the module ends)."""
+    yield
+    for index, node in enumerate(cluster.nodes):
+        if " ERROR " in (output := node.output()):
+            print(f"node {index} logged an error; its log ends:\n{output[-4000:]}")
+
+
 # ---- what each node served, from its own /metrics --------------------------------------------------------
 
 
