@@ -29,7 +29,7 @@ The decode step's memory analysis (tests/test_weight_quant.py) holds the CPU pat
 On CPU every matmul weight is stored inputs-last (`stored_inputs_last`), quantized or not, and an unquantized
 one multiplies as (values @ x.T).T, the weight as the dot's left operand: XLA:CPU (its YNNPACK dots) runs
 that orientation ~1.7x faster than x @ w at 4-32 rows, and x @ values.T would copy the weight into [in, out]
-for every call (docs/perf-notes.md, "CPU, fifth session"). Elsewhere unquantized weights stay inputs-first
+for every call (docs/perf-notes.md, "Seventh session"). Elsewhere unquantized weights stay inputs-first
 ([*in, *out]), the layout cuBLAS streams fastest at one row on the H100.
 """
 

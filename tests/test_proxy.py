@@ -358,8 +358,10 @@ def test_interactive_sessions_stay_on_their_node(cluster: Cluster) -> None:
     for session_id in range(101, 107):
         history = 0
         for turn in range(3):
+            # ignore_eos: the random demo model's greedy turn can end on its end-of-turn token (seen once in a
+            # CI run, where the batch around it changed the last bits of its logits).
             body = {"prompt": f"turn {turn} of the story", "session_id": session_id, "interactive_mode": True,
-                    "request_output_len": 3}
+                    "request_output_len": 3, "ignore_eos": True}
             answer = httpx.post(url, json=body, headers=auth(USER), timeout=60).json()
             assert answer["history_tokens"] == history, "each turn found the history its session left"
             history += answer["input_tokens"] + answer["tokens"]

@@ -480,12 +480,12 @@ class Engine:
         try:
             while not self._stopping.is_set():
                 idle = not self.scheduler.has_work and not in_flight
-                # A group of hosts runs no step the followers were not sent: it does not warm.
-                warm = idle and self.plan is None and bool(self._unwarmed)
-                self._take_inbox(block=idle and not warm)
+                taken = self._take_inbox(block=idle)
                 if self._stopping.is_set():
                     break
-                if warm and not self.scheduler.has_work:
+                # Warm only after a whole idle wait (0.5 s) brought nothing, so a burst of requests never
+                # waits behind a warm-up step; a group of hosts runs no step its followers were not sent.
+                if idle and not taken and self.plan is None and self._unwarmed:
                     self._warm_next()
                     continue
                 timeline, start = self.timeline, time.perf_counter()  # read once: another thread may set it
@@ -547,11 +547,12 @@ class Engine:
                 except Exception:
                     logger.exception("sink of request %s failed", request.request_id)
 
-    def _take_inbox(self, block: bool) -> None:
+    def _take_inbox(self, block: bool) -> bool:
+        """Take in what callers submitted (waiting up to 0.5 s for something if `block`); False if nothing was."""
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
-            return
+            return False
         while item is not None:
             kind, payload, sink = item
             if kind == "add":
@@ -564,7 +565,8 @@ class Engine:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return True
+        return True
 
     def _dispatch_or_fail(self, decode: list[Chunk], prefill: list[Chunk]) -> list[tuple[list[Chunk], StepOutput]]:
         """Queue the plan's steps on the device without waiting for them, each on its own, so a failure fails
