@@ -294,10 +294,12 @@ def test_random_spreads_sixty_requests_over_every_node(cluster: Cluster) -> None
 
 
 async def test_min_expected_latency_sends_each_request_to_the_node_with_fewest_in_flight(cluster: Cluster) -> None:
-    """Three streams opened one after another, each once the one before is generating: each goes to a node
-    with none in flight, so each node serves one; twice. (Sixty requests from six threads measured the
-    nodes' speeds as much as the strategy: on a loaded 2-core CI machine one node served 11 to the others'
-    24 and 25, which is the strategy working.)"""
+    """Three streams opened one after another, each once the one before has been answered (the proxy counts
+    a request in flight from its routing on): each goes to a node with none in flight, so each node serves
+    one; twice. Waiting for each stream's first token instead let the first stream end before the third
+    was routed on a loaded CI machine (100 tokens; the nodes' sessions hold 128). (Sixty requests from six
+    threads measured the nodes' speeds as much as the strategy: on a loaded 2-core CI machine one node
+    served 11 to the others' 24 and 25, which is the strategy working.)"""
     url = cluster.strategies["min_expected_latency"]
 
     def idle() -> bool:  # by the proxy's own count, which the strategy reads (a stream ends there last)
@@ -308,10 +310,8 @@ async def test_min_expected_latency_sends_each_request_to_the_node_with_fewest_i
         async with httpx.AsyncClient(timeout=60, headers=auth(USER)) as client, contextlib.AsyncExitStack() as stack:
             for _ in range(3):
                 response = await stack.enter_async_context(client.stream("POST", f"{url}/v1/completions", json=STREAM))
-                assert response.status_code == 200
-                lines = sse_lines(response)
-                assert (await anext(lines)).startswith("data: ")  # in flight on its node
-                stack.push_async_callback(lambda lines=lines: consume(lines))
+                assert response.status_code == 200  # in flight on its node
+                stack.push_async_callback(consume, sse_lines(response))
 
     async def consume(lines: AsyncIterator[str]) -> None:
         async for _ in lines:
