@@ -597,7 +597,9 @@ def _generator(
     in_dims: int, platform: str,
 ) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
     initializer = INITIALIZERS[init]
-    return jax.jit(lambda key: stored_weight(initializer(key, shape, jnp.float32), dtype, quant, in_dims),
+    # Quantized weights are drawn in f32 for their scales; others in the serving dtype, as no f32 copy is needed.
+    draw_dtype = dtype if quant is None else jnp.float32
+    return jax.jit(lambda key: stored_weight(initializer(key, shape, draw_dtype), dtype, quant, in_dims),
                    out_shardings=shardings)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.weight_quant import InputsLastWeight, linear, quantize_weight
+from model.weight_quant import InputsLastWeight, decode, linear, quantize_weight
 from tools.timing import copy_bandwidth, format_bandwidth, timed
 
 ROWS = 16  # Triton's smallest dot; the most rows this kernel serves
@@ -151,7 +151,7 @@ def fused(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
 def reduced(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
     """A candidate for one row: f32 products of x and values [N, K] summed over K without a dot (XLA's row
     reduction over each output channel's contiguous inputs), then scaled."""
-    products = x.astype(jnp.float32)[:, None, :] * values.astype(jnp.float32)[None]
+    products = x.astype(jnp.float32)[:, None, :] * decode(values, jnp.float32)[None]
     return (jnp.sum(products, axis=-1) * scale).astype(x.dtype)
 
 
