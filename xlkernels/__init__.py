@@ -3,9 +3,11 @@
 Backends (all with the signature of `paged_attention_reference`, the XLA oracle tests check them against):
     "xla"     portable XLA (CPU, tests, any accelerator): `paged_attention_xla`, which reads the cache only
               up to the batch's longest context.
+    "cpu"     decode rows by a native kernel built on first use with the host's C++ compiler
+              (`xlkernels.cpu_decode`), everything else as "xla"; "xla" alone where no compiler is found.
     "pallas"  our Pallas GPU kernels (Triton lowering): T == 1 runs the split-K decode kernel, T > 1 the
               paged prefill kernel. T is static under jit, so the choice costs nothing at run time.
-    "auto"    "pallas" when JAX's default backend is a GPU, else "xla".
+    "auto"    "pallas" when JAX's default backend is a GPU, "cpu" on a CPU, else "xla".
     "pallas-interpret"  the Pallas kernels in interpret mode: runs anywhere (slowly); for CPU tests of the
               engine on the kernels' code path.
 Every backend reads plain page pools or quantized ones (`xlkernels.kv_quant.QuantizedPages`, `--quant-policy`).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-BACKENDS = ("xla", "pallas", "auto", "pallas-interpret")
+BACKENDS = ("xla", "cpu", "pallas", "auto", "pallas-interpret")
 # --quant-policy values (LMDeploy's; "fp8" is e4m3) -> the page format; "0" keeps the serving dtype.
 KV_FORMATS: dict[str, str | None] = {"0": None, "8": "int8", "4": "int4", "fp8": "fp8"}
 
@@ -36,6 +38,7 @@ _EXPORTS = {
     "paged_attention_reference": "xlkernels.paged_attention",
     "write_kv_pages": "xlkernels.paged_attention",
     "paged_attention_xla": "xlkernels.xla_attention",
+    "paged_attention_cpu": "xlkernels.cpu_decode",
 }
 
 

@@ -40,9 +40,9 @@ def paged_attention_pallas(
 
 
 def resolve_backend(backend: str) -> str:
-    """The concrete backend ("xla", "pallas" or "pallas-interpret") that `backend` stands for on this host."""
+    """The concrete backend ("xla", "cpu", "pallas" or "pallas-interpret") that `backend` stands for here."""
     if backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return {"gpu": "pallas", "cpu": "cpu"}.get(jax.default_backend(), "xla")
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return backend
@@ -62,4 +62,8 @@ def get_paged_attention(backend: str = "xla", *, interpret: bool = False) -> Cal
     resolved = resolve_backend(backend)
     if resolved == "xla":
         return paged_attention_xla
+    if resolved == "cpu":
+        from xlkernels.cpu_decode import paged_attention_cpu
+
+        return paged_attention_cpu
     return functools.partial(paged_attention_pallas, interpret=interpret or resolved == "pallas-interpret")

@@ -198,7 +198,7 @@ class EngineConfig:
     # auto: the checkpoint's safetensors; dummy: random weights at the checkpoint's shapes, for
     # benchmarks where only config.json and the tokenizer are at hand (vLLM's --load-format dummy)
     load_format: str = "auto"
-    attention_backend: str = "auto"  # xlkernels.BACKENDS: auto = our Pallas kernels on GPU, XLA elsewhere
+    attention_backend: str = "auto"  # xlkernels.BACKENDS: auto = Pallas kernels on GPU, "cpu" on CPU, else XLA
     # Decode rows that share leading KV pages (prefix-cache hits) read them once per tile of rows; Pallas only
     enable_shared_prefix_attention: bool = True
     # States of the device pool of regular structured-output constraints (serving/engine/guided.py)

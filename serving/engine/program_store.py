@@ -34,6 +34,8 @@ import jax
 import numpy as np
 from jax.experimental import serialize_executable
 
+from xlkernels.cpu_decode import native_kernel_ready
+
 logger = logging.getLogger(__name__)
 
 SUBDIRECTORY = "xlserve-programs"
@@ -45,11 +47,12 @@ _JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_ra
 
 @functools.cache
 def source_digest() -> str:
-    """SHA-256 over the source of every module of the packages whose functions are traced."""
+    """SHA-256 over the source of every module of the packages whose functions are traced, and of the native
+    kernels they call."""
     digest = hashlib.sha256()
     root = Path(__file__).resolve().parents[2]
     for package in _PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
+        for path in sorted([*(root / package).rglob("*.py"), *(root / package).rglob("*.cc")]):
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -60,10 +63,13 @@ def environment_description() -> str:
     import jaxlib
 
     devices = jax.devices()
+    # Whether the CPU's native attention kernel is registered decides what a step lowers to (a custom call
+    # or XLA's loop), and a stored program calling it needs it registered before it is loaded (this does).
+    native = devices[0].platform == "cpu" and native_kernel_ready()
     settings = {name: getattr(jax.config, name, None) for name in _JAX_SETTINGS}
     return repr((jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
                  os.environ.get("LIBTPU_INIT_ARGS", ""), sorted(settings.items()), devices[0].platform,
-                 devices[0].client.platform_version, [d.device_kind for d in devices], jax.process_count()))
+                 devices[0].client.platform_version, [d.device_kind for d in devices], jax.process_count(), native))
 
 
 def _signature(tree: Any) -> str:

@@ -402,7 +402,8 @@ OPTIONS: tuple[Option, ...] = (
         "--attention-backend",
         "engine",
         "attention_backend",
-        f"Kernels (attention, add + RMSNorm): auto is our Pallas kernels on GPU and XLA elsewhere; "
+        f"Kernels (attention, add + RMSNorm): auto is our Pallas kernels on GPU, on CPU a native decode "
+        f"attention kernel (built on first use with the host's C++ compiler; XLA without one), XLA elsewhere; "
         f"pallas-interpret runs the Pallas kernels anywhere, slowly (default: {_engine_default('attention_backend')}).",
         choices=BACKENDS,
     ),

@@ -1,0 +1,221 @@
+// Paged decode attention for XLA:CPU, as an XLA FFI handler (xlkernels/cpu_decode.py builds and loads it).
+//
+// One query token per row; each (row, KV head) pair walks its own pages up to its context and keeps a
+// running-max ("online") softmax for the query heads of its group, reading every key and value once,
+// straight from the page pool. The XLA loop (xla_attention.py) instead gathers each chunk of pages into
+// a new buffer and runs two batched products on it: a 16-row step spent most of its attention time on
+// those copies and products (docs/perf-notes.md, "Eighth session").
+//
+// Layouts (row-major): q f32[B, Hq, D] with head = kv_head * G + g; k_pages, v_pages f32[Hkv, P, PS, D];
+// block_tables s32[B, W]; q_positions, kv_lens s32[B]; out f32[B, Hq, D]. A row sees the tokens before
+// min(kv_len, q_position + 1); one that sees none comes out as zeros, as from the XLA paths. Page numbers
+// are clamped into the pool, as XLA clamps a gather's indices.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Problem {
+  const float* q;
+  const float* k;
+  const float* v;
+  const int32_t* tables;
+  const int32_t* positions;
+  const int32_t* lens;
+  float* out;
+  int64_t rows, kv_heads, group, head_dim, pages, page_size, table_width;
+  float scale;
+};
+
+// The pairs of one call, handed out one at a time to the calling thread and to the pool's threads. A task
+// that starts after the call has returned finds nothing left and touches only this (shared) object.
+struct Work {
+  Problem problem;
+  int64_t total = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+  std::mutex mutex;
+  std::condition_variable all_finished;
+};
+
+// scores[t] = q . keys[t] * scale for n keys of `d` floats. Four keys a pass: four independent sums keep
+// the FMA units busy where one dot's chain of dependent adds would wait on each (~4x on Zen 3).
+inline void key_scores(const float* q, const float* keys, int64_t n, int64_t d, float scale, float* scores) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    const float *k0 = keys + t * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t i = 0; i < d; ++i) {
+      s0 += q[i] * k0[i];
+      s1 += q[i] * k1[i];
+      s2 += q[i] * k2[i];
+      s3 += q[i] * k3[i];
+    }
+    scores[t] = s0 * scale, scores[t + 1] = s1 * scale, scores[t + 2] = s2 * scale, scores[t + 3] = s3 * scale;
+  }
+  for (; t < n; ++t) {
+    const float* k = keys + t * d;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < d; ++i) sum += q[i] * k[i];
+    scores[t] = sum * scale;
+  }
+}
+
+// exp(x) for x <= 0 in a form the compiler vectorizes (glibc's expf is a call per element: at a context of
+// 1000 the exponentials were most of the kernel's time). Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
+// e^r by a degree-6 polynomial, 2^n from the exponent bits; within 2 ulp of expf. Below -87.3 it
+// returns ~1e-38 rather than 0: nothing against the sums it joins.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+// Per-thread scratch: scores [G, PS], running max and sum [G], accumulators [G, D].
+struct Scratch {
+  std::vector<float> scores, running_max, denominator, acc;
+  void resize(const Problem& p) {
+    scores.resize(p.group * p.page_size);
+    running_max.resize(p.group);
+    denominator.resize(p.group);
+    acc.resize(p.group * p.head_dim);
+  }
+};
+
+void attend_pair(const Problem& p, int64_t pair, Scratch& s) {
+  const int64_t row = pair / p.kv_heads, head = pair % p.kv_heads;
+  const int64_t G = p.group, D = p.head_dim, PS = p.page_size;
+  const int64_t first = (row * p.kv_heads + head) * G * D;  // of this pair's query heads in q and out
+  const float* q = p.q + first;
+  float* out = p.out + first;
+  int64_t bound = std::min<int64_t>(p.lens[row], static_cast<int64_t>(p.positions[row]) + 1);
+  bound = std::min(bound, p.table_width * PS);
+  if (bound <= 0) {
+    std::fill(out, out + G * D, 0.f);
+    return;
+  }
+  std::fill(s.running_max.begin(), s.running_max.end(), -std::numeric_limits<float>::infinity());
+  std::fill(s.denominator.begin(), s.denominator.end(), 0.f);
+  std::fill(s.acc.begin(), s.acc.end(), 0.f);
+  for (int64_t start = 0; start < bound; start += PS) {
+    const int64_t page = std::clamp<int64_t>(p.tables[row * p.table_width + start / PS], 0, p.pages - 1);
+    const int64_t n = std::min(PS, bound - start);
+    const int64_t offset = (head * p.pages + page) * PS * D;
+    const float* keys = p.k + offset;
+    const float* values = p.v + offset;
+    for (int64_t g = 0; g < G; ++g)  // a page's keys (16 KB at 64 x 64) stay in L1 across the group
+      key_scores(q + g * D, keys, n, D, p.scale, s.scores.data() + g * PS);
+    for (int64_t g = 0; g < G; ++g) {
+      float* scores = s.scores.data() + g * PS;
+      float page_max = *std::max_element(scores, scores + n);
+      const float new_max = std::max(s.running_max[g], page_max);
+      // Earlier pages' sums were taken against a smaller max (exp(-inf) = 0 on the first page).
+      const float rescale = std::exp(s.running_max[g] - new_max);
+      s.denominator[g] *= rescale;
+      float* acc = s.acc.data() + g * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] *= rescale;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        scores[t] = exp_nonpositive(scores[t] - new_max);
+        sum += scores[t];
+      }
+      s.denominator[g] += sum;
+      s.running_max[g] = new_max;
+    }
+    for (int64_t t = 0; t < n; ++t) {  // each value read once
+      const float* value = values + t * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float weight = s.scores[g * PS + t];
+        float* acc = s.acc.data() + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += weight * value[d];
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float inverse = 1.f / s.denominator[g];
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = s.acc[g * D + d] * inverse;
+  }
+}
+
+// Takes pairs until none is left; the thread that finishes the last one wakes the caller.
+void drain(Work& work) {
+  Scratch scratch;
+  scratch.resize(work.problem);
+  for (int64_t pair = work.next.fetch_add(1); pair < work.total; pair = work.next.fetch_add(1)) {
+    attend_pair(work.problem, pair, scratch);
+    if (work.finished.fetch_add(1) + 1 == work.total) {
+      std::lock_guard<std::mutex> lock(work.mutex);
+      work.all_finished.notify_all();
+    }
+  }
+}
+
+ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
+                       ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> block_tables,
+                       ffi::Buffer<ffi::S32> q_positions, ffi::Buffer<ffi::S32> kv_lens, float scale,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions();
+  const auto kd = k_pages.dimensions();
+  const auto td = block_tables.dimensions();
+  const auto vd = v_pages.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || td.size() != 2 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()))
+    return ffi::Error::InvalidArgument("paged decode: expected q [B, Hq, D], pages [Hkv, P, PS, D], tables [B, W]");
+  if (qd[1] % kd[0] != 0 || qd[2] != kd[3] || td[0] != qd[0])
+    return ffi::Error::InvalidArgument("paged decode: q, pages and tables disagree on heads, head size or rows");
+  auto work = std::make_shared<Work>();
+  work->problem = Problem{q.typed_data(),        k_pages.typed_data(), v_pages.typed_data(),
+                          block_tables.typed_data(), q_positions.typed_data(), kv_lens.typed_data(),
+                          out->typed_data(),     qd[0],                kd[0],
+                          qd[1] / kd[0],         qd[2],                kd[1],
+                          kd[2],                 td[1],                scale};
+  work->total = qd[0] * kd[0];
+  // One helper per pool thread at most, and none where there is a single pair.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->total - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { drain(*work); });
+  drain(*work);
+  std::unique_lock<std::mutex> lock(work->mutex);
+  work->all_finished.wait(lock, [&] { return work->finished.load() == work->total; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlservePagedDecodeF32, PagedDecode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pages
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
