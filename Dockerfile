@@ -60,7 +60,15 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30m --retries=3 \
 ENTRYPOINT ["xlserve", "serve"]
 CMD ["api_server"]
 
+# A C++ compiler: the CPU's decode attention kernel is compiled on first use for the CPU it runs on
+# (-march=native, cached under /cache/xlserve/native; without one, attention runs in XLA, slower).
 FROM runtime AS cpu
+USER 0
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+USER 1001
 COPY --from=build-cpu /opt/xlserve /opt/xlserve
 
 FROM runtime AS gpu
