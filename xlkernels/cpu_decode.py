@@ -99,9 +99,10 @@ def native_kernel_ready() -> bool:
 
 
 def native_decode_applies(q: jax.Array, k_pages: Pages) -> bool:
-    """Whether `paged_attention_cpu` runs these operands natively: one plain float32 query token per row."""
+    """Whether `paged_attention_cpu` runs these operands natively: one plain float32 query token per row, on
+    a host whose JAX runs on its CPU (the kernel is registered for XLA:CPU only)."""
     return (q.shape[1] == 1 and not isinstance(k_pages, QuantizedPages) and q.dtype == jnp.float32
-            and k_pages.dtype == jnp.float32 and native_kernel_ready())
+            and k_pages.dtype == jnp.float32 and jax.default_backend() == "cpu" and native_kernel_ready())
 
 
 def paged_attention_cpu(
