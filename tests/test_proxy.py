@@ -42,7 +42,11 @@ NUM_PAGES = 20
 # import everything into is seconds shorter on CI, and the proxy sees the same HTTP either way.
 NODE_FLAGS = [*SMALL_BUCKET_FLAGS, "--num-pages", str(NUM_PAGES), "--no-engine-process"]
 STRATEGY_PROXIES = ("random", "min_expected_latency", "min_observed_latency", "session")
-STREAM = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 100, "ignore_eos": True, "stream": True}
+# Greedy: these streams test routing and failover. (Sampled, a node that loaded the first node's stored
+# sampler programs failed a step now and then with XLA:CPU's "Function bitcast-convert_slice_fusion not
+# found": docs/perf-notes.md, "Eighth session", an open finding.)
+STREAM = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 100, "ignore_eos": True, "stream": True,
+          "temperature": 0}
 
 
 @dataclass
@@ -497,37 +501,53 @@ def test_a_node_killed_during_thirty_requests_costs_no_client_an_error_and_comes
 
 
 async def test_a_node_killed_mid_stream_ends_its_streams_with_an_error_event(cluster: Cluster) -> None:
+    """Six streams, two a node; node 2 runs at a tenth of its speed (stopped 45 ms of every 50), so its two
+    are still streaming when the others' four have ended, and then it is killed: exactly its two end with
+    an error event, at once. (Killing a node once all six had started found it done with its streams in
+    CI: the tiny model's 100 tokens take a fraction of a second, and the proxy still counted them in
+    flight while it relayed their last bytes.)"""
     url = cluster.strategies["min_expected_latency"]
     wait_for(lambda: all(n["healthy"] for n in httpx.get(f"{url}/nodes/status").json().values()), 30,
              "the proxy has every node in rotation")
-    started = 0
-    all_started = asyncio.Event()
+    victim = cluster.nodes[2].process
+    throttled = threading.Event()
+
+    def throttle() -> None:
+        while not throttled.is_set():
+            victim.send_signal(signal.SIGSTOP)
+            time.sleep(0.045)
+            victim.send_signal(signal.SIGCONT)
+            time.sleep(0.005)
+
+    open_streams: dict[int, int] = {}  # stream -> lines received, while it streams
     killed_at: list[float] = []
     async with httpx.AsyncClient(timeout=60) as client:
 
-        async def stream() -> tuple[list[str], float]:
-            nonlocal started
+        async def stream(index: int) -> tuple[list[str], float]:
             async with client.stream("POST", f"{url}/v1/completions", json=STREAM) as response:
                 assert response.status_code == 200
-                lines = sse_lines(response)
-                received = [await anext(lines)]
-                started += 1
-                if started == 6:
-                    all_started.set()
-                received += [line async for line in lines]
+                received = []
+                open_streams[index] = 0
+                async for line in sse_lines(response):
+                    received.append(line)
+                    open_streams[index] += 1
+                del open_streams[index]
                 return received, time.monotonic()
 
-        streams = [asyncio.create_task(stream()) for _ in range(6)]
-        await asyncio.wait_for(all_started.wait(), 60)
-        # The node with the most streams in flight by the proxy's count: on a loaded CI machine one node
-        # finished both its 100-token streams before a busy node had answered its first token (0 of 6 on
-        # a fixed victim).
-        in_flight = {k: v for k, v in node_metrics(url).items()
-                     if k.startswith("xlserve:proxy_node_requests_in_flight")}
-        victim = max(range(3), key=lambda index: in_flight[
-            f"xlserve:proxy_node_requests_in_flight{{node={cluster.node_url(index)}}}"])
-        cluster.nodes[victim].process.kill()
-        killed_at.append(time.monotonic())
+        thread = threading.Thread(target=throttle, daemon=True)
+        thread.start()
+        try:
+            streams = [asyncio.create_task(stream(i)) for i in range(6)]
+            deadline = time.monotonic() + 60
+            # The four on the full-speed nodes ended, the victim's two under way.
+            while not (len(open_streams) == 2 and all(open_streams.values()) and sum(s.done() for s in streams) == 4):
+                assert time.monotonic() < deadline, f"streams open (lines received): {open_streams}"
+                await asyncio.sleep(0.01)
+            victim.kill()
+            killed_at.append(time.monotonic())
+        finally:
+            throttled.set()
+            thread.join()
         results = await asyncio.wait_for(asyncio.gather(*streams), 60)
     failed = 0
     for lines, ended in results:
@@ -538,8 +558,8 @@ async def test_a_node_killed_mid_stream_ends_its_streams_with_an_error_event(clu
             failed += 1
             # A surviving node failing a request is a bug of its own: show what it said and logged.
             assert last["error"]["code"] == "upstream_failed", (
-                last["error"], "\n".join(node.output()[-3000:] for node in cluster.nodes[:2]))
+                last["error"], "\n".join(node.output()[-3000:] for node in cluster.nodes[:2]))  # the survivors
             assert ended - killed_at[0] < 5, "the error came at once, well within the request timeout"
         else:
             assert last["choices"][0]["finish_reason"] == "length"
-    assert 1 <= failed <= 4, f"{failed} of 6 streams were on the killed node ({in_flight})"
+    assert failed == 2, f"{failed} of 6 streams ended with an error; the victim's two were under way"
