@@ -57,8 +57,10 @@ def _cpu_flags() -> str:
 
 def library_path() -> Path:
     """Where the library for this source, jaxlib, compiler flags and CPU lives (built or not)."""
+    import jaxlib  # its headers are what the library is compiled against
+
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jax.__version__.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
         key.update(part)
     return cache_dir() / f"cpu_decode-{key.hexdigest()[:16]}.so"
 
@@ -122,6 +124,5 @@ def paged_attention_cpu(
     batch, _, num_heads, head_dim = q.shape
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((batch, num_heads, head_dim), jnp.float32),
                             vmap_method="sequential")
-    out = call(q[:, 0], k_pages, v_pages, block_tables.astype(jnp.int32), q_positions[:, 0].astype(jnp.int32),
-               kv_lens.astype(jnp.int32), scale=np.float32(scale))
+    out = call(q[:, 0], k_pages, v_pages, block_tables, q_positions[:, 0], kv_lens, scale=np.float32(scale))
     return out[:, None]
