@@ -13,10 +13,13 @@ as a whole on entry, whatever uses it.
 Since the scale is per output channel, it multiplies the matmul's *output*: x @ w = (x @ values.T) * scale,
 so only the conversion of `values` to the activation dtype is left, and where it runs decides whether a
 weight-sized temporary exists (and how fast the product streams the weight):
+    reduce   (GPU, one row) no dot at all: the row times each output channel's contiguous inputs, summed
+             over them (XLA's row reduction, the convert fused into its loads). On the H100 it streams a
+             one-row fp8 or int8 product 1.1-1.3x faster than the fused dot (docs/perf-notes.md, "Ninth
+             session"): a GEMM's tiling only wastes work at one row.
     fused    (GPU) the convert is an operand of the dot: XLA:GPU fuses it into its GEMM fusion, so each
-             tile of the weight is converted after its load from memory, at one row too (a split-K Triton
-             GEMM at Llama-3.1-8B's shapes on the H100). Only at small shapes (the test models') does XLA turn
-             a one-row dot into multiply + reduce, which can write an f32 product of the weight.
+             tile of the weight is converted after its load from memory (a split-K Triton GEMM at
+             Llama-3.1-8B's shapes on the H100).
     native   (GPU, fp8, a product of at least `NATIVE_FP8_MIN_ROWS` rows) each row of the activations is
              scaled into e4m3's range and the dot runs in fp8 on the tensor cores (cuBLASLt's fp8 GEMM),
              both scales applied to its f32 output: faster than bf16 where the product is compute-bound
@@ -149,10 +152,12 @@ def decode(values: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 def matmul_strategy(rows: int, values_dtype: jnp.dtype, backend: str | None = None) -> str:
     """How `linear` multiplies `rows` activation rows by quantized values of `values_dtype` on `backend`
-    (default: JAX's): "blocked" on CPU; elsewhere "native" for fp8 from NATIVE_FP8_MIN_ROWS rows, "fused"
-    otherwise (see the module docstring)."""
+    (default: JAX's): "blocked" on CPU; elsewhere "reduce" for one row, "native" for fp8 from
+    NATIVE_FP8_MIN_ROWS rows, "fused" otherwise (see the module docstring)."""
     if (backend or current_platform()) == "cpu":
         return "blocked"
+    if rows == 1:
+        return "reduce"
     return "native" if values_dtype == jnp.float8_e4m3fn and rows >= NATIVE_FP8_MIN_ROWS else "fused"
 
 
@@ -176,6 +181,8 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
     strategy = strategy or matmul_strategy(rows.shape[0], values.dtype)
     if strategy == "native":
         y = _native_fp8(rows, values) * w.scale
+    elif strategy == "reduce":
+        y = _reduced(rows, values) * w.scale
     elif strategy == "fused":
         y = _contract(rows, decode(values, x.dtype)) * w.scale
     else:  # CPU: one device in practice (its loop slices the output channels, which GSPMD would gather)
@@ -187,6 +194,12 @@ def _contract(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
     """rows [M, K] with values [*out, K], accumulated in f32."""
     return jax.lax.dot_general(rows, values, (((1,), (values.ndim - 1,)), ((), ())),
                                preferred_element_type=jnp.float32)
+
+
+def _reduced(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
+    """rows [M, K] with values [*out, K] as f32 products summed over K: no dot, for one row."""
+    per_channel = rows.astype(jnp.float32).reshape(rows.shape[0], *(1,) * (values.ndim - 1), rows.shape[1])
+    return jnp.sum(per_channel * decode(values, jnp.float32)[None], axis=-1)
 
 
 def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]

@@ -95,7 +95,7 @@ def test_quantized_matmuls_match_the_float_weights_within_the_formats_rounding(k
     values, scale = quantize_weight(w, kind, 2)
     assert values.shape == (40, 6, 8) == stored_shape(w.shape, 2) and scale.shape == (40,)  # inputs last
     want = x @ w.reshape(48, 40)
-    for strategy in ("fused", "blocked") + (("native",) if kind == "fp8" else ()):
+    for strategy in ("fused", "reduce", "blocked") + (("native",) if kind == "fp8" else ()):
         got = linear(x, InputsLastWeight(values, scale, 2), in_dims=2, strategy=strategy)
         relative = float(jnp.abs(got - want).max() / jnp.abs(want).max())
         # the native dot also rounds the activations to e4m3 (3 mantissa bits), row by row
@@ -107,9 +107,12 @@ def test_quantized_matmuls_match_the_float_weights_within_the_formats_rounding(k
 def test_large_fp8_products_run_the_dot_in_fp8_and_small_ones_convert_the_weight_inside_it():
     """The accelerators' choice: from NATIVE_FP8_MIN_ROWS rows an fp8 product runs with both dot operands in
     e4m3 (Hopper's fp8 GEMM, 1.5x bf16 at 2048 rows on the H100); below, the weight is converted to the
-    activations' dtype inside the dot (the fused GEMM streams it faster at few rows)."""
+    activations' dtype inside the dot (the fused GEMM streams it faster at few rows), and one row is a
+    reduction without a dot (faster still)."""
     e4m3, rows = jnp.dtype(jnp.float8_e4m3fn), NATIVE_FP8_MIN_ROWS
     assert matmul_strategy(rows, e4m3, "gpu") == "native" and matmul_strategy(rows - 1, e4m3, "gpu") == "fused"
+    assert matmul_strategy(1, e4m3, "gpu") == "reduce" == matmul_strategy(1, jnp.dtype(jnp.int8), "gpu")
+    assert matmul_strategy(1, e4m3, "cpu") == "blocked"
     assert matmul_strategy(4096, jnp.dtype(jnp.int8), "gpu") == "fused"
     assert matmul_strategy(4096, e4m3, "cpu") == "blocked"
     values, scale = quantize_weight(jax.random.normal(jax.random.key(0), (64, 32)), "fp8", 1)

@@ -6,7 +6,7 @@ For each weight (wqkv, wo, w_gate_up, w_down: [K, N] in bf16, [N, K] quantized a
 and each row count: bf16 weights through XLA's dot, int8 and fp8 weights through XLA's fused convert + dot
 (`model.weight_quant`'s "fused"; fp8 also over a [K, N] copy, the layout before), fp8 through Hopper's native
 fp8 dot ("native": activations scaled to e4m3 per row), up to 4 rows every format as an XLA reduction without
-a dot ("reduce", a candidate not yet timed on a GPU), and with Pallas our candidate kernels (below, over
+a dot (`model.weight_quant`'s "reduce", the engine's one-row path), and with Pallas our candidate kernels (below, over
 [K, N] copies) with their default blocks, or every block choice with --sweep. Each result is checked against an f32
 reference first. Prints time per call and the weight bytes streamed per second against the device's
 copy bandwidth.
@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.weight_quant import InputsLastWeight, decode, linear, quantize_weight
+from model.weight_quant import InputsLastWeight, linear, quantize_weight
 from tools.timing import copy_bandwidth, format_bandwidth, timed
 
 ROWS = 16  # Triton's smallest dot; the most rows this kernel serves
@@ -149,10 +149,8 @@ def fused(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def reduced(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
-    """A candidate for one row: f32 products of x and values [N, K] summed over K without a dot (XLA's row
-    reduction over each output channel's contiguous inputs), then scaled."""
-    products = x.astype(jnp.float32)[:, None, :] * decode(values, jnp.float32)[None]
-    return (jnp.sum(products, axis=-1) * scale).astype(x.dtype)
+    """The engine's one-row product without a dot (`model.weight_quant`'s "reduce")."""
+    return linear(x, InputsLastWeight(values, scale), strategy="reduce")
 
 
 def reduced_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
