@@ -72,9 +72,55 @@ def test_a_restart_loads_every_program_without_tracing_and_gets_the_same_tokens(
     # (weights, the KV pool) came from JAX's cache.
     assert again["traced"] == again["compiled"] == again["cache_misses"] == 0, again
     assert again["tokens"] == first["tokens"]
-    # A different engine (another KV page format) shares the directory and none of its programs.
+    # A different engine (another KV page format) shares the directory and none of its programs. Those
+    # it shares with the first engine in substance (its samplers) JAX's cache answers, and on CPU they are
+    # not stored (test_a_program_from_jaxs_cache_is_not_stored_on_cpu); its steps are.
     other = start(tiny_llama, tmp_path, tp, quant_policy="8")
-    assert other["loaded"] == 0 and other["saved"] == first["saved"]
+    assert other["loaded"] == 0 and 0 < other["saved"] < first["saved"], other
+
+
+# A program like the sampler's (Gumbel noise from a key's bits), compiled once a process through a store
+# with the given description and JAX's cache in the given directory, then run.
+NOISE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp
+    from serving.engine.program_store import Programs, ProgramStore
+
+    jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    def noisy_choice(logits, key):
+        return jnp.argmax(logits + jax.random.gumbel(key, logits.shape), axis=-1)
+
+    store = ProgramStore(sys.argv[1] + "/programs", sys.argv[2])
+    programs = Programs(jax.jit(noisy_choice), "noisy_choice", store)
+    programs.compile("k", jax.ShapeDtypeStruct((2, 4096), jnp.float32), jax.random.key(0))
+    chosen = programs("k", jnp.zeros((2, 4096)), jax.random.key(7))
+    print(json.dumps({"loaded": store.loaded, "saved": store.saved, "chosen": chosen.tolist()}))
+    """
+)
+
+
+def test_a_program_from_jaxs_cache_is_not_stored_on_cpu(tmp_path):
+    """XLA:CPU serializes an executable that JAX's cache answered without some of its kernels: stored and
+    loaded by a later start, it failed ("Function slice_bitcast_fusion not found") where it drew the noise.
+    Such a program is not stored; a later start compiles (from JAX's cache) and runs it."""
+    def start(description: str) -> dict:
+        result = subprocess.run([sys.executable, "-c", NOISE_SCRIPT, str(tmp_path), description], cwd=REPO,
+                                capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    first = start("A")  # compiled: stored, and written to JAX's cache
+    assert (first["loaded"], first["saved"]) == (0, 1)
+    other = start("B")  # another key (as after an edit of our source): JAX's cache answers
+    assert (other["loaded"], other["saved"]) == (0, 0)
+    for description in ("B", "A"):
+        again = start(description)
+        assert again["chosen"] == first["chosen"] and again["loaded"] == (description == "A")
 
 
 def add(x: jax.Array, y: jax.Array) -> jax.Array:

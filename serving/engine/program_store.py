@@ -14,8 +14,13 @@ This store keys a program instead by what is known before tracing it:
 
 Any difference is a different key, so a stale program is never loaded; the cost of a key that is too
 strict is one compile. A program that fails to load, or loads with other input shardings than asked, is
-compiled instead. Loading an executable runs code from the directory: it is trusted as JAX's cache
-directory is (both live under the same `--compilation-cache-dir`).
+compiled instead. On CPU a program that JAX's own cache answered is not stored: XLA:CPU serializes such an
+executable without some of its kernels (jaxlib 0.10.2: the copy, loaded anywhere, fails with "Function ...
+not found" when it runs them), which a changed key (any edit of our source) or a second server starting on
+the same directory would otherwise store and a later start load.
+
+Loading an executable runs code from the directory: it is trusted as JAX's cache directory is (both live
+under the same `--compilation-cache-dir`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,26 @@ def environment_description() -> str:
                  devices[0].client.platform_version, [d.device_kind for d in devices], jax.process_count(), native))
 
 
+# How many of JAX's persistent-cache hits each thread has seen: a compile that raised it was answered by
+# JAX's cache (the event is recorded in the compiling thread).
+_cache_hits = threading.local()
+
+
+def _count_cache_hit(event: str, **_: object) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _cache_hits.count = getattr(_cache_hits, "count", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+def _compile(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
+    """`lowered` compiled, and whether JAX's persistent cache answered."""
+    before = getattr(_cache_hits, "count", 0)
+    compiled = lowered.compile()
+    return compiled, getattr(_cache_hits, "count", 0) > before
+
+
 def _signature(tree: Any) -> str:
     """The abstract form of a call's arguments: tree structure, then each leaf's shape, dtype and sharding."""
     leaves, structure = jax.tree.flatten(tree)
@@ -89,6 +115,7 @@ class ProgramStore:
         self.directory = Path(directory)
         self.fingerprint = hashlib.sha256(
             "\n".join((source_digest(), environment_description(), description)).encode()).hexdigest()
+        self.platform = jax.devices()[0].platform
         self.loaded = self.saved = 0  # programs read back / written (tests read them)
 
     @classmethod
@@ -124,8 +151,12 @@ class ProgramStore:
         self.loaded += 1
         return compiled
 
-    def save(self, path: Path, compiled: jax.stages.Compiled) -> None:
-        """Write `compiled` at `path` (atomically: a reader sees the whole file or none)."""
+    def save(self, path: Path, compiled: jax.stages.Compiled, from_jax_cache: bool = False) -> None:
+        """Write `compiled` at `path` (atomically: a reader sees the whole file or none), unless it is an
+        XLA:CPU executable that JAX's cache answered (see the module docstring)."""
+        if from_jax_cache and self.platform == "cpu":
+            logger.debug("not storing %s: XLA:CPU re-serializes a cached executable incompletely", path.name)
+            return
         try:
             payload = pickle.dumps(serialize_executable.serialize(compiled))
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -176,9 +207,9 @@ class Programs:
         path = None if self.store is None else self.store.path(self.name, dynamic, (args[len(dynamic):], static))
         compiled = None if path is None else self.store.load(path, dynamic)
         if compiled is None:
-            compiled = self.function.lower(*args, **static).compile()
+            compiled, from_jax_cache = _compile(self.function.lower(*args, **static))
             if path is not None:
-                self.store.save(path, compiled)
+                self.store.save(path, compiled, from_jax_cache)
         self._compiled[key] = compiled
 
     def compiled(self, key: Hashable) -> jax.stages.Compiled | None:
