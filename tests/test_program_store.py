@@ -144,6 +144,16 @@ def test_the_key_covers_the_description_shapes_and_static_arguments(tmp_path):
     assert programs("k", jnp.ones(4), jnp.ones(4)).tolist() == [2.0] * 4
 
 
+def test_compiler_options_reach_xla_and_the_key(tmp_path):
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+    store = ProgramStore(str(tmp_path), "o")
+    Programs(jax.jit(add), "add", store).compile("k", x, x)
+    Programs(jax.jit(add), "add", store).compile("k", x, x, compiler_options={"xla_cpu_enable_fast_math": False})
+    assert store.saved == 2 and store.loaded == 0  # two programs: the options are part of the key
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        Programs(jax.jit(add), "add", store).compile("k", x, x, compiler_options={"xla_no_such_option": True})
+
+
 def test_a_damaged_program_is_compiled_again_and_replaced(tmp_path):
     x = jax.ShapeDtypeStruct((3,), jnp.float32)
     Programs(jax.jit(add), "add", ProgramStore(str(tmp_path), "d")).compile("k", x, x)

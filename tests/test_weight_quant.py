@@ -34,6 +34,7 @@ from model.weight_quant import (
     NATIVE_FP8_MIN_ROWS,
     InputsLastWeight,
     column_block,
+    compiler_options,
     linear,
     matmul_strategy,
     quantize_weight,
@@ -113,6 +114,10 @@ def test_large_fp8_products_run_the_dot_in_fp8_and_small_ones_convert_the_weight
     assert matmul_strategy(rows, e4m3, "gpu") == "native" and matmul_strategy(rows - 1, e4m3, "gpu") == "fused"
     assert matmul_strategy(1, e4m3, "gpu") == "reduce" == matmul_strategy(1, jnp.dtype(jnp.int8), "gpu")
     assert matmul_strategy(1, e4m3, "cpu") == "blocked"
+    # A program of native fp8 products compiles without XLA's Triton GEMMs (cuBLASLt runs them).
+    assert compiler_options(rows, e4m3, "gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert compiler_options(rows - 1, e4m3, "gpu") == compiler_options(rows, jnp.dtype(jnp.int8), "gpu") == {}
+    assert compiler_options(rows, None, "gpu") == compiler_options(rows, e4m3, "cpu") == {}
     assert matmul_strategy(4096, jnp.dtype(jnp.int8), "gpu") == "fused"
     assert matmul_strategy(4096, e4m3, "cpu") == "blocked"
     values, scale = quantize_weight(jax.random.normal(jax.random.key(0), (64, 32)), "fp8", 1)

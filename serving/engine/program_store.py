@@ -91,10 +91,10 @@ def _count_cache_hit(event: str, **_: object) -> None:
 jax.monitoring.register_event_listener(_count_cache_hit)
 
 
-def _compile(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
-    """`lowered` compiled, and whether JAX's persistent cache answered."""
+def _compile(lowered: jax.stages.Lowered, options: dict[str, Any]) -> tuple[jax.stages.Compiled, bool]:
+    """`lowered` compiled with XLA's `options`, and whether JAX's persistent cache answered."""
     before = getattr(_cache_hits, "count", 0)
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=options or None)
     return compiled, getattr(_cache_hits, "count", 0) > before
 
 
@@ -200,14 +200,18 @@ class Programs:
         self._static_args = static_args
         self._compiled: dict[Hashable, jax.stages.Compiled] = {}
 
-    def compile(self, key: Hashable, *args: Any, **static: Any) -> None:
+    def compile(self, key: Hashable, *args: Any, compiler_options: dict[str, Any] | None = None,
+                **static: Any) -> None:
         """Make the program for `key` from abstract `args` (`jax.ShapeDtypeStruct`s, or arrays whose shapes
-        are all that is read) and `static` keyword arguments; thread-safe for distinct keys."""
+        are all that is read) and `static` keyword arguments, with XLA's `compiler_options`; thread-safe for
+        distinct keys."""
         dynamic = args[: len(args) - self._static_args]
-        path = None if self.store is None else self.store.path(self.name, dynamic, (args[len(dynamic):], static))
+        options = dict(sorted((compiler_options or {}).items()))
+        path = None if self.store is None else self.store.path(self.name, dynamic,
+                                                               (args[len(dynamic):], static, options))
         compiled = None if path is None else self.store.load(path, dynamic)
         if compiled is None:
-            compiled, from_jax_cache = _compile(self.function.lower(*args, **static))
+            compiled, from_jax_cache = _compile(self.function.lower(*args, **static), options)
             if path is not None:
                 self.store.save(path, compiled, from_jax_cache)
         self._compiled[key] = compiled

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
+from model.weight_quant import compiler_options, quantized_values_dtype
 from serving.engine.columns import Columns
 from serving.engine.config import BucketSet, StepShape
 from serving.engine.guided import GuidedDecoding, RowColumns
@@ -285,6 +286,7 @@ class ModelRunner:
     ):
         self.config = config
         self.params = params
+        self._quantized_dtype = quantized_values_dtype(params)  # decides the step programs' XLA options
         self.page_size = page_size
         self.pages_per_seq = pages_per_seq
         self.buckets = buckets
@@ -396,8 +398,9 @@ class ModelRunner:
         token_ids, row_table, *_ = self._padding_inputs(rows, tokens)
         run_step = self._shared_step if shared_prefix else self._step
         packed = _packed(*shape)
+        options = compiler_options(rows * tokens if packed is None else packed, self._quantized_dtype)
         run_step.compile((rows, tokens, packed, decode), *self._state_specs[:4], token_ids, row_table, packed=packed,
-                         decode=decode)
+                         decode=decode, compiler_options=options)
 
     def _sampler_specs(self, rows: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
         """The step's outputs a sampler reads: f32[rows, V] logits and bool[rows, V] seen tokens."""
