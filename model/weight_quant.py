@@ -24,6 +24,7 @@ weight-sized temporary exists (and how fast the product streams the weight):
              scaled into e4m3's range and the dot runs in fp8 on the tensor cores (cuBLASLt's fp8 GEMM),
              both scales applied to its f32 output: faster than bf16 where the product is compute-bound
              (prefill, large decode batches). Fewer rows stream the weight faster through the fused path.
+             Such programs compile without XLA's Triton GEMMs (`compiler_options`).
     blocked  (CPU) XLA:CPU runs a dot's operands as buffers of their own (it would convert the whole weight
              first), so the weight is converted and multiplied a block of output channels at a time in a
              loop, weight-left (see below): the temporary is one block (`BLOCK_ELEMENTS`), never the weight.
