@@ -27,10 +27,12 @@ def test_the_kernel_builds_here_and_is_the_cpus_default():
     assert resolve_backend("auto") == "cpu" and get_paged_attention("auto") is paged_attention_cpu
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (8, 1), (3, 3)])
-def test_decode_matches_reference(num_heads, num_kv_heads):
+# Head sizes: the kernel sums values 32 at a time in registers, then the rest one by one (16: only the rest).
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (8, 1, 64), (3, 3, 40)])
+def test_decode_matches_reference(num_heads, num_kv_heads, head_dim):
     # Ragged rows: a padding row, inside the first page, on a page boundary, mid-table, the whole table.
-    args = paged_batch([0, 3, 2 * PAGE_SIZE, 21, PAGES_PER_SEQ * PAGE_SIZE], 1, num_heads, num_kv_heads)
+    args = paged_batch([0, 3, 2 * PAGE_SIZE, 21, PAGES_PER_SEQ * PAGE_SIZE], 1, num_heads, num_kv_heads,
+                       head_dim=head_dim)
     assert TARGET in lowered(args), "decode rows of float32 pages run the native kernel"
     got = attend(paged_attention_cpu, args)
     # The reference averages a padding row's (masked) values; the kernels, like the XLA loop, give zeros.

@@ -13,17 +13,18 @@ from xlkernels.xla_attention import CHUNK_TOKENS, chunk_pages, context_chunks
 HEAD_DIM, PAGE_SIZE, PAGES_PER_SEQ = 16, 4, 12
 
 
-def paged_batch(kv_lens: list[int], num_q: int, num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0) -> dict:
+def paged_batch(kv_lens: list[int], num_q: int, num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0,
+                head_dim: int = HEAD_DIM) -> dict:
     """A batch whose rows own shuffled pages holding random keys/values up to their kv_len; each row's last
     `num_q` positions are its queries (a decode step when num_q == 1, a prefill chunk otherwise)."""
     rng = np.random.default_rng(seed)
     batch, num_pages = len(kv_lens), len(kv_lens) * PAGES_PER_SEQ + 1
     tables = (1 + rng.permutation(num_pages - 1)).reshape(batch, PAGES_PER_SEQ).astype(np.int32)
-    shape = (num_kv_heads, num_pages, PAGE_SIZE, HEAD_DIM)
+    shape = (num_kv_heads, num_pages, PAGE_SIZE, head_dim)
     k_pages, v_pages = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
     kv_lens = np.asarray(kv_lens, np.int32)
     positions = np.maximum(kv_lens[:, None] - num_q + np.arange(num_q)[None, :], 0).astype(np.int32)
-    q = rng.standard_normal((batch, num_q, num_heads, HEAD_DIM)).astype(np.float32)
+    q = rng.standard_normal((batch, num_q, num_heads, head_dim)).astype(np.float32)
     return dict(q=q, k_pages=k_pages, v_pages=v_pages, block_tables=tables, q_positions=positions, kv_lens=kv_lens)
 
 
