@@ -397,8 +397,8 @@ class ModelRunner:
         rows, tokens, packed, decode = shape
         token_ids, row_table, *_ = self._padding_inputs(rows, tokens)
         run_step = self._shared_step if shared_prefix else self._step
+        options = compiler_options(shape.packed, self._quantized_dtype)  # packed: the matmuls' row count
         packed = _packed(*shape)
-        options = compiler_options(rows * tokens if packed is None else packed, self._quantized_dtype)
         run_step.compile((rows, tokens, packed, decode), *self._state_specs[:4], token_ids, row_table, packed=packed,
                          decode=decode, compiler_options=options)
 
