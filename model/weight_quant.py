@@ -162,21 +162,13 @@ def matmul_strategy(rows: int, values_dtype: jnp.dtype, backend: str | None = No
     return "native" if values_dtype == jnp.float8_e4m3fn and rows >= NATIVE_FP8_MIN_ROWS else "fused"
 
 
-def quantized_values_dtype(params: object) -> jnp.dtype | None:
-    """The dtype of the quantized weights' values in a parameter tree (int8, float8_e4m3fn or its bytes), or
-    None if no weight is quantized."""
-    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, InputsLastWeight)):
-        if isinstance(leaf, InputsLastWeight) and leaf.scale is not None:
-            return leaf.values.dtype
-    return None
-
-
-def compiler_options(rows: int, values_dtype: jnp.dtype | None, backend: str | None = None) -> dict[str, bool]:
-    """XLA options for a program whose matmuls have `rows` rows over weights of `values_dtype`: where its
+def compiler_options(rows: int, weight_quant: str | None, backend: str | None = None) -> dict[str, bool]:
+    """XLA options for a program whose matmuls have `rows` rows over weights quantized as `weight_quant` (a
+    model config's: "int8", "fp8" or None): where its
     quantized products run natively in fp8, without XLA's Triton GEMMs, so that they run as cuBLASLt's fp8
     GEMM. As Triton GEMMs XLA:GPU autotunes them for minutes (a B3 bucket set did not compile in 230 s on
     the H100), and untuned they ran 20x slower than cuBLASLt (docs/perf-notes.md, "Ninth session")."""
-    if values_dtype is None or matmul_strategy(rows, values_dtype, backend) != "native":
+    if weight_quant is None or matmul_strategy(rows, jnp.dtype(_STORAGE[weight_quant]), backend) != "native":
         return {}
     return {"xla_gpu_enable_triton_gemm": False}
 

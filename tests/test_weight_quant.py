@@ -40,6 +40,7 @@ from model.weight_quant import (
     quantize_weight,
     stored_shape,
     stored_weight,
+    target_platform,
 )
 from serving.engine.runner import ROW_FIELDS, step
 from tests.checkpoints import make_llama_checkpoint
@@ -115,9 +116,9 @@ def test_large_fp8_products_run_the_dot_in_fp8_and_small_ones_convert_the_weight
     assert matmul_strategy(1, e4m3, "gpu") == "reduce" == matmul_strategy(1, jnp.dtype(jnp.int8), "gpu")
     assert matmul_strategy(1, e4m3, "cpu") == "blocked"
     # A program of native fp8 products compiles without XLA's Triton GEMMs (cuBLASLt runs them).
-    assert compiler_options(rows, e4m3, "gpu") == {"xla_gpu_enable_triton_gemm": False}
-    assert compiler_options(rows - 1, e4m3, "gpu") == compiler_options(rows, jnp.dtype(jnp.int8), "gpu") == {}
-    assert compiler_options(rows, None, "gpu") == compiler_options(rows, e4m3, "cpu") == {}
+    assert compiler_options(rows, "fp8", "gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert compiler_options(rows - 1, "fp8", "gpu") == compiler_options(rows, "int8", "gpu") == {}
+    assert compiler_options(rows, None, "gpu") == compiler_options(rows, "fp8", "cpu") == {}
     assert matmul_strategy(4096, jnp.dtype(jnp.int8), "gpu") == "fused"
     assert matmul_strategy(4096, e4m3, "cpu") == "blocked"
     values, scale = quantize_weight(jax.random.normal(jax.random.key(0), (64, 32)), "fp8", 1)
@@ -133,7 +134,25 @@ def test_large_fp8_products_run_the_dot_in_fp8_and_small_ones_convert_the_weight
         assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 0.12, strategy
 
 
-@pytest.mark.parametrize("rows", [1, 16, 256])
+def test_an_fp8_engine_compiles_its_large_steps_without_tritons_gemms(tiny_llama):
+    """The engine's own step programs get the options (the ninth session's runner read them from a parameter
+    tree that holds no quantized weight objects, so on the H100 every fp8 step still autotuned Triton GEMMs
+    for minutes): an fp8 engine's runner, asked as on a GPU, turns Triton's GEMMs off from
+    NATIVE_FP8_MIN_ROWS rows of its matmuls (int8 and unquantized weights: `compiler_options` above)."""
+    from serving import pipeline
+    from serving.engine.config import StepShape
+    from tests.conftest import TINY_ENGINE_OPTIONS
+
+    rows = NATIVE_FP8_MIN_ROWS
+    with pipeline(str(tiny_llama), **TINY_ENGINE_OPTIONS, weight_quant="fp8") as pipe:
+        runner = pipe.engine.runner
+        with target_platform("cuda"):
+            assert runner.compiler_options(StepShape(rows, 1, rows)) == {"xla_gpu_enable_triton_gemm": False}
+            assert runner.compiler_options(StepShape(2, rows, 2 * rows)) == {"xla_gpu_enable_triton_gemm": False}
+            assert runner.compiler_options(StepShape(rows - 1, 1, rows - 1)) == {}
+        assert runner.compiler_options(StepShape(rows, 1, rows)) == {}  # on this CPU
+
+
 def test_cpu_products_put_the_weight_on_the_left(rows):
     """On CPU an unquantized weight is stored inputs-last and its product runs as (values @ x.T).T: the dot's
     output is [out, rows] (the orientation XLA:CPU runs ~1.7x faster at 16 rows) and no transposed copy of

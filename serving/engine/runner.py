@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
 from model.llama import AttentionBatch, CausalLM, LayerCache, empty_cache
-from model.weight_quant import compiler_options, quantized_values_dtype
+from model.weight_quant import compiler_options
 from serving.engine.columns import Columns
 from serving.engine.config import BucketSet, StepShape
 from serving.engine.guided import GuidedDecoding, RowColumns
@@ -286,7 +286,6 @@ class ModelRunner:
     ):
         self.config = config
         self.params = params
-        self._quantized_dtype = quantized_values_dtype(params)  # decides the step programs' XLA options
         self.page_size = page_size
         self.pages_per_seq = pages_per_seq
         self.buckets = buckets
@@ -397,10 +396,13 @@ class ModelRunner:
         rows, tokens, packed, decode = shape
         token_ids, row_table, *_ = self._padding_inputs(rows, tokens)
         run_step = self._shared_step if shared_prefix else self._step
-        options = compiler_options(shape.packed, self._quantized_dtype)  # packed: the matmuls' row count
         packed = _packed(*shape)
         run_step.compile((rows, tokens, packed, decode), *self._state_specs[:4], token_ids, row_table, packed=packed,
-                         decode=decode, compiler_options=options)
+                         decode=decode, compiler_options=self.compiler_options(shape))
+
+    def compiler_options(self, shape: StepShape) -> dict[str, bool]:
+        """XLA's options for the step program of `shape`: its matmuls have `shape.packed` rows."""
+        return compiler_options(shape.packed, self.config.weight_quant)
 
     def _sampler_specs(self, rows: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
         """The step's outputs a sampler reads: f32[rows, V] logits and bool[rows, V] seen tokens."""
