@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.weight_quant import InputsLastWeight, decode, linear, quantize_weight
+from model.weight_quant import InputsLastWeight, linear, quantize_weight
 from tools.timing import copy_bandwidth, format_bandwidth, timed
 
 ROWS = 16  # Triton's smallest dot; the most rows this kernel serves
@@ -153,16 +153,6 @@ def reduced(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
     return linear(x, InputsLastWeight(values, scale), strategy="reduce")
 
 
-def reduced_split(x: jax.Array, values: jax.Array, scale: jax.Array, splits: int) -> jax.Array:
-    """The one-row reduction with each output channel's K inputs cut into `splits` pieces reduced apart and
-    then added: `splits` times the row reductions in flight, for weights with few output channels."""
-    n, k = values.shape
-    parts = x.astype(jnp.float32).reshape(x.shape[0], 1, splits, k // splits) * decode(
-        values, jnp.float32).reshape(1, n, splits, k // splits)
-    partial = jax.lax.optimization_barrier(jnp.sum(parts, axis=-1))  # [M, N, S]: XLA would merge the two sums
-    return (jnp.sum(partial, axis=-1) * scale).astype(x.dtype)
-
-
 def reduced_bf16(x: jax.Array, w: jax.Array) -> jax.Array:
     """bf16 weights [K, N] the same way: XLA's column reduction."""
     return jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None], axis=1).astype(x.dtype)
@@ -210,9 +200,6 @@ def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], int
         yield f"{kind} xla fused", fused, kind
         if rows <= 4:
             yield f"{kind} xla reduce", reduced, kind
-            for splits in (2, 4, 8):
-                if k % splits == 0:
-                    yield f"{kind} xla reduce split {splits}", functools.partial(reduced_split, splits=splits), kind
         if not pallas:
             continue
         for b in blocks if kind == "fp8" else blocks[:1]:  # int8 takes the first (default) blocks only
