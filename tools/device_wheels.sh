@@ -10,5 +10,5 @@ cp ../shared/device-wheels/*.whl .whl/
 python -m pip download -q --no-deps -d .whl --python-version 3.12 --only-binary=:all: \
   --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
   swagger-ui-bundle-v2 quart-cors tqdm httpx httpcore h11 prometheus-client einops \
-  outlines-core llguidance gguf
+  outlines-core llguidance gguf py-spy
 ls .whl | wc -l
