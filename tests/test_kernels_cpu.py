@@ -13,8 +13,9 @@ import pytest
 
 from tests.test_kernels_xla import HEAD_DIM, PAGE_SIZE, PAGES_PER_SEQ, attend, paged_batch
 from xlkernels import get_paged_attention, paged_attention_reference, resolve_backend
-from xlkernels.cpu_decode import TARGET, build, native_kernel_ready, paged_attention_cpu
+from xlkernels.cpu_decode import TARGET, paged_attention_cpu
 from xlkernels.kv_quant import empty_pages
+from xlkernels.native_build import build, native_kernels_ready
 
 
 def lowered(args: dict) -> str:
@@ -23,7 +24,7 @@ def lowered(args: dict) -> str:
 
 
 def test_the_kernel_builds_here_and_is_the_cpus_default():
-    assert native_kernel_ready()
+    assert native_kernels_ready()
     assert resolve_backend("auto") == "cpu" and get_paged_attention("auto") is paged_attention_cpu
 
 
@@ -77,13 +78,13 @@ def test_a_compiler_error_is_reported(tmp_path, monkeypatch, caplog):
     with pytest.raises(subprocess.CalledProcessError):
         build(tmp_path / "kernel.so")
     assert not list(tmp_path.iterdir()), "nothing half-written is left behind"
-    native_kernel_ready.cache_clear()
-    monkeypatch.setattr("xlkernels.cpu_decode.library_path", lambda: tmp_path / "kernel.so")
+    native_kernels_ready.cache_clear()
+    monkeypatch.setattr("xlkernels.native_build.library_path", lambda: tmp_path / "kernel.so")
     try:
         with caplog.at_level(logging.WARNING):
-            assert not native_kernel_ready()
-        assert "runs in XLA" in caplog.text
+            assert not native_kernels_ready()
+        assert "run in XLA" in caplog.text
     finally:
-        native_kernel_ready.cache_clear()
+        native_kernels_ready.cache_clear()
     monkeypatch.undo()
-    assert native_kernel_ready()
+    assert native_kernels_ready()

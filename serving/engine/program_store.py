@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.experimental import serialize_executable
 
-from xlkernels.cpu_decode import native_kernel_ready
+from xlkernels.native_build import native_kernels_ready
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,10 @@ def environment_description() -> str:
     import jaxlib
 
     devices = jax.devices()
-    # Whether the CPU's native attention kernel is registered decides what a step lowers to (a custom call
-    # or XLA's loop), and a stored program calling it needs it registered before it is loaded (this does).
-    native = devices[0].platform == "cpu" and native_kernel_ready()
+    # Whether the CPU's native kernels are registered decides what a step lowers to (custom calls
+    # or XLA's loop and dots), and a stored program calling them needs them registered before it is loaded
+    # (this does).
+    native = devices[0].platform == "cpu" and native_kernels_ready()
     settings = {name: getattr(jax.config, name, None) for name in _JAX_SETTINGS}
     return repr((jax.__version__, jaxlib.__version__, os.environ.get("XLA_FLAGS", ""),
                  os.environ.get("LIBTPU_INIT_ARGS", ""), sorted(settings.items()), devices[0].platform,
