@@ -1,4 +1,4 @@
-"""The native CPU kernels (`cpu_decode.cc`: decode attention), built on
+"""The native CPU kernels (`cpu_decode.cc`: decode attention, `cpu_matmul.cc`: few-row products), built on
 first use with the host's C++ compiler against the XLA FFI headers jaxlib ships into one library, cached,
 loaded and registered with XLA:CPU.
 
@@ -6,7 +6,7 @@ The library is built once per set of sources, jaxlib, flags and CPU (`-march=nat
 between machines keeps one library per instruction set) under `$XDG_CACHE_HOME/xlserve/native` (else
 ~/.cache), written to a temporary name and renamed, so processes starting together never load a
 half-written file. The sources compile in parallel (one compiler per source, then one link): the first
-start of a server overlaps this build, and several sources in a row would add up.
+start of a server overlaps this build, and two sources in a row would double it.
 
 Without a compiler (or where the build fails) `native_kernels_ready` is False, with one warning, and the
 callers keep to XLA (attention's loop, XLA's dots).
@@ -29,9 +29,9 @@ import jax
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "cpu_decode.cc",)
+SOURCES = (_HERE / "cpu_decode.cc", _HERE / "cpu_matmul.cc")
 # XLA FFI target name -> the handler symbol the library exports.
-TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32"}
+TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32", "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC")
 
 

@@ -1,0 +1,192 @@
+// Few-row float32 products for XLA:CPU, as an XLA FFI handler (xlkernels/cpu_matmul.py loads it).
+//
+// out[M, N] = x[M, K] @ w[N, K]^T for M <= 16 rows, the weight stored inputs-last as every CPU matmul
+// weight is (model/weight_quant.py). A decode step's products are of this kind: at 16 rows XLA:CPU's
+// dots ran at ~100 GFLOP/s where a hand-written register-blocked loop reached 112-120 on the same two
+// cores (docs/perf-notes.md, "Ninth session"; measured against XLA in "Tenth session").
+//
+// The broadcast form: the rows are packed transposed, xt[K, R] (R = 16 or 8 lanes, padded with zeros),
+// so one input position's rows are one vector; a block of C output channels keeps C such vectors of
+// accumulators in registers and, per input position, multiplies each channel's weight (a broadcast
+// scalar from its [N, K] row) into them. Each weight element is loaded once per call and used for all the
+// rows; the rows come from L1 (`kInputChunk` positions at a time). C is chosen for the register file
+// (AVX-512: 12 channels of 16 or 8 rows; AVX2: 6 channels of 16 rows or 12 of 8). Written with GCC vector
+// extensions, so it compiles anywhere (without AVX the vectors are split into SSE or scalar operations)
+// and -march=native picks the widest instructions; GCC contracts the multiply-adds into FMAs where the
+// target has them.
+//
+// The output channels are split into tasks handed out to the calling thread and XLA's intra-op threads,
+// as cpu_decode.cc hands out its (row, KV head) pairs.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxRows = 16;
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+
+// A block's accumulators take 12 vector registers: enough independent FMA chains to cover the FMA latency
+// on two ports (4 cycles x 2), and on AVX-512 (12 channels of 16 rows) few enough channels that each
+// channel's row pointer stays in a general register (24 spilled them to the stack; 8 and 16 were no
+// faster). On AVX2 a 16-row vector is two registers (6 channels), without AVX four (3 channels).
+#if defined(__AVX512F__)
+constexpr int kRegisterBytes = 64;
+#elif defined(__AVX__)
+constexpr int kRegisterBytes = 32;
+#else
+constexpr int kRegisterBytes = 16;
+#endif
+constexpr int kAccumulators = 12;
+
+template <typename V>
+constexpr int kChannels = std::max<int>(1, kAccumulators / std::max<int>(1, sizeof(V) / kRegisterBytes));
+
+// Output channels per task: a few register blocks, enough tasks to balance two or three threads on the
+// smallest weight (576 channels), few enough that handing them out costs nothing.
+constexpr int64_t kTaskBlocks = 2;
+
+// Inputs per pass over a task's blocks: 512 positions of 16 rows are 32 KB of packed rows, which stay in
+// L1 while the task's blocks pass over them (w_down's 1536 inputs, 96 KB, did not fit: 0.71-0.78x XLA).
+constexpr int64_t kInputChunk = 512;
+// Each weight row is prefetched (into L2) this many floats ahead, a line per row every 16 positions: the
+// hardware prefetcher alone did not keep up with C rows streamed 4 bytes at a time (single-thread on the
+// tied head ~30 GFLOP/s; prefetching ~53).
+constexpr int64_t kPrefetchAhead = 64;
+
+struct Problem {
+  const float* xt;  // [K, lanes], the rows transposed and zero-padded
+  const float* w;   // [N, K]
+  float* out;       // [M, N]
+  int64_t rows, n, k;
+};
+
+// out[:, c0 : c0 + C] for one block of C channels over inputs [k0, k1): the accumulators start from
+// `partial` unless `first`, and go to `partial` unless `last`, when they are scattered into the output.
+template <typename V, int C>
+inline void block(const Problem& p, int64_t c0, int64_t k0, int64_t k1, V* partial, bool first, bool last) {
+  constexpr int lanes = sizeof(V) / sizeof(float);
+  const V* xt = reinterpret_cast<const V*>(p.xt);
+  const float* w = p.w + c0 * p.k;
+  V acc[C];
+#pragma GCC unroll 32
+  for (int j = 0; j < C; ++j) acc[j] = first ? V{} : partial[j];
+  for (int64_t i = k0; i < k1; ++i) {
+    if (i % 16 == 0) {
+#pragma GCC unroll 32
+      for (int j = 0; j < C; ++j) __builtin_prefetch(w + j * p.k + i + kPrefetchAhead, 0, 1);
+    }
+    const V x = xt[i];
+#pragma GCC unroll 32
+    for (int j = 0; j < C; ++j) acc[j] += w[j * p.k + i] * x;
+  }
+  if (!last) {
+#pragma GCC unroll 32
+    for (int j = 0; j < C; ++j) partial[j] = acc[j];
+    return;
+  }
+  // The accumulators are the output transposed ([C, lanes]): scatter the real rows.
+  float lane[lanes];
+#pragma GCC unroll 32
+  for (int j = 0; j < C; ++j) {
+    std::memcpy(lane, &acc[j], sizeof(lane));
+    for (int64_t r = 0; r < p.rows; ++r) p.out[r * p.n + c0 + j] = lane[r];
+  }
+}
+
+// Channels [c0, c1) (at most one task's), kInputChunk inputs at a time: whole blocks of C, then the rest
+// four and one at a time.
+template <typename V>
+void channels(const Problem& p, int64_t c0, int64_t c1) {
+  constexpr int C = kChannels<V>;
+  static_assert(kTaskBlocks * C <= 64, "a task's partial sums fit `partial`");
+  V partial[64];
+  for (int64_t k0 = 0; k0 < p.k; k0 += kInputChunk) {
+    const int64_t k1 = std::min<int64_t>(p.k, k0 + kInputChunk);
+    const bool first = k0 == 0, last = k1 == p.k;
+    int64_t c = c0;
+    V* part = partial;
+    for (; c + C <= c1; c += C, part += C) block<V, C>(p, c, k0, k1, part, first, last);
+    for (; c + 4 <= c1; c += 4, part += 4) block<V, 4>(p, c, k0, k1, part, first, last);
+    for (; c < c1; ++c, ++part) block<V, 1>(p, c, k0, k1, part, first, last);
+  }
+}
+
+struct Work {
+  Problem problem;
+  bool narrow = false;  // 8 lanes (<= 8 rows) rather than 16
+  int64_t task_channels = 0, tasks = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+  std::mutex mutex;
+  std::condition_variable all_finished;
+  std::unique_ptr<float, decltype(&std::free)> xt{nullptr, &std::free};
+};
+
+// Takes tasks until none is left; the thread that finishes the last one wakes the caller. A pool thread
+// that starts after the call has returned finds nothing left and touches only `work` (shared).
+void drain(Work& work) {
+  const Problem& p = work.problem;
+  for (int64_t t = work.next.fetch_add(1); t < work.tasks; t = work.next.fetch_add(1)) {
+    const int64_t c0 = t * work.task_channels, c1 = std::min(p.n, c0 + work.task_channels);
+    if (work.narrow)
+      channels<v8>(p, c0, c1);
+    else
+      channels<v16>(p, c0, c1);
+    if (work.finished.fetch_add(1) + 1 == work.tasks) {
+      std::lock_guard<std::mutex> lock(work.mutex);
+      work.all_finished.notify_all();
+    }
+  }
+}
+
+ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || xd[0] < 1 || xd[0] > kMaxRows)
+    return ffi::Error::InvalidArgument("rows matmul: expected x [M <= 16, K] and w [N, K]");
+  const int64_t m = xd[0], k = xd[1], n = wd[0];
+  auto work = std::make_shared<Work>();
+  work->narrow = m <= 8;
+  const int64_t lanes = work->narrow ? 8 : 16;
+  work->xt.reset(static_cast<float*>(std::aligned_alloc(64, ((k * lanes * sizeof(float) + 63) / 64) * 64)));
+  if (!work->xt) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rows matmul: no memory");
+  float* xt = work->xt.get();
+  const float* xs = x.typed_data();
+  std::memset(xt, 0, k * lanes * sizeof(float));
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < k; ++i) xt[i * lanes + r] = xs[r * k + i];
+  work->problem = Problem{xt, w.typed_data(), out->typed_data(), m, n, k};
+  work->task_channels = kTaskBlocks * (work->narrow ? kChannels<v8> : kChannels<v16>);
+  work->tasks = (n + work->task_channels - 1) / work->task_channels;
+  if (work->tasks == 0) return ffi::Error::Success();
+  // One helper per pool thread at most, and none where there is a single task.
+    const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->tasks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { drain(*work); });
+  drain(*work);
+  std::unique_lock<std::mutex> lock(work->mutex);
+  work->all_finished.wait(lock, [&] { return work->finished.load() == work->tasks; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlserveRowsMatmulF32, RowsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [N, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]
