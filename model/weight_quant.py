@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
+
 T = TypeVar("T")
 
 WEIGHT_FORMATS = ("int8", "fp8")
@@ -214,9 +216,20 @@ def _reduced(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
     return jnp.sum(per_channel * decode(values, jnp.float32)[None], axis=-1)
 
 
+# The fewest rows the native kernel (xlkernels/cpu_matmul.cc) takes: from 9 rows it fills its 16-lane
+# vectors and beat XLA's dot at SmolLM2-135M's shapes (docs/perf-notes.md, "Tenth session"); at 8 rows
+# and fewer it was no faster, at 1-4 up to 2x slower.
+NATIVE_MIN_ROWS = 9
+
+
 def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
-    """rows [M, K] with values [*out, K] as (values @ rows.T).T. The barrier keeps XLA's simplifier from
+    """rows [M, K] with values [*out, K] as (values @ rows.T).T, or by the native kernel for float32
+    products of NATIVE_MIN_ROWS..16 rows on one CPU device. The barrier keeps XLA's simplifier from
     folding the transpose back into the dot, which would restore the x @ w orientation."""
+    if rows.shape[0] >= NATIVE_MIN_ROWS:
+        flat = values.reshape(-1, values.shape[-1])  # [N, K]: free on one device, the only place it runs
+        if native_matmul_applies(rows, flat):
+            return rows_matmul(rows, flat).reshape(rows.shape[0], *values.shape[:-1])
     y = jax.lax.dot_general(values, rows, (((values.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0)
 

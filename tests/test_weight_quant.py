@@ -32,6 +32,7 @@ from model.loader import (
 from model.sharding import logical_to_spec, make_mesh
 from model.weight_quant import (
     NATIVE_FP8_MIN_ROWS,
+    NATIVE_MIN_ROWS,
     InputsLastWeight,
     column_block,
     compiler_options,
@@ -44,6 +45,8 @@ from model.weight_quant import (
 )
 from serving.engine.runner import ROW_FIELDS, step
 from tests.checkpoints import make_llama_checkpoint
+from xlkernels.cpu_matmul import MAX_ROWS
+from xlkernels.cpu_matmul import TARGET as ROWS_MATMUL
 
 # Big enough that a weight dwarfs the step's activations: a decode row of E = 1024 against matrices of 1-8M.
 WIDE = ModelConfig(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_layers=2, num_heads=16,
@@ -153,10 +156,13 @@ def test_an_fp8_engine_compiles_its_large_steps_without_tritons_gemms(tiny_llama
         assert runner.compiler_options(StepShape(rows, 1, rows)) == {}  # on this CPU
 
 
+# (The decorator went missing in 3f2babd, when a test was inserted above it.)
+@pytest.mark.parametrize("rows", [1, 16, 256])
 def test_cpu_products_put_the_weight_on_the_left(rows):
     """On CPU an unquantized weight is stored inputs-last and its product runs as (values @ x.T).T: the dot's
     output is [out, rows] (the orientation XLA:CPU runs ~1.7x faster at 16 rows) and no transposed copy of
-    the weight is made. It equals x @ w."""
+    the weight is made; from NATIVE_MIN_ROWS to 16 rows the native kernel runs it instead, with no dot.
+    It equals x @ w."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 2, 48)).astype(np.float32)  # [in, 2, out], like w_gate_up
     x = rng.standard_normal((rows, 64)).astype(np.float32)
@@ -165,7 +171,9 @@ def test_cpu_products_put_the_weight_on_the_left(rows):
     product = jax.jit(lambda x, values: linear(x, InputsLastWeight(values, None, 1)))
     np.testing.assert_allclose(product(x, values), np.einsum("mk,kon->mon", x, w), rtol=1e-5, atol=1e-4)
     hlo = product.lower(x, values).compile().as_text()
-    assert re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", hlo) == [("96", str(rows))]
+    native = NATIVE_MIN_ROWS <= rows <= MAX_ROWS
+    assert (ROWS_MATMUL in hlo) == native
+    assert re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", hlo) == ([] if native else [("96", str(rows))])
     assert not re.search(r"= f32\[64,(2,48|96)\]", hlo), "a copy of the weight as [in, out]"
 
 
