@@ -147,7 +147,10 @@ def test_an_fp8_engine_compiles_its_large_steps_without_tritons_gemms(tiny_llama
     from tests.conftest import TINY_ENGINE_OPTIONS
 
     rows = NATIVE_FP8_MIN_ROWS
-    with pipeline(str(tiny_llama), **TINY_ENGINE_OPTIONS, weight_quant="fp8") as pipe:
+    # One bucket of each kind: only the runner is asked, and each fp8 program compiles the CPU's loops.
+    options = dict(TINY_ENGINE_OPTIONS, decode_batch_buckets=(1,), prefill_row_buckets=(1,),
+                   prefill_token_buckets=(16,), max_prefill_token_num=16)
+    with pipeline(str(tiny_llama), **options, weight_quant="fp8") as pipe:
         runner = pipe.engine.runner
         with target_platform("cuda"):
             assert runner.compiler_options(StepShape(rows, 1, rows)) == {"xla_gpu_enable_triton_gemm": False}
