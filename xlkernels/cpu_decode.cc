@@ -12,16 +12,13 @@
 // are clamped into the pool, as XLA clamps a gather's indices.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "native_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -42,15 +39,6 @@ struct Problem {
 
 // The pairs of one call, handed out one at a time to the calling thread and to the pool's threads. A task
 // that starts after the call has returned finds nothing left and touches only this (shared) object.
-struct Work {
-  Problem problem;
-  int64_t total = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  std::mutex mutex;
-  std::condition_variable all_finished;
-};
-
 // scores[t] = q . keys[t] * scale for n keys of `d` floats. Four keys a pass: four independent sums keep
 // the FMA units busy where one dot's chain of dependent adds would wait on each (~4x on Zen 3).
 inline void key_scores(const float* q, const float* keys, int64_t n, int64_t d, float scale, float* scores) {
@@ -188,19 +176,6 @@ void attend_pair(const Problem& p, int64_t pair, Scratch& s) {
   }
 }
 
-// Takes pairs until none is left; the thread that finishes the last one wakes the caller.
-void drain(Work& work) {
-  Scratch scratch;
-  scratch.resize(work.problem);
-  for (int64_t pair = work.next.fetch_add(1); pair < work.total; pair = work.next.fetch_add(1)) {
-    attend_pair(work.problem, pair, scratch);
-    if (work.finished.fetch_add(1) + 1 == work.total) {
-      std::lock_guard<std::mutex> lock(work.mutex);
-      work.all_finished.notify_all();
-    }
-  }
-}
-
 ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
                        ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> block_tables,
                        ffi::Buffer<ffi::S32> q_positions, ffi::Buffer<ffi::S32> kv_lens, float scale,
@@ -213,19 +188,17 @@ ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
     return ffi::Error::InvalidArgument("paged decode: expected q [B, Hq, D], pages [Hkv, P, PS, D], tables [B, W]");
   if (qd[1] % kd[0] != 0 || qd[2] != kd[3] || td[0] != qd[0])
     return ffi::Error::InvalidArgument("paged decode: q, pages and tables disagree on heads, head size or rows");
-  auto work = std::make_shared<Work>();
-  work->problem = Problem{q.typed_data(),        k_pages.typed_data(), v_pages.typed_data(),
-                          block_tables.typed_data(), q_positions.typed_data(), kv_lens.typed_data(),
-                          out->typed_data(),     qd[0],                kd[0],
-                          qd[1] / kd[0],         qd[2],                kd[1],
-                          kd[2],                 td[1],                scale};
-  work->total = qd[0] * kd[0];
-  // One helper per pool thread at most, and none where there is a single pair.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->total - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { drain(*work); });
-  drain(*work);
-  std::unique_lock<std::mutex> lock(work->mutex);
-  work->all_finished.wait(lock, [&] { return work->finished.load() == work->total; });
+  const Problem problem{q.typed_data(),        k_pages.typed_data(), v_pages.typed_data(),
+                        block_tables.typed_data(), q_positions.typed_data(), kv_lens.typed_data(),
+                        out->typed_data(),     qd[0],                kd[0],
+                        qd[1] / kd[0],         qd[2],                kd[1],
+                        kd[2],                 td[1],                scale};
+  // A task is one (row, KV head) pair; each thread keeps its own scratch.
+  xlserve::run_tasks(pool, qd[0] * kd[0], [&problem] {
+    Scratch scratch;
+    scratch.resize(problem);
+    return [&problem, scratch = std::move(scratch)](int64_t pair) mutable { attend_pair(problem, pair, scratch); };
+  });
   return ffi::Error::Success();
 }
 

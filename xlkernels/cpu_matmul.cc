@@ -15,18 +15,16 @@
 // and -march=native picks the widest instructions; GCC contracts the multiply-adds into FMAs where the
 // target has them.
 //
-// The output channels are split into tasks handed out to the calling thread and XLA's intra-op threads,
-// as cpu_decode.cc hands out its (row, KV head) pairs.
+// The output channels are split into tasks for the calling thread and XLA's intra-op threads
+// (native_tasks.h).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 
+#include "native_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -124,32 +122,12 @@ void channels(const Problem& p, int64_t c0, int64_t c1) {
   }
 }
 
-struct Work {
-  Problem problem;
-  bool narrow = false;  // 8 lanes (<= 8 rows) rather than 16
-  int64_t task_channels = 0, tasks = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  std::mutex mutex;
-  std::condition_variable all_finished;
-  std::unique_ptr<float, decltype(&std::free)> xt{nullptr, &std::free};
-};
-
-// Takes tasks until none is left; the thread that finishes the last one wakes the caller. A pool thread
-// that starts after the call has returned finds nothing left and touches only `work` (shared).
-void drain(Work& work) {
-  const Problem& p = work.problem;
-  for (int64_t t = work.next.fetch_add(1); t < work.tasks; t = work.next.fetch_add(1)) {
-    const int64_t c0 = t * work.task_channels, c1 = std::min(p.n, c0 + work.task_channels);
-    if (work.narrow)
-      channels<v8>(p, c0, c1);
-    else
-      channels<v16>(p, c0, c1);
-    if (work.finished.fetch_add(1) + 1 == work.tasks) {
-      std::lock_guard<std::mutex> lock(work.mutex);
-      work.all_finished.notify_all();
-    }
-  }
+// Output channels [c0, c1) of `p`, in rows of 8 lanes (<= 8 rows) or 16.
+void task_channels(const Problem& p, bool narrow, int64_t c0, int64_t c1) {
+  if (narrow)
+    channels<v8>(p, c0, c1);
+  else
+    channels<v16>(p, c0, c1);
 }
 
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -159,26 +137,24 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || xd[0] < 1 || xd[0] > kMaxRows)
     return ffi::Error::InvalidArgument("rows matmul: expected x [M <= 16, K] and w [N, K]");
   const int64_t m = xd[0], k = xd[1], n = wd[0];
-  auto work = std::make_shared<Work>();
-  work->narrow = m <= 8;
-  const int64_t lanes = work->narrow ? 8 : 16;
-  work->xt.reset(static_cast<float*>(std::aligned_alloc(64, ((k * lanes * sizeof(float) + 63) / 64) * 64)));
-  if (!work->xt) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rows matmul: no memory");
-  float* xt = work->xt.get();
+  const bool narrow = m <= 8;  // 8 lanes rather than 16
+  const int64_t lanes = narrow ? 8 : 16;
+  std::unique_ptr<float, decltype(&std::free)> packed(
+      static_cast<float*>(std::aligned_alloc(64, ((k * lanes * sizeof(float) + 63) / 64) * 64)), &std::free);
+  if (!packed) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "rows matmul: no memory");
+  float* xt = packed.get();
   const float* xs = x.typed_data();
   std::memset(xt, 0, k * lanes * sizeof(float));
   for (int64_t r = 0; r < m; ++r)
     for (int64_t i = 0; i < k; ++i) xt[i * lanes + r] = xs[r * k + i];
-  work->problem = Problem{xt, w.typed_data(), out->typed_data(), m, n, k};
-  work->task_channels = kTaskBlocks * (work->narrow ? kChannels<v8> : kChannels<v16>);
-  work->tasks = (n + work->task_channels - 1) / work->task_channels;
-  if (work->tasks == 0) return ffi::Error::Success();
-  // One helper per pool thread at most, and none where there is a single task.
-    const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { drain(*work); });
-  drain(*work);
-  std::unique_lock<std::mutex> lock(work->mutex);
-  work->all_finished.wait(lock, [&] { return work->finished.load() == work->tasks; });
+  const Problem problem{xt, w.typed_data(), out->typed_data(), m, n, k};
+  const int64_t per_task = kTaskBlocks * (narrow ? kChannels<v8> : kChannels<v16>);
+  xlserve::run_tasks(pool, (n + per_task - 1) / per_task, [&problem, narrow, per_task] {
+    return [&problem, narrow, per_task](int64_t task) {
+      const int64_t c0 = task * per_task;
+      task_channels(problem, narrow, c0, std::min(problem.n, c0 + per_task));
+    };
+  });
   return ffi::Error::Success();
 }
 

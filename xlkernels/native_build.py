@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "cpu_decode.cc", _HERE / "cpu_matmul.cc")
+HEADERS = (_HERE / "native_tasks.h",)  # included by the sources: part of the library's key
 # XLA FFI target name -> the handler symbol the library exports.
 TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32", "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC")
@@ -56,7 +57,7 @@ def library_path() -> Path:
     import jaxlib  # its headers are what the library is compiled against
 
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         key.update(source.read_bytes())
     for part in (jaxlib.__version__, " ".join(FLAGS), _cpu_flags()):
         key.update(part.encode())

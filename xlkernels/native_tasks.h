@@ -1,0 +1,50 @@
+// Work split into numbered tasks, run by the calling thread and XLA's intra-op threads (the FFI's
+// ThreadPool context), shared by the native CPU kernels (cpu_decode.cc, cpu_matmul.cc).
+//
+// run_tasks(pool, total, make_worker): make_worker() is called once by each thread that takes a task and
+// returns that thread's worker, called as worker(task) for each task it takes (per-thread scratch lives in
+// the worker). Returns once every task is done. A pool thread that starts after the call has returned
+// finds nothing left, never calls make_worker, and touches only the counters it shares.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace xlserve {
+
+template <typename MakeWorker>
+void run_tasks(xla::ffi::ThreadPool& pool, int64_t total, MakeWorker make_worker) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, finished{0};
+    std::mutex mutex;
+    std::condition_variable all_finished;
+  };
+  auto counters = std::make_shared<Counters>();
+  // Takes tasks until none is left; the thread that finishes the last one wakes the caller.
+  auto drain = [counters, total, make_worker] {
+    int64_t task = counters->next.fetch_add(1);
+    if (task >= total) return;
+    auto worker = make_worker();
+    for (; task < total; task = counters->next.fetch_add(1)) {
+      worker(task);
+      if (counters->finished.fetch_add(1) + 1 == total) {
+        std::lock_guard<std::mutex> lock(counters->mutex);
+        counters->all_finished.notify_all();
+      }
+    }
+  };
+  // One helper per pool thread at most, and none where there is a single task.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([drain] { drain(); });  // a copy: Schedule takes an rvalue
+  drain();
+  std::unique_lock<std::mutex> lock(counters->mutex);
+  counters->all_finished.wait(lock, [&] { return counters->finished.load() == total; });
+}
+
+}  // namespace xlserve
