@@ -167,8 +167,9 @@ def matmul_strategy(rows: int, values_dtype: jnp.dtype, backend: str | None = No
 def compiler_options(rows: int, weight_quant: str | None, backend: str | None = None) -> dict[str, bool]:
     """XLA options for a program whose matmuls have `rows` rows over weights quantized as `weight_quant` (a
     model config's: "int8", "fp8" or None): where its products run natively in fp8, without XLA's Triton
-    GEMMs, so that cuBLASLt's fp8 GEMM runs them. As Triton GEMMs XLA:GPU autotunes them for minutes (a B3 bucket set did not compile in 230 s on
-    the H100), and untuned they ran 20x slower than cuBLASLt (docs/perf-notes.md, "Ninth session")."""
+    GEMMs, so that cuBLASLt's fp8 GEMM runs them. As Triton GEMMs XLA:GPU autotunes them for minutes (a B3
+    bucket set did not compile in 230 s on the H100), and untuned they ran 20x slower than cuBLASLt
+    (docs/perf-notes.md, "Ninth session")."""
     if weight_quant is None or matmul_strategy(rows, jnp.dtype(_STORAGE[weight_quant]), backend) != "native":
         return {}
     return {"xla_gpu_enable_triton_gemm": False}
