@@ -23,6 +23,8 @@ from model.llama import CausalLM, empty_cache
 from model.loader import init_random_params
 from model.weight_quant import NATIVE_FP8_MIN_ROWS, target_platform
 from serving.engine.runner import ROW_FIELDS, step
+from xlkernels.kv_quant import quantize_pages
+from xlkernels.pallas_decode import paged_decode_attention
 
 CONFIG = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
                      num_kv_heads=2, head_dim=64, max_position_embeddings=256)
@@ -88,3 +90,16 @@ def test_a_mixed_step_lowers_with_the_decode_and_the_prefill_kernel(kv_format):
 def test_a_shared_prefix_decode_step_lowers_for_gpus(kv_format):
     text = lower_gpu_step(CONFIG, kv_format, rows=8, tokens=1, shared_prefix=True)
     assert triton_calls(text) >= CONFIG.num_layers
+
+
+@pytest.mark.parametrize("page_size, kv_format, warps", [(64, None, 4), (64, "fp8", 1), (64, "int8", 1),
+                                                         (16, "fp8", 4)])
+def test_the_decode_kernel_runs_one_warp_a_program_over_quantized_one_page_blocks(page_size, kv_format, warps):
+    """`default_num_warps`: one warp over quantized pages read a page a block (64-token pages), four otherwise.
+    One-page tables: one split a row, so the kernel is the program's only one (no merge)."""
+    pages = jax.eval_shape(lambda: quantize_pages(jnp.zeros((2, 8, page_size, 64), jnp.bfloat16), kv_format))
+    rows = jax.ShapeDtypeStruct((4,), jnp.int32)
+    lowered = paged_decode_attention.trace(
+        jax.ShapeDtypeStruct((4, 1, 8, 64), jnp.bfloat16), pages, pages, jax.ShapeDtypeStruct((4, 1), jnp.int32),
+        jax.ShapeDtypeStruct((4, 1), jnp.int32), rows, scale=0.125).lower(lowering_platforms=("cuda",))
+    assert re.findall(r"num_warps = (\d+)", lowered.as_text()) == [str(warps)]

@@ -136,6 +136,16 @@ def phase_table(turns: list[TurnRecord], records: list[dict], phases: int = 10) 
     return table
 
 
+def trace_window(folder: str, after: float, seconds: float) -> None:
+    """Profile `seconds` of whatever runs from `after` seconds on, from a timer thread."""
+    def window() -> None:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        time.sleep(seconds)
+        jax.profiler.stop_trace()
+
+    threading.Timer(after, window).start()
+
+
 def report_timeline(path: str, turns: list[TurnRecord], records: list[dict], prompts: list[list[int]]) -> None:
     """Print the run's phase table; write it, every turn and each request's token times to `path` (JSON)."""
     table = phase_table(turns, records)
@@ -205,6 +215,9 @@ def main() -> None:
     through.add_argument("--dataset", choices=["fixed", "sharegpt-like"], default="fixed",
                          help="sharegpt-like: B2's prompts and output lengths (tools.bench_serving), offline")
     through.add_argument("--timeline", help="record every loop turn; write them and a per-phase table here (JSON)")
+    through.add_argument("--trace", help="profile a window of the run into this folder (perfetto)")
+    through.add_argument("--trace-window", default="5,0.3",
+                         help="the profiled window: seconds after the first request, then its length")
     args = parser.parse_args()
     if args.baseline and not args.model:
         parser.error("--baseline needs --model: transformers cannot load a --shape")
@@ -288,6 +301,8 @@ def main() -> None:
             shape = f"{args.input_len}/{args.output_len}"
         engine.timeline = [] if args.timeline else None
         start = time.perf_counter()
+        if args.trace:  # a window of the steady state: which kernels a large step spends its time in
+            trace_window(args.trace, *map(float, args.trace_window.split(",")))
         records = run_requests(engine, prompts, configs, guide)
         elapsed = time.perf_counter() - start
         if args.timeline:

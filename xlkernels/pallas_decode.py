@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from xlkernels.kv_quant import Pages
+from xlkernels.kv_quant import Pages, QuantizedPages
 from xlkernels.pallas_kv import block_scores, block_values, load_block, pool_inputs, pool_specs
 
 # A finite "minus infinity": exp2 of (NEG_INF - NEG_INF) is 1, not NaN, so empty rows stay finite.
@@ -55,6 +55,14 @@ def default_pages_per_block(page_size: int) -> int:
     with 3 pipeline stages beat 128-token blocks with 2: 96 KB of shared memory instead of 128 KB
     lets two programs share an SM, and the extra stage keeps as many bytes in flight."""
     return max(1, 64 // page_size)
+
+
+def default_num_warps(quantized: bool, pages_per_block: int) -> int:
+    """Warps per program: 4, or 1 over quantized pages in one-page blocks. A quantized block converts its
+    keys and values in registers, and one warp per program (more programs resident per SM) ran the fp8
+    and int8 kernels 1.1-1.3x faster on the H100 at every measured batch and context, while bf16 pages
+    took the same time with 1 to 4 warps (docs/perf-notes.md, eleventh session)."""
+    return 1 if quantized and pages_per_block == 1 else 4
 
 
 def default_k_splits(
@@ -197,7 +205,7 @@ def paged_decode_attention(
     scale: float,
     pages_per_block: int | None = None,
     k_splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 3,
     interpret: bool = False,
 ) -> jax.Array:  # [B, 1, Hq, D] in q.dtype
@@ -205,7 +213,7 @@ def paged_decode_attention(
 
     Tunables (defaults measured on the H100, docs/perf-notes.md): pages_per_block, pages per K/V step
     (None: 64 tokens); k_splits, programs per row and KV head (None: `default_k_splits`); num_warps
-    and num_stages, Triton's warps per program and software-pipelining depth.
+    (None: `default_num_warps`) and num_stages, Triton's warps per program and software-pipelining depth.
     """
     batch, _, num_heads, head_dim = q.shape
     outs = paged_decode_partials(q, k_pages, v_pages, block_tables, q_positions, kv_lens, None, scale=scale,
@@ -231,7 +239,7 @@ def paged_decode_partials(
     pages_per_block: int | None,
     k_splits: int | None,
     final_if_one_split: bool,
-    num_warps: int,
+    num_warps: int | None,
     num_stages: int,
     interpret: bool,
 ) -> list[jax.Array]:
@@ -250,6 +258,8 @@ def paged_decode_partials(
     rows = max(MIN_DOT_ROWS, next_pow2(group))
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size)
+    if num_warps is None:
+        num_warps = default_num_warps(isinstance(k_pages, QuantizedPages), pages_per_block)
     # Loads need power-of-two sizes, and a compute block may run past the table's end: pad the table
     # (pad slots are never dereferenced, see the kernel's masked table load).
     if not all(is_pow2(n) for n in (pages_per_block, page_size, head_dim)):
