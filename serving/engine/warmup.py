@@ -9,7 +9,8 @@ state itself.
 
 The work comes as units (`CompileUnit`), one per bucket: the programs a step of that shape needs before it
 may run. The first `essential` units (the smallest decode bucket and a prefill bucket: enough to make
-progress on any request) are submitted first, so they finish first; `BucketCompiler.wait(essential_only=
+progress on any request) are submitted first, their steps (the longest programs) ahead of their samplers,
+and the others wait until they are compiled, so they finish first; `BucketCompiler.wait(essential_only=
 True)` returns once they have, and the others go on in the background, each announced to `on_done` as
 it completes, so the scheduler can start choosing it (`config.BucketSet.compiled`).
 """
@@ -71,6 +72,9 @@ class BucketCompiler:
         self._lock = threading.Lock()
         self._futures: list[list[Future]] = []
         self._pool: ThreadPoolExecutor | None = None
+        self._essential_left = 0  # essential programs not compiled yet
+        self._essential_done = threading.Event()  # the others start once it is set
+        self._cancelled = False
 
     @property
     def remaining(self) -> int:
@@ -82,20 +86,32 @@ class BucketCompiler:
         return (self.finished_at or time.perf_counter()) - self.began
 
     def start(self) -> None:
+        """Queue every program: the essential units' first programs (their steps, the longest) first, then the
+        rest of the essential units', then the others, which wait until the essential ones are compiled so
+        they take no core from them (XLA:CPU's compiler runs several threads of its own)."""
         self.began = time.perf_counter()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xlserve-compile")
-        for unit in self.units:
-            left = [len(unit.programs)]
-            spent = [0.0]
-            futures = [self._pool.submit(self._compile, unit, program, left, spent) for program in unit.programs]
-            self._futures.append(futures)
+        accounts = [([len(unit.programs)], [0.0]) for unit in self.units]
+        essential = [(u, 0) for u in range(self.essential) if self.units[u].programs]
+        essential += [(u, p) for u in range(self.essential) for p in range(1, len(self.units[u].programs))]
+        others = [(u, p) for u in range(self.essential, len(self.units)) for p in range(len(self.units[u].programs))]
+        self._essential_left = len(essential)
+        if not essential:
+            self._essential_done.set()
+        futures: dict[tuple[int, int], Future] = {}
+        for u, p in essential + others:
+            futures[u, p] = self._pool.submit(self._compile, self.units[u], self.units[u].programs[p], *accounts[u],
+                                              u < self.essential)
+        self._futures = [[futures[u, p] for p in range(len(unit.programs))] for u, unit in enumerate(self.units)]
         self._pool.shutdown(wait=False)  # its threads end once the queue is done
 
     def cancel(self) -> None:
         """Drop the programs not started yet (an engine shutting down while its buckets compile)."""
+        self._cancelled = True
         for futures in self._futures:
             for future in futures:
                 future.cancel()
+        self._essential_done.set()  # a program waiting for dropped essential ones ends instead of waiting forever
 
     def wait(self, essential_only: bool = False) -> None:
         """Block until the essential units (or all) are compiled; raises the first failure among them."""
@@ -103,8 +119,13 @@ class BucketCompiler:
             for future in futures:
                 future.result()
 
-    def _compile(self, unit: CompileUnit, program: Callable[[], None], left: list[int], spent: list[float]) -> None:
+    def _compile(self, unit: CompileUnit, program: Callable[[], None], left: list[int], spent: list[float],
+                 essential: bool) -> None:
         _local.compiling = True
+        if not essential:
+            self._essential_done.wait()
+            if self._cancelled:
+                return
         began = time.perf_counter()
         try:
             program()
@@ -112,6 +133,12 @@ class BucketCompiler:
             logger.exception("compiling %s failed", unit.label)
             self.failed = self.failed or error
             raise
+        finally:
+            if essential:  # a failed one counts too: its error is what `wait` raises, and the rest go on
+                with self._lock:
+                    self._essential_left -= 1
+                    if not self._essential_left:
+                        self._essential_done.set()
         with self._lock:  # held while `on_done` runs too, so units are announced one at a time, in order
             spent[0] += time.perf_counter() - began
             left[0] -= 1
