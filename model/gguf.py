@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
 from model.config import ModelConfig
@@ -195,6 +195,36 @@ class _PlainViewReader(GGUFReader):
     @data.setter
     def data(self, mapped: np.ndarray) -> None:
         self._plain_data = mapped.view(np.ndarray)  # the same mapped bytes; the view keeps the map alive
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list]:
+        """The reader's parts of one metadata value, built faster for the long arrays (the vocabulary, its
+        merges, scores and token types) of a file in the host's byte order: the same parts (a length and
+        the bytes of each string, a one-element array per number), sliced straight from the map instead of
+        through the reader's general per-element path (~5 us an element)."""
+        array, data = GGUFValueType.ARRAY, self._plain_data
+        if GGUFValueType(raw_type) != array or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, count = data[orig_offs : orig_offs + 4].view(np.uint32), data[orig_offs + 4 : orig_offs + 12].view(
+            np.uint64)
+        item = GGUFValueType(int(item_type[0]))
+        offs, parts = orig_offs + 12, [item_type, count]
+        if item == GGUFValueType.STRING:
+            raw = memoryview(data)
+            for _ in range(int(count[0])):
+                size = int.from_bytes(raw[offs : offs + 8], "little")
+                if offs + 8 + size > len(data):
+                    raise ValueError(f"a string at byte {offs} runs past the end of the file")
+                parts += (data[offs : offs + 8].view(np.uint64), data[offs + 8 : offs + 8 + size])
+                offs += 8 + size
+            return offs - orig_offs, parts, list(range(3, len(parts), 2)), [array, item]
+        scalar = self.gguf_scalar_to_np.get(item)
+        if scalar is None:  # arrays of arrays: the reader's own path
+            return super()._get_field_parts(orig_offs, raw_type)
+        values = data[offs : offs + int(count[0]) * np.dtype(scalar).itemsize].view(scalar)
+        if len(values) != count[0]:
+            raise ValueError(f"an array of {count[0]} values at byte {offs} runs past the end of the file")
+        parts += (values[i : i + 1] for i in range(len(values)))
+        return 12 + values.nbytes, parts, list(range(2, len(parts))), [array, item]
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,10 +14,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gguf import GGUFReader
 
 from configs.demo import CHATML_TEMPLATE, build_tokenizer
 from model.config import ModelConfig
-from model.gguf import find_gguf_file
+from model.gguf import _PlainViewReader, find_gguf_file
 from model.loader import load_params
 from serving.text.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
@@ -135,3 +136,20 @@ def test_missing_metadata_is_named(gguf_dir):
     with pytest.raises(ValueError, match=r"bare.gguf has no llama.attention.head_count in its metadata"):
         ModelConfig.from_pretrained(file)
 
+
+
+def test_the_metadata_reads_as_the_gguf_packages_own_reader_reads_it(llama_gguf, tmp_path):
+    """`_PlainViewReader` builds the long arrays' parts its own faster way: the same fields, parts and
+    values as gguf's reader, and a file cut inside its vocabulary is named as truncated."""
+    ours, theirs = _PlainViewReader(str(llama_gguf)), GGUFReader(str(llama_gguf))
+    assert list(ours.fields) == list(theirs.fields) and "tokenizer.ggml.tokens" in ours.fields
+    for name, field in ours.fields.items():
+        other = theirs.fields[name]
+        assert (field.offset, field.data, field.types) == (other.offset, other.data, other.types), name
+        assert field.contents() == other.contents(), name
+        assert [(p.dtype, p.tolist()) for p in field.parts] == [(p.dtype, p.tolist()) for p in other.parts], name
+    tokens = ours.fields["tokenizer.ggml.tokens"]
+    cut = tmp_path / "cut-in-vocabulary.gguf"
+    cut.write_bytes(llama_gguf.read_bytes()[: tokens.offset + 64])
+    with pytest.raises(ValueError, match="cut-in-vocabulary.gguf is not a readable GGUF file: it is truncated"):
+        ModelConfig.from_pretrained(cut)
