@@ -103,3 +103,13 @@ def test_the_decode_kernel_runs_one_warp_a_program_over_quantized_one_page_block
         jax.ShapeDtypeStruct((4, 1, 8, 64), jnp.bfloat16), pages, pages, jax.ShapeDtypeStruct((4, 1), jnp.int32),
         jax.ShapeDtypeStruct((4, 1), jnp.int32), rows, scale=0.125).lower(lowering_platforms=("cuda",))
     assert re.findall(r"num_warps = (\d+)", lowered.as_text()) == [str(warps)]
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4", "fp8"])
+def test_the_decode_kernels_float16_dots_lower_for_gpus(kv_format):
+    pages = jax.eval_shape(lambda: quantize_pages(jnp.zeros((2, 8, 64, 64), jnp.bfloat16), kv_format))
+    lowered = paged_decode_attention.trace(
+        jax.ShapeDtypeStruct((4, 1, 8, 64), jnp.bfloat16), pages, pages, jax.ShapeDtypeStruct((4, 2), jnp.int32),
+        jax.ShapeDtypeStruct((4, 1), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32), scale=0.125,
+        half_dots=True).lower(lowering_platforms=("cuda",))
+    assert triton_calls(lowered.as_text()) >= 1
