@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent(
     import collections, json, re, sys
     import jax
     from serving import GenerationConfig, pipeline
+    from serving.engine.runner import _packed
 
     assert len(jax.devices()) == 2
     prompts = [[5, 17, 300, 41, 9], list(range(100, 140)), [7] * 70]
@@ -30,11 +31,9 @@ SCRIPT = textwrap.dedent(
             outputs[tp] = [r.token_ids for r in pipe(prompts, config)]
             # Each device attends over its own heads' pages: no step gathers a whole page pool.
             pool = "[" + ",".join(map(str, cache_k.shape)) + "]"
-            for shape in runner.buckets.shapes():
+            for shape in runner.buckets.shapes():  # the programs the engine compiled and ran
                 rows, tokens = shape.rows, shape.tokens
-                inputs = runner._inputs([], rows, tokens)[:2]
-                hlo = runner._step.function.lower(runner.params, runner.cache, runner.seen, runner.last_tokens,
-                                         *inputs).compile().as_text()
+                hlo = runner._step.compiled((rows, tokens, _packed(*shape), shape.decode)).as_text()
                 gathers = [line for line in hlo.splitlines() if "all-gather(" in line and pool in line]
                 assert not gathers, gathers[0]
                 # Megatron's plan and nothing more: one all-reduce after attention's output projection and
