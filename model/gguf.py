@@ -201,14 +201,14 @@ class _PlainViewReader(GGUFReader):
         merges, scores and token types) of a file in the host's byte order: the same parts (a length and
         the bytes of each string, a one-element array per number), sliced straight from the map instead of
         through the reader's general per-element path (~5 us an element)."""
-        array, data = GGUFValueType.ARRAY, self._plain_data
+        array = GGUFValueType.ARRAY
         if GGUFValueType(raw_type) != array or self.byte_order != "I":
             return super()._get_field_parts(orig_offs, raw_type)
-        item_type, count = data[orig_offs : orig_offs + 4].view(np.uint32), data[orig_offs + 4 : orig_offs + 12].view(
-            np.uint64)
+        item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
         item = GGUFValueType(int(item_type[0]))
         offs, parts = orig_offs + 12, [item_type, count]
         if item == GGUFValueType.STRING:
+            data = self._plain_data
             raw = memoryview(data)
             for _ in range(int(count[0])):
                 size = int.from_bytes(raw[offs : offs + 8], "little")
@@ -220,7 +220,7 @@ class _PlainViewReader(GGUFReader):
         scalar = self.gguf_scalar_to_np.get(item)
         if scalar is None:  # arrays of arrays: the reader's own path
             return super()._get_field_parts(orig_offs, raw_type)
-        values = data[offs : offs + int(count[0]) * np.dtype(scalar).itemsize].view(scalar)
+        values = self._get(offs, scalar, count[0])
         if len(values) != count[0]:
             raise ValueError(f"an array of {count[0]} values at byte {offs} runs past the end of the file")
         parts += (values[i : i + 1] for i in range(len(values)))

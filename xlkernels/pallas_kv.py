@@ -84,7 +84,7 @@ def block_values(p: jax.Array, block: KVBlock, dtype: jnp.dtype) -> jax.Array:
     return plgpu.dot((p * block.v_scale[None, :]).astype(dtype), block.v.astype(dtype))
 
 
-# The float16 path of quantized blocks (`dot_dtype=jnp.float16` in the decode kernel): e4m3 and int8 values
+# The float16 path of quantized blocks (the decode kernel's `half_dots`): e4m3 and int8 values
 # convert to float16 in one instruction a pair on Hopper, to bfloat16 only through float32, and float16
 # carries three more mantissa bits. Its narrower range is why the query is scaled before its conversion and
 # the probabilities are multiplied by the values' scales relative to the block's largest (all within [0, 1]).
