@@ -109,8 +109,3 @@ def test_the_decode_kernel_runs_one_warp_a_program_over_quantized_one_page_block
     One-page tables: one split a row, so the kernel is the program's only one (no merge)."""
     text = lower_decode_kernel(kv_format, page_size, table_pages=1)
     assert re.findall(r"num_warps = (\d+)", text) == [str(warps)]
-
-
-@pytest.mark.parametrize("kv_format", ["int8", "int4", "fp8"])
-def test_the_decode_kernels_float16_dots_lower_for_gpus(kv_format):
-    assert triton_calls(lower_decode_kernel(kv_format, 64, table_pages=2, half_dots=True)) >= 1

@@ -208,17 +208,3 @@ def test_prefix_caching_and_preemption_are_unchanged_over_int4_pages(int4_pipe):
     together = int4_pipe(prompts, [greedy] * 8)
     assert engine.scheduler.num_preemptions > before, "the test must actually preempt"
     assert [r.token_ids for r in together] == solo
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("value_scale", [1.0, 1e-5])
-def test_the_decode_kernels_float16_dots_over_quantized_pages(kind, value_scale):
-    """`half_dots`: the same attention within float16's rounding, also for values so small that their
-    scales times the probabilities would underflow float16 (the largest scale multiplies the product)."""
-    args, real, call = decode_case()
-    q, k_pages, v_pages, *rest = args
-    args = (q, k_pages, v_pages * value_scale, *rest)
-    qargs = quantized(args, kind)
-    got = np.asarray(call(*qargs, half_dots=True, interpret=True).astype(jnp.float32))[real] / value_scale
-    same = np.asarray(paged_attention_reference(*qargs, scale=64**-0.5))[real] / value_scale
-    np.testing.assert_allclose(got, same, atol=3e-3, rtol=3e-3)

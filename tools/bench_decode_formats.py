@@ -35,9 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ppb", default="1,2,4", help="pages per block")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3")
-    parser.add_argument("--dots", default="bf16,f16",
-                        help="the quantized pages' dot dtype: bf16 (their conversion to the query's dtype) or f16 "
-                             "(`half_dots`); plain pages take bf16 only")
     parser.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode")
     args = parser.parse_args(argv)
     if args.quick:
@@ -55,25 +52,24 @@ def main(argv: list[str] | None = None) -> None:
     plain = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2)]
     print(f"{jax.devices()[0].device_kind}: batch {args.batch}, context {args.context}, heads {num_heads}/{num_kv}, "
           f"D {args.head_dim}, page {args.page_size}")
-    print(f"{'format':7} {'dots':4} {'ppb':>3} {'warps':>5} {'stages':>6} {'us':>8} {'MB':>7} {'TB/s':>6}")
+    print(f"{'format':7} {'ppb':>3} {'warps':>5} {'stages':>6} {'us':>8} {'MB':>7} {'TB/s':>6}")
     for policy in args.policies.split(","):
         kind = kv_format(policy)
         k_pages, v_pages = (quantize_pages(p, kind) for p in plain)
         read = 2 * args.batch * args.context * num_kv * token_head_bytes(kind, args.head_dim, jnp.bfloat16)
-        dots = args.dots.split(",") if kind else ["bf16"]
         tunables = (map(int, s.split(",")) for s in (args.ppb, args.warps, args.stages))
-        for dot, ppb, warps, stages in itertools.product(dots, *tunables):
-            def call(ppb=ppb, warps=warps, stages=stages, k_pages=k_pages, v_pages=v_pages, half=dot == "f16"):
+        for ppb, warps, stages in itertools.product(*tunables):
+            def call(ppb=ppb, warps=warps, stages=stages, k_pages=k_pages, v_pages=v_pages):
                 return paged_decode_attention(q, k_pages, v_pages, tables, positions, kv_lens,
                                               scale=args.head_dim ** -0.5, pages_per_block=ppb, num_warps=warps,
-                                              num_stages=stages, half_dots=half, interpret=args.quick)
+                                              num_stages=stages, interpret=args.quick)
             try:
                 us = timed(call, repeats=3 if args.quick else 30) * 1e3
             except Exception as exc:  # a tunable Triton cannot fit (shared memory) is a row, not the end
-                print(f"{kind or 'bf16':7} {dot:4} {ppb:3d} {warps:5d} {stages:6d} failed: "
+                print(f"{kind or 'bf16':7} {ppb:3d} {warps:5d} {stages:6d} failed: "
                       f"{str(exc).splitlines()[0][:80]}")
                 continue
-            print(f"{kind or 'bf16':7} {dot:4} {ppb:3d} {warps:5d} {stages:6d} {us:8.1f} {read / 1e6:7.1f} "
+            print(f"{kind or 'bf16':7} {ppb:3d} {warps:5d} {stages:6d} {us:8.1f} {read / 1e6:7.1f} "
                   f"{read / us / 1e6:6.2f}", flush=True)
 
 

@@ -32,12 +32,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from xlkernels.kv_quant import Pages, QuantizedPages
 from xlkernels.pallas_kv import (
-    KVBlock,
     block_scores,
-    block_scores_half,
     block_values,
-    block_values_half,
-    half_query,
     load_block,
     pool_inputs,
     pool_specs,
@@ -122,18 +118,9 @@ def attend_pages(
     page_size: int,
     pages_per_block: int,
     scale_log2: float,
-    half_dots: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # f32 acc[rows, D] (unnormalised), m and l [rows]
-    """Online softmax of `q` over the table's pages [first_page, end_page), `pages_per_block` at a time.
-    half_dots: a quantized pool's blocks are dotted in float16 (`pallas_kv.half_query`)."""
+    """Online softmax of `q` over the table's pages [first_page, end_page), `pages_per_block` at a time."""
     rows, head_dim = q.shape
-    q_half = half_query(q, scale_log2) if half_dots else None
-
-    def scores_of(block: KVBlock) -> jax.Array:
-        return block_scores_half(q_half, block) if half_dots else block_scores(q, block, scale_log2)
-
-    def values_of(p: jax.Array, block: KVBlock) -> jax.Array:
-        return block_values_half(p, block) if half_dots else block_values(p, block, q.dtype)
 
     def body(i, carry):
         acc, m_prev, l_prev = carry  # f32[rows, D], f32[rows], f32[rows]
@@ -144,14 +131,16 @@ def attend_pages(
         pages = plgpu.load(table_ref.at[pl.ds(page0, pages_per_block)], mask=slot < end_page, other=0)
         blocks = load_block(pool_refs, kind, pages, page0, pages_per_block=pages_per_block, page_size=page_size)
         # f32[rows, n] per sub-block, log2 domain
-        scores = [jnp.where((b.key_pos < key_limit)[None, :], scores_of(b), NEG_INF) for b in blocks]
+        scores = [jnp.where((b.key_pos < key_limit)[None, :], block_scores(q, b, scale_log2), NEG_INF)
+                  for b in blocks]
         # Every block holds at least one visible key (its first, as it starts below end_page), so m_next is
         # a real score and masked keys get exp2(NEG_INF - m_next) == 0.
         m_next = functools.reduce(jnp.maximum, [s.max(axis=1) for s in scores], m_prev)
         correction = jnp.exp2(m_prev - m_next)
         probs = [jnp.exp2(s - m_next[:, None]) for s in scores]
         l_next = l_prev * correction + sum(p.sum(axis=1) for p in probs)
-        acc = acc * correction[:, None] + sum(values_of(p, b) for p, b in zip(probs, blocks, strict=True))
+        acc = acc * correction[:, None] + sum(block_values(p, b, q.dtype)
+                                              for p, b in zip(probs, blocks, strict=True))
         return acc, m_next, l_next
 
     init = (
@@ -178,7 +167,6 @@ def _decode_kernel(
     pages_per_block: int,
     k_splits: int,
     scale_log2: float,
-    half_dots: bool,
 ):
     pool_refs = refs[:num_pool]
     table_ref, pos_ref, len_ref, start_ref, o_ref, *stats_refs = refs[num_pool:]
@@ -193,8 +181,7 @@ def _decode_kernel(
     row_ids = jnp.minimum(jnp.arange(rows, dtype=jnp.int32), group - 1)  # spare rows repeat head G-1
     q = q_ref[row_ids]  # [rows, D]
     acc, m, l = attend_pages(q, pool_refs, table_ref, first_page, end_page, num_blocks, visible, kind=kind,
-                             page_size=page_size, pages_per_block=pages_per_block, scale_log2=scale_log2,
-                             half_dots=half_dots)
+                             page_size=page_size, pages_per_block=pages_per_block, scale_log2=scale_log2)
     # A padding row (kv_len 0) has l == 0: write zeros, never 0/0.
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
     # Store only the G real heads: row indices past G point outside the block, but their lanes are
@@ -212,7 +199,7 @@ def _decode_kernel(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "pages_per_block", "k_splits", "num_warps", "num_stages", "half_dots", "interpret"),
+    static_argnames=("scale", "pages_per_block", "k_splits", "num_warps", "num_stages", "interpret"),
 )
 def paged_decode_attention(
     q: jax.Array,  # [B, 1, Hq, D]
@@ -227,21 +214,18 @@ def paged_decode_attention(
     k_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 3,
-    half_dots: bool = False,
     interpret: bool = False,
 ) -> jax.Array:  # [B, 1, Hq, D] in q.dtype
     """Paged decode attention (see the module docstring for the work split).
 
     Tunables (defaults measured on the H100, docs/perf-notes.md): pages_per_block, pages per K/V step
     (None: 64 tokens); k_splits, programs per row and KV head (None: `default_k_splits`); num_warps
-    (None: `default_num_warps`) and num_stages, Triton's warps per program and software-pipelining depth;
-    half_dots, quantized pages dotted in float16 (`pallas_kv.half_query`; plain pages ignore it).
+    (None: `default_num_warps`) and num_stages, Triton's warps per program and software-pipelining depth.
     """
     batch, _, num_heads, head_dim = q.shape
     outs = paged_decode_partials(q, k_pages, v_pages, block_tables, q_positions, kv_lens, None, scale=scale,
                                  pages_per_block=pages_per_block, k_splits=k_splits, final_if_one_split=True,
-                                 num_warps=num_warps, num_stages=num_stages, half_dots=half_dots,
-                                 interpret=interpret)
+                                 num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     if len(outs) == 1:
         out = outs[0][:, :, 0]  # [B, Hkv, G, D]
     else:
@@ -265,7 +249,6 @@ def paged_decode_partials(
     num_warps: int | None,
     num_stages: int,
     interpret: bool,
-    half_dots: bool = False,
 ) -> list[jax.Array]:
     """The decode kernel's raw outputs: per-split f32 o[B, Hkv, S, G, D], l and m [B, Hkv, S, G] for
     `merge_splits`; or, with one split and `final_if_one_split`, just the final o[B, Hkv, 1, G, D] in
@@ -310,7 +293,6 @@ def paged_decode_partials(
         pages_per_block=pages_per_block,
         k_splits=k_splits,
         scale_log2=scale * LOG2_E,
-        half_dots=half_dots and pool.kind is not None,
     )
     row_scalar = pl.BlockSpec((1,), lambda b, h, s: (b,))
     in_specs = [

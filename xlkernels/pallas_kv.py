@@ -82,25 +82,3 @@ def block_values(p: jax.Array, block: KVBlock, dtype: jnp.dtype) -> jax.Array:
     if block.v_scale is None:
         return plgpu.dot(p.astype(block.v.dtype), block.v)
     return plgpu.dot((p * block.v_scale[None, :]).astype(dtype), block.v.astype(dtype))
-
-
-# The float16 path of quantized blocks (the decode kernel's `half_dots`): e4m3 and int8 values
-# convert to float16 in one instruction a pair on Hopper, to bfloat16 only through float32, and float16
-# carries three more mantissa bits. Its narrower range is why the query is scaled before its conversion and
-# the probabilities are multiplied by the values' scales relative to the block's largest (all within [0, 1]).
-def half_query(q: jax.Array, scale: float) -> jax.Array:
-    """f16[rows, D]: q * scale, converted once a program (scores then need only the keys' scales)."""
-    return (q.astype(jnp.float32) * scale).astype(jnp.float16)
-
-
-def block_scores_half(q_half: jax.Array, block: KVBlock) -> jax.Array:
-    """f32[rows, n]: `block_scores` of a quantized block from `half_query`'s query, dotted in float16."""
-    return plgpu.dot(q_half, block.k.astype(jnp.float16), trans_b=True) * block.k_scale[None, :]
-
-
-def block_values_half(p: jax.Array, block: KVBlock) -> jax.Array:
-    """f32[rows, D]: `block_values` of a quantized block dotted in float16; the largest of the block's value
-    scales multiplies the product instead of entering it, so no weight underflows float16."""
-    largest = jnp.max(block.v_scale)
-    weights = (p * (block.v_scale / jnp.where(largest > 0, largest, 1.0))[None, :]).astype(jnp.float16)
-    return plgpu.dot(weights, block.v.astype(jnp.float16)) * largest
