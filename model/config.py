@@ -111,7 +111,8 @@ class ModelConfig:
     # is then capped to it, where full attention (what the decoder runs) is the same model.
     sliding_window: int | None = None
     # The layers' matmul weights stored quantized with per-output-channel scales (model/weight_quant.py):
-    # "int8" or "fp8"; set by a checkpoint in Hugging Face's FP8 format, or by --weight-quant
+    # "int8" or "fp8", set by a checkpoint in Hugging Face's FP8 format or by --weight-quant; or "bf16"
+    # (--weight-quant, CPU): every matmul weight, embedding and head included, in bfloat16
     weight_quant: str | None = None
 
     def __post_init__(self) -> None:
@@ -128,8 +129,8 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.torch_dtype not in DTYPES:
             raise ValueError(f"dtype {self.torch_dtype!r} is not one of {', '.join(sorted(DTYPES))}")
-        if self.weight_quant not in (None, "int8", "fp8"):
-            raise ValueError(f"weight_quant must be int8 or fp8, got {self.weight_quant!r}")
+        if self.weight_quant not in (None, "int8", "fp8", "bf16"):
+            raise ValueError(f"weight_quant must be int8, fp8 or bf16, got {self.weight_quant!r}")
         if self.hidden_act not in ACTIVATIONS:
             supported = ", ".join(sorted(ACTIVATIONS))
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {supported})")

@@ -33,7 +33,7 @@ from model.config import ModelConfig
 from model.loader import INITIALIZERS, SCALE_SUFFIX, param_spec
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
 from model.sharding import KV_CACHE_AXES, KV_SCALE_AXES, make_mesh, shard_by_kv_head, sharding_for
-from model.weight_quant import InputsLastWeight, Weight, linear, stored_inputs_last, stored_shape
+from model.weight_quant import InputsLastWeight, Weight, has_scales, linear, stored_inputs_last, stored_shape
 from xlkernels import get_paged_attention, write_kv_pages
 from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, rotation, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
@@ -112,7 +112,7 @@ def declared_param(module: nn.Module, name: str) -> Weight:
     if not spec.in_dims or not stored_inputs_last(spec.quant):
         return module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
     values = module.param(name, INITIALIZERS[spec.init], stored_shape(spec.shape, spec.in_dims), module.dtype)
-    scale = None if spec.quant is None else module.param(
+    scale = None if not has_scales(spec.quant) else module.param(
         name + SCALE_SUFFIX, INITIALIZERS["ones"], spec.shape[spec.in_dims:], jnp.float32)
     return InputsLastWeight(values, scale, spec.in_dims)
 
@@ -300,7 +300,7 @@ class Embed(nn.Module):
         self.embedding = declared_param(self, "embedding")  # [V, E]
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, tokens, axis=0)
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)  # bf16 rows widen (--weight-quant bf16)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits f32[..., V] from the tied embedding.
@@ -308,8 +308,11 @@ class Embed(nn.Module):
         On CPU the vocabulary is split in two halves as a batch dimension: XLA:CPU's (Eigen's) contraction
         runs a [rows, E] x [E, V] product of a large V at about half the rate it runs two of V / 2 (16 rows
         of SmolLM2-135M: 14.9 ms against 8.6 ms with the transpose back; docs/perf-notes.md). On the GPU,
-        the single GEMM is the better one.
+        the single GEMM is the better one. A bfloat16 table under float32 activations (`--weight-quant bf16`)
+        is an inputs-last matmul weight [V, E] like the layers' (model/weight_quant.py).
         """
+        if self.embedding.dtype != self.dtype:
+            return linear(x, InputsLastWeight(self.embedding, None)).astype(jnp.float32)
         if jax.default_backend() != "cpu" or self.embedding.shape[0] % 2:
             return jnp.einsum("...e,ve->...v", x, self.embedding, preferred_element_type=jnp.float32)
         halves = self.embedding.reshape(2, -1, self.embedding.shape[-1])  # [2, V/2, E]: a free reshape
@@ -323,7 +326,9 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = declared_param(self, "kernel")  # [E, V]
+        kernel = declared_param(self, "kernel")  # [E, V], or bf16 [V, E] (--weight-quant bf16)
+        if isinstance(kernel, InputsLastWeight):
+            return linear(x, kernel).astype(jnp.float32)
         return jnp.einsum("...e,ev->...v", x, kernel, preferred_element_type=jnp.float32)
 
 

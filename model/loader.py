@@ -41,7 +41,15 @@ from jax.sharding import Mesh, NamedSharding
 
 from model.config import INDEX_FILE, SINGLE_FILE, ModelConfig
 from model.sharding import Axes, make_mesh, sharding_for
-from model.weight_quant import current_platform, storage_dtype, stored_inputs_last, stored_shape, stored_weight
+from model.weight_quant import (
+    SCALED_FORMATS,
+    current_platform,
+    has_scales,
+    storage_dtype,
+    stored_inputs_last,
+    stored_shape,
+    stored_weight,
+)
 
 Params = dict[str, Any]
 
@@ -201,11 +209,12 @@ class ParamSpec:
 
     def leaves(self, dtype: np.dtype) -> list[tuple[str, tuple[int, ...], Axes, np.dtype]]:
         """(path, shape, axes, dtype) of each array the parameter is stored as: itself, or values and scales."""
+        if self.quant is not None:
+            dtype = storage_dtype(self.quant)
         if not self.in_dims or not stored_inputs_last(self.quant):
             return [(self.path, self.shape, self.axes, dtype)]
-        values = (self.path, stored_shape(self.shape, self.in_dims), stored_shape(self.axes, self.in_dims),
-                  dtype if self.quant is None else storage_dtype(self.quant))
-        if self.quant is None:
+        values = (self.path, stored_shape(self.shape, self.in_dims), stored_shape(self.axes, self.in_dims), dtype)
+        if not has_scales(self.quant):
             return [values]
         return [values, (self.scale_path, self.shape[self.in_dims:], self.axes[self.in_dims:], np.dtype(np.float32))]
 
@@ -404,8 +413,14 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
     # --weight-quant: the layers' matmul weights (the embedding and the LM head stay in the serving dtype,
     # as in Hugging Face's FP8 checkpoints: they hold a few percent of an 8B model's bytes and most of its
     # sensitivity to rounding).
-    if config.weight_quant:
+    if config.weight_quant in SCALED_FORMATS:
         specs = [dataclasses.replace(s, quant=config.weight_quant) if s.in_dims else s for s in specs]
+    # bf16 (CPU): every matmul weight in bfloat16, the embedding and the head too (a quarter of SmolLM2-135M's
+    # bytes; bf16 is no coarser for them than for the layers), the head inputs-last as the layers' weights
+    elif config.weight_quant == "bf16":
+        head = {"embed/embedding": 0, "lm_head/kernel": 1}
+        specs = [dataclasses.replace(s, quant="bf16", in_dims=head.get(s.path, s.in_dims))
+                 if s.in_dims or s.path in head else s for s in specs]
     return specs
 
 

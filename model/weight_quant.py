@@ -1,5 +1,6 @@
 """Matmul weights as stored and multiplied: quantized (`--weight-quant int8|fp8`) with per-output-channel
-scales and matmuls that never build a dequantized copy of a weight, and every matmul weight on CPU.
+scales and matmuls that never build a dequantized copy of a weight, in bfloat16 under float32 activations
+on CPU (`--weight-quant bf16`), and every matmul weight on CPU.
 
 A quantizable weight contracts its leading `in_dims` dimensions with the activation's last one and keeps
 the rest as output channels (model/loader.py declares `in_dims` for each). Quantized, it is `values` with
@@ -35,6 +36,13 @@ one multiplies as (values @ x.T).T, the weight as the dot's left operand: XLA:CP
 that orientation ~1.7x faster than x @ w at 4-32 rows, and x @ values.T would copy the weight into [in, out]
 for every call (docs/perf-notes.md, "Seventh session"). Elsewhere unquantized weights stay inputs-first
 ([*in, *out]), the layout cuBLAS streams fastest at one row on the H100.
+
+bf16 (CPU) is no quantization: the weight itself in bfloat16, no scales, the embedding and the LM head
+included, while activations, norms, attention and the KV cache stay float32. Products of two rows or more
+round the rows to bfloat16 and run as bf16 dots accumulating in f32, which XLA:CPU runs on Intel's AMX
+tiles where the CPU has them (2.8x the f32 products at 16 rows, docs/perf-notes.md "Twelfth session"); one
+row, where XLA's bf16 dot is 6x slower than its f32 one, goes to the native kernel (`xlkernels.cpu_matmul`),
+which widens the weight to f32 as it streams it.
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
 
 T = TypeVar("T")
 
-WEIGHT_FORMATS = ("int8", "fp8")
+SCALED_FORMATS = ("int8", "fp8")  # values with per-output-channel scales
+WEIGHT_FORMATS = (*SCALED_FORMATS, "bf16")
 _STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}
 # Weight elements converted per iteration of the CPU loop: 256 KiB of f32, far below any matrix worth quantizing.
@@ -85,8 +94,16 @@ def current_platform() -> str:
     return _target_platform or jax.default_backend()
 
 
+def has_scales(quant: str | None) -> bool:
+    """Whether weights stored as `quant` (a WEIGHT_FORMATS entry or None) carry per-output-channel scales."""
+    return quant in SCALED_FORMATS
+
+
 def storage_dtype(kind: str) -> jnp.dtype:
-    """The dtype quantized values are stored in on this backend (see the module docstring for fp8 on CPU)."""
+    """The dtype a weight format's values are stored in on this backend (see the module docstring for fp8 on
+    CPU)."""
+    if kind == "bf16":
+        return jnp.dtype(jnp.bfloat16)
     if kind == "fp8" and current_platform() == "cpu":
         return jnp.dtype(jnp.uint8)
     return jnp.dtype(_STORAGE[kind])
@@ -138,10 +155,13 @@ def quantize_weight(w: jax.Array, kind: str, in_dims: int) -> tuple[jax.Array, j
 
 def stored_weight(w: jax.Array, dtype: np.dtype, quant: str | None, in_dims: int) -> tuple[jax.Array, ...]:
     """The arrays a parameter `w` (its declared shape; `in_dims` > 0 for a matmul weight) is stored as:
-    itself in `dtype`, inputs-last where `stored_inputs_last` says so, or quantized values and scales."""
-    if quant is not None:
+    itself in `dtype` (in bfloat16 for the bf16 format), inputs-last where `stored_inputs_last` says so, or
+    quantized values and scales."""
+    if has_scales(quant):
         return quantize_weight(w, quant, in_dims)
-    if in_dims and stored_inputs_last(None):
+    if quant is not None:
+        dtype = storage_dtype(quant)
+    if in_dims and stored_inputs_last(quant):
         w = inputs_last(w, in_dims)
     return (w.astype(dtype),)
 
@@ -170,7 +190,7 @@ def compiler_options(rows: int, weight_quant: str | None, backend: str | None = 
     GEMMs, so that cuBLASLt's fp8 GEMM runs them. As Triton GEMMs XLA:GPU autotunes them for minutes (a B3
     bucket set did not compile in 230 s on the H100), and untuned they ran 20x slower than cuBLASLt
     (docs/perf-notes.md, "Ninth session")."""
-    if weight_quant is None or matmul_strategy(rows, jnp.dtype(_STORAGE[weight_quant]), backend) != "native":
+    if not has_scales(weight_quant) or matmul_strategy(rows, jnp.dtype(_STORAGE[weight_quant]), backend) != "native":
         return {}
     return {"xla_gpu_enable_triton_gemm": False}
 
@@ -190,7 +210,7 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
     # and GSPMD would gather the whole weight onto every device (tests/test_tensor_parallel.py).
     values = w.values.reshape(*out_shape, -1)
     rows = x.reshape(-1, x.shape[-1])
-    if w.scale is None:  # unquantized, on CPU
+    if w.scale is None:  # unquantized or bf16, on CPU
         return _transposed(rows, values).astype(x.dtype).reshape(*x.shape[:-1], *out_shape)
     strategy = strategy or matmul_strategy(rows.shape[0], values.dtype)
     if strategy == "native":
@@ -223,13 +243,19 @@ NATIVE_MIN_ROWS = 9
 
 
 def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
-    """rows [M, K] with values [*out, K] as (values @ rows.T).T, or by the native kernel for float32
-    products of NATIVE_MIN_ROWS..16 rows on one CPU device. The barrier keeps XLA's simplifier from
-    folding the transpose back into the dot, which would restore the x @ w orientation."""
-    if rows.shape[0] >= NATIVE_MIN_ROWS:
+    """rows [M, K] with values [*out, K] (float32, or bfloat16: the rows are rounded to it) as
+    (values @ rows.T).T, or by the native kernel on one CPU device: float32 products of NATIVE_MIN_ROWS..16
+    rows, bfloat16 products of one. The barrier keeps XLA's simplifier from folding the transpose back into
+    the dot, which would restore the x @ w orientation."""
+    bf16 = values.dtype == jnp.bfloat16
+    if rows.shape[0] == 1 if bf16 else rows.shape[0] >= NATIVE_MIN_ROWS:
         flat = values.reshape(-1, values.shape[-1])  # [N, K]: free on one device, the only place it runs
         if native_matmul_applies(rows, flat):
             return rows_matmul(rows, flat).reshape(rows.shape[0], *values.shape[:-1])
+        if bf16:  # no kernel: XLA's bf16 dot of one row is slower than this reduction
+            return _reduced(rows, values)
+    if bf16:
+        rows = rows.astype(jnp.bfloat16)
     y = jax.lax.dot_general(values, rows, (((values.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0)
 

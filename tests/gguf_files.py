@@ -11,6 +11,7 @@ error there shows as a disagreement with transformers, not as a pass.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -79,9 +80,10 @@ def write_gguf(checkpoint: Path, file: Path, *, weight_type: gguf.GGMLQuantizati
     return file
 
 
-def our_logits(file: Path, tokens: list[int]) -> np.ndarray:
-    """f32[T, V]: xlserve's loader and decoder, float32, every position of one prefill."""
-    config = ModelConfig.from_pretrained(file)
+def our_logits(file: Path, tokens: list[int], weight_quant: str | None = None) -> np.ndarray:
+    """f32[T, V]: xlserve's loader and decoder, float32 (over weights stored as `weight_quant`), every position
+    of one prefill."""
+    config = dataclasses.replace(ModelConfig.from_pretrained(file), weight_quant=weight_quant)
     params = load_params(file, config, jnp.float32)
     model = CausalLM(config, dtype=jnp.float32)
     n, pages = len(tokens), -(-len(tokens) // PAGE_SIZE)

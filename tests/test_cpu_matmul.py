@@ -1,5 +1,6 @@
-"""The CPU's native few-row products (`xlkernels.cpu_matmul`) against numpy in float64: built here with this
-machine's compiler (CI has one: a kernel that does not build fails these tests, it is not skipped)."""
+"""The CPU's native few-row products (`xlkernels.cpu_matmul`) against numpy in float64, over float32 weights and
+(one row) bfloat16 weights: built here with this machine's compiler (CI has one: a kernel that does not build
+fails these tests, it is not skipped)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlkernels.cpu_matmul import MAX_ROWS, TARGET, native_matmul_applies, rows_matmul
+from xlkernels.cpu_matmul import MAX_ROWS, TARGETS, native_matmul_applies, rows_matmul
+
+F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 
 
 def products(m: int, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -38,15 +41,28 @@ def test_products_match_float64(m, n, k):
     assert_close(np.asarray(jax.jit(rows_matmul)(x, w)), x, w)
 
 
+# One row over bfloat16 weights: channels from one to past a task (64) with an 8-channel block's rest, inputs
+# from a vector's rest alone (3) to whole vectors plus a rest (19, 1537) and the model's.
+@pytest.mark.parametrize("n,k", [(1, 3), (13, 19), (100, 576), (71, 1537), (3072, 576)])
+def test_one_row_over_bfloat16_weights_matches_float64(n, k):
+    x, w = products(1, n, k, seed=n + k)
+    w16 = jnp.asarray(w, jnp.bfloat16)
+    assert native_matmul_applies(jnp.asarray(x), w16)
+    # The weight is exact in bf16 once rounded: the kernel must then be as close as a float32 dot of it.
+    assert_close(np.asarray(jax.jit(rows_matmul)(x, w16)), x, np.asarray(w16.astype(jnp.float32)))
+
+
 def test_a_model_sized_product_splits_across_threads_and_matches():
     x, w = products(16, 3072, 576)  # w_gate_up's shape: tasks on the caller and XLA's pool threads
     assert_close(np.asarray(jax.jit(rows_matmul)(x, w)), x, w)
 
 
 def test_it_lowers_to_the_custom_call_only_where_it_applies():
-    x, w = products(MAX_ROWS, 8, 16)
-    assert TARGET in jax.jit(rows_matmul).lower(x, w).as_text()
-    assert not native_matmul_applies(jnp.zeros((MAX_ROWS + 1, 16)), jnp.asarray(w)), "more rows keep XLA's dot"
+    x, w = products(MAX_ROWS[F32], 8, 16)
+    assert TARGETS[F32] in jax.jit(rows_matmul).lower(x, w).as_text()
+    assert TARGETS[BF16] in jax.jit(rows_matmul).lower(x[:1], jnp.asarray(w, jnp.bfloat16)).as_text()
+    assert not native_matmul_applies(jnp.zeros((MAX_ROWS[F32] + 1, 16)), jnp.asarray(w)), "more rows keep XLA's dot"
+    assert not native_matmul_applies(jnp.asarray(x[:2]), jnp.asarray(w, jnp.bfloat16)), "bf16: one row only"
     assert not native_matmul_applies(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
     assert not native_matmul_applies(jnp.asarray(x), jnp.zeros((8, 15))), "K must agree"
 

@@ -5,8 +5,9 @@ one `xlserve serve api_server FILE.gguf` process is asked, through the HTTP API 
 what only a trained model shows: a factual answer, a turn its chat template ends (the model writes
 `<|im_end|>`, which stops it), a stop string that cuts a known answer where it says, and a streamed
 answer equal to the same answer in one piece. Greedy tokens must equal transformers' `generate` on the
-same file's dequantized weights in float32, and so must the logits of one prefill. The file is fetched
-once into `.models/` (tests/real_model.py).
+same file's dequantized weights in float32, and so must the logits of one prefill. With bfloat16 weights
+(`--weight-quant bf16`) the model must still answer, its logits near float32's. The file is fetched once into
+`.models/` (tests/real_model.py).
 """
 
 from __future__ import annotations
@@ -117,3 +118,21 @@ def test_logits_equal_transformers_loading_the_same_file(hf_model, model_file):
     ours, theirs = our_logits(model_file, tokens), transformers_logits(model_file, tokens, hf_model)
     np.testing.assert_allclose(ours, theirs, atol=2e-3, rtol=0)  # logits of about +-40; float32 sums differ
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_bf16_weights_keep_the_answers_and_stay_near_the_float32_logits(model_file):
+    """`--weight-quant bf16` (the CPU's AMX path): every weight rounded to bfloat16 moves a logit of about +-40
+    by at most half a unit, the prompt's next-token choices stay float32's, and the greedy answers stay right."""
+    from serving import GenerationConfig, pipeline
+
+    tokenizer = Tokenizer.from_pretrained(str(model_file))
+    tokens = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": CAPITAL}]),
+                              add_special_tokens=False)
+    f32, bf16 = our_logits(model_file, tokens), our_logits(model_file, tokens, weight_quant="bf16")
+    assert np.abs(f32 - bf16).max() < 1.0 and (f32.argmax(-1) == bf16.argmax(-1)).mean() >= 0.95  # 0.50, 1.0 here
+    options = dict(weight_quant="bf16", decode_batch_buckets=(1, 4), prefill_row_buckets=(1,),
+                   prefill_token_buckets=(64,))
+    greedy = GenerationConfig(max_new_tokens=MAX_TOKENS)
+    with pipeline(str(model_file), **options) as pipe:
+        capital, numbers = pipe([[{"role": "user", "content": q}] for q in (CAPITAL, NUMBERS)], greedy)
+    assert "Paris" in capital.text and numbers.text.startswith("1, 2, 3, 4, 5, 6, 7"), (capital.text, numbers.text)

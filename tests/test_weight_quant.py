@@ -1,5 +1,5 @@
-"""Weights quantized at load (`--weight-quant int8|fp8`), Hugging Face FP8 checkpoints, and the CPU's
-matmul weights stored inputs-last.
+"""Weights quantized at load (`--weight-quant int8|fp8`), Hugging Face FP8 checkpoints, the CPU's
+matmul weights stored inputs-last, and bfloat16 weights under float32 activations on CPU (`--weight-quant bf16`).
 
 The point to prove is that the dequantization never builds a bf16 (or f32) copy of a weight: it is read
 off the compiled decode step's memory analysis (its temporaries stay below the smallest weight matrix's
@@ -45,8 +45,9 @@ from model.weight_quant import (
 )
 from serving.engine.runner import ROW_FIELDS, step
 from tests.checkpoints import make_llama_checkpoint
-from xlkernels.cpu_matmul import MAX_ROWS
-from xlkernels.cpu_matmul import TARGET as ROWS_MATMUL
+from xlkernels.cpu_matmul import MAX_ROWS, TARGETS
+
+F32_ROWS_MATMUL, BF16_ROW_MATMUL = TARGETS[jnp.dtype(jnp.float32)], TARGETS[jnp.dtype(jnp.bfloat16)]
 
 # Big enough that a weight dwarfs the step's activations: a decode row of E = 1024 against matrices of 1-8M.
 WIDE = ModelConfig(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_layers=2, num_heads=16,
@@ -63,23 +64,34 @@ def compiled_decode_step(config: ModelConfig, dtype: jnp.dtype = jnp.bfloat16):
     return run.lower(params, cache, seen, last, tokens, rows).compile()
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "fp8", "bf16"])
 def test_the_decode_step_builds_no_dequantized_copy_of_a_weight(kind):
+    """bf16 (float32 activations): no float32 copy of a weight either, the head's included."""
     config = dataclasses.replace(WIDE, weight_quant=kind)
-    compiled = compiled_decode_step(config)
-    layer = [s for s in param_specs(config) if s.path.startswith("layers_0/") and s.quant]
-    assert {s.path.rsplit("/", 1)[1] for s in layer} == {"wqkv", "wo", "w_gate_up", "w_down"}
+    compiled = compiled_decode_step(config, jnp.float32 if kind == "bf16" else jnp.bfloat16)
+    layer = [s for s in param_specs(config) if s.path.startswith(("layers_0/", "lm_head/")) and s.quant]
+    assert {s.path.rsplit("/", 1)[1] for s in layer} == {"wqkv", "wo", "w_gate_up", "w_down"} | (
+        {"kernel"} if kind == "bf16" else set())
     bf16_bytes = {s.path: math.prod(s.shape) * 2 for s in layer}
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < min(bf16_bytes.values()), (temp, bf16_bytes)
     assert temp < 0.1 * sum(bf16_bytes.values())
-    hlo = compiled.as_text()
+    hlo = materialized(compiled.as_text())
     for spec in layer:  # no float array shaped like a whole weight: as declared, as stored, as [K, N] or [N, K]
         k = math.prod(spec.shape[: spec.in_dims])
         n = math.prod(spec.shape) // k
         for shape in (spec.shape, stored_shape(spec.shape, spec.in_dims), (k, n), (n, k)):
             dims = ",".join(map(str, shape))
-            assert not re.search(rf"\b(f32|bf16|f16)\[{dims}\]", hlo), f"a float copy of {spec.path} {shape}"
+            widened = "(f32|f16)" if kind == "bf16" else "(f32|bf16|f16)"  # bf16's own values are bf16 arrays
+            assert not re.search(rf"\b{widened}\[{dims}\]", hlo), f"a float copy of {spec.path} {shape}"
+
+
+def materialized(hlo: str) -> str:
+    """The HLO's instructions that write buffers: every one outside fusions, and each fusion's root (inside a
+    fusion, an element-wise convert of a whole table that a slice then reads computes only the slice)."""
+    blocks = hlo.split("\n\n")
+    return "\n".join(line for block in blocks for line in block.splitlines()
+                     if not block.lstrip().startswith("%fused") or "ROOT" in line)
 
 
 def test_the_memory_check_catches_a_weight_sized_temporary():
@@ -174,10 +186,73 @@ def test_cpu_products_put_the_weight_on_the_left(rows):
     product = jax.jit(lambda x, values: linear(x, InputsLastWeight(values, None, 1)))
     np.testing.assert_allclose(product(x, values), np.einsum("mk,kon->mon", x, w), rtol=1e-5, atol=1e-4)
     hlo = product.lower(x, values).compile().as_text()
-    native = NATIVE_MIN_ROWS <= rows <= MAX_ROWS
-    assert (ROWS_MATMUL in hlo) == native
+    native = NATIVE_MIN_ROWS <= rows <= MAX_ROWS[jnp.dtype(jnp.float32)]
+    assert (F32_ROWS_MATMUL in hlo) == native
     assert re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", hlo) == ([] if native else [("96", str(rows))])
     assert not re.search(r"= f32\[64,(2,48|96)\]", hlo), "a copy of the weight as [in, out]"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16])
+def test_bf16_weights_multiply_several_rows_as_bf16_dots_and_one_row_natively(rows):
+    """`--weight-quant bf16`: the weight stored inputs-last in bfloat16, no scales. Two rows or more are rounded
+    to bf16 and dotted with f32 accumulation (XLA:CPU's AMX path) with the weight on the left; one row goes to
+    the native kernel, without a dot. Neither widens the weight to f32. Within bf16's rounding of x @ w."""
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((64, 2, 48)).astype(np.float32)  # [in, 2, out], like w_gate_up
+    x = rng.standard_normal((rows, 64)).astype(np.float32)
+    (values,) = stored_weight(jnp.asarray(w), np.dtype(np.float32), "bf16", in_dims=1)
+    assert values.shape == (2, 48, 64) and values.dtype == jnp.bfloat16
+    product = jax.jit(lambda x, values: linear(x, InputsLastWeight(values, None, 1)))
+    want = np.einsum("mk,kon->mon", x, w)
+    got = np.asarray(product(x, values))
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    hlo = product.lower(x, values).compile().as_text()
+    assert (BF16_ROW_MATMUL in hlo) == (rows == 1)
+    dots = re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", hlo)
+    assert dots == ([] if rows == 1 else [("96", str(rows))]), dots
+    assert rows == 1 or re.search(rf"bf16\[{rows},64\]\S* convert\(", hlo), "the rows rounded to bf16 for the dot"
+    assert not re.search(r"f32\[(2,48,64|96,64|64,96|64,2,48)\]", hlo), "a float32 copy of the weight"
+
+
+def test_bf16_weights_include_the_embedding_and_the_head_and_keep_the_logits_close():
+    """The tied embedding and an untied head are bf16 too (the head inputs-last, through `linear`); the
+    model's logits over a prompt and at one row stay within bf16's rounding of the float32 model's."""
+    for tied in (True, False):
+        config = dataclasses.replace(WIDE, tie_word_embeddings=tied)
+        bf16 = dataclasses.replace(config, weight_quant="bf16")
+        leaves = {path: (shape, dtype) for s in param_specs(bf16) for path, shape, _, dtype in s.leaves(np.float32)}
+        assert leaves["embed/embedding"] == ((256, 1024), np.dtype(jnp.bfloat16))
+        assert leaves["layers_0/attn/wo"][1] == np.dtype(jnp.bfloat16)
+        assert tied or leaves["lm_head/kernel"] == ((256, 1024), np.dtype(jnp.bfloat16))  # [V, E]: inputs last
+        params = init_random_params(config, jnp.float32, 0)
+        rounded = init_random_params(bf16, jnp.float32, 0)
+        for rows in (1, 5):
+            tokens = jnp.arange(rows, dtype=jnp.int32)[:, None] * 7
+            logits = [forward_logits(c, p, tokens) for c, p in ((config, params), (bf16, rounded))]
+            spread = float(jnp.abs(logits[0]).max())
+            assert float(jnp.abs(logits[0] - logits[1]).max()) < 0.05 * spread, (tied, rows)
+
+
+def forward_logits(config: ModelConfig, params, tokens: jax.Array) -> jax.Array:
+    """f32[B, V]: the engine's step's logits for one token per row, each row the first token of its own page."""
+    batch = tokens.shape[0]
+    cache = empty_cache(config, batch + 1, 16, jnp.float32)
+    rows = np.zeros((batch, ROW_FIELDS.width + 1), np.int32)
+    rows[:, ROW_FIELDS.index("slot")] = np.arange(batch)
+    rows[:, ROW_FIELDS.index("length")] = 1
+    rows[:, ROW_FIELDS.width] = np.arange(batch) + 1
+    seen, last = jnp.zeros((batch, config.vocab_size), bool), jnp.zeros((batch,), jnp.int32)
+    return step(CausalLM(config, dtype=jnp.float32), params, cache, seen, last, tokens, jnp.asarray(rows))[2]
+
+
+def test_bf16_weights_are_refused_off_cpu_and_under_bf16_activations():
+    from serving.engine.engine import check_weight_format
+
+    check_weight_format("bf16", jnp.float32, "cpu")
+    check_weight_format("fp8", jnp.bfloat16, "gpu")
+    for dtype, platform in ((jnp.bfloat16, "cpu"), (jnp.float32, "gpu")):
+        with pytest.raises(ValueError, match="--weight-quant bf16 keeps float32 activations"):
+            check_weight_format("bf16", dtype, platform)
 
 
 def test_scales_are_declared_with_their_weights_and_split_like_their_output_channels():

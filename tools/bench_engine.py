@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--quant-policy", default="0", choices=["0", "4", "8", "fp8"], help="KV cache quantization")
-    parser.add_argument("--weight-quant", choices=["int8", "fp8"], help="weights quantized at load")
+    parser.add_argument("--weight-quant", choices=["int8", "fp8", "bf16"], help="weights quantized at load (bf16: CPU)")
     parser.add_argument("--num-pages", type=int, help="explicit KV page count (default: the memory budget's)")
     parser.add_argument("--session-len", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=None)

@@ -17,6 +17,13 @@
 //
 // The output channels are split into tasks for the calling thread and XLA's intra-op threads
 // (native_tasks.h).
+//
+// One row over bfloat16 weights (`--weight-quant bf16`): out[N] = x[K] @ w[N, K]^T with w in bfloat16,
+// products and sums in f32. XLA:CPU runs products of 2-16 rows over bf16 weights on the AMX tiles, but
+// one row as a slow matrix-vector loop (6x slower than its f32 one at SmolLM2-135M's shapes), while a
+// one-row product only has to stream the weight: here each channel's bf16 row is widened to f32 16 values
+// a load (a zero-extend and a shift: bf16 is f32's upper half) against the row's vector, half the bytes of
+// the f32 product.
 
 #include <algorithm>
 #include <cstdint>
@@ -158,7 +165,86 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+// Channels per register block of the one-row bf16 product: each keeps a 16-lane accumulator, summed
+// across its lanes at the end.
+constexpr int kRowChannels = 8;
+constexpr int64_t kRowTaskChannels = 64;
+
+inline v16 widen_bf16(const uint16_t* w) {
+  v16h half;
+  std::memcpy(&half, w, sizeof(half));
+  const v16u wide = __builtin_convertvector(half, v16u) << 16;
+  v16 out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+inline float widen_bf16(uint16_t w) {
+  const uint32_t wide = static_cast<uint32_t>(w) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+// out[c0 : c0 + C] for one block of C channels: whole vectors of 16 inputs, then the rest one at a time.
+template <int C>
+inline void row_block(const float* x, const uint16_t* w, float* out, int64_t k, int64_t c0) {
+  const uint16_t* rows = w + c0 * k;
+  const int64_t whole = k - k % 16;
+  v16 acc[C];
+#pragma GCC unroll 16
+  for (int j = 0; j < C; ++j) acc[j] = v16{};
+  for (int64_t i = 0; i < whole; i += 16) {
+#pragma GCC unroll 16
+    for (int j = 0; j < C; ++j) __builtin_prefetch(rows + j * k + i + 2 * kPrefetchAhead, 0, 1);
+    v16 xv;
+    std::memcpy(&xv, x + i, sizeof(xv));
+#pragma GCC unroll 16
+    for (int j = 0; j < C; ++j) acc[j] += widen_bf16(rows + j * k + i) * xv;
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < C; ++j) {
+    float lane[16];
+    std::memcpy(lane, &acc[j], sizeof(lane));
+    float sum = 0.0f;
+    for (float v : lane) sum += v;
+    for (int64_t i = whole; i < k; ++i) sum += x[i] * widen_bf16(rows[j * k + i]);
+    out[c0 + j] = sum;
+  }
+}
+
+ffi::Error RowMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || xd[0] != 1)
+    return ffi::Error::InvalidArgument("row matmul bf16: expected x [1, K] and w [N, K]");
+  const int64_t k = xd[1], n = wd[0];
+  const float* xs = x.typed_data();
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* os = out->typed_data();
+  xlserve::run_tasks(pool, (n + kRowTaskChannels - 1) / kRowTaskChannels, [=] {
+    return [=](int64_t task) {
+      const int64_t c1 = std::min(n, (task + 1) * kRowTaskChannels);
+      int64_t c = task * kRowTaskChannels;
+      for (; c + kRowChannels <= c1; c += kRowChannels) row_block<kRowChannels>(xs, ws, os, k, c);
+      for (; c < c1; ++c) row_block<1>(xs, ws, os, k, c);
+    };
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlserveRowMatmulBf16, RowMatmulBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [1, K]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w [N, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [1, N]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlserveRowsMatmulF32, RowsMatmul,
                               ffi::Ffi::Bind()

@@ -32,7 +32,8 @@ _HERE = Path(__file__).parent
 SOURCES = (_HERE / "cpu_decode.cc", _HERE / "cpu_matmul.cc")
 HEADERS = (_HERE / "native_tasks.h",)  # included by the sources: part of the library's key
 # XLA FFI target name -> the handler symbol the library exports.
-TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32", "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32"}
+TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32", "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32",
+           "xlserve_row_matmul_bf16": "XlserveRowMatmulBf16"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC")
 
 

@@ -192,8 +192,9 @@ class EngineConfig:
     mixed_decode_buckets: tuple[int, ...] | None = None
     # model
     dtype: str = "auto"  # auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32
-    # Linear layers' weights quantized at load with per-output-channel scales: int8 or fp8 (e4m3); None keeps
-    # `dtype`, or the checkpoint's own quantization (a Hugging Face FP8 checkpoint serves as fp8)
+    # Linear layers' weights quantized at load with per-output-channel scales: int8 or fp8 (e4m3); or bf16
+    # (CPU: matmul weights in bfloat16 under float32 activations); None keeps `dtype`, or the checkpoint's
+    # own quantization (a Hugging Face FP8 checkpoint serves as fp8)
     weight_quant: str | None = None
     # auto: the checkpoint's safetensors; dummy: random weights at the checkpoint's shapes, for
     # benchmarks where only config.json and the tokenizer are at hand (vLLM's --load-format dummy)
@@ -238,7 +239,7 @@ class EngineConfig:
               "must be auto, bfloat16, float16 or float32")
         self.quant_policy = str(self.quant_policy)  # LMDeploy's API takes 0/4/8 as ints
         check(self.quant_policy in KV_FORMATS, "quant_policy", f"must be one of {', '.join(KV_FORMATS)}")
-        check(self.weight_quant in (None, "int8", "fp8"), "weight_quant", "must be int8 or fp8")
+        check(self.weight_quant in (None, "int8", "fp8", "bf16"), "weight_quant", "must be int8, fp8 or bf16")
         check(isinstance(self.tp, int) and self.tp >= 1, "tp", "must be at least 1")
         check(isinstance(self.guided_decoding_states, int) and self.guided_decoding_states >= 1,
               "guided_decoding_states", "must be at least 1")

@@ -107,6 +107,13 @@ def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> Mo
     return dataclasses.replace(model_config, weight_quant=weight_quant) if weight_quant else model_config
 
 
+def check_weight_format(weight_quant: str | None, dtype: jnp.dtype, platform: str) -> None:
+    """bf16 weights are for float32 activations on CPU (model/weight_quant.py); elsewhere a clear error."""
+    if weight_quant == "bf16" and (platform != "cpu" or dtype != jnp.float32):
+        raise ValueError(f"--weight-quant bf16 keeps float32 activations over bfloat16 weights, on CPU; this is "
+                         f"{platform} with {jnp.dtype(dtype).name} activations (serve --dtype bfloat16 instead)")
+
+
 class CompilationCounter:
     """Counts XLA compilations, in all and per thread that triggered them (the listener runs on the thread
     that compiles), so an engine can prove none happen on its serving path after warm-up: its own thread's
@@ -259,6 +266,7 @@ class Engine:
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path)
         dtype = resolve_dtype(config.dtype, model_config, devices[0].platform)
+        check_weight_format(model_config.weight_quant, dtype, devices[0].platform)
         mesh = make_mesh(config.tp)
         began = time.monotonic()
         if config.load_format == "dummy":

@@ -323,9 +323,10 @@ OPTIONS: tuple[Option, ...] = (
         "--weight-quant",
         "engine",
         "weight_quant",
-        "Quantize the linear layers' weights at load, per output channel: int8 or fp8 (e4m3) (default: none; "
-        "a Hugging Face FP8 checkpoint serves as fp8).",
-        choices=("int8", "fp8"),
+        "Quantize the linear layers' weights at load, per output channel: int8 or fp8 (e4m3); or bf16 (CPU: "
+        "every matmul weight in bfloat16 under float32 activations, products of several rows on the AMX "
+        "tiles where the CPU has them) (default: none; a Hugging Face FP8 checkpoint serves as fp8).",
+        choices=("int8", "fp8", "bf16"),
     ),
     Option(
         "--num-pages",
