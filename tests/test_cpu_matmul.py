@@ -4,6 +4,8 @@ fails these tests, it is not skipped)."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,4 +76,5 @@ def test_the_benchmark_checks_and_prints_both_paths(capsys):
     lines = capsys.readouterr().out.splitlines()
     for rows in (3, 16):
         rows_lines = [line for line in lines if line.startswith(f"rows {rows:2d} ")]
-        assert len(rows_lines) == 6 and all("xla" in line and "native" in line for line in rows_lines)
+        pattern = r"xla .* native .* bf16 .* native \d+\.\d+x  bf16 \d+\.\d+x$"
+        assert len(rows_lines) == 6 and all(re.search(pattern, line) for line in rows_lines), rows_lines

@@ -1,12 +1,14 @@
-"""Time a decode step's few-row float32 products on CPU: XLA's dot against the native kernel, side by side.
+"""Time a decode step's few-row products on CPU side by side: XLA's f32 dot, the native f32 kernel, and the
+products over bfloat16 weights (`--weight-quant bf16`).
 
     python -m tools.bench_cpu_matmul [--rows 1,16] [--rounds 7] [--quick]
 
 SmolLM2-135M's products (30 layers: wqkv [576 -> 576 + 2 * 192], wo [576 -> 576], w_gate_up
 [576 -> 2 * 1536], w_down [1536 -> 576]; the tied head [576 -> 49152]), f32 weights stored [N, K] as the
 engine stores them on CPU. "xla" is `weight_quant._transposed`, the engine's product (XLA:CPU's dot with
-the weight as its left operand); "native" is `xlkernels.cpu_matmul.rows_matmul`. Both are checked against
-numpy first.
+the weight as its left operand); "native" is `xlkernels.cpu_matmul.rows_matmul`; "bf16" is `_transposed` over
+the weights rounded to bfloat16 (a bf16 dot, on the AMX tiles where the CPU has them, or at one row the
+native bf16 kernel). Each is checked against numpy first.
 
 Method: one program per shape and path runs the 30 layers' products in a chain (each product's input
 depends on the previous output by a negligible add, as in a step: nothing runs concurrently), over 30
@@ -18,6 +20,7 @@ within minutes) and the median is printed. --quick: tiny shapes, one round (to t
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -68,47 +71,54 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dims, rounds = (QUICK, 1) if args.quick else (Dims(), args.rounds)
     rng = np.random.default_rng(0)
-    weights = {name: [jnp.asarray(rng.standard_normal((n, k), np.float32)) for _ in range(copies)]
-               for name, (n, k, copies) in dims.shapes().items()}
-    paths: dict[str, Product] = {"xla": _transposed, "native": rows_matmul}
+    f32 = {name: [jnp.asarray(rng.standard_normal((n, k), np.float32)) for _ in range(copies)]
+           for name, (n, k, copies) in dims.shapes().items()}
+    # path -> (product, the weights it reads, its error bound relative to the sum of the terms' magnitudes)
+    paths: dict[str, tuple[Product, dict[str, list[jax.Array]], float]] = {
+        "xla": (_transposed, f32, 1e-5),
+        "native": (rows_matmul, f32, 1e-5),
+        # the rows are rounded to bf16 too (8 significant bits) before an exact-product, f32-sum dot
+        "bf16": (_transposed, {name: [w.astype(jnp.bfloat16) for w in ws] for name, ws in f32.items()}, 1e-2),
+    }
     print(f"{jax.devices()[0].device_kind}, {jax.local_device_count()} device(s); {rounds} rounds, medians")
     for rows in map(int, args.rows.split(",")):
         totals = {path: 0.0 for path in paths}
         flops_total = 0
-        for name, ws in weights.items():
-            x = jnp.asarray(rng.standard_normal((rows, ws[0].shape[1])).astype(np.float32))
-            if not native_matmul_applies(x, ws[0]):
-                raise SystemExit(f"the native kernel does not apply to {rows} x {ws[0].shape} (no compiler?)")
-            expected = np.asarray(x, np.float64) @ np.asarray(ws[0], np.float64).T
-            bound = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(ws[0], np.float64)).T
+        for name in f32:
+            x = jnp.asarray(rng.standard_normal((rows, f32[name][0].shape[1])).astype(np.float32))
+            if not native_matmul_applies(x, f32[name][0]):
+                raise SystemExit(f"the native kernel does not apply to {rows} x {f32[name][0].shape} (no compiler?)")
             runs = {}
-            for path, product in paths.items():
-                error = np.max(np.abs(np.asarray(jax.jit(product)(x, ws[0])) - expected) / bound)
-                if error > 1e-5:
+            for path, (product, weights, bound) in paths.items():
+                w = np.asarray(weights[name][0].astype(jnp.float32), np.float64)
+                x64 = np.asarray(x, np.float64)
+                error = np.max(np.abs(np.asarray(jax.jit(product)(x, weights[name][0])) - x64 @ w.T)
+                               / (np.abs(x64) @ np.abs(w).T))
+                if error > bound:
                     raise SystemExit(f"{path} {name} at {rows} rows: relative error {error:.2e}")
-                runs[path] = jax.jit(chained(product))
-                runs[path](x, ws).block_until_ready()  # compile and warm up
+                runs[path] = functools.partial(jax.jit(chained(product)), x, weights[name])
+                runs[path]().block_until_ready()  # compile and warm up
             times: dict[str, list[float]] = {path: [] for path in paths}
             for _ in range(rounds):
                 for path, run in runs.items():
                     start = time.perf_counter()
-                    run(x, ws).block_until_ready()
+                    run().block_until_ready()
                     times[path].append(time.perf_counter() - start)
-            n, k = ws[0].shape
-            flops = 2 * rows * n * k * len(ws)
+            n, k = f32[name][0].shape
+            flops = 2 * rows * n * k * len(f32[name])
             flops_total += flops
-            cells = []
+            medians = {path: statistics.median(times[path]) for path in paths}
             for path in paths:
-                seconds = statistics.median(times[path])
-                totals[path] += seconds
-                cells.append(f"{path} {seconds * 1e3:7.2f} ms {flops / seconds / 1e9:6.1f} GFLOP/s")
-            ratio = statistics.median(times["xla"]) / statistics.median(times["native"])
-            print(f"rows {rows:2d} {name:9s} [{k:4d} -> {n:5d}] x{len(ws):2d}: " + "  ".join(cells)
-                  + f"  native {ratio:.2f}x")
-        cells = [f"{path} {totals[path] * 1e3:7.2f} ms {flops_total / totals[path] / 1e9:6.1f} GFLOP/s"
-                 for path in paths]
-        print(f"rows {rows:2d} all (layers + head){' ' * 12}: " + "  ".join(cells)
-              + f"  native {totals['xla'] / totals['native']:.2f}x")
+                totals[path] += medians[path]
+            print(f"rows {rows:2d} {name:9s} [{k:4d} -> {n:5d}] x{len(f32[name]):2d}: " + row(medians, flops))
+        print(f"rows {rows:2d} all (layers + head){' ' * 12}: " + row(totals, flops_total))
+
+
+def row(seconds: dict[str, float], flops: int) -> str:
+    """Each path's time and rate, then each path's speed-up over XLA's f32 product."""
+    cells = [f"{path} {s * 1e3:7.2f} ms {flops / s / 1e9:6.1f} GFLOP/s" for path, s in seconds.items()]
+    ratios = [f"{path} {seconds['xla'] / s:.2f}x" for path, s in seconds.items() if path != "xla"]
+    return "  ".join(cells + ratios)
 
 
 if __name__ == "__main__":
