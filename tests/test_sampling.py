@@ -367,3 +367,20 @@ def test_every_declared_column_option_reaches_the_sampler():
     batch = SamplingBatch.from_requests([], 1)
     for declared in declared_options(GenerationConfig):
         assert hasattr(batch, declared.name) == declared.spec.column, declared.name
+
+
+def test_greedy_tokens_are_argmax_ties_infinities_and_nan_included():
+    """The CPU's greedy pick (a max, then the first index holding it) is jnp.argmax's: the first of tied
+    maxima, +inf over everything, index 0 of a row of -inf, the first NaN of a row holding NaN."""
+    from serving.engine.sampling import greedy_tokens
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 1000)).astype(np.float32)
+    x[1, [5, 700]] = 9.0  # a tie: the first wins
+    x[2] = -np.inf
+    x[3, [10, 400]] = np.inf
+    x[4, [3, 600]] = np.nan
+    x[5, 999] = 50.0  # the last index
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(x)))
+    assert got.tolist() == np.argmax(x, axis=-1).tolist()
+    assert got[1:6].tolist() == [5, 0, 10, 3, 999]
