@@ -201,7 +201,7 @@ class ParamSpec:
     sources: tuple[Source, ...]  # the HF tensors it is built from
     fuse: Callable[..., jax.Array] = _same  # the sources' views -> `shape`, on the device
     in_dims: int = 0  # a matmul weight: its leading dims are the inputs it contracts (0: not quantizable)
-    quant: str | None = None  # stored quantized: int8 or fp8 (ModelConfig.weight_quant)
+    quant: str | None = None  # stored as int8 or fp8 with scales, or as bf16 (ModelConfig.weight_quant)
 
     @property
     def scale_path(self) -> str:
@@ -415,7 +415,7 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
     # sensitivity to rounding).
     if config.weight_quant in SCALED_FORMATS:
         specs = [dataclasses.replace(s, quant=config.weight_quant) if s.in_dims else s for s in specs]
-    # bf16 (CPU): every matmul weight in bfloat16, the embedding and the head too (a quarter of SmolLM2-135M's
+    # bf16 (CPU): every matmul weight in bfloat16, the embedding and the head too (a fifth of SmolLM2-135M's
     # bytes; bf16 is no coarser for them than for the layers), the head inputs-last as the layers' weights
     elif config.weight_quant == "bf16":
         head = {"embed/embedding": 0, "lm_head/kernel": 1}
