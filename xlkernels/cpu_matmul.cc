@@ -21,9 +21,8 @@
 // One row over bfloat16 weights (`--weight-quant bf16`): out[N] = x[K] @ w[N, K]^T with w in bfloat16,
 // products and sums in f32. XLA:CPU runs products of 2-16 rows over bf16 weights on the AMX tiles, but
 // one row as a slow matrix-vector loop (6x slower than its f32 one at SmolLM2-135M's shapes), while a
-// one-row product only has to stream the weight: here each channel's bf16 row is widened to f32 16 values
-// a load (a zero-extend and a shift: bf16 is f32's upper half) against the row's vector, half the bytes of
-// the f32 product.
+// one-row product only has to stream the weight: here each channel's bf16 row is widened to f32 as it is
+// read (bf16 is f32's upper half: a shift or a mask), half the bytes of the f32 product.
 
 #include <algorithm>
 #include <cstdint>
@@ -165,7 +164,6 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
 // Channels per register block of the one-row bf16 product: each keeps a 16-lane accumulator, summed
@@ -173,12 +171,9 @@ typedef uint32_t v16u __attribute__((vector_size(64)));
 constexpr int kRowChannels = 8;
 constexpr int64_t kRowTaskChannels = 64;
 
-inline v16 widen_bf16(const uint16_t* w) {
-  v16h half;
-  std::memcpy(&half, w, sizeof(half));
-  const v16u wide = __builtin_convertvector(half, v16u) << 16;
+inline v16 as_floats(v16u bits) {
   v16 out;
-  std::memcpy(&out, &wide, sizeof(out));
+  std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
 
@@ -189,21 +184,35 @@ inline float widen_bf16(uint16_t w) {
   return out;
 }
 
-// out[c0 : c0 + C] for one block of C channels: whole vectors of 16 inputs, then the rest one at a time.
+// The row's inputs split by parity: even[m] = x[2m], odd[m] = x[2m + 1].
+struct SplitRow {
+  const float* even;
+  const float* odd;
+  const float* x;
+};
+
+// out[c0 : c0 + C] for one block of C channels. 32 bf16 weights load as 16 32-bit pairs; shifting each
+// pair left by 16 gives the even-indexed weights as f32, masking its low half the odd-indexed ones, so
+// no instruction moves data across lanes (zero-extending 16 bf16 to 32 bits took three shuffles a vector).
 template <int C>
-inline void row_block(const float* x, const uint16_t* w, float* out, int64_t k, int64_t c0) {
+inline void row_block(const SplitRow& x, const uint16_t* w, float* out, int64_t k, int64_t c0) {
   const uint16_t* rows = w + c0 * k;
-  const int64_t whole = k - k % 16;
+  const int64_t whole = k - k % 32;
   v16 acc[C];
 #pragma GCC unroll 16
   for (int j = 0; j < C; ++j) acc[j] = v16{};
-  for (int64_t i = 0; i < whole; i += 16) {
+  for (int64_t i = 0; i < whole; i += 32) {
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) __builtin_prefetch(rows + j * k + i + 2 * kPrefetchAhead, 0, 1);
-    v16 xv;
-    std::memcpy(&xv, x + i, sizeof(xv));
+    v16 even, odd;
+    std::memcpy(&even, x.even + i / 2, sizeof(even));
+    std::memcpy(&odd, x.odd + i / 2, sizeof(odd));
 #pragma GCC unroll 16
-    for (int j = 0; j < C; ++j) acc[j] += widen_bf16(rows + j * k + i) * xv;
+    for (int j = 0; j < C; ++j) {
+      v16u pairs;
+      std::memcpy(&pairs, rows + j * k + i, sizeof(pairs));
+      acc[j] += as_floats(pairs << 16) * even + as_floats(pairs & 0xFFFF0000u) * odd;
+    }
   }
 #pragma GCC unroll 16
   for (int j = 0; j < C; ++j) {
@@ -211,7 +220,7 @@ inline void row_block(const float* x, const uint16_t* w, float* out, int64_t k, 
     std::memcpy(lane, &acc[j], sizeof(lane));
     float sum = 0.0f;
     for (float v : lane) sum += v;
-    for (int64_t i = whole; i < k; ++i) sum += x[i] * widen_bf16(rows[j * k + i]);
+    for (int64_t i = whole; i < k; ++i) sum += x.x[i] * widen_bf16(rows[j * k + i]);
     out[c0 + j] = sum;
   }
 }
@@ -224,14 +233,21 @@ ffi::Error RowMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
     return ffi::Error::InvalidArgument("row matmul bf16: expected x [1, K] and w [N, K]");
   const int64_t k = xd[1], n = wd[0];
   const float* xs = x.typed_data();
+  std::unique_ptr<float[]> split(new float[k + 1]);
+  const int64_t half = k / 2;
+  for (int64_t m = 0; m < half; ++m) {
+    split[m] = xs[2 * m];
+    split[half + m] = xs[2 * m + 1];
+  }
+  const SplitRow row{split.get(), split.get() + half, xs};
   const uint16_t* ws = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* os = out->typed_data();
-  xlserve::run_tasks(pool, (n + kRowTaskChannels - 1) / kRowTaskChannels, [=] {
-    return [=](int64_t task) {
+  xlserve::run_tasks(pool, (n + kRowTaskChannels - 1) / kRowTaskChannels, [=, &row] {
+    return [=, &row](int64_t task) {
       const int64_t c1 = std::min(n, (task + 1) * kRowTaskChannels);
       int64_t c = task * kRowTaskChannels;
-      for (; c + kRowChannels <= c1; c += kRowChannels) row_block<kRowChannels>(xs, ws, os, k, c);
-      for (; c < c1; ++c) row_block<1>(xs, ws, os, k, c);
+      for (; c + kRowChannels <= c1; c += kRowChannels) row_block<kRowChannels>(row, ws, os, k, c);
+      for (; c < c1; ++c) row_block<1>(row, ws, os, k, c);
     };
   });
   return ffi::Error::Success();
