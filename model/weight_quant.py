@@ -61,8 +61,7 @@ from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
 
 T = TypeVar("T")
 
-SCALED_FORMATS = ("int8", "fp8")  # values with per-output-channel scales
-WEIGHT_FORMATS = (*SCALED_FORMATS, "bf16")
+SCALED_FORMATS = ("int8", "fp8")  # values with per-output-channel scales (bf16, the other format, has none)
 _STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}
 # Weight elements converted per iteration of the CPU loop: 256 KiB of f32, far below any matrix worth quantizing.
@@ -95,7 +94,7 @@ def current_platform() -> str:
 
 
 def has_scales(quant: str | None) -> bool:
-    """Whether weights stored as `quant` (a WEIGHT_FORMATS entry or None) carry per-output-channel scales."""
+    """Whether weights stored as `quant` ("int8", "fp8", "bf16" or None) carry per-output-channel scales."""
     return quant in SCALED_FORMATS
 
 
@@ -248,12 +247,11 @@ def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out
     rows, bfloat16 products of one. The barrier keeps XLA's simplifier from folding the transpose back into
     the dot, which would restore the x @ w orientation."""
     bf16 = values.dtype == jnp.bfloat16
-    if rows.shape[0] == 1 if bf16 else rows.shape[0] >= NATIVE_MIN_ROWS:
-        flat = values.reshape(-1, values.shape[-1])  # [N, K]: free on one device, the only place it runs
-        if native_matmul_applies(rows, flat):
-            return rows_matmul(rows, flat).reshape(rows.shape[0], *values.shape[:-1])
-        if bf16:  # no kernel: XLA's bf16 dot of one row is slower than this reduction
-            return _reduced(rows, values)
+    flat = values.reshape(-1, values.shape[-1])  # [N, K]: free on one device, the only place the kernel runs
+    if (bf16 or rows.shape[0] >= NATIVE_MIN_ROWS) and native_matmul_applies(rows, flat):  # bf16: one row
+        return rows_matmul(rows, flat).reshape(rows.shape[0], *values.shape[:-1])
+    if bf16 and rows.shape[0] == 1:  # no kernel: XLA's bf16 dot of one row is slower than this reduction
+        return _reduced(rows, values)
     if bf16:
         rows = rows.astype(jnp.bfloat16)
     y = jax.lax.dot_general(values, rows, (((values.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -92,20 +92,15 @@ def test_a_shared_prefix_decode_step_lowers_for_gpus(kv_format):
     assert triton_calls(text) >= CONFIG.num_layers
 
 
-def lower_decode_kernel(kv_format: str | None, page_size: int, table_pages: int, **options) -> str:
-    """The decode kernel alone over 4 rows (8 query and 2 KV heads of 64), lowered for CUDA."""
-    pages = jax.eval_shape(lambda: quantize_pages(jnp.zeros((2, 8, page_size, 64), jnp.bfloat16), kv_format))
-    q = jax.ShapeDtypeStruct((4, 1, 8, 64), jnp.bfloat16)
-    tables, positions = jax.ShapeDtypeStruct((4, table_pages), jnp.int32), jax.ShapeDtypeStruct((4, 1), jnp.int32)
-    lens = jax.ShapeDtypeStruct((4,), jnp.int32)
-    traced = paged_decode_attention.trace(q, pages, pages, tables, positions, lens, scale=0.125, **options)
-    return traced.lower(lowering_platforms=("cuda",)).as_text()
-
-
 @pytest.mark.parametrize("page_size, kv_format, warps", [(64, None, 4), (64, "fp8", 1), (64, "int8", 1),
                                                          (16, "fp8", 4)])
 def test_the_decode_kernel_runs_one_warp_a_program_over_quantized_one_page_blocks(page_size, kv_format, warps):
     """`default_num_warps`: one warp over quantized pages read a page a block (64-token pages), four otherwise.
     One-page tables: one split a row, so the kernel is the program's only one (no merge)."""
-    text = lower_decode_kernel(kv_format, page_size, table_pages=1)
+    pages = jax.eval_shape(lambda: quantize_pages(jnp.zeros((2, 8, page_size, 64), jnp.bfloat16), kv_format))
+    q = jax.ShapeDtypeStruct((4, 1, 8, 64), jnp.bfloat16)  # 4 rows, 8 query and 2 KV heads of 64
+    tables, positions = jax.ShapeDtypeStruct((4, 1), jnp.int32), jax.ShapeDtypeStruct((4, 1), jnp.int32)
+    lens = jax.ShapeDtypeStruct((4,), jnp.int32)
+    traced = paged_decode_attention.trace(q, pages, pages, tables, positions, lens, scale=0.125)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"num_warps = (\d+)", text) == [str(warps)]
