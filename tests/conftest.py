@@ -7,8 +7,10 @@ that many concurrent requests force preemption while a few never do).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,13 @@ from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One compilation cache and program store for the run (serving/engine/compile_cache.py, program_store.py), new
+# each run: the first engine of a model and shapes compiles its programs, every later one loads them, in this
+# process and in the servers it starts (they inherit the variable), the way a restarted server does. A test of
+# compiling itself passes compilation_cache_dir="off" (or its own directory).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="xlserve-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 

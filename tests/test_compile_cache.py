@@ -31,6 +31,7 @@ def test_an_explicit_directory_is_created_and_given_to_jax(tmp_path):
         assert enable_compilation_cache(str(path), "cpu") == str(path)
         assert path.is_dir() and jax.config.jax_compilation_cache_dir == str(path)
         assert enable_compilation_cache("auto", "gpu") == str(path)  # a directory already set wins over auto
+        assert enable_compilation_cache("off", "gpu") is None  # and none for an engine that asks for none
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

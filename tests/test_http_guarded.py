@@ -199,10 +199,13 @@ async def test_overload_answers_200_or_503_with_retry_after_then_serves_normally
 
         results = await asyncio.gather(*(one(i) for i in range(200)))
     statuses = Counter(status for status, *_ in results)
-    assert set(statuses) <= {200, 503}, statuses
+    # 408: admitted, but the request's 3 s ran out first (a CPU slowed by its neighbours): a clear error too.
+    assert set(statuses) <= {200, 503, 408}, statuses
     assert statuses[200] >= MAX_RUNNING and statuses[503] > 0, statuses
     for status, headers, payload, n in results:
-        if status == 503:
+        if status == 408:
+            assert payload["error"]["code"] == "request_timeout"
+        elif status == 503:
             assert headers["retry-after"] == "1"
             assert payload["error"]["type"] == "server_error"
             assert payload["error"]["code"] in ("server_overloaded", "queue_timeout")

@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
 
 def start(checkpoint, cache_dir, tp: int = 1, **options) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={tp}", JAX_PLATFORMS="cpu")
-    options = dict(TINY_ENGINE_OPTIONS, decode_batch_buckets=(4,), prefill_row_buckets=(1, 2),
+    options = dict(TINY_ENGINE_OPTIONS, decode_batch_buckets=(4,), prefill_row_buckets=(2,),
                    prefill_token_buckets=(64,), compilation_cache_dir=str(cache_dir), tp=tp, **options)
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(checkpoint), json.dumps(options)],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
@@ -74,7 +74,9 @@ def test_a_restart_loads_every_program_without_tracing_and_gets_the_same_tokens(
     assert again["tokens"] == first["tokens"]
     # A different engine (another KV page format) shares the directory and none of its programs. Those
     # it shares with the first engine in substance (its samplers) JAX's cache answers, and on CPU they are
-    # not stored (test_a_program_from_jaxs_cache_is_not_stored_on_cpu); its steps are.
+    # not stored (test_a_program_from_jaxs_cache_is_not_stored_on_cpu); its steps are. (Once: tp plays no part.)
+    if tp == 2:
+        return
     other = start(tiny_llama, tmp_path, tp, quant_policy="8")
     assert other["loaded"] == 0 and 0 < other["saved"] < first["saved"], other
 

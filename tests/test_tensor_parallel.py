@@ -59,7 +59,7 @@ def test_tp2_matches_tp1_token_for_token(tiny_llama, backend, quantized):
     import json
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    options = dict(TINY_ENGINE_OPTIONS, preset="test", decode_batch_buckets=(4,), prefill_row_buckets=(1, 2),
+    options = dict(TINY_ENGINE_OPTIONS, preset="test", decode_batch_buckets=(4,), prefill_row_buckets=(2,),
                    prefill_token_buckets=(64,), attention_backend=backend, **quantized)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_llama), json.dumps(options)],

@@ -4,7 +4,8 @@ Compiling every bucket of an 8B model takes tens of seconds to minutes at each s
 a restart reads the executables back instead. The setting (`EngineConfig.compilation_cache_dir`):
     "auto"  a per-user directory ($XDG_CACHE_HOME or ~/.cache, then xlserve/jax) on accelerators; off
             on CPU, so tests and CPU runs never write into the home directory unasked.
-    "off"   no cache.
+    "off"   no cache: nothing of the engine's is stored or loaded (a directory JAX was given earlier in
+            the process stays JAX's own, for its other programs).
     a path  that directory, on any platform.
 JAX reads the directory when it first compiles with a cache, once per process: set it before the
 engine compiles anything, and a later engine in the same process keeps the first one's directory.
@@ -35,6 +36,8 @@ def resolve_cache_dir(setting: str, platform: str) -> str | None:
 def enable_compilation_cache(setting: str, platform: str) -> str | None:
     """Point JAX's persistent cache at the directory `setting` names; returns the directory in use."""
     current = jax.config.jax_compilation_cache_dir
+    if setting == "off":
+        return None  # nothing of this engine's is stored (a directory JAX was given earlier stays JAX's)
     path = resolve_cache_dir(setting, platform)
     if path is None or (setting == "auto" and current):
         return current
