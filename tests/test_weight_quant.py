@@ -254,6 +254,17 @@ def test_bf16_weights_are_refused_off_cpu_and_under_bf16_activations():
             check_weight_format("bf16", dtype, platform)
 
 
+def test_bf16_weights_are_the_default_only_for_a_bf16_checkpoint_under_auto_on_a_cpu_with_amx():
+    from serving.engine.engine import default_weight_format
+
+    assert default_weight_format("auto", "bfloat16", "cpu", bf16_tiles=True) == "bf16"
+    for dtype, checkpoint, platform, tiles in (("auto", "bfloat16", "cpu", False),  # no AMX: f32's products
+                                               ("float32", "bfloat16", "cpu", True),  # asked for float32
+                                               ("auto", "float32", "cpu", True),  # bf16 would round the weights
+                                               ("auto", "bfloat16", "gpu", True)):  # bf16 activations there
+        assert default_weight_format(dtype, checkpoint, platform, bf16_tiles=tiles) is None
+
+
 def test_scales_are_declared_with_their_weights_and_split_like_their_output_channels():
     config = dataclasses.replace(WIDE, weight_quant="int8")
     shardings = param_shardings(config, make_mesh(1))["layers_0"]

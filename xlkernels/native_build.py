@@ -53,6 +53,12 @@ def _cpu_flags() -> str:
     return platform.machine()
 
 
+def cpu_has_bf16_tiles() -> bool:
+    """Whether this CPU multiplies bfloat16 on AMX tiles (`amx_bf16`), where XLA:CPU's bf16 dots run ~2.8x its
+    f32 ones at 16 rows (docs/perf-notes.md, "Twelfth session"); elsewhere they were not measured faster."""
+    return "amx_bf16" in _cpu_flags().split()
+
+
 def library_path() -> Path:
     """Where the library for these sources, jaxlib, compiler flags and CPU lives (built or not)."""
     import jaxlib  # its headers are what the library is compiled against

@@ -55,6 +55,7 @@ from serving.engine.scheduler import Chunk, Scheduler
 from serving.engine.warmup import BucketCompiler, CompileUnit, on_startup_thread
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from xlkernels.kv_quant import kv_format
+from xlkernels.native_build import cpu_has_bf16_tiles
 
 if TYPE_CHECKING:
     from serving.text.tokenizer import Tokenizer
@@ -105,6 +106,15 @@ def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> Mo
     """The model as it will be stored: --weight-quant overrides the checkpoint's own format (an FP8
     checkpoint's weights are read back at full precision, then quantized like any other)."""
     return dataclasses.replace(model_config, weight_quant=weight_quant) if weight_quant else model_config
+
+
+def default_weight_format(dtype: str, checkpoint_dtype: str, platform: str, bf16_tiles: bool) -> str | None:
+    """The weight format when --weight-quant is unset: bf16 (model/weight_quant.py) for a bfloat16 checkpoint under
+    --dtype auto on a CPU with AMX's bf16 tiles, where it streams half the bytes and multiplies several rows on
+    the tiles (a block-quantized GGUF counts as bfloat16: bf16's rounding is far below its quantization step);
+    None (the activations' dtype) elsewhere. --dtype float32 keeps every weight in float32."""
+    bf16 = dtype == "auto" and platform == "cpu" and checkpoint_dtype == "bfloat16" and bf16_tiles
+    return "bf16" if bf16 else None
 
 
 def check_weight_format(weight_quant: str | None, dtype: jnp.dtype, platform: str) -> None:
@@ -262,7 +272,10 @@ class Engine:
         logger.info("%d %s devices up in %.1fs", len(devices), devices[0].device_kind, time.monotonic() - began)
         # Before the weights: their loading and random initialisation compile programs too.
         enable_compilation_cache(config.compilation_cache_dir, devices[0].platform)
-        model_config = with_weight_quant(ModelConfig.from_pretrained(model_path), config.weight_quant)
+        checkpoint = ModelConfig.from_pretrained(model_path)
+        weight_quant = config.weight_quant or checkpoint.weight_quant or default_weight_format(
+            config.dtype, checkpoint.torch_dtype, devices[0].platform, cpu_has_bf16_tiles())
+        model_config = with_weight_quant(checkpoint, weight_quant)
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path)
         dtype = resolve_dtype(config.dtype, model_config, devices[0].platform)

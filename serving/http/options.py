@@ -279,7 +279,9 @@ OPTIONS: tuple[Option, ...] = (
         "--dtype",
         "engine",
         "dtype",
-        "Weight and activation dtype; auto is the checkpoint's on GPU and float32 on CPU.",
+        "Weight and activation dtype; auto is the checkpoint's on GPU and float32 on CPU, where a bfloat16 "
+        "checkpoint (or a quantized GGUF) keeps its matmul weights in bfloat16 if the CPU has AMX (--weight-quant "
+        "bf16); float32 keeps every weight in float32.",
         choices=("auto", "bfloat16", "float16", "float32"),
     ),
     Option(
@@ -325,7 +327,8 @@ OPTIONS: tuple[Option, ...] = (
         "weight_quant",
         "Quantize the linear layers' weights at load, per output channel: int8 or fp8 (e4m3); or bf16 (CPU: "
         "every matmul weight in bfloat16 under float32 activations, products of several rows on the AMX "
-        "tiles where the CPU has them) (default: none; a Hugging Face FP8 checkpoint serves as fp8).",
+        "tiles where the CPU has them) (default: none, but bf16 for a bfloat16 checkpoint under --dtype auto on a "
+        "CPU with AMX; a Hugging Face FP8 checkpoint serves as fp8).",
         choices=("int8", "fp8", "bf16"),
     ),
     Option(
