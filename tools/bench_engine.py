@@ -237,7 +237,7 @@ def main() -> None:
         f"(compile {engine.compile_seconds:.1f}s); weights streamed per step {weight_bytes / 1e9:.2f} GB; "
         f"bandwidth {format_bandwidth(bandwidth)}; batch-1 floor {floor_ms:.2f} ms/token; "
         f"KV cache {engine.num_pages} pages of {engine.page_size} tokens ({engine.num_pages * engine.page_size} "
-        f"tokens, quant policy {args.quant_policy}, weights {args.weight_quant or engine.dtype_name})",
+        f"tokens, quant policy {args.quant_policy}, weights {engine.model_config.weight_quant or engine.dtype_name})",
         flush=True,
     )
     rng = np.random.default_rng(0)
@@ -317,7 +317,7 @@ def main() -> None:
         )
     result["compilations_after_warmup"] = engine.stats().compilations_after_warmup - compiles_before
     result.update(kv_pages=engine.num_pages, kv_tokens=engine.num_pages * engine.page_size,
-                  quant_policy=args.quant_policy, weight_quant=args.weight_quant)
+                  quant_policy=args.quant_policy, weight_quant=engine.model_config.weight_quant)
     print(f"compilations after warm-up: {result['compilations_after_warmup']}")
     engine.shutdown()
     if args.baseline:
@@ -330,7 +330,7 @@ def main() -> None:
 def report_capacity(engine: Engine, args: argparse.Namespace) -> None:
     """The KV pages the budget (--cache-max-entry-count of what the weights leave) holds with each of
     --policies, over the same weights: each engine's cache is dropped before the next is sized."""
-    weights = args.weight_quant or engine.dtype_name
+    weights = engine.model_config.weight_quant or engine.dtype_name
     results = []
     for policy in args.policies:
         config = dataclasses.replace(engine.engine_config, quant_policy=policy)
@@ -339,7 +339,7 @@ def report_capacity(engine: Engine, args: argparse.Namespace) -> None:
         del engine
         engine = Engine(model_config, params, tokenizer=None, config=config, mesh=mesh)
         results.append({"kv_pages": engine.num_pages, "kv_tokens": engine.num_pages * engine.page_size,
-                        "quant_policy": policy, "weight_quant": args.weight_quant,
+                        "quant_policy": policy, "weight_quant": engine.model_config.weight_quant,
                         "weight_bytes": streamed_weight_bytes(params)})
         print(f"capacity: {engine.num_pages} KV pages of {engine.page_size} tokens "
               f"({engine.num_pages * engine.page_size} tokens), quant policy {policy}, weights {weights} "
