@@ -171,8 +171,9 @@ def test_a_plain_pool_passes_through():
 def int4_pipe(tiny_llama):
     """The tiny model serving int4 pages (the read-modify-write cache path) from 24 pages of 16 tokens, in two
     step shapes: decode 8 rows, prefill 2 rows of 64 tokens (its prompts are 40 tokens)."""
-    options = dict(TINY_ENGINE_OPTIONS, decode_batch_buckets=(8,), prefill_row_buckets=(2,), prefill_token_buckets=(64,))
-    pipe = pipeline(str(tiny_llama), **options, quant_policy="4")
+    options = dict(TINY_ENGINE_OPTIONS, decode_batch_buckets=(8,), prefill_row_buckets=(2,),
+                   prefill_token_buckets=(64,), quant_policy="4")
+    pipe = pipeline(str(tiny_llama), **options)
     yield pipe
     pipe.close()
 
