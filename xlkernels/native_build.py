@@ -42,6 +42,7 @@ def cache_dir() -> Path:
     return Path(base) / "xlserve" / "native"
 
 
+@functools.cache  # read for the library's key and for the default weight format, once
 def _cpu_flags() -> str:
     """The instruction-set flags of this CPU (what -march=native compiles for), or the machine's name."""
     try:
