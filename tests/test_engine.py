@@ -391,5 +391,24 @@ def test_packed_prefill_flag_reaches_the_engine_and_bad_values_name_it():
     argv += ["--mixed-decode-buckets", "16", "64"]
     assert from_arguments(parser.parse_args(argv), environ={}).engine_config.buckets("gpu").mixed_decode == (16, 64)
     with pytest.raises((OptionError, ValueError), match="exactly one prefill token bucket"):
-        argv = ["serve", "api_server", "--packed-prefill-buckets", "256"]
+        argv = ["serve", "api_server", "--prefill-token-buckets", "64", "128", "--packed-prefill-buckets", "256"]
         from_arguments(parser.parse_args(argv), environ={}).engine_config.buckets("gpu")
+
+
+def test_gpu_preset_packs_and_mixes_unless_the_prefill_shapes_are_given():
+    from serving.engine.config import EngineConfig
+
+    preset = EngineConfig().buckets("gpu")
+    assert preset.prefill_tokens == (128,) and preset.packed_prefill == (128, 256, 512, 1024, 2048, 4096, 8192)
+    assert preset.mixed_decode == (64,) and preset.prefill_budget == 8192
+    # Explicit token buckets keep their unpacked [rows, length] steps; explicit packed ones stay unmixed.
+    plain = EngineConfig(prefill_token_buckets=(128, 512, 2048)).buckets("gpu")
+    assert plain.packed_prefill == () and plain.mixed_decode == ()
+    assert EngineConfig(prefill_token_buckets=(256,)).buckets("gpu").packed_prefill == ()
+    packed = EngineConfig(prefill_token_buckets=(128,), packed_prefill_buckets=(128, 256)).buckets("gpu")
+    assert packed.mixed_decode == ()
+    # A smaller prefill budget trims the packed buckets; one below the row length leaves rows of that many tokens.
+    assert EngineConfig(max_prefill_token_num=2048).buckets("gpu").packed_prefill[-1] == 2048
+    small = EngineConfig(max_prefill_token_num=100).buckets("gpu")
+    assert small.prefill_tokens == (100,) and small.packed_prefill == () and small.mixed_decode == ()
+    assert EngineConfig().buckets("cpu").packed_prefill == ()  # CPU: mixed steps were slower there

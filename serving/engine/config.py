@@ -188,7 +188,7 @@ class EngineConfig:
     prefill_token_buckets: tuple[int, ...] | None = None
     # Prefill steps compute their real tokens packed, padded to one of these counts (config.py's docstring)
     packed_prefill_buckets: tuple[int, ...] | None = None
-    # Decoding rows a packed prefill step may carry (config.py's docstring); None: the preset's (none)
+    # Decoding rows a packed prefill step may carry (config.py's docstring); None: the preset's
     mixed_decode_buckets: tuple[int, ...] | None = None
     # model
     dtype: str = "auto"  # auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32
@@ -264,15 +264,19 @@ class EngineConfig:
         decode = self.decode_batch_buckets or preset.decode_batch
         if self.max_batch_size is not None:
             decode = tuple(b for b in decode if b < self.max_batch_size) + (self.max_batch_size,)
-        tokens = self.prefill_token_buckets or tuple(t for t in preset.prefill_tokens if t <= max_tokens)
+        # Where every preset row length exceeds --max-prefill-token-num, a row holds that many tokens.
+        tokens = self.prefill_token_buckets or (tuple(t for t in preset.prefill_tokens if t <= max_tokens)
+                                                or (max_tokens,))
         rows = self.prefill_row_buckets or preset.prefill_rows
-        packed = self.packed_prefill_buckets or preset.packed_prefill
-        mixed = self.mixed_decode_buckets or preset.mixed_decode
+        # Explicit prefill token or packed buckets describe the prefill steps whole: the preset adds no
+        # packing or mixed steps to them.
+        presets_prefill = self.prefill_token_buckets is None and self.packed_prefill_buckets is None
+        packed = self.packed_prefill_buckets or (preset.packed_prefill if presets_prefill else ())
+        packed = tuple(n for n in packed if n <= max_tokens)
+        mixed = self.mixed_decode_buckets or (preset.mixed_decode if presets_prefill and packed else ())
         return BucketSet(decode_batch=tuple(decode), prefill_rows=tuple(r for r in rows if r <= decode[-1]) or (1,),
-                         prefill_tokens=tuple(tokens), max_prefill_tokens=max_tokens,
-                         packed_prefill=tuple(n for n in packed if n <= max_tokens),
+                         prefill_tokens=tuple(tokens), max_prefill_tokens=max_tokens, packed_prefill=packed,
                          mixed_decode=tuple(d for d in mixed if d <= decode[-1]))
-
 
 def preset_buckets(name: str, platform: str) -> BucketSet:
     """The named preset of `configs.presets`; `auto` picks `gpu` on accelerators and `cpu` elsewhere."""

@@ -388,7 +388,9 @@ OPTIONS: tuple[Option, ...] = (
         "engine",
         "packed_prefill_buckets",
         "Token counts a prefill step's matmuls are padded to: prompts are packed end to end, so no row's "
-        "tail is computed; one program each (needs exactly one --prefill-token-buckets value, the row length).",
+        "tail is computed; one program each (needs exactly one --prefill-token-buckets value, the row length). "
+        "The GPU preset packs 128..8192 over 128-token rows with --mixed-decode-buckets 64; giving this or "
+        "--prefill-token-buckets replaces the preset's prefill steps, mixed ones included.",
         type=int,
         kind="list",
     ),
