@@ -2,9 +2,10 @@
 
 GPU: decode batches in powers of two up to 256; prefill packed (a step's matmuls compute its real prompt
 tokens end to end, padded to a power of two up to 8192, LMDeploy's --max-prefill-token-num default) over
-attention rows of 128 tokens; and mixed steps, in which up to 64 decoding rows ride in a prefill step. This
-is B2's and B4's best server and the one that met the latency target (docs/benchmarks.md, "Fourteenth
-session"); it also compiles fewer programs than rows x lengths would.
+attention rows of 128 tokens; and mixed steps, in which up to 64 decoding rows ride in a prefill step. Packed
+prefill is B2's best server; mixed steps made B4 18% faster, met the latency target and cost B2 ~1%
+(docs/benchmarks.md, "Round two, fourteenth session"). It also compiles fewer programs than rows x
+lengths would.
 
 CPU: few programs, because XLA:CPU takes seconds to compile each one and start-up compiles them all:
 decode at 1, 4 and 16 rows (padding a partial batch up to the next costs less than compiling every power

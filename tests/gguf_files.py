@@ -26,6 +26,7 @@ from model.config import ModelConfig
 from model.gguf import LAYER_TENSORS, MODEL_TENSORS
 from model.llama import AttentionBatch, CausalLM, empty_cache
 from model.loader import load_params
+from serving.engine.engine import kv_page_dtype
 
 GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
              "Qwen3ForCausalLM": "qwen3"}
@@ -81,8 +82,8 @@ def write_gguf(checkpoint: Path, file: Path, *, weight_type: gguf.GGMLQuantizati
 
 
 def our_logits(file: Path, tokens: list[int], weight_quant: str | None = None) -> np.ndarray:
-    """f32[T, V]: xlserve's loader and decoder, float32 (over weights stored as `weight_quant`), every position
-    of one prefill."""
+    """f32[T, V]: xlserve's loader and decoder, float32 (over weights stored as `weight_quant`, and KV pages as the
+    engine would store them with it), every position of one prefill."""
     config = dataclasses.replace(ModelConfig.from_pretrained(file), weight_quant=weight_quant)
     params = load_params(file, config, jnp.float32)
     model = CausalLM(config, dtype=jnp.float32)
@@ -90,7 +91,7 @@ def our_logits(file: Path, tokens: list[int], weight_quant: str | None = None) -
     batch = AttentionBatch(positions=jnp.arange(n, dtype=jnp.int32)[None], valid=jnp.ones((1, n), bool),
                            kv_lens=jnp.asarray([n], jnp.int32),
                            block_tables=jnp.arange(1, pages + 1, dtype=jnp.int32)[None])
-    cache = empty_cache(config, pages + 1, PAGE_SIZE, jnp.float32)
+    cache = empty_cache(config, pages + 1, PAGE_SIZE, kv_page_dtype(jnp.float32, weight_quant, None))  # as served
     forward = jax.jit(lambda p, c: model.apply({"params": p}, jnp.asarray([tokens], jnp.int32), batch, c))
     logits, _ = forward(params, cache)
     return np.asarray(logits[0])

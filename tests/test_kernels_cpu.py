@@ -4,6 +4,7 @@ machine's compiler (CI has one: a kernel that does not build fails these tests, 
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 
 import jax
@@ -13,9 +14,11 @@ import pytest
 
 from tests.test_kernels_xla import HEAD_DIM, PAGE_SIZE, PAGES_PER_SEQ, attend, paged_batch
 from xlkernels import get_paged_attention, paged_attention_reference, resolve_backend
-from xlkernels.cpu_decode import TARGET, paged_attention_cpu
-from xlkernels.kv_quant import empty_pages
+from xlkernels.cpu_decode import TARGETS, paged_attention_cpu
+from xlkernels.kv_quant import BF16_BITS, as_stored, as_values, empty_pages, storage_dtype, write_tokens
 from xlkernels.native_build import build, native_kernels_ready
+
+NATIVE = "xlserve_paged_decode"  # the prefix of every page dtype's kernel (cpu_decode.TARGETS)
 
 
 def lowered(args: dict) -> str:
@@ -30,14 +33,19 @@ def test_the_kernel_builds_here_and_is_the_cpus_default():
 
 # Head sizes: the kernel sums values 32 at a time in registers, then the rest one by one (16: only the rest).
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (8, 1, 64), (3, 3, 40)])
-def test_decode_matches_reference(num_heads, num_kv_heads, head_dim):
+@pytest.mark.parametrize("page_dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, page_dtype):
     # Ragged rows: a padding row, inside the first page, on a page boundary, mid-table, the whole table.
     args = paged_batch([0, 3, 2 * PAGE_SIZE, 21, PAGES_PER_SEQ * PAGE_SIZE], 1, num_heads, num_kv_heads,
                        head_dim=head_dim)
-    assert TARGET in lowered(args), "decode rows of float32 pages run the native kernel"
-    got = attend(paged_attention_cpu, args)
+    stored = storage_dtype(page_dtype)  # bfloat16 pools are stored as their bits on CPU; the query stays float32
+    pages = {name: as_stored(jnp.asarray(args[name]), stored) for name in ("k_pages", "v_pages")}
+    assert TARGETS[stored] in lowered({**args, **pages}), "decode rows run the native kernel"
+    got = attend(paged_attention_cpu, {**args, **pages})
+    # Against the reference in float32 over the same (rounded) values: the kernel widens them exactly.
+    want = attend(paged_attention_reference, {**args, **{n: as_values(p).astype(np.float32) for n, p in pages.items()}})
     # The reference averages a padding row's (masked) values; the kernels, like the XLA loop, give zeros.
-    np.testing.assert_allclose(got[1:], attend(paged_attention_reference, args)[1:], atol=2e-6, rtol=2e-5)
+    np.testing.assert_allclose(got[1:], want[1:], atol=2e-6, rtol=2e-5)
     assert not got[0].any(), "a row that sees no token comes out as zeros"
 
 
@@ -60,18 +68,18 @@ def test_pages_past_a_rows_context_are_never_read():
     np.testing.assert_allclose(attend(paged_attention_cpu, args), clean, atol=2e-6, rtol=2e-5)
 
 
-def test_prompt_chunks_quantized_pages_and_bf16_run_in_xla():
+def test_prompt_chunks_quantized_pages_and_bf16_queries_run_in_xla():
     prompt = paged_batch([9, 30], 4)
-    assert TARGET not in lowered(prompt)
+    assert NATIVE not in lowered(prompt)
     np.testing.assert_allclose(attend(paged_attention_cpu, prompt), attend(paged_attention_reference, prompt),
                                atol=2e-6, rtol=2e-5)
     bf16 = {k: (v.astype(jnp.bfloat16) if v.dtype == np.float32 else v) for k, v in paged_batch([9], 1).items()}
-    assert TARGET not in lowered(bf16)
+    assert NATIVE not in lowered(bf16)
     decode = paged_batch([9, 30], 1)
     k, v = (empty_pages("int8", decode[name].shape, jnp.float32) for name in ("k_pages", "v_pages"))
     arrays = [jnp.asarray(decode["q"]), k, v, *(jnp.asarray(decode[name]) for name in ("block_tables",
                                                                                   "q_positions", "kv_lens"))]
-    assert TARGET not in jax.jit(lambda *a: paged_attention_cpu(*a, scale=1.0)).lower(*arrays).as_text()
+    assert NATIVE not in jax.jit(lambda *a: paged_attention_cpu(*a, scale=1.0)).lower(*arrays).as_text()
 
 def test_a_compiler_error_is_reported(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CXX", "false")
@@ -88,3 +96,31 @@ def test_a_compiler_error_is_reported(tmp_path, monkeypatch, caplog):
         native_kernels_ready.cache_clear()
     monkeypatch.undo()
     assert native_kernels_ready()
+
+
+def test_bf16_pages_are_stored_gathered_and_written_as_their_bits():
+    """XLA:CPU gathers and scatters bfloat16 through float32, widening the whole operand (a pool per layer and
+    step), so a bfloat16 pool is stored as its 16-bit patterns there (`kv_quant.BF16_BITS`): the prompt chunks'
+    attention and the cache writes make no float32 array of a pool's (or one head's pool's) shape, and give
+    the numbers of float32 over the same bfloat16 values."""
+    assert storage_dtype(jnp.bfloat16) == BF16_BITS and storage_dtype(jnp.float32) == jnp.float32
+    assert empty_pages(None, (2, 3, 4, 8), jnp.bfloat16).dtype == BF16_BITS
+    args = paged_batch([9, 30], 4)
+    pages = {name: as_stored(jnp.asarray(args[name]), BF16_BITS) for name in ("k_pages", "v_pages")}
+    pool_shape = ",".join(map(str, args["k_pages"].shape[1:]))  # [P, PS, D], with or without the heads before it
+    widened = re.compile(rf"f32\[(\d+,)?{pool_shape}\]")
+    arrays = [jnp.asarray(a) for a in {**args, **pages}.values()]
+    attention = jax.jit(lambda *a: paged_attention_cpu(*a, scale=HEAD_DIM**-0.5))
+    assert not widened.search(attention.lower(*arrays).compile().as_text())
+    want = attend(paged_attention_reference, {**args, **{n: as_values(p).astype(np.float32) for n, p in pages.items()}})
+    np.testing.assert_allclose(np.asarray(attention(*arrays)), want, atol=2e-6, rtol=2e-5)
+
+    pool, new = pages["k_pages"], jnp.asarray(args["q"][0, :, :2].transpose(1, 0, 2))  # [Hkv, 4, D]
+    page_idx, offsets = jnp.asarray([3, 3, 5, 10_000]), jnp.asarray([0, 1, PAGE_SIZE - 1, 0])  # the last one drops
+    write = jax.jit(write_tokens)
+    assert not widened.search(write.lower(pool, new, page_idx, offsets).compile().as_text())
+    written = write(pool, new, page_idx, offsets)
+    assert written.dtype == BF16_BITS
+    expected = np.array(as_values(pool).astype(jnp.float32))
+    expected[:, [3, 3, 5], [0, 1, PAGE_SIZE - 1]] = np.asarray(new[:, :3].astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(as_values(written).astype(jnp.float32)), expected)

@@ -265,6 +265,40 @@ def test_bf16_weights_are_the_default_only_for_a_bf16_checkpoint_under_auto_on_a
         assert default_weight_format(dtype, checkpoint, platform, bf16_tiles=tiles) is None
 
 
+def test_bf16_weights_store_the_kv_cache_in_bf16_too(tiny_llama):
+    """The CPU's bf16 mode keeps its KV pages in bfloat16 (half the bytes a decode step reads, twice the pages in
+    the same memory), decoded by the native kernel; quantized pages and every other weight format keep theirs.
+    Greedy tokens of the tiny model stay float32 pages' tokens."""
+    from serving import GenerationConfig, pipeline
+    from serving.engine.engine import kv_page_dtype
+    from tests.conftest import TINY_ENGINE_OPTIONS
+    from xlkernels.kv_quant import BF16_BITS
+
+    assert kv_page_dtype(jnp.float32, "bf16", None) == jnp.bfloat16
+    assert kv_page_dtype(jnp.float32, None, None) == kv_page_dtype(jnp.float32, "int8", None) == jnp.float32
+    assert kv_page_dtype(jnp.bfloat16, "fp8", None) == jnp.bfloat16
+    from model.llama import kv_bytes_per_token
+    from serving.engine.engine import CPU_KV_CACHE_BYTES
+
+    # A budget of 8.5 float32 pages (2 rows x 8 pages of a 128-token session could use 17).
+    page_bytes = kv_bytes_per_token(ModelConfig.from_pretrained(str(tiny_llama)), jnp.float32) * 16
+    options = dict(TINY_ENGINE_OPTIONS, decode_batch_buckets=(1, 2), prefill_row_buckets=(1,),
+                   prefill_token_buckets=(16,), max_prefill_token_num=16, num_pages=None,
+                   cache_max_entry_count=8.5 * page_bytes / CPU_KV_CACHE_BYTES)
+    prompts, greedy = [[1, 5, 9, 11, 3] * 4, [2, 7, 4]], GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    results, pages = {}, {}
+    for weight_quant in ("bf16", None):
+        with pipeline(str(tiny_llama), **options, dtype="float32", weight_quant=weight_quant) as pipe:
+            engine = pipe.engine
+            k_pages = engine.runner.cache[0][0]
+            assert k_pages.dtype == (BF16_BITS if weight_quant else jnp.float32)  # bf16, stored as its bits
+            assert engine.quantization_name == ("bf16 weights, bf16 KV" if weight_quant else "")
+            results[weight_quant] = [r.token_ids for r in pipe(prompts, greedy)]
+            pages[weight_quant] = engine.num_pages
+    assert pages == {"bf16": 17, None: 8}, pages  # the same budget, half the bytes a page
+    assert results["bf16"] == results[None]
+
+
 def test_scales_are_declared_with_their_weights_and_split_like_their_output_channels():
     config = dataclasses.replace(WIDE, weight_quant="int8")
     shardings = param_shardings(config, make_mesh(1))["layers_0"]

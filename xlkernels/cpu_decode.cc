@@ -6,7 +6,8 @@
 // a new buffer and runs two batched products on it: a 16-row step spent most of its attention time on
 // those copies and products (docs/perf-notes.md, "Eighth session").
 //
-// Layouts (row-major): q f32[B, Hq, D] with head = kv_head * G + g; k_pages, v_pages f32[Hkv, P, PS, D];
+// Layouts (row-major): q f32[B, Hq, D] with head = kv_head * G + g; k_pages, v_pages f32 or bf16[Hkv, P, PS, D]
+// (bf16: the CPU's bf16 serving mode; each key and value is widened to f32 in registers as it is read);
 // block_tables s32[B, W]; q_positions, kv_lens s32[B]; out f32[B, Hq, D]. A row sees the tokens before
 // min(kv_len, q_position + 1); one that sees none comes out as zeros, as from the XLA paths. Page numbers
 // are clamped into the pool, as XLA clamps a gather's indices.
@@ -16,8 +17,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "native_bf16.h"
 #include "native_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -25,10 +28,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+template <typename Page>  // float or uint16_t (bfloat16's bits)
 struct Problem {
   const float* q;
-  const float* k;
-  const float* v;
+  const Page* k;
+  const Page* v;
   const int32_t* tables;
   const int32_t* positions;
   const int32_t* lens;
@@ -114,18 +118,33 @@ inline void accumulate_values(const float* weights, const float* values, int64_t
     for (int64_t d = d0; d < D; ++d) acc[d] += weights[t] * values[t * D + d];
 }
 
-// Per-thread scratch: scores [G, PS], running max and sum [G], accumulators [G, D].
+// Per-thread scratch: scores [G, PS], running max and sum [G], accumulators [G, D]; for bfloat16 pages, one
+// page's keys and values widened [PS, D] each.
 struct Scratch {
-  std::vector<float> scores, running_max, denominator, acc;
-  void resize(const Problem& p) {
+  std::vector<float> scores, running_max, denominator, acc, keys, values;
+  template <typename Page>
+  void resize(const Problem<Page>& p) {
     scores.resize(p.group * p.page_size);
     running_max.resize(p.group);
     denominator.resize(p.group);
     acc.resize(p.group * p.head_dim);
+    if (!std::is_same_v<Page, float>) keys.resize(p.page_size * p.head_dim), values.resize(p.page_size * p.head_dim);
   }
 };
 
-void attend_pair(const Problem& p, int64_t pair, Scratch& s) {
+// A page's n x D keys or values as float32: float32 pages as they are; bfloat16 ones widened once into `scratch`
+// (16 KB at 64 x 64, in L1 while the group's query heads read it), not once per query head as they are read.
+inline const float* page_floats(const float* page, int64_t, std::vector<float>&) { return page; }
+
+inline const float* page_floats(const uint16_t* page, int64_t count, std::vector<float>& scratch) {
+  float* out = scratch.data();
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = xlserve::widen_bf16(page[i]);
+  return out;
+}
+
+template <typename Page>
+void attend_pair(const Problem<Page>& p, int64_t pair, Scratch& s) {
   const int64_t row = pair / p.kv_heads, head = pair % p.kv_heads;
   const int64_t G = p.group, D = p.head_dim, PS = p.page_size;
   const int64_t first = (row * p.kv_heads + head) * G * D;  // of this pair's query heads in q and out
@@ -144,8 +163,8 @@ void attend_pair(const Problem& p, int64_t pair, Scratch& s) {
     const int64_t page = std::clamp<int64_t>(p.tables[row * p.table_width + start / PS], 0, p.pages - 1);
     const int64_t n = std::min(PS, bound - start);
     const int64_t offset = (head * p.pages + page) * PS * D;
-    const float* keys = p.k + offset;
-    const float* values = p.v + offset;
+    const float* keys = page_floats(p.k + offset, n * D, s.keys);
+    const float* values = page_floats(p.v + offset, n * D, s.values);
     for (int64_t g = 0; g < G; ++g)  // a page's keys (16 KB at 64 x 64) stay in L1 across the group
       key_scores(q + g * D, keys, n, D, p.scale, s.scores.data() + g * PS);
     for (int64_t g = 0; g < G; ++g) {
@@ -176,10 +195,12 @@ void attend_pair(const Problem& p, int64_t pair, Scratch& s) {
   }
 }
 
-ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
-                       ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> block_tables,
+template <ffi::DataType PageType>
+ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<PageType> k_pages,
+                       ffi::Buffer<PageType> v_pages, ffi::Buffer<ffi::S32> block_tables,
                        ffi::Buffer<ffi::S32> q_positions, ffi::Buffer<ffi::S32> kv_lens, float scale,
                        ffi::ResultBuffer<ffi::F32> out) {
+  using Page = ffi::NativeType<PageType>;
   const auto qd = q.dimensions();
   const auto kd = k_pages.dimensions();
   const auto td = block_tables.dimensions();
@@ -188,11 +209,11 @@ ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
     return ffi::Error::InvalidArgument("paged decode: expected q [B, Hq, D], pages [Hkv, P, PS, D], tables [B, W]");
   if (qd[1] % kd[0] != 0 || qd[2] != kd[3] || td[0] != qd[0])
     return ffi::Error::InvalidArgument("paged decode: q, pages and tables disagree on heads, head size or rows");
-  const Problem problem{q.typed_data(),        k_pages.typed_data(), v_pages.typed_data(),
-                        block_tables.typed_data(), q_positions.typed_data(), kv_lens.typed_data(),
-                        out->typed_data(),     qd[0],                kd[0],
-                        qd[1] / kd[0],         qd[2],                kd[1],
-                        kd[2],                 td[1],                scale};
+  const Problem<Page> problem{q.typed_data(),        k_pages.typed_data(), v_pages.typed_data(),
+                              block_tables.typed_data(), q_positions.typed_data(), kv_lens.typed_data(),
+                              out->typed_data(),     qd[0],                kd[0],
+                              qd[1] / kd[0],         qd[2],                kd[1],
+                              kd[2],                 td[1],                scale};
   // A task is one (row, KV head) pair; each thread keeps its own scratch.
   xlserve::run_tasks(pool, qd[0] * kd[0], [&problem] {
     Scratch scratch;
@@ -202,16 +223,22 @@ ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   return ffi::Error::Success();
 }
 
+template <ffi::DataType PageType>
+auto PagedDecodeBinding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<ffi::F32>>()   // q
+      .template Arg<ffi::Buffer<PageType>>()   // k_pages
+      .template Arg<ffi::Buffer<PageType>>()   // v_pages
+      .template Arg<ffi::Buffer<ffi::S32>>()   // block_tables
+      .template Arg<ffi::Buffer<ffi::S32>>()   // q_positions
+      .template Arg<ffi::Buffer<ffi::S32>>()   // kv_lens
+      .template Attr<float>("scale")
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(XlservePagedDecodeF32, PagedDecode,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_pages
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_pages
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_positions
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlservePagedDecodeF32, PagedDecode<ffi::F32>, PagedDecodeBinding<ffi::F32>());
+// bfloat16 pages arrive as their 16-bit patterns (xlkernels/kv_quant.py, BF16_BITS).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlservePagedDecodeBf16, PagedDecode<ffi::U16>, PagedDecodeBinding<ffi::U16>());

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <memory>
 
+#include "native_bf16.h"
 #include "native_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -177,13 +178,6 @@ inline v16 as_floats(v16u bits) {
   return out;
 }
 
-inline float widen_bf16(uint16_t w) {
-  const uint32_t wide = static_cast<uint32_t>(w) << 16;
-  float out;
-  std::memcpy(&out, &wide, sizeof(out));
-  return out;
-}
-
 // The row's inputs split by parity: even[m] = x[2m], odd[m] = x[2m + 1].
 struct SplitRow {
   const float* even;
@@ -220,7 +214,7 @@ inline void row_block(const SplitRow& x, const uint16_t* w, float* out, int64_t 
     std::memcpy(lane, &acc[j], sizeof(lane));
     float sum = 0.0f;
     for (float v : lane) sum += v;
-    for (int64_t i = whole; i < k; ++i) sum += x.x[i] * widen_bf16(rows[j * k + i]);
+    for (int64_t i = whole; i < k; ++i) sum += x.x[i] * xlserve::widen_bf16(rows[j * k + i]);
     out[c0 + j] = sum;
   }
 }

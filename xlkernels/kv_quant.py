@@ -98,10 +98,34 @@ def token_head_bytes(kind: str | None, head_dim: int, dtype: jnp.dtype) -> int:
     return values + np.dtype(SCALE_DTYPE).itemsize
 
 
+# XLA:CPU gathers and scatters bfloat16 through float32, widening the whole operand (a layer's pool, every
+# step: ~12 ms a layer for SmolLM2's pool of 18k tokens), and a bitcast of a pool is a copy there too. So a
+# bfloat16 pool on CPU is stored as its 16-bit patterns, and only the tokens written or gathered are
+# reinterpreted (`as_stored`, `as_values`); the native decode kernel reads the patterns as bfloat16.
+BF16_BITS = jnp.dtype(jnp.uint16)
+
+
+def storage_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The element type a plain pool of `dtype` is stored in on this backend."""
+    return BF16_BITS if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" else jnp.dtype(dtype)
+
+
+def as_stored(x: jax.Array, stored: jnp.dtype) -> jax.Array:
+    """Values `x` in a plain pool's element type `stored` (bfloat16 bits: rounded to bfloat16, then reinterpreted)."""
+    if stored == BF16_BITS:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
+    return x.astype(stored)
+
+
+def as_values(x: jax.Array) -> jax.Array:
+    """Elements gathered from a plain pool as numbers (bfloat16 bits as bfloat16, others as they are)."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == BF16_BITS else x
+
+
 def empty_pages(kind: str | None, shape: tuple[int, int, int, int], dtype: jnp.dtype) -> Pages:
     """A zeroed pool of logical shape [Hkv, P, PS, D] (call under jit to create it on the device)."""
     if kind is None:
-        return jnp.zeros(shape, dtype)
+        return jnp.zeros(shape, storage_dtype(dtype))
     num_kv_heads, num_pages, page_size, head_dim = shape
     halves = halves_of(kind)
     if page_size % halves:
@@ -142,7 +166,7 @@ def dequantize(pages: QuantizedPages) -> jax.Array:
 def write_tokens(pages: Pages, new: jax.Array, page_idx: jax.Array, offsets: jax.Array) -> Pages:
     """Store new [Hkv, N, D] at (page_idx[n], offsets[n]); page indices past the pool drop."""
     if not isinstance(pages, QuantizedPages):
-        return pages.at[:, page_idx, offsets].set(new.astype(pages.dtype), mode="drop")
+        return pages.at[:, page_idx, offsets].set(as_stored(new, pages.dtype), mode="drop")
     values, scale = quantize(new, pages.kind)  # [Hkv, N, D], [Hkv, N]
     if pages.kind != "int4":
         return QuantizedPages(pages.data.at[:, page_idx, offsets].set(values, mode="drop"),

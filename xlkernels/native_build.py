@@ -30,10 +30,10 @@ logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "cpu_decode.cc", _HERE / "cpu_matmul.cc")
-HEADERS = (_HERE / "native_tasks.h",)  # included by the sources: part of the library's key
+HEADERS = (_HERE / "native_tasks.h", _HERE / "native_bf16.h")  # included by the sources: part of the library's key
 # XLA FFI target name -> the handler symbol the library exports.
-TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32", "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32",
-           "xlserve_row_matmul_bf16": "XlserveRowMatmulBf16"}
+TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32", "xlserve_paged_decode_bf16": "XlservePagedDecodeBf16",
+           "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32", "xlserve_row_matmul_bf16": "XlserveRowMatmulBf16"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xlkernels.kv_quant import Pages, QuantizedPages, unpack_int4
+from xlkernels.kv_quant import Pages, QuantizedPages, as_values, unpack_int4
 from xlkernels.paged_attention import NEG_INF
 from xlkernels.shared_prefix import SharedPrefix
 
@@ -79,7 +79,7 @@ def paged_attention_xla(
         # lands page-major and then costs a transpose of every key and value (~9% of a 16-row CPU decode step).
         if not isinstance(cache, QuantizedPages):
             heads = [cache[h][chunk_tables].reshape(batch, tokens, head_dim) for h in range(num_kv_heads)]
-            return jnp.stack(heads), None
+            return as_values(jnp.stack(heads)).astype(qg.dtype), None
         values, scales = [], []
         for h in range(num_kv_heads):
             data = cache.data[h][chunk_tables]  # [B, pages, PS / halves, D]

@@ -117,6 +117,13 @@ def default_weight_format(dtype: str, checkpoint_dtype: str, platform: str, bf16
     return "bf16" if bf16 else None
 
 
+def kv_page_dtype(dtype: jnp.dtype, weight_quant: str | None, kv_format: str | None) -> jnp.dtype:
+    """The dtype of plain (unquantized) KV pages: bfloat16 under bf16 weights, the CPU's bf16 mode of float32
+    activations over bfloat16 storage (a decode step then reads half the cache's bytes, and the same memory
+    holds twice the pages); the activations' dtype otherwise. Quantized pages keep their own format."""
+    return jnp.dtype(jnp.bfloat16 if weight_quant == "bf16" and kv_format is None else dtype)
+
+
 def check_weight_format(weight_quant: str | None, dtype: jnp.dtype, platform: str) -> None:
     """bf16 weights are for float32 activations on CPU (model/weight_quant.py); elsewhere a clear error."""
     if weight_quant == "bf16" and (platform != "cpu" or dtype != jnp.float32):
@@ -189,7 +196,8 @@ class Engine:
         self.platform = jax.devices()[0].platform
         cache_dir = enable_compilation_cache(self.engine_config.compilation_cache_dir, self.platform)  # first
         self.dtype = resolve_dtype(self.engine_config.dtype, model_config, self.platform)
-        self.kv_format = kv_format(self.engine_config.quant_policy)  # None: pages in `dtype`
+        self.kv_format = kv_format(self.engine_config.quant_policy)  # None: pages in `kv_dtype`
+        self.kv_dtype = kv_page_dtype(self.dtype, model_config.weight_quant, self.kv_format)
         self.ready = False
         self.compile_seconds = 0.0
         # time.monotonic() of the loop's last turn (an idle loop turns every half second): a server that
@@ -242,7 +250,7 @@ class Engine:
             shared_prefix_attention=self.engine_config.enable_shared_prefix_attention,
             logprobs_mode=self.engine_config.logprobs_mode,
             guided_states=self.engine_config.guided_decoding_states, tokenizer=tokenizer, kv_format=self.kv_format,
-            program_dir=cache_dir,
+            kv_dtype=self.kv_dtype, program_dir=cache_dir,
         )
 
     @classmethod
@@ -306,7 +314,7 @@ class Engine:
             return cfg.num_pages
         # Per device: tensor parallelism splits every page by KV head.
         # Quantized pages (--quant-policy) take fewer bytes: the same budget holds more of them.
-        page_bytes = kv_bytes_per_token(self.model_config, self.dtype, self.kv_format) * cfg.page_size // cfg.tp
+        page_bytes = kv_bytes_per_token(self.model_config, self.kv_dtype, self.kv_format) * cfg.page_size // cfg.tp
         if self.platform == "cpu":
             budget = CPU_KV_CACHE_BYTES * cfg.cache_max_entry_count
         else:
@@ -421,7 +429,9 @@ class Engine:
     def quantization_name(self) -> str:
         """What is stored quantized, for the start-up line: "int8 weights, int4 KV" (empty: nothing)."""
         parts = [f"{self.model_config.weight_quant} weights"] if self.model_config.weight_quant else []
-        return ", ".join(parts + ([f"{self.kv_format} KV"] if self.kv_format else []))
+        kv = self.kv_format or (jnp.dtype(self.kv_dtype).name.replace("bfloat16", "bf16")
+                                if self.kv_dtype != self.dtype else None)
+        return ", ".join(parts + ([f"{kv} KV"] if kv else []))
 
     @property
     def error(self) -> BaseException | None:
