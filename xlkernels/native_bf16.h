@@ -14,6 +14,4 @@ inline float widen_bf16(uint16_t w) {
   return out;
 }
 
-inline float widen_bf16(float x) { return x; }  // float32 pages: the same code reads them as they are
-
 }  // namespace xlserve

@@ -193,7 +193,7 @@ class EngineConfig:
     # model
     dtype: str = "auto"  # auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32
     # Linear layers' weights quantized at load with per-output-channel scales: int8 or fp8 (e4m3); or bf16
-    # (CPU: matmul weights in bfloat16 under float32 activations); None keeps `dtype`, or the checkpoint's
+    # (CPU: matmul weights and KV pages in bfloat16 under float32 activations); None keeps `dtype`, or the checkpoint's
     # own quantization (a Hugging Face FP8 checkpoint serves as fp8)
     weight_quant: str | None = None
     # auto: the checkpoint's safetensors; dummy: random weights at the checkpoint's shapes, for
