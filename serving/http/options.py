@@ -326,9 +326,9 @@ OPTIONS: tuple[Option, ...] = (
         "engine",
         "weight_quant",
         "Quantize the linear layers' weights at load, per output channel: int8 or fp8 (e4m3); or bf16 (CPU: "
-        "every matmul weight and the KV cache in bfloat16 under float32 activations, products of several rows on "
-        "the AMX tiles where the CPU has them) (default: none, but bf16 for a bfloat16 checkpoint under --dtype auto on a "
-        "CPU with AMX; a Hugging Face FP8 checkpoint serves as fp8).",
+        "every matmul weight and the KV cache in bfloat16 under float32 activations, products of several rows "
+        "on the AMX tiles where the CPU has them) (default: none, but bf16 for a bfloat16 checkpoint under "
+        "--dtype auto on a CPU with AMX; a Hugging Face FP8 checkpoint serves as fp8).",
         choices=("int8", "fp8", "bf16"),
     ),
     Option(
