@@ -15,7 +15,7 @@ import pytest
 from tests.test_kernels_xla import HEAD_DIM, PAGE_SIZE, PAGES_PER_SEQ, attend, paged_batch
 from xlkernels import get_paged_attention, paged_attention_reference, resolve_backend
 from xlkernels.cpu_decode import TARGETS, paged_attention_cpu
-from xlkernels.kv_quant import BF16_BITS, as_stored, as_values, empty_pages, storage_dtype, write_tokens
+from xlkernels.kv_quant import BF16_BITS, as_stored, as_values, empty_pages, write_tokens
 from xlkernels.native_build import build, native_kernels_ready
 
 NATIVE = "xlserve_paged_decode"  # the prefix of every page dtype's kernel (cpu_decode.TARGETS)
@@ -33,12 +33,11 @@ def test_the_kernel_builds_here_and_is_the_cpus_default():
 
 # Head sizes: the kernel sums values 32 at a time in registers, then the rest one by one (16: only the rest).
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (8, 1, 64), (3, 3, 40)])
-@pytest.mark.parametrize("page_dtype", [jnp.float32, jnp.bfloat16])
-def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, page_dtype):
+@pytest.mark.parametrize("stored", [jnp.dtype(jnp.float32), BF16_BITS])  # bf16 pages are stored as their bits
+def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, stored):
     # Ragged rows: a padding row, inside the first page, on a page boundary, mid-table, the whole table.
     args = paged_batch([0, 3, 2 * PAGE_SIZE, 21, PAGES_PER_SEQ * PAGE_SIZE], 1, num_heads, num_kv_heads,
                        head_dim=head_dim)
-    stored = storage_dtype(page_dtype)  # bfloat16 pools are stored as their bits on CPU; the query stays float32
     pages = {name: as_stored(jnp.asarray(args[name]), stored) for name in ("k_pages", "v_pages")}
     assert TARGETS[stored] in lowered({**args, **pages}), "decode rows run the native kernel"
     got = attend(paged_attention_cpu, {**args, **pages})
@@ -100,11 +99,9 @@ def test_a_compiler_error_is_reported(tmp_path, monkeypatch, caplog):
 
 def test_bf16_pages_are_stored_gathered_and_written_as_their_bits():
     """XLA:CPU gathers and scatters bfloat16 through float32, widening the whole operand (a pool per layer and
-    step), so a bfloat16 pool is stored as its 16-bit patterns there (`kv_quant.BF16_BITS`): the prompt chunks'
-    attention and the cache writes make no float32 array of a pool's (or one head's pool's) shape, and give
+    step), so the CPU's bfloat16 pools are stored as their 16-bit patterns (`kv_quant.BF16_BITS`): the prompt
+    chunks' attention and the cache writes make no float32 array of a pool's (or one head's pool's) shape, and give
     the numbers of float32 over the same bfloat16 values."""
-    assert storage_dtype(jnp.bfloat16) == BF16_BITS and storage_dtype(jnp.float32) == jnp.float32
-    assert empty_pages(None, (2, 3, 4, 8), jnp.bfloat16).dtype == BF16_BITS
     args = paged_batch([9, 30], 4)
     pages = {name: as_stored(jnp.asarray(args[name]), BF16_BITS) for name in ("k_pages", "v_pages")}
     pool_shape = ",".join(map(str, args["k_pages"].shape[1:]))  # [P, PS, D], with or without the heads before it

@@ -274,7 +274,7 @@ def test_bf16_weights_store_the_kv_cache_in_bf16_too(tiny_llama):
     from tests.conftest import TINY_ENGINE_OPTIONS
     from xlkernels.kv_quant import BF16_BITS
 
-    assert kv_page_dtype(jnp.float32, "bf16", None) == jnp.bfloat16
+    assert kv_page_dtype(jnp.float32, "bf16", None) == BF16_BITS  # bfloat16, stored as its bits
     assert kv_page_dtype(jnp.float32, None, None) == kv_page_dtype(jnp.float32, "int8", None) == jnp.float32
     assert kv_page_dtype(jnp.bfloat16, "fp8", None) == jnp.bfloat16
     from model.llama import kv_bytes_per_token

@@ -99,15 +99,11 @@ def token_head_bytes(kind: str | None, head_dim: int, dtype: jnp.dtype) -> int:
 
 
 # XLA:CPU gathers and scatters bfloat16 through float32, widening the whole operand (a layer's pool, every
-# step: ~12 ms a layer for SmolLM2's pool of 18k tokens), and a bitcast of a pool is a copy there too. So a
-# bfloat16 pool on CPU is stored as its 16-bit patterns, and only the tokens written or gathered are
-# reinterpreted (`as_stored`, `as_values`); the native decode kernel reads the patterns as bfloat16.
+# step: ~12 ms a layer for SmolLM2's pool of 18k tokens), and a bitcast of a pool is a copy there too. So the
+# CPU's bfloat16 pools are stored as their 16-bit patterns (`serving.engine.engine.kv_page_dtype` picks this
+# element type), and only the tokens written or gathered are reinterpreted (`as_stored`, `as_values`); the
+# native decode kernel reads the patterns as bfloat16.
 BF16_BITS = jnp.dtype(jnp.uint16)
-
-
-def storage_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """The element type a plain pool of `dtype` is stored in on this backend."""
-    return BF16_BITS if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" else jnp.dtype(dtype)
 
 
 def as_stored(x: jax.Array, stored: jnp.dtype) -> jax.Array:
@@ -125,7 +121,7 @@ def as_values(x: jax.Array) -> jax.Array:
 def empty_pages(kind: str | None, shape: tuple[int, int, int, int], dtype: jnp.dtype) -> Pages:
     """A zeroed pool of logical shape [Hkv, P, PS, D] (call under jit to create it on the device)."""
     if kind is None:
-        return jnp.zeros(shape, storage_dtype(dtype))
+        return jnp.zeros(shape, dtype)
     num_kv_heads, num_pages, page_size, head_dim = shape
     halves = halves_of(kind)
     if page_size % halves:

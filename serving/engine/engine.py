@@ -54,7 +54,7 @@ from serving.engine.runner import ModelRunner, StepOutput
 from serving.engine.scheduler import Chunk, Scheduler
 from serving.engine.warmup import BucketCompiler, CompileUnit, on_startup_thread
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
-from xlkernels.kv_quant import kv_format
+from xlkernels.kv_quant import BF16_BITS, kv_format
 from xlkernels.native_build import cpu_has_bf16_tiles
 
 if TYPE_CHECKING:
@@ -118,10 +118,11 @@ def default_weight_format(dtype: str, checkpoint_dtype: str, platform: str, bf16
 
 
 def kv_page_dtype(dtype: jnp.dtype, weight_quant: str | None, kv_format: str | None) -> jnp.dtype:
-    """The dtype of plain (unquantized) KV pages: bfloat16 under bf16 weights, the CPU's bf16 mode of float32
-    activations over bfloat16 storage (a decode step then reads half the cache's bytes, and the same memory
-    holds twice the pages); the activations' dtype otherwise. Quantized pages keep their own format."""
-    return jnp.dtype(jnp.bfloat16 if weight_quant == "bf16" and kv_format is None else dtype)
+    """The element type of plain (unquantized) KV pages: bfloat16 under bf16 weights, the CPU's bf16 mode of
+    float32 activations over bfloat16 storage (a decode step then reads half the cache's bytes, and the same
+    memory holds twice the pages), stored as its bits (`kv_quant.BF16_BITS`, which says why); the
+    activations' dtype otherwise. Quantized pages keep their own format."""
+    return BF16_BITS if weight_quant == "bf16" and kv_format is None else jnp.dtype(dtype)
 
 
 def check_weight_format(weight_quant: str | None, dtype: jnp.dtype, platform: str) -> None:
@@ -429,8 +430,7 @@ class Engine:
     def quantization_name(self) -> str:
         """What is stored quantized, for the start-up line: "int8 weights, int4 KV" (empty: nothing)."""
         parts = [f"{self.model_config.weight_quant} weights"] if self.model_config.weight_quant else []
-        kv = self.kv_format or (jnp.dtype(self.kv_dtype).name.replace("bfloat16", "bf16")
-                                if self.kv_dtype != self.dtype else None)
+        kv = self.kv_format or ("bf16" if self.kv_dtype == BF16_BITS else None)
         return ", ".join(parts + ([f"{kv} KV"] if kv else []))
 
     @property
