@@ -7,7 +7,7 @@
 // those copies and products (docs/perf-notes.md, "Eighth session").
 //
 // Layouts (row-major): q f32[B, Hq, D] with head = kv_head * G + g; k_pages, v_pages f32 or bf16[Hkv, P, PS, D]
-// (bf16: the CPU's bf16 serving mode; each key and value is widened to f32 in registers as it is read);
+// (bf16: the CPU's bf16 serving mode, its 16-bit patterns; each page is widened to f32 once, `page_floats`);
 // block_tables s32[B, W]; q_positions, kv_lens s32[B]; out f32[B, Hq, D]. A row sees the tokens before
 // min(kv_len, q_position + 1); one that sees none comes out as zeros, as from the XLA paths. Page numbers
 // are clamped into the pool, as XLA clamps a gather's indices.

@@ -278,6 +278,7 @@ class EngineConfig:
                          prefill_tokens=tuple(tokens), max_prefill_tokens=max_tokens, packed_prefill=packed,
                          mixed_decode=tuple(d for d in mixed if d <= decode[-1]))
 
+
 def preset_buckets(name: str, platform: str) -> BucketSet:
     """The named preset of `configs.presets`; `auto` picks `gpu` on accelerators and `cpu` elsewhere."""
     if name == "auto":

@@ -285,6 +285,7 @@ class ModelRunner:
         kv_dtype: jnp.dtype | None = None,  # plain pages' dtype (engine.kv_page_dtype); None: `dtype`
         program_dir: str | None = None,  # where compiled programs are loaded from and saved to (program_store)
     ):
+        kv_dtype = kv_dtype or dtype
         self.config = config
         self.params = params
         self.page_size = page_size
@@ -302,9 +303,9 @@ class ModelRunner:
         # Everything the traced functions close over, for the store's key (their arguments' shapes are in it too).
         program_store = ProgramStore.beside_cache(program_dir, repr((
             config, jnp.dtype(dtype).name, num_pages, page_size, pages_per_seq, num_slots, mesh, attention_backend,
-            self.shared_prefix, logprobs_mode, guided_states, kv_format, jnp.dtype(kv_dtype or dtype).name)))
+            self.shared_prefix, logprobs_mode, guided_states, kv_format, jnp.dtype(kv_dtype).name)))
         self.program_store = program_store
-        self.cache = empty_cache(config, num_pages, page_size, kv_dtype or dtype, mesh, kv_format)
+        self.cache = empty_cache(config, num_pages, page_size, kv_dtype, mesh, kv_format)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.seen = jax.jit(lambda: jnp.zeros((num_slots, config.vocab_size), jnp.bool_),
                             out_shardings=replicated)()
