@@ -224,6 +224,9 @@ class EngineOutput:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    # time.monotonic() when the engine had the step's tokens back (0.0 on outputs of no step): the clock the
+    # server's metrics time tokens by, which an engine in a process of its own shares (CLOCK_MONOTONIC)
+    produced_at: float = 0.0
 
 
 def build_request(

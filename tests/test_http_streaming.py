@@ -37,20 +37,23 @@ def test_text_events_equal_the_dumped_chunks(include_usage: bool) -> None:
                 assert events(index, text) == event(make(index, text))
 
 
-def output(*ids: int, reason: FinishReason | None = None, cached: int = 0) -> EngineOutput:
-    return EngineOutput("r", list(ids), reason is not None, reason, num_cached_tokens=cached)
+def output(*ids: int, reason: FinishReason | None = None, cached: int = 0, at: float = 0.0) -> EngineOutput:
+    return EngineOutput("r", list(ids), reason is not None, reason, num_cached_tokens=cached, produced_at=at)
 
 
 async def test_queued_outputs_merge_per_choice_in_order() -> None:
     queue: asyncio.Queue[tuple[int, EngineOutput]] = asyncio.Queue()
-    for item in [(1, output(20)), (0, output(11, cached=4)), (1, output(21, reason=FinishReason.LENGTH)),
-                 (1, output(reason=FinishReason.ABORT)), (0, output(12))]:  # fmt: skip
+    for item in [(1, output(at=1.5)), (0, output(11, cached=4, at=2.0)), (1, output(20, at=2.0)),
+                 (1, output(21, reason=FinishReason.LENGTH, at=3.0)), (1, output(reason=FinishReason.ABORT)),
+                 (0, output(12, at=3.0))]:  # fmt: skip
         queue.put_nowait(item)
-    merged = _with_queued(queue, (0, output(10)))
+    merged = _with_queued(queue, (0, output(10, at=1.0)))
     assert queue.empty()
-    assert [(i, o.new_token_ids, o.finish_reason, o.num_cached_tokens) for i, o in merged] == [
-        (0, [10, 11, 12], None, 4),
-        (1, [20, 21], FinishReason.LENGTH, 0),  # the abort echo after the final output is dropped
+    assert [(i, o.new_token_ids, o.finish_reason, o.num_cached_tokens, since, o.produced_at)
+            for i, o, since in merged] == [
+        (0, [10, 11, 12], None, 4, 1.0, 3.0),  # produced from 1.0 (its first token) to 3.0 (its last)
+        # the abort echo after the final output is dropped; an output without tokens times none of them
+        (1, [20, 21], FinishReason.LENGTH, 0, 2.0, 3.0),
     ]
 
 

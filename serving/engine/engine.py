@@ -659,8 +659,9 @@ class Engine:
         for chunks, step in dispatched:
             logprobs = jax.device_get(step.logprobs) if step.logprobs is not None else None
             tokens = np.asarray(step.tokens).tolist()
+            produced_at = time.monotonic()
             self.runner.guided.observe(chunks, tokens)
-            for output in self.scheduler.update_from_output(chunks, tokens, logprobs):
+            for output in self.scheduler.update_from_output(chunks, tokens, logprobs, produced_at):
                 self._emit(output)
 
     def _emit(self, output: EngineOutput | None) -> None:

@@ -169,11 +169,12 @@ class Scheduler:
         self._by_id[request.request_id] = seq
         return None
 
-    def update_from_output(self, chunks: list[Chunk], tokens: list[int],
-                           logprobs: StepLogprobsHost | None = None) -> list[EngineOutput]:
+    def update_from_output(self, chunks: list[Chunk], tokens: list[int], logprobs: StepLogprobsHost | None = None,
+                           produced_at: float = 0.0) -> list[EngineOutput]:
         """A read-back step: register the pages it filled, and append each sampled token to its sequence,
         finishing the sequence on a stop id or at its length limit. Returns the outputs to report.
-        `logprobs` (host arrays of `sampling.StepLogprobs`) when a row of the step asked for them."""
+        `logprobs` (host arrays of `sampling.StepLogprobs`) when a row of the step asked for them;
+        `produced_at`: when the step's tokens were read back (`EngineOutput.produced_at`)."""
         outputs = []
         for row, (chunk, token) in enumerate(zip(chunks, tokens, strict=False)):
             seq = self._by_id.get(chunk.request_id)
@@ -200,6 +201,7 @@ class Scheduler:
             if reason is not None:
                 self._remove(seq)
             output = _output(seq, [token], reason)
+            output.produced_at = produced_at
             if config.logprobs is not None and logprobs is not None:
                 output.logprobs = [_logprob(logprobs, row, config.logprobs)]
             outputs.append(output)

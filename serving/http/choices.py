@@ -107,9 +107,9 @@ async def generate(client: AsyncEngineClient,
         async with aclosing(client.generate(requests, deadline, first_token_deadline)) as deltas:
             async for index, delta in deltas:
                 record = records[index]
-                if delta.token_ids:
-                    record.last_token = loop.time()
-                    record.first_token = record.first_token or record.last_token
+                if delta.token_times is not None:
+                    first_at, record.last_token = delta.token_times
+                    record.first_token = record.first_token or first_at
                 record.cached_tokens = max(record.cached_tokens, delta.num_cached_tokens)
                 record.completion_tokens = delta.num_completion_tokens
                 if delta.finished:

@@ -141,13 +141,15 @@ class AsyncEngineClient:
                 if generation.failure is not None:
                     raise generation.failure
                 generation.produced = True
-                for index, output in _with_queued(outputs, first):
+                for index, output, since in _with_queued(outputs, first):
                     try:
                         delta, to_abort = tracker.process(index, output)
                     except RequestFailed as failed:
                         raise APIError(500, str(failed), code="engine_error") from None
                     if delta is None:
                         continue  # the abort echo of a choice a stop string already ended
+                    if delta.token_ids:
+                        delta.token_times = (since, output.produced_at)
                     if delta.finish_reason == FinishReason.ABORT:
                         raise APIError(503, "the server is shutting down; the request was aborted", code="aborted")
                     if to_abort is not None:
@@ -193,22 +195,24 @@ async def _next_output(
 
 def _with_queued(
     outputs: asyncio.Queue[tuple[int, EngineOutput]], first: tuple[int, EngineOutput]
-) -> list[tuple[int, EngineOutput]]:
-    """`first` and every output already queued behind it, a choice's consecutive outputs merged into one.
+) -> list[tuple[int, EngineOutput, float]]:
+    """`first` and every output already queued behind it, a choice's consecutive outputs merged into one,
+    each with the `produced_at` of the first output merged into it (the merged one keeps the last's).
 
     When the loop falls behind the engine (a few hundred streams), a choice has several steps' tokens
     waiting: handing them on as one delta makes one SSE chunk and one socket write instead of several,
     so the cost per token falls just when the load is highest. Whatever follows a choice's final
     output can only be the engine's answer to an abort, which `generate` would skip anyway.
     """
-    merged = dict([first])
+    index, output = first
+    merged = {index: (output, output.produced_at)}
     while not outputs.empty():
         index, output = outputs.get_nowait()
         if index < 0:
             continue  # a wake-up (`_Generation.fail`): the caller sees the failure on its next wait
-        earlier = merged.get(index)
+        earlier, since = merged.get(index, (None, output.produced_at))
         if earlier is None:
-            merged[index] = output
+            merged[index] = output, since
         elif not earlier.finished:
             merged[index] = dataclasses.replace(
                 output,
@@ -216,8 +220,8 @@ def _with_queued(
                 num_cached_tokens=max(earlier.num_cached_tokens, output.num_cached_tokens),
                 logprobs=_joined(earlier.logprobs, output.logprobs),
                 prompt_logprobs=_joined(earlier.prompt_logprobs, output.prompt_logprobs),
-            )
-    return list(merged.items())
+            ), since if earlier.new_token_ids else output.produced_at
+    return [(index, output, since) for index, (output, since) in merged.items()]
 
 
 def _joined(first: list | None, second: list | None) -> list | None:

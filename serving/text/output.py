@@ -30,6 +30,8 @@ class TextDelta:
     logprobs: list[TokenLogprob] | None = None
     token_texts: list[str] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # new prompt entries (from its second token on)
+    # With token_ids: when the engine produced the first and the last of them (`EngineOutput.produced_at`)
+    token_times: tuple[float, float] | None = None
 
 
 class OutputProcessor:
