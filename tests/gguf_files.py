@@ -91,7 +91,7 @@ def our_logits(file: Path, tokens: list[int], weight_quant: str | None = None) -
     batch = AttentionBatch(positions=jnp.arange(n, dtype=jnp.int32)[None], valid=jnp.ones((1, n), bool),
                            kv_lens=jnp.asarray([n], jnp.int32),
                            block_tables=jnp.arange(1, pages + 1, dtype=jnp.int32)[None])
-    cache = empty_cache(config, pages + 1, PAGE_SIZE, kv_page_dtype(jnp.float32, weight_quant, None))  # as served
+    cache = empty_cache(config, pages + 1, PAGE_SIZE, kv_page_dtype(jnp.float32, weight_quant, None, "cpu"))  # served
     forward = jax.jit(lambda p, c: model.apply({"params": p}, jnp.asarray([tokens], jnp.int32), batch, c))
     logits, _ = forward(params, cache)
     return np.asarray(logits[0])

@@ -244,24 +244,32 @@ def forward_logits(config: ModelConfig, params, tokens: jax.Array) -> jax.Array:
     return run(params, cache, seen, last, tokens, jnp.asarray(rows))[2]
 
 
-def test_bf16_weights_are_refused_off_cpu_and_under_bf16_activations():
-    from serving.engine.engine import check_weight_format
+def test_bf16_weights_are_refused_off_cpu_and_run_under_float32_activations_on_it(tiny_llama):
+    from serving.engine.engine import check_weight_format, resolve_dtype, with_weight_quant
 
-    check_weight_format("bf16", jnp.float32, "cpu")
-    check_weight_format("fp8", jnp.bfloat16, "gpu")
-    for dtype, platform in ((jnp.bfloat16, "cpu"), (jnp.float32, "gpu")):
-        with pytest.raises(ValueError, match="--weight-quant bf16 keeps float32 activations"):
-            check_weight_format("bf16", dtype, platform)
+    check_weight_format("bf16", "cpu")
+    check_weight_format("fp8", "gpu")
+    with pytest.raises(ValueError, match="--weight-quant bf16 keeps float32 activations.*--dtype bfloat16 instead"):
+        check_weight_format("bf16", "gpu")
+    bf16_weights = with_weight_quant(ModelConfig.from_pretrained(str(tiny_llama)), "bf16")
+    for name in ("auto", "bfloat16", "float32"):
+        assert resolve_dtype(name, bf16_weights, "cpu") == jnp.float32
+    assert resolve_dtype("bfloat16", ModelConfig.from_pretrained(str(tiny_llama)), "cpu") == jnp.bfloat16
 
 
-def test_bf16_weights_are_the_default_only_for_a_bf16_checkpoint_under_auto_on_a_cpu_with_amx():
+def test_bf16_weights_are_the_cpus_format_for_bfloat16_and_under_auto_with_amx():
+    """On CPU, --dtype bfloat16 means bfloat16 weights and KV pages under float32 activations (XLA:CPU's bfloat16
+    arithmetic is up to 20x slower at one row); --dtype auto picks it for a bfloat16 checkpoint on a CPU with AMX."""
     from serving.engine.engine import default_weight_format
 
     assert default_weight_format("auto", "bfloat16", "cpu", bf16_tiles=True) == "bf16"
+    for checkpoint, tiles in (("bfloat16", False), ("float32", True), ("float32", False)):
+        assert default_weight_format("bfloat16", checkpoint, "cpu", bf16_tiles=tiles) == "bf16"
     for dtype, checkpoint, platform, tiles in (("auto", "bfloat16", "cpu", False),  # no AMX: f32's products
                                                ("float32", "bfloat16", "cpu", True),  # asked for float32
                                                ("auto", "float32", "cpu", True),  # bf16 would round the weights
-                                               ("auto", "bfloat16", "gpu", True)):  # bf16 activations there
+                                               ("auto", "bfloat16", "gpu", True),  # bf16 activations there
+                                               ("bfloat16", "bfloat16", "gpu", True)):
         assert default_weight_format(dtype, checkpoint, platform, bf16_tiles=tiles) is None
 
 
@@ -274,9 +282,12 @@ def test_bf16_weights_store_the_kv_cache_in_bf16_too(tiny_llama):
     from tests.conftest import TINY_ENGINE_OPTIONS
     from xlkernels.kv_quant import BF16_BITS
 
-    assert kv_page_dtype(jnp.float32, "bf16", None) == BF16_BITS  # bfloat16, stored as its bits
-    assert kv_page_dtype(jnp.float32, None, None) == kv_page_dtype(jnp.float32, "int8", None) == jnp.float32
-    assert kv_page_dtype(jnp.bfloat16, "fp8", None) == jnp.bfloat16
+    assert kv_page_dtype(jnp.float32, "bf16", None, "cpu") == BF16_BITS  # bfloat16, stored as its bits
+    assert kv_page_dtype(jnp.bfloat16, None, None, "cpu") == BF16_BITS  # --dtype bfloat16 on CPU likewise
+    f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+    assert kv_page_dtype(f32, None, None, "cpu") == kv_page_dtype(f32, "int8", None, "cpu") == f32
+    assert kv_page_dtype(bf16, "fp8", None, "gpu") == kv_page_dtype(bf16, None, None, "gpu") == bf16  # Pallas
+    assert kv_page_dtype(jnp.bfloat16, None, "int8", "cpu") == jnp.bfloat16  # quantized pages: their own format
     from model.llama import kv_bytes_per_token
     from serving.engine.engine import CPU_KV_CACHE_BYTES
 

@@ -1,8 +1,8 @@
 """Decode attention on CPU by a native kernel (`cpu_decode.cc`), built on first use with the host's C++
 compiler against the XLA FFI headers jaxlib ships, and cached.
 
-`paged_attention_cpu` is the "cpu" backend: one float32 query token per row over plain float32 or bfloat16
-pages (bf16: the CPU's bf16 serving mode, `serving.engine.engine.kv_page_dtype`; stored as their bits,
+`paged_attention_cpu` is the "cpu" backend: one float32 or bfloat16 query token per row (widened to float32)
+over plain float32 or bfloat16 pages (bf16: `serving.engine.engine.kv_page_dtype`; stored as their bits,
 `kv_quant.BF16_BITS`) runs the native kernel, which reads each key and value once straight from the page
 pool; everything else (prompt chunks, quantized pages, other dtypes, a host without a compiler) runs
 `paged_attention_xla`. Same contract and, up to float rounding, the same numbers as the reference.
@@ -24,12 +24,14 @@ from xlkernels.xla_attention import paged_attention_xla
 # By the pool's element type (a bfloat16 pool is stored as its bits on CPU: kv_quant.BF16_BITS); each one of
 # native_build.TARGETS.
 TARGETS = {jnp.dtype(jnp.float32): "xlserve_paged_decode_f32", BF16_BITS: "xlserve_paged_decode_bf16"}
+QUERY_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the kernel computes in float32
 
 
 def native_decode_applies(q: jax.Array, k_pages: Pages) -> bool:
-    """Whether `paged_attention_cpu` runs these operands natively: one float32 query token per row over plain
-    float32 or bfloat16 pages, on a host whose JAX runs on its CPU (the kernel is registered for XLA:CPU only)."""
-    return (q.shape[1] == 1 and not isinstance(k_pages, QuantizedPages) and q.dtype == jnp.float32
+    """Whether `paged_attention_cpu` runs these operands natively: one float32 or bfloat16 query token per row
+    over plain float32 or bfloat16 pages, on a host whose JAX runs on its CPU (the kernel is registered for
+    XLA:CPU only)."""
+    return (q.shape[1] == 1 and not isinstance(k_pages, QuantizedPages) and q.dtype in QUERY_DTYPES
             and k_pages.dtype in TARGETS and jax.default_backend() == "cpu" and native_kernels_ready())
 
 
@@ -50,5 +52,6 @@ def paged_attention_cpu(
     batch, _, num_heads, head_dim = q.shape
     call = jax.ffi.ffi_call(TARGETS[k_pages.dtype], jax.ShapeDtypeStruct((batch, num_heads, head_dim), jnp.float32),
                             vmap_method="sequential")
-    out = call(q[:, 0], k_pages, v_pages, block_tables, q_positions[:, 0], kv_lens, scale=np.float32(scale))
-    return out[:, None]
+    out = call(q[:, 0].astype(jnp.float32), k_pages, v_pages, block_tables, q_positions[:, 0], kv_lens,
+               scale=np.float32(scale))
+    return out[:, None].astype(q.dtype)

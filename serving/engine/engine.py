@@ -94,8 +94,10 @@ def _wait_quietly(dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
 
 
 def resolve_dtype(name: str, model_config: ModelConfig, platform: str) -> jnp.dtype:
-    """`auto` is the checkpoint's dtype on accelerators and float32 on CPU, where bf16 matmuls are
-    slow and less exact."""
+    """The activations' dtype. `auto` is the checkpoint's dtype on accelerators and float32 on CPU, where bf16
+    matmuls are slow and less exact; on CPU, bf16 weights (model/weight_quant.py) always run under float32."""
+    if platform == "cpu" and model_config.weight_quant == "bf16":
+        return jnp.dtype(jnp.float32)
     if name == "auto":
         name = "float32" if platform == "cpu" else model_config.torch_dtype
         name = name if name in _DTYPES else "bfloat16"
@@ -109,27 +111,31 @@ def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> Mo
 
 
 def default_weight_format(dtype: str, checkpoint_dtype: str, platform: str, bf16_tiles: bool) -> str | None:
-    """The weight format when --weight-quant is unset: bf16 (model/weight_quant.py) for a bfloat16 checkpoint under
-    --dtype auto on a CPU with AMX's bf16 tiles, where it streams half the bytes and multiplies several rows on
-    the tiles (a block-quantized GGUF counts as bfloat16: bf16's rounding is far below its quantization step);
-    None (the activations' dtype) elsewhere. --dtype float32 keeps every weight in float32."""
-    bf16 = dtype == "auto" and platform == "cpu" and checkpoint_dtype == "bfloat16" and bf16_tiles
-    return "bf16" if bf16 else None
+    """The weight format when --weight-quant is unset: on CPU, bf16 (model/weight_quant.py: bfloat16 weights
+    and KV pages under float32 activations) for --dtype bfloat16, whose arithmetic in bfloat16 XLA:CPU runs
+    up to 20x slower at one row, and for a bfloat16 checkpoint under --dtype auto on a CPU with AMX's bf16
+    tiles, where it streams half the bytes and multiplies several rows on the tiles (a block-quantized GGUF
+    counts as bfloat16: bf16's rounding is far below its quantization step); None (the activations' dtype)
+    elsewhere. --dtype float32 keeps every weight in float32."""
+    auto = dtype == "auto" and checkpoint_dtype == "bfloat16" and bf16_tiles
+    return "bf16" if platform == "cpu" and (dtype == "bfloat16" or auto) else None
 
 
-def kv_page_dtype(dtype: jnp.dtype, weight_quant: str | None, kv_format: str | None) -> jnp.dtype:
-    """The element type of plain (unquantized) KV pages: bfloat16 under bf16 weights, the CPU's bf16 mode of
-    float32 activations over bfloat16 storage (a decode step then reads half the cache's bytes, and the same
-    memory holds twice the pages), stored as its bits (`kv_quant.BF16_BITS`, which says why); the
-    activations' dtype otherwise. Quantized pages keep their own format."""
-    return BF16_BITS if weight_quant == "bf16" and kv_format is None else jnp.dtype(dtype)
+def kv_page_dtype(dtype: jnp.dtype, weight_quant: str | None, kv_format: str | None, platform: str) -> jnp.dtype:
+    """The element type of plain (unquantized) KV pages: bfloat16 under bf16 weights (the CPU's bf16 mode of
+    float32 activations over bfloat16 storage: a decode step then reads half the cache's bytes, and the same
+    memory holds twice the pages), else the activations' dtype; on CPU a bfloat16 pool is stored as its bits
+    (`kv_quant.BF16_BITS`, which says why). Quantized pages keep their own format."""
+    dtype = jnp.dtype(jnp.bfloat16 if weight_quant == "bf16" else dtype)
+    return BF16_BITS if kv_format is None and platform == "cpu" and dtype == jnp.bfloat16 else dtype
 
 
-def check_weight_format(weight_quant: str | None, dtype: jnp.dtype, platform: str) -> None:
-    """bf16 weights are for float32 activations on CPU (model/weight_quant.py); elsewhere a clear error."""
-    if weight_quant == "bf16" and (platform != "cpu" or dtype != jnp.float32):
+def check_weight_format(weight_quant: str | None, platform: str) -> None:
+    """bf16 weights are the CPU's format (float32 activations over bfloat16 weights, model/weight_quant.py);
+    elsewhere a clear error."""
+    if weight_quant == "bf16" and platform != "cpu":
         raise ValueError(f"--weight-quant bf16 keeps float32 activations over bfloat16 weights, on CPU; this is "
-                         f"{platform} with {jnp.dtype(dtype).name} activations (serve --dtype bfloat16 instead)")
+                         f"{platform} (serve --dtype bfloat16 instead)")
 
 
 class CompilationCounter:
@@ -198,7 +204,7 @@ class Engine:
         cache_dir = enable_compilation_cache(self.engine_config.compilation_cache_dir, self.platform)  # first
         self.dtype = resolve_dtype(self.engine_config.dtype, model_config, self.platform)
         self.kv_format = kv_format(self.engine_config.quant_policy)  # None: pages in `kv_dtype`
-        self.kv_dtype = kv_page_dtype(self.dtype, model_config.weight_quant, self.kv_format)
+        self.kv_dtype = kv_page_dtype(self.dtype, model_config.weight_quant, self.kv_format, self.platform)
         self.ready = False
         self.compile_seconds = 0.0
         # time.monotonic() of the loop's last turn (an idle loop turns every half second): a server that
@@ -288,7 +294,7 @@ class Engine:
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path)
         dtype = resolve_dtype(config.dtype, model_config, devices[0].platform)
-        check_weight_format(model_config.weight_quant, dtype, devices[0].platform)
+        check_weight_format(model_config.weight_quant, devices[0].platform)
         mesh = make_mesh(config.tp)
         began = time.monotonic()
         if config.load_format == "dummy":
