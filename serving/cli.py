@@ -38,6 +38,14 @@ if TYPE_CHECKING:  # the server's state pulls in transformers, which `api_client
     from serving.http.state import ServerState
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Names a flag's default where the parser holds one; a flag whose default lies elsewhere (None here: the
+    engine's config, an environment variable) says so in its own help instead of "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlserve", description="LLM serving on JAX/XLA with an OpenAI API.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -56,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/completions, /v1/models), with a chat page at /chat, Swagger UI at / and probes at /health and "
         "/v1/ready. "
         "Every flag can also be given to `hypercorn serving.app:app` as an XLSERVE_* environment variable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_arguments(api_server)
     proxy = servers.add_parser(
@@ -65,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One OpenAI-compatible address in front of many api_servers (LMDeploy's `serve proxy`): they "
         "register with --proxy-url (or POST /nodes/add, or --node-file), and each request goes where "
         "--routing-strategy says. Swagger UI at /, /nodes/* behind --admin-api-keys.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_proxy_arguments(proxy)
     api_client = servers.add_parser(
@@ -85,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=help,
             description="Serve the chat page (/chat; / redirects there) for an API server running elsewhere: "
             "the page's API calls are forwarded to it, with the API key typed in the page.",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=DefaultsHelpFormatter,
         )
         webui.add_argument("api_server_url", metavar="API_URL", help="the API server, e.g. http://localhost:23333")
         webui.add_argument("--server-name", default="0.0.0.0", help="Host to listen on.")

@@ -215,6 +215,9 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for option in OPTIONS:
         assert option.flag in text, f"{option.flag} is missing from -h"
     assert "23333" in text and "0.0.0.0" in text
+    # A default that lives in the engine's config is named in the flag's own help, never as the parser's None.
+    assert "(default: None)" not in text
+    assert "float32 (default: auto)" in " ".join(text.split())  # --dtype
 
 
 def test_every_engine_option_has_a_flag() -> None:

@@ -96,7 +96,7 @@ OPTIONS: tuple[Option, ...] = (
         "--public-metrics",
         "server",
         "public_metrics",
-        "Serve GET /metrics without an API key (e.g. to a Prometheus scraper inside the cluster).",
+        "Serve GET /metrics without an API key (e.g. to a Prometheus scraper inside the cluster); off by default.",
         kind="switch",
     ),
     Option(
@@ -149,7 +149,7 @@ OPTIONS: tuple[Option, ...] = (
         "--allow-credentials",
         "server",
         "allow_credentials",
-        "Allow credentials in CORS requests.",
+        "Allow credentials in CORS requests (default: off).",
         kind="switch",
     ),
     Option("--allow-methods", "server", "allow_methods", "Methods allowed by CORS (default: *).", kind="list"),
@@ -281,7 +281,8 @@ OPTIONS: tuple[Option, ...] = (
         "dtype",
         "Weight and activation dtype; auto is the checkpoint's on GPU and float32 on CPU, where a bfloat16 "
         "checkpoint (or a quantized GGUF) keeps its matmul weights in bfloat16 if the CPU has AMX (--weight-quant "
-        "bf16); float32 keeps every weight in float32.",
+        "bf16); on CPU, bfloat16 is that format always (bfloat16 weights and cache, float32 arithmetic); float32 "
+        f"keeps every weight in float32 (default: {_engine_default('dtype')}).",
         choices=("auto", "bfloat16", "float16", "float32"),
     ),
     Option(
@@ -356,7 +357,8 @@ OPTIONS: tuple[Option, ...] = (
         "--bucket-preset",
         "engine",
         "preset",
-        "Shape buckets compiled at start-up: auto picks gpu or cpu by platform.",
+        "Shape buckets compiled at start-up: auto picks gpu or cpu by platform "
+        f"(default: {_engine_default('preset')}).",
         choices=("auto", "gpu", "cpu", "test"),
     ),
     Option(
@@ -451,7 +453,8 @@ OPTIONS: tuple[Option, ...] = (
         "engine",
         "compilation_cache_dir",
         "Where compiled programs are kept, so a restart loads them instead of tracing and compiling them: "
-        "auto (~/.cache/xlserve/jax on GPU, off on CPU), off, or a directory.",
+        "auto (~/.cache/xlserve/jax on GPU, off on CPU), off, or a directory "
+        f"(default: {_engine_default('compilation_cache_dir')}).",
     ),
     # ---- several hosts (docs/multi-host.md) ----
     Option(
