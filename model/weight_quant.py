@@ -32,10 +32,12 @@ weight-sized temporary exists (and how fast the product streams the weight):
 The decode step's memory analysis (tests/test_weight_quant.py) holds the CPU path to that.
 
 On CPU every matmul weight is stored inputs-last (`stored_inputs_last`), quantized or not, and an unquantized
-one multiplies as (values @ x.T).T, the weight as the dot's left operand: XLA:CPU (its YNNPACK dots) runs
-that orientation ~1.7x faster than x @ w at 4-32 rows, and x @ values.T would copy the weight into [in, out]
-for every call (docs/perf-notes.md, "Seventh session"). Elsewhere unquantized weights stay inputs-first
-([*in, *out]), the layout cuBLAS streams fastest at one row on the H100.
+one multiplies as (values @ x.T).T, the weight as the dot's left operand, below `ROWS_LEFT_MIN_ROWS` rows:
+XLA:CPU (its YNNPACK dots) ran that orientation ~1.7x faster than x @ w at 4-32 rows (docs/perf-notes.md,
+"Seventh session"). From there on (prompt chunks) the rows go left, as YNNPACK takes the weight inputs-last
+without a copy, and the output then needs no transpose, which the orientation above costs in the fusion
+after it (the MLP's silu over [2F, rows] read across: half the prefill step's non-dot time). Elsewhere
+unquantized weights stay inputs-first ([*in, *out]), the layout cuBLAS streams fastest at one row on the H100.
 
 bf16 (CPU) is no quantization: the weight itself in bfloat16, no scales, the embedding and the LM head
 included, while activations, norms, attention and the KV cache stay float32. Products of two rows or more
@@ -241,11 +243,19 @@ def _reduced(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
 NATIVE_MIN_ROWS = 9
 
 
+# Rows from which an unquantized CPU product puts the rows left (x @ values.T, no transpose after): at 256
+# rows 1.2-2.7x faster than weight-left at SmolLM2's shapes, even from 64 (docs/perf-notes.md, "Fifteenth
+# session").
+ROWS_LEFT_MIN_ROWS = 64
+
+
 def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
     """rows [M, K] with values [*out, K] (float32, or bfloat16: the rows are rounded to it) as
-    (values @ rows.T).T, or by the native kernel on one CPU device: float32 products of NATIVE_MIN_ROWS..16
-    rows, bfloat16 products of one. The barrier keeps XLA's simplifier from folding the transpose back into
-    the dot, which would restore the x @ w orientation."""
+    (values @ rows.T).T below ROWS_LEFT_MIN_ROWS rows, or by the native kernel on one CPU device: float32
+    products of NATIVE_MIN_ROWS..16 rows, bfloat16 products of one; rows @ values.T from ROWS_LEFT_MIN_ROWS
+    on one device (under tensor parallelism `flat` would gather a weight whose output dims are split).
+    The barrier keeps XLA's simplifier from folding the transpose back into the dot, which would restore the
+    x @ w orientation."""
     bf16 = values.dtype == jnp.bfloat16
     flat = values.reshape(-1, values.shape[-1])  # [N, K]: free on one device, the only place the kernel runs
     if (bf16 or rows.shape[0] >= NATIVE_MIN_ROWS) and native_matmul_applies(rows, flat):  # bf16: one row
@@ -254,6 +264,9 @@ def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out
         return _reduced(rows, values)
     if bf16:
         rows = rows.astype(jnp.bfloat16)
+    if rows.shape[0] >= ROWS_LEFT_MIN_ROWS and jax.device_count() == 1:
+        # As one [N, K] matrix: with several output dims XLA:CPU copied the weight into [K, N] for each call.
+        return _contract(rows, flat).reshape(rows.shape[0], *values.shape[:-1])
     y = jax.lax.dot_general(values, rows, (((values.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0)
 

@@ -33,6 +33,7 @@ from model.sharding import logical_to_spec, make_mesh
 from model.weight_quant import (
     NATIVE_FP8_MIN_ROWS,
     NATIVE_MIN_ROWS,
+    ROWS_LEFT_MIN_ROWS,
     InputsLastWeight,
     column_block,
     compiler_options,
@@ -172,27 +173,29 @@ def test_an_fp8_engine_compiles_its_large_steps_without_tritons_gemms(tiny_llama
 
 
 # (The decorator went missing in 3f2babd, when a test was inserted above it.)
-@pytest.mark.parametrize("rows", [1, 16, 256])
-def test_cpu_products_put_the_weight_on_the_left(rows):
+@pytest.mark.parametrize("rows", [1, 16, 32, ROWS_LEFT_MIN_ROWS, 256])
+def test_cpu_products_put_the_weight_on_the_left_below_prompt_sizes(rows):
     """On CPU an unquantized weight is stored inputs-last and its product runs as (values @ x.T).T: the dot's
-    output is [out, rows] (the orientation XLA:CPU runs ~1.7x faster at 16 rows) and no transposed copy of
-    the weight is made; from NATIVE_MIN_ROWS to 16 rows the native kernel runs it instead, with no dot.
+    output is [out, rows] (the orientation XLA:CPU runs ~1.7x faster at 16 rows); from NATIVE_MIN_ROWS to 16
+    rows the native kernel runs it instead, with no dot; from ROWS_LEFT_MIN_ROWS (prompt chunks) the rows go
+    left, [rows, out], so nothing transposes the output after. No transposed copy of the weight is ever made.
     It equals x @ w."""
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, 2, 48)).astype(np.float32)  # [in, 2, out], like w_gate_up
-    x = rng.standard_normal((rows, 64)).astype(np.float32)
+    w = rng.standard_normal((80, 2, 48)).astype(np.float32)  # [in, 2, out], like w_gate_up
+    x = rng.standard_normal((rows, 80)).astype(np.float32)
     (values,) = stored_weight(jnp.asarray(w), np.dtype(np.float32), None, in_dims=1)
-    assert values.shape == (2, 48, 64)
+    assert values.shape == (2, 48, 80)
     product = jax.jit(lambda x, values: linear(x, InputsLastWeight(values, None, 1)))
     np.testing.assert_allclose(product(x, values), np.einsum("mk,kon->mon", x, w), rtol=1e-5, atol=1e-4)
     hlo = product.lower(x, values).compile().as_text()
     native = NATIVE_MIN_ROWS <= rows <= MAX_ROWS[jnp.dtype(jnp.float32)]
     assert (F32_ROWS_MATMUL in hlo) == native
-    assert re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", hlo) == ([] if native else [("96", str(rows))])
-    assert not re.search(r"= f32\[64,(2,48|96)\]", hlo), "a copy of the weight as [in, out]"
+    oriented = [("96", str(rows))] if rows < ROWS_LEFT_MIN_ROWS else [(str(rows), "96")]
+    assert re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", hlo) == ([] if native else oriented)
+    assert not re.search(r"= f32\[80,(2,48|96)\]", hlo), "a copy of the weight as [in, out]"
 
 
-@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize("rows", [1, 2, 16, 256])
 def test_bf16_weights_multiply_several_rows_as_bf16_dots_and_one_row_natively(rows):
     """`--weight-quant bf16`: the weight stored inputs-last in bfloat16, no scales. Two rows or more are rounded
     to bf16 and dotted with f32 accumulation (XLA:CPU's AMX path) with the weight on the left; one row goes to
@@ -209,9 +212,11 @@ def test_bf16_weights_multiply_several_rows_as_bf16_dots_and_one_row_natively(ro
     hlo = product.lower(x, values).compile().as_text()
     assert (BF16_ROW_MATMUL in hlo) == (rows == 1)
     dots = re.findall(r"= f32\[(\d+),(\d+)\]\S* dot\(", hlo)
-    assert dots == ([] if rows == 1 else [("96", str(rows))]), dots
+    oriented = [("96", str(rows))] if rows < ROWS_LEFT_MIN_ROWS else [(str(rows), "96")]
+    assert dots == ([] if rows == 1 else oriented), dots
     assert rows == 1 or re.search(rf"bf16\[{rows},64\]\S* convert\(", hlo), "the rows rounded to bf16 for the dot"
     assert not re.search(r"f32\[(2,48,64|96,64|64,96|64,2,48)\]", hlo), "a float32 copy of the weight"
+    assert not re.search(r"bf16\[(64,96|64,2,48)\]", hlo), "a transposed copy of the weight"
 
 
 def test_bf16_weights_include_the_embedding_and_the_head_and_keep_the_logits_close():
