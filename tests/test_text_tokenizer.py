@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -113,17 +114,24 @@ def test_template_variables_are_variables_only(llama_dir):
 
 
 def test_named_classes_load_as_autotokenizer_loads_them_without_importing_torch(llama_dir, tmp_path):
-    """A tokenizer_config.json naming LlamaTokenizer (SentencePiece) or PreTrainedTokenizerFast (byte-level
-    BPE, Llama 3's) is built directly: the same tokenizer AutoTokenizer builds, and no torch in the server's
-    process (AutoTokenizer's module imports it)."""
+    """A tokenizer_config.json naming a class transformers has, LlamaTokenizer (SentencePiece),
+    PreTrainedTokenizerFast (byte-level BPE, Llama 3's), a family's own (Qwen2Tokenizer: its fast variant) or
+    TokenizersBackend (what transformers 5 saves), is built directly: the same tokenizer AutoTokenizer builds,
+    and no torch in the server's process (AutoTokenizer's module imports it)."""
     import subprocess
     import sys
 
     from tests.conftest import REPO
-    from tests.family_tokenizers import llama3_tokenizer
+    from tests.family_tokenizers import llama3_tokenizer, qwen_tokenizer
 
-    text = "Hello <|eot_id|> wörld  \n\n 123 <s>"
-    for path in (llama_dir, llama3_tokenizer(tmp_path / "llama3", chat_template=None)):
+    text = "Hello <|eot_id|> wörld  \n\n 123 <s> <|im_end|>"
+    paths = [llama_dir, llama3_tokenizer(tmp_path / "llama3", chat_template=None)]
+    for name in ("Qwen2Tokenizer", "TokenizersBackend"):
+        path = qwen_tokenizer(tmp_path / name, chat_template=None)
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": name}))
+        paths.append(path)
+    for path in paths:
         reference = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         tok = Tokenizer.from_pretrained(str(path))
         assert type(tok.hf_tokenizer) is type(reference)

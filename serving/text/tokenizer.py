@@ -40,10 +40,21 @@ PREFIX_CHARS_PER_TOKEN = 4
 # prefix is over the limit only if it is over by more than this.
 CUT_MARGIN_TOKENS = 64
 
-# Tokenizer classes named in tokenizer_config.json that are built here directly, as AutoTokenizer would
-# build them: AutoTokenizer's module imports transformers' model configuration, which imports torch (1.2 s
-# of the server's start on CPU, and far more where torch is built for CUDA); these two do not.
-DIRECT_CLASSES: dict[str, type] = {"PreTrainedTokenizerFast": PreTrainedTokenizerFast, "LlamaTokenizer": LlamaTokenizer}
+
+def named_tokenizer_class(name: object) -> type | None:
+    """The transformers class tokenizer_config.json names (its fast variant where one exists, as AutoTokenizer
+    picks), found without AutoTokenizer: AutoTokenizer's module imports transformers' model configuration,
+    which imports torch where it is installed, the longest part of a server's restart where torch is built for
+    CUDA (docs/perf-notes.md, "Fifteenth session"). None for a name transformers lacks (remote code)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    import transformers
+
+    for candidate in (name,) if name.endswith("Fast") else (f"{name}Fast", name):
+        found = getattr(transformers, candidate, None)
+        if isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase):
+            return found
+    return None
 
 
 class PromptTooLong(ValueError):
@@ -128,7 +139,7 @@ class Tokenizer:
             logger.info("reading %s's tokenizer.model as a SentencePiece BPE model (no remote code)", remote_class)
             add_bos = config.get("add_bos_token", SENTENCEPIECE_REMOTE_TOKENIZERS[remote_class])
             return cls(LlamaTokenizer.from_pretrained(path, local_files_only=True, add_bos_token=add_bos))
-        direct = DIRECT_CLASSES.get(config.get("tokenizer_class"))
+        direct = named_tokenizer_class(config.get("tokenizer_class"))
         if direct is not None and remote_class is None:
             return cls(direct.from_pretrained(path, local_files_only=True))
         from transformers import AutoTokenizer
