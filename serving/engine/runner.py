@@ -285,7 +285,7 @@ class ModelRunner:
         kv_dtype: jnp.dtype | None = None,  # plain pages' dtype (engine.kv_page_dtype); None: `dtype`
         program_dir: str | None = None,  # where compiled programs are loaded from and saved to (program_store)
     ):
-        kv_dtype = kv_dtype or dtype
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
         self.config = config
         self.params = params
         self.page_size = page_size

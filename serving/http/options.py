@@ -96,7 +96,7 @@ OPTIONS: tuple[Option, ...] = (
         "--public-metrics",
         "server",
         "public_metrics",
-        "Serve GET /metrics without an API key (e.g. to a Prometheus scraper inside the cluster); off by default.",
+        "Serve GET /metrics without an API key (e.g. to a Prometheus scraper inside the cluster) (default: off).",
         kind="switch",
     ),
     Option(
