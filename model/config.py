@@ -44,6 +44,9 @@ MODEL_TYPES = {
 }
 FAMILIES = frozenset(ARCHITECTURES.values())
 DTYPES = frozenset({"bfloat16", "float16", "float32"})
+# How the layers' matmul weights may be stored (model/weight_quant.py): per-channel int8 or fp8, bfloat16 under
+# float32 activations, or GGUF's blocks of 32 (the CPU's)
+WEIGHT_FORMATS = ("int8", "fp8", "bf16", "q4_0", "q4_1", "q8_0")
 ACTIVATIONS = frozenset({"silu"})
 
 REQUIRED_FIELDS = (
@@ -112,8 +115,12 @@ class ModelConfig:
     sliding_window: int | None = None
     # The layers' matmul weights stored quantized with per-output-channel scales (model/weight_quant.py):
     # "int8" or "fp8", set by a checkpoint in Hugging Face's FP8 format or by --weight-quant; or "bf16"
-    # (--weight-quant, CPU): every matmul weight, embedding and head included, in bfloat16
+    # (--weight-quant, CPU): every matmul weight, embedding and head included, in bfloat16; or a GGUF block
+    # format, "q4_0", "q4_1" or "q8_0" (CPU): the layers' matmul weights in blocks of 32 with their scales
     weight_quant: str | None = None
+    # A GGUF file's block format when all the layers' matmul weights are stored in one of those formats (the
+    # CPU's default weight format then: serving/engine/engine.py); None otherwise
+    checkpoint_blocks: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -129,8 +136,8 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.torch_dtype not in DTYPES:
             raise ValueError(f"dtype {self.torch_dtype!r} is not one of {', '.join(sorted(DTYPES))}")
-        if self.weight_quant not in (None, "int8", "fp8", "bf16"):
-            raise ValueError(f"weight_quant must be int8, fp8 or bf16, got {self.weight_quant!r}")
+        if self.weight_quant not in (None, *WEIGHT_FORMATS):
+            raise ValueError(f"weight_quant must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_quant!r}")
         if self.hidden_act not in ACTIVATIONS:
             supported = ", ".join(sorted(ACTIVATIONS))
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {supported})")

@@ -19,6 +19,7 @@ The tokenizer is built from the same metadata by transformers' GGUF converter (`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -68,6 +69,8 @@ UNSUPPORTED_TENSORS = {
 # The float types the weights may be stored in, besides the block-quantized ones.
 FLOAT_TYPES = {GGMLQuantizationType.F32: "float32", GGMLQuantizationType.F16: "float16",
                GGMLQuantizationType.BF16: "bfloat16"}
+# The block types a weight keeps as they are in the file (`--weight-quant q4_0|q4_1|q8_0`), by format name.
+BLOCK_TYPES = {GGMLQuantizationType.Q4_0: "q4_0", GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q8_0: "q8_0"}
 # RoPE scaling types (`{arch}.rope.scaling.type`) the decoder runs as the metadata describes them.
 ROPE_SCALING = ("none", "linear")
 _REQUIRED = object()  # `_metadata`'s default: the key must be there
@@ -129,7 +132,10 @@ def gguf_model_config(file: Path) -> ModelConfig:
         "eos_token_id": [_metadata(reader, file, key) for key in special if key in reader.fields],
         "torch_dtype": _weights_dtype(reader),
     }
-    return ModelConfig.from_hf_dict({key: value for key, value in hf_config.items() if value is not None})
+    config = ModelConfig.from_hf_dict({key: value for key, value in hf_config.items() if value is not None})
+    # A head's inputs to the output projection must be whole blocks of 32 to keep it in blocks (model/loader.py
+    # fuses that projection per head).
+    return dataclasses.replace(config, checkpoint_blocks=_layer_blocks(reader) if head_dim % 32 == 0 else None)
 
 
 @dataclass(frozen=True)
@@ -144,9 +150,21 @@ class GGUFTensor:
     def nbytes(self) -> int:
         return int(self.tensor.n_bytes)
 
+    @property
+    def block_format(self) -> str | None:
+        """The weight format (`weight_quant.BLOCK_FORMATS`) whose bytes this tensor's are, or None."""
+        return BLOCK_TYPES.get(self.tensor.tensor_type)
+
     def read(self) -> np.ndarray:
         values = dequantize(self.tensor.data, self.tensor.tensor_type).reshape(self.shape)
-        return values if self.interleaved_heads is None else _deinterleave_rotary(values, self.interleaved_heads)
+        return self._hf_rows(values)
+
+    def read_blocks(self) -> np.ndarray:  # u8[out, in / 32 * block bytes]
+        """The tensor's blocks as stored (only where `block_format`), each output channel's in HF's order."""
+        return self._hf_rows(np.asarray(self.tensor.data).reshape(self.shape[0], -1))
+
+    def _hf_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.interleaved_heads is None else _deinterleave_rotary(rows, self.interleaved_heads)
 
 
 def gguf_tensors(file: Path) -> dict[str, GGUFTensor]:
@@ -261,6 +279,13 @@ def _weights_dtype(reader: GGUFReader) -> str:
     if len(types) == 1 and next(iter(types)) in FLOAT_TYPES:
         return FLOAT_TYPES[next(iter(types))]
     return "bfloat16"
+
+
+def _layer_blocks(reader: GGUFReader) -> str | None:
+    """The block format every matmul weight of the layers is stored in, if they share one of BLOCK_TYPES."""
+    types = {tensor.tensor_type for tensor in reader.tensors
+             if LAYER_TENSOR.fullmatch(tensor.name) and tensor.name.endswith(".weight") and len(tensor.shape) > 1}
+    return BLOCK_TYPES.get(next(iter(types))) if len(types) == 1 else None
 
 
 def _hf_name(gguf_name: str) -> str | None:

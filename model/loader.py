@@ -42,9 +42,12 @@ from jax.sharding import Mesh, NamedSharding
 from model.config import INDEX_FILE, SINGLE_FILE, ModelConfig
 from model.sharding import Axes, make_mesh, sharding_for
 from model.weight_quant import (
+    BLOCK_FORMATS,
     SCALED_FORMATS,
+    block_bytes_shape,
     current_platform,
     has_scales,
+    is_block_format,
     storage_dtype,
     stored_inputs_last,
     stored_shape,
@@ -86,6 +89,12 @@ class CheckpointTensor(Protocol):
     def read(self) -> np.ndarray:
         """The tensor as a host array (float32, bfloat16 or float16); the device casts it."""
         ...
+
+
+def block_source(tensor: CheckpointTensor, kind: str) -> bool:
+    """Whether `tensor` is stored in GGUF blocks of `kind` (a GGUF file's `model.gguf.GGUFTensor`), which a
+    parameter in that format takes as they are (`read_blocks`), rather than quantizing the floats again."""
+    return getattr(tensor, "block_format", None) == kind
 
 
 @dataclass(frozen=True)
@@ -191,7 +200,8 @@ class ParamSpec:
     Every parameter has the serving dtype, which is an argument of loading, not a declaration, unless it
     is stored quantized (`quant`): then it is int8 or fp8 values of `shape` plus f32 scales, one per output
     channel, at `scale_path` (model/weight_quant.py), split over the mesh like the channels they scale.
-    A matmul weight (`in_dims`) is stored inputs-last where `weight_quant.stored_inputs_last` says so.
+    A matmul weight (`in_dims`) is stored inputs-last where `weight_quant.stored_inputs_last` says so; in a
+    GGUF block format (q4_0, q4_1, q8_0) it is u8 bytes whose last input dimension counts bytes.
     """
 
     path: str  # in the pytree, which is the Flax modules' path: "layers_3/attn/wqkv"
@@ -213,7 +223,10 @@ class ParamSpec:
             dtype = storage_dtype(self.quant)
         if not self.in_dims or not stored_inputs_last(self.quant):
             return [(self.path, self.shape, self.axes, dtype)]
-        values = (self.path, stored_shape(self.shape, self.in_dims), stored_shape(self.axes, self.in_dims), dtype)
+        shape = stored_shape(self.shape, self.in_dims)
+        if is_block_format(self.quant):
+            shape = block_bytes_shape(shape, self.quant)
+        values = (self.path, shape, stored_shape(self.axes, self.in_dims), dtype)
         if not has_scales(self.quant):
             return [values]
         return [values, (self.scale_path, self.shape[self.in_dims:], self.axes[self.in_dims:], np.dtype(np.float32))]
@@ -413,7 +426,8 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
     # --weight-quant: the layers' matmul weights (the embedding and the LM head stay in the serving dtype,
     # as in Hugging Face's FP8 checkpoints: they hold a few percent of an 8B model's bytes and most of its
     # sensitivity to rounding).
-    if config.weight_quant in SCALED_FORMATS:
+    # The GGUF block formats likewise (a GGUF file's own blocks, taken as they are: `block_source`).
+    if config.weight_quant in SCALED_FORMATS or config.weight_quant in BLOCK_FORMATS:
         specs = [dataclasses.replace(s, quant=config.weight_quant) if s.in_dims else s for s in specs]
     # bf16 (CPU): every matmul weight in bfloat16, the embedding and the head too (a fifth of SmolLM2-135M's
     # bytes; bf16 is no coarser for them than for the layers), the head inputs-last as the layers' weights
@@ -490,8 +504,8 @@ def place_params(
     done, done_bytes = 0, 0
     flat = {}
     for spec in specs:
-        raw = [_place(tensors[s.name].read().reshape(s.view), sharding_for(s.name, s.view, mesh, s.axes))
-               for s in spec.sources]
+        as_blocks = is_block_format(spec.quant) and all(block_source(tensors[s.name], spec.quant) for s in spec.sources)
+        raw = [_read_source(tensors[s.name], s, spec.quant if as_blocks else None, mesh) for s in spec.sources]
         paths = [path for path, *_ in spec.leaves(dtype)]
         placed = _assembler(spec.fuse, dtype, tuple(shardings[p] for p in paths), spec.quant, spec.in_dims,
                             current_platform())(raw)
@@ -504,6 +518,14 @@ def place_params(
             done_bytes += sum(sizes[s.name] for s in spec.sources)
             on_loaded(done, len(sizes), done_bytes, sum(sizes.values()))
     return _nest(flat.items())
+
+
+def _read_source(tensor: CheckpointTensor, source: Source, blocks: str | None, mesh: Mesh) -> jax.Array:
+    """One source tensor on the devices in its view: its floats, or its GGUF blocks of format `blocks` (the
+    view's last, input, dimension in bytes)."""
+    view = source.view if blocks is None else block_bytes_shape(source.view, blocks)
+    host = tensor.read() if blocks is None else tensor.read_blocks()
+    return _place(host.reshape(view), sharding_for(source.name, view, mesh, source.axes))
 
 
 def _place(tensor: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -59,11 +59,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlkernels.cpu_blocks import BLOCK, BLOCK_BYTES, blocks_matmul, blocks_native_applies, dequantize_blocks
 from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
 
 T = TypeVar("T")
 
 SCALED_FORMATS = ("int8", "fp8")  # values with per-output-channel scales (bf16, the other format, has none)
+BLOCK_FORMATS = tuple(BLOCK_BYTES)  # GGUF's blocks of 32 inputs, each with its own scale (CPU)
 _STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}
 # Weight elements converted per iteration of the CPU loop: 256 KiB of f32, far below any matrix worth quantizing.
@@ -100,9 +102,16 @@ def has_scales(quant: str | None) -> bool:
     return quant in SCALED_FORMATS
 
 
+def is_block_format(quant: str | None) -> bool:
+    """Whether weights stored as `quant` are GGUF blocks (q4_0, q4_1, q8_0)."""
+    return quant in BLOCK_FORMATS
+
+
 def storage_dtype(kind: str) -> jnp.dtype:
     """The dtype a weight format's values are stored in on this backend (see the module docstring for fp8 on
     CPU)."""
+    if is_block_format(kind):
+        return jnp.dtype(jnp.uint8)
     if kind == "bf16":
         return jnp.dtype(jnp.bfloat16)
     if kind == "fp8" and current_platform() == "cpu":
@@ -121,16 +130,26 @@ def stored_shape(dims: tuple[T, ...], in_dims: int) -> tuple[T, ...]:
     return (*dims[in_dims:], *dims[:in_dims])
 
 
+def block_bytes_shape(dims: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """A block weight's bytes for values of `dims` (inputs last): the last input dimension in bytes, each
+    output channel's inputs being whole blocks in order."""
+    if dims[-1] % BLOCK:
+        raise ValueError(f"GGUF blocks hold {BLOCK} inputs; an input dimension of {dims[-1]} is not whole blocks")
+    return (*dims[:-1], dims[-1] // BLOCK * BLOCK_BYTES[kind])
+
+
 @dataclass(frozen=True)
 class InputsLastWeight:
     """A matmul weight stored inputs-last: quantized (with its scales), or unquantized on CPU (no scales)."""
 
-    values: jax.Array  # [*out, *in] (`stored_shape`): int8, float8_e4m3fn (its bytes on CPU), or the model's dtype
-    scale: jax.Array | None  # f32[*out], one per output channel; None: `values` are the weight itself
+    values: jax.Array  # [*out, *in] (`stored_shape`): int8, float8_e4m3fn (its bytes on CPU), the model's dtype,
+    # or u8 GGUF blocks (`block_bytes_shape`: the last input dimension in bytes)
+    scale: jax.Array | None  # f32[*out], one per output channel; None: `values` are the weight itself, or blocks
     in_dims: int = 1  # static: trailing dimensions of `values` contracted by the matmul
+    blocks: str | None = None  # static: the block format of `values` (BLOCK_FORMATS), or None
 
 
-jax.tree_util.register_dataclass(InputsLastWeight, data_fields=["values", "scale"], meta_fields=["in_dims"])
+jax.tree_util.register_dataclass(InputsLastWeight, data_fields=["values", "scale"], meta_fields=["in_dims", "blocks"])
 
 Weight = jax.Array | InputsLastWeight
 
@@ -154,10 +173,50 @@ def quantize_weight(w: jax.Array, kind: str, in_dims: int) -> tuple[jax.Array, j
     return values, scale
 
 
+def quantize_blocks(w: jax.Array, kind: str) -> jax.Array:  # u8[..., K / 32 * bytes]
+    """w [..., K] (inputs last) as GGUF blocks of `kind`, rounded as the gguf package's `quantize` rounds."""
+    blocks = w.astype(jnp.float32).reshape(*w.shape[:-1], -1, BLOCK)  # [..., K / 32, 32]
+
+    def half_bytes(v: jax.Array) -> jax.Array:  # f32[..., 1] -> u8[..., 2]
+        return jax.lax.bitcast_convert_type(v.astype(jnp.float16), jnp.uint8).reshape(*v.shape[:-1], 2)
+
+    def nibbles(codes: jax.Array) -> jax.Array:  # u8[..., 32] -> u8[..., 16]: element j low, j + 16 high
+        return codes[..., :16] | (codes[..., 16:] << 4)
+
+    if kind == "q8_0":
+        d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / 127
+        inverse = jnp.where(d == 0, 0.0, 1 / d)
+        scaled = jnp.abs(blocks * inverse)  # rounded half away from zero, as ggml rounds
+        whole = jnp.floor(scaled)
+        rounded = jnp.sign(blocks) * (whole + jnp.floor(2 * (scaled - whole)))
+        codes = jax.lax.bitcast_convert_type(rounded.astype(jnp.int8), jnp.uint8)
+        out = [half_bytes(d), codes]
+    elif kind == "q4_0":  # the signed extreme maps to -8
+        extreme = jnp.take_along_axis(blocks, jnp.argmax(jnp.abs(blocks), axis=-1, keepdims=True), axis=-1)
+        d = extreme / -8
+        inverse = jnp.where(d == 0, 0.0, 1 / d)
+        codes = jnp.clip(jnp.trunc(blocks * inverse + 8.5), 0, 15).astype(jnp.uint8)
+        out = [half_bytes(d), nibbles(codes)]
+    else:  # q4_1
+        low, high = jnp.min(blocks, axis=-1, keepdims=True), jnp.max(blocks, axis=-1, keepdims=True)
+        d = (high - low) / 15
+        inverse = jnp.where(d == 0, 0.0, 1 / d)
+        codes = jnp.clip(jnp.trunc((blocks - low) * inverse + 0.5), 0, 15).astype(jnp.uint8)
+        out = [half_bytes(d), half_bytes(low), nibbles(codes)]
+    return jnp.concatenate(out, axis=-1).reshape(*w.shape[:-1], -1)
+
+
 def stored_weight(w: jax.Array, dtype: np.dtype, quant: str | None, in_dims: int) -> tuple[jax.Array, ...]:
     """The arrays a parameter `w` (its declared shape; `in_dims` > 0 for a matmul weight) is stored as:
-    itself in `dtype` (in bfloat16 for the bf16 format), inputs-last where `stored_inputs_last` says so, or
-    quantized values and scales."""
+    itself in `dtype` (in bfloat16 for the bf16 format), inputs-last where `stored_inputs_last` says so,
+    quantized values and scales, or GGUF blocks: `w` is then either already blocks (u8, a GGUF file's own,
+    its last input dimension in bytes) or floats quantized here."""
+    if is_block_format(quant):
+        w = inputs_last(w, in_dims)
+        if w.dtype == jnp.uint8:
+            return (w,)
+        stored = block_bytes_shape(w.shape, quant)
+        return (quantize_blocks(w.reshape(*w.shape[: w.ndim - in_dims], -1), quant).reshape(stored),)
     if has_scales(quant):
         return quantize_weight(w, quant, in_dims)
     if quant is not None:
@@ -211,6 +270,9 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
     # and GSPMD would gather the whole weight onto every device (tests/test_tensor_parallel.py).
     values = w.values.reshape(*out_shape, -1)
     rows = x.reshape(-1, x.shape[-1])
+    if w.blocks is not None:
+        return _block_product(rows, values.reshape(-1, values.shape[-1]), w.blocks).astype(x.dtype).reshape(
+            *x.shape[:-1], *out_shape)
     if w.scale is None:  # unquantized or bf16, on CPU
         return _transposed(rows, values).astype(x.dtype).reshape(*x.shape[:-1], *out_shape)
     strategy = strategy or matmul_strategy(rows.shape[0], values.dtype)
@@ -269,6 +331,17 @@ def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out
         return _contract(rows, flat).reshape(rows.shape[0], *values.shape[:-1])
     y = jax.lax.dot_general(values, rows, (((values.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0)
+
+
+def _block_product(rows: jax.Array, values: jax.Array, kind: str) -> jax.Array:  # f32[M, N]
+    """rows [M, K] with the block weight values u8[N, K / 32 * bytes]: by the native kernel, which decodes
+    each block in registers (once per tile of 16 rows), or where it cannot run, the weight decoded whole by
+    XLA and multiplied rows-left (XLA:CPU decoded SmolLM2-135M's layers at ~1 ns a weight: a prompt chunk's
+    step spent 0.25 s on it)."""
+    rows = rows.astype(jnp.float32)
+    if blocks_native_applies(rows):
+        return blocks_matmul(rows, values, kind)
+    return _contract(rows, dequantize_blocks(values, kind))
 
 
 def _native_fp8(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out], before the weight's scale

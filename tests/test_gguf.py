@@ -8,13 +8,14 @@ tests/test_real_model.py.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 
 from configs.demo import CHATML_TEMPLATE, build_tokenizer
 from model.config import ModelConfig
@@ -153,3 +154,25 @@ def test_the_metadata_reads_as_the_gguf_packages_own_reader_reads_it(llama_gguf,
     cut.write_bytes(llama_gguf.read_bytes()[: tokens.offset + 64])
     with pytest.raises(ValueError, match="cut-in-vocabulary.gguf is not a readable GGUF file: it is truncated"):
         ModelConfig.from_pretrained(cut)
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_a_files_own_blocks_are_kept_as_they_are_and_give_its_float32_logits(kind, gguf_dir, llama_gguf):
+    """`--weight-quant` of the file's own block format (the CPU's default for it under --dtype float32): each
+    layer's matmul weights are the file's bytes, q/k rows back in HF's order and fused as the float weights
+    are, so the logits are the float32 model's up to the order of float32 sums. A head size that is not
+    whole blocks of 32 keeps the file from that default."""
+    weight_type = GGMLQuantizationType[kind.upper()]
+    checkpoint = make_checkpoint(gguf_dir / f"blocks-{kind}-hf", "llama", vocab_size=demo_vocab_size(),
+                                 num_heads=4, num_kv_heads=2, head_dim=32)
+    file = write_gguf(checkpoint, gguf_dir / f"blocks-{kind}.gguf", weight_type=weight_type)
+    config = ModelConfig.from_pretrained(file)
+    assert config.checkpoint_blocks == kind
+    params = load_params(file, dataclasses.replace(config, weight_quant=kind), jnp.float32)
+    reader = GGUFReader(file)
+    down = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    np.testing.assert_array_equal(np.asarray(params["layers_1"]["mlp"]["w_down"]), np.asarray(down.data))
+    assert params["layers_1"]["attn"]["wqkv"].dtype == jnp.uint8
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, size=19).tolist()
+    np.testing.assert_allclose(our_logits(file, tokens, kind), our_logits(file, tokens), atol=2e-5, rtol=0)
+    assert ModelConfig.from_pretrained(llama_gguf).checkpoint_blocks is None  # heads of 16

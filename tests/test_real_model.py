@@ -5,9 +5,11 @@ one `xlserve serve api_server FILE.gguf` process is asked, through the HTTP API 
 what only a trained model shows: a factual answer, a turn its chat template ends (the model writes
 `<|im_end|>`, which stops it), a stop string that cuts a known answer where it says, and a streamed
 answer equal to the same answer in one piece. Greedy tokens must equal transformers' `generate` on the
-same file's dequantized weights in float32, and so must the logits of one prefill. With bfloat16 weights
-(`--weight-quant bf16`) the model must still answer, its logits near float32's. The file is fetched once into
-`.models/` (tests/real_model.py).
+same file's dequantized weights in float32, and so must the logits of one prefill. The server runs
+`--dtype float32`, which keeps the file's own Q4_1 blocks (the native kernel multiplies them in float32):
+their logits must be the float32 weights' up to the order of sums. With bfloat16 weights (`--weight-quant
+bf16`) the model must still answer, its logits near float32's. The file is fetched once into `.models/`
+(tests/real_model.py).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ pytestmark = pytest.mark.slow  # a 93 MB download on a fresh checkout, and a 30-
 
 MODEL_NAME = "smollm2"
 # One prefill row of 64 tokens (the prompts are 30-50 tokens) and decode batches of 1 and 4: few programs
-# to compile; the session is the model's own 8192 tokens, as a user's server would have it. float32 weights
-# (where AMX would make them bf16 by default): the greedy tokens are compared with transformers' in float32.
+# to compile; the session is the model's own 8192 tokens, as a user's server would have it. float32 (where
+# AMX would make the weights bf16 by default), over the file's own blocks: the greedy tokens are compared with
+# transformers' in float32.
 FLAGS = ["--decode-batch-buckets", "1", "4", "--prefill-row-buckets", "1", "--prefill-token-buckets", "64",
          "--dtype", "float32"]
 CAPITAL = "What is the capital of France?"
@@ -129,6 +132,14 @@ def test_logits_equal_transformers_loading_the_same_file(hf_model, model_file, c
     ours, theirs = capital_logits, transformers_logits(model_file, capital_prompt, hf_model)
     np.testing.assert_allclose(ours, theirs, atol=2e-3, rtol=0)  # logits of about +-40; float32 sums differ
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_the_files_own_blocks_give_the_float32_weights_logits(model_file, capital_prompt, capital_logits):
+    """The server's format here (`--dtype float32` over a Q4_1 file): the same float32 weights, read as 4.5
+    bits each, so the logits differ from float32 weights' only by the order of float32 sums."""
+    blocks = our_logits(model_file, capital_prompt, weight_quant="q4_1")
+    np.testing.assert_allclose(blocks, capital_logits, atol=2e-3, rtol=0)
+    assert (blocks.argmax(-1) == capital_logits.argmax(-1)).all()
 
 
 def test_bf16_weights_keep_the_answers_and_stay_near_the_float32_logits(model_file, capital_prompt, capital_logits):

@@ -65,11 +65,12 @@ def compiled_decode_step(config: ModelConfig, dtype: jnp.dtype = jnp.bfloat16):
     return run.lower(params, cache, seen, last, tokens, rows).compile()
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "fp8", "bf16", "q4_1"])
 def test_the_decode_step_builds_no_dequantized_copy_of_a_weight(kind):
-    """bf16 (float32 activations): no float32 copy of a weight either, the head's included."""
+    """bf16 (float32 activations): no float32 copy of a weight either, the head's included; nor GGUF blocks
+    (float32 activations), which the native kernel decodes in registers."""
     config = dataclasses.replace(WIDE, weight_quant=kind)
-    compiled = compiled_decode_step(config, jnp.float32 if kind == "bf16" else jnp.bfloat16)
+    compiled = compiled_decode_step(config, jnp.float32 if kind in ("bf16", "q4_1") else jnp.bfloat16)
     layer = [s for s in param_specs(config) if s.path.startswith(("layers_0/", "lm_head/")) and s.quant]
     assert {s.path.rsplit("/", 1)[1] for s in layer} == {"wqkv", "wo", "w_gate_up", "w_down"} | (
         {"kernel"} if kind == "bf16" else set())
@@ -267,15 +268,27 @@ def test_bf16_weights_are_the_cpus_format_for_bfloat16_and_under_auto_with_amx()
     arithmetic is up to 20x slower at one row); --dtype auto picks it for a bfloat16 checkpoint on a CPU with AMX."""
     from serving.engine.engine import default_weight_format
 
-    assert default_weight_format("auto", "bfloat16", "cpu", bf16_tiles=True) == "bf16"
-    for checkpoint, tiles in (("bfloat16", False), ("float32", True), ("float32", False)):
-        assert default_weight_format("bfloat16", checkpoint, "cpu", bf16_tiles=tiles) == "bf16"
-    for dtype, checkpoint, platform, tiles in (("auto", "bfloat16", "cpu", False),  # no AMX: f32's products
-                                               ("float32", "bfloat16", "cpu", True),  # asked for float32
-                                               ("auto", "float32", "cpu", True),  # bf16 would round the weights
-                                               ("auto", "bfloat16", "gpu", True),  # bf16 activations there
-                                               ("bfloat16", "bfloat16", "gpu", True)):
-        assert default_weight_format(dtype, checkpoint, platform, bf16_tiles=tiles) is None
+    def checkpoint(dtype: str, blocks: str | None = None) -> ModelConfig:
+        return ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=1, head_dim=16, max_position_embeddings=64, torch_dtype=dtype,
+                           checkpoint_blocks=blocks)
+
+    assert default_weight_format("auto", checkpoint("bfloat16"), "cpu", bf16_tiles=True) == "bf16"
+    for dtype, tiles in (("bfloat16", False), ("float32", True), ("float32", False)):
+        assert default_weight_format("bfloat16", checkpoint(dtype), "cpu", bf16_tiles=tiles) == "bf16"
+    for dtype, ckpt, platform, tiles in (("auto", "bfloat16", "cpu", False),  # no AMX: f32's products
+                                         ("float32", "bfloat16", "cpu", True),  # asked for float32
+                                         ("auto", "float32", "cpu", True),  # bf16 would round the weights
+                                         ("auto", "bfloat16", "gpu", True),  # bf16 activations there
+                                         ("bfloat16", "bfloat16", "gpu", True)):
+        assert default_weight_format(dtype, checkpoint(ckpt), platform, bf16_tiles=tiles) is None
+    # A GGUF file's own blocks, where its layers share one format: under float32, and under auto without AMX
+    gguf = checkpoint("bfloat16", "q4_1")
+    for dtype, tiles in (("float32", True), ("float32", False), ("auto", False)):
+        assert default_weight_format(dtype, gguf, "cpu", bf16_tiles=tiles) == "q4_1"
+    for dtype in ("auto", "bfloat16"):
+        assert default_weight_format(dtype, gguf, "cpu", bf16_tiles=True) == "bf16"
+    assert default_weight_format("auto", gguf, "gpu", bf16_tiles=True) is None
 
 
 def test_bf16_weights_store_the_kv_cache_in_bf16_too(tiny_llama):

@@ -1,4 +1,5 @@
-"""The native CPU kernels (`cpu_decode.cc`: decode attention, `cpu_matmul.cc`: few-row products), built on
+"""The native CPU kernels (`cpu_decode.cc`: decode attention, `cpu_matmul.cc`: few-row products,
+`cpu_blocks.cc`: products over GGUF blocks), built on
 first use with the host's C++ compiler against the XLA FFI headers jaxlib ships into one library, cached,
 loaded and registered with XLA:CPU.
 
@@ -29,11 +30,13 @@ import jax
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "cpu_decode.cc", _HERE / "cpu_matmul.cc")
+SOURCES = (_HERE / "cpu_decode.cc", _HERE / "cpu_matmul.cc", _HERE / "cpu_blocks.cc")
 HEADERS = (_HERE / "native_tasks.h", _HERE / "native_bf16.h")  # included by the sources: part of the library's key
 # XLA FFI target name -> the handler symbol the library exports.
 TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32", "xlserve_paged_decode_bf16": "XlservePagedDecodeBf16",
-           "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32", "xlserve_row_matmul_bf16": "XlserveRowMatmulBf16"}
+           "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32", "xlserve_row_matmul_bf16": "XlserveRowMatmulBf16",
+           **{f"xlserve_blocks_matmul_{kind}": f"XlserveBlocksMatmul{kind.upper()}"
+              for kind in ("q4_0", "q4_1", "q8_0")}}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC")
 
 

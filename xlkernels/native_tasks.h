@@ -39,8 +39,11 @@ void run_tasks(xla::ffi::ThreadPool& pool, int64_t total, MakeWorker make_worker
       }
     }
   };
-  // One helper per pool thread at most, and none where there is a single task.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total - 1);
+  // The caller works too, so one helper fewer than the pool's threads (which number the cores): with one
+  // helper per pool thread, three threads shared two cores, and a helper descheduled in the middle of its
+  // task held up the whole call (SmolLM2-135M's 16-row decode step: 64 -> 42 ms in native calls). None where
+  // there is a single task.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, total - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([drain] { drain(); });  // a copy: Schedule takes an rvalue
   drain();
   std::unique_lock<std::mutex> lock(counters->mutex);

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from configs.presets import PRESETS
+from model.config import WEIGHT_FORMATS
 from serving.request import InvalidRequestError
 from xlkernels import KV_FORMATS
 
@@ -239,7 +240,8 @@ class EngineConfig:
               "must be auto, bfloat16, float16 or float32")
         self.quant_policy = str(self.quant_policy)  # LMDeploy's API takes 0/4/8 as ints
         check(self.quant_policy in KV_FORMATS, "quant_policy", f"must be one of {', '.join(KV_FORMATS)}")
-        check(self.weight_quant in (None, "int8", "fp8", "bf16"), "weight_quant", "must be int8, fp8 or bf16")
+        check(self.weight_quant in (None, *WEIGHT_FORMATS), "weight_quant",
+              f"must be one of {', '.join(WEIGHT_FORMATS)}")
         check(isinstance(self.tp, int) and self.tp >= 1, "tp", "must be at least 1")
         check(isinstance(self.guided_decoding_states, int) and self.guided_decoding_states >= 1,
               "guided_decoding_states", "must be at least 1")

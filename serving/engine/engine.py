@@ -43,6 +43,7 @@ from model.config import ModelConfig
 from model.llama import kv_bytes_per_token
 from model.loader import init_random_params, load_params
 from model.sharding import make_mesh
+from model.weight_quant import is_block_format
 from serving.engine.checkpoint_text import load_tokenizer, stop_ids
 from serving.engine.client import EngineStats
 from serving.engine.compile_cache import enable_compilation_cache
@@ -95,8 +96,9 @@ def _wait_quietly(dispatched: list[tuple[list[Chunk], StepOutput]]) -> None:
 
 def resolve_dtype(name: str, model_config: ModelConfig, platform: str) -> jnp.dtype:
     """The activations' dtype. `auto` is the checkpoint's dtype on accelerators and float32 on CPU, where bf16
-    matmuls are slow and less exact; on CPU, bf16 weights (model/weight_quant.py) always run under float32."""
-    if platform == "cpu" and model_config.weight_quant == "bf16":
+    matmuls are slow and less exact; on CPU, bf16 weights and GGUF blocks (model/weight_quant.py) always run
+    under float32."""
+    if platform == "cpu" and (model_config.weight_quant == "bf16" or is_block_format(model_config.weight_quant)):
         return jnp.dtype(jnp.float32)
     if name == "auto":
         name = "float32" if platform == "cpu" else model_config.torch_dtype
@@ -110,15 +112,25 @@ def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> Mo
     return dataclasses.replace(model_config, weight_quant=weight_quant) if weight_quant else model_config
 
 
-def default_weight_format(dtype: str, checkpoint_dtype: str, platform: str, bf16_tiles: bool) -> str | None:
-    """The weight format when --weight-quant is unset: on CPU, bf16 (model/weight_quant.py: bfloat16 weights
-    and KV pages under float32 activations) for --dtype bfloat16, whose arithmetic in bfloat16 XLA:CPU runs
-    up to 20x slower at one row, and for a bfloat16 checkpoint under --dtype auto on a CPU with AMX's bf16
-    tiles, where it streams half the bytes and multiplies several rows on the tiles (a block-quantized GGUF
-    counts as bfloat16: bf16's rounding is far below its quantization step); None (the activations' dtype)
-    elsewhere. --dtype float32 keeps every weight in float32."""
-    auto = dtype == "auto" and checkpoint_dtype == "bfloat16" and bf16_tiles
-    return "bf16" if platform == "cpu" and (dtype == "bfloat16" or auto) else None
+def default_weight_format(dtype: str, checkpoint: ModelConfig, platform: str, bf16_tiles: bool) -> str | None:
+    """The weight format when --weight-quant is unset, on CPU (None elsewhere: the activations' dtype):
+    - bf16 (bfloat16 weights and KV pages under float32 activations) for --dtype bfloat16, whose arithmetic
+      in bfloat16 XLA:CPU runs up to 20x slower at one row, and under --dtype auto for a bfloat16
+      checkpoint or a quantized GGUF on a CPU with AMX's bf16 tiles, where it streams half the bytes and
+      multiplies several rows on the tiles (2.2x a GGUF's own blocks at 16 concurrent requests);
+    - a GGUF file's own block format (q4_0, q4_1, q8_0), where its layers' matmul weights share one, under
+      --dtype float32, and under auto without AMX: the native kernel multiplies the file's blocks in
+      float32, which is exactly the float32 model the file holds, reading 4.5-8.5 bits a weight (faster
+      than float32 weights at every batch, and than bf16 at one row);
+    - None otherwise: --dtype float32 keeps every other checkpoint's weights in float32.
+    (docs/perf-notes.md, "Sixteenth session", has the figures.)"""
+    if platform != "cpu":
+        return None
+    quantized_gguf = checkpoint.checkpoint_blocks is not None
+    if quantized_gguf and (dtype == "float32" or (dtype == "auto" and not bf16_tiles)):
+        return checkpoint.checkpoint_blocks
+    auto = dtype == "auto" and bf16_tiles and (checkpoint.torch_dtype == "bfloat16" or quantized_gguf)
+    return "bf16" if dtype == "bfloat16" or auto else None
 
 
 def kv_page_dtype(dtype: jnp.dtype, weight_quant: str | None, kv_format: str | None, platform: str) -> jnp.dtype:
@@ -131,11 +143,14 @@ def kv_page_dtype(dtype: jnp.dtype, weight_quant: str | None, kv_format: str | N
 
 
 def check_weight_format(weight_quant: str | None, platform: str) -> None:
-    """bf16 weights are the CPU's format (float32 activations over bfloat16 weights, model/weight_quant.py);
-    elsewhere a clear error."""
+    """bf16 weights and GGUF blocks are the CPU's formats (float32 activations over bfloat16 weights or
+    blocks, model/weight_quant.py); elsewhere a clear error."""
     if weight_quant == "bf16" and platform != "cpu":
         raise ValueError(f"--weight-quant bf16 keeps float32 activations over bfloat16 weights, on CPU; this is "
                          f"{platform} (serve --dtype bfloat16 instead)")
+    if is_block_format(weight_quant) and platform != "cpu":
+        raise ValueError(f"--weight-quant {weight_quant} multiplies GGUF blocks on CPU; this is {platform} (serve "
+                         "int8 or fp8 instead)")
 
 
 class CompilationCounter:
@@ -289,7 +304,7 @@ class Engine:
         enable_compilation_cache(config.compilation_cache_dir, devices[0].platform)
         checkpoint = ModelConfig.from_pretrained(model_path)
         weight_quant = config.weight_quant or checkpoint.weight_quant or default_weight_format(
-            config.dtype, checkpoint.torch_dtype, devices[0].platform, cpu_has_bf16_tiles())
+            config.dtype, checkpoint, devices[0].platform, cpu_has_bf16_tiles())
         model_config = with_weight_quant(checkpoint, weight_quant)
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path)

@@ -279,10 +279,11 @@ OPTIONS: tuple[Option, ...] = (
         "--dtype",
         "engine",
         "dtype",
-        "Weight and activation dtype; auto is the checkpoint's on GPU and float32 on CPU, where a bfloat16 "
-        "checkpoint (or a quantized GGUF) keeps its matmul weights in bfloat16 if the CPU has AMX (--weight-quant "
-        "bf16); on CPU, bfloat16 is that format always (bfloat16 weights and cache, float32 arithmetic); float32 "
-        f"keeps every weight in float32 (default: {_engine_default('dtype')}).",
+        "Weight and activation dtype; auto is the checkpoint's on GPU and float32 on CPU, where a GGUF file "
+        "keeps its layers' blocks (--weight-quant q4_0|q4_1|q8_0) and a bfloat16 checkpoint its matmul weights "
+        "in bfloat16 if the CPU has AMX (--weight-quant bf16); on CPU, bfloat16 is that format always "
+        "(bfloat16 weights and cache, float32 arithmetic); float32 keeps every weight in float32, or a GGUF "
+        f"file's blocks (default: {_engine_default('dtype')}).",
         choices=("auto", "bfloat16", "float16", "float32"),
     ),
     Option(
@@ -328,9 +329,12 @@ OPTIONS: tuple[Option, ...] = (
         "weight_quant",
         "Quantize the linear layers' weights at load, per output channel: int8 or fp8 (e4m3); or bf16 (CPU: "
         "every matmul weight and the KV cache in bfloat16 under float32 activations, products of several rows "
-        "on the AMX tiles where the CPU has them) (default: none, but bf16 for a bfloat16 checkpoint under "
-        "--dtype auto on a CPU with AMX; a Hugging Face FP8 checkpoint serves as fp8).",
-        choices=("int8", "fp8", "bf16"),
+        "on the AMX tiles where the CPU has them); or q4_0, q4_1, q8_0 (CPU: GGUF's blocks of 32 weights, "
+        "multiplied in float32; a GGUF file's own blocks of that format are kept as they are, exactly) "
+        "(default: none, but on CPU a GGUF file's own block format where its layers share one, under --dtype "
+        "auto or float32, and bf16 for a bfloat16 checkpoint under --dtype auto on a CPU with AMX; a Hugging "
+        "Face FP8 checkpoint serves as fp8).",
+        choices=("int8", "fp8", "bf16", "q4_0", "q4_1", "q8_0"),
     ),
     Option(
         "--num-pages",

@@ -1,0 +1,59 @@
+"""Products over weights kept in a GGUF file's own blocks, on CPU by the native kernel (`cpu_blocks.cc`, built
+and registered by `xlkernels.native_build`), and the same blocks decoded by XLA where it cannot run.
+
+A block weight is uint8 [N, K / 32 * block bytes]: each output channel's K inputs as the file stores them,
+in blocks of 32 (`BLOCK_BYTES`). Both paths decode a block exactly as the `gguf` package's `dequantize`
+does, so the products are those of the file's float32 weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from xlkernels.native_build import native_kernels_ready
+
+BLOCK = 32  # weights per block
+# Bytes per block: an f16 scale (Q4_1: and an f16 minimum), then 16 bytes of nibbles or 32 signed bytes.
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+FORMATS = tuple(BLOCK_BYTES)
+
+
+def row_bytes(kind: str, inputs: int) -> int:
+    """Bytes of one output channel of `inputs` inputs in format `kind`."""
+    if inputs % BLOCK:
+        raise ValueError(f"GGUF blocks hold {BLOCK} inputs; a row of {inputs} is not whole blocks")
+    return inputs // BLOCK * BLOCK_BYTES[kind]
+
+
+def blocks_native_applies(x: jax.Array) -> bool:
+    """Whether `blocks_matmul` runs natively for float32 rows `x` [M, K]: on one CPU device with the kernels
+    built (under tensor parallelism XLA would gather the weight around the custom call)."""
+    return (x.ndim == 2 and x.dtype == jnp.float32 and jax.default_backend() == "cpu" and jax.device_count() == 1
+            and native_kernels_ready())
+
+
+def blocks_matmul(x: jax.Array, w: jax.Array, kind: str) -> jax.Array:  # f32[M, N]
+    """x f32[M, K] times the block weight w u8[N, K / 32 * bytes] transposed, by the native kernel (only where
+    `blocks_native_applies`)."""
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+    call = jax.ffi.ffi_call(f"xlserve_blocks_matmul_{kind}", out, vmap_method="sequential")
+    return call(x, w)
+
+
+def _half(pair: jax.Array) -> jax.Array:  # u8[..., 2] -> f32[...]
+    return jax.lax.bitcast_convert_type(pair, jnp.float16).astype(jnp.float32)
+
+
+def dequantize_blocks(w: jax.Array, kind: str) -> jax.Array:  # f32[..., K]
+    """The block weight w u8[..., K / 32 * bytes] as float32 [..., K], as gguf's `dequantize` computes it."""
+    blocks = w.reshape(*w.shape[:-1], -1, BLOCK_BYTES[kind])  # [..., K / 32, bytes]
+    d = _half(blocks[..., 0:2])[..., None]
+    if kind == "q8_0":
+        codes = jax.lax.bitcast_convert_type(blocks[..., 2:], jnp.int8).astype(jnp.float32)
+        return (codes * d).reshape(*w.shape[:-1], -1)
+    nibbles = blocks[..., 4:] if kind == "q4_1" else blocks[..., 2:]  # [..., K / 32, 16]
+    codes = jnp.concatenate([nibbles & 15, nibbles >> 4], axis=-1).astype(jnp.float32)  # [..., K / 32, 32]
+    if kind == "q4_0":
+        return ((codes - 8.0) * d).reshape(*w.shape[:-1], -1)
+    return (codes * d + _half(blocks[..., 2:4])[..., None]).reshape(*w.shape[:-1], -1)
