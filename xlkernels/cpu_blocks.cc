@@ -136,30 +136,27 @@ struct Q8_0 {  // f16 d, 32 signed bytes: w = d * q
   }
 };
 
+// out[i] = in[2i] + in[2i + 1] folded in two: the lanes `low` picks from the pair (0-15: in[2i]'s, 16-31:
+// in[2i + 1]'s) plus those `high` picks. `count` outputs.
+inline void fold_pairs(const v16* in, v16* out, int count, v16i low, v16i high) {
+#pragma GCC unroll 8
+  for (int i = 0; i < count; ++i)
+    out[i] = __builtin_shuffle(in[2 * i], in[2 * i + 1], low) + __builtin_shuffle(in[2 * i], in[2 * i + 1], high);
+}
+
 // 16 vectors -> their 16 lane sums, in order: each level adds the two halves of every vector, two vectors'
 // halves packed into one, so four levels leave one lane per input vector.
 inline v16 lane_sums(const v16* in) {
-  v16 level[8];
-  const v16i low = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const v16i high = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)
-    level[i] = __builtin_shuffle(in[2 * i], in[2 * i + 1], low) + __builtin_shuffle(in[2 * i], in[2 * i + 1], high);
-  const v16i low4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  const v16i high4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i)
-    level[i] = __builtin_shuffle(level[2 * i], level[2 * i + 1], low4) +
-               __builtin_shuffle(level[2 * i], level[2 * i + 1], high4);
-  const v16i low2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-  const v16i high2 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i)
-    level[i] = __builtin_shuffle(level[2 * i], level[2 * i + 1], low2) +
-               __builtin_shuffle(level[2 * i], level[2 * i + 1], high2);
-  const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  const v16i odd = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-  return __builtin_shuffle(level[0], level[1], even) + __builtin_shuffle(level[0], level[1], odd);
+  v16 level[8], sums;
+  fold_pairs(in, level, 8, v16i{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+             v16i{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  fold_pairs(level, level, 4, v16i{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+             v16i{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+  fold_pairs(level, level, 2, v16i{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+             v16i{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31});
+  fold_pairs(level, &sums, 1, v16i{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+             v16i{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+  return sums;
 }
 
 struct Problem {

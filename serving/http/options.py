@@ -282,8 +282,8 @@ OPTIONS: tuple[Option, ...] = (
         "Weight and activation dtype; auto is the checkpoint's on GPU and float32 on CPU, where a GGUF file "
         "keeps its layers' blocks (--weight-quant q4_0|q4_1|q8_0) and a bfloat16 checkpoint its matmul weights "
         "in bfloat16 if the CPU has AMX (--weight-quant bf16); on CPU, bfloat16 is that format always "
-        "(bfloat16 weights and cache, float32 arithmetic); float32 keeps every weight in float32, or a GGUF "
-        f"file's blocks (default: {_engine_default('dtype')}).",
+        "(bfloat16 weights and cache, float32 arithmetic); float32 keeps a GGUF file's blocks (exact) and every "
+        f"other weight in float32 (default: {_engine_default('dtype')}).",
         choices=("auto", "bfloat16", "float16", "float32"),
     ),
     Option(
