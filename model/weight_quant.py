@@ -59,7 +59,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlkernels.cpu_blocks import BLOCK, BLOCK_BYTES, blocks_matmul, blocks_native_applies, dequantize_blocks
+from xlkernels.cpu_blocks import (
+    BLOCK,
+    BLOCK_BYTES,
+    blocks_decode,
+    blocks_matmul,
+    blocks_native_applies,
+    dequantize_blocks,
+)
 from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
 
 T = TypeVar("T")
@@ -333,15 +340,24 @@ def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out
     return jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0)
 
 
+# Rows from which a product over GGUF blocks decodes the weight whole for XLA's dot: SmolLM2-135M's layers (Q4_1)
+# at 64 / 128 / 256 / 512 rows took 4.5 / 10.0 / 18.1 / 38.3 ms through the product kernel, 6.4 / 11.3 / 16.1 /
+# 24.8 decoded first.
+BLOCKS_DECODE_MIN_ROWS = 256
+
+
 def _block_product(rows: jax.Array, values: jax.Array, kind: str) -> jax.Array:  # f32[M, N]
-    """rows [M, K] with the block weight values u8[N, K / 32 * bytes]: by the native kernel, which decodes
-    each block in registers (once per tile of 16 rows), or where it cannot run, the weight decoded whole by
-    XLA and multiplied rows-left (XLA:CPU decoded SmolLM2-135M's layers at ~1 ns a weight: a prompt chunk's
-    step spent 0.25 s on it)."""
+    """rows [M, K] with the block weight values u8[N, K / 32 * bytes], natively: below
+    BLOCKS_DECODE_MIN_ROWS rows by the product kernel, which decodes each block in registers (once per tile
+    of 16 rows); from there (long prompt chunks) the weight is decoded whole into a float32 temporary and
+    multiplied rows-left by XLA's dot, as float32 weights are. Where the kernels cannot run, XLA decodes the
+    blocks (XLA:CPU decoded SmolLM2-135M's layers at ~1 ns a weight)."""
     rows = rows.astype(jnp.float32)
-    if blocks_native_applies(rows):
+    if not blocks_native_applies(rows):
+        return _contract(rows, dequantize_blocks(values, kind))
+    if rows.shape[0] < BLOCKS_DECODE_MIN_ROWS:
         return blocks_matmul(rows, values, kind)
-    return _contract(rows, dequantize_blocks(values, kind))
+    return _contract(rows, blocks_decode(values, kind))
 
 
 def _native_fp8(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out], before the weight's scale

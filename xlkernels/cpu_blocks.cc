@@ -316,7 +316,43 @@ ffi::Error BlocksMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+// The whole weight decoded, w u8[N, K / 32 blocks] -> f32[N, K], for products of many rows (prompt chunks),
+// which then run as XLA's dot: decoding once per call is cheaper there than once per tile of 16 rows.
+template <typename F>
+ffi::Error BlocksDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> out) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 2 || wd[1] % F::kBytes)
+    return ffi::Error::InvalidArgument("blocks decode: expected w [N, K/32 blocks]");
+  const int64_t n = wd[0], blocks = wd[1] / F::kBytes;
+  const uint8_t* ws = w.typed_data();
+  float* os = out->typed_data();
+  constexpr int64_t kTaskRows = 64;
+  xlserve::run_tasks(pool, (n + kTaskRows - 1) / kTaskRows, [=] {
+    return [=](int64_t task) {
+      for (int64_t row = task * kTaskRows; row < std::min(n, (task + 1) * kTaskRows); ++row)
+        for (int64_t b = 0; b < blocks; ++b) {
+          v16 lo, hi;
+          F::decode(ws + (row * blocks + b) * F::kBytes, lo, hi);
+          std::memcpy(os + (row * blocks + b) * kBlock, &lo, sizeof(lo));
+          std::memcpy(os + (row * blocks + b) * kBlock + 16, &hi, sizeof(hi));
+        }
+    };
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+#define XLSERVE_DECODE_HANDLER(symbol, format)                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, BlocksDecode<format>,                              \
+                                ffi::Ffi::Bind()                                           \
+                                    .Ctx<ffi::ThreadPool>()                                \
+                                    .Arg<ffi::Buffer<ffi::U8>>()  /* w [N, K/32 blocks] */ \
+                                    .Ret<ffi::Buffer<ffi::F32>>()); /* out [N, K] */
+
+XLSERVE_DECODE_HANDLER(XlserveBlocksDecodeQ4_0, Q4_0)
+XLSERVE_DECODE_HANDLER(XlserveBlocksDecodeQ4_1, Q4_1)
+XLSERVE_DECODE_HANDLER(XlserveBlocksDecodeQ8_0, Q8_0)
 
 #define XLSERVE_BLOCKS_HANDLER(symbol, format)                                             \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, BlocksMatmul<format>,                              \

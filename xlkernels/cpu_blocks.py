@@ -1,5 +1,6 @@
 """Products over weights kept in a GGUF file's own blocks, on CPU by the native kernel (`cpu_blocks.cc`, built
-and registered by `xlkernels.native_build`), and the same blocks decoded by XLA where it cannot run.
+and registered by `xlkernels.native_build`): the product itself (`blocks_matmul`), or the weight decoded
+whole for XLA's dot (`blocks_decode`); where the kernels cannot run, XLA decodes the blocks.
 
 A block weight is uint8 [N, K / 32 * block bytes]: each output channel's K inputs as the file stores them,
 in blocks of 32 (`BLOCK_BYTES`). Both paths decode a block exactly as the `gguf` package's `dequantize`
@@ -39,6 +40,13 @@ def blocks_matmul(x: jax.Array, w: jax.Array, kind: str) -> jax.Array:  # f32[M,
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(f"xlserve_blocks_matmul_{kind}", out, vmap_method="sequential")
     return call(x, w)
+
+
+def blocks_decode(w: jax.Array, kind: str) -> jax.Array:  # f32[N, K]
+    """The block weight w u8[N, K / 32 * bytes] decoded whole by the native kernel (only where
+    `blocks_native_applies`), as `dequantize_blocks` decodes it."""
+    out = jax.ShapeDtypeStruct((w.shape[0], w.shape[1] // BLOCK_BYTES[kind] * BLOCK), jnp.float32)
+    return jax.ffi.ffi_call(f"xlserve_blocks_decode_{kind}", out, vmap_method="sequential")(w)
 
 
 def _half(pair: jax.Array) -> jax.Array:  # u8[..., 2] -> f32[...]

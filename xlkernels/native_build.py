@@ -35,8 +35,8 @@ HEADERS = (_HERE / "native_tasks.h", _HERE / "native_bf16.h")  # included by the
 # XLA FFI target name -> the handler symbol the library exports.
 TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32", "xlserve_paged_decode_bf16": "XlservePagedDecodeBf16",
            "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32", "xlserve_row_matmul_bf16": "XlserveRowMatmulBf16",
-           **{f"xlserve_blocks_matmul_{kind}": f"XlserveBlocksMatmul{kind.upper()}"
-              for kind in ("q4_0", "q4_1", "q8_0")}}
+           **{f"xlserve_blocks_{op}_{kind}": f"XlserveBlocks{op.title()}{kind.upper()}"
+              for op in ("matmul", "decode") for kind in ("q4_0", "q4_1", "q8_0")}}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC")
 
 

@@ -1,0 +1,75 @@
+"""GGUF's block formats (q4_0, q4_1, q8_0) as the CPU stores and multiplies them (xlkernels/cpu_blocks.py,
+model/weight_quant.py): the bytes are the `gguf` package's own, both decodes (XLA's, and the native kernel's
+in registers) give exactly its float32 weights, and the native products are those weights' float32 products
+for any number of rows, padded tiles included.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from model.weight_quant import BLOCKS_DECODE_MIN_ROWS, InputsLastWeight, linear, quantize_blocks, stored_weight
+from xlkernels.cpu_blocks import BLOCK_BYTES, blocks_decode, blocks_native_applies, dequantize_blocks
+
+TYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
+
+
+def weights(rows: int, inputs: int, seed: int = 0) -> np.ndarray:
+    w = np.random.default_rng(seed).standard_normal((rows, inputs)).astype(np.float32)
+    w[0, :32] = 0.0  # a block of zeros: scale 0, as a pruned channel has
+    w[1, :32] = 3.0  # a constant block: q4_1's range is 0
+    return w
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_blocks_are_the_gguf_packages_bytes_and_decode_to_its_floats(kind):
+    w = weights(48, 256)
+    ours = np.asarray(jax.jit(quantize_blocks, static_argnums=1)(jnp.asarray(w), kind))
+    theirs = quantize(w, TYPES[kind])
+    assert ours.shape == (48, 256 // 32 * BLOCK_BYTES[kind]) and ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours, theirs)
+    assert blocks_native_applies(jnp.zeros((1, 256), jnp.float32)), "the native kernels must build here"
+    for decode in (dequantize_blocks, blocks_decode):  # XLA's, the native kernel's
+        decoded = np.asarray(jax.jit(decode, static_argnums=1)(jnp.asarray(theirs), kind))
+        np.testing.assert_array_equal(decoded, dequantize(theirs, TYPES[kind]))
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40, 256])
+def test_native_products_are_the_float32_products_of_the_files_weights(kind, rows):
+    """Tiles of 16 rows, the last one padded (3 -> 4, 17 -> 16 + 1, 40 -> 16 + 16 + 8), several tasks of
+    channels; the weight [2, 72, 320] contracts as one [144, 320] matrix, as w_gate_up does. A long prompt
+    chunk's rows (256) multiply the weight decoded whole by the kernel, through XLA's dot."""
+    assert blocks_native_applies(jnp.zeros((rows, 320), jnp.float32)), "the native kernels must build here"
+    w = weights(144, 320, seed=rows)
+    blocks = quantize(w, TYPES[kind]).reshape(2, 72, -1)
+    exact = dequantize(blocks.reshape(144, -1), TYPES[kind]).astype(np.float64)  # the file's f32 weights
+    x = np.random.default_rng(rows + 1).standard_normal((rows, 320)).astype(np.float32)
+    product = jax.jit(lambda x, values: linear(x, InputsLastWeight(values, None, 1, kind)))
+    got = np.asarray(product(x, blocks))
+    assert got.shape == (rows, 2, 72) and got.dtype == np.float32
+    np.testing.assert_allclose(got.reshape(rows, 144), x.astype(np.float64) @ exact.T, atol=2e-4, rtol=1e-5)
+    hlo = product.lower(x, blocks).compile().as_text()
+    if rows < BLOCKS_DECODE_MIN_ROWS:
+        assert f"xlserve_blocks_matmul_{kind}" in hlo
+        assert not re.search(r"f32\[(2,72,320|144,320|320,144)\]", hlo), "a float32 copy of the weight"
+    else:
+        assert f"xlserve_blocks_decode_{kind}" in hlo and re.search(rf"f32\[{rows},144\]\S* dot\(", hlo)
+
+
+def test_floats_are_quantized_into_blocks_as_a_parameter_is_stored():
+    """A float weight [in, *out] stored as blocks: inputs last, each output channel's inputs whole blocks."""
+    w = np.random.default_rng(0).standard_normal((64, 2, 40)).astype(np.float32)  # [in, 2, out]
+    (values,) = stored_weight(jnp.asarray(w), np.dtype(np.float32), "q8_0", in_dims=1)
+    assert values.shape == (2, 40, 2 * 34) and values.dtype == jnp.uint8
+    expected = quantize(np.moveaxis(w, 0, -1).reshape(80, 64), GGMLQuantizationType.Q8_0).reshape(2, 40, -1)
+    np.testing.assert_array_equal(np.asarray(values), expected)
+    with pytest.raises(ValueError, match="not whole blocks"):
+        stored_weight(jnp.ones((48, 8)), np.dtype(np.float32), "q4_1", in_dims=1)
