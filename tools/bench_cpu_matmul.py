@@ -1,5 +1,6 @@
-"""Time a decode step's few-row products on CPU side by side: XLA's f32 dot, the native f32 kernel, and the
-products over bfloat16 weights (`--weight-quant bf16`).
+"""Time a decode step's few-row products on CPU side by side: XLA's f32 dot, the native f32 kernel, the
+products over bfloat16 weights (`--weight-quant bf16`), and over GGUF Q4_1 blocks (`--weight-quant q4_1`, the
+native kernel of xlkernels/cpu_blocks.cc, float32 arithmetic on the blocks' exact weights).
 
     python -m tools.bench_cpu_matmul [--rows 1,16] [--rounds 7] [--quick]
 
@@ -30,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.weight_quant import _transposed
+from model.weight_quant import InputsLastWeight, _transposed, linear, quantize_blocks
+from xlkernels.cpu_blocks import dequantize_blocks
 from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
 
 Product = Callable[[jax.Array, jax.Array], jax.Array]
@@ -73,12 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     f32 = {name: [jnp.asarray(rng.standard_normal((n, k), np.float32)) for _ in range(copies)]
            for name, (n, k, copies) in dims.shapes().items()}
+    quantize = jax.jit(quantize_blocks, static_argnums=1)
     # path -> (product, the weights it reads, its error bound relative to the sum of the terms' magnitudes)
     paths: dict[str, tuple[Product, dict[str, list[jax.Array]], float]] = {
         "xla": (_transposed, f32, 1e-5),
         "native": (rows_matmul, f32, 1e-5),
         # the rows are rounded to bf16 too (8 significant bits) before an exact-product, f32-sum dot
         "bf16": (_transposed, {name: [w.astype(jnp.bfloat16) for w in ws] for name, ws in f32.items()}, 1e-2),
+        # exact against the blocks' own weights (`exact_weight`)
+        "q4_1": (lambda x, w: linear(x, InputsLastWeight(w, None, 1, "q4_1")),
+                 {name: [quantize(w, "q4_1") for w in ws] for name, ws in f32.items()}, 1e-5),
     }
     print(f"{jax.devices()[0].device_kind}, {jax.local_device_count()} device(s); {rounds} rounds, medians")
     for rows in map(int, args.rows.split(",")):
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"the native kernel does not apply to {rows} x {f32[name][0].shape} (no compiler?)")
             runs = {}
             for path, (product, weights, bound) in paths.items():
-                w = np.asarray(weights[name][0].astype(jnp.float32), np.float64)
+                w = np.asarray(exact_weight(weights[name][0]), np.float64)
                 x64 = np.asarray(x, np.float64)
                 error = np.max(np.abs(np.asarray(jax.jit(product)(x, weights[name][0])) - x64 @ w.T)
                                / (np.abs(x64) @ np.abs(w).T))
@@ -112,6 +118,11 @@ def main(argv: list[str] | None = None) -> None:
                 totals[path] += medians[path]
             print(f"rows {rows:2d} {name:9s} [{k:4d} -> {n:5d}] x{len(f32[name]):2d}: " + row(medians, flops))
         print(f"rows {rows:2d} all (layers + head){' ' * 12}: " + row(totals, flops_total))
+
+
+def exact_weight(w: jax.Array) -> jax.Array:  # f32[N, K]
+    """The float32 weight a product's operand stands for: itself, widened, or its Q4_1 blocks decoded."""
+    return dequantize_blocks(w, "q4_1") if w.dtype == jnp.uint8 else w.astype(jnp.float32)
 
 
 def row(seconds: dict[str, float], flops: int) -> str:
