@@ -69,12 +69,12 @@ def test_it_lowers_to_the_custom_call_only_where_it_applies():
     assert not native_matmul_applies(jnp.asarray(x), jnp.zeros((8, 15))), "K must agree"
 
 
-def test_the_benchmark_checks_and_prints_both_paths(capsys):
+def test_the_benchmark_checks_and_prints_every_path(capsys):
     from tools import bench_cpu_matmul
 
     bench_cpu_matmul.main(["--quick", "--rows", "3,16"])
     lines = capsys.readouterr().out.splitlines()
     for rows in (3, 16):
         rows_lines = [line for line in lines if line.startswith(f"rows {rows:2d} ")]
-        pattern = r"xla .* native .* bf16 .* native \d+\.\d+x  bf16 \d+\.\d+x$"
+        pattern = r"xla .* native .* bf16 .* q4_1 .* native \d+\.\d+x  bf16 \d+\.\d+x  q4_1 \d+\.\d+x$"
         assert len(rows_lines) == 6 and all(re.search(pattern, line) for line in rows_lines), rows_lines

@@ -282,28 +282,45 @@ async def _turn_lines(
     turn: Turn | None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """The turn's lines; at the end the turn joins the session's history (interactive, and finished),
-    or the session ends (not interactive), and the session is free again."""
+    or the session ends (not interactive), and the session is free again, all before the last line goes
+    out: a client that sends its next turn the moment it reads that line finds the history recorded and
+    the session free."""
     interactive = body.option("interactive_mode")
-    try:
-        if plan.full:
-            message = _full_message(body.option("session_id"), plan, state.engine.max_session_len)
-            yield _line("", 0, plan.input_tokens, plan.history_tokens, "length", message)
-            return
-        outcome = _Outcome()
-        if request is None:  # request_output_len 0: the turn joins the history, nothing is generated
-            outcome.finish_reason = "length"
-            yield _line("", 0, plan.input_tokens, plan.history_tokens, "length")
-        else:
-            async with aclosing(_engine_lines(state.engine_client, request, plan, turn, outcome)) as lines:
-                async for line in lines:
-                    yield line
-        if session is not None and interactive and outcome.finish_reason is not None:
-            _record(session, plan, outcome, request)
-    finally:
-        if session is not None and turn is not None:
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if session is not None and turn is not None and not released:
+            released = True
             state.sessions.finish(session, turn)
             if not interactive:
                 state.sessions.end(session.session_id)
+
+    try:
+        if plan.full:
+            message = _full_message(body.option("session_id"), plan, state.engine.max_session_len)
+            release()
+            yield _line("", 0, plan.input_tokens, plan.history_tokens, "length", message)
+            return
+        outcome = _Outcome()
+        last = None  # the line with the finish reason, held back until the turn is recorded and released
+        if request is None:  # request_output_len 0: the turn joins the history, nothing is generated
+            outcome.finish_reason = "length"
+            last = _line("", 0, plan.input_tokens, plan.history_tokens, "length")
+        else:
+            async with aclosing(_engine_lines(state.engine_client, request, plan, turn, outcome)) as lines:
+                async for line in lines:
+                    if line["finish_reason"] is not None:
+                        last = line
+                    else:
+                        yield line
+        if session is not None and interactive and outcome.finish_reason is not None:
+            _record(session, plan, outcome, request)
+        release()
+        if last is not None:
+            yield last
+    finally:
+        release()
 
 
 async def _engine_lines(
