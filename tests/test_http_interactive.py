@@ -149,6 +149,24 @@ def test_stream_is_ndjson_with_the_same_answer(http_server: LiveServer) -> None:
     assert lines[-1]["tokens"] == whole["tokens"] and lines[-1]["input_tokens"] == whole["input_tokens"]
 
 
+def test_the_last_streamed_line_comes_after_the_turn_is_recorded_and_the_session_free(
+    http_server: LiveServer,
+) -> None:
+    """A client may send its next turn the moment it reads a turn's last line: by then the history holds the
+    turn and the session is free (the server records both before that line goes out; the console client
+    reads the history at once)."""
+    body = {"prompt": "Tell me a story", "session_id": 41, "interactive_mode": True, "request_output_len": 6,
+            "stream": True, **GREEDY}
+    with httpx.stream("POST", f"{http_server.base_url}{ROUTE}", json=body, timeout=120) as response:
+        for raw in response.iter_lines():
+            line = json.loads(raw)
+            if line["finish_reason"] is not None:  # the stream is still open here
+                kept = session(http_server, 41)
+                assert len(kept.history) == line["history_tokens"] + line["input_tokens"] + line["tokens"]
+                assert kept.turn is None, "the session is still busy with the finished turn"
+    end(http_server, 41)
+
+
 def test_a_message_list_and_a_non_interactive_turn_on_top_of_a_history(http_server: LiveServer) -> None:
     sid = 12
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
