@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 
+#include "native_simd.h"
 #include "native_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -42,11 +43,7 @@ typedef uint8_t v16u8 __attribute__((vector_size(16)));
 typedef int8_t v16s8 __attribute__((vector_size(16)));
 
 constexpr int64_t kBlock = 32;  // weights per GGUF block
-#if defined(__AVX512F__)
-constexpr int kMaxTile = 16;
-#else
-constexpr int kMaxTile = 4;
-#endif
+constexpr int kMaxTile = xlserve::kRegisterBytes >= 64 ? 16 : 4;  // rows a tile's accumulators hold
 constexpr int64_t kTaskChannels = 16;
 
 // IEEE half -> float, exact (subnormals included): F16C's conversion, or the bits moved by hand.

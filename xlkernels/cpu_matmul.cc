@@ -31,6 +31,7 @@
 #include <memory>
 
 #include "native_bf16.h"
+#include "native_simd.h"
 #include "native_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -47,17 +48,10 @@ typedef float v8 __attribute__((vector_size(32)));
 // on two ports (4 cycles x 2), and on AVX-512 (12 channels of 16 rows) few enough channels that each
 // channel's row pointer stays in a general register (24 spilled them to the stack; 8 and 16 were no
 // faster). On AVX2 a 16-row vector is two registers (6 channels), without AVX four (3 channels).
-#if defined(__AVX512F__)
-constexpr int kRegisterBytes = 64;
-#elif defined(__AVX__)
-constexpr int kRegisterBytes = 32;
-#else
-constexpr int kRegisterBytes = 16;
-#endif
 constexpr int kAccumulators = 12;
 
 template <typename V>
-constexpr int kChannels = std::max<int>(1, kAccumulators / std::max<int>(1, sizeof(V) / kRegisterBytes));
+constexpr int kChannels = std::max<int>(1, kAccumulators / std::max<int>(1, sizeof(V) / xlserve::kRegisterBytes));
 
 // Output channels per task: a few register blocks, enough tasks to balance two or three threads on the
 // smallest weight (576 channels), few enough that handing them out costs nothing.
