@@ -36,12 +36,11 @@ from model.sharding import KV_CACHE_AXES, KV_SCALE_AXES, make_mesh, shard_by_kv_
 from model.weight_quant import (
     InputsLastWeight,
     Weight,
-    block_bytes_shape,
     has_scales,
     is_block_format,
     linear,
     stored_inputs_last,
-    stored_shape,
+    values_shape,
 )
 from xlkernels import get_paged_attention, write_kv_pages
 from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, rotation, token_head_bytes
@@ -120,11 +119,9 @@ def declared_param(module: nn.Module, name: str) -> Weight:
     spec = param_spec(module.config, "/".join((*module.path, name)))
     if not spec.in_dims or not stored_inputs_last(spec.quant):
         return module.param(name, INITIALIZERS[spec.init], spec.shape, module.dtype)
-    shape = stored_shape(spec.shape, spec.in_dims)
     blocks = spec.quant if is_block_format(spec.quant) else None
-    if blocks is not None:
-        shape = block_bytes_shape(shape, blocks)
-    values = module.param(name, INITIALIZERS[spec.init], shape, module.dtype)
+    values = module.param(name, INITIALIZERS[spec.init], values_shape(spec.shape, spec.in_dims, spec.quant),
+                          module.dtype)
     scale = None if not has_scales(spec.quant) else module.param(
         name + SCALE_SUFFIX, INITIALIZERS["ones"], spec.shape[spec.in_dims:], jnp.float32)
     return InputsLastWeight(values, scale, spec.in_dims, blocks)

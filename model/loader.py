@@ -52,6 +52,7 @@ from model.weight_quant import (
     stored_inputs_last,
     stored_shape,
     stored_weight,
+    values_shape,
 )
 
 Params = dict[str, Any]
@@ -223,10 +224,8 @@ class ParamSpec:
             dtype = storage_dtype(self.quant)
         if not self.in_dims or not stored_inputs_last(self.quant):
             return [(self.path, self.shape, self.axes, dtype)]
-        shape = stored_shape(self.shape, self.in_dims)
-        if is_block_format(self.quant):
-            shape = block_bytes_shape(shape, self.quant)
-        values = (self.path, shape, stored_shape(self.axes, self.in_dims), dtype)
+        values = (self.path, values_shape(self.shape, self.in_dims, self.quant), stored_shape(self.axes, self.in_dims),
+                  dtype)
         if not has_scales(self.quant):
             return [values]
         return [values, (self.scale_path, self.shape[self.in_dims:], self.axes[self.in_dims:], np.dtype(np.float32))]

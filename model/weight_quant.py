@@ -45,6 +45,12 @@ round the rows to bfloat16 and run as bf16 dots accumulating in f32, which XLA:C
 tiles where the CPU has them (2.8x the f32 products at 16 rows, docs/perf-notes.md "Twelfth session"); one
 row, where XLA's bf16 dot is 6x slower than its f32 one, goes to the native kernel (`xlkernels.cpu_matmul`),
 which widens the weight to f32 as it streams it.
+
+GGUF blocks (CPU: `--weight-quant q4_0|q4_1|q8_0`, `BLOCK_FORMATS`) keep each output channel's inputs in
+blocks of 32 with their own float16 scale (`xlkernels/cpu_blocks.py`): u8 values whose last input dimension
+counts bytes (`values_shape`), no per-channel scales. A GGUF file's own blocks are stored as they are, other
+weights are quantized here as the gguf package would (`quantize_blocks`); the products decode them exactly to
+the float32 weights they stand for, in registers (`_block_product`).
 """
 
 from __future__ import annotations
@@ -135,6 +141,13 @@ def stored_shape(dims: tuple[T, ...], in_dims: int) -> tuple[T, ...]:
     """The values' dimensions (sizes, or logical axes) for a weight's `dims` whose leading `in_dims` are its
     inputs: the inputs last."""
     return (*dims[in_dims:], *dims[:in_dims])
+
+
+def values_shape(dims: tuple[int, ...], in_dims: int, quant: str | None) -> tuple[int, ...]:
+    """The stored values' shape of an inputs-last matmul weight of declared `dims` (`stored_shape`), in bytes
+    for a GGUF block format (`block_bytes_shape`)."""
+    shape = stored_shape(dims, in_dims)
+    return block_bytes_shape(shape, quant) if is_block_format(quant) else shape
 
 
 def block_bytes_shape(dims: tuple[int, ...], kind: str) -> tuple[int, ...]:

@@ -50,7 +50,7 @@ constexpr int64_t kTaskChannels = 16;
 inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
   return _cvtsh_ss(h);
-#endif
+#else
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu, bits;
   if (exponent == 0x1F) {
@@ -70,6 +70,7 @@ inline float half_to_float(uint16_t h) {
   float out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
+#endif
 }
 
 inline float block_half(const uint8_t* p) {

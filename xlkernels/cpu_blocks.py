@@ -17,14 +17,6 @@ from xlkernels.native_build import native_kernels_ready
 BLOCK = 32  # weights per block
 # Bytes per block: an f16 scale (Q4_1: and an f16 minimum), then 16 bytes of nibbles or 32 signed bytes.
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
-FORMATS = tuple(BLOCK_BYTES)
-
-
-def row_bytes(kind: str, inputs: int) -> int:
-    """Bytes of one output channel of `inputs` inputs in format `kind`."""
-    if inputs % BLOCK:
-        raise ValueError(f"GGUF blocks hold {BLOCK} inputs; a row of {inputs} is not whole blocks")
-    return inputs // BLOCK * BLOCK_BYTES[kind]
 
 
 def blocks_native_applies(x: jax.Array) -> bool:

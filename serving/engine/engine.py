@@ -129,7 +129,7 @@ def default_weight_format(dtype: str, checkpoint: ModelConfig, platform: str, bf
     quantized_gguf = checkpoint.checkpoint_blocks is not None
     if quantized_gguf and (dtype == "float32" or (dtype == "auto" and not bf16_tiles)):
         return checkpoint.checkpoint_blocks
-    auto = dtype == "auto" and bf16_tiles and (checkpoint.torch_dtype == "bfloat16" or quantized_gguf)
+    auto = dtype == "auto" and bf16_tiles and checkpoint.torch_dtype == "bfloat16"  # a quantized GGUF's is too
     return "bf16" if dtype == "bfloat16" or auto else None
 
 
