@@ -121,6 +121,9 @@ class ModelConfig:
     # A GGUF file's block format when all the layers' matmul weights are stored in one of those formats (the
     # CPU's default weight format then: serving/engine/engine.py); None otherwise
     checkpoint_blocks: str | None = None
+    # A GGUF file's token embedding's block format, if one of those: a tied embedding (the head too) is then kept
+    # as the file stores it whenever the layers are served in a block format (model/loader.py's param_specs)
+    embedding_blocks: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -135,7 +135,9 @@ def gguf_model_config(file: Path) -> ModelConfig:
     config = ModelConfig.from_hf_dict({key: value for key, value in hf_config.items() if value is not None})
     # A head's inputs to the output projection must be whole blocks of 32 to keep it in blocks (model/loader.py
     # fuses that projection per head).
-    return dataclasses.replace(config, checkpoint_blocks=_layer_blocks(reader) if head_dim % 32 == 0 else None)
+    embedding = next((tensor for tensor in reader.tensors if tensor.name == "token_embd.weight"), None)
+    return dataclasses.replace(config, checkpoint_blocks=_layer_blocks(reader) if head_dim % 32 == 0 else None,
+                               embedding_blocks=None if embedding is None else BLOCK_TYPES.get(embedding.tensor_type))
 
 
 @dataclass(frozen=True)

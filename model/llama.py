@@ -43,6 +43,7 @@ from model.weight_quant import (
     values_shape,
 )
 from xlkernels import get_paged_attention, write_kv_pages
+from xlkernels.cpu_blocks import dequantize_blocks
 from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, rotation, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
 from xlkernels.shared_prefix import SharedPrefix
@@ -307,9 +308,12 @@ class Embed(nn.Module):
     dtype: jnp.dtype
 
     def setup(self) -> None:
-        self.embedding = declared_param(self, "embedding")  # [V, E]
+        self.embedding = declared_param(self, "embedding")  # [V, E], or a GGUF file's blocks of it (loader.py)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        if isinstance(self.embedding, InputsLastWeight):  # blocks u8[V, E / 32 * bytes]: decode the rows gathered
+            rows = jnp.take(self.embedding.values, tokens, axis=0)
+            return dequantize_blocks(rows, self.embedding.blocks).astype(self.dtype)
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)  # bf16 rows widen (--weight-quant bf16)
 
     def attend(self, x: jax.Array) -> jax.Array:
@@ -318,9 +322,11 @@ class Embed(nn.Module):
         On CPU the vocabulary is split in two halves as a batch dimension: XLA:CPU's (Eigen's) contraction
         runs a [rows, E] x [E, V] product of a large V at about half the rate it runs two of V / 2 (16 rows
         of SmolLM2-135M: 14.9 ms against 8.6 ms with the transpose back; docs/perf-notes.md). On the GPU,
-        the single GEMM is the better one. A bfloat16 table under float32 activations (`--weight-quant bf16`)
-        is an inputs-last matmul weight [V, E] like the layers' (model/weight_quant.py).
+        the single GEMM is the better one. A bfloat16 table under float32 activations (`--weight-quant bf16`),
+        or a GGUF file's blocks, is an inputs-last matmul weight [V, E] like the layers' (model/weight_quant.py).
         """
+        if isinstance(self.embedding, InputsLastWeight):
+            return linear(x, self.embedding).astype(jnp.float32)
         if self.embedding.dtype != self.dtype:
             return linear(x, InputsLastWeight(self.embedding, None)).astype(jnp.float32)
         if jax.default_backend() != "cpu" or self.embedding.shape[0] % 2:

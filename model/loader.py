@@ -428,6 +428,11 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
     # The GGUF block formats likewise (a GGUF file's own blocks, taken as they are: `block_source`).
     if config.weight_quant in SCALED_FORMATS or config.weight_quant in BLOCK_FORMATS:
         specs = [dataclasses.replace(s, quant=config.weight_quant) if s.in_dims else s for s in specs]
+    # A tied embedding that the GGUF file stores in blocks too (SmolLM2's Q8_0: a fifth of its float32 bytes) stays
+    # in them, inputs-last as the head's weight [V, E]; the lookup decodes the rows it gathers.
+    if config.weight_quant in BLOCK_FORMATS and config.embedding_blocks and config.tie_word_embeddings:
+        embedding = transposed("embed/embedding", names.embed, (E, V), ("embed", "vocab_in"))
+        specs[0] = dataclasses.replace(embedding, in_dims=1, quant=config.embedding_blocks)
     # bf16 (CPU): every matmul weight in bfloat16, the embedding and the head too (a fifth of SmolLM2-135M's
     # bytes; bf16 is no coarser for them than for the layers), the head inputs-last as the layers' weights
     elif config.weight_quant == "bf16":

@@ -74,6 +74,7 @@ from xlkernels.cpu_blocks import (
     dequantize_blocks,
 )
 from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
+from xlkernels.native_build import cpu_has_bf16_tiles
 
 T = TypeVar("T")
 
@@ -353,22 +354,22 @@ def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out
     return jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0)
 
 
-# Rows from which a product over GGUF blocks decodes the weight whole for XLA's dot: SmolLM2-135M's layers (Q4_1)
-# at 64 / 128 / 256 / 512 rows took 4.5 / 10.0 / 18.1 / 38.3 ms through the product kernel, 6.4 / 11.3 / 16.1 /
-# 24.8 decoded first.
+# Rows from which a product over GGUF blocks decodes the weight whole for XLA's dot, on a CPU without AMX tiles:
+# SmolLM2-135M's layers (Q4_1) at 64 / 128 / 256 / 512 rows took 4.5 / 10.0 / 18.1 / 38.3 ms through the AVX
+# product kernel, 6.4 / 11.3 / 16.1 / 24.8 decoded first. The tile form beats decoding at every row count.
 BLOCKS_DECODE_MIN_ROWS = 256
 
 
 def _block_product(rows: jax.Array, values: jax.Array, kind: str) -> jax.Array:  # f32[M, N]
-    """rows [M, K] with the block weight values u8[N, K / 32 * bytes], natively: below
-    BLOCKS_DECODE_MIN_ROWS rows by the product kernel, which decodes each block in registers (once per tile
-    of 16 rows); from there (long prompt chunks) the weight is decoded whole into a float32 temporary and
-    multiplied rows-left by XLA's dot, as float32 weights are. Where the kernels cannot run, XLA decodes the
-    blocks (XLA:CPU decoded SmolLM2-135M's layers at ~1 ns a weight)."""
+    """rows [M, K] with the block weight values u8[N, K / 32 * bytes], natively: by the product kernel, which
+    decodes each block in registers (on AMX tiles from TILES_MIN_ROWS rows where the CPU has them); without
+    tiles, from BLOCKS_DECODE_MIN_ROWS rows (long prompt chunks) the weight is decoded whole into a float32
+    temporary and multiplied rows-left by XLA's dot, as float32 weights are. Where the kernels cannot run, XLA
+    decodes the blocks (XLA:CPU decoded SmolLM2-135M's layers at ~1 ns a weight)."""
     rows = rows.astype(jnp.float32)
     if not blocks_native_applies(rows):
         return _contract(rows, dequantize_blocks(values, kind))
-    if rows.shape[0] < BLOCKS_DECODE_MIN_ROWS:
+    if rows.shape[0] < BLOCKS_DECODE_MIN_ROWS or cpu_has_bf16_tiles():
         return blocks_matmul(rows, values, kind)
     return _contract(rows, blocks_decode(values, kind))
 

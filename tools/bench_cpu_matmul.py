@@ -1,6 +1,7 @@
 """Time a decode step's few-row products on CPU side by side: XLA's f32 dot, the native f32 kernel, the
 products over bfloat16 weights (`--weight-quant bf16`), and over GGUF Q4_1 blocks (`--weight-quant q4_1`, the
-native kernel of xlkernels/cpu_blocks.cc, float32 arithmetic on the blocks' exact weights).
+native kernel of xlkernels/cpu_blocks.cc, float32 arithmetic on the blocks' exact weights: on AMX tiles where
+the CPU has them, and `q4_1-avx` in AVX registers).
 
     python -m tools.bench_cpu_matmul [--rows 1,16] [--rounds 7] [--quick]
 
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.weight_quant import InputsLastWeight, _transposed, linear, quantize_blocks
-from xlkernels.cpu_blocks import dequantize_blocks
+from xlkernels.cpu_blocks import blocks_matmul, dequantize_blocks
 from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
 
 Product = Callable[[jax.Array, jax.Array], jax.Array]
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     f32 = {name: [jnp.asarray(rng.standard_normal((n, k), np.float32)) for _ in range(copies)]
            for name, (n, k, copies) in dims.shapes().items()}
     quantize = jax.jit(quantize_blocks, static_argnums=1)
+    q4_1 = {name: [quantize(w, "q4_1") for w in ws] for name, ws in f32.items()}
     # path -> (product, the weights it reads, its error bound relative to the sum of the terms' magnitudes)
     paths: dict[str, tuple[Product, dict[str, list[jax.Array]], float]] = {
         "xla": (_transposed, f32, 1e-5),
@@ -83,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         # the rows are rounded to bf16 too (8 significant bits) before an exact-product, f32-sum dot
         "bf16": (_transposed, {name: [w.astype(jnp.bfloat16) for w in ws] for name, ws in f32.items()}, 1e-2),
         # exact against the blocks' own weights (`exact_weight`)
-        "q4_1": (lambda x, w: linear(x, InputsLastWeight(w, None, 1, "q4_1")),
-                 {name: [quantize(w, "q4_1") for w in ws] for name, ws in f32.items()}, 1e-5),
+        "q4_1": (lambda x, w: linear(x, InputsLastWeight(w, None, 1, "q4_1")), q4_1, 1e-5),
+        # the same kernel kept to its AVX form where the CPU has AMX tiles
+        "q4_1-avx": (lambda x, w: blocks_matmul(x, w, "q4_1", tiles=False), q4_1, 1e-5),
     }
     print(f"{jax.devices()[0].device_kind}, {jax.local_device_count()} device(s); {rounds} rounds, medians")
     for rows in map(int, args.rows.split(",")):

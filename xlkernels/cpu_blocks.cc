@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -31,6 +32,7 @@
 
 #include "native_simd.h"
 #include "native_tasks.h"
+#include "native_tiles.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -107,6 +109,8 @@ inline v16 high_nibbles(v16i wide) { return __builtin_convertvector(wide >> 4, v
 // Each format decodes one block into its elements 0-15 (`lo`) and 16-31 (`hi`), as gguf's dequantize_blocks.
 struct Q4_0 {  // f16 d, 16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble
   static constexpr int64_t kBytes = 18;
+  static constexpr int kCodesAt = 2, kCodeOffset = 8;  // the tile form's view: w = d * (q - 8)
+  static constexpr bool kMinimum = false;
   static inline void decode(const uint8_t* block, v16& lo, v16& hi) {
     const float d = block_half(block);
     const v16i qs = widen_unsigned(block + 2);
@@ -117,6 +121,8 @@ struct Q4_0 {  // f16 d, 16 bytes: element j in the low nibble of byte j, elemen
 
 struct Q4_1 {  // f16 d, f16 m, 16 bytes of nibbles as Q4_0's: w = d * q + m
   static constexpr int64_t kBytes = 20;
+  static constexpr int kCodesAt = 4, kCodeOffset = 0;
+  static constexpr bool kMinimum = true;
   static inline void decode(const uint8_t* block, v16& lo, v16& hi) {
     const float d = block_half(block), m = block_half(block + 2);
     const v16i qs = widen_unsigned(block + 4);
@@ -127,6 +133,8 @@ struct Q4_1 {  // f16 d, f16 m, 16 bytes of nibbles as Q4_0's: w = d * q + m
 
 struct Q8_0 {  // f16 d, 32 signed bytes: w = d * q
   static constexpr int64_t kBytes = 34;
+  static constexpr int kCodesAt = 2, kCodeOffset = 0;
+  static constexpr bool kMinimum = false;
   static inline void decode(const uint8_t* block, v16& lo, v16& hi) {
     const float d = block_half(block);
     lo = signed_floats(block + 2) * d;
@@ -292,14 +300,222 @@ void interleave(const float* x, int64_t m, int64_t k, int64_t rows, float* tiles
   }
 }
 
+#if defined(XLSERVE_TILES)
+// The tile form (AMX), where the CPU has it: float32 products exactly as the AVX form's, from bfloat16 tiles.
+//
+// A block's codes are small integers, exact in bfloat16; a float32 input is exactly the sum of three
+// bfloat16 parts (8 + 8 + 8 significant bits), and a part times a code is exact in float32. So for each
+// block, 16 channels' codes (tile A: [16 channels][32 codes]) times each part of 16 rows' inputs (tile B:
+// [16 pairs of inputs][16 rows][2]) accumulate, on the tiles in float32, the block's sum of code times input
+// for every channel and row; the block's scale (and Q4_1's minimum times the block's inputs summed) is then
+// applied in float32 vectors as it is in the AVX form. The per-block scale is why each block's tile product
+// leaves the tiles: three tile products a block, then 32 fused multiply-adds a channel tile.
+//
+// Codes and inputs pair elements 2i and 2i + 1 in a 32-bit lane (the tiles' layout for bfloat16).
+
+// bfloat16 bits of the codes 0-15 less `offset`, twice over: a lookup by the low 5 bits of a 16-bit lane.
+__m512i nibble_table(int offset) {
+  alignas(64) uint16_t table[32];
+  for (int j = 0; j < 32; ++j) {
+    const float code = static_cast<float>((j & 15) - offset);
+    uint32_t bits;
+    std::memcpy(&bits, &code, sizeof(bits));
+    table[j] = static_cast<uint16_t>(bits >> 16);  // exact: at most 4 significant bits
+  }
+  return _mm512_load_si512(table);
+}
+
+// A block's 32 codes as bfloat16, in element order.
+template <typename F>
+inline __m512i block_codes(const uint8_t* block, __m512i table) {
+  const uint8_t* codes = block + F::kCodesAt;
+  if constexpr (F::kBytes == Q8_0::kBytes) {
+    const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))));
+    const __m512 high =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16))));
+    return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low));  // elements 0-15 from `low`
+  } else {
+    // Elements 0-15 are the low nibbles of the 16 bytes, 16-31 the high ones: the table reads 5 bits, so the
+    // high nibble's bits left in a low nibble's lane are ignored, as its entries repeat every 16.
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+    const __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
+    return _mm512_permutexvar_epi16(index, table);
+  }
+}
+
+struct TileProblem {
+  const uint32_t* parts;  // [row tiles][K / 32][3 parts][16 pairs][16 rows]: the rows' bfloat16 pairs
+  const float* sums;  // [row tiles][K / 32][16 rows]: each block's inputs summed (Q4_1's minimum)
+  const uint8_t* w;  // [N, K / 32 blocks]
+  float* out;  // [rows, N]
+  int64_t rows, n, k, row_bytes;
+};
+
+constexpr int64_t kTileParts = 3 * 256;  // 32-bit lanes of a block's three B tiles
+
+// x [M, K] as the tiles' rows, 16 at a time (zero past M): each block's inputs as three bfloat16 parts (x
+// less the parts before it, rounded to nearest), and summed. A row's block of a part is one vector of 16
+// pairs; the 16 rows' vectors, transposed, are the part's B tile.
+void split_rows(const float* x, int64_t m, int64_t k, uint32_t* parts, float* sums) {
+  const int64_t blocks = k / kBlock;
+  alignas(64) uint32_t rows[3][16][16];  // [part][row][pair]
+  alignas(64) v16 row_sums[16];
+  for (int64_t r0 = 0; r0 < m; r0 += 16)
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t r = 0; r < 16; ++r) {
+        __m512 low = _mm512_setzero_ps(), high = _mm512_setzero_ps();  // elements 0-15, 16-31
+        if (r0 + r < m) {
+          low = _mm512_loadu_ps(x + (r0 + r) * k + b * kBlock);
+          high = _mm512_loadu_ps(x + (r0 + r) * k + b * kBlock + 16);
+        }
+        row_sums[r] = reinterpret_cast<v16>(_mm512_add_ps(low, high));
+        for (int part = 0; part < 3; ++part) {
+          const __m512i bf16 = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low));
+          _mm512_store_si512(rows[part][r], bf16);
+          const __m512i low_back = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(bf16)), 16);
+          const __m512i high_back = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(bf16, 1)), 16);
+          low = _mm512_sub_ps(low, _mm512_castsi512_ps(low_back));  // exact: the part's rounding error
+          high = _mm512_sub_ps(high, _mm512_castsi512_ps(high_back));
+        }
+      }
+      uint32_t* out = parts + (r0 / 16 * blocks + b) * kTileParts;
+      for (int part = 0; part < 3; ++part) xlserve::transpose16(rows[part][0], 16, out + part * 256, 16);
+      const v16 sum = lane_sums(row_sums);
+      std::memcpy(sums + (r0 / 16 * blocks + b) * 16, &sum, sizeof(sum));
+    }
+}
+
+constexpr int64_t kPrefetchBlocks = 4;  // how far ahead a channel's next blocks are fetched: the next cache line
+
+// Channels [c, c + count) of block b as tile A's rows (zero past count), with their scales and minimums.
+template <typename F>
+inline void channel_codes(const TileProblem& p, int64_t c, int64_t count, int64_t b, __m512i table, uint16_t* a,
+                          float* scale, float* minimum) {
+  for (int64_t ch = 0; ch < 16; ++ch) {
+    if (ch >= count) {
+      _mm512_store_si512(a + ch * 32, _mm512_setzero_si512());
+      scale[ch] = minimum[ch] = 0.0f;
+      continue;
+    }
+    const uint8_t* block = p.w + (c + ch) * p.row_bytes + b * F::kBytes;
+    // The task's channels are read a block at a time, 128 rows apart: too many streams for the prefetcher.
+    if (b + kPrefetchBlocks < p.k / kBlock) _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBlocks * F::kBytes, _MM_HINT_T0);
+    _mm512_store_si512(a + ch * 32, block_codes<F>(block, table));
+    scale[ch] = block_half(block);
+    if constexpr (F::kMinimum) minimum[ch] = block_half(block + 2);
+  }
+}
+
+// acc[channel][row] += scale * the block's tile product (+ minimum * the block's inputs summed).
+template <typename F>
+inline void scale_into(const float* product, const float* scale, const float* minimum, __m512 sums, float* acc) {
+#pragma GCC unroll 16
+  for (int ch = 0; ch < 16; ++ch) {
+    __m512 sum = _mm512_fmadd_ps(_mm512_set1_ps(scale[ch]), _mm512_load_ps(product + ch * 16),
+                                 _mm512_load_ps(acc + ch * 16));
+    if constexpr (F::kMinimum) sum = _mm512_fmadd_ps(_mm512_set1_ps(minimum[ch]), sums, sum);
+    _mm512_store_ps(acc + ch * 16, sum);
+  }
+}
+
+constexpr int64_t kTaskTiles = 8;  // channel tiles a task at most
+
+// Channels [c0, c1) (at most kTaskTiles tiles) for every row tile, summed in `acc` ([row tile][channel][row],
+// 1 KB a tile: L1 for one row tile, L2 for a prompt chunk's). Blocks go outermost: a block's codes are decoded
+// once for all the row tiles, and a row tile's B tiles loaded once for all the channel tiles. Channel tiles
+// go in pairs, two chains of tile multiplies at a time (a chain of three takes ~50 cycles).
+template <typename F>
+void tile_channels(const TileProblem& p, int64_t c0, int64_t c1, float* acc) {
+  const xlserve::TileScope scope;
+  const __m512i table = nibble_table(F::kCodeOffset);
+  const int64_t blocks = p.k / kBlock, row_tiles = (p.rows + 15) / 16, tiles = (c1 - c0 + 15) / 16;
+  alignas(64) uint16_t a[kTaskTiles][16 * 32];
+  alignas(64) float product[2][256], scale[kTaskTiles][16], minimum[kTaskTiles][16] = {}, rows[256];
+  std::memset(acc, 0, row_tiles * tiles * 256 * sizeof(float));
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t tile = 0; tile < tiles; ++tile)
+      channel_codes<F>(p, c0 + tile * 16, std::min<int64_t>(16, c1 - c0 - tile * 16), b, table, a[tile], scale[tile],
+                       minimum[tile]);
+    for (int64_t t = 0; t < row_tiles; ++t) {
+      const uint32_t* parts = p.parts + (t * blocks + b) * kTileParts;
+      _tile_loadd(2, parts, 64);
+      _tile_loadd(3, parts + 256, 64);
+      _tile_loadd(4, parts + 512, 64);
+      const __m512 sums = _mm512_load_ps(p.sums + (t * blocks + b) * 16);
+      float* row_acc = acc + t * tiles * 256;
+      for (int64_t tile = 0; tile < tiles; tile += 2) {
+        const bool pair = tile + 1 < tiles;
+        _tile_loadd(0, a[tile], 64);
+        _tile_zero(5);
+        _tile_dpbf16ps(5, 0, 2);
+        _tile_dpbf16ps(5, 0, 3);
+        _tile_dpbf16ps(5, 0, 4);
+        if (pair) {
+          _tile_loadd(1, a[tile + 1], 64);
+          _tile_zero(6);
+          _tile_dpbf16ps(6, 1, 2);
+          _tile_dpbf16ps(6, 1, 3);
+          _tile_dpbf16ps(6, 1, 4);
+        }
+        _tile_stored(5, product[0], 64);
+        scale_into<F>(product[0], scale[tile], minimum[tile], sums, row_acc + tile * 256);
+        if (pair) {
+          _tile_stored(6, product[1], 64);
+          scale_into<F>(product[1], scale[tile + 1], minimum[tile + 1], sums, row_acc + (tile + 1) * 256);
+        }
+      }
+    }
+  }
+  for (int64_t t = 0; t < row_tiles; ++t)
+    for (int64_t tile = 0; tile < tiles; ++tile) {  // [channel][row] -> out's [row][channel]
+      xlserve::transpose16(reinterpret_cast<const uint32_t*>(acc + (t * tiles + tile) * 256), 16,
+                           reinterpret_cast<uint32_t*>(rows), 16);
+      const int64_t c = c0 + tile * 16;
+      for (int64_t r = 0; r < std::min<int64_t>(16, p.rows - t * 16); ++r)
+        std::memcpy(p.out + (t * 16 + r) * p.n + c, rows + r * 16, std::min<int64_t>(16, c1 - c) * sizeof(float));
+    }
+}
+
+template <typename F>
+ffi::Error tiles_matmul(ffi::ThreadPool& pool, const float* x, const uint8_t* w, float* out, int64_t m, int64_t k,
+                        int64_t n, int64_t row_bytes) {
+  const int64_t row_tiles = (m + 15) / 16, blocks = k / kBlock;
+  std::unique_ptr<uint32_t, decltype(&std::free)> parts(
+      static_cast<uint32_t*>(std::aligned_alloc(64, row_tiles * blocks * (kTileParts + 16) * sizeof(uint32_t))),
+      &std::free);
+  if (!parts) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "blocks matmul: no memory");
+  float* sums = reinterpret_cast<float*>(parts.get() + row_tiles * blocks * kTileParts);
+  split_rows(x, m, k, parts.get(), sums);
+  const TileProblem problem{parts.get(), sums, w, out, m, n, k, row_bytes};
+  // Tasks of at most kTaskTiles channel tiles, as many as a multiple of the threads, so that they share evenly.
+  const int64_t channel_tiles = (n + 15) / 16, threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t tasks = (channel_tiles + kTaskTiles - 1) / kTaskTiles;
+  tasks = std::min(channel_tiles, (tasks + threads - 1) / threads * threads);
+  const int64_t task_channels = (channel_tiles + tasks - 1) / tasks * 16;
+  xlserve::run_tasks(pool, (n + task_channels - 1) / task_channels, [&problem, task_channels, row_tiles] {
+    // this thread's sums, 64-byte aligned
+    auto acc = std::make_shared<std::vector<v16>>(row_tiles * task_channels);
+    return [&problem, task_channels, acc](int64_t task) {
+      const int64_t c0 = task * task_channels;
+      tile_channels<F>(problem, c0, std::min(problem.n, c0 + task_channels), reinterpret_cast<float*>(acc->data()));
+    };
+  });
+  return ffi::Error::Success();
+}
+#endif  // XLSERVE_TILES
+
 template <typename F>
 ffi::Error BlocksMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                        ffi::ResultBuffer<ffi::F32> out) {
+                        ffi::ResultBuffer<ffi::F32> out, bool tiles) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] % kBlock || wd[1] != xd[1] / kBlock * F::kBytes)
     return ffi::Error::InvalidArgument("blocks matmul: expected x [M, K] (K a multiple of 32) and w [N, K/32 blocks]");
   const int64_t m = xd[0], k = xd[1], n = wd[0], rows = padded(m);
+#if defined(XLSERVE_TILES)
+  if (tiles && xlserve::tiles_permitted())
+    return tiles_matmul<F>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m, k, n, wd[1]);
+#endif
   std::unique_ptr<float, decltype(&std::free)> copy(
       static_cast<float*>(std::aligned_alloc(64, ((rows * k * sizeof(float) + 63) / 64) * 64)), &std::free);
   if (!copy) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "blocks matmul: no memory");
@@ -358,7 +574,8 @@ XLSERVE_DECODE_HANDLER(XlserveBlocksDecodeQ8_0, Q8_0)
                                     .Ctx<ffi::ThreadPool>()                                \
                                     .Arg<ffi::Buffer<ffi::F32>>() /* x [M, K] */           \
                                     .Arg<ffi::Buffer<ffi::U8>>()  /* w [N, K/32 blocks] */ \
-                                    .Ret<ffi::Buffer<ffi::F32>>()); /* out [M, N] */
+                                    .Ret<ffi::Buffer<ffi::F32>>() /* out [M, N] */         \
+                                    .Attr<bool>("tiles")); /* AMX where permitted */
 
 XLSERVE_BLOCKS_HANDLER(XlserveBlocksMatmulQ4_0, Q4_0)
 XLSERVE_BLOCKS_HANDLER(XlserveBlocksMatmulQ4_1, Q4_1)

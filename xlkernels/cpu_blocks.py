@@ -12,9 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xlkernels.native_build import native_kernels_ready
+from xlkernels.native_build import cpu_has_bf16_tiles, native_kernels_ready
 
 BLOCK = 32  # weights per block
+# Rows from which the product runs on AMX tiles, where the CPU has them: a tile product costs 16 rows' work
+# whatever the rows, and matches the AVX form's at ~8 (docs/perf-notes.md, "Seventeenth session").
+TILES_MIN_ROWS = 9
 # Bytes per block: an f16 scale (Q4_1: and an f16 minimum), then 16 bytes of nibbles or 32 signed bytes.
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 
@@ -26,12 +29,15 @@ def blocks_native_applies(x: jax.Array) -> bool:
             and native_kernels_ready())
 
 
-def blocks_matmul(x: jax.Array, w: jax.Array, kind: str) -> jax.Array:  # f32[M, N]
+def blocks_matmul(x: jax.Array, w: jax.Array, kind: str, tiles: bool | None = None) -> jax.Array:  # f32[M, N]
     """x f32[M, K] times the block weight w u8[N, K / 32 * bytes] transposed, by the native kernel (only where
-    `blocks_native_applies`)."""
+    `blocks_native_applies`): on AMX tiles (`tiles`; by default where the CPU has them and there are
+    TILES_MIN_ROWS rows) if Linux lends them, else in AVX registers; the same float32 products either way."""
+    if tiles is None:
+        tiles = cpu_has_bf16_tiles() and x.shape[0] >= TILES_MIN_ROWS
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(f"xlserve_blocks_matmul_{kind}", out, vmap_method="sequential")
-    return call(x, w)
+    return call(x, w, tiles=tiles)
 
 
 def blocks_decode(w: jax.Array, kind: str) -> jax.Array:  # f32[N, K]

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "cpu_decode.cc", _HERE / "cpu_matmul.cc", _HERE / "cpu_blocks.cc")
 # Included by the sources: part of the library's key.
-HEADERS = (_HERE / "native_tasks.h", _HERE / "native_bf16.h", _HERE / "native_simd.h")
+HEADERS = (_HERE / "native_tasks.h", _HERE / "native_bf16.h", _HERE / "native_simd.h", _HERE / "native_tiles.h")
 # XLA FFI target name -> the handler symbol the library exports.
 TARGETS = {"xlserve_paged_decode_f32": "XlservePagedDecodeF32", "xlserve_paged_decode_bf16": "XlservePagedDecodeBf16",
            "xlserve_rows_matmul_f32": "XlserveRowsMatmulF32", "xlserve_row_matmul_bf16": "XlserveRowMatmulBf16",
