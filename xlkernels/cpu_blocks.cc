@@ -391,18 +391,25 @@ constexpr int64_t kPrefetchBlocks = 4;  // how far ahead a channel's next blocks
 template <typename F>
 inline void channel_codes(const TileProblem& p, int64_t c, int64_t count, int64_t b, __m512i table, uint16_t* a,
                           float* scale, float* minimum) {
+  const uint8_t* first = p.w + c * p.row_bytes + b * F::kBytes;
+  // The 16 blocks' first 4 bytes (the scale, and Q4_1's minimum) in one gather, converted 16 at a time.
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int32_t>(p.row_bytes)));
+  const __mmask16 live = count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+  const __m512i heads = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, first, 1);
+  _mm512_store_ps(scale, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads)));
+  if constexpr (F::kMinimum) _mm512_store_ps(minimum, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(heads, 16))));
+  // The task's channels are read a block at a time, 128 rows apart: too many streams for the prefetcher. A line
+  // ahead, every block whose successor starts a new line.
+  const bool fetch = b + kPrefetchBlocks < p.k / kBlock && (b * F::kBytes) / 64 != ((b + 1) * F::kBytes) / 64;
   for (int64_t ch = 0; ch < 16; ++ch) {
+    const uint8_t* block = first + ch * p.row_bytes;
     if (ch >= count) {
       _mm512_store_si512(a + ch * 32, _mm512_setzero_si512());
-      scale[ch] = minimum[ch] = 0.0f;
       continue;
     }
-    const uint8_t* block = p.w + (c + ch) * p.row_bytes + b * F::kBytes;
-    // The task's channels are read a block at a time, 128 rows apart: too many streams for the prefetcher.
-    if (b + kPrefetchBlocks < p.k / kBlock) _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBlocks * F::kBytes, _MM_HINT_T0);
+    if (fetch) _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBlocks * F::kBytes, _MM_HINT_T0);
     _mm512_store_si512(a + ch * 32, block_codes<F>(block, table));
-    scale[ch] = block_half(block);
-    if constexpr (F::kMinimum) minimum[ch] = block_half(block + 2);
   }
 }
 
@@ -423,7 +430,9 @@ constexpr int64_t kTaskTiles = 8;  // channel tiles a task at most
 // Channels [c0, c1) (at most kTaskTiles tiles) for every row tile, summed in `acc` ([row tile][channel][row],
 // 1 KB a tile: L1 for one row tile, L2 for a prompt chunk's). Blocks go outermost: a block's codes are decoded
 // once for all the row tiles, and a row tile's B tiles loaded once for all the channel tiles. Channel tiles
-// go in pairs, two chains of tile multiplies at a time (a chain of three takes ~50 cycles).
+// go in pairs, two chains of tile multiplies at a time. On this VM's Sapphire Rapids cores the tile work and
+// the vector work (decoding, scaling) did not overlap whatever their order: a 16-row tile-block costs their
+// sum (docs/perf-notes.md, "Seventeenth session").
 template <typename F>
 void tile_channels(const TileProblem& p, int64_t c0, int64_t c1, float* acc) {
   const xlserve::TileScope scope;
@@ -485,21 +494,21 @@ ffi::Error tiles_matmul(ffi::ThreadPool& pool, const float* x, const uint8_t* w,
       &std::free);
   if (!parts) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "blocks matmul: no memory");
   float* sums = reinterpret_cast<float*>(parts.get() + row_tiles * blocks * kTileParts);
-  split_rows(x, m, k, parts.get(), sums);
   const TileProblem problem{parts.get(), sums, w, out, m, n, k, row_bytes};
   // Tasks of at most kTaskTiles channel tiles, as many as a multiple of the threads, so that they share evenly.
   const int64_t channel_tiles = (n + 15) / 16, threads = std::max<int64_t>(1, pool.num_threads());
   int64_t tasks = (channel_tiles + kTaskTiles - 1) / kTaskTiles;
   tasks = std::min(channel_tiles, (tasks + threads - 1) / threads * threads);
   const int64_t task_channels = (channel_tiles + tasks - 1) / tasks * 16;
-  xlserve::run_tasks(pool, (n + task_channels - 1) / task_channels, [&problem, task_channels, row_tiles] {
-    // this thread's sums, 64-byte aligned
-    auto acc = std::make_shared<std::vector<v16>>(row_tiles * task_channels);
+  const auto make_worker = [&problem, task_channels, row_tiles] {
+    auto acc = std::make_shared<std::vector<v16>>(row_tiles * task_channels);  // this thread's sums, aligned
     return [&problem, task_channels, acc](int64_t task) {
       const int64_t c0 = task * task_channels;
       tile_channels<F>(problem, c0, std::min(problem.n, c0 + task_channels), reinterpret_cast<float*>(acc->data()));
     };
-  });
+  };
+  xlserve::run_tasks_after(pool, (n + task_channels - 1) / task_channels, make_worker,
+                           [&] { split_rows(x, m, k, parts.get(), sums); });
   return ffi::Error::Success();
 }
 #endif  // XLSERVE_TILES
