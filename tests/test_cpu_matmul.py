@@ -76,5 +76,6 @@ def test_the_benchmark_checks_and_prints_every_path(capsys):
     lines = capsys.readouterr().out.splitlines()
     for rows in (3, 16):
         rows_lines = [line for line in lines if line.startswith(f"rows {rows:2d} ")]
-        pattern = r"xla .* native .* bf16 .* q4_1 .* native \d+\.\d+x  bf16 \d+\.\d+x  q4_1 \d+\.\d+x$"
+        pattern = (r"xla .* native .* bf16 .* q4_1 .* q4_1-avx .* native \d+\.\d+x  bf16 \d+\.\d+x  q4_1 \d+\.\d+x"
+                   r"  q4_1-avx \d+\.\d+x$")
         assert len(rows_lines) == 6 and all(re.search(pattern, line) for line in rows_lines), rows_lines
