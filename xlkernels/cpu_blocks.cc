@@ -301,15 +301,16 @@ void interleave(const float* x, int64_t m, int64_t k, int64_t rows, float* tiles
 }
 
 #if defined(XLSERVE_TILES)
-// The tile form (AMX), where the CPU has it: float32 products exactly as the AVX form's, from bfloat16 tiles.
+// The tile form (AMX), where the CPU has it: float32 arithmetic as in the AVX form, from bfloat16 tiles.
 //
 // A block's codes are small integers, exact in bfloat16; a float32 input is exactly the sum of three
 // bfloat16 parts (8 + 8 + 8 significant bits), and a part times a code is exact in float32. So for each
 // block, 16 channels' codes (tile A: [16 channels][32 codes]) times each part of 16 rows' inputs (tile B:
 // [16 pairs of inputs][16 rows][2]) accumulate, on the tiles in float32, the block's sum of code times input
 // for every channel and row; the block's scale (and Q4_1's minimum times the block's inputs summed) is then
-// applied in float32 vectors as it is in the AVX form. The per-block scale is why each block's tile product
-// leaves the tiles: three tile products a block, then 32 fused multiply-adds a channel tile.
+// applied in float32 vectors. The per-block scale is why each block's tile product leaves the tiles: three
+// tile products a block, then 32 fused multiply-adds a channel tile. Q4_1's minimum times the block's input sum
+// rounds against |minimum| x the inputs' magnitudes, where the AVX form's decoded weights round against |w|.
 //
 // Codes and inputs pair elements 2i and 2i + 1 in a 32-bit lane (the tiles' layout for bfloat16).
 
