@@ -72,9 +72,9 @@ from xlkernels.cpu_blocks import (
     blocks_matmul,
     blocks_native_applies,
     dequantize_blocks,
+    tiles_apply,
 )
 from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
-from xlkernels.native_build import cpu_has_bf16_tiles
 
 T = TypeVar("T")
 
@@ -369,7 +369,7 @@ def _block_product(rows: jax.Array, values: jax.Array, kind: str) -> jax.Array: 
     rows = rows.astype(jnp.float32)
     if not blocks_native_applies(rows):
         return _contract(rows, dequantize_blocks(values, kind))
-    if rows.shape[0] < BLOCKS_DECODE_MIN_ROWS or cpu_has_bf16_tiles():
+    if rows.shape[0] < BLOCKS_DECODE_MIN_ROWS or tiles_apply(rows.shape[0]):
         return blocks_matmul(rows, values, kind)
     return _contract(rows, blocks_decode(values, kind))
 

@@ -521,11 +521,12 @@ ffi::Error BlocksMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] % kBlock || wd[1] != xd[1] / kBlock * F::kBytes)
     return ffi::Error::InvalidArgument("blocks matmul: expected x [M, K] (K a multiple of 32) and w [N, K/32 blocks]");
-  const int64_t m = xd[0], k = xd[1], n = wd[0], rows = padded(m);
+  const int64_t m = xd[0], k = xd[1], n = wd[0];
 #if defined(XLSERVE_TILES)
   if (tiles && xlserve::tiles_permitted())
     return tiles_matmul<F>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m, k, n, wd[1]);
 #endif
+  const int64_t rows = padded(m);
   std::unique_ptr<float, decltype(&std::free)> copy(
       static_cast<float*>(std::aligned_alloc(64, ((rows * k * sizeof(float) + 63) / 64) * 64)), &std::free);
   if (!copy) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "blocks matmul: no memory");

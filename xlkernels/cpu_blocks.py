@@ -29,12 +29,18 @@ def blocks_native_applies(x: jax.Array) -> bool:
             and native_kernels_ready())
 
 
+def tiles_apply(rows: int) -> bool:
+    """Whether a product of `rows` rows runs on AMX tiles by default: the CPU has them, and there are
+    TILES_MIN_ROWS rows."""
+    return cpu_has_bf16_tiles() and rows >= TILES_MIN_ROWS
+
+
 def blocks_matmul(x: jax.Array, w: jax.Array, kind: str, tiles: bool | None = None) -> jax.Array:  # f32[M, N]
     """x f32[M, K] times the block weight w u8[N, K / 32 * bytes] transposed, by the native kernel (only where
     `blocks_native_applies`): on AMX tiles (`tiles`; by default where the CPU has them and there are
     TILES_MIN_ROWS rows) if Linux lends them, else in AVX registers; the same float32 products either way."""
     if tiles is None:
-        tiles = cpu_has_bf16_tiles() and x.shape[0] >= TILES_MIN_ROWS
+        tiles = tiles_apply(x.shape[0])
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(f"xlserve_blocks_matmul_{kind}", out, vmap_method="sequential")
     return call(x, w, tiles=tiles)

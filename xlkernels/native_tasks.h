@@ -1,5 +1,5 @@
 // Work split into numbered tasks, run by the calling thread and XLA's intra-op threads (the FFI's
-// ThreadPool context), shared by the native CPU kernels (cpu_decode.cc, cpu_matmul.cc).
+// ThreadPool context), shared by the native CPU kernels (cpu_decode.cc, cpu_matmul.cc, cpu_blocks.cc).
 //
 // run_tasks(pool, total, make_worker): make_worker() is called once by each thread that takes a task and
 // returns that thread's worker, called as worker(task) for each task it takes (per-thread scratch lives in
