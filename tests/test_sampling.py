@@ -228,9 +228,11 @@ def test_sample_mode_gathers_only_when_few_rows_of_a_large_batch_search():
     assert sampling.SEARCH_FEW in sampling.sample_modes(17) and sampling.SEARCH_FEW not in sampling.sample_modes(16)
 
 
-def test_sample_has_no_data_dependent_control_flow_in_any_mode():
+def test_sample_has_no_data_dependent_control_flow_in_any_mode(monkeypatch):
     # A conditional or a loop with a data-dependent trip count makes XLA:GPU read a value back to the
     # host every step. The only loops are the PRNG's (threefry's fixed rounds, in every sampled mode).
+    # Traced as for a GPU: the CPU's greedy search (greedy_tokens) holds a conditional, harmless there.
+    monkeypatch.setattr(sampling.jax, "default_backend", lambda: "gpu")
     batch = 32
     args = (jnp.zeros((batch, VOCAB), jnp.float32), batch_of([], batch), jnp.zeros((batch, VOCAB), bool))
     hlo = {
@@ -370,17 +372,34 @@ def test_every_declared_column_option_reaches_the_sampler():
 
 
 def test_greedy_tokens_are_argmax_ties_infinities_and_nan_included():
-    """The CPU's greedy pick (a max, then the first index holding it) is jnp.argmax's: the first of tied
-    maxima, +inf over everything, index 0 of a row of -inf, the first NaN of a row holding NaN."""
-    from serving.engine.sampling import greedy_tokens
+    """The CPU's greedy pick (chunks' maxima, then the first index of the maximum in the first chunk holding
+    it; whole rows where the vocabulary has no chunks or a row's maximum is +inf) is jnp.argmax's: the first of
+    tied maxima, in one chunk or across chunks, +inf over everything, index 0 of a row of -inf, the first NaN
+    of a row holding NaN wherever the maximum is, zeros of either sign equal, negatives ordered; and the same
+    for finite rows in a batch without NaN or +inf (the chunked search alone)."""
+    from serving.engine.sampling import GREEDY_CHUNK, greedy_tokens
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((8, 1000)).astype(np.float32)
-    x[1, [5, 700]] = 9.0  # a tie: the first wins
-    x[2] = -np.inf
-    x[3, [10, 400]] = np.inf
-    x[4, [3, 600]] = np.nan
-    x[5, 999] = 50.0  # the last index
-    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(x)))
-    assert got.tolist() == np.argmax(x, axis=-1).tolist()
-    assert got[1:6].tolist() == [5, 0, 10, 3, 999]
+    for vocab in (1000, 12 * GREEDY_CHUNK):  # 1000 = 8 x 125: no chunks; the other 12 chunks of 256
+        x = rng.standard_normal((12, vocab)).astype(np.float32)
+        last = vocab - 1
+        x[1, [5, 700]] = 9.0  # a tie across chunks: the first wins
+        x[2] = -np.inf
+        x[3, [10, 400]] = np.inf
+        x[4, [3, 600]] = np.nan
+        x[5, last] = 50.0  # the last index
+        x[6, [300, 301]] = 9.0  # a tie inside a chunk
+        x[7, 900] = 60.0  # a NaN after the maximum, in a later chunk
+        x[7, last] = np.nan
+        x[8, 2] = 60.0  # the maximum in the first chunk, a NaN in the last
+        x[8, last - 1] = np.nan
+        x[9, 255:257] = [7.0, 8.0]  # the maximum just past a chunk's end
+        x[10] = -rng.uniform(1, 2, vocab)  # all negative: the one nearest zero
+        x[11] = -np.abs(x[11])
+        x[11, [4, 900]] = [-0.0, 0.0]  # a tie of zeros: the first
+        got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(x)))
+        assert got.tolist() == np.argmax(x, axis=-1).tolist(), vocab
+        assert got[1:10].tolist() == [5, 0, 10, 3, last, 300, last, last - 1, 256], vocab
+        assert got[11] == 4, vocab
+        finite = x[[0, 1, 2, 5, 6, 9, 10, 11]]
+        assert np.asarray(jax.jit(greedy_tokens)(jnp.asarray(finite))).tolist() == np.argmax(finite, -1).tolist()
