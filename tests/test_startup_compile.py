@@ -112,6 +112,9 @@ def test_serves_while_buckets_compile_and_never_compiles_on_the_serving_path(tin
         while metric(live.base_url, "xlserve:startup_buckets_remaining") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert live.engine.buckets_remaining == 0
+        while metric(live.base_url, "xlserve:startup_buckets_unrun") and time.monotonic() < deadline:
+            time.sleep(0.2)  # then each bucket runs once while the server idles, one after the other
+        assert live.engine.runner.warm_steps == len(live.engine.buckets.shapes())
         assert complete_four(live.client(), "late") == [5] * 4  # batches of four, every sampler branch
         assert live.engine.scheduler.buckets.compiled is None  # the scheduler has every bucket to choose from
         assert live.engine.stats().compilations_after_warmup == 0

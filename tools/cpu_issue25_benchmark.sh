@@ -27,9 +27,9 @@ for i in $(seq "$REPEATS"); do
   "$PYTHON" -m serving.cli serve api_server "$GGUF" --server-name 127.0.0.1 --server-port "$PORT" \
     ${SERVER_FLAGS:-} > "$OUT/server-$i.log" 2>&1 &
   server=$!
-  for _ in $(seq 1200); do  # ready, then every bucket compiled
+  for _ in $(seq 1200); do  # ready, then every bucket compiled and run once
     remaining=$(curl -sf "http://127.0.0.1:$PORT/v1/ready" > /dev/null && curl -sf "http://127.0.0.1:$PORT/metrics" \
-      | awk '/^xlserve:startup_buckets_remaining/ {print $2}')
+      | awk '/^xlserve:startup_buckets_(remaining|unrun)/ {n += $2; seen++} END {if (seen == 2) print n}')
     case "$remaining" in 0|0.0) break ;; esac
     kill -0 $server 2> /dev/null || { tail -20 "$OUT/server-$i.log"; exit 1; }
     sleep 0.5

@@ -38,6 +38,7 @@ class EngineStats:
     compilations_after_warmup: int  # XLA compilations after start-up (anything but 0 is a bug)
     mixed_steps: int = 0  # steps that ran decoding rows and prompt chunks as one program (--mixed-decode-buckets)
     startup_buckets_remaining: int = 0  # buckets (and sampler branches) still compiling in the background
+    startup_buckets_unrun: int = 0  # compiled buckets the engine has not yet run once (it does while idle)
 
 
 class EngineClient(Protocol):

@@ -413,6 +413,12 @@ class Engine:
         everything is compiled."""
         return self._compiler.remaining if self._compiler is not None else len(self.runner.startup_units())
 
+    @property
+    def buckets_unrun(self) -> int:
+        """Compiled buckets not run yet (`runner.warm`): the engine runs each once while idle."""
+        with self._compiled_lock:
+            return len(self._unwarmed)
+
     def shutdown(self) -> None:
         self.ready = False
         if self._compiler is not None:
@@ -512,6 +518,7 @@ class Engine:
             mixed_steps=self.runner.mixed_steps,
             compilations_after_warmup=self._compilations_after_warmup(),
             startup_buckets_remaining=self.buckets_remaining,
+            startup_buckets_unrun=self.buckets_unrun,
         )
 
     def _compilations_after_warmup(self) -> int:
@@ -527,17 +534,21 @@ class Engine:
         # The step dispatched last turn, whose tokens are read only after this turn's dispatch: the
         # device always has the next step queued while the host reads, detokenizes and schedules.
         in_flight: list[tuple[list[Chunk], StepOutput]] = []
+        warming = False  # a warm-up step ran last turn: the next one follows without another idle wait
         ident = threading.get_ident()  # an id may be a finished thread's: count from what it had
         self._thread_compile_base = (ident, CompilationCounter.on_thread(ident))
         try:
             while not self._stopping.is_set():
                 idle = not self.scheduler.has_work and not in_flight
-                taken = self._take_inbox(block=idle)
+                taken = self._take_inbox(block=idle and not warming)
                 if self._stopping.is_set():
                     break
                 # Warm only after a whole idle wait (0.5 s) brought nothing, so a burst of requests never
-                # waits behind a warm-up step; a group of hosts runs no step its followers were not sent.
-                if idle and not taken and self.plan is None and self._unwarmed:
+                # waits behind a warm-up step, then bucket after bucket while nothing comes (one idle wait
+                # each left a fresh server's first requests paying first runs: 0.4 s of TTFT, issue 25's
+                # run); a group of hosts runs no step its followers were not sent.
+                warming = idle and not taken and self.plan is None and bool(self._unwarmed)
+                if warming:
                     self._warm_next()
                     continue
                 timeline, start = self.timeline, time.perf_counter()  # read once: another thread may set it

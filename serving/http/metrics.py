@@ -214,6 +214,12 @@ class _LiveState:
             "Buckets (and sampler branches) still compiling in the background after the server became ready.",
             stats.startup_buckets_remaining,
         )
+        yield gauge(
+            "xlserve:startup_buckets_unrun",
+            "Compiled buckets not run yet: the engine runs each once while idle, since a program's first run costs"
+            " more than the next (0.1-0.5 s on CPU), so 0 here and above means no request pays one.",
+            stats.startup_buckets_unrun,
+        )
         yield counter(
             "xlserve:compilations_after_warmup",
             "XLA compilations after start-up; anything but 0 is a bug.",
