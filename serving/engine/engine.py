@@ -545,8 +545,8 @@ class Engine:
                     break
                 # Warm only after a whole idle wait (0.5 s) brought nothing, so a burst of requests never
                 # waits behind a warm-up step, then bucket after bucket while nothing comes (one idle wait
-                # each left a fresh server's first requests paying first runs: 0.4 s of TTFT, issue 25's
-                # run); a group of hosts runs no step its followers were not sent.
+                # each left a fresh server's first requests paying first runs, docs/perf-notes.md
+                # "Eighteenth session"); a group of hosts runs no step its followers were not sent.
                 warming = idle and not taken and self.plan is None and bool(self._unwarmed)
                 if warming:
                     self._warm_next()

@@ -308,8 +308,8 @@ def greedy_tokens(x: jax.Array) -> jax.Array:  # i32[B]
     holding the row's maximum is searched; a batch where a row's maximum is +inf (a NaN, or an infinite logit)
     takes the exact search over whole rows instead (`_first_maximum`). XLA:CPU runs argmax's (value, index)
     reduction without vectorizing it (5x slower at 16 x 49152, docs/perf-notes.md "CPU, twelfth session"); a
-    maximum then an index search over whole rows read the logits three times and wrote them twice (1.8 ms of a
-    16-row step, "Eighteenth session")."""
+    maximum then an index search over whole rows read the logits three times and wrote them twice
+    ("Eighteenth session")."""
     if jax.default_backend() != "cpu":
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
     batch, vocab = x.shape

@@ -217,7 +217,7 @@ class _LiveState:
         yield gauge(
             "xlserve:startup_buckets_unrun",
             "Compiled buckets not run yet: the engine runs each once while idle, since a program's first run costs"
-            " more than the next (0.1-0.5 s on CPU), so 0 here and above means no request pays one.",
+            " more than the next, so 0 here and above means no request pays one.",
             stats.startup_buckets_unrun,
         )
         yield counter(
