@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow  # the long tier: `pytest -m "not slow"` leaves it
 
 PAGE_SIZE = 4
 NUM_TOKENS = 23
-PROMPT_CHUNKS = [(0, 7), (7, 13)]  # a prompt of 13 in two chunks crossing page boundaries
+# A prompt of 14 in two chunks of 7, each crossing page boundaries and ending mid-page (the second starts
+# mid-page): chunks of one length and single tokens are two programs to compile per variant, not three.
+PROMPT_CHUNKS = [(0, 7), (7, 14)]
 DYNAMIC = {"rope_type": "dynamic", "factor": 2.0}
 
 VARIANTS = {
