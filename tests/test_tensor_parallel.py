@@ -3,6 +3,7 @@ gathers the KV cache across devices, and each step's collectives are exactly Meg
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import pytest
 
 from tests.conftest import REPO, TINY_ENGINE_OPTIONS
 
+# Every case in one process with two CPU devices (a process start costs seconds of imports): each case's
+# tokens at tp=1 and tp=2, or the error that stopped it.
 SCRIPT = textwrap.dedent(
     """
-    import collections, json, re, sys
+    import collections, json, re, sys, traceback
     import jax
     from serving import GenerationConfig, pipeline
     from serving.engine.runner import _packed
@@ -22,29 +25,42 @@ SCRIPT = textwrap.dedent(
     assert len(jax.devices()) == 2
     prompts = [[5, 17, 300, 41, 9], list(range(100, 140)), [7] * 70]
     config = GenerationConfig(max_new_tokens=10, ignore_eos=True)
-    outputs = {}
-    for tp in (1, 2):
-        with pipeline(sys.argv[1], tp=tp, **json.loads(sys.argv[2])) as pipe:
-            runner = pipe.engine.runner
-            cache_k = jax.tree.leaves(runner.cache[0][0])[0]  # the pool's values, plain or quantized
-            assert all(len(leaf.sharding.device_set) == tp for leaf in jax.tree.leaves(runner.cache))
-            outputs[tp] = [r.token_ids for r in pipe(prompts, config)]
-            # Each device attends over its own heads' pages: no step gathers a whole page pool.
-            pool = "[" + ",".join(map(str, cache_k.shape)) + "]"
-            for shape in runner.buckets.shapes():  # the programs the engine compiled and ran
-                rows, tokens = shape.rows, shape.tokens
-                hlo = runner._step.compiled((rows, tokens, _packed(*shape), shape.decode)).as_text()
-                gathers = [line for line in hlo.splitlines() if "all-gather(" in line and pool in line]
-                assert not gathers, gathers[0]
-                # Megatron's plan and nothing more: one all-reduce after attention's output projection and
-                # one after the MLP's down projection in each layer, one all-gather of the vocab-sharded logits.
-                collectives = collections.Counter(re.findall(
-                    r"= \\S+ (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\\(", hlo))
-                layers = pipe.engine.model_config.num_layers
-                want = {"all-reduce": 2 * layers, "all-gather": 1} if tp == 2 else {}
-                if not pipe.engine.engine_config.weight_quant:  # CPU's blocked int8 loop gathers w_gate_up
-                    assert collectives == want, (tp, rows, tokens, collectives)
-    print(json.dumps(outputs))
+    COLLECTIVE = r"= \\S+ (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\\("
+
+    def check_programs(pipe, tp):
+        runner = pipe.engine.runner
+        cache_k = jax.tree.leaves(runner.cache[0][0])[0]  # the pool's values, plain or quantized
+        assert all(len(leaf.sharding.device_set) == tp for leaf in jax.tree.leaves(runner.cache))
+        # Each device attends over its own heads' pages: no step gathers a whole page pool.
+        pool = "[" + ",".join(map(str, cache_k.shape)) + "]"
+        for shape in runner.buckets.shapes():  # the programs the engine compiled and ran
+            rows, tokens = shape.rows, shape.tokens
+            hlo = runner._step.compiled((rows, tokens, _packed(*shape), shape.decode)).as_text()
+            gathers = [line for line in hlo.splitlines() if "all-gather(" in line and pool in line]
+            assert not gathers, gathers[0]
+            # Megatron's plan and nothing more: one all-reduce after attention's output projection and
+            # one after the MLP's down projection in each layer, one all-gather of the vocab-sharded logits.
+            collectives = collections.Counter(re.findall(COLLECTIVE, hlo))
+            layers = pipe.engine.model_config.num_layers
+            want = {"all-reduce": 2 * layers, "all-gather": 1} if tp == 2 else {}
+            if not pipe.engine.engine_config.weight_quant:  # CPU's blocked int8 loop gathers w_gate_up
+                assert collectives == want, (tp, rows, tokens, collectives)
+
+    def run(options):
+        outputs = {}
+        for tp in (1, 2):
+            with pipeline(sys.argv[1], tp=tp, **options) as pipe:
+                outputs[tp] = [r.token_ids for r in pipe(prompts, config)]
+                check_programs(pipe, tp)
+        return outputs
+
+    results = {}
+    for case, options in json.loads(sys.argv[2]).items():
+        try:
+            results[case] = {"outputs": run(options)}
+        except Exception:
+            results[case] = {"error": traceback.format_exc()}
+    print(json.dumps(results))
     """
 )
 
@@ -52,21 +68,29 @@ SCRIPT = textwrap.dedent(
 # pallas-interpret: our kernels' code path, where XLA cannot partition the kernel calls itself. With int4 KV
 # pages (values and scales split by KV head) and int8 weights (scales split with their output channels).
 # cpu: the native decode kernel inside shard_map (each device attends its own KV heads).
-@pytest.mark.parametrize("backend, quantized", [("cpu", {}), ("pallas-interpret", {}),
-                                                ("xla", {"quant_policy": "4", "weight_quant": "int8"})],
-                         ids=["cpu", "pallas-interpret", "xla-int4-kv-int8-weights"])
-def test_tp2_matches_tp1_token_for_token(tiny_llama, backend, quantized):
-    import json
+CASES = {"cpu": dict(attention_backend="cpu"), "pallas-interpret": dict(attention_backend="pallas-interpret"),
+         "xla-int4-kv-int8-weights": dict(attention_backend="xla", quant_policy="4", weight_quant="int8")}
 
+
+@pytest.fixture(scope="module")
+def tp_results(tiny_llama) -> dict[str, dict]:
+    """Each case's tokens at tp=1 and tp=2 (or its error), from one process with two devices."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    options = dict(TINY_ENGINE_OPTIONS, preset="test", decode_batch_buckets=(4,), prefill_row_buckets=(2,),
-                   prefill_token_buckets=(64,), attention_backend=backend, **quantized)
+    options = {case: dict(TINY_ENGINE_OPTIONS, preset="test", decode_batch_buckets=(4,), prefill_row_buckets=(2,),
+                          prefill_token_buckets=(64,), **backend) for case, backend in CASES.items()}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_llama), json.dumps(options)],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tp2_matches_tp1_token_for_token(tp_results, case):
+    result = tp_results[case]
+    assert "error" not in result, result.get("error")
+    outputs = result["outputs"]
     assert outputs["1"] == outputs["2"]
     assert all(len(tokens) == 10 for tokens in outputs["2"])
 
