@@ -16,8 +16,9 @@ import pytest
 from serving.engine.program_store import Programs, ProgramStore
 from tests.conftest import REPO, TINY_ENGINE_OPTIONS
 
-# One engine start in a fresh process (JAX reads its cache directory once a process): how many programs the
-# store loaded and saved, how often the runner's functions were traced and compiled, and the tokens.
+# Engine starts, one after another, in a fresh process (JAX reads its cache directory once a process): for
+# each, how many programs the store loaded and saved, how often the runner's functions were traced and
+# compiled, and the tokens.
 SCRIPT = textwrap.dedent(
     """
     import collections, json, sys
@@ -41,31 +42,46 @@ SCRIPT = textwrap.dedent(
     jax.monitoring.register_event_duration_secs_listener(on_duration)
     jax.monitoring.register_event_listener(on_event)
     config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
-    with pipeline(sys.argv[1], **json.loads(sys.argv[2])) as pipe:
-        runner = pipe.engine.runner
-        tokens = [r.token_ids for r in pipe([[5, 17, 300, 41, 9], list(range(100, 140))], config)]
-        print(json.dumps({"loaded": runner.program_store.loaded, "saved": runner.program_store.saved,
-                          "programs": runner.num_programs, "tokens": tokens, **events}))
+    starts = []
+    for options in json.loads(sys.argv[2]):
+        events.update({name: -count for name, count in events.items()})  # each start counts its own
+        with pipeline(sys.argv[1], **options) as pipe:
+            runner = pipe.engine.runner
+            tokens = [r.token_ids for r in pipe([[5, 17, 300, 41, 9], list(range(100, 140))], config)]
+            starts.append({"loaded": runner.program_store.loaded, "saved": runner.program_store.saved,
+                           "programs": runner.num_programs, "tokens": tokens, **events})
+    print(json.dumps(starts))
     """
 )
 
 
-def start(checkpoint, cache_dir, tp: int = 1, **options) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={tp}", JAX_PLATFORMS="cpu")
-    options = dict(TINY_ENGINE_OPTIONS, decode_batch_buckets=(4,), prefill_row_buckets=(2,),
-                   prefill_token_buckets=(64,), compilation_cache_dir=str(cache_dir), tp=tp, **options)
+def start(checkpoint, cache_dir, *engines: dict) -> list[dict]:
+    """One process (two CPU devices) starting each engine of `engines` (options beside the common ones) in turn."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    options = [dict(TINY_ENGINE_OPTIONS, decode_batch_buckets=(4,), prefill_row_buckets=(2,),
+                    prefill_token_buckets=(64,), compilation_cache_dir=str(cache_dir), **engine) for engine in engines]
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(checkpoint), json.dumps(options)],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def restarts(tiny_llama, tmp_path_factory) -> dict[str, list[dict]]:
+    """A tp=1 and a tp=2 engine started in one process, then both again in a second one, then in a third an
+    engine of another KV page format, all over one directory (a process start costs seconds of imports)."""
+    directory = tmp_path_factory.mktemp("program-store")
+    first = start(tiny_llama, directory, {"tp": 1}, {"tp": 2})
+    again = start(tiny_llama, directory, {"tp": 1}, {"tp": 2})
+    (other,) = start(tiny_llama, directory, {"tp": 1, "quant_policy": "8"})
+    return {"first": first, "again": again, "other": other}
+
+
 @pytest.mark.parametrize("tp", [1, 2])
-def test_a_restart_loads_every_program_without_tracing_and_gets_the_same_tokens(tiny_llama, tmp_path, tp):
-    first = start(tiny_llama, tmp_path, tp)
+def test_a_restart_loads_every_program_without_tracing_and_gets_the_same_tokens(restarts, tp):
+    first, again = restarts["first"][tp - 1], restarts["again"][tp - 1]
     assert first["loaded"] == 0 and first["saved"] >= first["programs"] > 0  # a unit may hold several
     assert first["traced"] >= first["saved"]
-    again = start(tiny_llama, tmp_path, tp)
     assert again["loaded"] == first["saved"] and again["saved"] == 0
     assert first["compiled"] == first["saved"]
     # Not one step, sampler or guided program was traced or compiled; what else the engine compiles
@@ -77,7 +93,7 @@ def test_a_restart_loads_every_program_without_tracing_and_gets_the_same_tokens(
     # not stored (test_a_program_from_jaxs_cache_is_not_stored_on_cpu); its steps are. (Once: tp plays no part.)
     if tp == 2:
         return
-    other = start(tiny_llama, tmp_path, tp, quant_policy="8")
+    other = restarts["other"]
     assert other["loaded"] == 0 and 0 < other["saved"] < first["saved"], other
 
 
