@@ -52,16 +52,24 @@ def model_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(model_file: Path) -> Iterator[openai.OpenAI]:
+def server(model_file: Path) -> Iterator[tuple[ServerProcess, str]]:
+    """The server's process, started (not yet ready), and its URL."""
     port = free_port()
     server = ServerProcess([console_script("xlserve"), "serve", "api_server", str(model_file), "--server-name",
                             "127.0.0.1", "--server-port", str(port), "--model-name", MODEL_NAME, *FLAGS])
-    base_url = f"http://127.0.0.1:{port}"
     try:
-        server.wait_ready(base_url)
-        yield openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield server, f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: tuple[ServerProcess, str], hf_model) -> openai.OpenAI:
+    """The ready server's client. transformers loads the file (`hf_model`, which most tests here need) while the
+    server starts: its start is compiling, in another process, most of that time."""
+    process, base_url = server
+    process.wait_ready(base_url)
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
