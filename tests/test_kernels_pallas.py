@@ -243,10 +243,12 @@ def test_shared_prefix_decode_matches_reference(case):
     assert int((np.asarray(shared.tile_len) > 0).sum()) >= 1, "the case must exercise the prefix pass"
     out = shared_prefix_decode_attention(*args, shared, scale=head_dim**-0.5, interpret=True, **tunables)
     check(out, args, real, dtype)
-    # The backend switch takes the same plan; so does the reference, which ignores it.
-    via_switch = get_paged_attention("pallas", interpret=True)(*args, scale=head_dim**-0.5, shared=shared)
-    np.testing.assert_array_equal(np.asarray(via_switch), np.asarray(
-        shared_prefix_decode_attention(*args, shared, scale=head_dim**-0.5, interpret=True)))
+    # The backend switch takes the same plan; so does the reference, which ignores it. The switch passes the
+    # arguments through with the default tunables: checked in the case that uses them (in the others it compiled
+    # a second kernel, 1.2-1.5 s each, to check the same plumbing).
+    if not tunables:
+        via_switch = get_paged_attention("pallas", interpret=True)(*args, scale=head_dim**-0.5, shared=shared)
+        np.testing.assert_array_equal(np.asarray(via_switch), np.asarray(out))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
