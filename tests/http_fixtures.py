@@ -69,6 +69,25 @@ SMALL_BUCKET_FLAGS = [
     "64",
 ]
 STARTUP_TIMEOUT_S = 300
+# One TLS context for the tests' HTTP clients. httpx loads the CA certificates into a new one for every client
+# it makes (20-30 ms), and a top-level `httpx.get(...)` or a new `openai.OpenAI` makes a client each time:
+# thousands of times in a run. Nothing here speaks TLS; this is the context httpx would make.
+TLS = httpx.create_ssl_context()
+# One-off requests as `httpx.get(...)` and friends make them (a new connection each, closed after it), without
+# making a client and a TLS context each time. Thread-safe; no server here sets cookies it could carry over.
+http = httpx.Client(verify=TLS, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+def openai_client(base_url: str, api_key: str, **options: Any) -> openai.OpenAI:
+    """`openai.OpenAI(...)` over a client with the shared TLS context (the SDK's defaults otherwise)."""
+    return openai.OpenAI(base_url=base_url, api_key=api_key, http_client=openai.DefaultHttpxClient(verify=TLS),
+                         **options)
+
+
+def async_openai_client(base_url: str, api_key: str, **options: Any) -> openai.AsyncOpenAI:
+    """`openai.AsyncOpenAI(...)` over a client with the shared TLS context (the SDK's defaults otherwise)."""
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key,
+                              http_client=openai.DefaultAsyncHttpxClient(verify=TLS), **options)
 
 
 def free_port() -> int:
@@ -84,7 +103,7 @@ def wait_ready(base_url: str, timeout: float = STARTUP_TIMEOUT_S, alive: Callabl
         if not alive():
             raise RuntimeError(f"the server at {base_url} exited before it became ready")
         try:
-            if httpx.get(f"{base_url}/v1/ready", timeout=5).status_code == 200:
+            if http.get(f"{base_url}/v1/ready", timeout=5).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -105,11 +124,11 @@ class LiveServer:
     def state(self) -> ServerState:
         return self.app.extensions["xlserve"]
 
-    def client(self, **options: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **options)
+    def client(self, **options: Any) -> openai.OpenAI:
+        return openai_client(f"{self.base_url}/v1", self.api_key, max_retries=0, **options)
 
-    def async_client(self, **options: object) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **options)
+    def async_client(self, **options: Any) -> openai.AsyncOpenAI:
+        return async_openai_client(f"{self.base_url}/v1", self.api_key, max_retries=0, **options)
 
 
 class _ThreadServer:
@@ -264,7 +283,7 @@ def scrape(server: LiveServer) -> dict[str, float]:
     in braces (`vllm:request_success_total{finished_reason=length}`)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    response = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {server.api_key}"})
+    response = http.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {server.api_key}"})
     assert response.status_code == 200, response.text
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(response.text):

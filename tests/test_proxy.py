@@ -29,7 +29,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from configs.demo import MERGE_WORDS
-from tests.http_fixtures import SMALL_BUCKET_FLAGS, STARTUP_TIMEOUT_S, ServerProcess, console_script, free_port
+from tests.http_fixtures import (
+    SMALL_BUCKET_FLAGS,
+    STARTUP_TIMEOUT_S,
+    TLS,
+    ServerProcess,
+    console_script,
+    free_port,
+    http,
+    openai_client,
+)
 from tools.bench_serving import sse_lines
 
 MODEL = "xlserve-demo"
@@ -67,12 +76,12 @@ class Cluster:
         return f"http://127.0.0.1:{self.node_ports[index]}"
 
     def status(self) -> dict[str, dict]:
-        answer = httpx.get(f"{self.proxy_url}/nodes/status", headers=auth(ADMIN), timeout=10)
+        answer = http.get(f"{self.proxy_url}/nodes/status", headers=auth(ADMIN), timeout=10)
         assert answer.status_code == 200, answer.text
         return answer.json()
 
     def client(self, url: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{url or self.proxy_url}/v1", api_key=USER, max_retries=0, timeout=120)
+        return openai_client(f"{url or self.proxy_url}/v1", USER, max_retries=0, timeout=120)
 
 
 def auth(key: str) -> dict[str, str]:
@@ -122,7 +131,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                                        "--health-check-interval", "1", "--request-timeout", "60"))
             cluster.strategies[strategy] = f"http://127.0.0.1:{port}"
         for url in cluster.strategies.values():
-            wait_for(lambda url=url: sum(n["healthy"] for n in httpx.get(f"{url}/nodes/status").json().values()) == 3,
+            wait_for(lambda url=url: sum(n["healthy"] for n in http.get(f"{url}/nodes/status").json().values()) == 3,
                      60, f"the proxy at {url} finds the nodes of its node file")
         yield cluster
     finally:
@@ -148,7 +157,7 @@ def node_errors_shown(cluster: Cluster) -> Iterator[None]:
 def node_metrics(url: str) -> dict[str, float]:
     """A node's samples by name, labels other than model_name in braces."""
     samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+    for family in text_string_to_metric_families(http.get(f"{url}/metrics", timeout=10).text):
         for sample in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
@@ -167,7 +176,7 @@ def served(cluster: Cluster) -> list[float]:
 def sent(cluster: Cluster, proxy_url: str) -> list[float]:
     """Requests a proxy says it sent each node (one scrape, where `served` takes three)."""
     counts = [0.0] * 3
-    for family in text_string_to_metric_families(httpx.get(f"{proxy_url}/metrics", headers=auth(USER)).text):
+    for family in text_string_to_metric_families(http.get(f"{proxy_url}/metrics", headers=auth(USER)).text):
         for sample in family.samples:
             if sample.name == "xlserve:proxy_node_requests_total":
                 counts[cluster.node_ports.index(int(sample.labels["node"].rsplit(":", 1)[1]))] = sample.value
@@ -201,7 +210,7 @@ def spread(cluster: Cluster, run: Callable[[], None]) -> list[float]:
 
 def complete(url: str, prompt: str = "hello", **fields: object) -> httpx.Response:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, **fields}
-    return httpx.post(f"{url}/v1/completions", json=body, headers=auth(USER), timeout=120)
+    return http.post(f"{url}/v1/completions", json=body, headers=auth(USER), timeout=120)
 
 
 # ---- registration, models, keys ---------------------------------------------------------------------------
@@ -229,13 +238,13 @@ def test_nodes_register_themselves_and_the_proxy_serves_their_models(cluster: Cl
 
 def test_user_keys_cannot_reach_the_node_routes(cluster: Cluster) -> None:
     url = cluster.proxy_url
-    assert httpx.get(f"{url}/nodes/status").status_code == 401
-    assert httpx.get(f"{url}/nodes/status", headers=auth(USER)).status_code == 403
-    added = httpx.post(f"{url}/nodes/add", json={"url": "http://127.0.0.1:9"}, headers=auth(USER))
+    assert http.get(f"{url}/nodes/status").status_code == 401
+    assert http.get(f"{url}/nodes/status", headers=auth(USER)).status_code == 403
+    added = http.post(f"{url}/nodes/add", json={"url": "http://127.0.0.1:9"}, headers=auth(USER))
     assert added.status_code == 403 and added.json()["error"]["code"] == "admin_key_required"
-    assert httpx.post(f"{url}/nodes/remove", json={"url": cluster.node_url(0)}, headers=auth(USER)).status_code == 403
-    assert httpx.get(f"{url}/v1/models").status_code == 401
-    assert httpx.get(f"{url}/v1/ready").status_code == 200 and httpx.get(f"{url}/health").status_code == 200
+    assert http.post(f"{url}/nodes/remove", json={"url": cluster.node_url(0)}, headers=auth(USER)).status_code == 403
+    assert http.get(f"{url}/v1/models").status_code == 401
+    assert http.get(f"{url}/v1/ready").status_code == 200 and http.get(f"{url}/health").status_code == 200
     assert complete(url).status_code == 200
     assert len(cluster.status()) == 3, "nothing was removed"
 
@@ -265,7 +274,8 @@ def test_responses_messages_generate_and_encode_are_relayed_as_a_node_answers_th
         direct.responses.create(**ask).output_text
 
     def claude(url: str) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=url, api_key=USER, max_retries=0, timeout=120)
+        return anthropic.Anthropic(base_url=url, api_key=USER, max_retries=0, timeout=120,
+                                   http_client=anthropic.DefaultHttpxClient(verify=TLS))
 
     said = dict(model=MODEL, max_tokens=8, extra_body={"temperature": 0}, system="Be brief.",
                 messages=[{"role": "user", "content": "Tell me about the world"}])
@@ -275,15 +285,15 @@ def test_responses_messages_generate_and_encode_are_relayed_as_a_node_answers_th
     for path, body in (("/generate", {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}),
                        ("/generate", {"input_ids": [5, 6, 7, 8], "max_tokens": 4, "temperature": 0}),
                        ("/v1/encode", {"input": ["hello world", "bye"]})):
-        through = httpx.post(f"{cluster.proxy_url}{path}", json=body, headers=auth(USER), timeout=120)
-        own = httpx.post(f"{node}{path}", json=body, headers=auth(USER), timeout=120)
+        through = http.post(f"{cluster.proxy_url}{path}", json=body, headers=auth(USER), timeout=120)
+        own = http.post(f"{node}{path}", json=body, headers=auth(USER), timeout=120)
         assert through.status_code == own.status_code == 200, (path, through.text)
         keep = ("text", "output_ids") if path == "/generate" else ("input_ids", "length")
         assert {k: v for k, v in through.json().items() if k in keep} == \
             {k: v for k, v in own.json().items() if k in keep}, path
-    missing = httpx.post(f"{cluster.proxy_url}/generate", json={"model": "nope", "prompt": "x"}, headers=auth(USER))
+    missing = http.post(f"{cluster.proxy_url}/generate", json={"model": "nope", "prompt": "x"}, headers=auth(USER))
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-    assert httpx.post(f"{cluster.proxy_url}/v1/responses", json={"input": "x"}, headers=auth(USER)).status_code == 400
+    assert http.post(f"{cluster.proxy_url}/v1/responses", json={"input": "x"}, headers=auth(USER)).status_code == 400
 
 
 # ---- 60 requests per strategy, spread as the strategy says ------------------------------------------------
@@ -331,7 +341,7 @@ def test_min_observed_latency_sends_each_request_to_the_fastest_node_so_far(clus
     url = cluster.strategies["min_observed_latency"]
     with same_counts(cluster, url):
         for _ in range(60):
-            nodes = httpx.get(f"{url}/nodes/status").json()
+            nodes = http.get(f"{url}/nodes/status").json()
             means = {u: sum(n["latency"]) / len(n["latency"]) if n["latency"] else 0.0 for u, n in nodes.items()}
             fastest = {u for u, mean in means.items() if mean == min(means.values())}
             index = served_by(cluster, url, lambda: complete(url).raise_for_status())
@@ -344,7 +354,7 @@ def test_session_routing_keeps_each_session_on_one_node(cluster: Cluster) -> Non
     keys = [f"conversation-{i}" for i in range(12)]
     with same_counts(cluster, url):
         for key in keys * 5:
-            send = lambda key=key: httpx.post(  # noqa: E731
+            send = lambda key=key: http.post(  # noqa: E731
                 f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
                 headers={"X-Session-ID": key}).raise_for_status()
             homes.setdefault(key, set()).add(served_by(cluster, url, send))
@@ -364,13 +374,13 @@ def test_interactive_sessions_stay_on_their_node(cluster: Cluster) -> None:
             # CI run, where the batch around it changed the last bits of its logits).
             body = {"prompt": f"turn {turn} of the story", "session_id": session_id, "interactive_mode": True,
                     "request_output_len": 3, "ignore_eos": True}
-            answer = httpx.post(url, json=body, headers=auth(USER), timeout=60).json()
+            answer = http.post(url, json=body, headers=auth(USER), timeout=60).json()
             assert answer["history_tokens"] == history, "each turn found the history its session left"
             history += answer["input_tokens"] + answer["tokens"]
-        streamed = httpx.post(url, json={**body, "stream": True}, headers=auth(USER), timeout=60)
+        streamed = http.post(url, json={**body, "stream": True}, headers=auth(USER), timeout=60)
         lines = [json.loads(line) for line in streamed.text.splitlines()]
         assert lines[0]["history_tokens"] == history and lines[-1]["finish_reason"] == "length"
-        ended = httpx.post(url, json={"prompt": "", "session_id": session_id, "interactive_mode": False,
+        ended = http.post(url, json={"prompt": "", "session_id": session_id, "interactive_mode": False,
                                       "request_output_len": 0}, headers=auth(USER), timeout=60)
         assert ended.status_code == 200
     wait_for(lambda: sum(node_metrics(cluster.node_url(i))["xlserve:interactive_sessions"] for i in range(3)) == 0,
@@ -417,7 +427,7 @@ def test_cache_aware_reuses_prefixes_as_one_server_does_and_spreads_the_load(clu
           f"cache_aware's requests per node {counts}")
     assert aware >= 2 * scattered and aware >= 0.8 * single, (single, scattered, aware)
     assert max(counts) <= 2 * min(counts), counts
-    metrics = httpx.get(f"{cluster.proxy_url}/metrics", headers=auth(USER)).text
+    metrics = http.get(f"{cluster.proxy_url}/metrics", headers=auth(USER)).text
     assert 'xlserve:proxy_routing_decisions_total{branch="cache_hit",strategy="cache_aware"}' in metrics
 
 
@@ -427,15 +437,15 @@ def test_cache_aware_reuses_prefixes_as_one_server_does_and_spreads_the_load(clu
 def test_upstream_400s_pass_through_unchanged_and_never_count_against_the_node(cluster: Cluster) -> None:
     url = cluster.strategies["random"]
     bad = {"model": MODEL, "prompt": "hello", "max_tokens": 2, "temperature": -1}
-    direct = httpx.post(f"{cluster.node_url(0)}/v1/completions", json=bad)
+    direct = http.post(f"{cluster.node_url(0)}/v1/completions", json=bad)
     assert direct.status_code == 400
     for _ in range(20):
-        answer = httpx.post(f"{url}/v1/completions", json=bad)
+        answer = http.post(f"{url}/v1/completions", json=bad)
         assert (answer.status_code, answer.json()) == (400, direct.json())
         assert answer.headers["content-type"] == direct.headers["content-type"]
-    status = httpx.get(f"{url}/nodes/status").json()
+    status = http.get(f"{url}/nodes/status").json()
     assert all(node["healthy"] and node["failures"] == 0 for node in status.values())
-    assert "xlserve:proxy_node_failures_total{" not in httpx.get(f"{url}/metrics").text
+    assert "xlserve:proxy_node_failures_total{" not in http.get(f"{url}/metrics").text
     counts = spread(cluster, lambda: [complete(url).raise_for_status() for _ in range(30)])
     assert min(counts) >= 1, "every node is still in rotation"
 
@@ -482,7 +492,7 @@ def test_a_node_killed_during_thirty_requests_costs_no_client_an_error_and_comes
     assert all(answer.json()["usage"]["completion_tokens"] == 100 for answer in answers)
     wait_for(lambda: not cluster.status()[cluster.node_url(victim)]["healthy"], 5, "the killed node is dropped")
     metrics = {family.name: family for family in text_string_to_metric_families(
-        httpx.get(f"{cluster.proxy_url}/metrics", headers=auth(USER)).text)}
+        http.get(f"{cluster.proxy_url}/metrics", headers=auth(USER)).text)}
     retries = {sample.labels["reason"]: sample.value for sample in metrics["xlserve:proxy_retries"].samples
                if sample.name.endswith("_total")}
     assert retries.get("connect", 0) >= 1, f"the requests in flight on the killed node were retried: {retries}"
@@ -505,7 +515,7 @@ async def test_a_node_killed_mid_stream_ends_its_streams_with_an_error_event(clu
     CI: the tiny model's 100 tokens take a fraction of a second, and the proxy still counted them in
     flight while it relayed their last bytes.)"""
     url = cluster.strategies["min_expected_latency"]
-    wait_for(lambda: all(n["healthy"] for n in httpx.get(f"{url}/nodes/status").json().values()), 30,
+    wait_for(lambda: all(n["healthy"] for n in http.get(f"{url}/nodes/status").json().values()), 30,
              "the proxy has every node in rotation")
     victim = cluster.nodes[2].process
     throttled = threading.Event()
