@@ -21,15 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import kubernetes_validate
-import openai
 import pytest
 import yaml
 from quart import Quart
 
 from serving.http import chat, completions, interactive, service
-from tests.http_fixtures import SMALL_BUCKET_FLAGS, ServerProcess, console_script, free_port
+from tests.http_fixtures import SMALL_BUCKET_FLAGS, ServerProcess, console_script, free_port, http, openai_client
 from tests.test_http_processes import sigterm_during_ten_streams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -459,10 +457,10 @@ def test_the_image_command_serves_as_an_arbitrary_uid_in_group_0_and_drains_on_s
         command = as_arbitrary_uid(command, reach=reach, hold=hold)
     server = ServerProcess(command, env=env, cwd=cache_volume)
     try:
-        server.wait_until(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200)
-        assert httpx.get(f"{base}/v1/ready").status_code == 503  # compiling: alive, not ready
+        server.wait_until(lambda: http.get(f"{base}/health", timeout=5).status_code == 200)
+        assert http.get(f"{base}/v1/ready").status_code == 503  # compiling: alive, not ready
         server.wait_ready(base)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        client = openai_client(f"{base}/v1", "none", max_retries=0)
         completion = client.completions.create(
             model="xlserve-demo", prompt="hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
         )
@@ -478,7 +476,7 @@ def test_the_image_command_serves_as_an_arbitrary_uid_in_group_0_and_drains_on_s
         }
         assert probed == {"/health", "/v1/ready"}
         for path in sorted(probed):
-            assert httpx.get(f"{base}{path}").status_code == 200, path
+            assert http.get(f"{base}{path}").status_code == 200, path
         # The demo checkpoint went where the image's variables say, written by the server's user.
         [demo] = (cache_volume / "xlserve").glob("demo-v*")
         if as_root:

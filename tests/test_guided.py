@@ -11,12 +11,11 @@ import re
 import threading
 from typing import Any
 
-import httpx
 import jax
 import jsonschema
 import pytest
 
-from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (the `http_server` fixture)
+from tests.http_fixtures import LiveServer, http, shared_http_server  # noqa: F401 (the `http_server` fixture)
 
 PROMPT = "Answer:"
 
@@ -137,7 +136,7 @@ def test_grammars_that_are_not_regular_run_on_the_host(http_server: LiveServer) 
 def test_what_cannot_be_enforced_is_a_400_naming_it(http_server: LiveServer, fields: dict, param: str,
                                                     says: str) -> None:
     body = {"model": http_server.model_name, "prompt": PROMPT, "max_tokens": 5, **fields}
-    answer = httpx.post(f"{http_server.base_url}/v1/completions", json=body, timeout=60)
+    answer = http.post(f"{http_server.base_url}/v1/completions", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and says in error["message"], error

@@ -16,7 +16,7 @@ from serving.client import body_lines
 from serving.http.params import generation_config
 from serving.http.protocol import ChatCompletionRequest
 from serving.request import GenerationConfig
-from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (the `http_server` fixture)
+from tests.http_fixtures import LiveServer, http, shared_http_server  # noqa: F401 (the `http_server` fixture)
 from tools.bench_serving import sse_lines
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
@@ -51,8 +51,8 @@ def test_models_lists_the_served_model(http_server: LiveServer) -> None:
 
 
 def test_health_and_ready(http_server: LiveServer) -> None:
-    assert httpx.get(f"{http_server.base_url}/health").json() == {"status": "ok"}
-    ready = httpx.get(f"{http_server.base_url}/v1/ready")
+    assert http.get(f"{http_server.base_url}/health").json() == {"status": "ok"}
+    ready = http.get(f"{http_server.base_url}/v1/ready")
     assert ready.status_code == 200
     assert ready.json() == {"ready": True, "model": http_server.model_name}
 
@@ -100,7 +100,7 @@ def test_chat_stream_wire_format(http_server: LiveServer) -> None:
     the choice's last, which has empty content and the finish_reason; usage null until the usage chunk, [DONE]."""
     body = dict(model=http_server.model_name, messages=MESSAGES, max_tokens=5, temperature=0, ignore_eos=True)
     url = f"{http_server.base_url}/v1/chat/completions"
-    with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with http.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -113,7 +113,7 @@ def test_chat_stream_wire_format(http_server: LiveServer) -> None:
                                         "finish_reason": "length"}  # fmt: skip
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     assert list(chunks[-1]["usage"]["prompt_tokens_details"]) == ["cached_tokens"]
-    with httpx.stream("POST", url, json={**body, "stream": True}) as r:
+    with http.stream("POST", url, json={**body, "stream": True}) as r:
         assert all("usage" not in c for c in sse_events(r)[:-1])
 
 
@@ -360,7 +360,7 @@ async def test_no_compilation_while_serving(http_server: LiveServer) -> None:
 def test_openapi_document_is_valid_and_complete(http_server: LiveServer) -> None:
     from openapi_spec_validator import validate
 
-    spec = httpx.get(f"{http_server.base_url}/openapi.json").json()
+    spec = http.get(f"{http_server.base_url}/openapi.json").json()
     validate(spec)
     assert spec["openapi"].startswith("3.")
     expected = {
@@ -394,10 +394,10 @@ def test_openapi_document_is_valid_and_complete(http_server: LiveServer) -> None
 
 
 def test_swagger_ui_at_root_served_from_this_server(http_server: LiveServer) -> None:
-    page = httpx.get(f"{http_server.base_url}/")
+    page = http.get(f"{http_server.base_url}/")
     assert page.status_code == 200 and "swagger-ui" in page.text and '"openapi.json"' in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
     scripts = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert scripts and not [url for url in scripts if "//" in url], "Swagger UI must not load from a CDN"
     for url in scripts:
-        assert httpx.get(f"{http_server.base_url}/{url}").status_code == 200, url
+        assert http.get(f"{http_server.base_url}/{url}").status_code == 200, url

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from tests.http_fixtures import MODEL_NAME, LiveServer, shared_http_server  # noqa: F401 (`http_server`)
+from tests.http_fixtures import MODEL_NAME, LiveServer, http, shared_http_server  # noqa: F401 (`http_server`)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -180,7 +179,7 @@ def test_malformed_request_gets_openai_error(
     status: int,
     param: str | None,
 ) -> None:
-    response = httpx.request(method, http_server.base_url + path, content=body, headers=headers, timeout=60)
+    response = http.request(method, http_server.base_url + path, content=body, headers=headers, timeout=60)
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]

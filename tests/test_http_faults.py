@@ -23,7 +23,7 @@ import pytest
 from serving.client import body_lines
 from serving.engine.engine import MAX_CONSECUTIVE_STEP_FAILURES
 from serving.engine.scheduler import Chunk
-from tests.http_fixtures import LiveServer, scrape, serve_in_thread
+from tests.http_fixtures import LiveServer, http, scrape, serve_in_thread
 
 MARKED_MAX_TOKENS = 7  # the requests a test's fault hook fails
 STALL_TIMEOUT_S = 4.0
@@ -60,22 +60,22 @@ def test_a_failing_step_fails_only_its_requests(server: LiveServer) -> None:
     server.engine.fault_hook = fail_marked
     url = f"{server.base_url}/v1/completions"
     try:
-        with httpx.stream("POST", url, json=completion(server, max_tokens=60, stream=True), timeout=60) as bystander:
+        with http.stream("POST", url, json=completion(server, max_tokens=60, stream=True), timeout=60) as bystander:
             lines = body_lines(bystander)
             assert next(lines).startswith("data: {")  # generating while the others fail
-            failed = httpx.post(url, json=completion(server, max_tokens=MARKED_MAX_TOKENS), timeout=60)
+            failed = http.post(url, json=completion(server, max_tokens=MARKED_MAX_TOKENS), timeout=60)
             assert failed.status_code == 500
             error = failed.json()["error"]
             assert (error["type"], error["code"]) == ("server_error", "engine_error")
             assert "injected fault" in error["message"]
-            with httpx.stream("POST", url, json=completion(server, max_tokens=MARKED_MAX_TOKENS, stream=True),
-                              timeout=60) as failed_stream:
+            with http.stream("POST", url, json=completion(server, max_tokens=MARKED_MAX_TOKENS, stream=True),
+                             timeout=60) as failed_stream:
                 assert failed_stream.status_code == 200
                 streamed = events(failed_stream)
             assert streamed[-1] == "[DONE]" and streamed[-2]["error"]["code"] == "engine_error"
             rest = [json.loads(x.removeprefix("data: ")) for x in lines if x.startswith("data: {")]
         assert rest[-1]["choices"][0]["finish_reason"] == "length"  # the bystander ran to the end
-        after = httpx.post(url, json=completion(server, max_tokens=5), timeout=60)
+        after = http.post(url, json=completion(server, max_tokens=5), timeout=60)
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 5
     finally:
         server.engine.fault_hook = None
@@ -103,27 +103,27 @@ def test_a_wedged_engine_thread_is_found_stuck_and_recovers(server: LiveServer) 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(httpx.post, url, json=completion(server, max_tokens=20), timeout=60)
             began = time.monotonic()
-            while (health := httpx.get(f"{server.base_url}/health")).status_code == 200:
+            while (health := http.get(f"{server.base_url}/health")).status_code == 200:
                 assert time.monotonic() - began < STALL_TIMEOUT_S + 5, "the stall was not noticed"
                 time.sleep(0.05)
             assert time.monotonic() - began >= STALL_TIMEOUT_S - 1  # the heartbeat was up to a turn old
             assert health.json()["error"]["code"] == "engine_stalled"
-            ready = httpx.get(f"{server.base_url}/v1/ready")
+            ready = http.get(f"{server.base_url}/v1/ready")
             assert ready.status_code == 503 and ready.json()["error"]["code"] == "engine_stalled"
             failed = waiting.result()
         assert failed.status_code == 503 and failed.headers["retry-after"] == "1"
         assert failed.json()["error"]["code"] == "engine_stalled"
         probe = time.monotonic()
-        httpx.get(f"{server.base_url}/health")
+        http.get(f"{server.base_url}/health")
         assert time.monotonic() - probe < 0.1
     finally:
         server.engine.fault_hook = None
         release.set()
     deadline = time.monotonic() + 10
-    while httpx.get(f"{server.base_url}/health").status_code != 200:
+    while http.get(f"{server.base_url}/health").status_code != 200:
         assert time.monotonic() < deadline, "the server did not notice the engine move again"
         time.sleep(0.05)
-    served = httpx.post(url, json=completion(server, max_tokens=3), timeout=60)
+    served = http.post(url, json=completion(server, max_tokens=3), timeout=60)
     assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 3
     assert server.engine.wait_idle(30) and server.engine.stats().num_pages_used == 0
 
@@ -139,8 +139,8 @@ def test_a_request_without_a_first_token_in_time_gets_a_retryable_503(server: Li
     server.engine.fault_hook = slow_marked_prefill
     try:
         began = time.monotonic()
-        late = httpx.post(f"{server.base_url}/v1/completions", json=completion(server, max_tokens=MARKED_MAX_TOKENS),
-                          timeout=60)
+        late = http.post(f"{server.base_url}/v1/completions", json=completion(server, max_tokens=MARKED_MAX_TOKENS),
+                         timeout=60)
         waited = time.monotonic() - began
     finally:
         server.engine.fault_hook = None
@@ -148,7 +148,7 @@ def test_a_request_without_a_first_token_in_time_gets_a_retryable_503(server: Li
     assert late.json()["error"]["code"] == "first_token_timeout"
     assert FIRST_TOKEN_TIMEOUT_S <= waited < FIRST_TOKEN_TIMEOUT_S + 1, waited
     assert server.engine.wait_idle(30) and server.engine.stats().num_pages_used == 0
-    assert httpx.get(f"{server.base_url}/health").status_code == 200  # slow is not stuck
+    assert http.get(f"{server.base_url}/health").status_code == 200  # slow is not stuck
 
 
 def test_a_dead_engine_turns_both_probes_false(server: LiveServer) -> None:
@@ -158,15 +158,15 @@ def test_a_dead_engine_turns_both_probes_false(server: LiveServer) -> None:
     server.engine.fault_hook = always_fail
     url = f"{server.base_url}/v1/completions"
     for _ in range(MAX_CONSECUTIVE_STEP_FAILURES):  # each request's step fails; the last failure is fatal
-        failed = httpx.post(url, json=completion(server, max_tokens=3), timeout=60)
+        failed = http.post(url, json=completion(server, max_tokens=3), timeout=60)
         assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
     deadline = time.monotonic() + 10
     while server.engine.alive:
         assert time.monotonic() < deadline, "the engine thread should have stopped"
         time.sleep(0.01)
     for probe in ("/health", "/v1/ready"):
-        response = httpx.get(server.base_url + probe)
+        response = http.get(server.base_url + probe)
         assert response.status_code == 503 and response.json()["error"]["code"] == "engine_stopped", probe
-    refused = httpx.post(url, json=completion(server, max_tokens=3), timeout=60)
+    refused = http.post(url, json=completion(server, max_tokens=3), timeout=60)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_stopped"
     assert scrape(server)["vllm:num_requests_running"] == 0  # metrics still answer

@@ -12,14 +12,13 @@ import json
 import time
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from tests.http_fixtures import MODEL_NAME, LiveServer, shared_http_server  # noqa: F401 (`http_server`)
+from tests.http_fixtures import MODEL_NAME, LiveServer, http, shared_http_server  # noqa: F401 (`http_server`)
 
 pytestmark = pytest.mark.slow  # the long tier: `pytest -m "not slow"` leaves it out
 
@@ -262,7 +261,7 @@ def test_hostile_request_gets_a_4xx_in_openai_format(
     code: str | None,
 ) -> None:
     began = time.monotonic()
-    response = httpx.request(method, http_server.base_url + path, content=body, headers=headers, timeout=60)
+    response = http.request(method, http_server.base_url + path, content=body, headers=headers, timeout=60)
     assert response.status_code == status, response.text[:500]
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
@@ -285,7 +284,7 @@ HUGE_MAX_TOKENS = [
 def test_a_huge_max_tokens_costs_at_most_the_session(http_server: LiveServer, path: str, body: bytes) -> None:
     """Past the room the prompt leaves, max_tokens is capped there (LMDeploy's contract; --strict-context-length
     refuses it instead): never more than the session length of work."""
-    response = httpx.post(http_server.base_url + path, content=body, headers=JSON, timeout=120)
+    response = http.post(http_server.base_url + path, content=body, headers=JSON, timeout=120)
     assert response.status_code == 200, response.text[:500]
     assert response.json()["usage"]["total_tokens"] <= http_server.engine.max_session_len
 

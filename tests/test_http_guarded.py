@@ -27,7 +27,7 @@ from serving.client import body_lines
 from serving.http.options import OptionError, from_arguments
 from serving.http.settings import ServerSettings
 from serving.request import InvalidRequestError
-from tests.http_fixtures import LiveServer, _ThreadServer, scrape, serve_in_thread
+from tests.http_fixtures import LiveServer, _ThreadServer, async_openai_client, http, scrape, serve_in_thread
 from tools.bench_serving import sse_lines
 
 KEYS = ("key-a", "key-b")
@@ -96,7 +96,7 @@ def test_every_route_in_the_url_map_needs_a_key(guarded: tuple[LiveServer, _Thre
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             body = {} if method == "POST" else None
             for headers in refusals:
-                response = httpx.request(method, server.base_url + path, json=body, headers=headers)
+                response = http.request(method, server.base_url + path, json=body, headers=headers)
                 if rule.rule in OPEN_PATHS:
                     assert response.status_code != 401, (method, path)
                     continue
@@ -108,19 +108,19 @@ def test_every_route_in_the_url_map_needs_a_key(guarded: tuple[LiveServer, _Thre
                 else:
                     assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
             if path.startswith("/v1/messages"):  # Anthropic's clients send the key as x-api-key
-                assert httpx.request(method, server.base_url + path, json=body,
-                                     headers={"x-api-key": KEYS[0]}).status_code != 401  # fmt: skip
-                assert httpx.request(method, server.base_url + path, json=body,
-                                     headers={"x-api-key": "wrong"}).status_code == 401  # fmt: skip
+                assert http.request(method, server.base_url + path, json=body,
+                                    headers={"x-api-key": KEYS[0]}).status_code != 401  # fmt: skip
+                assert http.request(method, server.base_url + path, json=body,
+                                    headers={"x-api-key": "wrong"}).status_code == 401  # fmt: skip
             for key in KEYS:
                 for scheme in ("Bearer", "bearer"):
-                    allowed = httpx.request(
+                    allowed = http.request(
                         method, server.base_url + path, json=body, headers={"Authorization": f"{scheme} {key}"}
                     )
                     assert allowed.status_code != 401, (method, path)
     # A path no route matches says nothing about what exists without a key.
-    assert httpx.get(f"{server.base_url}/admin/secret").status_code == 401
-    assert httpx.get(f"{server.base_url}/admin/secret", headers=AUTH).status_code == 404
+    assert http.get(f"{server.base_url}/admin/secret").status_code == 401
+    assert http.get(f"{server.base_url}/admin/secret", headers=AUTH).status_code == 404
 
 
 def test_api_keys_from_a_file_or_the_environment_never_shown(tmp_path: Path) -> None:
@@ -159,16 +159,16 @@ def test_cors_answers_the_listed_origin_only(guarded: tuple[LiveServer, _ThreadS
     assert preflight.headers["access-control-allow-credentials"] == "true"
     assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
     # The headers are on streams too, and browser code may read the request id.
-    with httpx.stream("POST", url, json=completion(server, max_tokens=2, stream=True),
-                      headers={"Origin": ORIGIN, **AUTH}) as stream:
+    with http.stream("POST", url, json=completion(server, max_tokens=2, stream=True),
+                     headers={"Origin": ORIGIN, **AUTH}) as stream:
         assert stream.status_code == 200
         assert stream.headers["access-control-allow-origin"] == ORIGIN
         assert "x-request-id" in stream.headers["access-control-expose-headers"].lower()
         assert stream.read().endswith(b"data: [DONE]\n\n")
     # A 401 carries them as well, so a browser can show the reason.
-    refused = httpx.get(f"{server.base_url}/v1/models", headers={"Origin": ORIGIN})
+    refused = http.get(f"{server.base_url}/v1/models", headers={"Origin": ORIGIN})
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
-    other = httpx.get(f"{server.base_url}/v1/models", headers={"Origin": "http://elsewhere.example", **AUTH})
+    other = http.get(f"{server.base_url}/v1/models", headers={"Origin": "http://elsewhere.example", **AUTH})
     assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
     with pytest.raises(InvalidRequestError, match="may not be"):
         ServerSettings(allow_origins=("*",), allow_credentials=True)
@@ -243,7 +243,7 @@ async def test_request_timeout_ends_slow_requests_with_a_clear_error(
     slow_steps(0.1)  # 64 tokens would take over 6 s
     before = await asyncio.to_thread(scrape, server)
     # The SDK retries 408s unless told not to; with max_retries=2 a retried request would take 9 s.
-    client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=KEYS[0], max_retries=2)
+    client = async_openai_client(f"{server.base_url}/v1", KEYS[0], max_retries=2)
 
     async def whole() -> float:
         began = time.monotonic()
@@ -281,7 +281,7 @@ def test_streams_outlive_quarts_response_timeout(
     try:
         body = completion(server, max_tokens=40, stream=True, stream_options={"include_usage": True})
         began = time.monotonic()
-        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=30) as r:
+        with http.stream("POST", f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=30) as r:
             events = sse_payloads(list(body_lines(r)))
         assert time.monotonic() - began > 0.3
         assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 40
@@ -295,8 +295,8 @@ def test_prompts_are_logged_cut_to_max_log_len_and_keys_never(
     server, _ = guarded
     caplog.set_level(logging.INFO)
     prompt = "The quick brown fox jumps over the lazy dog"
-    response = httpx.post(f"{server.base_url}/v1/completions", json=completion(server, prompt=prompt, max_tokens=2),
-                          headers={**AUTH, "X-Request-Id": "log-test-1"})
+    response = http.post(f"{server.base_url}/v1/completions", json=completion(server, prompt=prompt, max_tokens=2),
+                         headers={**AUTH, "X-Request-Id": "log-test-1"})
     assert response.status_code == 200
     deadline = time.monotonic() + 5
     while not any("log-test-1" in r.getMessage() and r.name == "xlserve.access" for r in caplog.records):
@@ -316,15 +316,15 @@ def test_strict_context_length_refuses_max_tokens_past_the_session(guarded: tupl
     server, _ = guarded
     room = server.engine.max_session_len - len(server.engine.tokenizer.encode("Once upon a time"))
     for path, extra in (("/v1/completions", {}), ("/generate", {"model": None})):
-        refused = httpx.post(f"{server.base_url}{path}", json=completion(server, max_tokens=room + 1, **extra),
-                             headers=AUTH, timeout=60)  # fmt: skip
+        refused = http.post(f"{server.base_url}{path}", json=completion(server, max_tokens=room + 1, **extra),
+                            headers=AUTH, timeout=60)  # fmt: skip
         assert refused.status_code == 400, refused.text
         error = refused.json()["error"]
         assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
         assert f"{room + 1} in the completion" in error["message"]
         # accepted (it may stop early at an EOS: the request's timeout is short)
-        fits = httpx.post(f"{server.base_url}{path}", json=completion(server, max_tokens=room, ignore_eos=False,
-                                                                      **extra), headers=AUTH, timeout=60)  # fmt: skip
+        fits = http.post(f"{server.base_url}{path}", json=completion(server, max_tokens=room, ignore_eos=False,
+                                                                     **extra), headers=AUTH, timeout=60)  # fmt: skip
         assert fits.status_code == 200, fits.text
 
 
@@ -337,19 +337,19 @@ def test_shutdown_aborts_requests_that_outlive_the_shutdown_timeout(
     server, raw = guarded
     slow_steps(0.05)  # 100 tokens take 5 s, well past the 1 s shutdown timeout
     body = completion(server, max_tokens=100, stream=True)
-    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=30) as stream:
+    with http.stream("POST", f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=30) as stream:
         lines = body_lines(stream)
         assert next(lines).startswith("data: {")  # generating
         stopping = threading.Thread(target=raw.stop)
         stopping.start()  # what SIGTERM does
         deadline = time.monotonic() + 5
-        while httpx.get(f"{server.base_url}/v1/ready").status_code != 503:
+        while http.get(f"{server.base_url}/v1/ready").status_code != 503:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        refused = httpx.post(f"{server.base_url}/v1/completions", json=completion(server), headers=AUTH)
+        refused = http.post(f"{server.base_url}/v1/completions", json=completion(server), headers=AUTH)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
         assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
-        assert httpx.get(f"{server.base_url}/health").status_code == 200  # alive while draining
+        assert http.get(f"{server.base_url}/health").status_code == 200  # alive while draining
         rest = sse_payloads(list(lines))
     assert rest[-1] == "[DONE]" and rest[-2]["error"]["code"] == "aborted"
     stopping.join(30)

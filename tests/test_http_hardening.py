@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.http_fixtures import SMALL_BUCKET_FLAGS, ServerProcess, console_script, free_port
+from tests.http_fixtures import SMALL_BUCKET_FLAGS, ServerProcess, console_script, free_port, http
 from tools.bench_serving import sse_lines
 
 KEY = "hardening-key"
@@ -118,8 +118,8 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     ("not-a-name", 1),
 ])  # fmt: skip
 def test_chat_template_kwargs_that_are_not_template_variables_are_400s(server: Server, name: str, value: Any) -> None:
-    response = httpx.post(f"{server.base}/v1/chat/completions", json=chat(chat_template_kwargs={name: value}),
-                          headers=AUTH)
+    response = http.post(f"{server.base}/v1/chat/completions", json=chat(chat_template_kwargs={name: value}),
+                         headers=AUTH)
     assert response.status_code == 400, response.text
     error = error_of(response)
     assert (error["param"], error["code"]) == (f"chat_template_kwargs.{name}", "invalid_template_variable")
@@ -127,9 +127,9 @@ def test_chat_template_kwargs_that_are_not_template_variables_are_400s(server: S
 
 def test_template_variables_reach_the_template_and_ill_typed_ones_are_400s(server: Server) -> None:
     url = f"{server.base}/v1/chat/completions"
-    assert httpx.post(url, json=chat(chat_template_kwargs={"enable_thinking": False}), headers=AUTH).status_code == 200
+    assert http.post(url, json=chat(chat_template_kwargs={"enable_thinking": False}), headers=AUTH).status_code == 200
     # The template writes `bos_token + '[INST] '`: a number there fails the rendering, the client's 400.
-    ill_typed = httpx.post(url, json=chat(chat_template_kwargs={"bos_token": 5}), headers=AUTH)
+    ill_typed = http.post(url, json=chat(chat_template_kwargs={"bos_token": 5}), headers=AUTH)
     assert ill_typed.status_code == 400
     assert error_of(ill_typed)["param"] == "chat_template_kwargs"
     server.assert_no_traceback()
@@ -143,8 +143,8 @@ def test_template_variables_reach_the_template_and_ill_typed_ones_are_400s(serve
 def test_fields_that_change_a_requests_meaning_are_refused_not_ignored(server: Server, route: str, field: str,
                                                                         value: Any) -> None:
     body = chat(**{field: value}) if route == "chat" else completion(max_tokens=1, **{field: value})
-    response = httpx.post(f"{server.base}/v1/{'chat/completions' if route == 'chat' else 'completions'}", json=body,
-                          headers=AUTH)
+    response = http.post(f"{server.base}/v1/{'chat/completions' if route == 'chat' else 'completions'}", json=body,
+                         headers=AUTH)
     assert response.status_code == 400, response.text
     error = error_of(response)
     assert error["param"] == field and "does not support" in error["message"]
@@ -153,7 +153,7 @@ def test_fields_that_change_a_requests_meaning_are_refused_not_ignored(server: S
 def test_values_that_change_nothing_and_unknown_fields_are_accepted(server: Server) -> None:
     harmless = dict(logit_bias={}, response_format={"type": "text"}, presence_penalty=0, frequency_penalty=0.0,
                     functions=None, modalities=["text"], min_tokens=0, some_future_field={"x": 1})
-    response = httpx.post(f"{server.base}/v1/chat/completions", json=chat(**harmless), headers=AUTH)
+    response = http.post(f"{server.base}/v1/chat/completions", json=chat(**harmless), headers=AUTH)
     assert response.status_code == 200, response.text
 
 

@@ -27,7 +27,7 @@ from serving.http.sessions import Session, SessionRegistry, continuation_ids, tu
 from serving.text.templates import builtin_template
 from serving.text.tokenizer import Tokenizer
 from tests.family_tokenizers import internlm2_tokenizer, llama3_tokenizer, qwen_tokenizer
-from tests.http_fixtures import FEW_BUCKETS, LiveServer, scrape, serve_in_thread, shared_http_server  # noqa: F401
+from tests.http_fixtures import FEW_BUCKETS, LiveServer, http, scrape, serve_in_thread, shared_http_server  # noqa: F401
 
 ROUTE = "/v1/chat/interactive"
 GREEDY = {"temperature": 0, "top_k": 1}
@@ -41,8 +41,8 @@ def interact(server: LiveServer, **fields: Any) -> dict[str, Any]:
 
 
 def post(server: LiveServer, **fields: Any) -> httpx.Response:
-    return httpx.post(f"{server.base_url}{ROUTE}", json=fields, timeout=120,
-                      headers={"Authorization": f"Bearer {server.api_key}"})  # fmt: skip
+    return http.post(f"{server.base_url}{ROUTE}", json=fields, timeout=120,
+                     headers={"Authorization": f"Bearer {server.api_key}"})  # fmt: skip
 
 
 def end(server: LiveServer, session_id: int) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def test_stream_is_ndjson_with_the_same_answer(http_server: LiveServer) -> None:
     whole = interact(http_server, prompt="Tell me a story", request_output_len=6, **GREEDY)
     assert whole["history_tokens"] == 0 and whole["tokens"] >= 1
     body = {"prompt": "Tell me a story", "request_output_len": 6, "stream": True, **GREEDY}
-    with httpx.stream("POST", f"{http_server.base_url}{ROUTE}", json=body) as response:
+    with http.stream("POST", f"{http_server.base_url}{ROUTE}", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("application/x-ndjson")
         raw = response.read().decode()
@@ -157,7 +157,7 @@ def test_the_last_streamed_line_comes_after_the_turn_is_recorded_and_the_session
     reads the history at once)."""
     body = {"prompt": "Tell me a story", "session_id": 41, "interactive_mode": True, "request_output_len": 6,
             "stream": True, **GREEDY}
-    with httpx.stream("POST", f"{http_server.base_url}{ROUTE}", json=body, timeout=120) as response:
+    with http.stream("POST", f"{http_server.base_url}{ROUTE}", json=body, timeout=120) as response:
         for raw in response.iter_lines():
             line = json.loads(raw)
             if line["finish_reason"] is not None:  # the stream is still open here
@@ -312,11 +312,11 @@ def test_bad_requests_get_openai_errors(http_server: LiveServer) -> None:
         assert error["type"] == "invalid_request_error" and error["param"] == param, (body, error)
         assert error["message"]
     assert "LoRA" in post(http_server, prompt="hi", adapter_name="x").json()["error"]["message"]
-    assert httpx.post(f"{http_server.base_url}{ROUTE}", content=b"{").status_code == 400
+    assert http.post(f"{http_server.base_url}{ROUTE}", content=b"{").status_code == 400
 
 
 def test_the_route_is_documented(http_server: LiveServer) -> None:
-    spec = httpx.get(f"{http_server.base_url}/openapi.json").json()
+    spec = http.get(f"{http_server.base_url}/openapi.json").json()
     operation = spec["paths"][ROUTE]["post"]
     assert {"application/json", "application/x-ndjson"} <= set(operation["responses"]["200"]["content"])
     assert "InteractiveRequest" in spec["components"]["schemas"]
@@ -384,7 +384,7 @@ def fill_the_cache(server: LiveServer) -> None:
 
     def long_request(i: int) -> str | None:
         completion = client.completions.create(model=server.model_name, prompt=f"{i} " + "filler text " * 30,
-                                               max_tokens=20, extra_body={"ignore_eos": True})  # fmt: skip
+                                              max_tokens=20, extra_body={"ignore_eos": True})  # fmt: skip
         return completion.choices[0].finish_reason
 
     with ThreadPoolExecutor(4) as pool:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from serving.client import APIClient, APIClientError, get_model_list
-from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (`http_server`)
+from tests.http_fixtures import LiveServer, http, shared_http_server  # noqa: F401 (`http_server`)
 from tests.test_http_api import sse_events
 
 USER = [{"role": "user", "content": "Tell me a story"}]
@@ -27,11 +27,11 @@ def api_client(http_server: LiveServer) -> Iterator[APIClient]:
 
 
 def post(server: LiveServer, path: str, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(server.base_url + path, json=body, timeout=120)
+    return http.post(server.base_url + path, json=body, timeout=120)
 
 
 def stream(server: LiveServer, path: str, body: dict[str, Any]) -> list[dict | str]:
-    with httpx.stream("POST", server.base_url + path, json=body, timeout=120) as response:
+    with http.stream("POST", server.base_url + path, json=body, timeout=120) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         return sse_events(response)
 

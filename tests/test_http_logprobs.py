@@ -6,14 +6,13 @@ checkpoint with the same formulas written in NumPy.
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import openai
 import pytest
 import torch
 
 from serving.text.bad_words import bad_word_spellings
-from tests.http_fixtures import shared_http_server  # noqa: F401 (the `http_server` fixture)
+from tests.http_fixtures import http, shared_http_server  # noqa: F401 (the `http_server` fixture)
 
 PROMPT = [1, 450, 1996, 1354, 701, 1916, 432, 1204, 975]  # token ids (the prompt is given as ids)
 TOL = 1e-4
@@ -226,7 +225,7 @@ def test_best_of_returns_the_n_of_highest_cumulative_logprob(http_server):
 def test_bad_input_is_a_400_in_the_openai_format(http_server, route, body, param):
     base = {"model": http_server.model_name, "max_tokens": 2}
     base |= {"messages": [{"role": "user", "content": "hi"}]} if route.startswith("chat") else {"prompt": "hi"}
-    response = httpx.post(f"{http_server.base_url}/v1/{route}", json=base | body, timeout=30)
+    response = http.post(f"{http_server.base_url}/v1/{route}", json=base | body, timeout=30)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and param in (error["param"] or "") + error["message"]

@@ -5,10 +5,9 @@ the tool-calling model in test_http_tools.py."""
 from __future__ import annotations
 
 import anthropic
-import httpx
 import pytest
 
-from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (`http_server`)
+from tests.http_fixtures import TLS, LiveServer, http, shared_http_server  # noqa: F401 (`http_server`)
 
 STORY = "Tell me a story"
 ASK = [{"role": "user", "content": STORY}]
@@ -16,7 +15,8 @@ GREEDY = {"temperature": 0}  # this SDK version has no `temperature` argument; t
 
 
 def client(server: LiveServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0)
+    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0,
+                               http_client=anthropic.DefaultHttpxClient(verify=TLS))
 
 
 def test_a_message_says_what_chat_completions_says(http_server: LiveServer) -> None:
@@ -67,7 +67,7 @@ def test_errors_come_in_anthropics_envelope(http_server: LiveServer, fields: dic
     body = {key: value for key, value in body.items() if value is not None}
     if "tool_choice" in fields:
         body["tools"] = [{"name": "f", "input_schema": {"type": "object"}}]
-    answer = httpx.post(f"{http_server.base_url}/v1/messages", json=body, timeout=60)
+    answer = http.post(f"{http_server.base_url}/v1/messages", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     error = answer.json()
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"

@@ -18,7 +18,15 @@ import pytest
 
 from serving.cli import main
 from serving.http.options import OPTIONS
-from tests.http_fixtures import SMALL_BUCKET_FLAGS, ServerProcess, all_compiled, console_script, free_port
+from tests.http_fixtures import (
+    SMALL_BUCKET_FLAGS,
+    ServerProcess,
+    all_compiled,
+    console_script,
+    free_port,
+    http,
+    openai_client,
+)
 from tools.bench_serving import sse_lines
 
 
@@ -49,10 +57,10 @@ def test_hypercorn_app_configured_by_environment_only() -> None:
     server = ServerProcess([sys.executable, "-m", "hypercorn", "serving.app:app", "--bind", f"127.0.0.1:{port}"], env)
     try:
         # While the buckets compile the process is live but not ready, and refuses generation.
-        server.wait_until(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200)
-        not_ready = httpx.get(f"{base}/v1/ready")
+        server.wait_until(lambda: http.get(f"{base}/health", timeout=5).status_code == 200)
+        not_ready = http.get(f"{base}/v1/ready")
         assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "model_not_ready"
-        early = httpx.post(
+        early = http.post(
             f"{base}/v1/completions",
             json={"model": "demo", "prompt": "x"},
             headers={"Authorization": "Bearer key-one"},
@@ -60,17 +68,17 @@ def test_hypercorn_app_configured_by_environment_only() -> None:
         assert early.status_code == 503
         server.wait_ready(base)
         # Probes are open; everything else needs a key.
-        assert httpx.get(f"{base}/health").status_code == 200
-        unauthorised = httpx.get(f"{base}/v1/models")
+        assert http.get(f"{base}/health").status_code == 200
+        unauthorised = http.get(f"{base}/v1/models")
         assert unauthorised.status_code == 401 and unauthorised.headers["www-authenticate"] == "Bearer"
         assert unauthorised.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.get(f"{base}/openapi.json", headers={"Authorization": "Bearer nope"}).status_code == 401
-        metrics = httpx.get(f"{base}/metrics")  # --public-metrics: a scraper needs no key
+        assert http.get(f"{base}/openapi.json", headers={"Authorization": "Bearer nope"}).status_code == 401
+        metrics = http.get(f"{base}/metrics")  # --public-metrics: a scraper needs no key
         assert metrics.status_code == 200 and "vllm:num_requests_running" in metrics.text
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+            openai_client(f"{base}/v1", "wrong", max_retries=0).models.list()
 
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="key-two", max_retries=0)
+        client = openai_client(f"{base}/v1", "key-two", max_retries=0)
         [model] = client.models.list().data
         assert (model.id, model.model_extra["max_model_len"]) == ("demo", 128)
         chat = client.chat.completions.create(
@@ -112,7 +120,7 @@ def test_installed_xlserve_command_serves_the_demo_outside_the_checkout_and_drai
     server = ServerProcess(command, env={"PYTHONPATH": None}, cwd=tmp_path)
     try:
         server.wait_ready(base)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        client = openai_client(f"{base}/v1", "none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["xlserve-demo"]
         chat = client.chat.completions.create(
             model="xlserve-demo", messages=[{"role": "user", "content": "hi"}], max_tokens=3
@@ -132,7 +140,7 @@ def test_installed_xlserve_command_serves_the_demo_outside_the_checkout_and_drai
             },
         )
         assert preflight.headers["access-control-allow-origin"] == "http://ui.example"
-        answer = httpx.get(f"{base}/v1/models", headers={"Origin": "http://elsewhere.example"})
+        answer = http.get(f"{base}/v1/models", headers={"Origin": "http://elsewhere.example"})
         assert "access-control-allow-origin" not in answer.headers
         server.wait_until(lambda: all_compiled(server.output().encode()))  # the CLI says when it is ready
         check_plain_start_up_lines(server.output())

@@ -17,7 +17,7 @@ import pytest
 
 from serving.cli import build_parser
 from serving.http.options import from_arguments, from_environment
-from tests.http_fixtures import LiveServer, serve_in_thread, shared_http_server  # noqa: F401 (`http_server`)
+from tests.http_fixtures import LiveServer, http, serve_in_thread, shared_http_server  # noqa: F401 (`http_server`)
 
 KEY = "profile-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -33,7 +33,7 @@ def profiled(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def post(server: LiveServer, path: str, headers: dict[str, str] = AUTH) -> httpx.Response:
     # Writing a trace takes a few seconds on a busy 2-core machine.
-    return httpx.post(server.base_url + path, headers=headers, timeout=120)
+    return http.post(server.base_url + path, headers=headers, timeout=120)
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> None:
@@ -52,8 +52,8 @@ def test_the_flag_and_its_variable_set_the_directory() -> None:
 
 def test_without_the_flag_the_routes_are_404(http_server: LiveServer) -> None:
     for path in ROUTES:
-        assert_error(httpx.post(http_server.base_url + path), 404, "not_found")
-    assert not set(ROUTES) & set(httpx.get(f"{http_server.base_url}/openapi.json").json()["paths"])
+        assert_error(http.post(http_server.base_url + path), 404, "not_found")
+    assert not set(ROUTES) & set(http.get(f"{http_server.base_url}/openapi.json").json()["paths"])
 
 
 def test_a_trace_of_a_completion_is_written(profiled: tuple[LiveServer, Path]) -> None:
@@ -99,7 +99,7 @@ def test_the_routes_need_the_api_key_and_are_documented(profiled: tuple[LiveServ
         assert_error(post(server, path, headers={}), 401, "invalid_api_key")
     # The refused start started nothing.
     assert_error(post(server, "/stop_profile"), 409, "profile_not_running")
-    spec = httpx.get(f"{server.base_url}/openapi.json", headers=AUTH).json()
+    spec = http.get(f"{server.base_url}/openapi.json", headers=AUTH).json()
     validate(spec)
     for path in ROUTES:
         assert {"200", "409"} <= set(spec["paths"][path]["post"]["responses"])

@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack
 import httpx
 import pytest
 
-from tests.http_fixtures import LiveServer, scrape, shared_http_server  # noqa: F401 (`http_server`)
+from tests.http_fixtures import LiveServer, http, scrape, shared_http_server  # noqa: F401 (`http_server`)
 from tools.bench_serving import sse_lines
 
 # vLLM's metric names (as exposed: counters end in _total, histograms in _bucket/_count/_sum) that
@@ -140,7 +140,7 @@ def test_metrics_count_exactly_what_was_served(http_server: LiveServer) -> None:
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                   "xlserve:admission_slots_running", "xlserve:admission_slots_queued"):
         assert after[gauge] == 0, gauge
-    text = httpx.get(f"{http_server.base_url}/metrics").headers["content-type"]
+    text = http.get(f"{http_server.base_url}/metrics").headers["content-type"]
     assert text.startswith("text/plain; version=0.0.4")
 
 
@@ -149,10 +149,10 @@ def test_access_log_is_one_json_line_per_request_with_its_id(
 ) -> None:
     caplog.set_level(logging.INFO, logger="xlserve.access")
     body = {"model": http_server.model_name, "prompt": "Hi", "max_tokens": 3, "ignore_eos": True}
-    ours = httpx.post(f"{http_server.base_url}/v1/completions", json=body, headers={"X-Request-Id": "trace-42.a"})
+    ours = http.post(f"{http_server.base_url}/v1/completions", json=body, headers={"X-Request-Id": "trace-42.a"})
     assert ours.status_code == 200 and ours.headers["x-request-id"] == "trace-42.a"
     # An id that could forge log structure is replaced by a fresh one.
-    forged = httpx.get(f"{http_server.base_url}/v1/models", headers={"X-Request-Id": 'x" injected'})
+    forged = http.get(f"{http_server.base_url}/v1/models", headers={"X-Request-Id": 'x" injected'})
     fresh = forged.headers["x-request-id"]
     assert fresh != 'x" injected' and len(fresh) == 32
 

@@ -4,11 +4,10 @@ test_http_tools.py."""
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 
-from tests.http_fixtures import LiveServer, shared_http_server  # noqa: F401 (`http_server`)
+from tests.http_fixtures import LiveServer, http, shared_http_server  # noqa: F401 (`http_server`)
 
 STORY = "Tell me a story"
 
@@ -89,7 +88,7 @@ def test_the_sdk_stream_helper_reads_it(http_server: LiveServer) -> None:
 ])  # fmt: skip
 def test_what_cannot_be_served_is_a_400(http_server: LiveServer, fields: dict, param: str) -> None:
     body = {"model": http_server.model_name, "input": STORY, **fields}
-    answer = httpx.post(f"{http_server.base_url}/v1/responses", json=body, timeout=60)
+    answer = http.post(f"{http_server.base_url}/v1/responses", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param
     with pytest.raises(openai.NotFoundError):

@@ -34,7 +34,13 @@ from serving.http.options import Launch
 from serving.http.settings import ServerSettings
 from serving.text.templates import builtin_template
 from tests.family_tokenizers import qwen_tokenizer
-from tests.http_fixtures import free_port, shared_http_server, wait_ready  # noqa: F401 (the `http_server` fixture)
+from tests.http_fixtures import (  # noqa: F401 (the `http_server` fixture)
+    TLS,
+    free_port,
+    openai_client,
+    shared_http_server,
+    wait_ready,
+)
 
 MODEL = "tool-caller"
 CHAIN = ["\n", "<think>", "Paris needs a forecast.", "</think>", "\n\n", "<tool_call>", '\n{"name": "', "get_weather",
@@ -96,7 +102,7 @@ class ToolServer:
         wait_ready(self.base_url, alive=self._thread.is_alive)
 
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
+        return openai_client(f"{self.base_url}/v1", "unused", max_retries=0)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
@@ -246,7 +252,8 @@ ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"].
 def anthropic_client(server):
     import anthropic
 
-    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0)
+    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0,
+                               http_client=anthropic.DefaultHttpxClient(verify=TLS))
 
 
 def test_messages_api_tool_use_with_thinking(server):

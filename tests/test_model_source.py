@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import openai
 import pytest
 from huggingface_hub import constants
 from safetensors.numpy import load_file, save_file
@@ -31,7 +30,7 @@ from serving.cli import main
 from serving.http.engine_loader import load_engine
 from serving.http.options import from_environment
 from tests.conftest import REPO
-from tests.http_fixtures import ServerProcess, console_script, free_port
+from tests.http_fixtures import ServerProcess, console_script, free_port, openai_client
 from tests.hub_standin import Repo, StandInHub, commit_id
 
 PUBLIC = "xlserve-test/tiny-llama"
@@ -175,7 +174,7 @@ def test_the_command_serves_a_gated_hub_id_with_the_token_from_the_environment(
     server = ServerProcess(command, hub_environment(hub, tmp_path / "home", HUGGING_FACE_HUB_TOKEN=TOKEN))
     try:
         server.wait_ready(base)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        client = openai_client(f"{base}/v1", "none", max_retries=0)
         [model] = client.models.list().data
         assert model.id == GATED  # the served name defaults to the id
         chat = client.chat.completions.create(model=GATED, messages=[{"role": "user", "content": "hi"}],

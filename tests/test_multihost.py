@@ -33,7 +33,7 @@ from serving.engine.multihost import (
 from serving.engine.scheduler import Chunk
 from serving.request import EngineRequest, GenerationConfig
 from tests.conftest import add_tokenizer
-from tests.http_fixtures import ServerProcess, console_script, free_port
+from tests.http_fixtures import ServerProcess, console_script, free_port, http, openai_client
 
 # Few shapes, and so few pages that four sequences decoding at once must preempt one.
 GROUP_ENGINE_FLAGS = ["--session-len", "128", "--cache-block-seq-len", "16", "--num-pages", "13",
@@ -99,14 +99,14 @@ def group(four_head_llama):
     running = Group(four_head_llama)
     try:
         running.leader.wait_ready(running.leader_url)
-        running.follower.wait_until(lambda: httpx.get(f"{running.follower_url}/health").status_code == 200)
+        running.follower.wait_until(lambda: http.get(f"{running.follower_url}/health").status_code == 200)
         yield running
     finally:
         running.stop()
 
 
 def _complete(base_url: str, prompts: list[list[int]]) -> list[str]:
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=300)
+    client = openai_client(f"{base_url}/v1", "none", max_retries=0, timeout=300)
 
     def one(prompt: list[int]) -> str:
         answer = client.completions.create(model="m", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
@@ -117,7 +117,7 @@ def _complete(base_url: str, prompts: list[list[int]]) -> list[str]:
 
 
 def _metric(base_url: str, name: str) -> float:
-    lines = httpx.get(f"{base_url}/metrics").text.splitlines()
+    lines = http.get(f"{base_url}/metrics").text.splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") or line.startswith(
         name + " "))
 
@@ -156,14 +156,14 @@ def test_two_processes_give_the_single_process_tokens(group, four_head_llama):
     assert _metric(group.leader_url, "vllm:num_preemptions_total") > 0
     assert _metric(group.leader_url, "vllm:prefix_cache_hits_total") > 0
     assert _metric(group.leader_url, "xlserve:compilations_after_warmup") == 0
-    follower = httpx.get(f"{group.follower_url}/health")
+    follower = http.get(f"{group.follower_url}/health")
     assert follower.status_code == 200
     assert follower.json() == {"rank": 1, "following": True, "compilations_after_warmup": 0}
 
 
 def test_a_follower_serves_only_probes(group):
-    assert httpx.get(f"{group.follower_url}/v1/ready").status_code == 200
-    assert httpx.get(f"{group.follower_url}/v1/models").status_code == 404
+    assert http.get(f"{group.follower_url}/v1/ready").status_code == 200
+    assert http.get(f"{group.follower_url}/v1/models").status_code == 404
 
 
 def test_a_missing_peer_fails_within_the_init_timeout(four_head_llama):
@@ -181,7 +181,7 @@ def test_a_missing_peer_fails_within_the_init_timeout(four_head_llama):
 def test_killing_the_follower_makes_the_leader_fail_and_exit(group):
     """Runs last: it ends the module's group. A request generating when the follower dies gets an answer
     (an error), never a hang."""
-    client = openai.OpenAI(base_url=f"{group.leader_url}/v1", api_key="none", max_retries=0, timeout=60)
+    client = openai_client(f"{group.leader_url}/v1", "none", max_retries=0, timeout=60)
     stream = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=80, temperature=0, stream=True)
     next(iter(stream))  # generating now
     errors = []
@@ -200,7 +200,7 @@ def test_killing_the_follower_makes_the_leader_fail_and_exit(group):
     seen_503 = False
     while group.leader.process.poll() is None and time.monotonic() - began < 30:
         try:
-            seen_503 |= httpx.get(f"{group.leader_url}/health", timeout=2).status_code == 503
+            seen_503 |= http.get(f"{group.leader_url}/health", timeout=2).status_code == 503
         except httpx.TransportError:
             pass
         time.sleep(0.1)

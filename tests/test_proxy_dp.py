@@ -8,13 +8,20 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.cli import main
-from tests.http_fixtures import SMALL_BUCKET_FLAGS, STARTUP_TIMEOUT_S, ServerProcess, console_script, free_port
+from tests.http_fixtures import (
+    SMALL_BUCKET_FLAGS,
+    STARTUP_TIMEOUT_S,
+    ServerProcess,
+    console_script,
+    free_port,
+    http,
+    openai_client,
+)
 
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 KEY = "dp-key"
@@ -29,7 +36,7 @@ def test_dp_two_replicas_of_two_devices_serve_through_one_port(tiny_llama: Path)
     server = ServerProcess(command, env=FOUR_DEVICES)
     try:
         server.wait_until(lambda: "2 replicas of tiny ready" in server.output(), STARTUP_TIMEOUT_S)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+        client = openai_client(f"{base}/v1", KEY, max_retries=0, timeout=120)
         assert [model.id for model in client.models.list().data] == ["tiny"]
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(
@@ -37,13 +44,13 @@ def test_dp_two_replicas_of_two_devices_serve_through_one_port(tiny_llama: Path)
                                                     extra_body={"ignore_eos": True}), range(16)))
         assert all(answer.usage.completion_tokens == 8 for answer in answers)
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
-        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+            openai_client(f"{base}/v1", "wrong", max_retries=0).models.list()
+        metrics = http.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
         sent = {sample.labels["node"]: sample.value for family in text_string_to_metric_families(metrics)
                 for sample in family.samples if sample.name == "xlserve:proxy_node_requests_total"}
         assert len(sent) == 2 and all(count >= 1 for count in sent.values()), f"both replicas serve: {sent}"
         assert all(url.startswith("http://127.0.0.1:") for url in sent), "replicas listen on loopback only"
-        assert httpx.get(f"{base}/nodes/status", headers={"Authorization": f"Bearer {KEY}"}).status_code == 403
+        assert http.get(f"{base}/nodes/status", headers={"Authorization": f"Bearer {KEY}"}).status_code == 403
     finally:
         status = server.stop(signal.SIGTERM)
     assert status == 0, server.output()

@@ -24,7 +24,7 @@ import torch
 
 from serving.text.tokenizer import Tokenizer
 from tests.gguf_files import our_logits, transformers_logits
-from tests.http_fixtures import ServerProcess, console_script, free_port
+from tests.http_fixtures import ServerProcess, console_script, free_port, openai_client
 from tests.real_model import smollm2_gguf
 
 pytestmark = pytest.mark.slow  # a 93 MB download on a fresh checkout, and a 30-layer model to compile
@@ -69,7 +69,7 @@ def client(server: tuple[ServerProcess, str], hf_model) -> openai.OpenAI:
     server starts: its start is compiling, in another process, most of that time."""
     process, base_url = server
     process.wait_ready(base_url)
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(f"{base_url}/v1", "unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

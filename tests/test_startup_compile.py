@@ -13,11 +13,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
 from serving.engine.config import BucketSet, StepShape
 from serving.engine.warmup import BucketCompiler, CompileUnit, on_startup_thread
-from tests.http_fixtures import FEW_BUCKETS, serve_in_thread
+from tests.http_fixtures import FEW_BUCKETS, http, serve_in_thread
 
 BACKGROUND_TIMEOUT_S = 300
 
@@ -84,7 +82,7 @@ def test_the_compiler_waits_for_the_essential_units_and_announces_each_in_order(
 
 
 def metric(base_url: str, name: str) -> int:
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    text = http.get(f"{base_url}/metrics", timeout=10).text
     return int(float(re.search(re.escape(name) + r"(?:_total)?(?:\{[^}]*\})? ([\d.e+]+)$", text, re.M).group(1)))
 
 

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from quart import Quart
@@ -36,6 +35,7 @@ from tests.http_fixtures import (
     ServerProcess,
     console_script,
     free_port,
+    http,
     scrape,
     serve_in_thread,
 )
@@ -158,16 +158,16 @@ def metric(server: LiveServer, name: str) -> float:
 
 
 def test_page_is_self_contained_and_open_without_a_key(server: LiveServer) -> None:
-    page = httpx.get(f"{server.base_url}/chat")
+    page = http.get(f"{server.base_url}/chat")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
     assert "default-src 'self'" in CONTENT_SECURITY_POLICY and "unsafe" not in CONTENT_SECURITY_POLICY
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text), "the page loads something from elsewhere"
     for asset in ("chat/chat.js", "chat/chat.css"):
         assert asset in page.text
-        assert httpx.get(f"{server.base_url}/{asset}").status_code == 200
+        assert http.get(f"{server.base_url}/{asset}").status_code == 200
     # The API the page calls needs the key like any other client's call.
-    assert httpx.get(f"{server.base_url}/v1/models").status_code == 401
+    assert http.get(f"{server.base_url}/v1/models").status_code == 401
 
 
 async def test_chat_at_root_redirects_and_swagger_moves_to_docs() -> None:
@@ -267,8 +267,8 @@ def test_serve_gradio_serves_the_page_for_a_remote_server(tab: Tab, server: Live
                            "--server-name", "127.0.0.1", "--server-port", str(port)])
     base_url = f"http://127.0.0.1:{port}"
     try:
-        webui.wait_until(lambda: httpx.get(f"{base_url}/chat").status_code == 200)
-        assert httpx.get(base_url).headers["location"].endswith("/chat")
+        webui.wait_until(lambda: http.get(f"{base_url}/chat").status_code == 200)
+        assert http.get(base_url).headers["location"].endswith("/chat")
         tab.allowed.append(base_url)
         page = tab.page
         open_chat(page, server, base_url=base_url)
