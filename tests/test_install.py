@@ -36,8 +36,16 @@ def test_hub_kernels_and_ours_import_in_one_process():
         "assert 'site-packages' in kernels.__file__, kernels.__file__\n"
         "print(xlkernels.__file__)\n"
     )
-    for cwd, path in ((REPO, str(REPO)), (Path("/"), "")):
-        result = subprocess.run([sys.executable, "-c", script], cwd=cwd, env={"PYTHONPATH": path, "PATH": "/usr/bin"},
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-        assert Path(result.stdout.strip()).parent.name == "xlkernels"
+    # Both at once: each spends seconds importing transformers and torch.
+    processes = [subprocess.Popen([sys.executable, "-c", script], cwd=cwd, env={"PYTHONPATH": path, "PATH": "/usr/bin"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for cwd, path in ((REPO, str(REPO)), (Path("/"), ""))]
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=300)
+            assert process.returncode == 0, stderr
+            assert Path(stdout.strip()).parent.name == "xlkernels"
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
