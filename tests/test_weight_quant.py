@@ -393,8 +393,8 @@ def test_a_hugging_face_fp8_checkpoint_serves_as_fp8(tmp_path):
     # Against the bf16 model it came from: fp8's rounding, twice (tiles, then channels). A random tiny
     # model amplifies it (from the bf16 weights directly, per channel: 11% of the largest logit).
     plain = dataclasses.replace(config, weight_quant=None)
-    error = jnp.abs(forward(params, config) - forward(load_params(source, plain, jnp.float32), plain))
-    assert float(error.max()) < 0.25 * float(jnp.abs(forward(load_params(source, plain, jnp.float32), plain)).max())
+    want = forward(load_params(source, plain, jnp.float32), plain)
+    assert float(jnp.abs(forward(params, config) - want).max()) < 0.25 * float(jnp.abs(want).max())
 
 
 def forward(params, config: ModelConfig) -> jax.Array:
