@@ -107,7 +107,7 @@ def wait_ready(base_url: str, timeout: float = STARTUP_TIMEOUT_S, alive: Callabl
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.25)
+        time.sleep(0.05)  # a poll costs a millisecond or two (the shared client)
     raise TimeoutError(f"the server at {base_url} was not ready after {timeout}s")
 
 
