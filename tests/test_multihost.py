@@ -136,23 +136,17 @@ with pipeline(sys.argv[1], tp=4, **options) as pipe:
 def test_two_processes_give_the_single_process_tokens(group, four_head_llama):
     from serving import pipeline
 
-    # The one-process run starts first and runs meanwhile (its start is mostly compiling).
-    four_devices = subprocess.Popen(
+    texts = _complete(group.leader_url, PROMPTS)
+    with pipeline(str(four_head_llama), **GROUP_ENGINE_OPTIONS) as single:  # --tp 1, here
+        expected = [r.text for r in single(PROMPTS, GenerationConfig(max_new_tokens=MAX_TOKENS))]
+    four_devices = subprocess.run(
         [sys.executable, "-c", ONE_PROCESS_SCRIPT, str(four_head_llama),
          json.dumps([PROMPTS, GROUP_ENGINE_OPTIONS, MAX_TOKENS])],
         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        texts = _complete(group.leader_url, PROMPTS)
-        with pipeline(str(four_head_llama), **GROUP_ENGINE_OPTIONS) as single:  # --tp 1, here
-            expected = [r.text for r in single(PROMPTS, GenerationConfig(max_new_tokens=MAX_TOKENS))]
-        stdout, stderr = four_devices.communicate(timeout=300)
-    finally:
-        four_devices.kill()
-        four_devices.wait()
-    assert four_devices.returncode == 0, stderr
+        capture_output=True, text=True, timeout=300)
+    assert four_devices.returncode == 0, four_devices.stderr
     assert texts == expected
-    assert json.loads(stdout.strip().splitlines()[-1]) == expected
+    assert json.loads(four_devices.stdout.strip().splitlines()[-1]) == expected
     assert _metric(group.leader_url, "vllm:num_preemptions_total") > 0
     assert _metric(group.leader_url, "vllm:prefix_cache_hits_total") > 0
     assert _metric(group.leader_url, "xlserve:compilations_after_warmup") == 0
