@@ -84,6 +84,15 @@ def openai_client(base_url: str, api_key: str, **options: Any) -> openai.OpenAI:
                          **options)
 
 
+def anthropic_client(base_url: str, api_key: str, **options: Any) -> Any:  # anthropic.Anthropic
+    """`anthropic.Anthropic(...)` over a client with the shared TLS context (imported here: only the Messages
+    API's tests use the SDK)."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=base_url, api_key=api_key, http_client=anthropic.DefaultHttpxClient(verify=TLS),
+                               **options)
+
+
 def async_openai_client(base_url: str, api_key: str, **options: Any) -> openai.AsyncOpenAI:
     """`openai.AsyncOpenAI(...)` over a client with the shared TLS context (the SDK's defaults otherwise)."""
     return openai.AsyncOpenAI(base_url=base_url, api_key=api_key,

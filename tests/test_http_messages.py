@@ -7,7 +7,7 @@ from __future__ import annotations
 import anthropic
 import pytest
 
-from tests.http_fixtures import TLS, LiveServer, http, shared_http_server  # noqa: F401 (`http_server`)
+from tests.http_fixtures import LiveServer, anthropic_client, http, shared_http_server  # noqa: F401 (`http_server`)
 
 STORY = "Tell me a story"
 ASK = [{"role": "user", "content": STORY}]
@@ -15,8 +15,7 @@ GREEDY = {"temperature": 0}  # this SDK version has no `temperature` argument; t
 
 
 def client(server: LiveServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0,
-                               http_client=anthropic.DefaultHttpxClient(verify=TLS))
+    return anthropic_client(server.base_url, "unused", max_retries=0)
 
 
 def test_a_message_says_what_chat_completions_says(http_server: LiveServer) -> None:

@@ -35,7 +35,7 @@ from serving.http.settings import ServerSettings
 from serving.text.templates import builtin_template
 from tests.family_tokenizers import qwen_tokenizer
 from tests.http_fixtures import (  # noqa: F401 (the `http_server` fixture)
-    TLS,
+    anthropic_client,
     free_port,
     openai_client,
     shared_http_server,
@@ -249,21 +249,18 @@ ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"].
                     "input_schema": t["function"]["parameters"]} for t in TOOLS]  # fmt: skip
 
 
-def anthropic_client(server):
-    import anthropic
-
-    return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0,
-                               http_client=anthropic.DefaultHttpxClient(verify=TLS))
+def claude_client(server):
+    return anthropic_client(server.base_url, "unused", max_retries=0)
 
 
 def test_messages_api_tool_use_with_thinking(server):
-    message = anthropic_client(server).messages.create(model=MODEL, max_tokens=64, messages=ASK, tools=ANTHROPIC_TOOLS)
+    message = claude_client(server).messages.create(model=MODEL, max_tokens=64, messages=ASK, tools=ANTHROPIC_TOOLS)
     thinking, tool_use = message.content
     assert thinking.type == "thinking" and thinking.thinking == "Paris needs a forecast."
     assert (tool_use.type, tool_use.name, tool_use.input) == ("tool_use", "get_weather", {"city": "Paris"})
     assert tool_use.id.startswith("toolu_") and message.stop_reason == "tool_use"
     # The tool's result sent back: a tool_use block, then a tool_result block (the model ignores it).
-    followup = anthropic_client(server).messages.create(model=MODEL, max_tokens=64, tools=ANTHROPIC_TOOLS, messages=[
+    followup = claude_client(server).messages.create(model=MODEL, max_tokens=64, tools=ANTHROPIC_TOOLS, messages=[
         *ASK,
         {"role": "assistant", "content": [{"type": "tool_use", "id": tool_use.id, "name": tool_use.name,
                                            "input": tool_use.input}]},
@@ -271,12 +268,12 @@ def test_messages_api_tool_use_with_thinking(server):
     ])  # fmt: skip
     assert followup.content[-1].name == "get_weather"
     assert followup.usage.input_tokens + followup.usage.cache_read_input_tokens > message.usage.input_tokens
-    counted = anthropic_client(server).messages.count_tokens(model=MODEL, messages=ASK, tools=ANTHROPIC_TOOLS)
+    counted = claude_client(server).messages.count_tokens(model=MODEL, messages=ASK, tools=ANTHROPIC_TOOLS)
     assert counted.input_tokens == message.usage.input_tokens + message.usage.cache_read_input_tokens
 
 
 def test_messages_api_streams_tool_use_as_input_json_deltas(server):
-    client = anthropic_client(server)
+    client = claude_client(server)
     options = dict(model=MODEL, max_tokens=64, messages=ASK, tools=ANTHROPIC_TOOLS)
     events = list(client.messages.create(**options, stream=True))
     starts = [e.content_block for e in events if e.type == "content_block_start"]

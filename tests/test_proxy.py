@@ -32,8 +32,8 @@ from configs.demo import MERGE_WORDS
 from tests.http_fixtures import (
     SMALL_BUCKET_FLAGS,
     STARTUP_TIMEOUT_S,
-    TLS,
     ServerProcess,
+    anthropic_client,
     console_script,
     free_port,
     http,
@@ -274,8 +274,7 @@ def test_responses_messages_generate_and_encode_are_relayed_as_a_node_answers_th
         direct.responses.create(**ask).output_text
 
     def claude(url: str) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=url, api_key=USER, max_retries=0, timeout=120,
-                                   http_client=anthropic.DefaultHttpxClient(verify=TLS))
+        return anthropic_client(url, USER, max_retries=0, timeout=120)
 
     said = dict(model=MODEL, max_tokens=8, extra_body={"temperature": 0}, system="Be brief.",
                 messages=[{"role": "user", "content": "Tell me about the world"}])
