@@ -151,16 +151,16 @@ def test_the_files_own_blocks_give_the_float32_weights_logits(model_file, capita
 
 
 def test_bf16_weights_keep_the_answers_and_stay_near_the_float32_logits(model_file, capital_prompt, capital_logits):
-    """`--weight-quant bf16` (the CPU's AMX path, this quantized GGUF's default where the CPU has AMX): every
-    weight and the KV cache rounded to bfloat16 move a logit of about +-40 by at most half a unit, the prompt's
-    next-token choices stay float32's, and the greedy answers stay right."""
+    """`--weight-quant bf16` (this quantized GGUF's default where the CPU has a bfloat16 dot: AMX or
+    AVX512-BF16): every weight and the KV cache rounded to bfloat16 move a logit of about +-40 by at most half a
+    unit, the prompt's next-token choices stay float32's, and the greedy answers stay right."""
     from serving import GenerationConfig, pipeline
-    from xlkernels.native_build import cpu_has_bf16_tiles
+    from xlkernels.native_build import cpu_has_bf16_dots
 
     f32, bf16 = capital_logits, our_logits(model_file, capital_prompt, weight_quant="bf16")
     assert np.abs(f32 - bf16).max() < 1.0 and (f32.argmax(-1) == bf16.argmax(-1)).mean() >= 0.95  # 0.73, 1.0 here
     options = dict(decode_batch_buckets=(1,), prefill_row_buckets=(1,), prefill_token_buckets=(64,))
-    if not cpu_has_bf16_tiles():  # asked for; with AMX, the default
+    if not cpu_has_bf16_dots():  # asked for; with AMX or AVX512-BF16, the default
         options["weight_quant"] = "bf16"
     greedy = GenerationConfig(max_new_tokens=MAX_TOKENS)
     with pipeline(str(model_file), **options) as pipe:

@@ -263,9 +263,10 @@ def test_bf16_weights_are_refused_off_cpu_and_run_under_float32_activations_on_i
     assert resolve_dtype("bfloat16", ModelConfig.from_pretrained(str(tiny_llama)), "cpu") == jnp.bfloat16
 
 
-def test_bf16_weights_are_the_cpus_format_for_bfloat16_and_under_auto_with_amx():
+def test_bf16_weights_are_the_cpus_format_for_bfloat16_and_under_auto_with_a_bf16_dot():
     """On CPU, --dtype bfloat16 means bfloat16 weights and KV pages under float32 activations (XLA:CPU's bfloat16
-    arithmetic is up to 20x slower at one row); --dtype auto picks it for a bfloat16 checkpoint on a CPU with AMX."""
+    arithmetic is up to 20x slower at one row); --dtype auto picks it for a bfloat16 checkpoint on a CPU with a
+    bfloat16 dot instruction (AMX or AVX512-BF16)."""
     from serving.engine.engine import default_weight_format
 
     def checkpoint(dtype: str, blocks: str | None = None) -> ModelConfig:
@@ -273,22 +274,22 @@ def test_bf16_weights_are_the_cpus_format_for_bfloat16_and_under_auto_with_amx()
                            num_kv_heads=1, head_dim=16, max_position_embeddings=64, torch_dtype=dtype,
                            checkpoint_blocks=blocks)
 
-    assert default_weight_format("auto", checkpoint("bfloat16"), "cpu", bf16_tiles=True) == "bf16"
-    for dtype, tiles in (("bfloat16", False), ("float32", True), ("float32", False)):
-        assert default_weight_format("bfloat16", checkpoint(dtype), "cpu", bf16_tiles=tiles) == "bf16"
-    for dtype, ckpt, platform, tiles in (("auto", "bfloat16", "cpu", False),  # no AMX: f32's products
+    assert default_weight_format("auto", checkpoint("bfloat16"), "cpu", bf16_dots=True) == "bf16"
+    for dtype, dots in (("bfloat16", False), ("float32", True), ("float32", False)):
+        assert default_weight_format("bfloat16", checkpoint(dtype), "cpu", bf16_dots=dots) == "bf16"
+    for dtype, ckpt, platform, dots in (("auto", "bfloat16", "cpu", False),  # no bf16 dot: f32's products
                                          ("float32", "bfloat16", "cpu", True),  # asked for float32
                                          ("auto", "float32", "cpu", True),  # bf16 would round the weights
                                          ("auto", "bfloat16", "gpu", True),  # bf16 activations there
                                          ("bfloat16", "bfloat16", "gpu", True)):
-        assert default_weight_format(dtype, checkpoint(ckpt), platform, bf16_tiles=tiles) is None
-    # A GGUF file's own blocks, where its layers share one format: under float32, and under auto without AMX
+        assert default_weight_format(dtype, checkpoint(ckpt), platform, bf16_dots=dots) is None
+    # A GGUF file's own blocks, where its layers share one format: under float32, and under auto without a bf16 dot
     gguf = checkpoint("bfloat16", "q4_1")
-    for dtype, tiles in (("float32", True), ("float32", False), ("auto", False)):
-        assert default_weight_format(dtype, gguf, "cpu", bf16_tiles=tiles) == "q4_1"
+    for dtype, dots in (("float32", True), ("float32", False), ("auto", False)):
+        assert default_weight_format(dtype, gguf, "cpu", bf16_dots=dots) == "q4_1"
     for dtype in ("auto", "bfloat16"):
-        assert default_weight_format(dtype, gguf, "cpu", bf16_tiles=True) == "bf16"
-    assert default_weight_format("auto", gguf, "gpu", bf16_tiles=True) is None
+        assert default_weight_format(dtype, gguf, "cpu", bf16_dots=True) == "bf16"
+    assert default_weight_format("auto", gguf, "gpu", bf16_dots=True) is None
 
 
 def test_bf16_weights_store_the_kv_cache_in_bf16_too(tiny_llama):

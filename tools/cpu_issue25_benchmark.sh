@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 25's table on a CPU, xlserve and transformers alternating in one command, REPEATS times:
 # SmolLM2-135M-Instruct from the GGUF file (the real-model tier's), the default session length (8192), 64-token
-# prompts, 128 generated tokens, greedy; xlserve's default weights (bf16 on a CPU with AMX, else float32:
-# serving/engine/engine.py, default_weight_format; ENGINE_FLAGS="--dtype float32" SERVER_FLAGS="--dtype float32"
-# for float32 everywhere), transformers' in float32.
+# prompts, 128 generated tokens, greedy; xlserve's default weights (bf16 on a CPU with AMX or AVX512-BF16, else
+# the file's blocks in float32: serving/engine/engine.py, default_weight_format; ENGINE_FLAGS="--dtype float32"
+# SERVER_FLAGS="--dtype float32" for float32 everywhere), transformers' in float32.
 #   batch 1:  tools.bench_engine single --baseline transformers (xlserve's engine, then transformers'
 #             `generate`, in one process; targets: >= 1.3x)
 #   16 concurrent requests through HTTP: a fresh `xlserve serve api_server` (once every bucket compiled),

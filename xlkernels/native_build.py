@@ -60,8 +60,15 @@ def _cpu_flags() -> str:
 
 def cpu_has_bf16_tiles() -> bool:
     """Whether this CPU multiplies bfloat16 on AMX tiles (`amx_bf16`), where XLA:CPU's bf16 dots run ~2.8x its
-    f32 ones at 16 rows (docs/perf-notes.md, "Twelfth session"); elsewhere they were not measured faster."""
+    f32 ones at 16 rows (docs/perf-notes.md, "Twelfth session") and the GGUF blocks' products use the tiles."""
     return "amx_bf16" in _cpu_flags().split()
+
+
+def cpu_has_bf16_dots() -> bool:
+    """Whether this CPU has a bfloat16 dot instruction: AMX's tiles, or AVX512-BF16's `vdpbf16ps` (Zen 4), where
+    XLA:CPU's bf16 dots ran 1.96x its f32 ones over a 16-row step's products (docs/perf-notes.md, "Twentieth
+    session"); without either, bfloat16 weights are widened before each product and were not measured faster."""
+    return cpu_has_bf16_tiles() or "avx512_bf16" in _cpu_flags().split()
 
 
 def library_path() -> Path:

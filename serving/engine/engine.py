@@ -56,7 +56,7 @@ from serving.engine.scheduler import Chunk, Scheduler
 from serving.engine.warmup import BucketCompiler, CompileUnit, on_startup_thread
 from serving.request import EngineOutput, EngineRequest, FinishReason, GenerationConfig, build_request
 from xlkernels.kv_quant import BF16_BITS, kv_format
-from xlkernels.native_build import cpu_has_bf16_tiles
+from xlkernels.native_build import cpu_has_bf16_dots
 
 if TYPE_CHECKING:
     from serving.text.tokenizer import Tokenizer
@@ -112,24 +112,24 @@ def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> Mo
     return dataclasses.replace(model_config, weight_quant=weight_quant) if weight_quant else model_config
 
 
-def default_weight_format(dtype: str, checkpoint: ModelConfig, platform: str, bf16_tiles: bool) -> str | None:
+def default_weight_format(dtype: str, checkpoint: ModelConfig, platform: str, bf16_dots: bool) -> str | None:
     """The weight format when --weight-quant is unset, on CPU (None elsewhere: the activations' dtype):
     - bf16 (bfloat16 weights and KV pages under float32 activations) for --dtype bfloat16, whose arithmetic
       in bfloat16 XLA:CPU runs up to 20x slower at one row, and under --dtype auto for a bfloat16
-      checkpoint or a quantized GGUF on a CPU with AMX's bf16 tiles, where it streams half the bytes and
-      multiplies several rows on the tiles (2.2x a GGUF's own blocks at 16 concurrent requests);
+      checkpoint or a quantized GGUF on a CPU with a bfloat16 dot instruction (AMX, or AVX512-BF16), where
+      it streams half the bytes and multiplies several rows at twice float32's rate;
     - a GGUF file's own block format (q4_0, q4_1, q8_0), where its layers' matmul weights share one, under
-      --dtype float32, and under auto without AMX: the native kernel multiplies the file's blocks in
+      --dtype float32, and under auto without a bf16 dot: the native kernel multiplies the file's blocks in
       float32, which is exactly the float32 model the file holds, reading 4.5-8.5 bits a weight (faster
-      than float32 weights at every batch, and than bf16 at one row);
+      than float32 weights at every batch);
     - None otherwise: --dtype float32 keeps every other checkpoint's weights in float32.
-    (docs/perf-notes.md, "Sixteenth session", has the figures.)"""
+    (docs/perf-notes.md, "Sixteenth session" and "Twentieth session", has the figures.)"""
     if platform != "cpu":
         return None
     quantized_gguf = checkpoint.checkpoint_blocks is not None
-    if quantized_gguf and (dtype == "float32" or (dtype == "auto" and not bf16_tiles)):
+    if quantized_gguf and (dtype == "float32" or (dtype == "auto" and not bf16_dots)):
         return checkpoint.checkpoint_blocks
-    auto = dtype == "auto" and bf16_tiles and checkpoint.torch_dtype == "bfloat16"  # a quantized GGUF's is too
+    auto = dtype == "auto" and bf16_dots and checkpoint.torch_dtype == "bfloat16"  # a quantized GGUF's is too
     return "bf16" if dtype == "bfloat16" or auto else None
 
 
@@ -304,7 +304,7 @@ class Engine:
         enable_compilation_cache(config.compilation_cache_dir, devices[0].platform)
         checkpoint = ModelConfig.from_pretrained(model_path)
         weight_quant = config.weight_quant or checkpoint.weight_quant or default_weight_format(
-            config.dtype, checkpoint, devices[0].platform, cpu_has_bf16_tiles())
+            config.dtype, checkpoint, devices[0].platform, cpu_has_bf16_dots())
         model_config = with_weight_quant(checkpoint, weight_quant)
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path)

@@ -279,9 +279,10 @@ OPTIONS: tuple[Option, ...] = (
         "--dtype",
         "engine",
         "dtype",
-        "Weight and activation dtype; auto is the checkpoint's on GPU and float32 on CPU, where a GGUF file "
-        "keeps its layers' blocks (--weight-quant q4_0|q4_1|q8_0) and a bfloat16 checkpoint its matmul weights "
-        "in bfloat16 if the CPU has AMX (--weight-quant bf16); on CPU, bfloat16 is that format always "
+        "Weight and activation dtype; auto is the checkpoint's on GPU and float32 on CPU, where a bfloat16 "
+        "checkpoint or block-quantized GGUF file keeps its matmul weights in bfloat16 if the CPU has AMX or "
+        "AVX512-BF16 (--weight-quant bf16), and otherwise a GGUF file keeps its layers' blocks (--weight-quant "
+        "q4_0|q4_1|q8_0); on CPU, bfloat16 is the bf16 format always "
         "(bfloat16 weights and cache, float32 arithmetic); float32 keeps a GGUF file's blocks (exact) and every "
         f"other weight in float32 (default: {_engine_default('dtype')}).",
         choices=("auto", "bfloat16", "float16", "float32"),
@@ -329,11 +330,11 @@ OPTIONS: tuple[Option, ...] = (
         "weight_quant",
         "Quantize the linear layers' weights at load, per output channel: int8 or fp8 (e4m3); or bf16 (CPU: "
         "every matmul weight and the KV cache in bfloat16 under float32 activations, products of several rows "
-        "on the AMX tiles where the CPU has them); or q4_0, q4_1, q8_0 (CPU: GGUF's blocks of 32 weights, "
+        "as bf16 dots where the CPU has AMX or AVX512-BF16); or q4_0, q4_1, q8_0 (CPU: GGUF's blocks of 32 weights, "
         "multiplied in float32; a GGUF file's own blocks of that format are kept as they are, exactly) "
-        "(default: none, but on CPU a GGUF file's own block format where its layers share one, under --dtype "
-        "auto or float32, and bf16 for a bfloat16 checkpoint under --dtype auto on a CPU with AMX; a Hugging "
-        "Face FP8 checkpoint serves as fp8).",
+        "(default: none; on CPU, under --dtype auto, bf16 for a bfloat16 checkpoint or block-quantized GGUF "
+        "file where the CPU has AMX or AVX512-BF16, else a GGUF file's own block format where its layers share "
+        "one, which --dtype float32 keeps too; a Hugging Face FP8 checkpoint serves as fp8).",
         choices=("int8", "fp8", "bf16", "q4_0", "q4_1", "q8_0"),
     ),
     Option(
