@@ -11,8 +11,8 @@
 // The dot form: a block's 32 weights, decoded once into two 16-lane vectors, multiply the matching 32 inputs
 // of each row of a tile of R rows (R accumulators per channel, C channels at a time), so the rows are read
 // straight from their [R, K] layout. At the end of a channel group the accumulators are summed across their
-// lanes, 16 at a time by one shuffle tree. R is 16 with AVX-512 (4 otherwise: the accumulators must stay in
-// registers). The rows are copied into a zero-padded, 64-byte-aligned buffer, each tile's block-interleaved
+// lanes, 16 at a time by one shuffle tree. R is 16 with AVX-512, or 8 (kMaxTile says where), 4 otherwise (the
+// accumulators must stay in registers). The rows are copied into a zero-padded, 64-byte-aligned buffer, each tile's block-interleaved
 // ([K / 32][R][32]: a block's inputs for all the tile's rows are contiguous), its last tile rounded up to a
 // power of two (an unaligned 64-byte load that crosses two cache lines halved the rate). Any number of rows
 // runs, a tile at a time, each tile decoding the weight again (prompt chunks: the decode is ~1/4 of the
@@ -45,7 +45,15 @@ typedef uint8_t v16u8 __attribute__((vector_size(16)));
 typedef int8_t v16s8 __attribute__((vector_size(16)));
 
 constexpr int64_t kBlock = 32;  // weights per GGUF block
-constexpr int kMaxTile = xlserve::kRegisterBytes >= 64 ? 16 : 4;  // rows a tile's accumulators hold
+// Rows a tile's accumulators hold: 16 with AVX-512, one channel a group, so each input vector loaded feeds one
+// FMA. Where 512-bit operations run as two 256-bit halves (AMD Zen 4, which AVX512-BF16 without AMX stands for
+// here), that load halves the rate: 8 rows and two channels a group, one load per two FMAs, decode each block
+// twice per 16 rows and still run faster there (docs/perf-notes.md, "Twentieth session").
+#if defined(__AVX512BF16__) && !defined(__AMX_TILE__)
+constexpr int kMaxTile = 8;
+#else
+constexpr int kMaxTile = xlserve::kRegisterBytes >= 64 ? 16 : 4;
+#endif
 constexpr int64_t kTaskChannels = 16;
 
 // IEEE half -> float, exact (subnormals included): F16C's conversion, or the bits moved by hand.
@@ -267,7 +275,7 @@ void task_channels(const Problem& p, int64_t padded_rows, int64_t c0, int64_t c1
       case 4: tile<F, 4>(p, r0, c0, c1, pending); break;
 #if defined(__AVX512F__)
       case 8: tile<F, 8>(p, r0, c0, c1, pending); break;
-      default: tile<F, 16>(p, r0, c0, c1, pending); break;
+      default: tile<F, kMaxTile>(p, r0, c0, c1, pending); break;
 #else
       default: tile<F, 4>(p, r0, c0, c1, pending); break;
 #endif
