@@ -104,3 +104,16 @@ def test_the_decode_kernel_runs_one_warp_a_program_over_quantized_one_page_block
     traced = paged_decode_attention.trace(q, pages, pages, tables, positions, lens, scale=0.125)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"num_warps = (\d+)", text) == [str(warps)]
+
+
+@pytest.mark.parametrize("rows, kv_format, stages", [(4, None, 3), (511, None, 3), (512, None, 1), (512, "fp8", 3)])
+def test_the_decode_kernel_runs_one_pipeline_stage_over_bf16_pages_in_a_full_grid(rows, kv_format, stages):
+    """`default_num_stages`: one stage over bf16 pages once the grid has STAGES_ONE_MIN_PROGRAMS programs (here
+    rows x 2 KV heads x one split), three below it and over quantized pages."""
+    pages = jax.eval_shape(lambda: quantize_pages(jnp.zeros((2, 8, 64, 64), jnp.bfloat16), kv_format))
+    q = jax.ShapeDtypeStruct((rows, 1, 8, 64), jnp.bfloat16)
+    tables, positions = jax.ShapeDtypeStruct((rows, 1), jnp.int32), jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+    lens = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    traced = paged_decode_attention.trace(q, pages, pages, tables, positions, lens, scale=0.125)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"num_stages = (\d+)", text) == [str(stages)]

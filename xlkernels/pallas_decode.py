@@ -71,6 +71,19 @@ def default_num_warps(quantized: bool, pages_per_block: int) -> int:
     return 1 if quantized and pages_per_block == 1 else 4
 
 
+# Programs (rows x KV heads x splits) from which a kernel over unquantized pages runs one pipeline stage.
+STAGES_ONE_MIN_PROGRAMS = 1024
+
+
+def default_num_stages(quantized: bool, programs: int) -> int:
+    """Triton's software-pipelining depth: 3, or 1 over bf16 pages when the grid has STAGES_ONE_MIN_PROGRAMS
+    programs or more. One stage holds one block's keys and values in shared memory instead of three, so more
+    programs stay resident on an SM, which pays once there are enough of them to fill it: on the H100 at
+    512 x 385 and 256 x 1024 one stage ran 1.09-1.14x three, at 32 x 2048 (512 programs) 0.90x; the fp8 and
+    int8 kernels (one warp) lost with one stage (docs/perf-notes.md, "Twentieth session")."""
+    return 1 if not quantized and programs >= STAGES_ONE_MIN_PROGRAMS else 3
+
+
 def default_k_splits(
     batch: int,
     num_kv_heads: int,
@@ -213,14 +226,15 @@ def paged_decode_attention(
     pages_per_block: int | None = None,
     k_splits: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [B, 1, Hq, D] in q.dtype
     """Paged decode attention (see the module docstring for the work split).
 
     Tunables (defaults measured on the H100, docs/perf-notes.md): pages_per_block, pages per K/V step
     (None: 64 tokens); k_splits, programs per row and KV head (None: `default_k_splits`); num_warps
-    (None: `default_num_warps`) and num_stages, Triton's warps per program and software-pipelining depth.
+    (None: `default_num_warps`) and num_stages (None: `default_num_stages`), Triton's warps per program and
+    software-pipelining depth.
     """
     batch, _, num_heads, head_dim = q.shape
     outs = paged_decode_partials(q, k_pages, v_pages, block_tables, q_positions, kv_lens, None, scale=scale,
@@ -247,7 +261,7 @@ def paged_decode_partials(
     k_splits: int | None,
     final_if_one_split: bool,
     num_warps: int | None,
-    num_stages: int,
+    num_stages: int | None,
     interpret: bool,
 ) -> list[jax.Array]:
     """The decode kernel's raw outputs: per-split f32 o[B, Hkv, S, G, D], l and m [B, Hkv, S, G] for
@@ -277,6 +291,8 @@ def paged_decode_partials(
     if k_splits is None:
         k_splits = default_k_splits(batch, num_kv_heads, padded_pps // pages_per_block,
                                     pages_per_block * page_size)
+    if num_stages is None:
+        num_stages = default_num_stages(isinstance(k_pages, QuantizedPages), batch * num_kv_heads * k_splits)
     if kv_starts is None:
         kv_starts = jnp.zeros((batch,), jnp.int32)
     with_stats = k_splits > 1 or not final_if_one_split
