@@ -12,12 +12,12 @@
 // of each row of a tile of R rows (R accumulators per channel, C channels at a time), so the rows are read
 // straight from their [R, K] layout. At the end of a channel group the accumulators are summed across their
 // lanes, 16 at a time by one shuffle tree. R is 16 with AVX-512, or 8 (kMaxTile says where), 4 otherwise (the
-// accumulators must stay in registers). The rows are copied into a zero-padded, 64-byte-aligned buffer, each tile's block-interleaved
-// ([K / 32][R][32]: a block's inputs for all the tile's rows are contiguous), its last tile rounded up to a
-// power of two (an unaligned 64-byte load that crosses two cache lines halved the rate). Any number of rows
-// runs, a tile at a time, each tile decoding the weight again (prompt chunks: the decode is ~1/4 of the
-// work at 16 rows). Output channels are split into tasks for the calling thread and XLA's intra-op threads
-// (native_tasks.h). Rates are in docs/perf-notes.md ("Sixteenth session").
+// accumulators must stay in registers). The rows are copied into a zero-padded, 64-byte-aligned buffer, each
+// tile's block-interleaved ([K / 32][R][32]: a block's inputs for all the tile's rows are contiguous), its last
+// tile rounded up to a power of two (an unaligned 64-byte load that crosses two cache lines halved the rate).
+// Any number of rows runs, a tile at a time, each tile decoding the weight again (prompt chunks: the decode is
+// ~1/4 of the work at 16 rows). Output channels are split into tasks for the calling thread and XLA's intra-op
+// threads (native_tasks.h). Rates are in docs/perf-notes.md ("Sixteenth session", "Twentieth session").
 
 #include <algorithm>
 #include <cstdint>
@@ -47,8 +47,8 @@ typedef int8_t v16s8 __attribute__((vector_size(16)));
 constexpr int64_t kBlock = 32;  // weights per GGUF block
 // Rows a tile's accumulators hold: 16 with AVX-512, one channel a group, so each input vector loaded feeds one
 // FMA. Where 512-bit operations run as two 256-bit halves (AMD Zen 4, which AVX512-BF16 without AMX stands for
-// here), that load halves the rate: 8 rows and two channels a group, one load per two FMAs, decode each block
-// twice per 16 rows and still run faster there (docs/perf-notes.md, "Twentieth session").
+// here), that one load per FMA is what limits: 8 rows and two channels a group load once per two FMAs, and run
+// faster there although each block is decoded twice per 16 rows (docs/perf-notes.md, "Twentieth session").
 #if defined(__AVX512BF16__) && !defined(__AMX_TILE__)
 constexpr int kMaxTile = 8;
 #else

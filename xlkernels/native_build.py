@@ -66,8 +66,8 @@ def cpu_has_bf16_tiles() -> bool:
 
 def cpu_has_bf16_dots() -> bool:
     """Whether this CPU has a bfloat16 dot instruction: AMX's tiles, or AVX512-BF16's `vdpbf16ps` (Zen 4), where
-    XLA:CPU's bf16 dots ran 1.96x its f32 ones over a 16-row step's products (docs/perf-notes.md, "Twentieth
-    session"); without either, bfloat16 weights are widened before each product and were not measured faster."""
+    XLA:CPU's bf16 dots run about twice its f32 ones (docs/perf-notes.md, "Twentieth session"); without
+    either, bfloat16 weights are widened before each product and were not measured faster."""
     return cpu_has_bf16_tiles() or "avx512_bf16" in _cpu_flags().split()
 
 

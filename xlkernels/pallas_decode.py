@@ -78,9 +78,9 @@ STAGES_ONE_MIN_PROGRAMS = 1024
 def default_num_stages(quantized: bool, programs: int) -> int:
     """Triton's software-pipelining depth: 3, or 1 over bf16 pages when the grid has STAGES_ONE_MIN_PROGRAMS
     programs or more. One stage holds one block's keys and values in shared memory instead of three, so more
-    programs stay resident on an SM, which pays once there are enough of them to fill it: on the H100 at
-    512 x 385 and 256 x 1024 one stage ran 1.09-1.14x three, at 32 x 2048 (512 programs) 0.90x; the fp8 and
-    int8 kernels (one warp) lost with one stage (docs/perf-notes.md, "Twentieth session")."""
+    programs stay resident on an SM, which pays once there are enough of them to fill it; with fewer, each
+    program has more blocks to pipeline and three stages win, as they do for the one-warp kernels over
+    quantized pages (docs/perf-notes.md, "Twentieth session", has the H100's figures)."""
     return 1 if not quantized and programs >= STAGES_ONE_MIN_PROGRAMS else 3
 
 
