@@ -92,17 +92,22 @@ def test_a_shared_prefix_decode_step_lowers_for_gpus(kv_format):
     assert triton_calls(text) >= CONFIG.num_layers
 
 
+def lowered_decode_kernel(rows: int, page_size: int, kv_format: str | None) -> str:
+    """The decode kernel lowered for CUDA: `rows` rows, 8 query and 2 KV heads of 64, one-page tables (one split
+    a row, so the kernel is the program's only one: no merge)."""
+    pages = jax.eval_shape(lambda: quantize_pages(jnp.zeros((2, 8, page_size, 64), jnp.bfloat16), kv_format))
+    q = jax.ShapeDtypeStruct((rows, 1, 8, 64), jnp.bfloat16)
+    tables, positions = jax.ShapeDtypeStruct((rows, 1), jnp.int32), jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+    lens = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    traced = paged_decode_attention.trace(q, pages, pages, tables, positions, lens, scale=0.125)
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("page_size, kv_format, warps", [(64, None, 4), (64, "fp8", 1), (64, "int8", 1),
                                                          (16, "fp8", 4)])
 def test_the_decode_kernel_runs_one_warp_a_program_over_quantized_one_page_blocks(page_size, kv_format, warps):
-    """`default_num_warps`: one warp over quantized pages read a page a block (64-token pages), four otherwise.
-    One-page tables: one split a row, so the kernel is the program's only one (no merge)."""
-    pages = jax.eval_shape(lambda: quantize_pages(jnp.zeros((2, 8, page_size, 64), jnp.bfloat16), kv_format))
-    q = jax.ShapeDtypeStruct((4, 1, 8, 64), jnp.bfloat16)  # 4 rows, 8 query and 2 KV heads of 64
-    tables, positions = jax.ShapeDtypeStruct((4, 1), jnp.int32), jax.ShapeDtypeStruct((4, 1), jnp.int32)
-    lens = jax.ShapeDtypeStruct((4,), jnp.int32)
-    traced = paged_decode_attention.trace(q, pages, pages, tables, positions, lens, scale=0.125)
-    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    """`default_num_warps`: one warp over quantized pages read a page a block (64-token pages), four otherwise."""
+    text = lowered_decode_kernel(4, page_size, kv_format)
     assert re.findall(r"num_warps = (\d+)", text) == [str(warps)]
 
 
@@ -110,10 +115,5 @@ def test_the_decode_kernel_runs_one_warp_a_program_over_quantized_one_page_block
 def test_the_decode_kernel_runs_one_pipeline_stage_over_bf16_pages_in_a_full_grid(rows, kv_format, stages):
     """`default_num_stages`: one stage over bf16 pages once the grid has STAGES_ONE_MIN_PROGRAMS programs (here
     rows x 2 KV heads x one split), three below it and over quantized pages."""
-    pages = jax.eval_shape(lambda: quantize_pages(jnp.zeros((2, 8, 64, 64), jnp.bfloat16), kv_format))
-    q = jax.ShapeDtypeStruct((rows, 1, 8, 64), jnp.bfloat16)
-    tables, positions = jax.ShapeDtypeStruct((rows, 1), jnp.int32), jax.ShapeDtypeStruct((rows, 1), jnp.int32)
-    lens = jax.ShapeDtypeStruct((rows,), jnp.int32)
-    traced = paged_decode_attention.trace(q, pages, pages, tables, positions, lens, scale=0.125)
-    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_decode_kernel(rows, 64, kv_format)
     assert re.findall(r"num_stages = (\d+)", text) == [str(stages)]
