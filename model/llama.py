@@ -43,7 +43,7 @@ from model.weight_quant import (
     values_shape,
 )
 from xlkernels import get_paged_attention, write_kv_pages
-from xlkernels.cpu_blocks import dequantize_blocks
+from xlkernels.cpu_blocks import dequantize_blocks, lanes_applies, take_block_rows
 from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, rotation, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
 from xlkernels.shared_prefix import SharedPrefix
@@ -134,7 +134,8 @@ def declared_param(module: nn.Module, name: str) -> Weight:
                           module.dtype)
     scale = None if not has_scales(spec.quant) else module.param(
         name + SCALE_SUFFIX, INITIALIZERS["ones"], spec.shape[spec.in_dims:], jnp.float32)
-    return InputsLastWeight(values, scale, spec.in_dims, blocks)
+    lanes = blocks is not None and lanes_applies(values.shape)
+    return InputsLastWeight(values, scale, spec.in_dims, blocks, lanes)
 
 
 class RMSNorm(nn.Module):
@@ -321,8 +322,9 @@ class Embed(nn.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if isinstance(self.embedding, InputsLastWeight):  # blocks u8[V, E / 32 * bytes]: decode the rows gathered
-            rows = jnp.take(self.embedding.values, tokens, axis=0)
-            return dequantize_blocks(rows, self.embedding.blocks).astype(self.dtype)
+            table = self.embedding
+            return dequantize_blocks(take_block_rows(table.values, tokens, table.blocks, table.lanes),
+                                     table.blocks).astype(self.dtype)
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)  # bf16 rows widen (--weight-quant bf16)
 
     def attend(self, x: jax.Array) -> jax.Array:

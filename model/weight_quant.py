@@ -50,7 +50,9 @@ GGUF blocks (CPU: `--weight-quant q4_0|q4_1|q8_0`, `BLOCK_FORMATS`) keep each ou
 blocks of 32 with their own float16 scale (`xlkernels/cpu_blocks.py`): u8 values whose last input dimension
 counts bytes (`values_shape`), no per-channel scales. A GGUF file's own blocks are stored as they are, other
 weights are quantized here as the gguf package would (`quantize_blocks`); the products decode them exactly to
-the float32 weights they stand for, in registers (`_block_product`).
+the float32 weights they stand for, in registers (`_block_product`). On a CPU with AVX-512 and without AMX the
+bytes are stored in the lanes layout (`xlkernels.cpu_blocks.to_lanes`, where `lanes_applies`), which the
+kernel multiplies fastest there.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ from xlkernels.cpu_blocks import (
     blocks_matmul,
     blocks_native_applies,
     dequantize_blocks,
+    lanes_applies,
     tiles_apply,
+    to_lanes,
 )
 from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
 
@@ -168,9 +172,11 @@ class InputsLastWeight:
     scale: jax.Array | None  # f32[*out], one per output channel; None: `values` are the weight itself, or blocks
     in_dims: int = 1  # static: trailing dimensions of `values` contracted by the matmul
     blocks: str | None = None  # static: the block format of `values` (BLOCK_FORMATS), or None
+    lanes: bool = False  # static: blocks stored in the lanes layout (`xlkernels.cpu_blocks.to_lanes`)
 
 
-jax.tree_util.register_dataclass(InputsLastWeight, data_fields=["values", "scale"], meta_fields=["in_dims", "blocks"])
+jax.tree_util.register_dataclass(InputsLastWeight, data_fields=["values", "scale"],
+                                 meta_fields=["in_dims", "blocks", "lanes"])
 
 Weight = jax.Array | InputsLastWeight
 
@@ -234,10 +240,10 @@ def stored_weight(w: jax.Array, dtype: np.dtype, quant: str | None, in_dims: int
     its last input dimension in bytes) or floats quantized here."""
     if is_block_format(quant):
         w = inputs_last(w, in_dims)
-        if w.dtype == jnp.uint8:
-            return (w,)
-        stored = block_bytes_shape(w.shape, quant)
-        return (quantize_blocks(w.reshape(*w.shape[: w.ndim - in_dims], -1), quant).reshape(stored),)
+        if w.dtype != jnp.uint8:
+            stored = block_bytes_shape(w.shape, quant)
+            w = quantize_blocks(w.reshape(*w.shape[: w.ndim - in_dims], -1), quant).reshape(stored)
+        return (to_lanes(w, quant) if lanes_applies(w.shape) else w,)
     if has_scales(quant):
         return quantize_weight(w, quant, in_dims)
     if quant is not None:
@@ -292,7 +298,7 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
     values = w.values.reshape(*out_shape, -1)
     rows = x.reshape(-1, x.shape[-1])
     if w.blocks is not None:
-        return _block_product(rows, values.reshape(-1, values.shape[-1]), w.blocks).astype(x.dtype).reshape(
+        return _block_product(rows, values.reshape(-1, values.shape[-1]), w.blocks, w.lanes).astype(x.dtype).reshape(
             *x.shape[:-1], *out_shape)
     if w.scale is None:  # unquantized or bf16, on CPU
         return _transposed(rows, values).astype(x.dtype).reshape(*x.shape[:-1], *out_shape)
@@ -360,18 +366,19 @@ def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out
 BLOCKS_DECODE_MIN_ROWS = 256
 
 
-def _block_product(rows: jax.Array, values: jax.Array, kind: str) -> jax.Array:  # f32[M, N]
-    """rows [M, K] with the block weight values u8[N, K / 32 * bytes], natively: by the product kernel, which
-    decodes each block in registers (on AMX tiles from TILES_MIN_ROWS rows where the CPU has them); without
-    tiles, from BLOCKS_DECODE_MIN_ROWS rows (long prompt chunks) the weight is decoded whole into a float32
-    temporary and multiplied rows-left by XLA's dot, as float32 weights are. Where the kernels cannot run, XLA
-    decodes the blocks (XLA:CPU decoded SmolLM2-135M's layers at ~1 ns a weight)."""
+def _block_product(rows: jax.Array, values: jax.Array, kind: str, lanes: bool) -> jax.Array:  # f32[M, N]
+    """rows [M, K] with the block weight values u8[N, K / 32 * bytes] (in the lanes layout if `lanes`),
+    natively: by the product kernel, which decodes each block in registers (on AMX tiles from TILES_MIN_ROWS
+    rows where the CPU has them); without tiles, from BLOCKS_DECODE_MIN_ROWS rows (long prompt chunks) the
+    weight is decoded whole into a float32 temporary and multiplied rows-left by XLA's dot, as float32 weights
+    are. Where the kernels cannot run, XLA decodes the blocks (XLA:CPU decoded SmolLM2-135M's layers at ~1 ns
+    a weight)."""
     rows = rows.astype(jnp.float32)
     if not blocks_native_applies(rows):
-        return _contract(rows, dequantize_blocks(values, kind))
-    if rows.shape[0] < BLOCKS_DECODE_MIN_ROWS or tiles_apply(rows.shape[0]):
-        return blocks_matmul(rows, values, kind)
-    return _contract(rows, blocks_decode(values, kind))
+        return _contract(rows, dequantize_blocks(values, kind, lanes))
+    if rows.shape[0] < BLOCKS_DECODE_MIN_ROWS or (not lanes and tiles_apply(rows.shape[0])):
+        return blocks_matmul(rows, values, kind, lanes=lanes)
+    return _contract(rows, blocks_decode(values, kind, lanes))
 
 
 def _native_fp8(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out], before the weight's scale

@@ -1,7 +1,8 @@
 """GGUF's block formats (q4_0, q4_1, q8_0) as the CPU stores and multiplies them (xlkernels/cpu_blocks.py,
-model/weight_quant.py): the bytes are the `gguf` package's own, both decodes (XLA's, and the native kernel's
-in registers) give exactly its float32 weights, and the native products are those weights' float32 products
-for any number of rows, padded tiles included.
+model/weight_quant.py): the bytes are the `gguf` package's own (or the same bytes in the lanes layout, on a CPU
+with AVX-512 and without AMX), both decodes (XLA's, and the native kernel's in registers) give exactly its
+float32 weights, and the native products are those weights' float32 products for any number of rows, padded
+tiles included.
 """
 
 from __future__ import annotations
@@ -16,8 +17,19 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from model.weight_quant import BLOCKS_DECODE_MIN_ROWS, InputsLastWeight, linear, quantize_blocks, stored_weight
-from xlkernels.cpu_blocks import BLOCK_BYTES, blocks_decode, blocks_matmul, blocks_native_applies, dequantize_blocks
-from xlkernels.native_build import cpu_has_bf16_tiles
+from xlkernels.cpu_blocks import (
+    BLOCK_BYTES,
+    HEADER_BYTES,
+    blocks_decode,
+    blocks_matmul,
+    blocks_native_applies,
+    dequantize_blocks,
+    from_lanes,
+    lanes_applies,
+    take_block_rows,
+    to_lanes,
+)
+from xlkernels.native_build import cpu_has_avx512, cpu_has_bf16_tiles
 
 TYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
 
@@ -111,3 +123,69 @@ def test_floats_are_quantized_into_blocks_as_a_parameter_is_stored():
     np.testing.assert_array_equal(np.asarray(values), expected)
     with pytest.raises(ValueError, match="not whole blocks"):
         stored_weight(jnp.ones((48, 8)), np.dtype(np.float32), "q4_1", in_dims=1)
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_the_lanes_layout_regroups_the_files_bytes(kind):
+    """Each group of 16 channels' bytes, block by block: the 16 scales (and minimums), then byte j of the 16
+    channels' codes together; back again unchanged; both decodes of it give the file's float32 weights, and
+    a row gathered from it (the embedding's lookup) is the file's row."""
+    blocks = quantize(weights(48, 96), TYPES[kind])  # 3 groups of 16 channels, 3 blocks each
+    lanes = np.asarray(to_lanes(jnp.asarray(blocks), kind))
+    size, header = BLOCK_BYTES[kind], HEADER_BYTES[kind]
+    assert lanes.shape == blocks.shape and sorted(lanes.ravel()) == sorted(blocks.ravel())
+    group = lanes[16:32].reshape(3, 16 * size)  # group 1, as [block][16 x bytes]
+    channel, block = 16 + 5, 2
+    file_block = blocks[channel, block * size:(block + 1) * size]
+    assert group[block, 2 * 5:2 * 5 + 2].tolist() == file_block[:2].tolist()  # its scale
+    if kind == "q4_1":
+        assert group[block, 32 + 2 * 5:32 + 2 * 5 + 2].tolist() == file_block[2:4].tolist()  # its minimum
+    assert group[block, 16 * header + 5::16].tolist() == file_block[header:].tolist()  # its codes, byte by byte
+    np.testing.assert_array_equal(np.asarray(from_lanes(jnp.asarray(lanes), kind)), blocks)
+    expected = dequantize(blocks, TYPES[kind])
+    np.testing.assert_array_equal(np.asarray(jax.jit(dequantize_blocks, static_argnums=(1, 2))(lanes, kind, True)),
+                                  expected)
+    assert cpu_has_avx512(), "the lanes form needs AVX-512"
+    np.testing.assert_array_equal(np.asarray(jax.jit(blocks_decode, static_argnums=(1, 2))(lanes, kind, True)),
+                                  expected)
+    tokens = jnp.asarray([[0, 21, 47], [16, 15, 2]])
+    np.testing.assert_array_equal(np.asarray(take_block_rows(jnp.asarray(lanes), tokens, kind, True)),
+                                  blocks[np.asarray(tokens)])
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_the_lanes_form_gives_the_float32_products(kind):
+    """The lanes form, for any number of rows (one, a few with two sums a row, tiles of 16, the last padded,
+    prompt chunks): a unit weight gives every input back bit for bit; random weights are within float32
+    sums' error of float64 products of the file's weights, for inputs spread over 2^-20 .. 2^10."""
+    assert blocks_native_applies(jnp.zeros((1, 64), jnp.float32)) and cpu_has_avx512(), "the lanes form must run here"
+    rng = np.random.default_rng(11)
+    product = jax.jit(lambda x, lanes: blocks_matmul(x, lanes, kind, lanes=True))
+    x = (rng.uniform(1, 2, (20, 32)) * 2.0 ** rng.integers(-30, 30, (20, 32))).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(product(x, to_lanes(unit_blocks(kind, 32), kind))), x)
+    for rows, n, k in [(1, 32, 64), (2, 48, 96), (3, 16, 32), (5, 64, 64), (8, 1040, 96), (16, 144, 128),
+                       (17, 96, 64), (40, 32, 320), (300, 48, 64)]:
+        blocks = quantize(weights(n, k, seed=rows), TYPES[kind])
+        exact = dequantize(blocks, TYPES[kind]).astype(np.float64)
+        x = (rng.standard_normal((rows, k)) * 2.0 ** rng.integers(-20, 11, (rows, k))).astype(np.float32)
+        got = np.asarray(product(x, to_lanes(blocks, kind)))
+        expected = x.astype(np.float64) @ exact.T
+        assert got.shape == (rows, n)
+        assert np.all(np.abs(got - expected) <= 1e-6 * (np.abs(x.astype(np.float64)) @ np.abs(exact).T)), (rows, n, k)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_a_parameter_is_stored_in_lanes_where_they_multiply_fastest(kind):
+    """Where the CPU has AVX-512 and no AMX tiles, a block weight whose last output dimension is whole groups
+    of 16 is stored in the lanes layout, and `linear` multiplies it there: the same products as the file's
+    layout. Elsewhere (AMX: the tile form reads the file's layout) the file's bytes stay as they are."""
+    here = cpu_has_avx512() and not cpu_has_bf16_tiles()
+    assert lanes_applies((2, 48, 68)) == here and not lanes_applies((2, 40, 68))
+    w = np.random.default_rng(3).standard_normal((64, 2, 48)).astype(np.float32)  # [in, 2, out]
+    (values,) = stored_weight(jnp.asarray(w), np.dtype(np.float32), kind, in_dims=1)
+    file_bytes = quantize(np.moveaxis(w, 0, -1).reshape(96, 64), TYPES[kind]).reshape(2, 48, -1)
+    np.testing.assert_array_equal(np.asarray(values), to_lanes(file_bytes, kind) if here else file_bytes)
+    x = np.random.default_rng(4).standard_normal((5, 64)).astype(np.float32)
+    got = jax.jit(lambda x, v: linear(x, InputsLastWeight(v, None, 1, kind, here)))(x, values)
+    exact = dequantize(file_bytes.reshape(96, -1), TYPES[kind]).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(got).reshape(5, 96), x.astype(np.float64) @ exact.T, atol=2e-4, rtol=1e-5)

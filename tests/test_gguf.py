@@ -24,6 +24,7 @@ from model.loader import load_params
 from serving.text.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
 from tests.gguf_files import demo_vocab_size, our_logits, transformers_logits, write_gguf
+from xlkernels.cpu_blocks import from_lanes, lanes_applies
 
 VARIANTS = {
     # llama: q/k rows interleaved in the file, GQA, untied; qwen2: q/k/v biases, tied; qwen3: per-head q/k norms
@@ -159,7 +160,8 @@ def test_the_metadata_reads_as_the_gguf_packages_own_reader_reads_it(llama_gguf,
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
 def test_a_files_own_blocks_are_kept_as_they_are_and_give_its_float32_logits(kind, gguf_dir, llama_gguf):
     """`--weight-quant` of the file's own block format (the CPU's default for it under --dtype float32): each
-    layer's matmul weights are the file's bytes, q/k rows back in HF's order and fused as the float weights
+    layer's matmul weights are the file's bytes (regrouped in the lanes layout on a CPU with AVX-512 and without
+    AMX), q/k rows back in HF's order and fused as the float weights
     are, so the logits are the float32 model's up to the order of float32 sums. A head size that is not
     whole blocks of 32 keeps the file from that default."""
     weight_type = GGMLQuantizationType[kind.upper()]
@@ -171,7 +173,9 @@ def test_a_files_own_blocks_are_kept_as_they_are_and_give_its_float32_logits(kin
     params = load_params(file, dataclasses.replace(config, weight_quant=kind), jnp.float32)
     reader = GGUFReader(file)
     down = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
-    np.testing.assert_array_equal(np.asarray(params["layers_1"]["mlp"]["w_down"]), np.asarray(down.data))
+    stored = np.asarray(params["layers_1"]["mlp"]["w_down"])  # in the lanes layout where this CPU multiplies it so
+    np.testing.assert_array_equal(from_lanes(stored, kind) if lanes_applies(stored.shape) else stored,
+                                  np.asarray(down.data))
     assert params["layers_1"]["attn"]["wqkv"].dtype == jnp.uint8
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, size=19).tolist()
     np.testing.assert_allclose(our_logits(file, tokens, kind), our_logits(file, tokens), atol=2e-5, rtol=0)

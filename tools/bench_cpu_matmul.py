@@ -1,7 +1,8 @@
 """Time a decode step's few-row products on CPU side by side: XLA's f32 dot, the native f32 kernel, the
 products over bfloat16 weights (`--weight-quant bf16`), and over GGUF Q4_1 blocks (`--weight-quant q4_1`, the
-native kernel of xlkernels/cpu_blocks.cc, float32 arithmetic on the blocks' exact weights: on AMX tiles where
-the CPU has them, and `q4_1-avx` in AVX registers).
+native kernel of xlkernels/cpu_blocks.cc, float32 arithmetic on the blocks' exact weights, stored as the engine
+stores them: on AMX tiles where the CPU has them, the lanes form where it has AVX-512 without them; and
+`q4_1-avx`, the kernel's dot form over the file's layout).
 
     python -m tools.bench_cpu_matmul [--rows 1,16] [--rounds 7] [--quick]
 
@@ -32,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.weight_quant import InputsLastWeight, _transposed, linear, quantize_blocks
-from xlkernels.cpu_blocks import blocks_matmul, dequantize_blocks
+from model.weight_quant import InputsLastWeight, _transposed, linear, quantize_blocks, stored_weight
+from xlkernels.cpu_blocks import blocks_matmul, dequantize_blocks, lanes_applies
 from xlkernels.cpu_matmul import native_matmul_applies, rows_matmul
 
 Product = Callable[[jax.Array, jax.Array], jax.Array]
@@ -77,16 +78,18 @@ def main(argv: list[str] | None = None) -> None:
     f32 = {name: [jnp.asarray(rng.standard_normal((n, k), np.float32)) for _ in range(copies)]
            for name, (n, k, copies) in dims.shapes().items()}
     quantize = jax.jit(quantize_blocks, static_argnums=1)
-    q4_1 = {name: [quantize(w, "q4_1") for w in ws] for name, ws in f32.items()}
+    q4_1 = {name: [quantize(w, "q4_1") for w in ws] for name, ws in f32.items()}  # the file's layout
+    store = jax.jit(lambda w: stored_weight(w.T, np.dtype(np.float32), "q4_1", 1)[0])
+    stored = {name: [store(w) for w in ws] for name, ws in f32.items()}  # as the engine stores them (lanes?)
     # path -> (product, the weights it reads, its error bound relative to the sum of the terms' magnitudes)
     paths: dict[str, tuple[Product, dict[str, list[jax.Array]], float]] = {
         "xla": (_transposed, f32, 1e-5),
         "native": (rows_matmul, f32, 1e-5),
         # the rows are rounded to bf16 too (8 significant bits) before an exact-product, f32-sum dot
         "bf16": (_transposed, {name: [w.astype(jnp.bfloat16) for w in ws] for name, ws in f32.items()}, 1e-2),
-        # exact against the blocks' own weights (`exact_weight`)
-        "q4_1": (lambda x, w: linear(x, InputsLastWeight(w, None, 1, "q4_1")), q4_1, 1e-5),
-        # the same kernel kept to its AVX form where the CPU has AMX tiles
+        # exact against the blocks' own weights (`exact_weight`), stored as the engine stores them
+        "q4_1": (lambda x, w: linear(x, InputsLastWeight(w, None, 1, "q4_1", lanes_applies(w.shape))), stored, 1e-5),
+        # the kernel's dot form over the file's layout (not the tiles where the CPU has AMX, nor the lanes form)
         "q4_1-avx": (lambda x, w: blocks_matmul(x, w, "q4_1", tiles=False), q4_1, 1e-5),
     }
     print(f"{jax.devices()[0].device_kind}, {jax.local_device_count()} device(s); {rounds} rounds, medians")
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def exact_weight(w: jax.Array) -> jax.Array:  # f32[N, K]
     """The float32 weight a product's operand stands for: itself, widened, or its Q4_1 blocks decoded."""
-    return dequantize_blocks(w, "q4_1") if w.dtype == jnp.uint8 else w.astype(jnp.float32)
+    return dequantize_blocks(w, "q4_1", lanes_applies(w.shape)) if w.dtype == jnp.uint8 else w.astype(jnp.float32)
 
 
 def row(seconds: dict[str, float], flops: int) -> str:

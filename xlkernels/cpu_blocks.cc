@@ -18,6 +18,9 @@
 // Any number of rows runs, a tile at a time, each tile decoding the weight again (prompt chunks: the decode is
 // ~1/4 of the work at 16 rows). Output channels are split into tasks for the calling thread and XLA's intra-op
 // threads (native_tasks.h). Rates are in docs/perf-notes.md ("Sixteenth session", "Twentieth session").
+//
+// Two more forms: the lanes form (below: AVX-512 without AMX, over weights stored in the lanes layout, 16
+// channels in a vector's lanes) and the tile form (AMX).
 
 #include <algorithm>
 #include <cstdint>
@@ -114,6 +117,26 @@ inline v16 signed_floats(const uint8_t* bytes) {
 inline v16 low_nibbles(v16i wide) { return __builtin_convertvector(wide & 15, v16); }
 inline v16 high_nibbles(v16i wide) { return __builtin_convertvector(wide >> 4, v16); }
 
+#if defined(__AVX512F__)
+// The lanes layout's 16 float16s (scales or minimums: one per channel of the group) as floats.
+inline __m512 half_lanes(const uint8_t* halves) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves)));
+}
+
+// A 4-bit format's 16 channels' code bytes (byte j of each: element j low, j + 16 high) decoded as the channels'
+// weights d * q + offset, element by element.
+template <typename Use>
+inline void nibble_lanes(const uint8_t* codes, __m512 d, __m512 offset, Use use) {
+  const __m512i low = _mm512_set1_epi32(15);
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * j)));
+    use(j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), d, offset));
+    use(j + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, offset));
+  }
+}
+#endif
+
 // Each format decodes one block into its elements 0-15 (`lo`) and 16-31 (`hi`), as gguf's dequantize_blocks.
 struct Q4_0 {  // f16 d, 16 bytes: element j in the low nibble of byte j, element j + 16 in its high nibble
   static constexpr int64_t kBytes = 18;
@@ -125,6 +148,15 @@ struct Q4_0 {  // f16 d, 16 bytes: element j in the low nibble of byte j, elemen
     lo = (low_nibbles(qs) - 8.0f) * d;
     hi = (high_nibbles(qs) - 8.0f) * d;
   }
+#if defined(__AVX512F__)
+  // The lanes form's block of 16 channels: use(j, w) for each element j, w its 16 channels' weights. q * d - 8d
+  // is (q - 8) * d exactly: both products are exact, and so is their difference (a code of 4 bits times d).
+  template <typename Use>
+  static inline void lanes(const uint8_t* group_block, Use use) {
+    const __m512 d = half_lanes(group_block), offset = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
+    nibble_lanes(group_block + 32, d, offset, use);
+  }
+#endif
 };
 
 struct Q4_1 {  // f16 d, f16 m, 16 bytes of nibbles as Q4_0's: w = d * q + m
@@ -137,6 +169,12 @@ struct Q4_1 {  // f16 d, f16 m, 16 bytes of nibbles as Q4_0's: w = d * q + m
     lo = low_nibbles(qs) * d + m;
     hi = high_nibbles(qs) * d + m;
   }
+#if defined(__AVX512F__)
+  template <typename Use>
+  static inline void lanes(const uint8_t* group_block, Use use) {
+    nibble_lanes(group_block + 64, half_lanes(group_block), half_lanes(group_block + 32), use);
+  }
+#endif
 };
 
 struct Q8_0 {  // f16 d, 32 signed bytes: w = d * q
@@ -148,6 +186,16 @@ struct Q8_0 {  // f16 d, 32 signed bytes: w = d * q
     lo = signed_floats(block + 2) * d;
     hi = signed_floats(block + 18) * d;
   }
+#if defined(__AVX512F__)
+  template <typename Use>
+  static inline void lanes(const uint8_t* group_block, Use use) {
+    const __m512 d = half_lanes(group_block);
+#pragma GCC unroll 32
+    for (int j = 0; j < kBlock; ++j)
+      use(j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(group_block + 32 + 16 * j)))), d));
+  }
+#endif
 };
 
 // out[i] = in[2i] + in[2i + 1] folded in two: the lanes `low` picks from the pair (0-15: in[2i]'s, 16-31:
@@ -284,9 +332,10 @@ void task_channels(const Problem& p, int64_t padded_rows, int64_t c0, int64_t c1
   if (pending.count) pending.flush(p.out);
 }
 
-// Rows padded so that every tile is a whole power of two: full tiles, then the rest rounded up.
-int64_t padded(int64_t rows) {
-  const int64_t whole = rows - rows % kMaxTile, rest = rows % kMaxTile;
+// Rows padded so that every tile of at most `tile` rows is a whole power of two: full tiles, then the rest
+// rounded up.
+int64_t padded(int64_t rows, int64_t tile_rows = kMaxTile) {
+  const int64_t whole = rows - rows % tile_rows, rest = rows % tile_rows;
   int64_t tile = 1;
   while (tile < rest) tile *= 2;
   return whole + (rest ? tile : 0);
@@ -307,6 +356,117 @@ void interleave(const float* x, int64_t m, int64_t k, int64_t rows, float* tiles
       }
   }
 }
+
+
+#if defined(__AVX512F__)
+// The lanes form (AVX-512 without AMX: xlkernels/cpu_blocks.py, `lanes_applies`), over weights stored in the lanes
+// layout: the output channels in groups of 16, each group's bytes (rows 16g .. 16g + 15 of the [N, K / 32 *
+// bytes] array) as [K / 32 blocks][16 * bytes]: a block's 16 float16 scales (Q4_1: then its 16 minimums), then
+// its codes byte by byte, byte j of the 16 channels together. So a vector holds one element of 16 channels'
+// weights, decoded exactly as the dot form decodes them (the format's `lanes`), and each row's input is broadcast
+// into its FMA: a channel's products are summed in its lane, in element order, and no lane sums are left at
+// the end. The dot form reads the file's layout, where a group's codes would have to be transposed per block
+// (tried: ~79 GFLOP/s against ~108 for this form on one Zen 4 core, and the dot form's ~75).
+//
+// The rows go in tiles of at most 16 (the last rounded up to a power of two), each [K][R]: an input's R rows
+// together, broadcast one by one from L1. Each tile decodes the group's blocks again, as the dot form does.
+constexpr int64_t kLanesRows = 16;
+
+struct LanesProblem {
+  const float* x;  // the row tiles, each [K][R], zero rows past `rows`
+  const uint8_t* w;  // [N / 16][K / 32][16 * bytes]
+  float* out;  // [rows, N]
+  int64_t rows, n, k;
+};
+
+// Which of two accumulators element j of a block adds into, so that consecutive elements alternate (4-bit
+// formats visit j then j + 16).
+constexpr int alternate(int j) { return (j ^ (j >> 4)) & 1; }
+
+// Group g's 16 channels over the R rows of the tile at r0. With 8 rows or fewer, a row's sums alternate between
+// two accumulators, so that each chain of dependent FMAs is half as long.
+template <typename F, int R>
+void lanes_tile(const LanesProblem& p, int64_t r0, int64_t g) {
+  constexpr int S = R <= 8 ? 2 : 1;
+  const int64_t blocks = p.k / kBlock;
+  const float* x = p.x + r0 * p.k;
+  const uint8_t* w = p.w + g * blocks * 16 * F::kBytes;
+  __m512 acc[S][R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) acc[s][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* xb = x + b * kBlock * R;
+    F::lanes(w + b * 16 * F::kBytes, [&](int j, __m512 wj) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        __m512& sum = acc[S == 2 ? alternate(j) : 0][r];
+        sum = _mm512_fmadd_ps(wj, _mm512_set1_ps(xb[j * R + r]), sum);
+      }
+    });
+  }
+  for (int r = 0; r < R && r0 + r < p.rows; ++r)
+    _mm512_storeu_ps(p.out + (r0 + r) * p.n + g * 16, S == 2 ? _mm512_add_ps(acc[0][r], acc[S - 1][r]) : acc[0][r]);
+}
+
+template <typename F>
+void lanes_group(const LanesProblem& p, int64_t padded_rows, int64_t g) {
+  for (int64_t r0 = 0; r0 < padded_rows; r0 += kLanesRows) {
+    switch (std::min(kLanesRows, padded_rows - r0)) {
+      case 1: lanes_tile<F, 1>(p, r0, g); break;
+      case 2: lanes_tile<F, 2>(p, r0, g); break;
+      case 4: lanes_tile<F, 4>(p, r0, g); break;
+      case 8: lanes_tile<F, 8>(p, r0, g); break;
+      default: lanes_tile<F, 16>(p, r0, g); break;
+    }
+  }
+}
+
+// The rows x [M, K] as the lanes form's tiles ([K][R] each, R = 16 but for the last), zero past M: whole tiles
+// by 16 x 16 transposes (K is whole blocks of 32).
+void lanes_rows(const float* x, int64_t m, int64_t k, int64_t rows, float* tiles) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanesRows) {
+    const int64_t tile = std::min(kLanesRows, rows - r0);
+    float* out = tiles + r0 * k;
+    if (tile == kLanesRows && r0 + tile <= m) {
+      for (int64_t i = 0; i < k; i += 16)
+        xlserve::transpose16(reinterpret_cast<const uint32_t*>(x + r0 * k + i), k,
+                             reinterpret_cast<uint32_t*>(out + i * kLanesRows), kLanesRows);
+      continue;
+    }
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t r = 0; r < tile; ++r) out[i * tile + r] = r0 + r < m ? x[(r0 + r) * k + i] : 0.0f;
+  }
+}
+
+template <typename F>
+ffi::Error lanes_matmul(ffi::ThreadPool& pool, const float* x, const uint8_t* w, float* out, int64_t m, int64_t k,
+                        int64_t n) {
+  if (n % 16) return ffi::Error::InvalidArgument("blocks matmul: the lanes layout needs channels in groups of 16");
+  const int64_t rows = padded(m, kLanesRows);
+  std::unique_ptr<float, decltype(&std::free)> copy(
+      static_cast<float*>(std::aligned_alloc(64, ((rows * k * sizeof(float) + 63) / 64) * 64)), &std::free);
+  if (!copy) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "blocks matmul: no memory");
+  const LanesProblem problem{copy.get(), w, out, m, n, k};
+  xlserve::run_tasks_after(pool, n / 16, [&problem, rows] {
+    return [&problem, rows](int64_t g) { lanes_group<F>(problem, rows, g); };
+  }, [&] { lanes_rows(x, m, k, rows, copy.get()); });
+  return ffi::Error::Success();
+}
+
+// The lanes layout decoded whole: each block's 16 channels x 32 elements, then transposed into the channels' rows.
+template <typename F>
+void lanes_decode_group(const uint8_t* w, int64_t k, int64_t g, float* out) {
+  const int64_t blocks = k / kBlock;
+  alignas(64) float block[kBlock][16];
+  for (int64_t b = 0; b < blocks; ++b) {
+    F::lanes(w + (g * blocks + b) * 16 * F::kBytes, [&](int j, __m512 wj) { _mm512_store_ps(block[j], wj); });
+    for (int half = 0; half < 2; ++half)
+      xlserve::transpose16(reinterpret_cast<const uint32_t*>(block[16 * half]), 16,
+                           reinterpret_cast<uint32_t*>(out + g * 16 * k + b * kBlock + 16 * half), k);
+  }
+}
+#endif  // __AVX512F__
 
 #if defined(XLSERVE_TILES)
 // The tile form (AMX), where the CPU has it: float32 arithmetic as in the AVX form, from bfloat16 tiles.
@@ -524,12 +684,19 @@ ffi::Error tiles_matmul(ffi::ThreadPool& pool, const float* x, const uint8_t* w,
 
 template <typename F>
 ffi::Error BlocksMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                        ffi::ResultBuffer<ffi::F32> out, bool tiles) {
+                        ffi::ResultBuffer<ffi::F32> out, bool tiles, bool lanes) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] % kBlock || wd[1] != xd[1] / kBlock * F::kBytes)
     return ffi::Error::InvalidArgument("blocks matmul: expected x [M, K] (K a multiple of 32) and w [N, K/32 blocks]");
   const int64_t m = xd[0], k = xd[1], n = wd[0];
+  if (lanes) {
+#if defined(__AVX512F__)
+    return lanes_matmul<F>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m, k, n);
+#else
+    return ffi::Error::InvalidArgument("blocks matmul: the lanes layout needs AVX-512");
+#endif
+  }
 #if defined(XLSERVE_TILES)
   if (tiles && xlserve::tiles_permitted())
     return tiles_matmul<F>(pool, x.typed_data(), w.typed_data(), out->typed_data(), m, k, n, wd[1]);
@@ -552,13 +719,22 @@ ffi::Error BlocksMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 // The whole weight decoded, w u8[N, K / 32 blocks] -> f32[N, K], for products of many rows (prompt chunks),
 // which then run as XLA's dot: decoding once per call is cheaper there than once per tile of 16 rows.
 template <typename F>
-ffi::Error BlocksDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error BlocksDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> out, bool lanes) {
   const auto wd = w.dimensions();
   if (wd.size() != 2 || wd[1] % F::kBytes)
     return ffi::Error::InvalidArgument("blocks decode: expected w [N, K/32 blocks]");
   const int64_t n = wd[0], blocks = wd[1] / F::kBytes;
   const uint8_t* ws = w.typed_data();
   float* os = out->typed_data();
+  if (lanes) {
+#if defined(__AVX512F__)
+    if (n % 16) return ffi::Error::InvalidArgument("blocks decode: the lanes layout needs channels in groups of 16");
+    xlserve::run_tasks(pool, n / 16, [=] { return [=](int64_t g) { lanes_decode_group<F>(ws, blocks * kBlock, g, os); }; });
+    return ffi::Error::Success();
+#else
+    return ffi::Error::InvalidArgument("blocks decode: the lanes layout needs AVX-512");
+#endif
+  }
   constexpr int64_t kTaskRows = 64;
   xlserve::run_tasks(pool, (n + kTaskRows - 1) / kTaskRows, [=] {
     return [=](int64_t task) {
@@ -581,7 +757,8 @@ ffi::Error BlocksDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::Resul
                                 ffi::Ffi::Bind()                                           \
                                     .Ctx<ffi::ThreadPool>()                                \
                                     .Arg<ffi::Buffer<ffi::U8>>()  /* w [N, K/32 blocks] */ \
-                                    .Ret<ffi::Buffer<ffi::F32>>()); /* out [N, K] */
+                                    .Ret<ffi::Buffer<ffi::F32>>() /* out [N, K] */         \
+                                    .Attr<bool>("lanes")); /* the lanes layout */
 
 XLSERVE_DECODE_HANDLER(XlserveBlocksDecodeQ4_0, Q4_0)
 XLSERVE_DECODE_HANDLER(XlserveBlocksDecodeQ4_1, Q4_1)
@@ -594,7 +771,8 @@ XLSERVE_DECODE_HANDLER(XlserveBlocksDecodeQ8_0, Q8_0)
                                     .Arg<ffi::Buffer<ffi::F32>>() /* x [M, K] */           \
                                     .Arg<ffi::Buffer<ffi::U8>>()  /* w [N, K/32 blocks] */ \
                                     .Ret<ffi::Buffer<ffi::F32>>() /* out [M, N] */         \
-                                    .Attr<bool>("tiles")); /* AMX where permitted */
+                                    .Attr<bool>("tiles")  /* AMX where permitted */        \
+                                    .Attr<bool>("lanes")); /* the lanes layout */
 
 XLSERVE_BLOCKS_HANDLER(XlserveBlocksMatmulQ4_0, Q4_0)
 XLSERVE_BLOCKS_HANDLER(XlserveBlocksMatmulQ4_1, Q4_1)

@@ -64,6 +64,11 @@ def cpu_has_bf16_tiles() -> bool:
     return "amx_bf16" in _cpu_flags().split()
 
 
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (its foundation, `avx512f`): 16 float32 lanes a vector register."""
+    return "avx512f" in _cpu_flags().split()
+
+
 def cpu_has_bf16_dots() -> bool:
     """Whether this CPU has a bfloat16 dot instruction: AMX's tiles, or AVX512-BF16's `vdpbf16ps` (Zen 4), where
     XLA:CPU's bf16 dots run about twice its f32 ones (docs/perf-notes.md, "Twentieth session"); without

@@ -1,5 +1,5 @@
-// Intel AMX tiles for the native CPU kernels (cpu_blocks.cc): whether this process may use them, a thread's
-// tile configuration, and a 16 x 16 transpose of 32-bit lanes. XLSERVE_TILES is defined only where the
+// Intel AMX tiles for the native CPU kernels (cpu_blocks.cc): whether this process may use them, and a thread's
+// tile configuration. XLSERVE_TILES is defined only where the
 // compiler targets AMX-BF16 and AVX512-BF16 (-march=native on such a CPU); the kernels keep their AVX form
 // elsewhere, and wherever the kernel refuses the tiles at run time.
 #pragma once
@@ -41,42 +41,6 @@ class TileScope {
   TileScope(const TileScope&) = delete;
   TileScope& operator=(const TileScope&) = delete;
 };
-
-// The lane indices of transpose16's round with block size d (8, 4, 2, 1 as 0-3): row i keeps its lanes
-// outside d and takes row i + d's inside (`low`), row i + d the reverse (`high`).
-struct TransposeIndex {
-  int32_t low[4][16], high[4][16];
-  constexpr TransposeIndex() : low(), high() {
-    for (int round = 0; round < 4; ++round) {
-      const int d = 8 >> round;
-      for (int j = 0; j < 16; ++j) {
-        low[round][j] = (j & d) ? 16 + j - d : j;
-        high[round][j] = (j & d) ? 16 + j : j + d;
-      }
-    }
-  }
-};
-
-// out[j][i] = in[i][j] for 16 x 16 32-bit lanes (rows `in_stride` / `out_stride` lanes apart): four rounds,
-// each swapping the off-diagonal d x d blocks of every 2d x 2d block.
-inline void transpose16(const uint32_t* in, int64_t in_stride, uint32_t* out, int64_t out_stride) {
-  alignas(64) static constexpr TransposeIndex kIndex;
-  __m512i rows[16];
-  for (int i = 0; i < 16; ++i) rows[i] = _mm512_loadu_si512(in + i * in_stride);
-#pragma GCC unroll 4
-  for (int round = 0; round < 4; ++round) {
-    const int d = 8 >> round;
-    const __m512i low = _mm512_load_si512(kIndex.low[round]), high = _mm512_load_si512(kIndex.high[round]);
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      if (i & d) continue;
-      const __m512i top = rows[i], bottom = rows[i + d];
-      rows[i] = _mm512_permutex2var_epi32(top, low, bottom);
-      rows[i + d] = _mm512_permutex2var_epi32(top, high, bottom);
-    }
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * out_stride, rows[i]);
-}
 
 }  // namespace xlserve
 
