@@ -360,25 +360,27 @@ def _transposed(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out
     return jnp.moveaxis(jax.lax.optimization_barrier(y), -1, 0)
 
 
-# Rows from which a product over GGUF blocks decodes the weight whole for XLA's dot, on a CPU without AMX tiles:
-# SmolLM2-135M's layers (Q4_1) at 64 / 128 / 256 / 512 rows took 4.5 / 10.0 / 18.1 / 38.3 ms through the AVX
-# product kernel, 6.4 / 11.3 / 16.1 / 24.8 decoded first. The tile form beats decoding at every row count.
+# Rows from which a product over GGUF blocks in the file's layout decodes the weight whole for XLA's dot, on a
+# CPU without AMX tiles: SmolLM2-135M's layers (Q4_1) at 64 / 128 / 256 / 512 rows took 4.5 / 10.0 / 18.1 / 38.3
+# ms through the dot form, 6.4 / 11.3 / 16.1 / 24.8 decoded first. The tile form beats decoding at every row
+# count, and so does the lanes form at the CPU preset's prompt chunks (256 rows: a prefill turn 437-473 -> 337-346
+# ms, docs/perf-notes.md "Twenty-first session").
 BLOCKS_DECODE_MIN_ROWS = 256
 
 
 def _block_product(rows: jax.Array, values: jax.Array, kind: str, lanes: bool) -> jax.Array:  # f32[M, N]
     """rows [M, K] with the block weight values u8[N, K / 32 * bytes] (in the lanes layout if `lanes`),
     natively: by the product kernel, which decodes each block in registers (on AMX tiles from TILES_MIN_ROWS
-    rows where the CPU has them); without tiles, from BLOCKS_DECODE_MIN_ROWS rows (long prompt chunks) the
-    weight is decoded whole into a float32 temporary and multiplied rows-left by XLA's dot, as float32 weights
-    are. Where the kernels cannot run, XLA decodes the blocks (XLA:CPU decoded SmolLM2-135M's layers at ~1 ns
-    a weight)."""
+    rows where the CPU has them; by the lanes form in the lanes layout); with neither, from
+    BLOCKS_DECODE_MIN_ROWS rows (long prompt chunks) the weight is decoded whole into a float32 temporary and
+    multiplied rows-left by XLA's dot, as float32 weights are. Where the kernels cannot run, XLA decodes the
+    blocks (XLA:CPU decoded SmolLM2-135M's layers at ~1 ns a weight)."""
     rows = rows.astype(jnp.float32)
     if not blocks_native_applies(rows):
         return _contract(rows, dequantize_blocks(values, kind, lanes))
-    if rows.shape[0] < BLOCKS_DECODE_MIN_ROWS or (not lanes and tiles_apply(rows.shape[0])):
+    if lanes or rows.shape[0] < BLOCKS_DECODE_MIN_ROWS or tiles_apply(rows.shape[0]):
         return blocks_matmul(rows, values, kind, lanes=lanes)
-    return _contract(rows, blocks_decode(values, kind, lanes))
+    return _contract(rows, blocks_decode(values, kind))
 
 
 def _native_fp8(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out], before the weight's scale

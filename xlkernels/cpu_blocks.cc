@@ -454,18 +454,6 @@ ffi::Error lanes_matmul(ffi::ThreadPool& pool, const float* x, const uint8_t* w,
   return ffi::Error::Success();
 }
 
-// The lanes layout decoded whole: each block's 16 channels x 32 elements, then transposed into the channels' rows.
-template <typename F>
-void lanes_decode_group(const uint8_t* w, int64_t k, int64_t g, float* out) {
-  const int64_t blocks = k / kBlock;
-  alignas(64) float block[kBlock][16];
-  for (int64_t b = 0; b < blocks; ++b) {
-    F::lanes(w + (g * blocks + b) * 16 * F::kBytes, [&](int j, __m512 wj) { _mm512_store_ps(block[j], wj); });
-    for (int half = 0; half < 2; ++half)
-      xlserve::transpose16(reinterpret_cast<const uint32_t*>(block[16 * half]), 16,
-                           reinterpret_cast<uint32_t*>(out + g * 16 * k + b * kBlock + 16 * half), k);
-  }
-}
 #endif  // __AVX512F__
 
 #if defined(XLSERVE_TILES)
@@ -719,22 +707,13 @@ ffi::Error BlocksMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 // The whole weight decoded, w u8[N, K / 32 blocks] -> f32[N, K], for products of many rows (prompt chunks),
 // which then run as XLA's dot: decoding once per call is cheaper there than once per tile of 16 rows.
 template <typename F>
-ffi::Error BlocksDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> out, bool lanes) {
+ffi::Error BlocksDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> out) {
   const auto wd = w.dimensions();
   if (wd.size() != 2 || wd[1] % F::kBytes)
     return ffi::Error::InvalidArgument("blocks decode: expected w [N, K/32 blocks]");
   const int64_t n = wd[0], blocks = wd[1] / F::kBytes;
   const uint8_t* ws = w.typed_data();
   float* os = out->typed_data();
-  if (lanes) {
-#if defined(__AVX512F__)
-    if (n % 16) return ffi::Error::InvalidArgument("blocks decode: the lanes layout needs channels in groups of 16");
-    xlserve::run_tasks(pool, n / 16, [=] { return [=](int64_t g) { lanes_decode_group<F>(ws, blocks * kBlock, g, os); }; });
-    return ffi::Error::Success();
-#else
-    return ffi::Error::InvalidArgument("blocks decode: the lanes layout needs AVX-512");
-#endif
-  }
   constexpr int64_t kTaskRows = 64;
   xlserve::run_tasks(pool, (n + kTaskRows - 1) / kTaskRows, [=] {
     return [=](int64_t task) {
@@ -757,8 +736,7 @@ ffi::Error BlocksDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::Resul
                                 ffi::Ffi::Bind()                                           \
                                     .Ctx<ffi::ThreadPool>()                                \
                                     .Arg<ffi::Buffer<ffi::U8>>()  /* w [N, K/32 blocks] */ \
-                                    .Ret<ffi::Buffer<ffi::F32>>() /* out [N, K] */         \
-                                    .Attr<bool>("lanes")); /* the lanes layout */
+                                    .Ret<ffi::Buffer<ffi::F32>>()); /* out [N, K] */
 
 XLSERVE_DECODE_HANDLER(XlserveBlocksDecodeQ4_0, Q4_0)
 XLSERVE_DECODE_HANDLER(XlserveBlocksDecodeQ4_1, Q4_1)

@@ -103,11 +103,11 @@ def blocks_matmul(x: jax.Array, w: jax.Array, kind: str, tiles: bool | None = No
     return call(x, w, tiles=tiles, lanes=lanes)
 
 
-def blocks_decode(w: jax.Array, kind: str, lanes: bool = False) -> jax.Array:  # f32[N, K]
-    """The block weight w u8[N, K / 32 * bytes] (in the lanes layout if `lanes`) decoded whole by the native
-    kernel (only where `blocks_native_applies`), as `dequantize_blocks` decodes it."""
+def blocks_decode(w: jax.Array, kind: str) -> jax.Array:  # f32[N, K]
+    """The block weight w u8[N, K / 32 * bytes] (the file's layout) decoded whole by the native kernel (only where
+    `blocks_native_applies`), as `dequantize_blocks` decodes it."""
     out = jax.ShapeDtypeStruct((w.shape[0], w.shape[1] // BLOCK_BYTES[kind] * BLOCK), jnp.float32)
-    return jax.ffi.ffi_call(f"xlserve_blocks_decode_{kind}", out, vmap_method="sequential")(w, lanes=lanes)
+    return jax.ffi.ffi_call(f"xlserve_blocks_decode_{kind}", out, vmap_method="sequential")(w)
 
 
 def _half(pair: jax.Array) -> jax.Array:  # u8[..., 2] -> f32[...]
