@@ -169,15 +169,17 @@ def shared_prefix_decode_attention(
     pages_per_block: int | None = None,
     k_splits: int | None = None,
     prefix_splits: int = DEFAULT_PREFIX_SPLITS,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [B, 1, Hq, D] in q.dtype
-    """Decode attention with the shared prefixes read once per tile (see the module docstring)."""
+    """Decode attention with the shared prefixes read once per tile (see the module docstring). `num_warps` and
+    `num_stages` (None: 4 and 3 for the prefix pass; the decode kernel's rules for the rows' own pass,
+    `pallas_decode.default_num_warps` and `default_num_stages`)."""
     batch, _, num_heads, head_dim = q.shape
     prefix = shared_prefix_partials(q, k_pages, v_pages, block_tables, shared, scale=scale,
                                     pages_per_block=pages_per_block, prefix_splits=prefix_splits,
-                                    num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                                    num_warps=num_warps or 4, num_stages=num_stages or 3, interpret=interpret)
     own = paged_decode_partials(q, k_pages, v_pages, block_tables, q_positions, kv_lens, shared.row_start,
                                 scale=scale, pages_per_block=pages_per_block, k_splits=k_splits,
                                 final_if_one_split=False, num_warps=num_warps, num_stages=num_stages,
