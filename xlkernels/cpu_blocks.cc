@@ -48,6 +48,7 @@ typedef uint8_t v16u8 __attribute__((vector_size(16)));
 typedef int8_t v16s8 __attribute__((vector_size(16)));
 
 constexpr int64_t kBlock = 32;  // weights per GGUF block
+constexpr int64_t kLanes = 16;  // output channels a group of the lanes layout holds (one AVX-512 float vector)
 // Rows a tile's accumulators hold: 16 with AVX-512, one channel a group, so each input vector loaded feeds one
 // FMA. Where 512-bit operations run as two 256-bit halves (AMD Zen 4, which AVX512-BF16 without AMX stands for
 // here), that one load per FMA is what limits: 8 rows and two channels a group load once per two FMAs, and run
@@ -130,7 +131,7 @@ inline void nibble_lanes(const uint8_t* codes, __m512 d, __m512 offset, Use use)
   const __m512i low = _mm512_set1_epi32(15);
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) {
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * j)));
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + kLanes * j)));
     use(j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), d, offset));
     use(j + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, offset));
   }
@@ -154,7 +155,7 @@ struct Q4_0 {  // f16 d, 16 bytes: element j in the low nibble of byte j, elemen
   template <typename Use>
   static inline void lanes(const uint8_t* group_block, Use use) {
     const __m512 d = half_lanes(group_block), offset = _mm512_mul_ps(d, _mm512_set1_ps(-8.0f));
-    nibble_lanes(group_block + 32, d, offset, use);
+    nibble_lanes(group_block + kLanes * kCodesAt, d, offset, use);
   }
 #endif
 };
@@ -172,7 +173,7 @@ struct Q4_1 {  // f16 d, f16 m, 16 bytes of nibbles as Q4_0's: w = d * q + m
 #if defined(__AVX512F__)
   template <typename Use>
   static inline void lanes(const uint8_t* group_block, Use use) {
-    nibble_lanes(group_block + 64, half_lanes(group_block), half_lanes(group_block + 32), use);
+    nibble_lanes(group_block + kLanes * kCodesAt, half_lanes(group_block), half_lanes(group_block + kLanes * 2), use);
   }
 #endif
 };
@@ -191,9 +192,10 @@ struct Q8_0 {  // f16 d, 32 signed bytes: w = d * q
   static inline void lanes(const uint8_t* group_block, Use use) {
     const __m512 d = half_lanes(group_block);
 #pragma GCC unroll 32
-    for (int j = 0; j < kBlock; ++j)
-      use(j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(group_block + 32 + 16 * j)))), d));
+    for (int j = 0; j < kBlock; ++j) {
+      const auto* codes = reinterpret_cast<const __m128i*>(group_block + kLanes * (kCodesAt + j));  // byte j of each
+      use(j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes))), d));
+    }
   }
 #endif
 };
@@ -357,7 +359,6 @@ void interleave(const float* x, int64_t m, int64_t k, int64_t rows, float* tiles
   }
 }
 
-
 #if defined(__AVX512F__)
 // The lanes form (AVX-512 without AMX: xlkernels/cpu_blocks.py, `lanes_applies`), over weights stored in the lanes
 // layout: the output channels in groups of 16, each group's bytes (rows 16g .. 16g + 15 of the [N, K / 32 *
@@ -390,14 +391,14 @@ void lanes_tile(const LanesProblem& p, int64_t r0, int64_t g) {
   constexpr int S = R <= 8 ? 2 : 1;
   const int64_t blocks = p.k / kBlock;
   const float* x = p.x + r0 * p.k;
-  const uint8_t* w = p.w + g * blocks * 16 * F::kBytes;
+  const uint8_t* w = p.w + g * blocks * kLanes * F::kBytes;
   __m512 acc[S][R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < S; ++s) acc[s][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const float* xb = x + b * kBlock * R;
-    F::lanes(w + b * 16 * F::kBytes, [&](int j, __m512 wj) {
+    F::lanes(w + b * kLanes * F::kBytes, [&](int j, __m512 wj) {
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         __m512& sum = acc[S == 2 ? alternate(j) : 0][r];
@@ -406,7 +407,7 @@ void lanes_tile(const LanesProblem& p, int64_t r0, int64_t g) {
     });
   }
   for (int r = 0; r < R && r0 + r < p.rows; ++r)
-    _mm512_storeu_ps(p.out + (r0 + r) * p.n + g * 16, S == 2 ? _mm512_add_ps(acc[0][r], acc[S - 1][r]) : acc[0][r]);
+    _mm512_storeu_ps(p.out + (r0 + r) * p.n + g * kLanes, S == 2 ? _mm512_add_ps(acc[0][r], acc[S - 1][r]) : acc[0][r]);
 }
 
 template <typename F>
@@ -442,13 +443,13 @@ void lanes_rows(const float* x, int64_t m, int64_t k, int64_t rows, float* tiles
 template <typename F>
 ffi::Error lanes_matmul(ffi::ThreadPool& pool, const float* x, const uint8_t* w, float* out, int64_t m, int64_t k,
                         int64_t n) {
-  if (n % 16) return ffi::Error::InvalidArgument("blocks matmul: the lanes layout needs channels in groups of 16");
+  if (n % kLanes) return ffi::Error::InvalidArgument("blocks matmul: the lanes layout needs channels in groups of 16");
   const int64_t rows = padded(m, kLanesRows);
   std::unique_ptr<float, decltype(&std::free)> copy(
       static_cast<float*>(std::aligned_alloc(64, ((rows * k * sizeof(float) + 63) / 64) * 64)), &std::free);
   if (!copy) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "blocks matmul: no memory");
   const LanesProblem problem{copy.get(), w, out, m, n, k};
-  xlserve::run_tasks_after(pool, n / 16, [&problem, rows] {
+  xlserve::run_tasks_after(pool, n / kLanes, [&problem, rows] {
     return [&problem, rows](int64_t g) { lanes_group<F>(problem, rows, g); };
   }, [&] { lanes_rows(x, m, k, rows, copy.get()); });
   return ffi::Error::Success();

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from xlkernels.native_build import cpu_has_avx512, cpu_has_bf16_tiles, native_kernels_ready
 
@@ -38,10 +37,7 @@ def lanes_applies(shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and shape[-2] % LANES == 0 and cpu_has_avx512() and not cpu_has_bf16_tiles()
 
 
-Bytes = jax.Array | np.ndarray
-
-
-def to_lanes(values: Bytes, kind: str) -> Bytes:  # u8[..., N, K / 32 * bytes], the same shape
+def to_lanes(values: jax.typing.ArrayLike, kind: str) -> jax.Array:  # u8[..., N, K / 32 * bytes], the same shape
     """A block weight in the file's layout as the lanes layout: each group of 16 channels' bytes (16 rows) as
     [K / 32 blocks][the 16 scales (and minimums) as float16s, then the codes byte by byte: byte j of the 16
     channels together]."""
@@ -54,7 +50,7 @@ def to_lanes(values: Bytes, kind: str) -> Bytes:  # u8[..., N, K / 32 * bytes], 
     return jnp.reshape(group, values.shape)
 
 
-def from_lanes(values: Bytes, kind: str) -> Bytes:  # u8[..., N, K / 32 * bytes], the same shape
+def from_lanes(values: jax.typing.ArrayLike, kind: str) -> jax.Array:  # u8[..., N, K / 32 * bytes], the same shape
     """The lanes layout (`to_lanes`) back in the file's layout."""
     *lead, n, width = values.shape
     size, header = BLOCK_BYTES[kind], HEADER_BYTES[kind]

@@ -20,7 +20,7 @@
 
 namespace xlserve {
 
-constexpr std::chrono::microseconds kCallerSpin{50};
+constexpr std::chrono::microseconds kCallerYield{50};
 
 // As run_tasks, with `prologue()` run by the caller first (work every task reads, such as repacked inputs):
 // the helpers are woken before it, and wait for it to finish before taking a task, so their wake-up (several
@@ -59,10 +59,10 @@ void run_tasks_after(xla::ffi::ThreadPool& pool, int64_t total, MakeWorker make_
   drain();
   // The helpers' last tasks end within microseconds: waiting for them on the condition variable put the caller to
   // sleep, and a sleeping vCPU took ~10 us to wake (a 16-row step's chain of products 27.0 -> 25.7 ms, one row
-  // 8.35 -> 7.62: docs/perf-notes.md, "Twenty-first session"). So it spins first, for at most kCallerSpin.
+  // 8.35 -> 7.62: docs/perf-notes.md, "Twenty-first session"). So it yields first, for at most kCallerYield.
   const auto since = std::chrono::steady_clock::now();
   while (counters->finished.load(std::memory_order_acquire) != total &&
-         std::chrono::steady_clock::now() - since < kCallerSpin)
+         std::chrono::steady_clock::now() - since < kCallerYield)
     std::this_thread::yield();
   std::unique_lock<std::mutex> lock(counters->mutex);
   counters->all_finished.wait(lock, [&] { return counters->finished.load() == total; });
