@@ -32,7 +32,14 @@ from jax.sharding import Mesh
 from model.config import ModelConfig
 from model.loader import INITIALIZERS, SCALE_SUFFIX, param_spec
 from model.rope import attention_scaling, dynamic_inv_frequencies, inv_frequencies
-from model.sharding import KV_CACHE_AXES, KV_SCALE_AXES, make_mesh, shard_by_kv_head, sharding_for
+from model.sharding import (
+    KV_CACHE_AXES,
+    KV_SCALE_AXES,
+    make_mesh,
+    shard_by_kv_head,
+    shard_rope_write,
+    sharding_for,
+)
 from model.weight_quant import (
     InputsLastWeight,
     Weight,
@@ -46,6 +53,7 @@ from xlkernels import get_paged_attention, write_kv_pages
 from xlkernels.cpu_blocks import dequantize_blocks, lanes_applies, take_block_rows
 from xlkernels.kv_quant import Pages, QuantizedPages, empty_pages, rotation, token_head_bytes
 from xlkernels.rms_norm import get_add_rms_norm, rms_norm
+from xlkernels.rope_kv import get_rope_write, rotate
 from xlkernels.shared_prefix import SharedPrefix
 
 # Per-layer paged cache: (k_pages, v_pages), each [Hkv, P, PS, D], or quantized per token and KV head
@@ -92,12 +100,20 @@ def unpack(x: jax.Array, index: jax.Array, layout: tuple[int, int]) -> jax.Array
     return flat.at[index].set(x[0], mode="drop").reshape(*layout, *x.shape[2:])
 
 
-def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotary embedding in the rotate-half layout (first half real, second half imaginary)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    x32 = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return x32.astype(x.dtype)
+def write_views(q: jax.Array, k: jax.Array, v: jax.Array, cache: LayerCache,
+                batch: AttentionBatch) -> tuple[LayerCache, list[tuple[jax.Array, AttentionBatch]]]:
+    """Write the step's keys and values into their pages; the queries as the rows attention reads, each with its
+    batch: one view, or a packed step's tokens laid out as [B, T] (and a mixed step's decoding rows as [D, 1])."""
+    if batch.packed_index is None:
+        views = [((q, k, v), batch)]
+    else:
+        d = batch.num_decode_rows
+        views = [(tuple(a[0, :d, None] for a in (q, k, v)), batch.decode)] if d else []
+        views.append((tuple(unpack(a[:, d:], batch.packed_index, batch.positions.shape) for a in (q, k, v)), batch))
+    # Every view writes before any attends: a write after a read of the pages would make XLA copy the pool.
+    for (_, k_rows, v_rows), rows in views:
+        cache = write_kv_pages(*cache, k_rows, v_rows, rows.block_tables, rows.positions, rows.valid)
+    return cache, [(q_rows, rows) for (q_rows, _, _), rows in views]
 
 
 def rope_tables(batch: AttentionBatch, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -165,7 +181,7 @@ class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     attention_backend: str
-    mesh: Mesh | None = None  # with tensor parallelism, custom kernels run per device (shard_by_kv_head)
+    mesh: Mesh | None = None  # with tensor parallelism, custom kernels run per device (shard_by_kv_head, ...)
 
     @nn.compact
     def __call__(
@@ -179,33 +195,33 @@ class Attention(nn.Module):
         qkv = linear(x, wqkv)  # [B, T, Hkv, G+2, D]
         if cfg.attention_bias:
             qkv = qkv + declared_param(self, "bqkv")
-        batch_size, num_tokens = x.shape[:2]
-        q = qkv[:, :, :, :group].reshape(batch_size, num_tokens, cfg.num_heads, head_dim)
-        k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]  # [B, T, Hkv, D]
-        if cfg.qk_norm:  # Qwen3 normalises each head over head_dim, before the rotation
-            q = RMSNorm(cfg, self.dtype, name="q_norm")(q)
-            k = RMSNorm(cfg, self.dtype, name="k_norm")(k)
         cos, sin = rope
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         # Quantized pages hold keys and values turned by a Hadamard rotation (xlkernels.kv_quant, "Outlier
         # channels"); the query turns with them and the output turns back, so attention is unchanged.
         turn = rotation(head_dim) if isinstance(cache[0], QuantizedPages) else None
-        if turn is not None:
-            q, k, v = (jnp.einsum("...d,de->...e", a, turn.astype(a.dtype)) for a in (q, k, v))
-        if batch.packed_index is None:
-            views = [((q, k, v), batch)]
-        else:  # attention reads rows: lay the packed tokens out as [B, T] (a mixed step's decoding rows as [D, 1])
-            d = batch.num_decode_rows
-            views = [(tuple(a[0, :d, None] for a in (q, k, v)), batch.decode)] if d else []
-            views.append((tuple(unpack(a[:, d:], batch.packed_index, batch.positions.shape) for a in (q, k, v)), batch))
-        # Every view writes before any attends: a write after a read of the pages would make XLA copy the pool.
-        for (_, k_rows, v_rows), rows in views:
-            cache = write_kv_pages(*cache, k_rows, v_rows, rows.block_tables, rows.positions, rows.valid)
+        if batch.packed_index is None and turn is None and not cfg.qk_norm:
+            # The rotations and the cache writes: one kernel on the Pallas backend (xlkernels.rope_kv).
+            rope_write = get_rope_write(self.attention_backend)
+            if self.mesh is not None and self.mesh.size > 1:
+                rope_write = shard_rope_write(rope_write, self.mesh)
+            q, k_pages, v_pages = rope_write(qkv, cos, sin, *cache, batch.block_tables, batch.positions, batch.valid)
+            cache, views = (k_pages, v_pages), [(q, batch)]
+        else:
+            batch_size, num_tokens = x.shape[:2]
+            q = qkv[:, :, :, :group].reshape(batch_size, num_tokens, cfg.num_heads, head_dim)
+            k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]  # [B, T, Hkv, D]
+            if cfg.qk_norm:  # Qwen3 normalises each head over head_dim, before the rotation
+                q = RMSNorm(cfg, self.dtype, name="q_norm")(q)
+                k = RMSNorm(cfg, self.dtype, name="k_norm")(k)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            if turn is not None:
+                q, k, v = (jnp.einsum("...d,de->...e", a, turn.astype(a.dtype)) for a in (q, k, v))
+            cache, views = write_views(q, k, v, cache, batch)
         attend = get_paged_attention(self.attention_backend)
         if self.mesh is not None and self.mesh.size > 1:
             attend = shard_by_kv_head(attend, self.mesh)
         outs = [attend(q_rows, *cache, rows.block_tables, rows.positions, rows.kv_lens, scale=head_dim**-0.5,
-                       shared=rows.shared) for (q_rows, _, _), rows in views]
+                       shared=rows.shared) for q_rows, rows in views]
         if batch.packed_index is None:
             out = outs[0]
         else:

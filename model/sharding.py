@@ -80,6 +80,8 @@ def sharding_for(path: str, shape: Sequence[int], mesh: Mesh, axes: Axes) -> Nam
 # Attention inputs in `xlkernels`' layout: q [B, T, Hq, D] split by query head, the page pools
 # [Hkv, P, PS, D] by KV head (each device keeps whole GQA groups), every index table replicated.
 ATTENTION_Q_AXES: Axes = (None, None, "q_heads", "head_dim")
+# The qkv matmul's output [B, T, Hkv, G+2, D], split with its weight's KV heads.
+QKV_AXES: Axes = (None, None, "kv_heads", None, "head_dim")
 
 
 def shard_by_kv_head(attend: Callable[..., jax.Array], mesh: Mesh) -> Callable[..., jax.Array]:
@@ -112,3 +114,18 @@ def pool_spec(pages: Pages) -> PartitionSpec | QuantizedPages:
     if isinstance(pages, QuantizedPages):
         return QuantizedPages(logical_to_spec(KV_CACHE_AXES), logical_to_spec(KV_SCALE_AXES), pages.kind)
     return logical_to_spec(KV_CACHE_AXES)
+
+
+def shard_rope_write(rope_write: Callable[..., tuple], mesh: Mesh) -> Callable[..., tuple]:
+    """`rope_write` (`xlkernels.rope_kv`: the rotation and the cache writes) on each device's own KV heads under
+    `shard_map`, as `shard_by_kv_head` runs attention: the qkv slab and the pools are split by KV head already."""
+    qkv_spec, q_spec, replicated = logical_to_spec(QKV_AXES), logical_to_spec(ATTENTION_Q_AXES), PartitionSpec()
+
+    def sharded(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid):
+        kv_spec = pool_spec(k_pages)
+        return jax.shard_map(
+            rope_write, mesh=mesh, out_specs=(q_spec, kv_spec, kv_spec), check_vma=False,
+            in_specs=(qkv_spec, replicated, replicated, kv_spec, kv_spec, replicated, replicated, replicated),
+        )(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid)
+
+    return sharded

@@ -86,6 +86,23 @@ def test_a_mixed_step_lowers_with_the_decode_and_the_prefill_kernel(kv_format):
     assert kernels(rows=4, tokens=16, packed=32) == {"prefill"}
 
 
+@pytest.mark.parametrize("kv_format", [None, "int8"])
+def test_plain_pages_take_the_rotation_and_the_cache_writes_in_one_kernel_a_layer(kv_format):
+    """xlkernels.pallas_rope_kv: a decode or prefill step over bf16 pages turns q and k and writes k and v in one
+    kernel a layer (no page scatter left); quantized pages (and packed steps) keep XLA's rotation and scatters."""
+    def fused_kernels_and_page_scatters(**shape) -> tuple[int, int]:
+        text = lower_gpu_step(CONFIG, kv_format, **shape)
+        assert text.count('name = "xlserve_rope_write"') <= 1  # one kernel, in the jitted function each layer calls
+        # A page write scatters [Hkv, tokens, D] rows into [Hkv, P, PS, D] at (page, slot): dims 1 and 2.
+        page_scatters = re.findall(r'stablehlo.scatter"\([^)]*\) <\{[^}]*inserted_window_dims = \[1, 2\]', text)
+        return text.count("call @rope_write_pallas("), len(page_scatters)
+
+    layers = CONFIG.num_layers
+    for shape in (dict(rows=2, tokens=1), dict(rows=2, tokens=16)):
+        assert fused_kernels_and_page_scatters(**shape) == ((layers, 0) if kv_format is None else (0, 2 * layers))
+    assert fused_kernels_and_page_scatters(rows=4, tokens=16, packed=32) == (0, 2 * layers)
+
+
 @pytest.mark.parametrize("kv_format", [None, "int8", "int4", "fp8"])
 def test_a_shared_prefix_decode_step_lowers_for_gpus(kv_format):
     text = lower_gpu_step(CONFIG, kv_format, rows=8, tokens=1, shared_prefix=True)

@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 
 from xlkernels import get_paged_attention, paged_attention_reference, paged_attention_xla, resolve_backend
+from xlkernels.kv_quant import quantize_pages
 from xlkernels.pallas_decode import merge_splits, merge_splits_pallas, paged_decode_attention
 from xlkernels.pallas_prefill import paged_prefill_attention
 from xlkernels.pallas_rms_norm import add_rms_norm_pallas
+from xlkernels.pallas_rope_kv import rope_write_pallas
 from xlkernels.pallas_shared_prefix import shared_prefix_decode_attention
 from xlkernels.rms_norm import add_rms_norm_reference
+from xlkernels.rope_kv import rope_write_reference
 from xlkernels.shared_prefix import SharedPrefix, plan_shared_prefix
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -271,3 +274,44 @@ def test_add_rms_norm_falls_back_for_other_hidden_sizes():
     total, normed = add_rms_norm_pallas(x, delta, scale, 1e-6, interpret=True)
     np.testing.assert_allclose(np.asarray(total), 3.0)
     np.testing.assert_allclose(np.asarray(normed), 1.0, rtol=1e-5)
+
+
+def rope_write_problem(group: int, dtype: jnp.dtype, tokens: int) -> tuple:
+    """Random (qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid): 3 rows of `tokens` tokens over
+    4-token pages, a padding token in the second row, angles of any size."""
+    rng = np.random.default_rng(group * 10 + tokens)
+    num_kv_heads, head_dim, page_size, num_pages = 2, 64, 4, 13
+    qkv = jnp.asarray(rng.standard_normal((3, tokens, num_kv_heads, group + 2, head_dim)), dtype)
+    angles = rng.uniform(0, 100, (3, tokens, 1, head_dim // 2))
+    pools = [jnp.asarray(rng.standard_normal((num_kv_heads, num_pages, page_size, head_dim)), dtype) for _ in "kv"]
+    tables = jnp.asarray(rng.permutation(np.arange(1, num_pages))[:12].reshape(3, 4), jnp.int32)
+    positions = jnp.asarray(np.array([[3], [8], [13]]) + np.arange(tokens)[None, :], jnp.int32)
+    valid = jnp.ones((3, tokens), bool).at[1, -1].set(False)
+    return (qkv, jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32), *pools, tables,
+            positions, valid)
+
+
+@pytest.mark.parametrize("group,dtype,tokens", [(4, jnp.bfloat16, 1), (1, jnp.float32, 1), (2, jnp.bfloat16, 3)])
+def test_rope_write_kernel_matches_reference(group, dtype, tokens):
+    """The fused rotation and cache write turns q and k and stores k and v as the XLA path does: the same f32
+    arithmetic rounded the same way (within an ulp: XLA may contract a multiply and add into an FMA in either
+    program), the padding token written nowhere, every other slot untouched."""
+    args = rope_write_problem(group, dtype, tokens)
+    got, want = rope_write_pallas(*args, interpret=True), rope_write_reference(*args)
+    ulp = float(jnp.finfo(dtype).eps)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=ulp, atol=4 * ulp)
+    changed = np.asarray(got[1] != args[3]).any(axis=-1)  # [Hkv, P, PS]: the slots the step wrote
+    assert changed.sum() == 2 * (3 * tokens - 1)  # each valid token's slot, for each KV head
+
+
+def test_rope_write_falls_back_where_the_kernel_does_not_fit():
+    """G = 3 (not a power of two) and quantized pools take the reference (jitted: within an FMA's rounding)."""
+    args = rope_write_problem(3, jnp.float32, 1)
+    for g, w in zip(rope_write_pallas(*args, interpret=True), rope_write_reference(*args), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+    quantized = (*args[:3], quantize_pages(args[3], "int8"), quantize_pages(args[4], "int8"), *args[5:])
+    got, want = rope_write_pallas(*quantized, interpret=True), rope_write_reference(*quantized)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(got[1].data, np.int32) - np.asarray(want[1].data, np.int32)).max() <= 1
