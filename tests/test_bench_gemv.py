@@ -26,7 +26,7 @@ def test_quick_run_checks_and_prints_every_variant(monkeypatch, capsys):
                   "fp8 pallas n=64 k=256 splits=2 [K,N]", "int8 pallas n=64 k=256 splits=2 [K,N]",
                   "bf16 xla reduce", "fp8 xla reduce", "int8 xla reduce"}  # reductions: up to 4 rows
         if rows == 1:
-            labels.add("fp8 pallas-row n=64 k=256 splits=2 [K,N]")
+            labels |= {"fp8 pallas-row n=64 k=256 splits=2 [K,N]", "bf16 pallas-row n=64 k=256 splits=2 [K,N]"}
         assert printed == labels
 
 
@@ -40,9 +40,10 @@ def test_check_stops_a_wrong_product():
     bench_gemv.check("fused [K,N]", bench_gemv.fused_kn, x, (values.T, scale), "int8kn")
 
 
-@pytest.mark.parametrize("one_row", [False, True])
-def test_candidate_kernels_lower_for_cuda(one_row):
-    args = (jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 512), jnp.float8_e4m3fn),
+@pytest.mark.parametrize("one_row, weights", [(False, jnp.float8_e4m3fn), (True, jnp.float8_e4m3fn),
+                                              (True, jnp.bfloat16)])
+def test_candidate_kernels_lower_for_cuda(one_row, weights):
+    args = (jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 512), weights),
             jax.ShapeDtypeStruct((512,), jnp.float32))
     gemv = jax.jit(lambda x, v, s: bench_gemv.quantized_gemv(x, v, s, block_n=128, block_k=128, k_splits=4,
                                                              one_row=one_row))

@@ -14,8 +14,9 @@ copy bandwidth.
 The Pallas kernels here are candidates, not the engine's: measured on the H100 (docs/perf-notes.md) they
 are no faster at one row than XLA's own Triton GEMM fusion of the convert and the dot, which is what the
 engine runs. `_gemv_kernel` pads the rows to 16 (Triton's smallest dot) and converts [block_k, block_n]
-tiles after their load; `_row_kernel` serves one row with products summed in f32, without a dot. Both
-split K over `k_splits` programs whose scaled partial sums XLA adds.
+tiles after their load; `_row_kernel` serves one row with products summed in f32, without a dot (it also
+reads bf16 weights: whether a GEMV of ours streams them as XLA's GEMM does). Both split K over `k_splits`
+programs whose scaled partial sums XLA adds.
 
 Method: each timed executable applies the matmul to `copies` distinct weights (together over ~3x the
 50 MB L2, so weights come from HBM) and sums the outputs; the per-call time is the total over copies,
@@ -93,7 +94,7 @@ def gemv_blocks(k: int, n: int, programs: int = 256) -> dict[str, int] | None:
                                              "one_row"))
 def quantized_gemv(
     x: jax.Array,  # [M, K] activations (bf16 on the GPU), M <= ROWS
-    values: jax.Array,  # [K, N] int8 or float8_e4m3fn
+    values: jax.Array,  # [K, N] int8 or float8_e4m3fn (or bf16 with a unit scale: the row kernel's bf16 probe)
     scale: jax.Array,  # f32[N] one per output channel
     *,
     block_n: int = 64,
@@ -191,6 +192,12 @@ def sweep(k: int, n: int) -> list[dict[str, int]]:
 def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], interpret: bool, pallas: bool = True):
     """(label, fn(x, *weight), weight kind) for every matmul compared at this shape."""
     yield "bf16 dot", lambda x, w: x @ w, "bf16"
+    if rows == 1 and pallas:  # whether a GEMV of ours streams bf16 as XLA's GEMM does (B1: its split-K sums cost ~2%)
+        for b in blocks:
+            if b is not None and supports(rows, k, n, b["block_n"], b["block_k"], b["k_splits"]):
+                label = " ".join(f"{key.split('_')[-1]}={val}" for key, val in b.items())
+                gemv = functools.partial(quantized_gemv, interpret=interpret, one_row=True, **b)
+                yield f"bf16 pallas-row {label} [K,N]", lambda x, w, gemv=gemv: gemv(x, w, jnp.ones(w.shape[1])), "bf16"
     if not interpret:  # XLA:CPU has no fp8 dot
         yield "fp8 native dot", native_fp8, "fp8"
     yield "fp8 xla fused [K,N]", fused_kn, "fp8kn"
@@ -246,7 +253,7 @@ def main() -> None:
                 calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
                 print(f"{name} rows {rows} native: custom calls {calls}, transposes {text.count(' transpose(')}")
             shown = sorted(results.items(), key=lambda kv: kv[1][0])
-            for kernel in ("fp8 pallas ", "fp8 pallas-row "):  # each kernel's fastest three blocks only
+            for kernel in ("fp8 pallas ", "fp8 pallas-row ", "bf16 pallas-row "):  # each kernel's fastest three blocks
                 swept = [label for label, _ in shown if label.startswith(kernel)]
                 shown = [(label, r) for label, r in shown if label not in swept[3:]]
             for label, (ms, bytes_per_weight) in shown:
