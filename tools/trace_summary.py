@@ -1,13 +1,14 @@
 """Where a profiled window's GPU time went, from a JAX perfetto trace (`/start_profile` + `/stop_profile`,
 or `jax.profiler.trace(..., create_perfetto_trace=True)`).
 
-    python -m tools.trace_summary path/to/perfetto_trace.json.gz
+    python -m tools.trace_summary path/to/perfetto_trace.json.gz [--gaps 10] [--kernels 20]
 
 Groups the device's kernels into program runs (consecutive kernels of one XLA module, e.g. the engine's
 `step` or `sample_and_record`) and prints, per module: runs, device time per run (kernels only) and
 wall time per run (first kernel start to last kernel end); then how much of the window the device was
 idle between kernels, and the longest idle gaps with the programs on either side. Idle time is what the
-host costs a serving run: the program times are what the kernels cost.
+host costs a serving run: the program times are what the kernels cost. `--kernels N` then lists the busiest
+program's N dearest kernels per run (a decode step's GEMMs against its small kernels).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def load_kernels(path: str) -> tuple[list[Kernel], dict[int, str]]:
 
 
 def program_runs(kernels: list[Kernel]) -> list[tuple[str, float, float, float]]:
-    """(module, start, end, busy us) per run of consecutive kernels of one module."""
+    """(module, start, end, busy us) per run of consecutive kernels of one module. Events of no module (the
+    host's copies to and from the device, which overlap a program on their own stream) do not split a run."""
     runs: list[list] = []
-    for k in kernels:
+    for k in (k for k in kernels if k.module != "?"):
         if runs and runs[-1][0] == k.module:
             run = runs[-1]
             run[3] += max(0.0, k.end - max(k.start, run[2]))  # overlapping streams count once
@@ -66,10 +68,24 @@ def program_runs(kernels: list[Kernel]) -> list[tuple[str, float, float, float]]
     return [tuple(r) for r in runs]
 
 
+def kernel_table(kernels: list[Kernel], module: str, runs: int) -> list[tuple[str, float, float, float]]:
+    """(kernel name, us per run, calls per run, us per call) of `module`'s kernels over its `runs` runs, dearest
+    first: where one program's time goes, e.g. a decode step's GEMMs against its small kernels."""
+    busy: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for k in kernels:
+        if k.module == module:
+            busy[k.name] += k.end - k.start
+            calls[k.name] += 1
+    return sorted(((name, busy[name] / runs, calls[name] / runs, busy[name] / calls[name]) for name in busy),
+                  key=lambda row: -row[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("trace")
     parser.add_argument("--gaps", type=int, default=10, help="how many of the longest idle gaps to list")
+    parser.add_argument("--kernels", type=int, default=0, help="list the busiest module's N dearest kernels per run")
     args = parser.parse_args()
     kernels, processes = load_kernels(args.trace)
     if not kernels:
@@ -97,6 +113,12 @@ def main() -> None:
           f"p90 {np.percentile(gap_us, 90):.0f} us, over 1 ms: {(gap_us > 1e3).sum()}")
     for gap, before, after in sorted(gaps, reverse=True)[: args.gaps]:
         print(f"  {gap / 1e3:.2f} ms idle after {before[:50]} before {after[:50]}")
+    if args.kernels:
+        module = max(by_module, key=lambda m: sum(v[1] for v in by_module[m]))
+        print(f"| {module[:40]}: kernel | us per run | calls per run | us per call |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, per_run, calls, per_call in kernel_table(kernels, module, len(by_module[module]))[: args.kernels]:
+            print(f"| {name[:70]} | {per_run:.1f} | {calls:.2f} | {per_call:.2f} |")
 
 
 if __name__ == "__main__":
