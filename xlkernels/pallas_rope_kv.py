@@ -56,18 +56,10 @@ def fits(qkv: jax.Array, k_pages: Pages) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def rope_write_pallas(
-    qkv: jax.Array,  # [B, T, Hkv, G+2, D]
-    cos: jax.Array,  # f32[B, T, 1, D/2]
-    sin: jax.Array,  # f32[B, T, 1, D/2]
-    k_pages: Pages,  # [Hkv, P, PS, D]
-    v_pages: Pages,  # [Hkv, P, PS, D]
-    block_tables: jax.Array,  # i32[B, pages_per_seq]
-    positions: jax.Array,  # i32[B, T]
-    valid: jax.Array,  # bool[B, T]
-    *,
-    interpret: bool = False,
-) -> tuple[jax.Array, Pages, Pages]:  # (q [B, T, Hkv * G, D], k_pages, v_pages)
+def rope_write_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: Pages, v_pages: Pages,
+                      block_tables: jax.Array, positions: jax.Array, valid: jax.Array, *,
+                      interpret: bool = False) -> tuple[jax.Array, Pages, Pages]:
+    """`rope_kv.rope_write_reference`'s contract (shapes there); `interpret=True` runs the kernel on CPU."""
     if not fits(qkv, k_pages):
         return rope_write_reference(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid)
     batch, tokens, num_kv_heads, width, head_dim = qkv.shape
