@@ -55,6 +55,14 @@ def paged_attention_reference(
     return out.reshape(batch, num_q, num_heads, head_dim).astype(q.dtype)
 
 
+def token_slots(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, num_pages: int,
+                page_size: int) -> tuple[jax.Array, jax.Array]:  # (i32[B * T] page, i32[B * T] slot in it)
+    """Where each token of a [B, T] step is stored: its page and its slot. A padding token's page is `num_pages`,
+    out of range, so a write with mode="drop" (or a kernel's bounds check) skips it."""
+    page = jnp.take_along_axis(block_tables, positions // page_size, axis=1, mode="clip")
+    return jnp.where(valid, page, num_pages).reshape(-1), (positions % page_size).reshape(-1)
+
+
 def write_kv_pages(
     k_pages: Pages,  # [Hkv, P, PS, D], or quantized (xlkernels.kv_quant: quantized as it is written)
     v_pages: Pages,  # [Hkv, P, PS, D]
@@ -65,11 +73,7 @@ def write_kv_pages(
     valid: jax.Array,  # bool[B, T]; padding tokens are dropped, never written
 ) -> tuple[Pages, Pages]:
     """Scatter new keys/values into their pages; padded tokens go to an out-of-range page and drop."""
-    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
-    page_idx = jnp.take_along_axis(block_tables, positions // page_size, axis=1, mode="clip")
-    page_idx = jnp.where(valid, page_idx, num_pages)  # out of range -> dropped by mode="drop"
-    offset = positions % page_size
-    flat_pages, flat_offsets = page_idx.reshape(-1), offset.reshape(-1)
+    flat_pages, flat_offsets = token_slots(block_tables, positions, valid, *k_pages.shape[1:3])
 
     def scatter(pages: Pages, new: jax.Array) -> Pages:
         new = new.reshape(-1, new.shape[2], new.shape[3]).transpose(1, 0, 2)  # [Hkv, B*T, D]

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from xlkernels.kv_quant import Pages, QuantizedPages
+from xlkernels.paged_attention import token_slots
 from xlkernels.pallas_decode import is_pow2
 from xlkernels.rope_kv import rope_write_reference
 
@@ -64,10 +65,8 @@ def rope_write_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: P
         return rope_write_reference(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid)
     batch, tokens, num_kv_heads, width, head_dim = qkv.shape
     group, half = width - 2, head_dim // 2
-    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
-    page = jnp.take_along_axis(block_tables, positions // page_size, axis=1, mode="clip")
-    page = jnp.where(valid, page, num_pages).reshape(-1)  # i32[N]
-    slot = (positions % page_size).reshape(-1)
+    num_pages = k_pages.shape[1]
+    page, slot = token_slots(block_tables, positions, valid, num_pages, k_pages.shape[2])  # i32[N] each
     flat = batch * tokens
     q, k_pages, v_pages = pl.pallas_call(
         functools.partial(_rope_write_kernel, group=group, half=half, num_pages=num_pages),
