@@ -28,7 +28,7 @@ import json, pathlib, sys
 rows = []
 for path in sorted(pathlib.Path(sys.argv[1]).glob("b*-*.json")):
     data = json.loads(path.read_text())
-    rate = data.get("tokens_per_s") or data.get("output_throughput") or data.get("output_tok_s")
+    rate = data.get("tok_s") or data.get("output_tok_s")  # single (B1) or throughput (B3)
     rows.append((path.stem, rate, {k: v for k, v in data.items() if isinstance(v, (int, float))}))
 for name, rate, numbers in rows:
     print(f"{name:16s} {rate}  {numbers}")
