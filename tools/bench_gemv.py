@@ -189,15 +189,20 @@ def sweep(k: int, n: int) -> list[dict[str, int]]:
             if 128 <= n // bn * ks <= 1100 or n <= 1024]
 
 
+def fitting_blocks(k: int, n: int, rows: int, blocks: list[dict[str, int] | None]):
+    """(label, blocks) for each block choice the Pallas kernels cover at this shape, e.g. "n=64 k=256 splits=2"."""
+    for b in blocks:
+        if b is not None and supports(rows, k, n, b["block_n"], b["block_k"], b["k_splits"]):
+            yield " ".join(f"{key.split('_')[-1]}={val}" for key, val in b.items()), b
+
+
 def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], interpret: bool, pallas: bool = True):
     """(label, fn(x, *weight), weight kind) for every matmul compared at this shape."""
     yield "bf16 dot", lambda x, w: x @ w, "bf16"
     if rows == 1 and pallas:  # whether a GEMV of ours streams bf16 as XLA's GEMM does (B1: its split-K sums cost ~2%)
-        for b in blocks:
-            if b is not None and supports(rows, k, n, b["block_n"], b["block_k"], b["k_splits"]):
-                label = " ".join(f"{key.split('_')[-1]}={val}" for key, val in b.items())
-                gemv = functools.partial(quantized_gemv, interpret=interpret, one_row=True, **b)
-                yield f"bf16 pallas-row {label} [K,N]", lambda x, w, gemv=gemv: gemv(x, w, jnp.ones(w.shape[1])), "bf16"
+        for label, b in fitting_blocks(k, n, rows, blocks):
+            gemv = functools.partial(quantized_gemv, interpret=interpret, one_row=True, **b)
+            yield f"bf16 pallas-row {label} [K,N]", lambda x, w, gemv=gemv: gemv(x, w, jnp.ones(w.shape[1])), "bf16"
     if not interpret:  # XLA:CPU has no fp8 dot
         yield "fp8 native dot", native_fp8, "fp8"
     yield "fp8 xla fused [K,N]", fused_kn, "fp8kn"
@@ -209,10 +214,7 @@ def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], int
             yield f"{kind} xla reduce", reduced, kind
         if not pallas:
             continue
-        for b in blocks if kind == "fp8" else blocks[:1]:  # int8 takes the first (default) blocks only
-            if b is None or not supports(rows, k, n, b["block_n"], b["block_k"], b["k_splits"]):
-                continue
-            label = " ".join(f"{key.split('_')[-1]}={val}" for key, val in b.items())
+        for label, b in fitting_blocks(k, n, rows, blocks if kind == "fp8" else blocks[:1]):  # int8: the default only
             gemv = functools.partial(quantized_gemv, interpret=interpret, **b)
             yield f"{kind} pallas {label} [K,N]", gemv, kind + "kn"
             if rows == 1 and kind == "fp8":
