@@ -7,10 +7,7 @@ set -uo pipefail
 old=${OLD:-.old}
 out=$(mkdir -p "${OUT:-out}" && cd "${OUT:-out}" && pwd)  # absolute: each run cds into its tree
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-b1=(--attention-backend pallas --session-len 2048 --decode-buckets 1 --prefill-rows 1 --prefill-tokens 128
-    single --input-len 128 --output-len 1024 --repeats 2)
-b3=(--attention-backend pallas --session-len 1024 --decode-buckets 64,128,256 --prefill-rows 8,16,32
-    --prefill-tokens 256 --max-prefill-tokens 8192 throughput --num-prompts 1000 --input-len 256 --output-len 256)
+source "$(dirname "$0")/gpu_workloads.sh"  # B1, B3
 run() {  # tree name bench-args...
   tree=$1; name=$2; shift 2
   echo "== $name ($tree)"
@@ -18,10 +15,10 @@ run() {  # tree name bench-args...
     | grep -v -i warn | tail -8)
 }
 for round in $(seq 1 "${ROUNDS:-1}"); do
-  run "$old" "b1-before-$round" "${b1[@]}"
-  run . "b1-after-$round" "${b1[@]}"
-  run "$old" "b3-before-$round" "${b3[@]}"
-  run . "b3-after-$round" "${b3[@]}"
+  run "$old" "b1-before-$round" "${B1[@]}"
+  run . "b1-after-$round" "${B1[@]}"
+  run "$old" "b3-before-$round" "${B3[@]}"
+  run . "b3-after-$round" "${B3[@]}"
 done
 python - "$out" <<'PY'
 import json, pathlib, sys

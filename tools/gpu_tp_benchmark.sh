@@ -13,10 +13,7 @@ out=$(mkdir -p "${OUT:-out}" && cd "${OUT:-out}" && pwd)
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONPATH=$PWD
 gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c
-b1=(--attention-backend pallas --session-len 2048 --decode-buckets 1 --prefill-rows 1 --prefill-tokens 128
-    single --input-len 128 --output-len 1024 --repeats 2)
-b3=(--attention-backend pallas --session-len 1024 --decode-buckets 64,128,256 --prefill-rows 8,16,32
-    --prefill-tokens 256 --max-prefill-tokens 8192 throughput --num-prompts 1000 --input-len 256 --output-len 256)
+source "$(dirname "$0")/gpu_workloads.sh"  # B1_ENGINE, B1, B3
 bench() {  # name engine-and-bench-args...: no compilation cache, so runs under other XLA flags compile anew
   name=$1; shift
   echo "== $name (XLA_FLAGS=${XLA_FLAGS:-} NCCL_PROTO=${NCCL_PROTO:-})"
@@ -24,19 +21,19 @@ bench() {  # name engine-and-bench-args...: no compilation cache, so runs under 
     "$@" 2>&1 | grep -v -i 'warn\|delay kernel' | grep -E 'single stream|output tok/s|rror' | head -3
 }
 if [[ $part == b1 || $part == all ]]; then
-  bench b1-tp1 --tp 1 "${b1[@]}"
-  bench b1-tp2 --tp 2 "${b1[@]}"
-  XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true bench b1-tp2-one-shot --tp 2 "${b1[@]}"
-  NCCL_PROTO=LL bench b1-tp2-nccl-ll --tp 2 "${b1[@]}"
-  if ((gpus >= 4)); then bench b1-tp4 --tp 4 "${b1[@]}"; fi
+  bench b1-tp1 --tp 1 "${B1[@]}"
+  bench b1-tp2 --tp 2 "${B1[@]}"
+  XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true bench b1-tp2-one-shot --tp 2 "${B1[@]}"
+  NCCL_PROTO=LL bench b1-tp2-nccl-ll --tp 2 "${B1[@]}"
+  if ((gpus >= 4)); then bench b1-tp4 --tp 4 "${B1[@]}"; fi
 fi
 if [[ $part == b3 || $part == all ]]; then
-  bench b3-tp1 --tp 1 "${b3[@]}"
-  bench b3-tp2 --tp 2 "${b3[@]}"
+  bench b3-tp1 --tp 1 "${B3[@]}"
+  bench b3-tp2 --tp 2 "${B3[@]}"
 fi
 if [[ $part == trace || $part == all ]]; then
   rm -rf /tmp/tp2-trace
-  bench b1-tp2-trace --tp 2 "${b1[@]:0:11}" --input-len 128 --output-len 256 --repeats 1 --trace /tmp/tp2-trace
+  bench b1-tp2-trace --tp 2 "${B1_ENGINE[@]}" single --input-len 128 --output-len 256 --repeats 1 --trace /tmp/tp2-trace
   find /tmp/tp2-trace -name "*perfetto*trace.json.gz" -exec cp {} "$out/b1-tp2-trace.json.gz" \;
   python -m tools.trace_summary "$out/b1-tp2-trace.json.gz" --kernels 25 | tail -40
 fi
