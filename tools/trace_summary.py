@@ -30,6 +30,9 @@ class Kernel:
     name: str
 
 
+NO_MODULE = "?"  # a device event that names no XLA module: the host's copies to and from the device
+
+
 def module_of(event: dict) -> str:
     """The XLA module a device event belongs to (JAX names it in the event's args)."""
     args = event.get("args") or {}
@@ -37,7 +40,7 @@ def module_of(event: dict) -> str:
         if key in args:
             value = str(args[key])
             return value.split("(")[0] if key != "long_name" else value.split(":")[0]
-    return "?"
+    return NO_MODULE
 
 
 def load_kernels(path: str) -> tuple[list[Kernel], dict[int, str]]:
@@ -58,7 +61,7 @@ def program_runs(kernels: list[Kernel]) -> list[tuple[str, float, float, float]]
     """(module, start, end, busy us) per run of consecutive kernels of one module. Events of no module (the
     host's copies to and from the device, which overlap a program on their own stream) do not split a run."""
     runs: list[list] = []
-    for k in (k for k in kernels if k.module != "?"):
+    for k in (k for k in kernels if k.module != NO_MODULE):
         if runs and runs[-1][0] == k.module:
             run = runs[-1]
             run[3] += max(0.0, k.end - max(k.start, run[2]))  # overlapping streams count once
@@ -91,7 +94,7 @@ def main() -> None:
     if not kernels:
         print("no device events; processes:", processes)
         return
-    if all(k.module == "?" for k in kernels):  # a trace format this reader does not know: show it
+    if all(k.module == NO_MODULE for k in kernels):  # a trace format this reader does not know: show it
         print("no module names in the device events' args; e.g.", kernels[:3])
     runs = program_runs(kernels)
     window = kernels[-1].end - kernels[0].start
