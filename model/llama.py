@@ -22,6 +22,7 @@ D head_dim, F ffn, V vocab, P pages, PS page size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -43,6 +44,8 @@ from model.sharding import (
 from model.weight_quant import (
     InputsLastWeight,
     Weight,
+    compiler_options,
+    current_platform,
     has_scales,
     is_block_format,
     linear,
@@ -315,6 +318,7 @@ class CausalLM(nn.Module):
             layer = DecoderLayer(cfg, self.dtype, self.attention_backend, self.mesh, name=f"layers_{i}")
             x, delta, layer_cache = layer(x, delta, rope, cache[i], batch)
             new_cache.append(layer_cache)
+        step_rows = math.prod(x.shape[:-1])  # what the layers multiply; the head sees only the sampling rows
         if logits_index is not None and batch.packed_index is not None:  # one packed token per row
             x, delta = x[0, logits_index], delta[0, logits_index]
         elif logits_index is not None:  # only the rows' sampled positions reach the LM head
@@ -323,7 +327,7 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = LMHead(cfg, self.dtype, name="lm_head")(x)
+            logits = LMHead(cfg, self.dtype, name="lm_head")(x, step_rows)
         if logits_index is None and batch.packed_index is not None:
             logits = unpack(logits, batch.packed_index, batch.positions.shape)
         return logits.astype(jnp.float32), new_cache
@@ -368,11 +372,18 @@ class LMHead(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = declared_param(self, "kernel")  # [E, V], or bf16 [V, E] (--weight-quant bf16)
-        if isinstance(kernel, InputsLastWeight):
+    def __call__(self, x: jax.Array, step_rows: int) -> jax.Array:  # f32[..., V]
+        """step_rows: the token rows the step's layers multiply (x holds only the rows that sample)."""
+        kernel = declared_param(self, "kernel")  # [E, V], or bf16 [V, E] (--weight-quant bf16), or int8 [V, E]
+        if not isinstance(kernel, InputsLastWeight):
+            return jnp.einsum("...e,ev->...v", x, kernel, preferred_element_type=jnp.float32)
+        if kernel.scale is None:
             return linear(x, kernel).astype(jnp.float32)
-        return jnp.einsum("...e,ev->...v", x, kernel, preferred_element_type=jnp.float32)
+        # int8 (--lm-head-quant): logits in f32, as the unquantized head's. A program compiled without Triton's GEMMs
+        # (`compiler_options`: fp8 layers' native steps) cannot fuse the convert into the dot: blocks of the head
+        # then, never a bf16 copy of it.
+        blocked = bool(compiler_options(step_rows, self.config.weight_quant)) and current_platform() != "cpu"
+        return linear(x, kernel, strategy="blocked" if blocked else None, out_dtype=jnp.float32)
 
 
 def empty_cache(
