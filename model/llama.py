@@ -45,7 +45,6 @@ from model.weight_quant import (
     InputsLastWeight,
     Weight,
     compiler_options,
-    current_platform,
     has_scales,
     is_block_format,
     linear,
@@ -382,7 +381,7 @@ class LMHead(nn.Module):
         # int8 (--lm-head-quant): logits in f32, as the unquantized head's. A program compiled without Triton's GEMMs
         # (`compiler_options`: fp8 layers' native steps) cannot fuse the convert into the dot: blocks of the head
         # then, never a bf16 copy of it.
-        blocked = bool(compiler_options(step_rows, self.config.weight_quant)) and current_platform() != "cpu"
+        blocked = bool(compiler_options(step_rows, self.config.weight_quant))  # never on CPU, whose products block
         return linear(x, kernel, strategy="blocked" if blocked else None, out_dtype=jnp.float32)
 
 
