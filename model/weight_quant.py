@@ -64,7 +64,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -288,11 +288,28 @@ def compiler_options(rows: int, weight_quant: str | None, backend: str | None = 
     return {"xla_gpu_enable_triton_gemm": False}
 
 
-def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = None,
-           out_dtype: jnp.dtype | None = None) -> jax.Array:
+class Scaled(NamedTuple):
+    """A scaled weight's one-row product before its scale (`linear(..., keep_scale=True)`), for a consumer that
+    multiplies and rounds it inside its own kernel (the rope and cache-write kernel, the add + RMSNorm kernel)."""
+
+    total: jax.Array  # f32[..., *out] the reduction's sums
+    scale: jax.Array  # f32[*out] the weight's scale
+
+    def rounded(self, dtype: jnp.dtype) -> jax.Array:  # [..., *out]: what `linear` would have returned
+        return (self.total * self.scale).astype(dtype)
+
+
+def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = None, keep_scale: bool = False,
+           out_dtype: jnp.dtype | None = None) -> jax.Array | Scaled:
     """x [..., K] times w [*in, *out] with K = prod(in) (the leading `in_dims` dims; an `InputsLastWeight`'s
     values are stored [*out, *in]): [..., *out] in `out_dtype`, by default x.dtype (f32 accumulation for a
-    quantized weight; a scaled weight's product rounded once, to `out_dtype`)."""
+    quantized weight; a scaled weight's product rounded once, to `out_dtype`).
+
+    keep_scale: a scaled weight's one-row product ("reduce") comes back as a `Scaled`, for a consumer that
+    applies the scale and rounds inside its own kernel: XLA runs that multiply and cast after the reduction as
+    a kernel of its own, ~1.5 us a product, and multiplying inside the sum instead slowed the reductions as
+    much (docs/perf-notes.md, "Twenty-third session"). Every other product comes back in x.dtype.
+    """
     if not isinstance(w, InputsLastWeight):
         out_shape = w.shape[in_dims:]
         if in_dims == 1:
@@ -314,6 +331,8 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
     if strategy == "native":
         y = _native_fp8(rows, values) * w.scale
     elif strategy == "reduce":
+        if keep_scale:
+            return Scaled(_reduced(rows, values).reshape(*x.shape[:-1], *out_shape), w.scale)
         y = _reduced(rows, values) * w.scale
     elif strategy == "fused":
         y = _contract(rows, decode(values, x.dtype)) * w.scale

@@ -36,6 +36,7 @@ from model.weight_quant import (
     NATIVE_MIN_ROWS,
     ROWS_LEFT_MIN_ROWS,
     InputsLastWeight,
+    Scaled,
     column_block,
     compiler_options,
     linear,
@@ -122,6 +123,24 @@ def test_quantized_matmuls_match_the_float_weights_within_the_formats_rounding(k
         assert relative < {"int8": 0.02, "fp8": 0.06, "native": 0.12}[kind if strategy != "native" else strategy], (
             strategy, relative)
     assert column_block(3072, 576) == 96 and column_block(7, 10**9) == 1
+
+
+def test_a_one_row_product_can_leave_its_scale_to_the_consumer():
+    """`keep_scale`: the one-row reduction's f32 sums and the weight's scale (`Scaled`), with no multiply or cast
+    after the sum (XLA would run them as a kernel of their own), which give exactly the product's own output;
+    other strategies and unquantized weights come back in the activations' dtype."""
+    rng = np.random.default_rng(1)
+    values, scale = quantize_weight(jnp.asarray(rng.standard_normal((48, 40)), jnp.float32), "int8", 1)
+    weight, x = InputsLastWeight(values, scale), jnp.asarray(rng.standard_normal((1, 48)), jnp.bfloat16)
+    unscaled = linear(x, weight, strategy="reduce", keep_scale=True)
+    assert isinstance(unscaled, Scaled) and unscaled.total.dtype == jnp.float32 and unscaled.total.shape == (1, 40)
+    np.testing.assert_array_equal(np.asarray(unscaled.rounded(jnp.bfloat16), np.float32),
+                                  np.asarray(linear(x, weight, strategy="reduce"), np.float32))
+    assert linear(x, weight, strategy="fused", keep_scale=True).dtype == jnp.bfloat16
+    assert linear(x, jnp.asarray(rng.standard_normal((48, 40)), jnp.bfloat16), keep_scale=True).dtype == jnp.bfloat16
+    hlo = jax.jit(lambda x, w: linear(x, w, strategy="reduce", keep_scale=True).total).lower(x, weight).as_text()
+    after_the_sum = hlo.split("stablehlo.reduce", 1)[1].split("return", 1)[0]
+    assert "multiply" not in after_the_sum and "convert" not in after_the_sum, hlo
 
 
 def test_large_fp8_products_run_the_dot_in_fp8_and_small_ones_convert_the_weight_inside_it():
