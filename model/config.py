@@ -47,6 +47,9 @@ DTYPES = frozenset({"bfloat16", "float16", "float32"})
 # How the layers' matmul weights may be stored (model/weight_quant.py): per-channel int8 or fp8, bfloat16 under
 # float32 activations, or GGUF's blocks of 32 (the CPU's)
 WEIGHT_FORMATS = ("int8", "fp8", "bf16", "q4_0", "q4_1", "q8_0")
+# How the LM head may be stored besides the serving dtype: int8 with a scale per vocabulary row. Not fp8: e4m3's three
+# mantissa bits cost SmolLM2-135M more perplexity in the head alone than in every layer (docs/perf-notes.md)
+HEAD_FORMATS = ("int8",)
 ACTIVATIONS = frozenset({"silu"})
 
 REQUIRED_FIELDS = (
@@ -118,6 +121,9 @@ class ModelConfig:
     # (--weight-quant, CPU): every matmul weight, embedding and head included, in bfloat16; or a GGUF block
     # format, "q4_0", "q4_1" or "q8_0" (CPU): the layers' matmul weights in blocks of 32 with their scales
     weight_quant: str | None = None
+    # The LM head stored quantized too (--lm-head-quant): "int8", per vocabulary row, for a model with a head of its
+    # own under unquantized, int8 or fp8 layers; None keeps it in the serving dtype (model/loader.py's param_specs)
+    head_quant: str | None = None
     # A GGUF file's block format when all the layers' matmul weights are stored in one of those formats (the
     # CPU's default weight format then: serving/engine/engine.py); None otherwise
     checkpoint_blocks: str | None = None
@@ -141,6 +147,15 @@ class ModelConfig:
             raise ValueError(f"dtype {self.torch_dtype!r} is not one of {', '.join(sorted(DTYPES))}")
         if self.weight_quant not in (None, *WEIGHT_FORMATS):
             raise ValueError(f"weight_quant must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_quant!r}")
+        if self.head_quant is not None:
+            if self.head_quant not in HEAD_FORMATS:
+                raise ValueError(f"head_quant must be one of {', '.join(HEAD_FORMATS)}, got {self.head_quant!r}")
+            if self.tie_word_embeddings:
+                raise ValueError("--lm-head-quant needs a model with an LM head of its own; this one ties its head to "
+                                 "the token embedding")
+            if self.weight_quant not in (None, "int8", "fp8"):
+                raise ValueError(f"--lm-head-quant goes with unquantized, int8 or fp8 layers, not --weight-quant "
+                                 f"{self.weight_quant}")
         if self.hidden_act not in ACTIVATIONS:
             supported = ", ".join(sorted(ACTIVATIONS))
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {supported})")

@@ -22,6 +22,7 @@ D head_dim, F ffn, V vocab, P pages, PS page size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -42,7 +43,9 @@ from model.sharding import (
 )
 from model.weight_quant import (
     InputsLastWeight,
+    Scaled,
     Weight,
+    compiler_options,
     has_scales,
     is_block_format,
     linear,
@@ -172,9 +175,11 @@ class AddRMSNorm(nn.Module):
     backend: str
 
     @nn.compact
-    def __call__(self, x: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:  # (x + delta, normed)
+    def __call__(self, x: jax.Array, delta: jax.Array | Scaled | None) -> tuple[jax.Array, jax.Array]:
+        """(x + delta, normed); a `Scaled` delta is scaled and rounded inside the kernel."""
         scale = declared_param(self, "scale")
-        return get_add_rms_norm(self.backend)(x, delta, scale, self.config.rms_norm_eps)
+        delta, delta_scale = delta if isinstance(delta, Scaled) else (delta, None)
+        return get_add_rms_norm(self.backend)(x, delta, scale, self.config.rms_norm_eps, delta_scale)
 
 
 class Attention(nn.Module):
@@ -186,25 +191,30 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(
         self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: LayerCache, batch: AttentionBatch
-    ) -> tuple[jax.Array, LayerCache]:
+    ) -> tuple[jax.Array | Scaled, LayerCache]:
         cfg = self.config
         group, head_dim = cfg.q_per_kv, cfg.head_dim
         wqkv = declared_param(self, "wqkv")  # [E, Hkv, G+2, D]
         wo = declared_param(self, "wo")  # [Hq, D, E]
 
-        qkv = linear(x, wqkv)  # [B, T, Hkv, G+2, D]
-        if cfg.attention_bias:
-            qkv = qkv + declared_param(self, "bqkv")
         cos, sin = rope
         # Quantized pages hold keys and values turned by a Hadamard rotation (xlkernels.kv_quant, "Outlier
         # channels"); the query turns with them and the output turns back, so attention is unchanged.
         turn = rotation(head_dim) if isinstance(cache[0], QuantizedPages) else None
-        if batch.packed_index is None and turn is None and not cfg.qk_norm:
+        fused_rope = batch.packed_index is None and turn is None and not cfg.qk_norm
+        # [B, T, Hkv, G+2, D]; a quantized weight's one-row product unscaled (`Scaled`) where the rope kernel
+        # scales and rounds it (a bias is added to the rounded product, as before)
+        qkv = linear(x, wqkv, keep_scale=fused_rope and not cfg.attention_bias)
+        if cfg.attention_bias:
+            qkv = qkv + declared_param(self, "bqkv")
+        if fused_rope:
             # The rotations and the cache writes: one kernel on the Pallas backend (xlkernels.rope_kv).
             rope_write = get_rope_write(self.attention_backend)
             if self.mesh is not None and self.mesh.size > 1:
                 rope_write = shard_rope_write(rope_write, self.mesh)
-            q, k_pages, v_pages = rope_write(qkv, cos, sin, *cache, batch.block_tables, batch.positions, batch.valid)
+            qkv, qkv_scale = qkv if isinstance(qkv, Scaled) else (qkv, None)
+            q, k_pages, v_pages = rope_write(qkv, cos, sin, *cache, batch.block_tables, batch.positions, batch.valid,
+                                             dtype=self.dtype, qkv_scale=qkv_scale)
             cache, views = (k_pages, v_pages), [(q, batch)]
         else:
             batch_size, num_tokens = x.shape[:2]
@@ -228,7 +238,9 @@ class Attention(nn.Module):
             out = jnp.concatenate([*(o[None, :, 0] for o in outs[:-1]), pack(outs[-1], batch.packed_index)], axis=1)
         if turn is not None:
             out = jnp.einsum("...d,de->...e", out, turn.astype(out.dtype))
-        out = linear(out.reshape(*out.shape[:2], -1), wo, in_dims=2)  # contracts (Hq, D) as one [Hq * D] dim
+        # Contracts (Hq, D) as one [Hq * D] dim; a quantized weight's one-row product stays unscaled (`Scaled`):
+        # the next add + RMSNorm kernel scales and rounds it.
+        out = linear(out.reshape(*out.shape[:2], -1), wo, in_dims=2, keep_scale=not cfg.attention_out_bias)
         if cfg.attention_out_bias:  # Llama and InternLM2 bias it with q/k/v; Qwen2 biases only q/k/v
             out = out + declared_param(self, "bo")
         return out, cache
@@ -239,13 +251,14 @@ class MLP(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array | Scaled:
         w_gate_up = declared_param(self, "w_gate_up")  # [E, 2, F]
         gate_up = linear(x, w_gate_up)  # [B, T, 2, F]: one GEMM streams both weights
         if self.config.mlp_bias:
             gate_up = gate_up + declared_param(self, "b_gate_up")
         hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-        out = linear(hidden, declared_param(self, "w_down"))  # [F, E]
+        # [F, E]; a quantized weight's one-row product stays unscaled (`Scaled`): the next add + RMSNorm scales it
+        out = linear(hidden, declared_param(self, "w_down"), keep_scale=not self.config.mlp_bias)
         if self.config.mlp_bias:
             out = out + declared_param(self, "b_down")
         return out
@@ -261,11 +274,11 @@ class DecoderLayer(nn.Module):
     def __call__(
         self,
         x: jax.Array,  # [B, T, E] the residual stream, still without `delta`
-        delta: jax.Array | None,  # [B, T, E] the previous layer's MLP output (None before the first layer)
+        delta: jax.Array | Scaled | None,  # [B, T, E] the previous layer's MLP output (None before the first)
         rope: tuple[jax.Array, jax.Array],
         cache: LayerCache,
         batch: AttentionBatch,
-    ) -> tuple[jax.Array, jax.Array, LayerCache]:  # (stream, this layer's MLP output, cache)
+    ) -> tuple[jax.Array, jax.Array | Scaled, LayerCache]:  # (stream, this layer's MLP output, cache)
         """One layer. Each residual add is deferred to the norm that reads the sum (one fused kernel), so
         the layer returns its MLP output unadded: the next layer's first norm, or the final one, adds it."""
         cfg, backend = self.config, self.attention_backend
@@ -315,15 +328,18 @@ class CausalLM(nn.Module):
             layer = DecoderLayer(cfg, self.dtype, self.attention_backend, self.mesh, name=f"layers_{i}")
             x, delta, layer_cache = layer(x, delta, rope, cache[i], batch)
             new_cache.append(layer_cache)
+        step_rows = math.prod(x.shape[:-1])  # what the layers multiply; the head sees only the sampling rows
+        sums = delta.total if isinstance(delta, Scaled) else delta  # [B, T, E]
         if logits_index is not None and batch.packed_index is not None:  # one packed token per row
-            x, delta = x[0, logits_index], delta[0, logits_index]
+            x, sums = x[0, logits_index], sums[0, logits_index]
         elif logits_index is not None:  # only the rows' sampled positions reach the LM head
-            x, delta = (jnp.take_along_axis(a, logits_index[:, None, None], axis=1)[:, 0] for a in (x, delta))
+            x, sums = (jnp.take_along_axis(a, logits_index[:, None, None], axis=1)[:, 0] for a in (x, sums))
+        delta = delta._replace(total=sums) if isinstance(delta, Scaled) else sums
         _, x = AddRMSNorm(cfg, self.dtype, self.attention_backend, name="final_norm")(x, delta)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = LMHead(cfg, self.dtype, name="lm_head")(x)
+            logits = LMHead(cfg, self.dtype, name="lm_head")(x, step_rows)
         if logits_index is None and batch.packed_index is not None:
             logits = unpack(logits, batch.packed_index, batch.positions.shape)
         return logits.astype(jnp.float32), new_cache
@@ -368,11 +384,18 @@ class LMHead(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = declared_param(self, "kernel")  # [E, V], or bf16 [V, E] (--weight-quant bf16)
-        if isinstance(kernel, InputsLastWeight):
+    def __call__(self, x: jax.Array, step_rows: int) -> jax.Array:  # f32[..., V]
+        """step_rows: the token rows the step's layers multiply (x holds only the rows that sample)."""
+        kernel = declared_param(self, "kernel")  # [E, V], or bf16 [V, E] (--weight-quant bf16), or int8 [V, E]
+        if not isinstance(kernel, InputsLastWeight):
+            return jnp.einsum("...e,ev->...v", x, kernel, preferred_element_type=jnp.float32)
+        if kernel.scale is None:
             return linear(x, kernel).astype(jnp.float32)
-        return jnp.einsum("...e,ev->...v", x, kernel, preferred_element_type=jnp.float32)
+        # int8 (--lm-head-quant): logits in f32, as the unquantized head's. A program compiled without Triton's GEMMs
+        # (`compiler_options`: fp8 layers' native steps) cannot fuse the convert into the dot: blocks of the head
+        # then, never a bf16 copy of it.
+        blocked = bool(compiler_options(step_rows, self.config.weight_quant))  # never on CPU, whose products block
+        return linear(x, kernel, strategy="blocked" if blocked else None, out_dtype=jnp.float32)
 
 
 def empty_cache(

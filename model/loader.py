@@ -439,6 +439,10 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
         head = {"embed/embedding": 0, "lm_head/kernel": 1}
         specs = [dataclasses.replace(s, quant="bf16", in_dims=head.get(s.path, s.in_dims))
                  if s.in_dims or s.path in head else s for s in specs]
+    # --lm-head-quant: the head too, one scale per vocabulary row (ModelConfig.head_quant)
+    if config.head_quant is not None:
+        specs = [dataclasses.replace(s, quant=config.head_quant, in_dims=1) if s.path == "lm_head/kernel" else s
+                 for s in specs]
     return specs
 
 

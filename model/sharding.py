@@ -121,11 +121,16 @@ def shard_rope_write(rope_write: Callable[..., tuple], mesh: Mesh) -> Callable[.
     `shard_map`, as `shard_by_kv_head` runs attention: the qkv slab and the pools are split by KV head already."""
     qkv_spec, q_spec, replicated = logical_to_spec(QKV_AXES), logical_to_spec(ATTENTION_Q_AXES), PartitionSpec()
 
-    def sharded(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid):
+    def sharded(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid, *, dtype, qkv_scale=None):
+        def local(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid, qkv_scale):
+            return rope_write(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid, dtype=dtype,
+                              qkv_scale=qkv_scale)
+
         kv_spec = pool_spec(k_pages)
         return jax.shard_map(
-            rope_write, mesh=mesh, out_specs=(q_spec, kv_spec, kv_spec), check_vma=False,
-            in_specs=(qkv_spec, replicated, replicated, kv_spec, kv_spec, replicated, replicated, replicated),
-        )(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid)
+            local, mesh=mesh, out_specs=(q_spec, kv_spec, kv_spec), check_vma=False,
+            in_specs=(qkv_spec, replicated, replicated, kv_spec, kv_spec, replicated, replicated, replicated,
+                      None if qkv_scale is None else logical_to_spec(QKV_AXES[2:])),
+        )(qkv, cos, sin, k_pages, v_pages, block_tables, positions, valid, qkv_scale)
 
     return sharded

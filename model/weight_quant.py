@@ -29,6 +29,9 @@ weight-sized temporary exists (and how fast the product streams the weight):
     blocked  (CPU) XLA:CPU runs a dot's operands as buffers of their own (it would convert the whole weight
              first), so the weight is converted and multiplied a block of output channels at a time in a
              loop, weight-left (see below): the temporary is one block (`BLOCK_ELEMENTS`), never the weight.
+             (GPU) An int8 LM head (--lm-head-quant) in a program compiled without XLA's Triton GEMMs (fp8
+             layers' native steps, `compiler_options`), where the convert cannot fuse into the dot: blocks of
+             `GPU_BLOCK_ELEMENTS`, rows-left (LMHead picks it).
 The decode step's memory analysis (tests/test_weight_quant.py) holds the CPU path to that.
 
 On CPU every matmul weight is stored inputs-last (`stored_inputs_last`), quantized or not, and an unquantized
@@ -61,7 +64,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +91,9 @@ _STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}
 # Weight elements converted per iteration of the CPU loop: 256 KiB of f32, far below any matrix worth quantizing.
 BLOCK_ELEMENTS = 1 << 16
+# The GPU's blocks (64 MB of bf16): a few blocks make the loop (16 at Llama-3.1-8B's 128,256-row head), each a
+# GEMM of thousands of columns
+GPU_BLOCK_ELEMENTS = 1 << 25
 # Rows from which an fp8 product runs natively in fp8 (docs/perf-notes.md: on the H100 the fused path is
 # faster up to 64 rows, the native dot from 256 and 1.5x bf16 at 2048).
 NATIVE_FP8_MIN_ROWS = 128
@@ -282,9 +288,28 @@ def compiler_options(rows: int, weight_quant: str | None, backend: str | None = 
     return {"xla_gpu_enable_triton_gemm": False}
 
 
-def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = None) -> jax.Array:
+class Scaled(NamedTuple):
+    """A scaled weight's one-row product before its scale (`linear(..., keep_scale=True)`), for a consumer that
+    multiplies and rounds it inside its own kernel (the rope and cache-write kernel, the add + RMSNorm kernel)."""
+
+    total: jax.Array  # f32[..., *out] the reduction's sums
+    scale: jax.Array  # f32[*out] the weight's scale
+
+    def rounded(self, dtype: jnp.dtype) -> jax.Array:  # [..., *out]: what `linear` would have returned
+        return (self.total * self.scale).astype(dtype)
+
+
+def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = None, keep_scale: bool = False,
+           out_dtype: jnp.dtype | None = None) -> jax.Array | Scaled:
     """x [..., K] times w [*in, *out] with K = prod(in) (the leading `in_dims` dims; an `InputsLastWeight`'s
-    values are stored [*out, *in]): [..., *out] in x.dtype (f32 accumulation for a quantized weight)."""
+    values are stored [*out, *in]): [..., *out] in `out_dtype`, by default x.dtype (f32 accumulation for a
+    quantized weight; a scaled weight's product rounded once, to `out_dtype`).
+
+    keep_scale: a scaled weight's one-row product ("reduce") comes back as a `Scaled`, for a consumer that
+    applies the scale and rounds inside its own kernel: XLA runs that multiply and cast after the reduction as
+    a kernel of its own, ~1.5 us a product, and multiplying inside the sum instead slowed the reductions as
+    much (docs/perf-notes.md, "Twenty-third session"). Every other product comes back in x.dtype.
+    """
     if not isinstance(w, InputsLastWeight):
         out_shape = w.shape[in_dims:]
         if in_dims == 1:
@@ -306,12 +331,15 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
     if strategy == "native":
         y = _native_fp8(rows, values) * w.scale
     elif strategy == "reduce":
+        if keep_scale:
+            return Scaled(_reduced(rows, values).reshape(*x.shape[:-1], *out_shape), w.scale)
         y = _reduced(rows, values) * w.scale
     elif strategy == "fused":
         y = _contract(rows, decode(values, x.dtype)) * w.scale
-    else:  # CPU: one device in practice (its loop slices the output channels, which GSPMD would gather)
-        y = _blocked(rows, values.reshape(-1, values.shape[-1]), w.scale.reshape(-1)).reshape(-1, *out_shape)
-    return y.astype(x.dtype).reshape(*x.shape[:-1], *out_shape)
+    else:  # one device in practice (its loop slices the output channels, which GSPMD would gather)
+        y = _blocked(rows, values.reshape(-1, values.shape[-1]), w.scale.reshape(-1),
+                     rows_left=current_platform() != "cpu").reshape(-1, *out_shape)
+    return y.astype(out_dtype or x.dtype).reshape(*x.shape[:-1], *out_shape)
 
 
 def _contract(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out]
@@ -392,22 +420,31 @@ def _native_fp8(rows: jax.Array, values: jax.Array) -> jax.Array:  # f32[M, *out
     return y * row_scale.reshape(-1, *(1,) * (values.ndim - 1))
 
 
-def _blocked(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:  # f32[M, N]
+def _blocked(x: jax.Array, values: jax.Array, scale: jax.Array, rows_left: bool = False) -> jax.Array:  # f32[M, N]
     """(x @ values.T) * scale for values [N, K], converting `values` one block of output channels per loop
-    iteration, each block multiplied weight-left (as `_transposed`) into rows of the transposed output."""
+    iteration. On CPU each block is multiplied weight-left (as `_transposed`) into rows of the transposed output;
+    `rows_left` (GPU) multiplies x @ block.T into columns of the output instead, in blocks of GPU_BLOCK_ELEMENTS."""
     n, k = values.shape
-    block = column_block(n, k)
+    block = column_block(n, k, GPU_BLOCK_ELEMENTS if rows_left else BLOCK_ELEMENTS)
+    axis = 1 if rows_left else 0
 
-    def body(i: jax.Array, out_t: jax.Array) -> jax.Array:  # out_t f32[N, M]
-        part = jax.lax.dot_general(decode(jax.lax.dynamic_slice_in_dim(values, i * block, block), x.dtype), x,
-                                   (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        part = part * jax.lax.dynamic_slice_in_dim(scale, i * block, block)[:, None]
-        return jax.lax.dynamic_update_slice_in_dim(out_t, part, i * block, axis=0)
+    def body(i: jax.Array, out: jax.Array) -> jax.Array:  # out f32[M, N] (rows_left) or f32[N, M]
+        block_values = decode(jax.lax.dynamic_slice_in_dim(values, i * block, block), x.dtype)  # [block, K]
+        block_scale = jax.lax.dynamic_slice_in_dim(scale, i * block, block)
+        contract = (((1,), (1,)), ((), ()))
+        if rows_left:  # [M, block]
+            part = jax.lax.dot_general(x, block_values, contract, preferred_element_type=jnp.float32) * block_scale
+        else:  # [block, M]
+            part = jax.lax.dot_general(block_values, x, contract, preferred_element_type=jnp.float32)
+            part = part * block_scale[:, None]
+        return jax.lax.dynamic_update_slice_in_dim(out, part, i * block, axis=axis)
 
-    return jax.lax.fori_loop(0, n // block, body, jnp.zeros((n, x.shape[0]), jnp.float32)).T
+    out = jax.lax.fori_loop(0, n // block, body, jnp.zeros((x.shape[0], n) if rows_left else (n, x.shape[0]),
+                                                           jnp.float32))
+    return out if rows_left else out.T
 
 
-def column_block(n: int, k: int) -> int:
-    """The widest divisor of n whose [block, k] slice holds at most BLOCK_ELEMENTS elements (at least 1)."""
-    widest = max(1, min(n, BLOCK_ELEMENTS // max(k, 1)))
+def column_block(n: int, k: int, elements: int = BLOCK_ELEMENTS) -> int:
+    """The widest divisor of n whose [block, k] slice holds at most `elements` elements (at least 1)."""
+    widest = max(1, min(n, elements // max(k, 1)))
     return next(b for b in range(widest, 0, -1) if n % b == 0)

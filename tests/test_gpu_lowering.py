@@ -134,3 +134,21 @@ def test_the_decode_kernel_runs_one_pipeline_stage_over_bf16_pages_in_a_full_gri
     rows x 2 KV heads x one split), three below it and over quantized pages."""
     text = lowered_decode_kernel(rows, 64, kv_format)
     assert re.findall(r"num_stages = (\d+)", text) == [str(stages)]
+
+
+def test_an_int8_head_is_reduced_at_one_row_and_converted_block_by_block_in_fp8_layers_native_steps():
+    """--lm-head-quant int8 under fp8 layers: at one row the head's product is a reduction over its int8 values
+    (no dot); from NATIVE_FP8_MIN_ROWS rows the step compiles without Triton's GEMMs, where XLA could not fuse the
+    convert into the dot, so the head converts one block of GPU_BLOCK_ELEMENTS at a time in a loop (never a bf16
+    copy of the whole head); in between, the convert is an operand of the dot, which Triton's GEMM fuses."""
+    config = dataclasses.replace(CONFIG, vocab_size=65536, hidden_size=1024, weight_quant="fp8", head_quant="int8")
+
+    def head_converts_and_dots(rows: int) -> tuple[set[str], set[str]]:
+        text = lower_gpu_step(config, None, rows=rows, tokens=1)
+        converts = set(re.findall(r"\(tensor<(\d+)x1024xi8>\) -> tensor<\d+x1024x(?:bf16|f32)>", text))
+        dots = set(re.findall(r"dot_general.*\(tensor<[0-9x]+xbf16>, tensor<(\d+)x1024xbf16>\)", text))
+        return converts, dots
+
+    assert head_converts_and_dots(1) == ({"65536"}, set())
+    assert head_converts_and_dots(4) == ({"65536"}, {"65536"})
+    assert head_converts_and_dots(NATIVE_FP8_MIN_ROWS) == ({"32768"}, {"32768"})

@@ -8,6 +8,8 @@ answer rather than a lucky zero.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -269,6 +271,21 @@ def test_add_rms_norm_kernel_matches_reference(dtype, with_delta):
     assert total.dtype == normed.dtype == dtype
 
 
+def test_add_rms_norm_scales_and_rounds_a_quantized_products_sums():
+    """A quantized weight's unscaled f32 sums (`Scaled`) with their scale give exactly what the scaled product
+    rounded to the activations' dtype gives, in the kernel and in the reference."""
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((1, 1, 64)) * 3, jnp.bfloat16)
+    sums, delta_scale = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((1, 1, 64), (64,)))
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.bfloat16)
+    for fn in (functools.partial(add_rms_norm_pallas, interpret=True), add_rms_norm_reference):
+        got = fn(x, sums, scale, 1e-5, delta_scale)
+        want = fn(x, (sums * delta_scale).astype(jnp.bfloat16), scale, 1e-5)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
 def test_add_rms_norm_falls_back_for_other_hidden_sizes():
     x, delta, scale = (jnp.ones((2, 48)), jnp.full((2, 48), 2.0), jnp.ones(48))
     total, normed = add_rms_norm_pallas(x, delta, scale, 1e-6, interpret=True)
@@ -297,7 +314,7 @@ def test_rope_write_kernel_matches_reference(group, dtype, tokens):
     arithmetic rounded the same way (within an ulp: XLA may contract a multiply and add into an FMA in either
     program), the padding token written nowhere, every other slot untouched."""
     args = rope_write_problem(group, dtype, tokens)
-    got, want = rope_write_pallas(*args, interpret=True), rope_write_reference(*args)
+    got, want = rope_write_pallas(*args, dtype=dtype, interpret=True), rope_write_reference(*args, dtype=dtype)
     ulp = float(jnp.finfo(dtype).eps)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
@@ -306,12 +323,28 @@ def test_rope_write_kernel_matches_reference(group, dtype, tokens):
     assert changed.sum() == 2 * (3 * tokens - 1)  # each valid token's slot, for each KV head
 
 
+def test_rope_write_scales_and_rounds_a_quantized_products_sums():
+    """A quantized weight's unscaled f32 sums (`Scaled`) with their scale write exactly what the scaled qkv
+    rounded to the activations' dtype writes: q in that dtype, the same pages."""
+    args = rope_write_problem(4, jnp.bfloat16, 1)
+    sums = args[0].astype(jnp.float32) + 1e-3  # bits that rounding to bf16 drops
+    qkv_scale = jnp.asarray(np.random.default_rng(3).uniform(0.5, 2, sums.shape[2:]), jnp.float32)
+    rounded = (sums * qkv_scale).astype(jnp.bfloat16)
+    for fn in (functools.partial(rope_write_pallas, interpret=True), rope_write_reference):
+        got = fn(sums, *args[1:], dtype=jnp.bfloat16, qkv_scale=qkv_scale)
+        want = fn(rounded, *args[1:], dtype=jnp.bfloat16)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
 def test_rope_write_falls_back_where_the_kernel_does_not_fit():
     """G = 3 (not a power of two) and quantized pools take the reference (jitted: within an FMA's rounding)."""
     args = rope_write_problem(3, jnp.float32, 1)
-    for g, w in zip(rope_write_pallas(*args, interpret=True), rope_write_reference(*args), strict=True):
+    f32 = dict(dtype=jnp.float32)
+    for g, w in zip(rope_write_pallas(*args, **f32, interpret=True), rope_write_reference(*args, **f32), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
     quantized = (*args[:3], quantize_pages(args[3], "int8"), quantize_pages(args[4], "int8"), *args[5:])
-    got, want = rope_write_pallas(*quantized, interpret=True), rope_write_reference(*quantized)
+    got, want = rope_write_pallas(*quantized, **f32, interpret=True), rope_write_reference(*quantized, **f32)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
     assert np.abs(np.asarray(got[1].data, np.int32) - np.asarray(want[1].data, np.int32)).max() <= 1

@@ -127,3 +127,42 @@ def test_quantized_weights_stay_split_under_tensor_parallelism_on_the_gpu_path()
     result = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], capture_output=True, text=True, cwd=REPO, env=env,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+SCALED_ROPE_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding
+    from model.sharding import QKV_AXES, logical_to_spec, make_mesh, pool_spec, shard_rope_write
+    from xlkernels.rope_kv import rope_write_reference
+
+    mesh = make_mesh(2)
+    rng = np.random.default_rng(0)
+    hkv, width, d, pages, page_size = 2, 4, 8, 5, 4
+    sums = jnp.asarray(rng.standard_normal((1, 1, hkv, width, d)), jnp.float32)
+    qkv_scale = jnp.asarray(rng.uniform(0.5, 2, (hkv, width, d)), jnp.float32)
+    pools = [jnp.asarray(rng.standard_normal((hkv, pages, page_size, d)), jnp.bfloat16) for _ in "kv"]
+    angles = rng.uniform(0, 10, (1, 1, 1, d // 2))
+    rest = (jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32))
+    steps = (jnp.asarray([[1, 2]], jnp.int32), jnp.asarray([[5]], jnp.int32), jnp.ones((1, 1), bool))
+    want = rope_write_reference(sums, *rest, *pools, *steps, dtype=jnp.bfloat16, qkv_scale=qkv_scale)
+    put = lambda a, axes: jax.device_put(a, NamedSharding(mesh, logical_to_spec(axes)))
+    split = (put(sums, QKV_AXES), *rest, *(jax.device_put(p, NamedSharding(mesh, pool_spec(p))) for p in pools),
+             *steps)
+    sharded = jax.jit(lambda *a, s: shard_rope_write(rope_write_reference, mesh)(*a, dtype=jnp.bfloat16,
+                                                                                   qkv_scale=s))
+    got = sharded(*split, s=put(qkv_scale, QKV_AXES[2:]))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    print("ok")
+    """
+)
+
+
+def test_a_quantized_products_unscaled_qkv_is_scaled_per_device_by_kv_head():
+    """Under tensor parallelism the rope kernel's per-device run (`shard_rope_write`) takes the qkv weight's
+    scale split by KV head with the sums (`weight_quant.Scaled`): the same q and pages as one device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SCALED_ROPE_SCRIPT], capture_output=True, text=True, cwd=REPO,
+                            env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

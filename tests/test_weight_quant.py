@@ -22,6 +22,7 @@ import pytest
 from model.config import ModelConfig
 from model.llama import CausalLM, empty_cache
 from model.loader import (
+    SCALE_SUFFIX,
     checkpoint_tensors,
     fp8_checkpoint,
     init_random_params,
@@ -35,6 +36,7 @@ from model.weight_quant import (
     NATIVE_MIN_ROWS,
     ROWS_LEFT_MIN_ROWS,
     InputsLastWeight,
+    Scaled,
     column_block,
     compiler_options,
     linear,
@@ -121,6 +123,24 @@ def test_quantized_matmuls_match_the_float_weights_within_the_formats_rounding(k
         assert relative < {"int8": 0.02, "fp8": 0.06, "native": 0.12}[kind if strategy != "native" else strategy], (
             strategy, relative)
     assert column_block(3072, 576) == 96 and column_block(7, 10**9) == 1
+
+
+def test_a_one_row_product_can_leave_its_scale_to_the_consumer():
+    """`keep_scale`: the one-row reduction's f32 sums and the weight's scale (`Scaled`), with no multiply or cast
+    after the sum (XLA would run them as a kernel of their own), which give exactly the product's own output;
+    other strategies and unquantized weights come back in the activations' dtype."""
+    rng = np.random.default_rng(1)
+    values, scale = quantize_weight(jnp.asarray(rng.standard_normal((48, 40)), jnp.float32), "int8", 1)
+    weight, x = InputsLastWeight(values, scale), jnp.asarray(rng.standard_normal((1, 48)), jnp.bfloat16)
+    unscaled = linear(x, weight, strategy="reduce", keep_scale=True)
+    assert isinstance(unscaled, Scaled) and unscaled.total.dtype == jnp.float32 and unscaled.total.shape == (1, 40)
+    np.testing.assert_array_equal(np.asarray(unscaled.rounded(jnp.bfloat16), np.float32),
+                                  np.asarray(linear(x, weight, strategy="reduce"), np.float32))
+    assert linear(x, weight, strategy="fused", keep_scale=True).dtype == jnp.bfloat16
+    assert linear(x, jnp.asarray(rng.standard_normal((48, 40)), jnp.bfloat16), keep_scale=True).dtype == jnp.bfloat16
+    hlo = jax.jit(lambda x, w: linear(x, w, strategy="reduce", keep_scale=True).total).lower(x, weight).as_text()
+    after_the_sum = hlo.split("stablehlo.reduce", 1)[1].split("return", 1)[0]
+    assert "multiply" not in after_the_sum and "convert" not in after_the_sum, hlo
 
 
 def test_large_fp8_products_run_the_dot_in_fp8_and_small_ones_convert_the_weight_inside_it():
@@ -417,3 +437,45 @@ def test_other_checkpoint_quantizations_are_refused_by_name(tmp_path):
     (source / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quant_method 'gptq' is not supported"):
         ModelConfig.from_pretrained(source)
+
+
+def test_an_int8_lm_head_is_declared_with_scales_per_vocabulary_row_and_keeps_the_logits_close():
+    """--lm-head-quant int8: the head's values [V, E] in int8 with f32 scales split like the vocabulary; the step's
+    logits (f32, not rounded to the activations' dtype) within int8's rounding of the float head's, with the same
+    top token for every row; tied heads and the CPU's weight formats are refused by name."""
+    config = dataclasses.replace(WIDE, num_layers=1)
+    quantized = dataclasses.replace(config, head_quant="int8")
+    head = {s.path: s for s in param_specs(quantized)}["lm_head/kernel"]
+    assert head.quant == "int8" and head.in_dims == 1
+    assert [leaf[1:] for leaf in head.leaves(np.dtype(np.float32))] == [
+        ((256, 1024), ("vocab", "embed"), np.dtype(np.int8)), ((256,), ("vocab",), np.dtype(np.float32))]
+    params = init_random_params(config, jnp.float32, 0)
+    values, scale = quantize_weight(params["lm_head"]["kernel"], "int8", 1)
+    head_params = {**params, "lm_head": {"kernel": values, "kernel" + SCALE_SUFFIX: scale}}
+    tokens = jnp.arange(4, dtype=jnp.int32)[:, None] * 7
+    got, want = forward_logits(quantized, head_params, tokens), forward_logits(config, params, tokens)
+    assert got.dtype == jnp.float32 and got.shape == want.shape == (4, 256)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=0.02 * float(jnp.abs(want).max()))
+    np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(want, -1))
+    with pytest.raises(ValueError, match="ties its head to the token embedding"):
+        dataclasses.replace(config, tie_word_embeddings=True, head_quant="int8")
+    with pytest.raises(ValueError, match="not --weight-quant bf16"):
+        dataclasses.replace(config, weight_quant="bf16", head_quant="int8")
+    with pytest.raises(ValueError, match="head_quant must be one of int8"):
+        dataclasses.replace(config, head_quant="fp8")
+
+
+def test_an_engine_serves_an_int8_head_on_one_device_only(tiny_llama):
+    """Through the engine (`--lm-head-quant int8` under fp8 layers): greedy tokens come out, and the head's values
+    are int8; with --tp 2 the option is refused before anything loads."""
+    from serving import GenerationConfig, pipeline
+    from serving.engine.config import EngineConfig
+    from serving.request import InvalidRequestError
+    from tests.conftest import TINY_ENGINE_OPTIONS
+
+    with pipeline(str(tiny_llama), **TINY_ENGINE_OPTIONS, weight_quant="fp8", lm_head_quant="int8") as pipe:
+        assert pipe.engine.runner.params["lm_head"]["kernel"].dtype == jnp.int8
+        out = pipe([[3, 5, 7]], GenerationConfig(max_new_tokens=6, ignore_eos=True, do_sample=False))
+        assert len(out[0].token_ids) == 6
+    with pytest.raises(InvalidRequestError, match="lm_head_quant is not served with --tp above 1"):
+        EngineConfig(lm_head_quant="int8", tp=2)

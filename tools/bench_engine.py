@@ -47,6 +47,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         num_pages=args.num_pages,
         quant_policy=args.quant_policy,
         weight_quant=args.weight_quant,
+        lm_head_quant=args.lm_head_quant,
     )
     if args.max_batch_size:
         options["max_batch_size"] = args.max_batch_size
@@ -67,7 +68,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     from model.loader import init_random_params
     from model.sharding import make_mesh
 
-    model_config = with_weight_quant(SHAPES[args.shape], config.weight_quant)
+    model_config = with_weight_quant(SHAPES[args.shape], config.weight_quant, config.lm_head_quant)
     dtype = resolve_dtype(config.dtype, model_config, jax.devices()[0].platform)
     mesh = make_mesh(config.tp)
     params = init_random_params(model_config, dtype, seed=0, mesh=mesh)
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--quant-policy", default="0", choices=["0", "4", "8", "fp8"], help="KV cache quantization")
     parser.add_argument("--weight-quant", choices=["int8", "fp8", "bf16"], help="weights quantized at load (bf16: CPU)")
+    parser.add_argument("--lm-head-quant", choices=["int8"], help="the LM head quantized at load too")
     parser.add_argument("--num-pages", type=int, help="explicit KV page count (default: the memory budget's)")
     parser.add_argument("--session-len", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=None)

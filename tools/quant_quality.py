@@ -6,7 +6,8 @@
 Variants (`--variants`): kv8, kv4, kvfp8 (`--quant-policy 8|4|fp8`), w-int8, w-fp8 (`--weight-quant`),
 w-fp8-gpu (fp8 weights computed as on a GPU: products of `weight_quant.NATIVE_FP8_MIN_ROWS` rows or more
 run as fp8 x fp8 dots, each activation row rounded to e4m3; the CPU's XLA runs the same arithmetic exactly,
-fp8 products accumulated in f32), and combinations such as w-int8+kv8. For each:
+fp8 products accumulated in f32), head-int8 (`--lm-head-quant int8`: a model with a head of its own), and
+combinations such as w-int8+kv8 or w-fp8+head-int8. For each:
   logits   one prefill of a fixed text (tools/quant_text.txt, its first `--text-tokens` tokens; random
            tokens for a tiny checkpoint) through the model over a paged cache of the variant's format: the
            max and mean |logit - unquantized logit|, the mean KL(unquantized || variant) per position,
@@ -56,24 +57,29 @@ class Variant:
     name: str
     quant_policy: str = "0"
     weight_quant: str | None = None
+    head_quant: str | None = None  # --lm-head-quant (a model with a head of its own)
     bf16: bool = False  # the model computed in bfloat16 instead of --dtype: the yardstick of a rounding change
     gpu: bool = False  # the weights built and multiplied as on a GPU (`weight_quant.target_platform`)
 
     @classmethod
     def parse(cls, name: str) -> Variant:
-        """"kv8" -> KV policy 8; "w-fp8" -> fp8 weights; "bf16" -> unquantized in bfloat16; "+" joins them."""
-        policy, weights, bf16, gpu = "0", None, False, False
+        """"kv8" -> KV policy 8; "w-fp8" -> fp8 weights; "head-int8" -> an int8 LM head; "bf16" -> unquantized in
+        bfloat16; "+" joins them."""
+        policy, weights, head, bf16, gpu = "0", None, None, False, False
         for part in name.split("+"):
             if part.startswith("kv"):
                 policy = part.removeprefix("kv")
                 kv_format(policy)  # refuse unknown policies by name
             elif part in ("w-int8", "w-fp8", "w-fp8-gpu"):
                 weights, gpu = part.removeprefix("w-").removesuffix("-gpu"), part.endswith("-gpu")
+            elif part == "head-int8":
+                head = "int8"
             elif part == "bf16":
                 bf16 = True
             else:
-                raise ValueError(f"unknown variant part {part!r} (kv8, kv4, kvfp8, w-int8, w-fp8, w-fp8-gpu, bf16)")
-        return cls(name, policy, weights, bf16, gpu)
+                raise ValueError(f"unknown variant part {part!r} (kv8, kv4, kvfp8, w-int8, w-fp8, w-fp8-gpu, "
+                                 "head-int8, bf16)")
+        return cls(name, policy, weights, head, bf16, gpu)
 
     def arithmetic(self) -> contextlib.AbstractContextManager:
         """The context its weights are built and run in: a GPU's (`gpu`), or this machine's."""
@@ -161,12 +167,12 @@ def evaluate(name: str, path: Path, variants: list[Variant], args: argparse.Name
     text = np.asarray(text[: args.text_tokens])
     stride = max(1, (len(text) - args.prompt_len) // args.prompts)
     prompts = [text[i * stride : i * stride + args.prompt_len].tolist() for i in range(args.prompts)]
-    loaded: dict[tuple[str | None, jnp.dtype, bool], dict] = {}
+    loaded: dict[tuple[str | None, str | None, jnp.dtype, bool], dict] = {}
 
     def params_for(variant: Variant) -> tuple[ModelConfig, dict, jnp.dtype]:
-        config = with_weight_quant(base_config, variant.weight_quant)
+        config = with_weight_quant(base_config, variant.weight_quant, variant.head_quant)
         run_dtype = jnp.dtype(jnp.bfloat16 if variant.bf16 else dtype)
-        key = (variant.weight_quant, run_dtype, variant.gpu)
+        key = (variant.weight_quant, variant.head_quant, run_dtype, variant.gpu)
         if key not in loaded:
             loaded[key] = load_params(path, config, run_dtype)
         return config, loaded[key], run_dtype

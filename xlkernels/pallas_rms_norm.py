@@ -18,10 +18,13 @@ from xlkernels.pallas_decode import is_pow2
 from xlkernels.rms_norm import add_rms_norm_reference
 
 
-def _add_rms_norm_kernel(*refs, has_delta: bool, eps: float):
+def _add_rms_norm_kernel(*refs, has_delta: bool, has_delta_scale: bool, eps: float):
     if has_delta:
-        x_ref, delta_ref, scale_ref, total_ref, normed_ref = refs
-        total = x_ref[...] + delta_ref[...]  # rounded to the activations' dtype, as the unfused add is
+        x_ref, delta_ref, *delta_scale_ref, scale_ref, total_ref, normed_ref = refs
+        delta = delta_ref[...]
+        if has_delta_scale:  # a quantized weight's f32 sums: scaled and rounded as `linear` would have
+            delta = (delta * delta_scale_ref[0][...]).astype(x_ref.dtype)
+        total = x_ref[...] + delta  # rounded to the activations' dtype, as the unfused add is
         total_ref[...] = total
     else:
         x_ref, scale_ref, normed_ref = refs
@@ -37,26 +40,30 @@ def add_rms_norm_pallas(
     delta: jax.Array | None,  # [..., E] a branch's output to add first; None: nothing to add
     scale: jax.Array,  # [E]
     eps: float,
+    delta_scale: jax.Array | None = None,  # f32[E]: delta is a quantized weight's f32 sums, times this, rounded
     *,
     num_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # (x + delta, rms_norm(x + delta)), both [..., E] in x.dtype
     hidden = x.shape[-1]
     if not is_pow2(hidden):
-        return add_rms_norm_reference(x, delta, scale, eps)
+        return add_rms_norm_reference(x, delta, scale, eps, delta_scale)
     rows = x.reshape(-1, hidden)
-    row_spec = pl.BlockSpec((None, hidden), lambda r: (r, 0))
-    operands = [rows] + ([] if delta is None else [delta.reshape(-1, hidden)]) + [scale.astype(x.dtype)]
+    row_spec, vector_spec = pl.BlockSpec((None, hidden), lambda r: (r, 0)), pl.BlockSpec((hidden,), lambda r: (0,))
+    has_delta_scale = delta is not None and delta_scale is not None
+    operands = [rows] + ([] if delta is None else [delta.reshape(-1, hidden)])
+    operands += [delta_scale.astype(jnp.float32)] if has_delta_scale else []
     out_shape = jax.ShapeDtypeStruct(rows.shape, x.dtype)
     outs = pl.pallas_call(
-        functools.partial(_add_rms_norm_kernel, has_delta=delta is not None, eps=eps),
+        functools.partial(_add_rms_norm_kernel, has_delta=delta is not None, has_delta_scale=has_delta_scale,
+                          eps=eps),
         out_shape=[out_shape] * (1 if delta is None else 2),
         grid=(rows.shape[0],),
-        in_specs=[row_spec] * (len(operands) - 1) + [pl.BlockSpec((hidden,), lambda r: (0,))],
+        in_specs=[row_spec] * (1 + (delta is not None)) + [vector_spec] * (1 + has_delta_scale),
         out_specs=[row_spec] * (1 if delta is None else 2),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="xlserve_add_rms_norm",
-    )(*operands)
+    )(*operands, scale.astype(x.dtype))
     total = x if delta is None else outs[0].reshape(x.shape)
     return total, outs[-1].reshape(x.shape)

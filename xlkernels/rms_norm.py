@@ -15,7 +15,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-AddRMSNorm = Callable[[jax.Array, jax.Array | None, jax.Array, float], tuple[jax.Array, jax.Array]]
+# (x, delta, scale, eps, delta_scale=None) -> (x + delta, normed)
+AddRMSNorm = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -30,7 +31,10 @@ def add_rms_norm_reference(
     delta: jax.Array | None,  # [..., E] a branch's output to add first; None: nothing to add
     scale: jax.Array,  # [E]
     eps: float,
+    delta_scale: jax.Array | None = None,  # f32[E]: delta is a quantized weight's f32 sums, times this, rounded
 ) -> tuple[jax.Array, jax.Array]:  # (x + delta, rms_norm(x + delta)), both [..., E] in x.dtype
+    if delta is not None and delta_scale is not None:
+        delta = (delta * delta_scale).astype(x.dtype)
     total = x if delta is None else x + delta
     return total, rms_norm(total, scale, eps)
 

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 from xlkernels.kv_quant import Pages
 from xlkernels.paged_attention import write_kv_pages
 
-# (qkv [B, T, Hkv, G+2, D], cos, sin f32[B, T, 1, D/2], k_pages, v_pages, block_tables, positions, valid)
-#   -> (q [B, T, Hkv * G, D] turned, k_pages, v_pages)
+# (qkv [B, T, Hkv, G+2, D], cos, sin f32[B, T, 1, D/2], k_pages, v_pages, block_tables, positions, valid, *, dtype)
+#   -> (q [B, T, Hkv * G, D] turned, k_pages, v_pages); qkv_scale=f32[Hkv, G+2, D]: qkv is a quantized weight's f32
+#   sums, times this, rounded to dtype first (`model.weight_quant.Scaled`)
 RopeWrite = Callable[..., tuple[jax.Array, Pages, Pages]]
 
 
@@ -39,7 +40,11 @@ def rope_write_reference(
     block_tables: jax.Array,  # i32[B, pages_per_seq]
     positions: jax.Array,  # i32[B, T]
     valid: jax.Array,  # bool[B, T]; padding tokens are not written
-) -> tuple[jax.Array, Pages, Pages]:  # (q [B, T, Hkv * G, D], k_pages, v_pages)
+    *,
+    dtype: jnp.dtype,  # the activations'
+    qkv_scale: jax.Array | None = None,  # f32[Hkv, G+2, D]: qkv is a quantized weight's f32 sums, times this
+) -> tuple[jax.Array, Pages, Pages]:  # (q [B, T, Hkv * G, D] in dtype, k_pages, v_pages)
+    qkv = (qkv if qkv_scale is None else qkv * qkv_scale).astype(dtype)
     batch, tokens, num_kv_heads, width, head_dim = qkv.shape
     q = rotate(qkv[:, :, :, : width - 2].reshape(batch, tokens, -1, head_dim), cos, sin)
     k = rotate(qkv[:, :, :, width - 2], cos, sin)

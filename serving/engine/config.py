@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from configs.presets import PRESETS
-from model.config import WEIGHT_FORMATS
+from model.config import HEAD_FORMATS, WEIGHT_FORMATS
 from serving.request import InvalidRequestError
 from xlkernels import KV_FORMATS
 
@@ -197,6 +197,9 @@ class EngineConfig:
     # (CPU: matmul weights and KV pages in bfloat16 under float32 activations); None keeps `dtype`, or the checkpoint's
     # own quantization (a Hugging Face FP8 checkpoint serves as fp8)
     weight_quant: str | None = None
+    # The LM head quantized at load too: int8, one scale per vocabulary row (model/config.py's HEAD_FORMATS); None
+    # keeps it in the serving dtype
+    lm_head_quant: str | None = None
     # auto: the checkpoint's safetensors; dummy: random weights at the checkpoint's shapes, for
     # benchmarks where only config.json and the tokenizer are at hand (vLLM's --load-format dummy)
     load_format: str = "auto"
@@ -242,7 +245,10 @@ class EngineConfig:
         check(self.quant_policy in KV_FORMATS, "quant_policy", f"must be one of {', '.join(KV_FORMATS)}")
         check(self.weight_quant in (None, *WEIGHT_FORMATS), "weight_quant",
               f"must be one of {', '.join(WEIGHT_FORMATS)}")
+        check(self.lm_head_quant in (None, *HEAD_FORMATS), "lm_head_quant", f"must be one of {', '.join(HEAD_FORMATS)}")
         check(isinstance(self.tp, int) and self.tp >= 1, "tp", "must be at least 1")
+        # Under tensor parallelism the head is split by vocabulary row: its blocked product would gather it
+        check(self.lm_head_quant is None or self.tp == 1, "lm_head_quant", "is not served with --tp above 1 yet")
         check(isinstance(self.guided_decoding_states, int) and self.guided_decoding_states >= 1,
               "guided_decoding_states", "must be at least 1")
         check(self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy")

@@ -106,10 +106,13 @@ def resolve_dtype(name: str, model_config: ModelConfig, platform: str) -> jnp.dt
     return _DTYPES[name]
 
 
-def with_weight_quant(model_config: ModelConfig, weight_quant: str | None) -> ModelConfig:
+def with_weight_quant(model_config: ModelConfig, weight_quant: str | None, head_quant: str | None = None
+                      ) -> ModelConfig:
     """The model as it will be stored: --weight-quant overrides the checkpoint's own format (an FP8
-    checkpoint's weights are read back at full precision, then quantized like any other)."""
-    return dataclasses.replace(model_config, weight_quant=weight_quant) if weight_quant else model_config
+    checkpoint's weights are read back at full precision, then quantized like any other); --lm-head-quant
+    quantizes the LM head too (ModelConfig's checks refuse a tied head and the CPU's formats)."""
+    return dataclasses.replace(model_config, weight_quant=weight_quant or model_config.weight_quant,
+                               head_quant=head_quant)
 
 
 def default_weight_format(dtype: str, checkpoint: ModelConfig, platform: str, bf16_dots: bool) -> str | None:
@@ -305,7 +308,7 @@ class Engine:
         checkpoint = ModelConfig.from_pretrained(model_path)
         weight_quant = config.weight_quant or checkpoint.weight_quant or default_weight_format(
             config.dtype, checkpoint, devices[0].platform, cpu_has_bf16_dots())
-        model_config = with_weight_quant(checkpoint, weight_quant)
+        model_config = with_weight_quant(checkpoint, weight_quant, config.lm_head_quant)
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path)
         dtype = resolve_dtype(config.dtype, model_config, devices[0].platform)

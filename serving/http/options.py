@@ -338,6 +338,16 @@ OPTIONS: tuple[Option, ...] = (
         choices=("int8", "fp8", "bf16", "q4_0", "q4_1", "q8_0"),
     ),
     Option(
+        "--lm-head-quant",
+        "engine",
+        "lm_head_quant",
+        "Quantize the LM head at load too: int8, one scale per vocabulary row, for a model with a head of its own "
+        "(not tied to the embedding) under unquantized, int8 or fp8 layers, on one device. A one-row decode step "
+        "streams half the head's bytes (Llama-3.1-8B's head is 1 GB in bf16); the quality it costs is in "
+        "docs/perf-notes.md (default: none: the head keeps the serving dtype, as Hugging Face's FP8 checkpoints do).",
+        choices=("int8",),
+    ),
+    Option(
         "--num-pages",
         "engine",
         "num_pages",
