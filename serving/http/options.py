@@ -344,7 +344,7 @@ OPTIONS: tuple[Option, ...] = (
         "Quantize the LM head at load too: int8, one scale per vocabulary row, for a model with a head of its own "
         "(not tied to the embedding) under unquantized, int8 or fp8 layers, on one device. A one-row decode step "
         "streams half the head's bytes (Llama-3.1-8B's head is 1 GB in bf16: one stream on an H100 with fp8 layers "
-        "+5.5%), while large fp8 batches pay for converting it (B3 -6%): a flag for latency. The quality it costs "
+        "+5.5%%), while large fp8 batches pay for converting it (B3 -6%%): a flag for latency. The quality it costs "
         "is in docs/benchmarks.md (default: none: the head keeps the serving dtype, as Hugging Face's FP8 "
         "checkpoints do).",
         choices=("int8",),
