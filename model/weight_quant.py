@@ -307,8 +307,8 @@ def linear(x: jax.Array, w: Weight, in_dims: int = 1, strategy: str | None = Non
 
     keep_scale: a scaled weight's one-row product ("reduce") comes back as a `Scaled`, for a consumer that
     applies the scale and rounds inside its own kernel: XLA runs that multiply and cast after the reduction as
-    a kernel of its own, ~1.5 us a product, and multiplying inside the sum instead slowed the reductions as
-    much (docs/perf-notes.md, "Twenty-third session"). Every other product comes back in x.dtype.
+    a kernel of its own, and multiplying inside the sum instead slowed the reductions as much (docs/perf-notes.md,
+    "Twenty-third session"). Every other product comes back as an array in `out_dtype`.
     """
     if not isinstance(w, InputsLastWeight):
         out_shape = w.shape[in_dims:]
