@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from configs.demo import DEMO_MODEL_NAME
-from serving.engine.config import LOGPROBS_MODES, EngineConfig
+from serving.engine.config import HEAD_FORMATS, LOGPROBS_MODES, EngineConfig
 from serving.http.settings import (
     DEFAULT_ENGINE_STALL_TIMEOUT,
     DEFAULT_FIRST_TOKEN_TIMEOUT,
@@ -347,7 +347,7 @@ OPTIONS: tuple[Option, ...] = (
         "+5.5%%), while large fp8 batches pay for converting it (B3 -6%%): a flag for latency. The quality it costs "
         "is in docs/benchmarks.md (default: none: the head keeps the serving dtype, as Hugging Face's FP8 "
         "checkpoints do).",
-        choices=("int8",),
+        choices=HEAD_FORMATS,
     ),
     Option(
         "--num-pages",
