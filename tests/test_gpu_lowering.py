@@ -152,3 +152,12 @@ def test_an_int8_head_is_reduced_at_one_row_and_converted_block_by_block_in_fp8_
     assert head_converts_and_dots(1) == ({"65536"}, set())
     assert head_converts_and_dots(4) == ({"65536"}, {"65536"})
     assert head_converts_and_dots(NATIVE_FP8_MIN_ROWS) == ({"32768"}, {"32768"})
+
+
+@pytest.mark.parametrize("weight_quant, warps", [(None, {"4"}), ("fp8", {"4", "8"})])
+def test_the_add_rms_norm_kernel_runs_eight_warps_over_a_quantized_products_sums(weight_quant, warps):
+    """`pallas_rms_norm.SCALED_NUM_WARPS`: in a one-row step over quantized weights the norms after wo and w_down
+    read those products' f32 sums and scales (`Scaled`) with 8 warps; the first layer's norm (no delta) and
+    every norm over bf16 weights run 4."""
+    text = lower_gpu_step(dataclasses.replace(CONFIG, weight_quant=weight_quant), None, rows=1, tokens=1)
+    assert set(re.findall(r'name = "xlserve_add_rms_norm", num_stages = 1 : i32, num_warps = (\d+)', text)) == warps

@@ -17,6 +17,11 @@ from jax.experimental.pallas import triton as plgpu
 from xlkernels.pallas_decode import is_pow2
 from xlkernels.rms_norm import add_rms_norm_reference
 
+# Warps a program: 4 over a delta in the activations' dtype, 8 over a quantized product's f32 sums and their
+# scale (twice the bytes to load before the sum): on the H100 the one-row kernel took 3.78 us with 4 warps over
+# f32 sums against 2.13 with 8, and 2.13 over bf16 with 4 (docs/perf-notes.md, "Twenty-sixth session").
+NUM_WARPS, SCALED_NUM_WARPS = 4, 8
+
 
 def _add_rms_norm_kernel(*refs, has_delta: bool, has_delta_scale: bool, eps: float):
     if has_delta:
@@ -42,7 +47,7 @@ def add_rms_norm_pallas(
     eps: float,
     delta_scale: jax.Array | None = None,  # f32[E]: delta is a quantized weight's f32 sums, times this, rounded
     *,
-    num_warps: int = 4,
+    num_warps: int | None = None,  # None: NUM_WARPS, or SCALED_NUM_WARPS with a delta_scale
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # (x + delta, rms_norm(x + delta)), both [..., E] in x.dtype
     hidden = x.shape[-1]
@@ -51,6 +56,7 @@ def add_rms_norm_pallas(
     rows = x.reshape(-1, hidden)
     row_spec, vector_spec = pl.BlockSpec((None, hidden), lambda r: (r, 0)), pl.BlockSpec((hidden,), lambda r: (0,))
     has_delta_scale = delta is not None and delta_scale is not None
+    num_warps = num_warps or (SCALED_NUM_WARPS if has_delta_scale else NUM_WARPS)
     operands = [rows] + ([] if delta is None else [delta.reshape(-1, hidden)])
     operands += [delta_scale.astype(jnp.float32)] if has_delta_scale else []
     out_shape = jax.ShapeDtypeStruct(rows.shape, x.dtype)
