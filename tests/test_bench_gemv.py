@@ -26,7 +26,8 @@ def test_quick_run_checks_and_prints_every_variant(monkeypatch, capsys):
                   "fp8 pallas n=64 k=256 splits=2 [K,N]", "int8 pallas n=64 k=256 splits=2 [K,N]",
                   "bf16 xla reduce", "fp8 xla reduce", "int8 xla reduce"}  # reductions: up to 4 rows
         if rows == 1:
-            labels |= {"fp8 pallas-row n=64 k=256 splits=2 [K,N]", "bf16 pallas-row n=64 k=256 splits=2 [K,N]"}
+            labels |= {"fp8 pallas-row n=64 k=256 splits=2 [K,N]", "bf16 pallas-row n=64 k=256 splits=2 [K,N]",
+                       "fp8 xla reduce parts=2", "fp8 xla reduce parts=4", "fp8 words reduce"}
         assert printed == labels
 
 
@@ -38,6 +39,24 @@ def test_check_stops_a_wrong_product():
     with pytest.raises(SystemExit, match="relative error"):
         bench_gemv.check("wrong", lambda x, v, s: bench_gemv.fused(x, v, s) * 1.5, x, (values, scale), "int8")
     bench_gemv.check("fused [K,N]", bench_gemv.fused_kn, x, (values.T, scale), "int8kn")
+
+
+def test_e4m3_words_decode_every_code_exactly():
+    codes = jnp.array([c for c in range(256) if c & 0x7F != 0x7F] + [0, 0x80], jnp.uint8)  # 254 non-NaN, +-0 again
+    words = jax.lax.bitcast_convert_type(codes.reshape(-1, 4), jnp.uint32)  # four bytes a word, little-endian
+    even, odd = bench_gemv.e4m3_pairs_over_256(words), bench_gemv.e4m3_pairs_over_256(words >> 8)  # [W, 2] each
+    decoded = jnp.stack([even[:, 0], odd[:, 0], even[:, 1], odd[:, 1]], axis=-1).reshape(-1).astype(jnp.float32)
+    want = jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn).astype(jnp.float32) / 256
+    assert jnp.array_equal(decoded, want)
+    assert float(jnp.min(jnp.abs(want[want != 0]))) == 2.0**-9 / 256  # subnormals included
+
+
+@pytest.mark.parametrize("hot", [False, True])
+def test_hot_run_prints_the_one_row_candidates(monkeypatch, capsys, hot):
+    monkeypatch.setattr(sys, "argv", ["bench_gemv", "--quick", "--rows", "1", "--no-pallas"] + ["--hot"] * hot)
+    bench_gemv.main()  # every variant is checked against the f32 product before it is timed
+    out = capsys.readouterr().out
+    assert all(f"rows 1: {label} " in out for label in ("fp8 xla reduce parts=4", "fp8 words reduce"))
 
 
 @pytest.mark.parametrize("one_row, weights", [(False, jnp.float8_e4m3fn), (True, jnp.float8_e4m3fn),

@@ -1,12 +1,13 @@
 """Time few-row matmuls over quantized weights at Llama-3.1-8B shapes on the GPU (issue 21's B1).
 
-    PYTHONUNBUFFERED=1 python -m tools.bench_gemv [--rows 1,4,16] [--sweep] [--no-pallas] [--hlo DIR] [--quick]
+    PYTHONUNBUFFERED=1 python -m tools.bench_gemv [--rows 1,4,16] [--sweep] [--no-pallas] [--hot] [--hlo DIR] [--quick]
 
 For each weight (wqkv, wo, w_gate_up, w_down: [K, N] in bf16, [N, K] quantized as the engine stores them)
 and each row count: bf16 weights through XLA's dot, int8 and fp8 weights through XLA's fused convert + dot
 (`model.weight_quant`'s "fused"; fp8 also over a [K, N] copy, the layout before), fp8 through Hopper's native
 fp8 dot ("native": activations scaled to e4m3 per row), up to 4 rows every format as an XLA reduction without
-a dot (`model.weight_quant`'s "reduce", the engine's one-row path), and with Pallas our candidate kernels (below, over
+a dot (`model.weight_quant`'s "reduce", the engine's one-row path; at one row also fp8 two candidate forms of it,
+below), and with Pallas our candidate kernels (below, over
 [K, N] copies) with their default blocks, or every block choice with --sweep. Each result is checked against an f32
 reference first. Prints time per call and the weight bytes streamed per second against the device's
 copy bandwidth.
@@ -18,9 +19,17 @@ tiles after their load; `_row_kernel` serves one row with products summed in f32
 reads bf16 weights: whether a GEMV of ours streams them as XLA's GEMM does). Both split K over `k_splits`
 programs whose scaled partial sums XLA adds.
 
+The one-row candidates of issue 21's B1 (docs/perf-notes.md, "Twenty-sixth session": XLA's one-row
+reductions over fp8 are bound by their work per byte, not by HBM): "reduce parts=P" sums each channel as P
+partial sums over K / P inputs apiece, more and shorter rows for the reduction emitter (the engine would hand
+the partial sums to the next add + RMSNorm kernel; here a small kernel adds them, one kernel more than the
+engine would run); "words reduce" reads the e4m3 values as u32 words and decodes two bytes at a time by moving
+their bits into two float16s (`e4m3_pairs_over_256`) instead of XLA's convert of each byte.
+
 Method: each timed executable applies the matmul to `copies` distinct weights (together over ~3x the
 50 MB L2, so weights come from HBM) and sums the outputs; the per-call time is the total over copies,
-launch gaps included, as in a decode step. --hlo writes XLA's optimized HLO of the fused one-row path.
+launch gaps included, as in a decode step; --hot reads one copy again instead (a weight under 50 MB stays in L2),
+which says how much of a product's time is HBM's. --hlo writes XLA's optimized HLO of the fused one-row path.
 --quick runs tiny shapes in interpret mode on CPU to test this script itself.
 """
 
@@ -39,7 +48,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.weight_quant import InputsLastWeight, linear, quantize_weight
+from model.weight_quant import InputsLastWeight, decode, linear, quantize_weight
 from tools.timing import copy_bandwidth, format_bandwidth, timed
 
 ROWS = 16  # Triton's smallest dot; the most rows this kernel serves
@@ -165,6 +174,41 @@ def fused_kn(x: jax.Array, values_kn: jax.Array, scale: jax.Array) -> jax.Array:
             ).astype(x.dtype)
 
 
+def reduced_parts(x: jax.Array, values: jax.Array, scale: jax.Array, *, parts: int) -> jax.Array:
+    """The one-row product as `parts` partial sums a channel (f32[M, N, parts], each over K / parts inputs), added
+    after a barrier so that XLA keeps the reduction's shape: N * parts rows of K / parts instead of N rows of K."""
+    (m, k), n = x.shape, values.shape[0]
+    inputs = x.astype(jnp.float32).reshape(m, 1, parts, k // parts)
+    partials = jnp.sum(inputs * decode(values, jnp.float32).reshape(n, parts, k // parts)[None], axis=-1)
+    return (jax.lax.optimization_barrier(partials).sum(axis=-1) * scale).astype(x.dtype)
+
+
+def e4m3_pairs_over_256(words: jax.Array) -> jax.Array:
+    """u32[..., W] of e4m3 bytes -> float16[..., W, 2] of bytes 0 and 2 of each word, each value / 256, exactly.
+
+    An e4m3 byte's sign moved to bit 15 and its exponent and mantissa to bits 13..7 make a float16 whose
+    exponent field is e4m3's (bias 7 read as 15: 2^-8 times the value) and whose mantissa is e4m3's three bits
+    followed by zeros; subnormals map onto float16 subnormals the same way. Two bytes a 32-bit operation;
+    `words >> 8` gives bytes 1 and 3. NaN's code (0x7f) becomes a finite number: weights hold none."""
+    return jax.lax.bitcast_convert_type(((words & 0x007F007F) << 7) | ((words & 0x00800080) << 8), jnp.float16)
+
+
+def reduced_words(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
+    """The one-row product over e4m3 values [N, K] read as u32 words (four values each), decoded two at a time
+    by `e4m3_pairs_over_256`, the 256 folded into the scale."""
+    (m, k), n = x.shape, values.shape[0]
+    words = jax.lax.bitcast_convert_type(decode_bytes(values).reshape(n, k // 4, 4), jnp.uint32)  # [N, K/4]
+    inputs = x.astype(jnp.float32).reshape(m, 1, k // 4, 4)  # bytes 0..3 of each word, in memory order
+    even, odd = e4m3_pairs_over_256(words)[None], e4m3_pairs_over_256(words >> 8)[None]  # bytes 0, 2 and 1, 3
+    total = jnp.sum(even.astype(jnp.float32) * inputs[..., ::2] + odd.astype(jnp.float32) * inputs[..., 1::2],
+                    axis=(-2, -1))
+    return (total * (256 * scale)).astype(x.dtype)
+
+
+def decode_bytes(values: jax.Array) -> jax.Array:  # e4m3 (or its bytes) -> u8, the same shape
+    return values if values.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(values, jnp.uint8)
+
+
 def time_variant(fn, x: jax.Array, weights: list[tuple[jax.Array, ...]]) -> float:
     """Milliseconds per matmul: `fn(x, *weight)` over every copy in one executable, outputs summed."""
     run = jax.jit(lambda x, ws: sum(jnp.sum(fn(x, *w)) for w in ws))
@@ -212,6 +256,11 @@ def variants(k: int, n: int, rows: int, blocks: list[dict[str, int] | None], int
         yield f"{kind} xla fused", fused, kind
         if rows <= 4:
             yield f"{kind} xla reduce", reduced, kind
+        if rows == 1 and kind == "fp8":  # issue 21's B1 candidates (module docstring)
+            for parts in (2, 4):
+                yield f"fp8 xla reduce parts={parts}", functools.partial(reduced_parts, parts=parts), kind
+            if k % 4 == 0:
+                yield "fp8 words reduce", reduced_words, kind
         if not pallas:
             continue
         for label, b in fitting_blocks(k, n, rows, blocks if kind == "fp8" else blocks[:1]):  # int8: the default only
@@ -227,6 +276,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time every block choice of the Pallas kernels")
     parser.add_argument("--hlo", help="write the fused one-row path's optimized HLO into this folder")
     parser.add_argument("--no-pallas", action="store_true", help="XLA's paths only (bf16, fused, native fp8)")
+    parser.add_argument("--hot", action="store_true", help="read one copy of each weight again (L2) instead of several")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, interpret mode (CPU self-test)")
     args = parser.parse_args()
     shapes, interpret = (QUICK, True) if args.quick else (LLAMA3_8B, False)
@@ -239,6 +289,8 @@ def main() -> None:
         weights = {"bf16": [(w,) for w in dense]}
         weights |= {kind: [quantize(w, kind) for w in dense] for kind in ("int8", "fp8")}
         weights |= {kind + "kn": [(jnp.array(v.T), s) for v, s in weights[kind]] for kind in ("int8", "fp8")}
+        if args.hot:
+            weights = {kind: copies_of[:1] * copies for kind, copies_of in weights.items()}
         blocks = [gemv_blocks(k, n)] + (sweep(k, n) if args.sweep else [])
         for rows in (int(r) for r in args.rows.split(",")):
             x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
