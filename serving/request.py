@@ -193,6 +193,9 @@ class EngineRequest:
     guide: Guide | None = None
     # Set by the engine when an automaton that should run on the device runs on the host (a full pool).
     masked_on_host: bool = False
+    # An embedding request: the prompt is prefilled and the answer is the hidden state the LM head reads at
+    # its last token (`EngineOutput.embedding`), instead of generated tokens.
+    embed: bool = False
 
     @property
     def guided_on_host(self) -> bool:
@@ -227,6 +230,8 @@ class EngineOutput:
     # time.monotonic() when the engine had the step's tokens back (0.0 on outputs of no step): the clock the
     # server's metrics time tokens by, which an engine in a process of its own shares (CLOCK_MONOTONIC)
     produced_at: float = 0.0
+    # An embedding request's answer, on its final output: the final norm's output at the prompt's last token
+    embedding: list[float] | None = None
 
 
 def build_request(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from serving import GenerationConfig
-from serving.request import EngineRequest, InvalidRequestError
+from serving.request import EngineOutput, EngineRequest, InvalidRequestError
 from tests.sentencepiece_tokenizer import VOCAB_SIZE
 
 GREEDY = dict(max_new_tokens=12, ignore_eos=True)
@@ -80,6 +80,38 @@ def run_with_engine(engine, jobs):
     for event in done:
         assert event.wait(60)
     return results
+
+
+def hf_last_hidden(hf, prompt: list[int]) -> np.ndarray:
+    """transformers' final-norm output at the prompt's last token: what an embedding request answers."""
+    with torch.no_grad():
+        return hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0, -1].numpy()
+
+
+def embed_while_decoding(engine, prompt: list[int], embed_prompts: list[list[int]]) -> list[list[float]]:
+    """Embedding requests (`EngineRequest.embed`) submitted once a generating request has its second token, from
+    the engine thread, so they join while it decodes; returns their embeddings."""
+    generating = engine.make_request(prompt, GenerationConfig(**GREEDY), f"gen-{id(embed_prompts)}")
+    requests = [engine.make_request(p, GenerationConfig(max_new_tokens=0), f"embed-{i}-{id(embed_prompts)}")
+                for i, p in enumerate(embed_prompts)]
+    finals: dict[str, EngineOutput] = {}
+    done = threading.Event()
+    produced = []
+
+    def sink(out: EngineOutput) -> None:
+        produced.extend(out.new_token_ids)
+        if out.request_id == generating.request_id and len(produced) == 2:
+            for request in requests:
+                request.embed = True
+                engine.submit(request, sink)
+        if out.finished:
+            finals[out.request_id] = out
+            if len(finals) == 1 + len(requests):
+                done.set()
+
+    engine.submit(generating, sink)
+    assert done.wait(60)
+    return [finals[r.request_id].embedding for r in requests]
 
 
 def test_request_joining_mid_flight_does_not_change_others(tiny_pipe):
@@ -346,6 +378,14 @@ def test_mixed_steps_equal_transformers(tiny_llama, hf_tiny):
             assert tokens == hf_greedy(hf_tiny, prompt, GREEDY["max_new_tokens"])
         assert engine.stats().mixed_steps - before >= 3
         assert engine.stats().compilations_after_warmup == 0
+        assert engine.wait_idle() and engine.allocator.num_used == 0
+        # Embedding requests that join a decoding sequence ride in mixed steps too, each answered with the
+        # final norm's output at its prompt's last token (a packed step's row, moved back to the step's order).
+        steps = engine.stats().mixed_steps
+        embeds = embed_while_decoding(engine, prompts[1], [prompts[2], prompts[3]])
+        assert engine.stats().mixed_steps > steps
+        for prompt, embedding in zip([prompts[2], prompts[3]], embeds, strict=True):
+            np.testing.assert_allclose(embedding, hf_last_hidden(hf_tiny, prompt), rtol=1e-4, atol=1e-5)
         assert engine.wait_idle() and engine.allocator.num_used == 0
         # The KV pool is updated in place: a mixed step needs no more scratch memory than its prefill step
         # plus a small part of the pool (a pool written after a read of it would be copied whole each step).

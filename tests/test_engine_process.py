@@ -70,6 +70,24 @@ def test_the_same_tokens_as_the_engine_on_a_thread(engine_process, tiny_pipe):
     assert stats.compilations_after_warmup == 0 and stats.num_pages_used == 0
 
 
+def test_an_embedding_crosses_the_pipe(engine_process, hf_tiny):
+    """An embedding request (`EngineRequest.embed`) runs its prompt only and ends with the final norm's output
+    at its last token: transformers' last hidden state there."""
+    import torch
+
+    prompt = [5, 9, 13, 17, 21]
+    request = engine_process.make_request(prompt, GenerationConfig(max_new_tokens=0), "embed")
+    request.embed = True
+    outputs, done = [], threading.Event()
+    engine_process.submit(request, lambda output: (outputs.append(output), output.finished and done.set()))
+    assert done.wait(60)
+    assert [o.new_token_ids for o in outputs] == [[]] and outputs[-1].num_prompt_tokens == len(prompt)
+    with torch.no_grad():
+        want = hf_tiny(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0, -1].numpy()
+    np.testing.assert_allclose(outputs[-1].embedding, want, rtol=1e-4, atol=1e-5)
+    assert engine_process.stats().num_pages_used == 0
+
+
 def test_requests_are_validated_in_the_server_process(engine_process):
     with pytest.raises(InvalidRequestError, match="session length"):
         engine_process.make_request([5] * engine_process.max_session_len, GenerationConfig(), "too-long")

@@ -693,10 +693,11 @@ class Engine:
         """Read a dispatched step's tokens and report what they did to each sequence."""
         for chunks, step in dispatched:
             logprobs = jax.device_get(step.logprobs) if step.logprobs is not None else None
+            hidden = np.asarray(step.hidden) if step.hidden is not None else None
             tokens = np.asarray(step.tokens).tolist()
             produced_at = time.monotonic()
             self.runner.guided.observe(chunks, tokens)
-            for output in self.scheduler.update_from_output(chunks, tokens, logprobs, produced_at):
+            for output in self.scheduler.update_from_output(chunks, tokens, logprobs, produced_at, hidden):
                 self._emit(output)
 
     def _emit(self, output: EngineOutput | None) -> None:

@@ -153,13 +153,14 @@ def step(
     shared_prefix: bool = False,  # static: a decode step whose rows carry a shared-prefix plan
     packed: int | None = None,  # static: the model computes this many packed tokens (unpack_step)
     decode: int = 0,  # static: a mixed step's leading decoding rows (unpack_step)
-) -> tuple[list[LayerCache], jax.Array, jax.Array, jax.Array]:
+) -> tuple[list[LayerCache], jax.Array, jax.Array, jax.Array, jax.Array]:
     """Run the model over the batch and record its tokens as seen.
 
     A decoding row's input is the token the previous step sampled, which the host may not have read
     yet: it comes from `last_tokens`, so the host can dispatch this step before reading the last.
-    Returns the new cache, the new seen table, f32[B, V] logits at each row's last token and each
-    row's bool[B, V] seen tokens (the sampler's repetition-penalty input).
+    Returns the new cache, the new seen table, f32[B, V] logits at each row's last token, each row's
+    bool[B, V] seen tokens (the sampler's repetition-penalty input) and [B, E] the hidden state the LM head
+    read there (an embedding request's answer; copied to the host only when a row asks, `ModelRunner.run`).
     """
     tile_size = tile_size_for(model.config.q_per_kv, token_grid.shape[0]) if shared_prefix else None
     inputs = unpack_step(token_grid, row_table, tile_size, packed, decode)
@@ -168,15 +169,16 @@ def step(
     first = jnp.where(inputs.from_device, last_tokens[slots], inputs.tokens[:, 0])
     tokens = inputs.tokens.at[:, 0].set(first)
     if inputs.model_rows is None:
-        logits, cache = model.apply({"params": params}, tokens, inputs.attn, cache, inputs.last_index)
+        logits, cache, hidden = model.apply({"params": params}, tokens, inputs.attn, cache, inputs.last_index,
+                                            with_hidden=True)
     else:  # a mixed step: the model's row order in, the step's out
-        logits, cache = model.apply({"params": params}, tokens[inputs.model_rows], inputs.attn, cache,
-                                    inputs.last_index[inputs.model_rows])
-        logits = logits[inputs.step_rows]
+        logits, cache, hidden = model.apply({"params": params}, tokens[inputs.model_rows], inputs.attn, cache,
+                                            inputs.last_index[inputs.model_rows], with_hidden=True)
+        logits, hidden = logits[inputs.step_rows], hidden[inputs.step_rows]
     seen = seen.at[jnp.where(inputs.reset, inputs.slots, num_slots)].set(False, mode="drop")
     token_slots = jnp.where(inputs.valid, inputs.slots[:, None], num_slots)
     seen = seen.at[token_slots, tokens].set(True, mode="drop")
-    return cache, seen, logits, seen[slots]
+    return cache, seen, logits, seen[slots], hidden
 
 
 def sample_and_record(
@@ -222,11 +224,17 @@ def sample_extended_and_record(
 
 @dataclass(frozen=True)
 class StepOutput:
-    """A dispatched step's results, still on the device: the sampled tokens, and the log probabilities when
-    a row of the step asked for them (None otherwise: nothing more is copied to the host)."""
+    """A dispatched step's results, still on the device: the sampled tokens, and the log probabilities and
+    hidden states when a row of the step asked for them (None otherwise: nothing more is copied to the host)."""
 
     tokens: jax.Array  # i32[rows]
     logprobs: StepLogprobs | None = None
+    hidden: jax.Array | None = None  # [rows, E] at each row's last token, for an embedding request's row
+
+
+def wants_hidden(chunk: Chunk) -> bool:
+    """Whether a chunk's row answers an embedding request: the last chunk of its prompt."""
+    return chunk.samples and chunk.request.embed
 
 
 def wants_logprobs(chunk: Chunk) -> bool:
@@ -326,7 +334,7 @@ class ModelRunner:
         self._step, self._shared_step = (
             Programs(jax.jit(functools.partial(step, self.model, shared_prefix=shared_prefix), donate_argnums=(1, 2),
                              static_argnames=("packed", "decode"),
-                             out_shardings=(cache_shardings, replicated, replicated, replicated)),
+                             out_shardings=(cache_shardings, replicated, replicated, replicated, replicated)),
                      name, program_store)
             for shared_prefix, name in ((False, "step"), (True, "shared_prefix_step"))
         )
@@ -466,7 +474,7 @@ class ModelRunner:
         self.mixed_steps += decode > 0
         run_step = self._shared_step if tiled_rows else self._step
         packed = _packed(rows, tokens, packed, decode)
-        self.cache, self.seen, logits, seen_rows = run_step(
+        self.cache, self.seen, logits, seen_rows, hidden = run_step(
             (rows, tokens, packed, decode), self.params, self.cache, self.seen, self.last_tokens, token_ids, row_table,
             packed=packed, decode=decode)
         logits = self.guided.mask(logits, row_table)
@@ -476,9 +484,14 @@ class ModelRunner:
                                                          seen_rows, self.last_tokens, row_table, mode)
             self.guided.advance(next_tokens, row_table)
             next_tokens.copy_to_host_async()  # the transfer starts as soon as the step ends
-            return StepOutput(next_tokens)
-        return self._run_extended(chunks, logits, sampling_ints, sampling_floats, seen_rows, row_table,
-                                  extended_rows, token_ids[:, 0])
+            output = StepOutput(next_tokens)
+        else:
+            output = self._run_extended(chunks, logits, sampling_ints, sampling_floats, seen_rows, row_table,
+                                        extended_rows, token_ids[:, 0])
+        if not any(wants_hidden(chunk) for chunk in chunks):
+            return output
+        hidden.copy_to_host_async()
+        return dataclasses.replace(output, hidden=hidden)
 
     def warm(self, shape: StepShape) -> None:
         """Run one step of padding rows at `shape` (its step program and greedy sampler) and wait for it.
@@ -489,7 +502,7 @@ class ModelRunner:
         rows, tokens, packed, decode = shape
         token_ids, row_table, ints, floats, _ = self._padding_inputs(rows, tokens)
         packed = _packed(*shape)
-        self.cache, self.seen, logits, seen_rows = self._step(
+        self.cache, self.seen, logits, seen_rows, _ = self._step(
             (rows, tokens, packed, decode), self.params, self.cache, self.seen, self.last_tokens, token_ids, row_table,
             packed=packed, decode=decode)
         mode = self._sampler_mode(rows, sample_mode(ints, floats))

@@ -66,7 +66,7 @@ class SequenceState:
     status: SeqStatus = SeqStatus.WAITING
     num_cached_tokens: int = 0  # prompt tokens its first admission took from the prefix cache
     num_prompt_logprobs: int = 0  # prompt positions whose log probability has been reported (from the second)
-    reports_tokens: bool = True  # False: max_new_tokens 0, run only for its prompt logprobs
+    reports_tokens: bool = True  # False: run only for its prompt logprobs or, embedding, its hidden state
 
     @property
     def request_id(self) -> str:
@@ -160,8 +160,8 @@ class Scheduler:
                             num_prompt_tokens=prompt_len,
                             max_new_tokens=room if max_new is None else min(max_new, room))
         self._arrivals += 1
-        if max_new == 0 and request.config.prompt_logprobs is not None and room > 0:
-            seq.max_new_tokens, seq.reports_tokens = 1, False  # prefill for the logprobs, drop the token
+        if (request.embed or max_new == 0 and request.config.prompt_logprobs is not None) and room > 0:
+            seq.max_new_tokens, seq.reports_tokens = 1, False  # prefill for the logprobs or hidden state only
         if seq.max_new_tokens <= 0:
             seq.status = SeqStatus.FINISHED
             return _output(seq, [], FinishReason.LENGTH)
@@ -170,11 +170,12 @@ class Scheduler:
         return None
 
     def update_from_output(self, chunks: list[Chunk], tokens: list[int], logprobs: StepLogprobsHost | None = None,
-                           produced_at: float = 0.0) -> list[EngineOutput]:
+                           produced_at: float = 0.0, hidden: np.ndarray | None = None) -> list[EngineOutput]:
         """A read-back step: register the pages it filled, and append each sampled token to its sequence,
         finishing the sequence on a stop id or at its length limit. Returns the outputs to report.
         `logprobs` (host arrays of `sampling.StepLogprobs`) when a row of the step asked for them;
-        `produced_at`: when the step's tokens were read back (`EngineOutput.produced_at`)."""
+        `produced_at`: when the step's tokens were read back (`EngineOutput.produced_at`); `hidden` [rows, E],
+        when a row answers an embedding request."""
         outputs = []
         for row, (chunk, token) in enumerate(zip(chunks, tokens, strict=False)):
             seq = self._by_id.get(chunk.request_id)
@@ -194,7 +195,10 @@ class Scheduler:
             seq.num_pending -= 1
             if not seq.reports_tokens:
                 self._remove(seq)
-                outputs.append(_output(seq, [], FinishReason.LENGTH))
+                output = _output(seq, [], FinishReason.LENGTH)
+                if seq.request.embed and hidden is not None:
+                    output.embedding = hidden[row].astype(np.float32).tolist()
+                outputs.append(output)
                 continue
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)

@@ -242,6 +242,7 @@ async def collect(deltas: AsyncGenerator[tuple[int, TextDelta], None], num_choic
                 result.logprobs += delta.logprobs
                 result.token_texts += delta.token_texts
             result.prompt_logprobs += delta.prompt_logprobs or []
+            result.embedding = delta.embedding or result.embedding
             if delta.finished:
                 result.finish_reason = delta.finish_reason
     return results
@@ -259,3 +260,4 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # when asked for
     token_texts: list[str] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    embedding: list[float] | None = None  # an embedding request's answer

@@ -32,6 +32,7 @@ class TextDelta:
     prompt_logprobs: list[TokenLogprob] | None = None  # new prompt entries (from its second token on)
     # With token_ids: when the engine produced the first and the last of them (`EngineOutput.produced_at`)
     token_times: tuple[float, float] | None = None
+    embedding: list[float] | None = None  # an embedding request's answer (`EngineOutput.embedding`)
 
 
 class OutputProcessor:
@@ -90,7 +91,7 @@ class OutputProcessor:
             self._finish_reason = FinishReason(out.finish_reason).value
         finished = self._finish_reason is not None
         delta = TextDelta("".join(pieces), ids, finished, self._finish_reason, self._num_tokens, self._num_cached,
-                          prompt_logprobs=out.prompt_logprobs)
+                          prompt_logprobs=out.prompt_logprobs, embedding=out.embedding)
         if out.logprobs is not None:
             delta.logprobs = out.logprobs[: len(ids)]  # a stop string cuts both
             delta.token_texts = (texts + [""] * len(ids))[: len(ids)]  # a dropped stop token adds no text
