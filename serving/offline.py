@@ -6,7 +6,7 @@
 
 A prompt is a string (encoded as is, with the tokenizer's BOS), a list of token ids, or a chat (a list
 of `{"role", "content"}` messages, rendered with the checkpoint's chat template). A list of prompts
-gives a list of responses, in order.
+gives a list of responses, in order. `pipe.embed(prompts)` gives their embeddings instead (POST /v1/embeddings').
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from model.source import resolve_model
 from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine
-from serving.request import EngineOutput, GenerationConfig, InvalidRequestError
-from serving.text.output import RequestTracker
+from serving.request import EngineOutput, EngineRequest, GenerationConfig, InvalidRequestError
+from serving.text.output import RequestTracker, TextDelta
+from serving.text.pooling import pooled
 
 Prompt = str | list[int] | list[dict]
 
@@ -74,9 +75,7 @@ class Pipeline:
         self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | list[GenerationConfig] | None = None
     ) -> Response | list[Response]:
         single = _is_single(prompts)
-        batch = [prompts] if single else list(prompts)
-        if not batch:
-            raise InvalidRequestError("no prompts given", param="prompts")
+        batch = _batch(prompts)
         results = [Response("", 0, 0, index=i) for i in range(len(batch))]
         for delta in self.stream_infer(batch, gen_config):
             result = results[delta.index]
@@ -91,15 +90,37 @@ class Pipeline:
         self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | list[GenerationConfig] | None = None
     ) -> Iterator[Response]:
         """Yield increments (`text`/`token_ids` hold only what is new) as the engine produces them."""
-        batch = [prompts] if _is_single(prompts) else list(prompts)
-        if not batch:
-            raise InvalidRequestError("no prompts given", param="prompts")
+        batch = _batch(prompts)
         configs = gen_config if isinstance(gen_config, list) else [gen_config or GenerationConfig()] * len(batch)
         if len(configs) != len(batch):
             raise InvalidRequestError(f"got {len(configs)} gen_configs for {len(batch)} prompts", param="gen_config")
+        requests = self._requests(batch, configs)
+        for index, delta in self._deltas(requests):
+            yield Response(delta.text, delta.num_completion_tokens, len(requests[index].prompt_token_ids),
+                           delta.finish_reason, delta.token_ids, index)
+
+    # ----- embeddings -----
+    def embed(self, prompts: Prompt | list[Prompt], dimensions: int | None = None) -> list[float] | list[list[float]]:
+        """Each prompt's embedding, as POST /v1/embeddings computes it: the final norm's output at its last token,
+        (its first `dimensions` values) at unit length (`serving.text.pooling`). A list of prompts gives a list."""
+        batch = _batch(prompts)
+        requests = self._requests(batch, [GenerationConfig(max_new_tokens=0)] * len(batch))
+        for request in requests:
+            request.embed = True
+        vectors: list[list[float]] = [[] for _ in batch]
+        for index, delta in self._deltas(requests):
+            if delta.embedding is not None:
+                vectors[index] = pooled(delta.embedding, dimensions).tolist()
+        return vectors[0] if _is_single(prompts) else vectors
+
+    def _requests(self, batch: list[Prompt], configs: list[GenerationConfig]) -> list[EngineRequest]:
         # Validate everything before submitting anything, so a bad prompt leaves nothing running.
-        requests = [self.engine.make_request(self._encode(prompt), config, f"pipe-{next(self._ids)}")
-                    for prompt, config in zip(batch, configs, strict=True)]
+        return [self.engine.make_request(self._encode(prompt), config, f"pipe-{next(self._ids)}")
+                for prompt, config in zip(batch, configs, strict=True)]
+
+    def _deltas(self, requests: list[EngineRequest]) -> Iterator[tuple[int, TextDelta]]:
+        """Run `requests`, yielding (index, what it added) as the engine produces it; aborts what is left when the
+        caller stops early or a request fails."""
         tracker = RequestTracker(self.tokenizer, requests)
         outputs: queue.SimpleQueue[tuple[int, EngineOutput]] = queue.SimpleQueue()
         try:
@@ -111,8 +132,7 @@ class Pipeline:
                 if to_abort is not None:
                     self.engine.abort(to_abort)
                 if delta is not None:
-                    yield Response(delta.text, delta.num_completion_tokens, len(requests[index].prompt_token_ids),
-                                   delta.finish_reason, delta.token_ids, index)
+                    yield index, delta
         finally:
             for index in tracker.pending:  # the caller stopped iterating early, or a request failed
                 self.engine.abort(requests[index].request_id)
@@ -138,6 +158,13 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _batch(prompts: Prompt | list[Prompt]) -> list[Prompt]:
+    batch = [prompts] if _is_single(prompts) else list(prompts)
+    if not batch:
+        raise InvalidRequestError("no prompts given", param="prompts")
+    return batch
 
 
 def _is_single(prompts: object) -> bool:

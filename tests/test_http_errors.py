@@ -156,7 +156,7 @@ MALFORMED: list[tuple[str, str, str, bytes | None, dict[str, str], int, str | No
     ("unknown model", "POST", CHAT, chat(model="gpt-4o"), JSON, 404, "model"),
     ("10 MB body", "POST", COMPLETIONS, completion(prompt="x" * 10_000_000), JSON, 413, None),
     ("GET on a POST route", "GET", CHAT, None, {}, 405, None),
-    ("unknown route", "POST", "/v1/embeddings", completion(), JSON, 404, None),
+    ("unknown route", "POST", "/v1/images/generations", completion(), JSON, 404, None),
 ]
 
 CODES = {

@@ -30,6 +30,7 @@ OPERATIONS = [
     ("GET", "/metrics"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/embeddings"),
     ("POST", "/v1/chat/interactive"),
     ("POST", "/v1/encode"),
     ("POST", "/generate"),
@@ -70,6 +71,10 @@ def runnable(body: Any, path: str) -> Any:
         return {**body, "model": MODEL_NAME, "tools": None, "tool_choice": None}
     if path == "/v1/responses":
         return {**body, "model": MODEL_NAME, "max_output_tokens": FUZZ_MAX_TOKENS, "tools": None, "tool_choice": None}
+    if path == "/v1/embeddings":  # a few inputs of a batch
+        inputs = body.get("input")
+        several = isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
+        return {**body, "model": MODEL_NAME, "input": inputs[:2] if several else inputs}
     if path == "/generate":  # the model is optional there, and input_ids may be any length
         ids = body.get("input_ids")
         return {**body, "model": None, "max_tokens": FUZZ_MAX_TOKENS, "max_completion_tokens": None, "n": None,

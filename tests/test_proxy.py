@@ -24,6 +24,7 @@ from pathlib import Path
 
 import anthropic
 import httpx
+import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -261,7 +262,7 @@ def test_streamed_text_equals_non_streamed_text_through_the_proxy(cluster: Clust
     assert "".join(chunk.choices[0].text for chunk in streamed) == text.choices[0].text
 
 
-def test_responses_messages_generate_and_encode_are_relayed_as_a_node_answers_them(cluster: Cluster) -> None:
+def test_responses_messages_generate_encode_and_embeddings_are_relayed_as_a_node_answers_them(cluster: Cluster) -> None:
     """The proxy relays every generating route of api_server, not only the two chat APIs: through it, each
     answers as a node answers directly (greedy, so equal)."""
     node = cluster.node_url(0)
@@ -290,6 +291,9 @@ def test_responses_messages_generate_and_encode_are_relayed_as_a_node_answers_th
         keep = ("text", "output_ids") if path == "/generate" else ("input_ids", "length")
         assert {k: v for k, v in through.json().items() if k in keep} == \
             {k: v for k, v in own.json().items() if k in keep}, path
+    vectors = [client.embeddings.create(model=MODEL, input=["hello world", "bye"]).data for client in
+               (proxied, direct)]
+    np.testing.assert_allclose(*([d.embedding for d in data] for data in vectors), atol=1e-6)
     missing = http.post(f"{cluster.proxy_url}/generate", json={"model": "nope", "prompt": "x"}, headers=auth(USER))
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert http.post(f"{cluster.proxy_url}/v1/responses", json={"input": "x"}, headers=auth(USER)).status_code == 400

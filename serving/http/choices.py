@@ -59,7 +59,8 @@ def fan_out(
     if exchange is not None:
         exchange.admit(len(requests))
         exchange.prompt_tokens = sum(len(p) for p in prompts)
-        exchange.metrics.observe_request(n, config.max_new_tokens or engine.max_session_len)
+        max_new_tokens = config.max_new_tokens
+        exchange.metrics.observe_request(n, engine.max_session_len if max_new_tokens is None else max_new_tokens)
     if logger.isEnabledFor(logging.INFO):
         for p, prompt_ids in enumerate(prompts):
             text = engine.tokenizer.decode(prompt_ids, skip_special_tokens=False)

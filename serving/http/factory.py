@@ -9,7 +9,7 @@ from quart import Quart, request
 from quart_schema import Info, QuartSchema
 
 from serving.engine.client import EngineClient
-from serving.http import chat, completions, encode, generate, interactive, messages, responses, service
+from serving.http import chat, completions, embeddings, encode, generate, interactive, messages, responses, service
 from serving.http.auth import install_api_keys
 from serving.http.errors import APIError, install_error_handlers
 from serving.http.exchange import ExchangeMiddleware
@@ -49,7 +49,7 @@ def create_app(engine: EngineClient, settings: ServerSettings) -> Quart:
         security=[{"bearer": []}] if bearer else None,
         openapi_provider_class=NamedSchemaProvider,
     )
-    for module in (service, chat, completions, interactive, encode, generate, responses, messages):
+    for module in (service, chat, completions, embeddings, interactive, encode, generate, responses, messages):
         app.register_blueprint(module.blueprint)
     install_profiler(app, engine, settings.profile_dir)
     install_error_handlers(app)

@@ -379,6 +379,23 @@ class CompletionRequest(SamplingFields):
     )
 
 
+class EmbeddingRequest(_Request):
+    model: str = Field(description="The served model name, as listed by GET /v1/models.")
+    input: PromptField = Field(
+        description="A string, a list of strings, a list of token ids, or a list of token-id lists: one embedding "
+        "each, in order."
+    )
+    encoding_format: Literal["float", "base64"] | None = Field(
+        None, description="float (the default): lists of numbers; base64: each vector's little-endian float32 "
+        "bytes, base64-encoded (what the openai SDK asks for and decodes)."
+    )
+    dimensions: lax(int, ge=1) | None = Field(
+        None, description="Keep the vector's first this many numbers, normalized again (Matryoshka-trained "
+        "models); at most the model's hidden size."
+    )
+    user: str | None = Field(None, description="Ignored.")
+
+
 # ---- responses -------------------------------------------------------------------------------
 
 
@@ -548,6 +565,24 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="The vector, or its base64 float32 bytes.")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -48,8 +48,8 @@ class PromptPages:
     def of(cls, path: str, body: dict[str, Any]) -> PromptPages:
         """The prompt of a request body to `path`; no items when it has none the proxy can read (the
         node, which validates the body, will say what is wrong)."""
-        if path == "/v1/completions":
-            prompt = body.get("prompt")
+        if path in ("/v1/completions", "/v1/embeddings"):
+            prompt = body.get("prompt" if path == "/v1/completions" else "input")
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
                 prompt = prompt[0]  # a batch goes to one node: route it by its first prompt
             if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

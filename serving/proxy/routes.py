@@ -1,8 +1,8 @@
 """The proxy's OpenAI routes, relayed to a node, and its own probes and metrics.
 
-`/v1/chat/completions`, `/v1/completions`, `/v1/responses` and `/v1/messages` go where the routing strategy
-says, among the healthy nodes serving the body's `model`, and so do LMDeploy's `/generate` and `/v1/encode`
-(whose `model` is optional); `/v1/chat/interactive` goes to the node that holds its session
+`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses` and `/v1/messages` go where the
+routing strategy says, among the healthy nodes serving the body's `model`, and so do LMDeploy's `/generate` and
+`/v1/encode` (whose `model` is optional); `/v1/chat/interactive` goes to the node that holds its session
 (placed by the strategy on its first turn). The body is relayed as the client sent it, byte for byte;
 the proxy reads only what routing needs and leaves validation to the node, so a node's 400 is the
 answer the client gets. `/v1/models` is the union of the nodes' models.
@@ -106,6 +106,14 @@ async def chat_completions() -> Response:
 async def completions() -> Response:
     """Relayed to a node serving `model`, as /v1/chat/completions."""
     return await _relay("/v1/completions")
+
+
+@blueprint.post("/v1/embeddings")
+@document_errors(400, 404, 502, 503)
+async def embeddings() -> Response:
+    """Relayed to a node serving `model`, as /v1/chat/completions; routed by its first input, as a batch of
+    completion prompts is."""
+    return await _relay("/v1/embeddings")
 
 
 @blueprint.post("/v1/responses")
