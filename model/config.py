@@ -34,6 +34,9 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "InternLM2ForCausalLM": "internlm2",
 }
+# The bare decoders (no LM head), as embedding models built on them are saved (e5-mistral's `MistralModel`): served
+# with the input embedding as a stand-in head, for their embeddings (POST /v1/embeddings), not their text.
+BARE_ARCHITECTURES = {"LlamaModel": "llama", "MistralModel": "mistral", "Qwen2Model": "qwen2", "Qwen3Model": "qwen3"}
 # Old configs without `architectures` still carry `model_type`.
 MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -212,7 +215,7 @@ class ModelConfig:
             rms_norm_eps=_number(config_dict, "rms_norm_eps", DEFAULT_RMS_NORM_EPS),
             max_position_embeddings=max_positions,
             rope=rope_from_hf(config_dict),
-            tie_word_embeddings=_flag(config_dict, "tie_word_embeddings"),
+            tie_word_embeddings=_flag(config_dict, "tie_word_embeddings") or _is_bare(config_dict),
             **_attention_options(config_dict, family),
             mlp_bias=_flag(config_dict, "mlp_bias"),
             torch_dtype=_dtype_name(config_dict),
@@ -320,9 +323,19 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
+def _architecture(config: Json) -> str:
+    return (config.get("architectures") or [MODEL_TYPES.get(config.get("model_type", ""), "")])[0]
+
+
+def _is_bare(config: Json) -> bool:
+    """A bare decoder's config: its checkpoint has no LM head (`BARE_ARCHITECTURES`)."""
+    return _architecture(config) in BARE_ARCHITECTURES
+
+
 def _family(config: Json) -> str:
-    architectures = config.get("architectures") or [MODEL_TYPES.get(config.get("model_type", ""), "")]
-    architecture = architectures[0]
+    architecture = _architecture(config)
+    if architecture in BARE_ARCHITECTURES:
+        return BARE_ARCHITECTURES[architecture]
     if architecture not in ARCHITECTURES:
         shown = architecture or f"model_type={config.get('model_type')!r}"
         # A checkpoint with modelling code of its own names it in auto_map: say so, as that code is never run.

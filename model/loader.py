@@ -549,7 +549,7 @@ def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint folder: `model.safetensors`, or the shards its index names."""
     directory = Path(path)
     if (directory / SINGLE_FILE).is_file():
-        return _read_header(directory / SINGLE_FILE)
+        return _as_causal_lm(_read_header(directory / SINGLE_FILE))
     index_file = directory / INDEX_FILE
     if not index_file.is_file():
         raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
@@ -571,7 +571,15 @@ def checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
         raise ValueError(
             f"{index_file} places tensors where its files do not hold them: {_listing(misplaced)}"
         )
-    return tensors
+    return _as_causal_lm(tensors)
+
+
+def _as_causal_lm(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """A bare decoder's tensors (transformers' `*Model` saved on its own, as embedding models such as
+    Qwen3-Embedding ship, whatever their config names) under the causal LM's names: "model." before each."""
+    if any(name.startswith("model.") for name in tensors) or not any(name.startswith("layers.") for name in tensors):
+        return tensors
+    return {f"model.{name}": info for name, info in tensors.items()}
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:
