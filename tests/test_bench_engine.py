@@ -18,3 +18,24 @@ def test_phases_split_the_run_and_keep_every_turn_and_token():
     assert [row["decode_rows"] for row in table] == [4.0, 20.0]
     assert [row["prefill_tokens"] for row in table] == [100, 0]
     assert [row["output_tokens"] for row in table] == [2, 3]
+
+
+def test_embed_mode_times_embeddings_against_transformers(tiny_llama, tmp_path, monkeypatch):
+    """`bench_engine embed --baseline transformers`: input tokens per second of embedding requests, beside the
+    decoder's forward in transformers, whose last-token states must be xlserve's vectors."""
+    import json
+    import sys
+
+    from tools import bench_engine
+
+    out = tmp_path / "embed.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_engine", "--model", str(tiny_llama), "--session-len", "128", "--preset", "test", "--page-size", "16",
+        "--num-pages", "40", "--bandwidth", "1e10", "--baseline", "transformers", "--json", str(out),
+        "embed", "--num-prompts", "12", "--input-len", "20"])
+    bench_engine.main()
+    result = json.loads(out.read_text())
+    assert result["mode"] == "embed" and result["input_tok_s"] > 0 and result["compilations_after_warmup"] == 0
+    baseline = result["baseline"]
+    assert baseline["input_tok_s"] > 0 and baseline["ratio"] == result["input_tok_s"] / baseline["input_tok_s"]
+    assert baseline["max_unit_difference"] < 1e-4

@@ -6,13 +6,15 @@
     python -m tools.bench_engine --model /models/Llama-3.1-8B throughput ...
     python -m tools.bench_engine --model SmolLM2-135M-Instruct.Q4_1.gguf --session-len 8192 \
         --baseline transformers single --input-len 64 --output-len 128
+    python -m tools.bench_engine --model ... --baseline transformers embed --num-prompts 256 --input-len 128
 
 `--shape` runs random weights at a named model shape (configs/shapes.py), where checkpoints cannot be
 downloaded. The roofline is the time to stream the weights once per decode step (the input embedding
 is gathered, not streamed) at the measured copy bandwidth; `--bandwidth` overrides the measurement.
 `--baseline transformers` then runs the same prompts through transformers' `generate` in this process,
 after the engine has stopped (tools/transformers_baseline.py: one stream's decode rate for `single`, the
-prompts as one static batch for `throughput`), and prints xlserve's figure over transformers'.
+prompts as one static batch for `throughput`, the decoder's forward in batches for `embed`), and prints
+xlserve's figure over transformers'. `embed` runs prompt-only embedding requests (POST /v1/embeddings' work).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.engine import Engine, TurnRecord, resolve_dtype, with_weight_quant
 from serving.request import EngineOutput, GenerationConfig, Guide
 from serving.text.grammar import GuideCompiler, GuideSpec
+from serving.text.pooling import pooled
 from tools.bench_serving import sharegpt_like_dataset
 from tools.timing import copy_bandwidth, format_bandwidth
 
@@ -84,9 +87,9 @@ def streamed_weight_bytes(params: dict) -> int:
 
 
 def run_requests(engine: Engine, prompts: list[list[int]], configs: list[GenerationConfig],
-                 guide: Guide | None = None) -> list[dict]:
-    """Submit all prompts at once (each constrained by `guide`, if any); record each request's tokens and
-    their arrival times."""
+                 guide: Guide | None = None, embed: bool = False) -> list[dict]:
+    """Submit all prompts at once (each constrained by `guide`, if any; embedding requests with `embed`); record
+    each request's tokens and their arrival times, and its embedding."""
     records = [{"times": [], "tokens": []} for _ in prompts]
     done = threading.Semaphore(0)
 
@@ -97,6 +100,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], configs: list[Generat
             records[i]["tokens"].extend(out.new_token_ids)
             if out.finished:
                 records[i]["reason"] = out.finish_reason.value if out.finish_reason else None
+                records[i]["embedding"] = out.embedding
                 done.release()
 
         return sink
@@ -104,7 +108,7 @@ def run_requests(engine: Engine, prompts: list[list[int]], configs: list[Generat
     start = time.perf_counter()
     for i, (prompt, config) in enumerate(zip(prompts, configs, strict=True)):
         request = engine.make_request(prompt, config, f"bench-{i}-{start}")
-        request.guide = guide
+        request.guide, request.embed = guide, embed
         engine.submit(request, sink_for(i))
     for _ in prompts:
         done.acquire()
@@ -220,6 +224,9 @@ def main() -> None:
     through.add_argument("--trace", help="profile a window of the run into this folder (perfetto)")
     through.add_argument("--trace-window", default="5,0.3",
                          help="the profiled window: seconds after the first request, then its length")
+    embed = sub.add_parser("embed", help="many embedding requests at once (prompt only): input tokens per second")
+    embed.add_argument("--num-prompts", type=int, default=256)
+    embed.add_argument("--input-len", type=int, default=128)
     args = parser.parse_args()
     if args.baseline and not args.model:
         parser.error("--baseline needs --model: transformers cannot load a --shape")
@@ -245,7 +252,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     config = GenerationConfig(
-        max_new_tokens=args.output_len,
+        max_new_tokens=getattr(args, "output_len", 0),  # embed: prompt only
         ignore_eos=True,
         do_sample=args.temperature > 0,
         temperature=args.temperature,
@@ -291,6 +298,17 @@ def main() -> None:
             f"single stream: {1e3 / best:.1f} tok/s ({best:.2f} ms/token), {floor_ms / best:.0%} of the "
             f"memory roofline ({floor_ms:.2f} ms)"
         )
+    elif args.mode == "embed":
+        prompts = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in range(args.num_prompts)]
+        start = time.perf_counter()
+        records = run_requests(engine, prompts, [GenerationConfig(max_new_tokens=0)] * len(prompts), embed=True)
+        elapsed = time.perf_counter() - start
+        tokens = sum(map(len, prompts))
+        result.update(input_tok_s=tokens / elapsed, req_s=len(prompts) / elapsed, seconds=elapsed,
+                      embeddings=[r["embedding"] for r in records[:4]])
+        baseline_prompts = prompts
+        print(f"embeddings: {len(prompts)} x {args.input_len} tokens: {tokens / elapsed:.0f} input tok/s, "
+              f"{len(prompts) / elapsed:.2f} req/s in {elapsed:.1f}s")
     else:
         if args.dataset == "sharegpt-like":
             requests = sharegpt_like_dataset(args.num_prompts, min(vocab, 32000), seed=0)  # B2's prompts
@@ -359,11 +377,18 @@ def run_baseline(args: argparse.Namespace, result: dict, prompts: list[list[int]
     if args.mode == "single":
         baseline = hf.decode_rate(model, prompts[0], args.output_len, repeats=args.repeats)
         ratio = result["tok_s"] / baseline["decode_tok_s"]
+    elif args.mode == "embed":
+        baseline = hf.embed_throughput(model, prompts)
+        ratio = result["input_tok_s"] / baseline["input_tok_s"]
+        ours = [pooled(vector) for vector in result.pop("embeddings")]
+        baseline["max_unit_difference"] = float(max(np.abs(a - pooled(b)).max()
+                                                    for a, b in zip(ours, baseline.pop("embeddings"), strict=False)))
     else:
         baseline = hf.batch_throughput(model, prompts, args.output_len)
         ratio = result["output_tok_s"] / baseline["output_tok_s"]
     baseline.update(dtype=args.baseline_dtype, threads=hf.threads(), ratio=ratio)
-    print(f"transformers generate ({args.baseline_dtype}, {baseline['threads']} threads): {hf.describe(baseline)}; "
+    what = "forward" if args.mode == "embed" else "generate"
+    print(f"transformers {what} ({args.baseline_dtype}, {baseline['threads']} threads): {hf.describe(baseline)}; "
           f"xlserve / transformers = {ratio:.2f}x")
     return baseline
 

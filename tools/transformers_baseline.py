@@ -9,7 +9,8 @@ Two figures, matching the xlserve ones they are set against:
 - decode tok/s of one stream, as `bench_engine single` measures it (first token to last): the time of
   `output_len` tokens minus that of 1 token (the prefill), over `output_len - 1`;
 - output tok/s of a batch, as `bench_serving` measures it: batch * output_len over the whole `generate`,
-  prefill included.
+  prefill included;
+- input tok/s of embeddings (`embed_throughput`): the decoder's forward over the prompts in batches.
 """
 
 from __future__ import annotations
@@ -69,6 +70,27 @@ def batch_throughput(model, prompts: list[list[int]], output_len: int, repeats: 
             "runs_s": seconds}
 
 
+def embed_throughput(model, prompts: list[list[int]], batch: int = 32) -> dict:
+    """Input tok/s of the decoder's forward over `prompts` in batches of `batch` (what a script embedding with
+    transformers runs: the bare decoder, no LM head), and the first batch's last-token hidden states."""
+    import torch
+
+    def forward(rows: list[list[int]]):
+        longest = max(map(len, rows))
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in rows])  # left-padded: the last token is last
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in rows])
+        return model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
+
+    with torch.inference_mode():
+        first = forward(prompts[:batch]).float().numpy()  # warm-up, and the vectors to compare
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            forward(prompts[i : i + batch])
+        seconds = time.perf_counter() - start
+    return {"input_tok_s": sum(map(len, prompts)) / seconds, "seconds": seconds, "batch": batch,
+            "embeddings": list(first)}
+
+
 def threads() -> int:
     import torch
 
@@ -76,6 +98,9 @@ def threads() -> int:
 
 
 def describe(result: dict) -> str:
+    if "input_tok_s" in result:
+        return (f"{result['input_tok_s']:.0f} input tok/s (batches of {result['batch']}, {result['seconds']:.1f} s; "
+                f"unit vectors within {result['max_unit_difference']:.1e} of xlserve's)")
     if "decode_tok_s" in result:
         return f"{result['decode_tok_s']:.1f} tok/s decode ({result['ms_per_token']:.1f} ms/token)"
     return f"{result['output_tok_s']:.1f} output tok/s ({result['batch']} x in {result['seconds']:.1f} s)"
