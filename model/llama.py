@@ -303,10 +303,10 @@ class CausalLM(nn.Module):
         batch: AttentionBatch,
         cache: list[LayerCache],
         logits_index: jax.Array | None = None,  # i32[B]: one position per row, or None for every position
-        with_hidden: bool = False,  # also return the final norm's output at those positions (embeddings)
+        with_hidden: bool = False,  # also return the final norm's output at `logits_index` (embeddings)
     ) -> tuple[jax.Array, list[LayerCache]] | tuple[jax.Array, list[LayerCache], jax.Array]:
         """f32[B, V] logits (or f32[B, T, V]) and the new cache; with `with_hidden`, also the hidden state the LM
-        head reads, [B, E] (or [B, T, E]) in the activations' dtype."""
+        head reads at `logits_index`, [B, E] in the activations' dtype."""
         cfg = self.config
         embed = Embed(cfg, self.dtype, name="embed")
         rope = rope_tables(batch, cfg)
@@ -345,7 +345,6 @@ class CausalLM(nn.Module):
             logits = LMHead(cfg, self.dtype, name="lm_head")(x, step_rows)
         if logits_index is None and batch.packed_index is not None:
             logits = unpack(logits, batch.packed_index, batch.positions.shape)
-            x = unpack(x, batch.packed_index, batch.positions.shape) if with_hidden else x
         if with_hidden:
             return logits.astype(jnp.float32), new_cache, x
         return logits.astype(jnp.float32), new_cache
