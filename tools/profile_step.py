@@ -117,8 +117,9 @@ def main() -> None:
         token_ids, row_table = jax.device_put((token_ids, row_table))
 
         def model_only(run_step, token_ids=token_ids, row_table=row_table, batch=batch):
-            runner.cache, runner.seen, logits, _ = run_step((batch, 1, None), runner.params, runner.cache,
-                                                            runner.seen, runner.last_tokens, token_ids, row_table)
+            # The decode bucket's program: (rows, tokens, packed, decode), as `ModelRunner.run` keys it.
+            runner.cache, runner.seen, logits, *_ = run_step((batch, 1, None, 0), runner.params, runner.cache,
+                                                             runner.seen, runner.last_tokens, token_ids, row_table)
             return logits
 
         model_ms = timed(functools.partial(model_only, runner._step))
