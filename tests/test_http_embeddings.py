@@ -73,6 +73,7 @@ def test_an_input_asked_twice_gets_the_same_vector_from_the_prefix_cache(http_se
         (dict(input=[5] * 500), 400, None),  # past the session length
         (dict(input="word " * 500), 400, "input"),
         (dict(input=[-1]), 400, "input"),
+        (dict(input=[10**6]), 400, None),  # past the vocabulary
         (dict(input="hi", model="nope"), 404, None),
     ],
 )
