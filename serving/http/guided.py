@@ -75,6 +75,9 @@ async def compile_guide(compiler: GuideCompiler, spec: GuideSpec | None, config:
     if config.min_new_tokens and spec.kind != "bad_words":
         raise APIError(400, "min_tokens (min_new_tokens) cannot be combined with structured output: the end "
                        "token must stay allowed where the constraint is complete", param="min_tokens")
+    # The stop ids become the automaton's end tokens: ids outside the vocabulary are a 400 here, as the engine
+    # would answer (InvalidRequestError), not an overflow inside the compiler (a 500 the fuzzer found).
+    config.validate(compiler.vocab_size)
     end_ids = frozenset(config.stop_token_ids or []) | (frozenset() if config.ignore_eos else eos_token_ids)
     future = _POOL.submit(compiler.compile, spec, end_ids)
     try:
