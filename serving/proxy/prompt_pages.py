@@ -29,6 +29,10 @@ CHARS_PER_TOKEN = 4  # English text through a BPE tokenizer: a text page spans a
 MAX_PAGES = 256  # pages named per request: a 4 MiB prompt must not stall the proxy's event loop
 
 
+# The routes whose body holds a string, strings, token ids or token-id lists, and the field that does
+_PROMPT_FIELDS = {"/v1/completions": "prompt", "/v1/embeddings": "input"}
+
+
 class PromptPages:
     """A prompt as items to cut into pages: its token ids, or the code points of its canonical text."""
 
@@ -48,8 +52,8 @@ class PromptPages:
     def of(cls, path: str, body: dict[str, Any]) -> PromptPages:
         """The prompt of a request body to `path`; no items when it has none the proxy can read (the
         node, which validates the body, will say what is wrong)."""
-        if path in ("/v1/completions", "/v1/embeddings"):
-            prompt = body.get("prompt" if path == "/v1/completions" else "input")
+        if path in _PROMPT_FIELDS:  # a completion's prompt, an embedding's input: the same shapes
+            prompt = body.get(_PROMPT_FIELDS[path])
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
                 prompt = prompt[0]  # a batch goes to one node: route it by its first prompt
             if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
